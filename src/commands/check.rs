@@ -1,0 +1,8 @@
+//! `etpo check`.
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<i32> {
+    anyhow::bail!("`etpo check` is not built yet")
+}

@@ -1,0 +1,14 @@
+//! One file per subcommand. Each exposes `Args` (clap) and `run(Args) -> anyhow::Result<i32>`,
+//! the `i32` being the process exit status.
+
+pub mod bench;
+pub mod bench_model;
+pub mod bench_sandbox;
+pub mod bench_train;
+pub mod check;
+pub mod exec;
+pub mod generate;
+pub mod perplexity;
+pub mod run;
+pub mod schema;
+pub mod show;

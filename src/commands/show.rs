@@ -1,0 +1,8 @@
+//! `etpo show`.
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<i32> {
+    anyhow::bail!("`etpo show` is not built yet")
+}

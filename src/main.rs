@@ -1,0 +1,55 @@
+//! The `etpo` command-line program: a thin layer over the `envspec`, `runtime` and `trainer`
+//! crates. Each subcommand lives in its own file under `src/commands/`.
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+
+#[derive(Parser)]
+#[command(name = "etpo", version, about = "Language-MDP environments from YAML specs, and ETPO training on them")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate spec files or folders; prints every error of the first bad file.
+    Check(commands::check::Args),
+    /// Print the exact first state (and a sample reflection state) the model sees for a spec.
+    Show(commands::show::Args),
+    /// Print a JSON Schema of the spec format (for editors' YAML validation).
+    Schema(commands::schema::Args),
+    /// Execute one action file against a spec's data and print the outcome.
+    Exec(commands::exec::Args),
+    /// Run (and train on) every spec found in the given files and folders.
+    Run(commands::run::Args),
+    /// Print completions of a model for a prompt.
+    Generate(commands::generate::Args),
+    /// Perplexity of a model (optionally with an adapter) on text files.
+    Perplexity(commands::perplexity::Args),
+    /// Benchmarks that print ratios measured side by side in one run.
+    #[command(subcommand)]
+    Bench(commands::bench::Bench),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check(args) => commands::check::run(args),
+        Command::Show(args) => commands::show::run(args),
+        Command::Schema(args) => commands::schema::run(args),
+        Command::Exec(args) => commands::exec::run(args),
+        Command::Run(args) => commands::run::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Perplexity(args) => commands::perplexity::run(args),
+        Command::Bench(bench) => commands::bench::run(bench),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(2);
+        }
+    }
+}
