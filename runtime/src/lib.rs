@@ -1,1 +1,47 @@
-//! etpo runtime.
+//! etpo's hardened runtime: runs untrusted generated Python (scikit-learn) programs in warm,
+//! resource-limited sandboxes and returns their class probabilities, so that the reward can be
+//! computed outside the sandbox (see [`metrics`]).
+//!
+//! The entry point is [`Pool`]: [`Pool::new`] starts one sandboxed Python worker per core with
+//! numpy and scikit-learn imported; [`Pool::evaluate`] runs one [`Job`] in a child forked from a
+//! warm worker and returns an [`Outcome`]. A program that fails (syntax error, exception, time-out,
+//! memory limit, unusable predictions) is an [`ActionError`] inside the outcome, phrased for the
+//! model to fix; `Err(RuntimeError)` is kept for faults of the infrastructure.
+//!
+//! Isolation (Linux): every worker lives in new user, PID, network, mount, IPC and UTS namespaces,
+//! sees a read-only view of only the Python installation, has a private tmpfs work directory and
+//! /tmp, no capabilities, `PR_SET_NO_NEW_PRIVS`, rlimits, a seccomp filter and (as root) its own
+//! memory and pids cgroups. See `sandbox.rs` for the details.
+
+pub mod env;
+pub mod metrics;
+mod cgroup;
+mod job;
+mod pool;
+mod protocol;
+mod sandbox;
+mod seccomp;
+
+pub use job::{ActionError, ActionErrorKind, Job, Limits, Outcome};
+pub use pool::{default_python, Pool, PoolConfig};
+
+use std::path::PathBuf;
+
+/// A fault of the runtime itself (never the evaluated program's fault).
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The Python interpreter could not be started or lacks numpy / scikit-learn.
+    #[error("cannot start the Python worker `{python}`: {reason}")]
+    Python { python: PathBuf, reason: String },
+    /// The sandbox could not be built (namespaces, mounts, cgroups).
+    #[error("cannot build the sandbox: {0}")]
+    Sandbox(String),
+    /// The job itself is inconsistent (row lengths, labels out of range...).
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
+    /// Workers kept dying or answering garbage, also after being replaced.
+    #[error("the sandbox worker failed: {0}")]
+    Worker(String),
+    #[error("I/O error in the runtime: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,8 +1,565 @@
-//! `etpo run`.
+//! `etpo run`: runs every spec found in the given files and folders for a budget of environment
+//! steps per spec and seed, and writes a run folder a user can read, plot and resume:
+//! `config.json`, `steps.jsonl`, `summary.csv`, `summary.md`, `best_reward.png`.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use etpo::experiment::{
+    self, hex, plot, read_steps, run_loop, summary, Algorithm, LlmPolicy, Observer, Policy, Reflection,
+    SamplingConfig, ScriptedPolicy, SpecStats, StepLog, StepRecord, Task,
+};
+
+/// The learning algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algo {
+    /// The paper's Reflection baseline: no training, best reward found within k steps.
+    Reflection,
+}
+
+impl Algo {
+    fn name(self) -> &'static str {
+        match self {
+            Algo::Reflection => "reflection",
+        }
+    }
+}
+
+/// Where actions come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// A language model (`--model`, default: the embedded default model).
+    Llm,
+    /// Action files replayed in name order (`--actions DIR`).
+    Scripted,
+}
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Spec files, or folders whose *.yaml / *.yml files are all run.
+    #[arg(required_unless_present = "resume", conflicts_with = "resume")]
+    paths: Vec<PathBuf>,
+    /// The algorithm.
+    #[arg(long, value_enum, default_value = "reflection", conflicts_with = "resume")]
+    algo: Algo,
+    /// Environment steps per spec and seed (the paper's k).
+    #[arg(long, default_value_t = 10, conflicts_with = "resume")]
+    steps: u32,
+    /// Comma-separated data split seeds (default: each spec's `dataset.seeds`).
+    #[arg(long, value_delimiter = ',', conflicts_with = "resume")]
+    seeds: Option<Vec<u64>>,
+    /// Model: a GGUF file or a Hugging Face folder (default: the embedded default model).
+    #[arg(long, conflicts_with = "resume")]
+    model: Option<PathBuf>,
+    /// Device for the model: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The run folder to create (default: runs/<UTC timestamp>-<algo>).
+    #[arg(long, conflicts_with = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder with its recorded configuration (`--device` and
+    /// `--workers` may differ). Every recorded step is kept; none is repeated.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Where actions come from.
+    #[arg(long, value_enum, default_value = "llm", conflicts_with = "resume")]
+    policy: PolicyKind,
+    /// Folder of action files for `--policy scripted`: step n of every spec and seed gets the n-th
+    /// file (name order); a subfolder named after a spec is used for that spec.
+    #[arg(long, value_name = "DIR", required_if_eq("policy", "scripted"), conflicts_with = "resume")]
+    actions: Option<PathBuf>,
+    /// Sandbox workers evaluating actions in parallel (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Sampling temperature of the model.
+    #[arg(long, default_value_t = 0.5, conflicts_with = "resume")]
+    temperature: f64,
+    /// Top-k sampling (0 turns it off).
+    #[arg(long, default_value_t = 50, conflicts_with = "resume")]
+    top_k: usize,
+    /// Nucleus sampling threshold.
+    #[arg(long, conflicts_with = "resume")]
+    top_p: Option<f64>,
+    /// Seed of the model's sampling.
+    #[arg(long, default_value_t = 0, conflicts_with = "resume")]
+    sampling_seed: u64,
+    /// At most this many prompts per generation batch.
+    #[arg(long, default_value_t = 16, conflicts_with = "resume")]
+    batch_size: usize,
+    /// Do not draw progress bars.
+    #[arg(long)]
+    no_progress: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<i32> {
-    anyhow::bail!("`etpo run` is not built yet")
+/// The configuration a run folder records, enough to continue or repeat it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunConfig {
+    /// Absolute spec paths, in run order.
+    specs: Vec<PathBuf>,
+    algo: Algo,
+    steps: u32,
+    seeds: Option<Vec<u64>>,
+    policy: PolicyKind,
+    actions: Option<PathBuf>,
+    model: Option<PathBuf>,
+    device: String,
+    workers: Option<usize>,
+    temperature: f64,
+    top_k: usize,
+    top_p: Option<f64>,
+    sampling_seed: u64,
+    batch_size: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FileDigest {
+    path: PathBuf,
+    size_bytes: u64,
+    /// Left out for files over `HASH_LIMIT` bytes (a 7B checkpoint would take a minute to hash).
+    sha256: Option<String>,
+}
+
+/// `config.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    etpo_version: String,
+    git_commit: Option<String>,
+    created_utc: String,
+    command_line: Vec<String>,
+    config: RunConfig,
+    specs: Vec<SpecEntry>,
+    model: Vec<FileDigest>,
+    actions: Vec<FileDigest>,
+    python: PathBuf,
+    /// Earlier invocations that continued this run.
+    #[serde(default)]
+    resumed: Vec<ResumeEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SpecEntry {
+    name: String,
+    seeds: Vec<u64>,
+    #[serde(flatten)]
+    file: FileDigest,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ResumeEntry {
+    at_utc: String,
+    command_line: Vec<String>,
+    steps_before: usize,
+}
+
+const HASH_LIMIT: u64 = 4 << 30;
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    let (dir, mut manifest, previous) = match &args.resume {
+        Some(dir) => open_resumed(dir, &args)?,
+        None => create_run(&args)?,
+    };
+    let config = manifest.config.clone();
+
+    // Specs, data and seeds.
+    let mut tasks = Vec::new();
+    for entry in &manifest.specs {
+        let spec = envspec::load(&entry.file.path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let base = entry.file.path.parent().unwrap_or(Path::new("."));
+        let dataset = envspec::data::load(&spec.dataset.source, base)
+            .with_context(|| format!("{}: loading the data set", entry.file.path.display()))?;
+        tasks.push(Task { spec: Arc::new(spec), dataset: Arc::new(dataset), seeds: entry.seeds.clone() });
+    }
+
+    let pool = Arc::new(
+        runtime::Pool::new(runtime::PoolConfig {
+            workers: config.workers.unwrap_or_else(default_workers),
+            python: manifest.python.clone(),
+            limits: runtime::Limits::default(),
+        })
+        .context("starting the sandbox workers")?,
+    );
+
+    let policy: Box<dyn Policy> = match config.policy {
+        PolicyKind::Scripted => {
+            let dir = config.actions.as_deref().context("--policy scripted needs --actions DIR")?;
+            Box::new(ScriptedPolicy::new(dir)?)
+        }
+        PolicyKind::Llm => {
+            let model = config.model.clone().unwrap_or_else(trainer::default_model_path);
+            let sampling = SamplingConfig {
+                temperature: config.temperature,
+                top_k: (config.top_k > 0).then_some(config.top_k),
+                top_p: config.top_p,
+                seed: config.sampling_seed,
+                max_batch: config.batch_size.max(1),
+            };
+            eprintln!("loading {} on {}", model.display(), config.device);
+            Box::new(LlmPolicy::load(&model, &config.device, sampling)?)
+        }
+    };
+    let mut algorithm: Box<dyn Algorithm> = match config.algo {
+        Algo::Reflection => Box::new(Reflection { policy }),
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping after the current step (Ctrl-C again to quit at once)");
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+
+    let names: Vec<(String, Vec<u64>)> = tasks.iter().map(|t| (t.spec.name.clone(), t.seeds.clone())).collect();
+    let resumed_stats = summary::stats_from_records(&names, &previous);
+    let mut bars = Bars::new(&resumed_stats, config.steps, args.no_progress);
+    let steps_path = dir.join("steps.jsonl");
+    let mut log = StepLog::append(&steps_path)?;
+    let outcome = run_loop(&tasks, &pool, config.steps, algorithm.as_mut(), &mut log, &previous, &mut bars, &stop);
+    bars.finish();
+
+    // Summaries come from the log itself, so they are right also after an error or Ctrl-C.
+    let records = read_steps(&steps_path)?;
+    let stats = summary::stats_from_records(&names, &records);
+    write_summaries(&dir, &stats, config.algo.name(), config.steps)?;
+    if args.resume.is_some() {
+        manifest.resumed.push(ResumeEntry {
+            at_utc: utc_timestamp(std::time::SystemTime::now(), true),
+            command_line: std::env::args().collect(),
+            steps_before: previous.len(),
+        });
+        write_json(&dir.join("config.json"), &manifest)?;
+    }
+    print!("{}", summary::to_markdown(&stats, config.algo.name(), config.steps, ""));
+    println!("\nresults: {}", dir.display());
+    let outcome = outcome?;
+    if outcome.interrupted {
+        eprintln!("interrupted; continue with: etpo run --resume {}", dir.display());
+        return Ok(130);
+    }
+    Ok(0)
+}
+
+/// A new run: resolve the specs, create the folder, write `config.json`.
+fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>)> {
+    let found = envspec::find_specs(&args.paths).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if found.is_empty() {
+        bail!("no spec files (*.yaml, *.yml) found in {}", join_paths(&args.paths));
+    }
+    let mut specs = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for path in &found {
+        let path = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+        let spec = envspec::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if names.contains(&spec.name) {
+            bail!("{}: a second spec named {:?}; spec names must be unique within a run", path.display(), spec.name);
+        }
+        names.push(spec.name.clone());
+        let seeds = args.seeds.clone().unwrap_or_else(|| spec.dataset.seeds.clone());
+        if seeds.is_empty() {
+            bail!("{}: no seeds to run (the spec's dataset.seeds is empty and --seeds was not given)", path.display());
+        }
+        specs.push(SpecEntry { name: spec.name.clone(), seeds, file: digest(&path)? });
+    }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let abs = |p: &Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
+        p.as_ref()
+            .map(|p| std::fs::canonicalize(p).with_context(|| format!("{}: not found", p.display())))
+            .transpose()
+    };
+    let config = RunConfig {
+        specs: specs.iter().map(|s| s.file.path.clone()).collect(),
+        algo: args.algo,
+        steps: args.steps,
+        seeds: args.seeds.clone(),
+        policy: args.policy,
+        actions: abs(&args.actions)?,
+        model: abs(&args.model)?,
+        device: args.device.clone(),
+        workers: args.workers,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        sampling_seed: args.sampling_seed,
+        batch_size: args.batch_size,
+    };
+    let model = match config.policy {
+        PolicyKind::Llm => model_digest(&config.model.clone().unwrap_or_else(trainer::default_model_path))?,
+        PolicyKind::Scripted => Vec::new(),
+    };
+    let actions = match &config.actions {
+        Some(dir) if config.policy == PolicyKind::Scripted => action_digests(dir)?,
+        _ => Vec::new(),
+    };
+    let now = std::time::SystemTime::now();
+    let dir = match &args.out {
+        Some(dir) => {
+            if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+                bail!("{} already exists and is not empty; give a new --out, or --resume it", dir.display());
+            }
+            dir.clone()
+        }
+        None => unique_dir(&Path::new("runs").join(format!("{}-{}", utc_timestamp(now, false), args.algo.name()))),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let manifest = Manifest {
+        etpo_version: env!("CARGO_PKG_VERSION").to_string(),
+        git_commit: git_commit(),
+        created_utc: utc_timestamp(now, true),
+        command_line: std::env::args().collect(),
+        config,
+        specs,
+        model,
+        actions,
+        python: runtime::default_python(),
+        resumed: Vec::new(),
+    };
+    write_json(&dir.join("config.json"), &manifest)?;
+    Ok((dir, manifest, Vec::new()))
+}
+
+/// An existing run: its recorded configuration, checked against the spec files as they are now,
+/// and the steps it has already taken.
+fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>)> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: not a run folder", dir.display()))?;
+    let mut manifest: Manifest =
+        serde_json::from_str(&text).with_context(|| format!("{}: not an etpo run configuration", path.display()))?;
+    for spec in &manifest.specs {
+        let now = digest(&spec.file.path)?;
+        if now.sha256 != spec.file.sha256 {
+            bail!(
+                "{} changed since the run started (sha256 {} then, {} now); resuming would mix two different environments",
+                spec.file.path.display(),
+                spec.file.sha256.as_deref().unwrap_or("?"),
+                now.sha256.as_deref().unwrap_or("?")
+            );
+        }
+    }
+    if let Some(workers) = args.workers {
+        manifest.config.workers = Some(workers);
+    }
+    manifest.config.device = args.device.clone();
+    let previous = read_steps(&dir.join("steps.jsonl"))?;
+    Ok((dir.to_path_buf(), manifest, previous))
+}
+
+fn write_summaries(dir: &Path, stats: &[SpecStats], algo: &str, steps: u32) -> anyhow::Result<()> {
+    summary::write_atomic(&dir.join("summary.csv"), summary::to_csv(stats).as_bytes())?;
+    summary::write_atomic(&dir.join("summary.md"), summary::to_markdown(stats, algo, steps, "").as_bytes())?;
+    // A figure that cannot be drawn (no usable font, say) must not cost the run its tables.
+    if let Err(e) = plot::best_reward_png(&dir.join("best_reward.png"), stats, steps) {
+        eprintln!("warning: {e}");
+    }
+    Ok(())
+}
+
+/// One progress bar per spec: steps done over all its seeds, best reward (mean over seeds),
+/// runnable rate and mean reward, time left.
+struct Bars {
+    _multi: MultiProgress,
+    bars: Vec<ProgressBar>,
+}
+
+impl Bars {
+    fn new(stats: &[SpecStats], steps: u32, hidden: bool) -> Bars {
+        let multi = MultiProgress::new();
+        if hidden {
+            multi.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        let style = ProgressStyle::with_template("{prefix:>20.bold} [{bar:25}] {pos}/{len} {msg} (ETA {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        let width = stats.iter().map(|s| s.spec.len()).max().unwrap_or(0).min(20);
+        let bars = stats
+            .iter()
+            .map(|s| {
+                let bar = multi.add(ProgressBar::new(u64::from(steps) * s.seeds.len() as u64));
+                bar.set_style(style.clone());
+                bar.set_prefix(truncate(&s.spec, width));
+                bar.set_position(u64::from(s.steps()));
+                bar.reset_eta();
+                bar.set_message(bar_message(s));
+                bar
+            })
+            .collect();
+        Bars { _multi: multi, bars }
+    }
+
+    fn finish(&self) {
+        for bar in &self.bars {
+            bar.finish();
+        }
+    }
+}
+
+impl Observer for Bars {
+    fn on_step(&mut self, task: usize, _record: &StepRecord, stats: &SpecStats) {
+        if let Some(bar) = self.bars.get(task) {
+            bar.inc(1);
+            bar.set_message(bar_message(stats));
+        }
+    }
+}
+
+fn bar_message(s: &SpecStats) -> String {
+    let f = |v: Option<f64>| v.map_or_else(|| "–".to_string(), |v| format!("{v:.3}"));
+    format!(
+        "best {} | ran {} | mean {}",
+        f(s.best_mean_std().map(|m| m.0)),
+        s.runnable_rate().map_or_else(|| "–".to_string(), |r| format!("{:.0}%", r * 100.0)),
+        f(s.mean_reward())
+    )
+}
+
+fn truncate(s: &str, width: usize) -> String {
+    s.chars().take(width).collect()
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn join_paths(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    summary::write_atomic(path, text.as_bytes())?;
+    Ok(())
+}
+
+/// `base`, or `base-2`, `base-3`... whichever does not exist yet.
+fn unique_dir(base: &Path) -> PathBuf {
+    let mut dir = base.to_path_buf();
+    let mut n = 2;
+    while dir.exists() {
+        dir = PathBuf::from(format!("{}-{n}", base.display()));
+        n += 1;
+    }
+    dir
+}
+
+fn digest(path: &Path) -> anyhow::Result<FileDigest> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    let sha256 = if meta.len() <= HASH_LIMIT {
+        let mut file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Some(hex(&hasher.finalize()))
+    } else {
+        None
+    };
+    Ok(FileDigest { path: path.to_path_buf(), size_bytes: meta.len(), sha256 })
+}
+
+/// A GGUF file, or every file of a Hugging Face folder.
+fn model_digest(path: &Path) -> anyhow::Result<Vec<FileDigest>> {
+    if !path.exists() {
+        bail!(
+            "model {} not found (the default model is installed by `scripts/setup.sh model`; or give --model)",
+            path.display()
+        );
+    }
+    if path.is_dir() {
+        return action_digests(path);
+    }
+    Ok(vec![digest(path)?])
+}
+
+fn action_digests(dir: &Path) -> anyhow::Result<Vec<FileDigest>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("{}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(digest(&path)?);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+fn git_commit() -> Option<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new("git").args(["-C", dir, "rev-parse", "HEAD"]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let commit = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    let dirty = std::process::Command::new("git")
+        .args(["-C", dir, "status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .is_some_and(|o| !o.stdout.is_empty());
+    Some(if dirty { format!("{commit}-dirty") } else { commit })
+}
+
+/// UTC time as `20261125-114501` (folder names) or `2026-11-25T11:45:01Z` (`iso`).
+fn utc_timestamp(t: std::time::SystemTime, iso: bool) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    let (hh, mm, ss) = (s / 3600, s % 3600 / 60, s % 60);
+    if iso {
+        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
+    } else {
+        format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}")
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        // 2000-03-01 is day 11017; 2024-02-29 is day 19782.
+        assert_eq!(civil_from_days(11_017), (2000, 3, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(19_782 * 86_400 + 3_723);
+        assert_eq!(utc_timestamp(t, false), "20240229-010203");
+        assert_eq!(utc_timestamp(t, true), "2024-02-29T01:02:03Z");
+    }
 }

@@ -1,1 +1,15 @@
-//! etpo trainer.
+//! etpo trainer: the language-model core (a Llama-family model in candle with named LoRA
+//! adapter sets, loading, tokenizer, batched generation) and the ETPO / PPO-KL trainers.
+
+pub mod etpo;
+pub mod generate;
+pub mod load;
+pub mod lora;
+pub mod model;
+pub mod tokenizer;
+
+pub use tokenizer::{Tokenizer, TokenizerError};
+pub use generate::{generate, generate_ids, Completion, FinishReason, GenerateConfig};
+pub use load::{default_model_path, load_model, parse_device, LoadedModel, ModelInfo};
+pub use lora::LoraConfig;
+pub use model::{ForwardOptions, KvCache, Llama, LlamaConfig, ModelError, Projection};

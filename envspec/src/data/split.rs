@@ -1,0 +1,187 @@
+//! The per-seed train/validation split.
+//!
+//! The paper follows CAAFE, which shuffles the rows and cuts them (scikit-learn's
+//! `train_test_split` without stratification), so the split here is plain, not stratified:
+//!
+//! 1. the row indices `0..n` are shuffled with [`SplitMix64`] seeded by the seed
+//!    (Fisher–Yates), so a seed names the same split on every machine and forever;
+//! 2. the first `max_samples` shuffled rows are kept (CAAFE's subsampling), `n` of them;
+//! 3. the first `floor(n * train_fraction)` kept rows train and the rest validate
+//!    (clamped to leave at least one row on each side when `n >= 2`);
+//! 4. repair: a plain cut of a small sample can leave a rare class out of one side, which makes
+//!    the model unable to predict it (train) or the ROC AUC undefined (validation). For each class
+//!    in index order and each side (train, then validation) that lacks it, the first row of that
+//!    class found elsewhere (on the other side if that side holds two or more of it, else among
+//!    the rows not kept) is swapped with the last row of this side whose class this side holds
+//!    twice or more. A repair never undoes an earlier one. When no such swap exists (a class with
+//!    a single row), the side stays without it. Splits that need no repair are exactly the plain
+//!    shuffled cut.
+//!
+//! Both sides keep the shuffled order.
+
+use super::{Dataset, Split, SplitMix64};
+
+pub(super) fn split(
+    data: &Dataset,
+    seed: u64,
+    max_samples: Option<usize>,
+    train_fraction: f64,
+) -> Split {
+    let total = data.y.len();
+    let mut order: Vec<usize> = (0..total).collect();
+    SplitMix64::new(seed).shuffle(&mut order);
+
+    let n = max_samples.map_or(total, |m| m.min(total));
+    let n_train = train_size(n, train_fraction);
+    repair(&mut order, &data.y, data.n_classes(), n_train, n);
+
+    let rows = |range: &[usize]| -> (Vec<Vec<f64>>, Vec<usize>) {
+        range
+            .iter()
+            .map(|&i| (data.x[i].clone(), data.y[i]))
+            .unzip()
+    };
+    let (x_train, y_train) = rows(&order[..n_train]);
+    let (x_val, y_val) = rows(&order[n_train..n]);
+    Split {
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        feature_names: data.feature_names.clone(),
+        class_names: data.class_names.clone(),
+    }
+}
+
+/// `floor(n * fraction)`, clamped to `1..=n-1` when `n >= 2` (a NaN fraction counts as 0.5).
+fn train_size(n: usize, fraction: f64) -> usize {
+    let fraction = if fraction.is_nan() { 0.5 } else { fraction };
+    let raw = (n as f64 * fraction).floor().max(0.0) as usize;
+    if n >= 2 {
+        raw.clamp(1, n - 1)
+    } else {
+        raw.min(n)
+    }
+}
+
+/// Step 4 of the module documentation: `order[..n_train]` trains, `order[n_train..n]`
+/// validates, `order[n..]` is not kept.
+fn repair(order: &mut [usize], y: &[usize], n_classes: usize, n_train: usize, n: usize) {
+    let sides = [(0, n_train), (n_train, n)];
+    let count = |order: &[usize], (start, end): (usize, usize), class: usize| {
+        order[start..end].iter().filter(|&&i| y[i] == class).count()
+    };
+    for class in 0..n_classes {
+        for (s, &side) in sides.iter().enumerate() {
+            if side.0 == side.1 || count(order, side, class) > 0 {
+                continue;
+            }
+            let other = sides[1 - s];
+            let donor_range = if count(order, other, class) >= 2 {
+                other
+            } else {
+                (n, order.len())
+            };
+            let donor = (donor_range.0..donor_range.1).find(|&p| y[order[p]] == class);
+            let victim = (side.0..side.1)
+                .rev()
+                .find(|&p| count(order, side, y[order[p]]) >= 2);
+            if let (Some(donor), Some(victim)) = (donor, victim) {
+                order.swap(donor, victim);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dataset(y: Vec<usize>, n_classes: usize) -> Dataset {
+        Dataset {
+            name: "t".into(),
+            feature_names: vec!["i".into()],
+            class_names: (0..n_classes).map(|c| c.to_string()).collect(),
+            x: (0..y.len()).map(|i| vec![i as f64]).collect(),
+            y,
+            notes: vec![],
+        }
+    }
+
+    #[test]
+    fn train_size_is_floor_and_clamped() {
+        assert_eq!(train_size(125, 0.5), 62);
+        assert_eq!(train_size(69, 0.5), 34);
+        assert_eq!(train_size(10, 0.0), 1);
+        assert_eq!(train_size(10, 1.0), 9);
+        assert_eq!(train_size(1, 0.5), 0);
+        assert_eq!(train_size(0, 0.5), 0);
+    }
+
+    #[test]
+    fn repair_moves_a_missing_class_into_train() {
+        // Rows 0..6; class 1 only at positions 4 and 5 (validation). Train = positions 0..3.
+        let y = vec![0, 0, 0, 0, 1, 1, 0, 0];
+        let mut order: Vec<usize> = (0..8).collect();
+        repair(&mut order, &y, 2, 3, 6);
+        // Class 1's first row on the other side (position 4) swaps with train's last row.
+        assert_eq!(order, vec![0, 1, 4, 3, 2, 5, 6, 7]);
+    }
+
+    #[test]
+    fn repair_takes_from_the_unkept_rows_when_the_other_side_has_one() {
+        // Class 1 once in validation (position 3) and once beyond the kept rows (position 5).
+        let y = vec![0, 0, 0, 1, 0, 1];
+        let mut order: Vec<usize> = (0..6).collect();
+        repair(&mut order, &y, 2, 2, 5);
+        assert_eq!(order, vec![0, 5, 2, 3, 4, 1]);
+    }
+
+    #[test]
+    fn repair_leaves_a_single_row_class_alone() {
+        let y = vec![0, 0, 0, 1];
+        let mut order: Vec<usize> = (0..4).collect();
+        repair(&mut order, &y, 2, 2, 4);
+        assert_eq!(order, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn split_is_deterministic_disjoint_and_sized() {
+        let d = dataset((0..100).map(|i| i % 3).collect(), 3);
+        let a = d.split(4, Some(40), 0.5);
+        let b = d.split(4, Some(40), 0.5);
+        assert_eq!(a, b);
+        assert_ne!(a, d.split(5, Some(40), 0.5));
+        assert_eq!((a.x_train.len(), a.x_val.len()), (20, 20));
+        let mut ids: Vec<usize> = a.x_train.iter().chain(&a.x_val).map(|r| r[0] as usize).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 40);
+        for (row, &label) in a.x_train.iter().zip(&a.y_train) {
+            assert_eq!(row[0] as usize % 3, label);
+        }
+    }
+
+    #[test]
+    fn without_max_samples_every_row_is_used() {
+        let d = dataset((0..11).map(|i| i % 2).collect(), 2);
+        let s = d.split(0, None, 0.5);
+        assert_eq!((s.x_train.len(), s.x_val.len()), (5, 6));
+        let s = d.split(0, Some(1000), 0.5);
+        assert_eq!((s.x_train.len(), s.x_val.len()), (5, 6));
+    }
+
+    #[test]
+    fn rare_classes_appear_on_both_sides() {
+        // 2 rows of class 1 among 200: a plain cut of 20 rows rarely holds both.
+        let mut y = vec![0; 200];
+        y[17] = 1;
+        y[150] = 1;
+        let d = dataset(y, 2);
+        for seed in 0..50 {
+            let s = d.split(seed, Some(20), 0.5);
+            assert!(s.y_train.contains(&1) && s.y_val.contains(&1), "seed {seed}");
+            assert!(s.y_train.contains(&0) && s.y_val.contains(&0), "seed {seed}");
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The validated spec and what it does: template contexts, prompts, extraction and assembly.
+
+use crate::action::{self, Extract};
+use crate::data;
+use crate::template::{self, ChatMessage, Prompt, RenderError, TaskContext};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// A validated environment spec: one language MDP.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Spec {
+    /// The spec file as it was named when loaded.
+    pub path: PathBuf,
+    /// Short identifier (used in run output paths).
+    pub name: String,
+    /// The task text g, shown to the model through the templates.
+    pub description: String,
+    /// What an action is and how it is executed.
+    pub kind: Kind,
+    /// Data source and evaluation protocol. Relative data paths are already resolved against the
+    /// spec's folder.
+    pub dataset: data::DatasetSpec,
+    /// How states are shown to the model.
+    pub prompt: PromptSpec,
+    /// How an action is cut out of the generation and turned into a program.
+    pub action: ActionSpec,
+    /// How a program is scored.
+    pub reward: RewardSpec,
+    /// Steps per episode (the paper: 5).
+    pub max_steps: u32,
+    /// Limits for executing one program.
+    pub limits: ExecLimits,
+    /// Worked examples the templates can show (few-shot); empty to switch them off.
+    pub examples: Vec<Example>,
+    /// Algorithm hyper-parameters this spec pins (all optional).
+    pub training: TrainingOverrides,
+}
+
+/// What an action is and how it runs. New kinds are added as new variants (and new names in
+/// `kind:`), so existing files keep their meaning.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Kind {
+    /// The assembled program is Python defining `build_model(x_train, y_train)` that returns a
+    /// fitted scikit-learn estimator with `predict_proba`.
+    Sklearn,
+}
+
+/// How states are rendered.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptSpec {
+    /// Plain text continued by the model (the paper's setting; base models).
+    Completion {
+        /// η(g): the first state.
+        template: String,
+        /// η(g, a, e): the state after a failed action.
+        reflection: String,
+    },
+    /// Chat messages rendered with the model's chat template. The first state is
+    /// `[system?, user]`; the reflection state is `[system?, user, assistant, reflection]` where
+    /// `assistant` replays the failed action and `reflection` is a user message with the error.
+    Chat {
+        system: Option<String>,
+        user: String,
+        assistant: String,
+        reflection: String,
+    },
+}
+
+/// The prompt formats' spec names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFormat {
+    Completion,
+    Chat,
+}
+
+impl PromptSpec {
+    /// Which format this is.
+    pub fn format(&self) -> PromptFormat {
+        match self {
+            PromptSpec::Completion { .. } => PromptFormat::Completion,
+            PromptSpec::Chat { .. } => PromptFormat::Chat,
+        }
+    }
+}
+
+/// How an action is taken from the model's text and made into a program.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ActionSpec {
+    /// Extraction mode.
+    pub extract: Extract,
+    /// Stop sequences: generation stops at them, extraction cuts at them.
+    pub stop: Vec<String>,
+    /// Generation budget for one action.
+    pub max_new_tokens: usize,
+    /// Template turning the action into the program (uses `{{ action }}`).
+    pub assemble: String,
+}
+
+/// How runnable programs are scored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RewardSpec {
+    pub metric: Metric,
+    /// Multi-class averaging of ROC AUC.
+    pub multiclass: Multiclass,
+    /// Reward of an action whose program fails (the paper: -1.0).
+    pub failure_reward: f64,
+    pub evaluation: Evaluation,
+}
+
+/// The score of a runnable program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Area under the ROC curve on the validation rows.
+    RocAuc,
+}
+
+/// Multi-class ROC AUC averaging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Multiclass {
+    /// Macro average over all class pairs (Hand & Till; the paper's reference code and CAAFE).
+    Ovo,
+    /// Macro average of one-vs-rest AUCs.
+    Ovr,
+}
+
+/// What one evaluation of a program scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Evaluation {
+    /// The seed's own train/validation split (the paper's text).
+    SingleSplit,
+    /// The mean over this many random splits (the paper's reference code uses 5).
+    MeanOfSplits(u32),
+}
+
+/// Limits for one program execution.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExecLimits {
+    pub wall_s: f64,
+    pub cpu_s: f64,
+    pub memory_mb: u64,
+    pub output_kb: u64,
+    pub max_processes: u64,
+}
+
+impl Default for ExecLimits {
+    /// Enough for scikit-learn on small tables, small enough that a runaway program is cheap.
+    fn default() -> Self {
+        ExecLimits { wall_s: 30.0, cpu_s: 30.0, memory_mb: 2048, output_kb: 64, max_processes: 32 }
+    }
+}
+
+/// A worked example: a task text and an action that solves it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Example {
+    pub task: String,
+    pub action: String,
+}
+
+/// Training algorithms a spec can pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Entropy-regularized token-level policy optimization (the paper).
+    Etpo,
+    /// Action-level PPO with a KL penalty in the reward (the paper's baseline).
+    PpoKl,
+    /// No training: sampling with reflection states only (the paper's baseline).
+    Reflection,
+}
+
+/// Optional hyper-parameters; `None` leaves the trainer's default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TrainingOverrides {
+    pub algorithm: Option<Algorithm>,
+    /// Environment steps (actions) in total per seed, k in the paper.
+    pub steps: Option<u64>,
+    /// Actions per update.
+    pub batch_size: Option<usize>,
+    /// Learning rate.
+    pub lr: Option<f64>,
+    /// Entropy (KL) regularization weight β.
+    pub beta: Option<f64>,
+    /// Discount γ, in [0, 1].
+    pub gamma: Option<f64>,
+    /// Target network averaging weight, in [0, 1].
+    pub polyak: Option<f64>,
+    /// Sampling temperature (0 = greedy).
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    /// Nucleus sampling mass, in (0, 1].
+    pub top_p: Option<f64>,
+    pub lora_rank: Option<usize>,
+    pub lora_alpha: Option<f64>,
+    /// Gradient passes over each batch.
+    pub epochs: Option<usize>,
+    /// Gradient norm clip.
+    pub grad_clip: Option<f64>,
+    /// PPO ratio clip ε.
+    pub clip_eps: Option<f64>,
+}
+
+impl Spec {
+    /// The folder relative paths of this spec resolve against.
+    pub fn base_dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// The template variables for one split of the data.
+    pub fn task_context(&self, split: &data::Split) -> TaskContext {
+        let n_features = split.feature_names.len();
+        TaskContext {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            n_train: split.x_train.len(),
+            n_val: split.x_val.len(),
+            n_features,
+            shape: template::python_shape(split.x_train.len(), n_features),
+            feature_names: split.feature_names.clone(),
+            n_classes: split.n_classes(),
+            class_names: split.class_names.clone(),
+            examples: self.examples.clone(),
+        }
+    }
+
+    /// The first state η(g).
+    pub fn render_initial(&self, ctx: &TaskContext) -> Result<Prompt, RenderError> {
+        let vars = minijinja::Value::from_serialize(ctx);
+        match &self.prompt {
+            PromptSpec::Completion { template, .. } => {
+                Ok(Prompt::Completion(template::render("prompt.template", template, vars)?))
+            }
+            PromptSpec::Chat { system, user, .. } => {
+                let mut messages = Vec::with_capacity(2);
+                if let Some(system) = system {
+                    messages.push(ChatMessage::new("system", template::render("prompt.system", system, vars.clone())?));
+                }
+                messages.push(ChatMessage::new("user", template::render("prompt.user", user, vars)?));
+                Ok(Prompt::Chat(messages))
+            }
+        }
+    }
+
+    /// The state η(g, a, e) after the action `action` failed with `error`.
+    pub fn render_reflection(&self, ctx: &TaskContext, action: &str, error: &str) -> Result<Prompt, RenderError> {
+        // A failed assembly cannot happen for a checked spec; show the raw action then.
+        let program = self.assemble_program(action).unwrap_or_else(|_| action.to_string());
+        let vars = minijinja::context! {
+            action => action,
+            error => error,
+            program => program,
+            ..minijinja::Value::from_serialize(ctx)
+        };
+        match &self.prompt {
+            PromptSpec::Completion { reflection, .. } => {
+                Ok(Prompt::Completion(template::render("prompt.reflection", reflection, vars)?))
+            }
+            PromptSpec::Chat { system, user, assistant, reflection } => {
+                let mut messages = Vec::with_capacity(4);
+                if let Some(system) = system {
+                    messages.push(ChatMessage::new("system", template::render("prompt.system", system, vars.clone())?));
+                }
+                messages.push(ChatMessage::new("user", template::render("prompt.user", user, vars.clone())?));
+                messages.push(ChatMessage::new(
+                    "assistant",
+                    template::render("prompt.assistant", assistant, vars.clone())?,
+                ));
+                messages.push(ChatMessage::new("user", template::render("prompt.reflection", reflection, vars)?));
+                Ok(Prompt::Chat(messages))
+            }
+        }
+    }
+
+    /// Cut the action out of the model's raw text (see [`Extract`]).
+    pub fn extract_action(&self, generation: &str) -> String {
+        action::extract(generation, self.action.extract, &self.action.stop)
+    }
+
+    /// The program to execute for `action`: the assembly template with `{{ action }}` dedented and
+    /// its continuation lines indented like the placeholder's line (so a function body lands in
+    /// the function), and `{{ raw_action }}` exactly as given.
+    pub fn assemble_program(&self, action: &str) -> Result<String, RenderError> {
+        assemble(&self.action.assemble, action)
+    }
+}
+
+pub(crate) fn assemble(template_source: &str, action: &str) -> Result<String, RenderError> {
+    let indent = action::placeholder_indent(template_source);
+    let body = action::dedent(action);
+    let body = action::indent_continuation(body.trim_end(), &indent);
+    let vars = minijinja::context! { action => body, raw_action => action };
+    template::render("action.assemble", template_source, vars)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &str = "import numpy as np\ndef build_model(x_train, y_train):\n    {{ action }}\n";
+
+    #[test]
+    fn assemble_body_action_dedents_and_indents() {
+        let action = "    from sklearn.svm import SVC\n\n    model = SVC(probability=True)\n    model.fit(x_train, y_train)\n    return model\n\n";
+        assert_eq!(
+            assemble(BODY, action).unwrap(),
+            "import numpy as np\ndef build_model(x_train, y_train):\n    from sklearn.svm import SVC\n\n    model = SVC(probability=True)\n    model.fit(x_train, y_train)\n    return model\n"
+        );
+        // The same body written without indentation lands in the same place.
+        let flat = "from sklearn.svm import SVC\n\nmodel = SVC(probability=True)\nmodel.fit(x_train, y_train)\nreturn model";
+        assert_eq!(assemble(BODY, flat).unwrap(), assemble(BODY, action).unwrap());
+    }
+
+    #[test]
+    fn assemble_expression_action() {
+        let t = "from sklearn.ensemble import *\n\ndef build_model(x_train, y_train):\n    model = {{ action }}\n    model.fit(x_train, y_train)\n    return model\n";
+        assert_eq!(
+            assemble(t, " RandomForestClassifier(n_estimators=50)").unwrap(),
+            "from sklearn.ensemble import *\n\ndef build_model(x_train, y_train):\n    model = RandomForestClassifier(n_estimators=50)\n    model.fit(x_train, y_train)\n    return model\n"
+        );
+        // A multi-line expression keeps its relative indentation inside the brackets.
+        assert_eq!(
+            assemble(t, "make_pipeline(\n    StandardScaler(),\n    SVC())").unwrap(),
+            "from sklearn.ensemble import *\n\ndef build_model(x_train, y_train):\n    model = make_pipeline(\n        StandardScaler(),\n        SVC())\n    model.fit(x_train, y_train)\n    return model\n"
+        );
+    }
+
+    #[test]
+    fn assemble_module_action() {
+        let module = "  import numpy as np\n  def build_model(x_train, y_train):\n      return None\n";
+        assert_eq!(
+            assemble("{{ action }}\n", module).unwrap(),
+            "import numpy as np\ndef build_model(x_train, y_train):\n    return None\n"
+        );
+    }
+
+    #[test]
+    fn assemble_raw_action_is_untouched() {
+        assert_eq!(assemble("{{ raw_action }}|{{ action }}", "  a\n  b").unwrap(), "  a\n  b|a\nb");
+    }
+
+    #[test]
+    fn assemble_statement_from_a_fenced_chat_answer() {
+        let t = "import numpy as np\n\ndef build_model(x_train, y_train):\n    {{ action }}\n";
+        let answer = "Sure:\n```python\nfrom sklearn.tree import DecisionTreeClassifier\nreturn DecisionTreeClassifier().fit(x_train, y_train)\n```\nDone.";
+        let action = action::extract(answer, Extract::Fenced, &[]);
+        assert_eq!(
+            assemble(t, &action).unwrap(),
+            "import numpy as np\n\ndef build_model(x_train, y_train):\n    from sklearn.tree import DecisionTreeClassifier\n    return DecisionTreeClassifier().fit(x_train, y_train)\n"
+        );
+    }
+}

@@ -1,0 +1,397 @@
+# etpo sandbox worker ("zygote"). Embedded in the runtime crate with include_str! and started as
+# `python -I -c <this file>` inside the sandbox; see runtime/src/pool.rs for the host side.
+#
+# The worker imports numpy and scikit-learn once, then serves jobs forever: for each job it forks
+# a child that compiles and runs the untrusted program, calls build_model(x_train, y_train) and
+# predict_proba(x_val), and writes the raw probabilities back. The worker itself never runs user
+# code. Inside the sandbox it is PID 1 of its own PID namespace, so the user code cannot signal it,
+# and kill(-1, SIGKILL) after each job removes every process the job left behind.
+#
+# Wire format, both directions: u32 little-endian header length, a JSON header, then the binary
+# payload whose byte length is header["payload"]. Requests carry x_train (f64), y_train (i64) and
+# x_val (f64), row-major; responses carry the probability matrix (f64), row-major.
+
+import os
+import sys
+import json
+import time
+import signal
+import struct
+import select
+import resource
+import traceback
+import re
+import builtins
+
+import numpy as np
+
+# Import what generated code usually uses, so a child pays nothing for it (fork shares the pages).
+_PRELOAD = (
+    "sklearn", "sklearn.base", "sklearn.utils.validation", "sklearn.exceptions",
+    "sklearn.linear_model", "sklearn.ensemble", "sklearn.tree", "sklearn.neighbors", "sklearn.svm",
+    "sklearn.naive_bayes", "sklearn.preprocessing", "sklearn.pipeline", "sklearn.model_selection",
+    "sklearn.impute", "sklearn.discriminant_analysis", "sklearn.neural_network",
+    "sklearn.decomposition", "sklearn.feature_selection", "sklearn.compose", "sklearn.metrics",
+    "sklearn.gaussian_process", "sklearn.calibration", "scipy", "scipy.stats",
+)
+for _name in _PRELOAD:
+    try:
+        __import__(_name)
+    except Exception:  # a missing optional module only costs the child an import later
+        pass
+
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
+
+IS_INIT = os.getpid() == 1
+CTRL_IN = os.dup(0)
+CTRL_OUT = os.dup(1)
+_devnull = os.open("/dev/null", os.O_RDWR)
+os.dup2(_devnull, 0)
+os.dup2(2, 1)
+os.close(_devnull)
+# As PID 1, signals without a handler are dropped when they come from inside the namespace; make
+# sure none has a handler (Python installs one for SIGINT).
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+PATH_RE = re.compile(r"(?:/[^\s'\"():,]+)*/(?:site-packages|dist-packages|lib/python3\.\d+)/")
+MAX_MESSAGE = 1500
+
+
+def read_exact(fd, n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = os.readv(fd, [view[got:]])
+        if k == 0:
+            raise EOFError
+        got += k
+    return buf
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while len(view):
+        k = os.write(fd, view)
+        view = view[k:]
+
+
+def send(fd, header, payload=b""):
+    header["payload"] = len(payload)
+    head = json.dumps(header).encode()
+    write_all(fd, struct.pack("<I", len(head)) + head)
+    if payload:
+        write_all(fd, payload)
+
+
+def recv(fd):
+    (n,) = struct.unpack("<I", bytes(read_exact(fd, 4)))
+    header = json.loads(bytes(read_exact(fd, n)))
+    payload = read_exact(fd, header.get("payload", 0))
+    return header, payload
+
+
+def clean(text):
+    """Sandbox paths out, length capped: the text is shown to the model."""
+    text = PATH_RE.sub("", str(text))
+    if len(text) > MAX_MESSAGE:
+        text = text[:1000] + "\n...\n" + text[-(MAX_MESSAGE - 1010):]
+    return text.strip()
+
+
+def describe(exc, lines, what=None):
+    """`line N: <source>` + `Type: message` for an exception raised by (or through) the action."""
+    lineno = None
+    for frame, no in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == "<action>":
+            lineno = no
+    msg = "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+    if what:
+        msg = "%s raised %s" % (what, msg)
+    if lineno is not None and 0 < lineno <= len(lines):
+        msg = "line %d: %s\n%s" % (lineno, lines[lineno - 1].strip(), msg)
+    return clean(msg)
+
+
+def kind_of(exc):
+    return "Memory" if isinstance(exc, MemoryError) else "Exception"
+
+
+def child(job, payload, result_w):
+    """Runs in the forked child: everything here may be sabotaged by the user code, so the host
+    trusts nothing it sends back beyond its format."""
+    limits = job["limits"]
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:  # the child dies first on memory pressure
+            f.write("1000")
+    except OSError:
+        pass
+    mem = int(limits["memory_mb"]) << 20
+    if mem > 0:
+        # Address space grows from the worker's current size, so the limit is on new memory.
+        base = 0
+        try:
+            with open("/proc/self/statm") as f:
+                base = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            pass
+        _lower(resource.RLIMIT_AS, base + mem)
+    cpu = max(1, int(float(limits["cpu_s"]) + 0.999))
+    _lower(resource.RLIMIT_CPU, cpu, cpu + 1)
+    procs = int(limits.get("max_processes", 0))
+    if procs > 0 and not IS_INIT:
+        _lower(resource.RLIMIT_NPROC, procs)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    nt, nf, nv = job["n_train"], job["n_features"], job["n_val"]
+    a = nt * nf * 8
+    b = a + nt * 8
+    x_train = np.frombuffer(payload, dtype="<f8", count=nt * nf, offset=0).reshape(nt, nf).copy()
+    y_train = np.frombuffer(payload, dtype="<i8", count=nt, offset=a).copy()
+    x_val = np.frombuffer(payload, dtype="<f8", count=nv * nf, offset=b).reshape(nv, nf).copy()
+    del payload
+
+    def fail(kind, message):
+        send(result_w, {"ok": False, "kind": kind, "message": message})
+        sys.stdout.flush()
+        os._exit(0)
+
+    src = job["program"]
+    lines = src.splitlines()
+    try:
+        code = compile(src, "<action>", "exec")
+    except SyntaxError as e:
+        where = ""
+        if e.lineno:
+            text = (e.text or (lines[e.lineno - 1] if e.lineno <= len(lines) else "")).rstrip()
+            where = "line %d: %s\n" % (e.lineno, text.strip())
+        fail("Syntax", clean("%s%s: %s" % (where, type(e).__name__, e.msg)))
+    except (ValueError, RecursionError, MemoryError) as e:
+        fail("Syntax", clean("%s: %s" % (type(e).__name__, e)))
+
+    namespace = {"__name__": "__action__", "__builtins__": builtins}
+    del job, src
+    try:
+        exec(code, namespace)
+        build_model = namespace.get("build_model")
+        if not callable(build_model):
+            fail("Exception", "the program does not define a function build_model(x_train, y_train)")
+        model = build_model(x_train, y_train)
+        if model is None:
+            fail("Exception", "build_model returned None; it must return a fitted classifier")
+        try:
+            check_is_fitted(model)
+        except NotFittedError:
+            model.fit(x_train, y_train)
+        except TypeError:
+            pass  # not a scikit-learn estimator: trust that it is ready to predict
+    except SystemExit as e:
+        fail("Exception", describe(e, lines, None) or "the program called exit()")
+    except BaseException as e:
+        fail(kind_of(e), describe(e, lines))
+
+    if not callable(getattr(model, "predict_proba", None)):
+        fail("BadPredictions", clean(
+            "build_model returned a %s, which has no predict_proba method; return a fitted "
+            "classifier that can give class probabilities" % type(model).__name__))
+    try:
+        proba = np.asarray(model.predict_proba(x_val), dtype=np.float64)
+    except BaseException as e:
+        fail(kind_of(e) if isinstance(e, MemoryError) else "BadPredictions",
+             describe(e, lines, "predict_proba(x_val)"))
+    try:
+        classes = getattr(model, "classes_", None)
+        classes = None if classes is None else [int(c) for c in np.asarray(classes).ravel()]
+    except BaseException:
+        classes = None
+    if proba.ndim != 2:
+        fail("BadPredictions", "predict_proba(x_val) returned an array of shape %s; expected "
+             "(%d, n_classes)" % (tuple(proba.shape), nv))
+    data = np.ascontiguousarray(proba, dtype="<f8").tobytes()
+    send(result_w, {"ok": True, "rows": int(proba.shape[0]), "cols": int(proba.shape[1]),
+                    "classes": classes}, data)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _lower(which, soft, hard=None):
+    try:
+        cur_soft, cur_hard = resource.getrlimit(which)
+        hard = soft if hard is None else hard
+        if cur_hard != resource.RLIM_INFINITY:
+            hard = min(hard, cur_hard)
+            soft = min(soft, hard)
+        resource.setrlimit(which, (soft, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def kill_all(pid):
+    """Every process the job started, including escapees (setsid, double fork), is gone after this."""
+    if IS_INIT:
+        while True:
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+    else:
+        for target in (-pid, pid):
+            try:
+                os.kill(target, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+
+
+def wipe(path):
+    """Empties a writable scratch directory between jobs (the next job must not see this one's files)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    for e in entries:
+        try:
+            if e.is_dir(follow_symlinks=False):
+                wipe(e.path)
+                os.rmdir(e.path)
+            else:
+                os.unlink(e.path)
+        except OSError:
+            pass
+
+
+def serve_one(job, payload):
+    limits = job["limits"]
+    cap = int(limits["output_kb"]) * 1024
+    wall = float(limits["wall_s"])
+    res_r, res_w = os.pipe()
+    out_r, out_w = os.pipe()
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(CTRL_IN)
+            os.close(CTRL_OUT)
+            os.close(res_r)
+            os.close(out_r)
+            if not IS_INIT:
+                os.setpgid(0, 0)
+            os.dup2(out_w, 1)
+            os.dup2(out_w, 2)
+            os.close(out_w)
+            child(job, payload, res_w)
+        finally:
+            os._exit(70)
+    del payload
+    os.close(res_w)
+    os.close(out_w)
+    deadline = start + wall
+    output = bytearray()
+    truncated = False
+    result = bytearray()
+    open_fds = {res_r, out_r}
+    poller = select.poll()
+    poller.register(res_r, select.POLLIN)
+    poller.register(out_r, select.POLLIN)
+    timed_out = False
+    status = None
+    rusage = None
+    while True:
+        if not open_fds:
+            # Result and output are closed: wait for the exit (the deadline still holds).
+            pid_done, status, rusage = os.wait4(pid, os.WNOHANG)
+            if pid_done:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            time.sleep(min(left, 0.002))
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        for fd, _ in poller.poll(max(1, int(left * 1000))):
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+                os.close(fd)
+            elif fd == out_r:
+                room = cap - len(output)
+                if room > 0:
+                    output += chunk[:room]
+                if len(chunk) > room:
+                    truncated = True  # keep draining so a print flood never blocks the child
+            else:
+                result += chunk
+                if len(result) > (64 << 20) + (1 << 20):
+                    result = bytearray(b"\xff")  # absurd size: mark as garbage, keep draining
+    wall_s = time.monotonic() - start
+    if status is None:
+        # Timed out (or still running after closing its pipes): reap with its usage if it is gone.
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _, status, rusage = os.wait4(pid, 0)
+    kill_all(pid)
+    for fd in open_fds:
+        os.close(fd)
+    wipe("/tmp")
+    wipe(os.getcwd())
+    cpu_s = rusage.ru_utime + rusage.ru_stime if rusage else 0.0
+    rss_mb = rusage.ru_maxrss / 1024.0 if rusage else 0.0
+    header = {"wall_s": wall_s, "cpu_s": cpu_s, "peak_rss_mb": rss_mb,
+              "output": output.decode("utf-8", "replace"), "output_truncated": truncated}
+    if timed_out:
+        header.update(ok=False, kind="Timeout", message=None)
+        send(CTRL_OUT, header)
+        return
+    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+    body = b""
+    if len(result) >= 4:
+        (n,) = struct.unpack("<I", bytes(result[:4]))
+        try:
+            child_head = json.loads(bytes(result[4:4 + n]))
+            body = bytes(result[4 + n:])
+            if not isinstance(child_head, dict) or len(body) != child_head.get("payload"):
+                raise ValueError
+            header.update(child_head)
+        except (ValueError, UnicodeDecodeError):
+            header.update(ok=False, kind="Exception",
+                          message="the program corrupted the channel its result is sent on")
+            body = b""
+    elif sig:
+        header.update(ok=False, kind="Killed", signal=sig, message=None)
+    else:
+        code = os.WEXITSTATUS(status)
+        header.update(ok=False, kind="Exception",
+                      message="the program exited (status %d) before build_model returned" % code)
+    if sig and not header.get("ok", False) and header.get("kind") not in ("Syntax",):
+        header["signal"] = sig
+    header["payload"] = len(body)
+    send(CTRL_OUT, header, body)
+
+
+def main():
+    send(CTRL_OUT, {"ready": True, "pid": os.getpid(), "python": sys.version.split()[0]})
+    while True:
+        try:
+            job, payload = recv(CTRL_IN)
+        except EOFError:
+            return
+        serve_one(job, payload)
+
+
+main()

@@ -1,0 +1,1 @@
+//! The seccomp filter of the sandbox.

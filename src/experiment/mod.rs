@@ -1,0 +1,46 @@
+//! The experiment loop of `etpo run`: policies (a model, or scripted action files), the run loop
+//! over specs × seeds with an algorithm that may learn between rounds (the Reflection baseline
+//! learns nothing), and the run folder's outputs: `steps.jsonl`, `summary.csv`, `summary.md`,
+//! `best_reward.png`.
+
+use std::path::{Path, PathBuf};
+
+pub mod llm;
+pub mod plot;
+pub mod policy;
+pub mod record;
+pub mod runner;
+pub mod scripted;
+pub mod summary;
+
+pub use llm::{LlmPolicy, SamplingConfig};
+pub use policy::{hex, prompt_sha256, ActRequest, Action, Policy, PolicyError};
+pub use record::{read_steps, StepLog, StepRecord};
+pub use runner::{run_loop, Algorithm, LoopOutcome, Observer, Quiet, Reflection, Task, Transition};
+pub use scripted::ScriptedPolicy;
+pub use summary::{SeedStats, SpecStats};
+
+/// Errors of the experiment loop and its outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum ExperimentError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot resume from {path}: {message}")]
+    Resume { path: PathBuf, message: String },
+    #[error("could not draw {path}: {message}")]
+    Plot { path: PathBuf, message: String },
+    #[error(transparent)]
+    Env(#[from] runtime::env::EnvError),
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("algorithm: {0}")]
+    Algorithm(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ExperimentError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> ExperimentError {
+        ExperimentError::Io { path: path.to_path_buf(), source }
+    }
+}

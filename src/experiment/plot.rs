@@ -1,0 +1,129 @@
+//! `best_reward.png`: best reward found against environment steps, one panel per spec (thin lines
+//! per seed, a thick line for the mean over seeds) and, with several specs, a panel with the mean
+//! over specs (the paper's Figure 3).
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::summary::SpecStats;
+use super::ExperimentError;
+
+const PANEL_W: u32 = 480;
+const PANEL_H: u32 = 340;
+
+/// Draws the figure into `path` (PNG). `steps_per_seed` is k, the x-axis length.
+pub fn best_reward_png(path: &Path, stats: &[SpecStats], steps_per_seed: u32) -> Result<(), ExperimentError> {
+    draw(path, stats, steps_per_seed).map_err(|e| ExperimentError::Plot { path: path.to_path_buf(), message: e.to_string() })
+}
+
+struct Panel {
+    title: String,
+    seeds: Vec<Vec<f64>>,
+    mean: Vec<(f64, f64)>,
+}
+
+fn panels(stats: &[SpecStats], k: usize) -> Vec<Panel> {
+    let mut out: Vec<Panel> = stats
+        .iter()
+        .map(|spec| Panel {
+            title: spec.spec.clone(),
+            seeds: spec.seeds.iter().map(|s| s.best_curve.clone()).collect(),
+            mean: (1..=k).filter_map(|t| spec.mean_best_at(t).map(|v| (t as f64, v))).collect(),
+        })
+        .collect();
+    if stats.len() > 1 {
+        // Mean over specs of the per-spec mean, at the steps every spec reached.
+        let mean = (1..=k)
+            .map_while(|t| {
+                let values: Option<Vec<f64>> = stats.iter().map(|s| s.mean_best_at(t)).collect();
+                values.map(|v| (t as f64, v.iter().sum::<f64>() / v.len() as f64))
+            })
+            .collect();
+        out.push(Panel { title: format!("mean over {} specs", stats.len()), seeds: Vec::new(), mean });
+    }
+    out
+}
+
+fn draw(path: &Path, stats: &[SpecStats], steps_per_seed: u32) -> Result<(), Box<dyn std::error::Error>> {
+    let k = steps_per_seed.max(1) as usize;
+    let panels = panels(stats, k);
+    let n = panels.len().max(1);
+    let cols = n.min(3);
+    let rows = n.div_ceil(cols);
+    let root = BitMapBackend::new(path, (PANEL_W * cols as u32, PANEL_H * rows as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let areas = root.split_evenly((rows, cols));
+    let all: Vec<f64> = panels.iter().flat_map(|p| p.seeds.iter().flatten().copied().chain(p.mean.iter().map(|m| m.1))).collect();
+    let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
+    let y_min = if lo.is_finite() { (lo - 0.05).min(0.5) } else { 0.0 };
+    let y_max = 1.0_f64.max(all.iter().copied().fold(f64::NEG_INFINITY, f64::max) + 0.02);
+    for (panel, area) in panels.iter().zip(areas.iter()) {
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(1f64..(k as f64).max(2.0), y_min..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("environment steps")
+            .y_desc("best reward")
+            .light_line_style(WHITE.mix(0.0))
+            .draw()?;
+        for (i, curve) in panel.seeds.iter().enumerate() {
+            let color = Palette99::pick(i).mix(0.45);
+            chart.draw_series(LineSeries::new(
+                curve.iter().enumerate().map(|(t, v)| ((t + 1) as f64, *v)),
+                color.stroke_width(1),
+            ))?;
+        }
+        chart.draw_series(LineSeries::new(panel.mean.iter().copied(), BLUE.stroke_width(3)))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experiment::record::StepRecord;
+
+    #[test]
+    fn draws_a_png() {
+        let mut a = SpecStats::new("a", &[0, 1]);
+        let mut b = SpecStats::new("b", &[0]);
+        let rec = |reward: f64| StepRecord {
+            spec: String::new(),
+            seed: 0,
+            episode: 0,
+            step: 0,
+            env_step: 0,
+            prompt_sha256: String::new(),
+            generation: String::new(),
+            action: String::new(),
+            reward,
+            ran: reward >= 0.0,
+            terminated: true,
+            truncated: false,
+            error: String::new(),
+            wall_s: 0.0,
+            cpu_s: 0.0,
+            peak_rss_mb: 0.0,
+            gen_s: 0.0,
+        };
+        for r in [-1.0, 0.6, 0.8] {
+            a.seeds[0].push(&rec(r));
+            b.seeds[0].push(&rec(r / 2.0));
+        }
+        a.seeds[1].push(&rec(0.7));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("best.png");
+        best_reward_png(&path, &[a, b], 3).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        let ps = panels(&[SpecStats::new("only", &[0])], 3);
+        assert_eq!(ps.len(), 1);
+        assert!(ps[0].mean.is_empty());
+    }
+}

@@ -1,0 +1,318 @@
+//! The run loop: every spec × seed is an environment slot; each round, the policy acts for every
+//! slot that still has budget (one batch, so a model batches its generation), the environments
+//! evaluate those actions in parallel threads (sharing one worker pool), the steps are logged in
+//! slot order, and the algorithm sees the finished transitions and may update the policy before
+//! the next round.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use envspec::data::Dataset;
+use envspec::{Prompt, Spec};
+use runtime::env::{Env, Observation, StepInfo};
+use runtime::Pool;
+
+use super::policy::{prompt_sha256, ActRequest, Action, Policy};
+use super::record::{StepLog, StepRecord};
+use super::summary::SpecStats;
+use super::ExperimentError;
+
+/// One spec with its data and the seeds to run it on.
+pub struct Task {
+    pub spec: Arc<Spec>,
+    pub dataset: Arc<Dataset>,
+    pub seeds: Vec<u64>,
+}
+
+/// One finished environment step, as an algorithm sees it.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    /// Index of the task (spec) in the run.
+    pub task: usize,
+    pub seed: u64,
+    pub episode: u32,
+    /// Step within the episode, from 0.
+    pub step: u32,
+    /// The state the action answered.
+    pub prompt: Prompt,
+    pub action: Action,
+    pub reward: f64,
+    pub terminated: bool,
+    pub truncated: bool,
+    /// The next state (the reflection state after a failure; after the episode ended it is the
+    /// final observation and must not be bootstrapped from).
+    pub next: Prompt,
+    pub info: StepInfo,
+}
+
+/// An algorithm: owns the policy and may learn from each round's transitions.
+pub trait Algorithm {
+    /// Its name, as given to `--algo`.
+    fn name(&self) -> &str;
+    /// The policy acting now.
+    fn policy(&mut self) -> &mut dyn Policy;
+    /// Called after each round with its transitions (slot order). May update the policy.
+    fn learn(&mut self, batch: &[Transition]) -> Result<(), ExperimentError>;
+}
+
+/// The paper's Reflection baseline: the interactive loop with no training; its score is the best
+/// reward found within k steps.
+pub struct Reflection<P: Policy> {
+    pub policy: P,
+}
+
+impl<P: Policy> Algorithm for Reflection<P> {
+    fn name(&self) -> &str {
+        "reflection"
+    }
+    fn policy(&mut self) -> &mut dyn Policy {
+        &mut self.policy
+    }
+    fn learn(&mut self, _batch: &[Transition]) -> Result<(), ExperimentError> {
+        Ok(())
+    }
+}
+
+/// Receives progress as the loop runs (the CLI draws progress bars with it).
+pub trait Observer {
+    /// After each logged step; `stats` are the step's spec's statistics so far.
+    fn on_step(&mut self, task: usize, record: &StepRecord, stats: &SpecStats);
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {
+    fn on_step(&mut self, _: usize, _: &StepRecord, _: &SpecStats) {}
+}
+
+/// How the loop ended.
+#[derive(Debug)]
+pub struct LoopOutcome {
+    /// Statistics per task (spec), in task order, including resumed steps.
+    pub stats: Vec<SpecStats>,
+    /// True if `stop` was raised before every slot used its budget.
+    pub interrupted: bool,
+}
+
+struct Slot {
+    task: usize,
+    seed_index: usize,
+    seed: u64,
+    env: Env,
+    /// Steps used (all episodes).
+    used: u32,
+    /// The episode number the next reset starts.
+    next_episode: u32,
+    /// The running episode and its current observation; `None` between episodes.
+    current: Option<(u32, Observation)>,
+    /// The policy has no more actions for this slot.
+    exhausted: bool,
+}
+
+/// Runs `steps` environment steps for every task and seed, continuing after `previous` (the steps
+/// already in the log, for `--resume`). Each step is appended to `log` as soon as it is finished.
+/// Returns when every slot used its budget, the policy ran out of actions, or `stop` was raised
+/// (checked between rounds: the round in flight is finished and logged first).
+#[allow(clippy::too_many_arguments)]
+pub fn run_loop(
+    tasks: &[Task],
+    pool: &Arc<Pool>,
+    steps: u32,
+    algorithm: &mut dyn Algorithm,
+    log: &mut StepLog,
+    previous: &[StepRecord],
+    observer: &mut dyn Observer,
+    stop: &AtomicBool,
+) -> Result<LoopOutcome, ExperimentError> {
+    let mut stats: Vec<SpecStats> = tasks.iter().map(|t| SpecStats::new(&t.spec.name, &t.seeds)).collect();
+    let mut slots = Vec::new();
+    for (ti, task) in tasks.iter().enumerate() {
+        for (si, &seed) in task.seeds.iter().enumerate() {
+            let env = Env::new(task.spec.clone(), task.dataset.clone(), seed, pool.clone())?;
+            slots.push(Slot { task: ti, seed_index: si, seed, env, used: 0, next_episode: 0, current: None, exhausted: false });
+        }
+    }
+    restore(tasks, &mut slots, &mut stats, previous)?;
+
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(LoopOutcome { stats, interrupted: slots.iter().any(|s| !s.exhausted && s.used < steps) });
+        }
+        // Start episodes where needed, then ask the policy for every waiting slot at once.
+        let mut active: Vec<usize> = Vec::new();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if slot.exhausted || slot.used >= steps {
+                continue;
+            }
+            if slot.current.is_none() {
+                let obs = slot.env.reset()?;
+                slot.current = Some((slot.next_episode, obs));
+                slot.next_episode += 1;
+            }
+            active.push(i);
+        }
+        if active.is_empty() {
+            return Ok(LoopOutcome { stats, interrupted: false });
+        }
+        let requests: Vec<ActRequest<'_>> = active
+            .iter()
+            .map(|&i| {
+                let slot = &slots[i];
+                let (episode, obs) = slot.current.as_ref().expect("active slots have an observation");
+                ActRequest {
+                    spec: &tasks[slot.task].spec,
+                    seed: slot.seed,
+                    episode: *episode,
+                    step: obs.step,
+                    env_step: slot.used + 1,
+                    prompt: &obs.prompt,
+                }
+            })
+            .collect();
+        let actions = algorithm.policy().act(&requests)?;
+        drop(requests);
+        if actions.len() != active.len() {
+            return Err(ExperimentError::Policy(super::PolicyError::Config(format!(
+                "the policy answered {} of {} requests",
+                actions.len(),
+                active.len()
+            ))));
+        }
+        let mut work: Vec<(usize, Action)> = Vec::new();
+        for (&i, action) in active.iter().zip(actions) {
+            match action {
+                Some(a) => work.push((i, a)),
+                None => slots[i].exhausted = true,
+            }
+        }
+
+        // Evaluate in parallel: each environment blocks on the shared pool, which bounds the
+        // number of programs running at once.
+        let mut by_index: HashMap<usize, &mut Slot> = slots.iter_mut().enumerate().collect();
+        let jobs: Vec<(&mut Slot, Action)> =
+            work.into_iter().map(|(i, a)| (by_index.remove(&i).expect("each slot acts once per round"), a)).collect();
+        let results = std::thread::scope(|scope| {
+            let handles: Vec<_> = jobs
+                .into_iter()
+                .map(|(slot, action)| {
+                    scope.spawn(move || {
+                        let result = slot.env.step(&action.generation);
+                        (slot, action, result)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+        });
+
+        let mut batch = Vec::with_capacity(results.len());
+        for joined in results {
+            let (slot, action, result) = joined.map_err(|_| ExperimentError::Internal("an evaluation thread panicked".into()))?;
+            let result = result?;
+            let (episode, obs) = slot.current.take().expect("a slot that acted has an observation");
+            slot.used += 1;
+            let record = StepRecord {
+                spec: tasks[slot.task].spec.name.clone(),
+                seed: slot.seed,
+                episode,
+                step: obs.step,
+                env_step: slot.used,
+                prompt_sha256: prompt_sha256(&obs.prompt),
+                generation: action.generation.clone(),
+                action: result.info.action.clone(),
+                reward: result.reward,
+                ran: result.info.ran,
+                terminated: result.terminated,
+                truncated: result.truncated,
+                error: result.info.error.clone(),
+                wall_s: result.info.wall_s,
+                cpu_s: result.info.cpu_s,
+                peak_rss_mb: result.info.peak_rss_mb,
+                gen_s: action.gen_s,
+            };
+            log.write(&record)?;
+            let spec_stats = &mut stats[slot.task];
+            spec_stats.seeds[slot.seed_index].push(&record);
+            observer.on_step(slot.task, &record, spec_stats);
+            let ended = result.terminated || result.truncated;
+            batch.push(Transition {
+                task: slot.task,
+                seed: slot.seed,
+                episode,
+                step: obs.step,
+                prompt: obs.prompt,
+                action,
+                reward: result.reward,
+                terminated: result.terminated,
+                truncated: result.truncated,
+                next: result.observation.prompt.clone(),
+                info: result.info,
+            });
+            if !ended {
+                slot.current = Some((episode, result.observation));
+            }
+        }
+        algorithm.learn(&batch)?;
+    }
+}
+
+/// Rebuilds the slots from the steps already logged. Finished episodes need nothing; an episode
+/// that was in progress when the run stopped is rebuilt from its recorded last action and error
+/// (`Env::restore`), without running anything again: re-running could give a different outcome
+/// (time limits, randomised estimators), and the log must stay the truth.
+fn restore(
+    tasks: &[Task],
+    slots: &mut [Slot],
+    stats: &mut [SpecStats],
+    previous: &[StepRecord],
+) -> Result<(), ExperimentError> {
+    let resume_err = |message: String| ExperimentError::Resume { path: "steps.jsonl".into(), message };
+    let mut index: HashMap<(&str, u64), usize> = HashMap::new();
+    for (i, slot) in slots.iter().enumerate() {
+        index.insert((tasks[slot.task].spec.name.as_str(), slot.seed), i);
+    }
+    for record in previous {
+        let &i = index.get(&(record.spec.as_str(), record.seed)).ok_or_else(|| {
+            resume_err(format!("a step of spec {:?} seed {} is not part of this run", record.spec, record.seed))
+        })?;
+        let slot = &mut slots[i];
+        if record.env_step != slot.used + 1 {
+            return Err(resume_err(format!(
+                "spec {:?} seed {}: expected environment step {}, found {} (duplicated or missing steps)",
+                record.spec,
+                record.seed,
+                slot.used + 1,
+                record.env_step
+            )));
+        }
+        slot.used += 1;
+        stats[slot.task].seeds[slot.seed_index].push(record);
+        slot.next_episode = record.episode + 1;
+    }
+    // Re-enter the episodes that were in progress.
+    let mut last: HashMap<usize, &StepRecord> = HashMap::new();
+    for record in previous {
+        last.insert(index[&(record.spec.as_str(), record.seed)], record);
+    }
+    for (i, record) in last {
+        if record.terminated || record.truncated {
+            continue;
+        }
+        let slot = &mut slots[i];
+        let first = slot.env.reset()?;
+        let episode_start = previous
+            .iter()
+            .find(|r| r.spec == record.spec && r.seed == record.seed && r.episode == record.episode && r.step == 0);
+        if let Some(start) = episode_start {
+            if start.prompt_sha256 != prompt_sha256(&first.prompt) {
+                return Err(resume_err(format!(
+                    "spec {:?} seed {}: the first observation differs from the recorded one (the spec or its data changed)",
+                    record.spec, record.seed
+                )));
+            }
+        }
+        let obs = slot.env.restore(record.step + 1, &record.action, &record.error)?;
+        slot.current = Some((record.episode, obs));
+    }
+    Ok(())
+}

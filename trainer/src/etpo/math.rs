@@ -1,0 +1,349 @@
+//! The ETPO equations as plain functions on candle tensors.
+//!
+//! Every function takes per-position vocabulary rows: a tensor whose last dimension is the
+//! vocabulary (`[N, V]` for N positions, or `[B, T, V]`), and reduces over that last dimension.
+//! A "context" below is `(s, w^{1:j})`: a state prompt followed by the first `j` tokens of an
+//! action; the row of a causal language model at the last position of a context is the
+//! distribution over the next token.
+//!
+//! Equation numbers refer to Wen et al. 2024, "Entropy-Regularized Token-Level Policy
+//! Optimization for Language Agent Reinforcement" (shared/paper/etpo-paper.txt).
+
+use candle_core::{DType, Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+/// How the soft Q-values `Q(context, w)` are read out of the Q-network, a causal language model.
+///
+/// The paper initialises Q with ρ and leaves the read-out open; both readings are offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum QReadout {
+    /// The paper's reading: Q is the Q-network's logits. At the start Q equals ρ's logits, so
+    /// the policy target softmax(Q/β) of Eq. 7 is ρ sharpened to temperature β.
+    Logits,
+    /// `Q = β·(log π_Q − log ρ)` with π_Q the Q-network's next-token distribution. The policy
+    /// target is the KL-regularised optimum `∝ ρ·exp(Q/β)` (Appendix B), which equals π_Q, so
+    /// the start (Q-network = ρ) is exactly `Q = 0`, `π = ρ`.
+    ///
+    /// Limitation: Q is bounded above by `−β·log ρ(w)`, so large positive returns are only
+    /// represented by pushing π_Q(w) towards 1.
+    #[default]
+    LogRatio,
+}
+
+impl std::fmt::Display for QReadout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QReadout::Logits => "logits",
+            QReadout::LogRatio => "log-ratio",
+        })
+    }
+}
+
+impl std::str::FromStr for QReadout {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "logits" => Ok(QReadout::Logits),
+            "log-ratio" => Ok(QReadout::LogRatio),
+            other => Err(format!("unknown Q read-out `{other}` (expected `logits` or `log-ratio`)")),
+        }
+    }
+}
+
+/// Numerically stable log-softmax over the last dimension: `x − max − log Σ exp(x − max)`.
+///
+/// The max is detached: it cancels mathematically, so it needs no gradient. Never compute
+/// `log(softmax(x))`, which underflows to `−inf` for unlikely tokens.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&log_norm)
+}
+
+/// Q-values `Q(context, ·)` from the Q-network's logits, per [`QReadout`].
+///
+/// `ref_logp` is ρ's log-softmax at the same positions (used by [`QReadout::LogRatio`]).
+pub fn q_values(q_logits: &Tensor, ref_logp: &Tensor, readout: QReadout, beta: f64) -> Result<Tensor> {
+    match readout {
+        QReadout::Logits => q_logits.to_dtype(DType::F32),
+        QReadout::LogRatio => (log_softmax(q_logits)? - ref_logp)? * beta,
+    }
+}
+
+/// `KL(π‖ρ)(context) = Σ_w π(w) (log π(w) − log ρ(w))`, per row.
+pub fn kl_rows(policy_logp: &Tensor, ref_logp: &Tensor) -> Result<Tensor> {
+    (policy_logp.exp()? * (policy_logp - ref_logp)?)?.sum(D::Minus1)
+}
+
+/// Entropy `−Σ_w π(w) log π(w)`, per row.
+pub fn entropy_rows(policy_logp: &Tensor) -> Result<Tensor> {
+    (policy_logp.exp()? * policy_logp)?.sum(D::Minus1)?.neg()
+}
+
+/// The soft value of a context, the bracket of Eq. 6, per row:
+/// `V(c) = Σ_w π(w|c)·Q̄(c, w) − β·KL(π‖ρ)(c)`, exact over the full vocabulary.
+///
+/// `q_bar` holds the target network's Q-values at the same rows (see [`q_values`]).
+pub fn soft_values(policy_logp: &Tensor, q_bar: &Tensor, ref_logp: &Tensor, beta: f64) -> Result<Tensor> {
+    let expected_q = (policy_logp.exp()? * q_bar)?.sum(D::Minus1)?;
+    expected_q - (kl_rows(policy_logp, ref_logp)? * beta)?
+}
+
+/// Per-token soft Bellman targets of one action, Eq. 6.
+///
+/// - `inside[j-1] = V(s, w^{1:j})` for `j = 1 .. n−1` (see [`soft_values`]): the targets of the
+///   tokens before the last, `q_targ(j) = V(s, w^{1:j})`, undiscounted (the paper's ETPO);
+///   with `discount_inside` they are multiplied by γ, the ablation ETPO(disc.) of Appendix G.
+/// - The last token: `q_targ(n) = r + γ·V(s')` where `next_value = Some(V(s'))` is the soft
+///   value of the next state's first-token distribution; `None` (the episode ended) gives `r`.
+///
+/// Returns the `n = inside.len() + 1` targets in token order.
+pub fn bellman_targets(
+    inside: &[f64],
+    reward: f64,
+    next_value: Option<f64>,
+    gamma: f64,
+    discount_inside: bool,
+) -> Vec<f64> {
+    let inside_factor = if discount_inside { gamma } else { 1.0 };
+    let mut targets: Vec<f64> = inside.iter().map(|v| inside_factor * v).collect();
+    targets.push(reward + next_value.map_or(0.0, |v| gamma * v));
+    targets
+}
+
+/// `Q(context_j, w^{j+1})`: the Q-value of the token taken at each row. `tokens` is `[N]` u32.
+pub fn taken_values(q: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    q.gather(&tokens.unsqueeze(1)?, 1)?.squeeze(1)
+}
+
+/// The Q loss of Algorithm 1: mean over the given action tokens of `(q − q_targ)²`, or, with
+/// `huber_delta = Some(δ)`, of the Huber loss scaled to agree with it near zero
+/// (`d²` for `|d| ≤ δ`, `2δ|d| − δ²` beyond). `targets` are constants.
+pub fn q_loss(q_taken: &Tensor, targets: &Tensor, huber_delta: Option<f64>) -> Result<Tensor> {
+    let diff = (q_taken - targets.detach())?;
+    match huber_delta {
+        None => diff.sqr()?.mean_all(),
+        Some(delta) => {
+            let abs = diff.abs()?;
+            let quad = abs.clamp(0.0, delta)?;
+            let lin = (&abs - &quad)?;
+            (quad.sqr()? + (lin * (2.0 * delta))?)?.mean_all()
+        }
+    }
+}
+
+/// Log-probabilities of the policy target of Eq. 7 at each row, as a constant:
+/// `softmax(Q/β)` for [`QReadout::Logits`] (the paper's `exp(Q/β)` normalised), and
+/// `∝ ρ·exp(Q/β)` for [`QReadout::LogRatio`] (Appendix B's optimum, equal to π_Q).
+pub fn policy_target_logp(q: &Tensor, ref_logp: &Tensor, readout: QReadout, beta: f64) -> Result<Tensor> {
+    let scaled = (q.detach() / beta)?;
+    match readout {
+        QReadout::Logits => log_softmax(&scaled),
+        QReadout::LogRatio => log_softmax(&(scaled + ref_logp.detach())?),
+    }
+}
+
+/// The per-token policy loss of Eq. 7, per row: `KL(π(·|c) ‖ target(·|c))` over the full
+/// vocabulary, with `target_logp` from [`policy_target_logp`]. Gradients flow into π only.
+pub fn policy_kl_rows(policy_logp: &Tensor, target_logp: &Tensor) -> Result<Tensor> {
+    kl_rows(policy_logp, &target_logp.detach())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(rows: &[&[f32]]) -> Tensor {
+        let v = rows[0].len();
+        let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_vec(flat, (rows.len(), v), &Device::Cpu).unwrap()
+    }
+
+    fn v1(x: &Tensor) -> Vec<f32> {
+        x.to_vec1::<f32>().unwrap()
+    }
+
+    fn close(a: f64, b: f64, tol: f64) -> bool {
+        (a - b).abs() <= tol * (1.0 + b.abs())
+    }
+
+    #[test]
+    fn log_softmax_is_stable_for_huge_logits() {
+        let x = t(&[&[1000.0, 0.0, -1000.0]]);
+        let lp = log_softmax(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(lp[0][0], 0.0);
+        assert!((lp[0][1] + 1000.0).abs() < 1e-3);
+        assert!((lp[0][2] + 2000.0).abs() < 1e-3, "no underflow to -inf: {}", lp[0][2]);
+    }
+
+    #[test]
+    fn soft_value_by_hand() {
+        // π = (0.5, 0.5), ρ = (0.25, 0.75), Q̄ = (2, -1), β = 0.1.
+        // E_π Q̄ = 0.5; KL = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln 2 + 0.5 ln(2/3).
+        let pol = t(&[&[0.5f32.ln(), 0.5f32.ln()]]);
+        let rf = t(&[&[0.25f32.ln(), 0.75f32.ln()]]);
+        let qb = t(&[&[2.0, -1.0]]);
+        let kl = 0.5 * 2f64.ln() + 0.5 * (2.0f64 / 3.0).ln();
+        let v = v1(&soft_values(&pol, &qb, &rf, 0.1).unwrap());
+        assert!(close(v[0] as f64, 0.5 - 0.1 * kl, 1e-6), "{v:?}");
+        let k = v1(&kl_rows(&pol, &rf).unwrap());
+        assert!(close(k[0] as f64, kl, 1e-6));
+        let h = v1(&entropy_rows(&pol).unwrap());
+        assert!(close(h[0] as f64, 2f64.ln(), 1e-6));
+    }
+
+    #[test]
+    fn q_readouts() {
+        let ql = t(&[&[1.0, 2.0, 3.0]]);
+        let rl = log_softmax(&t(&[&[0.0, 0.0, 0.0]])).unwrap();
+        assert_eq!(v1(&q_values(&ql, &rl, QReadout::Logits, 0.5).unwrap().squeeze(0).unwrap()), vec![1.0, 2.0, 3.0]);
+        // log-ratio: β (log softmax(1,2,3) − log(1/3))
+        let lse = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+        let got = v1(&q_values(&ql, &rl, QReadout::LogRatio, 0.5).unwrap().squeeze(0).unwrap());
+        for (k, g) in got.iter().enumerate() {
+            let want = 0.5 * ((k as f64 + 1.0) - lse + 3f64.ln());
+            assert!(close(*g as f64, want, 1e-6), "{k}: {g} vs {want}");
+        }
+        // Q-network = ρ gives Q = 0 and the policy target ρ itself.
+        let same = q_values(&rl, &rl, QReadout::LogRatio, 0.01).unwrap();
+        assert!(v1(&same.abs().unwrap().sum(1).unwrap())[0] < 1e-7);
+        let tgt = policy_target_logp(&same, &rl, QReadout::LogRatio, 0.01).unwrap();
+        assert!(v1(&(tgt - &rl).unwrap().abs().unwrap().sum(1).unwrap())[0] < 1e-6);
+    }
+
+    /// Eq. 6 on a 2-step episode with 2-token actions, V = 2, written out by hand.
+    ///
+    /// Step 1: state s0, action (w1, w2), reward r0 = 0.5, next state s1.
+    /// Step 2: state s1, action (u1, u2), reward r1 = 1.0, episode ends.
+    #[test]
+    fn eq6_two_step_episode_by_hand() {
+        let beta = 0.1;
+        let gamma = 0.9;
+        // Rows: c0 = (s0, w1) [inside step 1]; c1 = s1 [first-token row of step 2];
+        // c2 = (s1, u1) [inside step 2].
+        let pol = log_softmax(&t(&[&[0.0, 0.0], &[1.0, 0.0], &[0.0, 2.0]])).unwrap();
+        let rf = log_softmax(&t(&[&[0.0, 1.0], &[0.0, 0.0], &[0.0, 0.0]])).unwrap();
+        let qb = t(&[&[1.0, 3.0], &[-1.0, 2.0], &[0.5, 0.0]]);
+        let v = soft_values(&pol, &qb, &rf, beta).unwrap().to_vec1::<f32>().unwrap();
+
+        // Hand values.
+        let sm = |a: f64, b: f64| {
+            let m = a.max(b);
+            let z = (a - m).exp() + (b - m).exp();
+            ((a - m).exp() / z, (b - m).exp() / z)
+        };
+        let value = |p: (f64, f64), r: (f64, f64), q: (f64, f64)| {
+            p.0 * q.0 + p.1 * q.1 - beta * (p.0 * (p.0 / r.0).ln() + p.1 * (p.1 / r.1).ln())
+        };
+        let v0 = value(sm(0.0, 0.0), sm(0.0, 1.0), (1.0, 3.0));
+        let v1_ = value(sm(1.0, 0.0), sm(0.0, 0.0), (-1.0, 2.0));
+        let v2 = value(sm(0.0, 2.0), sm(0.0, 0.0), (0.5, 0.0));
+        for (got, want) in v.iter().zip([v0, v1_, v2]) {
+            assert!(close(*got as f64, want, 1e-5), "{got} vs {want}");
+        }
+
+        // Step 1: token 1 takes V(s0,w1) undiscounted; token 2 takes r0 + γ V(s1).
+        let step1 = bellman_targets(&[v[0] as f64], 0.5, Some(v[1] as f64), gamma, false);
+        assert!(close(step1[0], v0, 1e-5));
+        assert!(close(step1[1], 0.5 + gamma * v1_, 1e-5));
+        // Step 2 ends the episode: no bootstrap at the last token.
+        let step2 = bellman_targets(&[v[2] as f64], 1.0, None, gamma, false);
+        assert!(close(step2[0], v2, 1e-5));
+        assert_eq!(step2[1], 1.0);
+        // ETPO(disc.): γ inside the action too; the last token is unchanged.
+        let disc = bellman_targets(&[v[0] as f64], 0.5, Some(v[1] as f64), gamma, true);
+        assert!(close(disc[0], gamma * v0, 1e-5));
+        assert_eq!(disc[1], step1[1]);
+        // A one-token action has only the last-token case.
+        assert_eq!(bellman_targets(&[], -1.0, Some(2.0), 0.5, false), vec![0.0]);
+    }
+
+    #[test]
+    fn q_loss_mse_and_huber() {
+        let q = Tensor::new(&[1.0f32, 2.0, -3.0], &Device::Cpu).unwrap();
+        let tg = Tensor::new(&[0.0f32, 2.5, 0.0], &Device::Cpu).unwrap();
+        let mse = q_loss(&q, &tg, None).unwrap().to_scalar::<f32>().unwrap();
+        assert!(close(mse as f64, (1.0 + 0.25 + 9.0) / 3.0, 1e-6));
+        // δ = 1: d = 1 → 1; d = −0.5 → 0.25; d = −3 → 2·3 − 1 = 5.
+        let hub = q_loss(&q, &tg, Some(1.0)).unwrap().to_scalar::<f32>().unwrap();
+        assert!(close(hub as f64, (1.0 + 0.25 + 5.0) / 3.0, 1e-6));
+        let idx = Tensor::new(&[1u32, 0], &Device::Cpu).unwrap();
+        let rows = t(&[&[5.0, 6.0], &[7.0, 8.0]]);
+        assert_eq!(v1(&taken_values(&rows, &idx).unwrap()), vec![6.0, 7.0]);
+    }
+
+    #[test]
+    fn policy_loss_by_hand_and_its_gradient_reaches_only_the_policy() {
+        let beta = 0.5;
+        let rf = log_softmax(&t(&[&[0.0, 0.0]])).unwrap();
+        let q = t(&[&[1.0, 0.0]]);
+        // Logits read-out: target softmax(Q/β) = softmax(2, 0).
+        let target = policy_target_logp(&q, &rf, QReadout::Logits, beta).unwrap();
+        let p_t = (2f64.exp()) / (2f64.exp() + 1.0);
+        let got = target.exp().unwrap().to_vec2::<f32>().unwrap();
+        assert!(close(got[0][0] as f64, p_t, 1e-6));
+
+        let var = candle_core::Var::from_tensor(&t(&[&[0.0, 0.0]])).unwrap();
+        let pol = log_softmax(var.as_tensor()).unwrap();
+        let kl = policy_kl_rows(&pol, &target).unwrap().sum_all().unwrap();
+        let want = 0.5 * (0.5 / p_t).ln() + 0.5 * (0.5 / (1.0 - p_t)).ln();
+        assert!(close(kl.to_scalar::<f32>().unwrap() as f64, want, 1e-5));
+        let grads = kl.backward().unwrap();
+        let g = grads.get(var.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        // d KL / d z_0 = π_0 (log π_0 − log t_0 − KL) = 0.5 (ln(0.5/p_t) − KL) < 0: raise z_0.
+        let want_g0 = 0.5 * ((0.5 / p_t).ln() - want);
+        assert!(close(g[0][0] as f64, want_g0, 1e-4), "{} vs {}", g[0][0], want_g0);
+        assert!(close(g[0][1] as f64, -want_g0, 1e-4));
+    }
+
+    /// Appendix A, Eq. 13: with per-token values from the inside-action case of Eq. 6,
+    /// `E_{w1~π}[Q(s,w1)] − β KL(w1|s) = E_{a~π}[Q(s,a)] − β KL(a|s)` with the action-level KL
+    /// `Σ_a π(a) log(π(a)/ρ(a))`. Checked for arbitrary π, ρ and last-token Q on 3-token actions.
+    #[test]
+    fn eq13_token_and_action_level_agree() {
+        let beta = 0.3;
+        let vsz = 3usize;
+        // Deterministic pseudo-random numbers.
+        let mut state = 12345u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as f64 / (1u64 << 31) as f64) * 4.0 - 2.0
+        };
+        // Contexts by depth: 1 at depth 0, 3 at depth 1, 9 at depth 2.
+        let mut logits = |n: usize| -> Tensor {
+            let v: Vec<f32> = (0..n * vsz).map(|_| next() as f32).collect();
+            Tensor::from_vec(v, (n, vsz), &Device::Cpu).unwrap()
+        };
+        let pol: Vec<Tensor> = (0..3).map(|d| log_softmax(&logits(vsz.pow(d))).unwrap()).collect();
+        let rf: Vec<Tensor> = (0..3).map(|d| log_softmax(&logits(vsz.pow(d))).unwrap()).collect();
+        // Q(s, w1, w2, w3) for all 27 actions, as 9 rows of 3.
+        let q_last = logits(9);
+        // Backward recursion with soft_values: Q(s,w1,w2) = V(s,w1,w2); Q(s,w1) = V(s,w1).
+        let q2 = soft_values(&pol[2], &q_last, &rf[2], beta).unwrap().reshape((3, 3)).unwrap();
+        let q1 = soft_values(&pol[1], &q2, &rf[1], beta).unwrap().reshape((1, 3)).unwrap();
+        let lhs = soft_values(&pol[0], &q1, &rf[0], beta).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+
+        // Brute force over the 27 actions.
+        let p: Vec<Vec<Vec<f32>>> = pol.iter().map(|x| x.to_vec2::<f32>().unwrap()).collect();
+        let r: Vec<Vec<Vec<f32>>> = rf.iter().map(|x| x.to_vec2::<f32>().unwrap()).collect();
+        let ql = q_last.to_vec2::<f32>().unwrap();
+        let (mut eq, mut kl) = (0.0f64, 0.0f64);
+        for a in 0..vsz {
+            for b in 0..vsz {
+                for c in 0..vsz {
+                    let lp = p[0][0][a] as f64 + p[1][a][b] as f64 + p[2][a * vsz + b][c] as f64;
+                    let lr = r[0][0][a] as f64 + r[1][a][b] as f64 + r[2][a * vsz + b][c] as f64;
+                    let pa = lp.exp();
+                    eq += pa * ql[a * vsz + b][c] as f64;
+                    kl += pa * (lp - lr);
+                }
+            }
+        }
+        let rhs = eq - beta * kl;
+        assert!(close(lhs, rhs, 1e-5), "token level {lhs} vs action level {rhs}");
+    }
+}

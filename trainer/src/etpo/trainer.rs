@@ -1,0 +1,322 @@
+//! The ETPO trainer: Algorithm 1's update over LoRA adapter sets of one frozen base model.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::batch::{accumulate_grads, logit_rows, token_tensor, RowSpan};
+use super::checkpoint;
+use super::math;
+use super::{AdamW, EtpoConfig, TrainError, Transition};
+use crate::lora::LoraConfig;
+use crate::model::Llama;
+
+/// Adapter set of the policy π_φ (generate with this one).
+pub const POLICY: &str = "policy";
+/// Adapter set of the soft Q-network Q_θ.
+pub const Q: &str = "q";
+/// Adapter set of the target Q-network Q_θ̄ (Polyak average of Q_θ).
+pub const Q_TARGET: &str = "q_target";
+
+const FORMAT: &str = "etpo-checkpoint/1";
+
+/// Wall-clock seconds of the phases of one update.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    /// Forward passes of ρ, π and Q̄ and the soft Bellman targets (Eq. 6).
+    pub targets_s: f64,
+    /// Q-network forward, backward and optimiser step.
+    pub q_step_s: f64,
+    /// Policy forward, backward and optimiser step (with the Q read-out it needs).
+    pub policy_step_s: f64,
+    /// Polyak update of the target network.
+    pub polyak_s: f64,
+}
+
+/// What one update measured. Losses are means over the batch's action tokens, taken before
+/// the optimiser steps; `kl` and `entropy` are of the policy before the update.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpdateMetrics {
+    /// Mean squared (or Huber) error of Q on the taken tokens.
+    pub q_loss: f64,
+    /// Mean per-token KL(π ‖ target of Eq. 7).
+    pub policy_loss: f64,
+    /// Mean per-token KL(π‖ρ) at the action positions.
+    pub kl: f64,
+    /// Mean per-token entropy of π at the action positions.
+    pub entropy: f64,
+    /// Mean reward of the batch's transitions.
+    pub batch_reward: f64,
+    /// Mean soft Bellman target.
+    pub q_target_mean: f64,
+    /// Mean Q of the taken tokens.
+    pub q_taken_mean: f64,
+    /// Gradient norms before clipping.
+    pub q_grad_norm: f64,
+    pub policy_grad_norm: f64,
+    /// Action tokens in the batch.
+    pub action_tokens: usize,
+    /// Number of transitions.
+    pub transitions: usize,
+    pub times: PhaseTimes,
+}
+
+/// ETPO over a [`Llama`]: owns the optimisers; the networks are the model's adapter sets
+/// [`POLICY`], [`Q`] and [`Q_TARGET`], and ρ is the model without adapter.
+///
+/// The model is passed to each call rather than held, so the caller can generate with
+/// `adapter = Some(POLICY)` between updates.
+pub struct EtpoTrainer {
+    cfg: EtpoConfig,
+    q_opt: AdamW,
+    pi_opt: AdamW,
+    updates: u64,
+}
+
+impl EtpoTrainer {
+    /// Adds the three adapter sets to `model` (π and Q fresh with B = 0, so both start equal to
+    /// ρ; Q̄ a copy of Q) and builds the optimisers. Fails if any of the names exists already.
+    pub fn new(model: &mut Llama, cfg: EtpoConfig) -> Result<EtpoTrainer, TrainError> {
+        cfg.validate().map_err(TrainError::Config)?;
+        let lora = lora_config(&cfg);
+        model.add_adapter_seeded(POLICY, &lora, cfg.seed)?;
+        model.add_adapter_seeded(Q, &lora, cfg.seed.wrapping_add(1))?;
+        model.copy_adapter(Q, Q_TARGET)?;
+        let q_opt = AdamW::new(named(model.adapter_vars(Q)), cfg.q_optim)?;
+        let pi_opt = AdamW::new(named(model.adapter_vars(POLICY)), cfg.policy_optim)?;
+        Ok(EtpoTrainer { cfg, q_opt, pi_opt, updates: 0 })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EtpoConfig {
+        &self.cfg
+    }
+
+    /// Updates done so far.
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// One update of Algorithm 1 on `batch`: soft Bellman targets (Eq. 6) from π, Q̄ and ρ, one
+    /// gradient step of Q on the squared error, one step of π on the KL of Eq. 7 against the
+    /// (updated) Q-network, then the Polyak update of Q̄.
+    pub fn update(&mut self, model: &Llama, batch: &[Transition]) -> Result<UpdateMetrics, TrainError> {
+        validate_batch(batch)?;
+        let cfg = self.cfg.clone();
+        let (beta, readout) = (cfg.beta, cfg.q_readout);
+        let mb = cfg.micro_batch;
+        let spans: Vec<RowSpan> = batch.iter().map(|t| RowSpan::action(&t.state, &t.action)).collect();
+        let total_tokens: usize = batch.iter().map(|t| t.action.len()).sum();
+        let mut m = UpdateMetrics {
+            transitions: batch.len(),
+            action_tokens: total_tokens,
+            batch_reward: batch.iter().map(|t| t.reward).sum::<f64>() / batch.len() as f64,
+            ..Default::default()
+        };
+
+        // ---- Targets (Eq. 6): soft values of every action context and of the next states.
+        let start = Instant::now();
+        let mut ref_logp: Vec<Tensor> = Vec::new(); // per micro-batch, kept for both steps
+        let mut row_values: Vec<f64> = Vec::with_capacity(total_tokens);
+        let (mut kl_sum, mut ent_sum) = (0f64, 0f64);
+        for chunk in spans.chunks(mb) {
+            let (values, rlp, kl, ent) = soft_value_rows(model, chunk, beta, readout)?;
+            row_values.extend(values);
+            kl_sum += kl;
+            ent_sum += ent;
+            ref_logp.push(rlp);
+        }
+        m.kl = kl_sum / total_tokens as f64;
+        m.entropy = ent_sum / total_tokens as f64;
+        // V(s) of each batch state is the value of its first action row; next states that are
+        // not batch states get their own forward passes.
+        let mut state_value: HashMap<&[u32], f64> = HashMap::new();
+        let mut offset = 0;
+        for t in batch {
+            state_value.entry(&t.state).or_insert(row_values[offset]);
+            offset += t.action.len();
+        }
+        let mut extra: Vec<&[u32]> = Vec::new();
+        for t in batch {
+            if let Some(s) = &t.next_state {
+                if !state_value.contains_key(s.as_slice()) && !extra.contains(&s.as_slice()) {
+                    extra.push(s);
+                }
+            }
+        }
+        let extra_spans: Vec<RowSpan> = extra.iter().map(|s| RowSpan::state(s)).collect();
+        let mut extra_values = Vec::with_capacity(extra.len());
+        for chunk in extra_spans.chunks(mb) {
+            extra_values.extend(soft_value_rows(model, chunk, beta, readout)?.0);
+        }
+        for (s, v) in extra.iter().zip(extra_values) {
+            state_value.insert(s, v);
+        }
+        let mut targets: Vec<f32> = Vec::with_capacity(total_tokens);
+        let mut offset = 0;
+        for t in batch {
+            let n = t.action.len();
+            let inside = &row_values[offset + 1..offset + n];
+            let next = t.next_state.as_ref().map(|s| state_value[s.as_slice()]);
+            let tg = math::bellman_targets(inside, t.reward, next, cfg.gamma, cfg.discount_inside_actions);
+            targets.extend(tg.iter().map(|&x| x as f32));
+            offset += n;
+        }
+        m.q_target_mean = targets.iter().map(|&x| x as f64).sum::<f64>() / total_tokens as f64;
+        m.times.targets_s = start.elapsed().as_secs_f64();
+
+        // ---- Q step: θ ← θ − α ∇ mean (q − q_targ)².
+        let start = Instant::now();
+        let q_vars = self.q_opt.vars().to_vec();
+        let mut grads: Vec<Option<Tensor>> = vec![None; q_vars.len()];
+        let mut pre_step_q: Vec<Tensor> = Vec::new();
+        let (mut row0, mut q_taken_sum) = (0usize, 0f64);
+        for (ci, chunk) in spans.chunks(mb).enumerate() {
+            let rows: usize = chunk.iter().map(|s| s.len).sum();
+            let tokens = token_tensor(model, chunk_actions(&batch[ci * mb..ci * mb + chunk.len()]))?;
+            let tg = Tensor::from_slice(&targets[row0..row0 + rows], rows, model.device())?;
+            let q = math::q_values(&logit_rows(model, chunk, Some(Q), true)?, &ref_logp[ci], readout, beta)?;
+            let taken = math::taken_values(&q, &tokens)?;
+            let loss = (math::q_loss(&taken, &tg, cfg.huber_delta)? * (rows as f64 / total_tokens as f64))?;
+            m.q_loss += loss.to_scalar::<f32>()? as f64;
+            q_taken_sum += taken.sum_all()?.to_scalar::<f32>()? as f64;
+            accumulate_grads(&mut grads, &q_vars, &loss.backward()?)?;
+            if cfg.policy_uses_pre_step_q {
+                pre_step_q.push(q.detach());
+            }
+            row0 += rows;
+        }
+        m.q_taken_mean = q_taken_sum / total_tokens as f64;
+        m.q_grad_norm = self.q_opt.step(&grads)?;
+        m.times.q_step_s = start.elapsed().as_secs_f64();
+
+        // ---- Policy step (Eq. 7): φ ← φ − α ∇ mean KL(π ‖ target(Q_θ)).
+        let start = Instant::now();
+        let pi_vars = self.pi_opt.vars().to_vec();
+        let mut grads: Vec<Option<Tensor>> = vec![None; pi_vars.len()];
+        for (ci, chunk) in spans.chunks(mb).enumerate() {
+            let q = match pre_step_q.get(ci) {
+                Some(q) => q.clone(),
+                None => math::q_values(&logit_rows(model, chunk, Some(Q), false)?, &ref_logp[ci], readout, beta)?,
+            };
+            let target = math::policy_target_logp(&q, &ref_logp[ci], readout, beta)?;
+            let pol = math::log_softmax(&logit_rows(model, chunk, Some(POLICY), true)?)?;
+            let loss = (math::policy_kl_rows(&pol, &target)?.sum_all()? / total_tokens as f64)?;
+            m.policy_loss += loss.to_scalar::<f32>()? as f64;
+            accumulate_grads(&mut grads, &pi_vars, &loss.backward()?)?;
+        }
+        m.policy_grad_norm = self.pi_opt.step(&grads)?;
+        m.times.policy_step_s = start.elapsed().as_secs_f64();
+
+        // ---- θ̄ ← λθ̄ + (1−λ)θ.
+        let start = Instant::now();
+        model.polyak_update(Q_TARGET, Q, cfg.polyak)?;
+        m.times.polyak_s = start.elapsed().as_secs_f64();
+        self.updates += 1;
+        Ok(m)
+    }
+
+    /// Writes the three adapter sets, both optimisers' states, the counters, the configuration
+    /// and the caller's `extra` state (RNG, environment counters, replay data, ...) to one file,
+    /// atomically.
+    pub fn save_checkpoint(&self, model: &Llama, path: &Path, extra: &serde_json::Value) -> Result<(), TrainError> {
+        let mut tensors = Vec::new();
+        for name in [POLICY, Q, Q_TARGET] {
+            tensors.extend(checkpoint::var_tensors(&format!("adapter.{name}"), &model.adapter_vars(name)));
+        }
+        tensors.extend(checkpoint::optim_tensors("optim.q", &self.q_opt));
+        tensors.extend(checkpoint::optim_tensors("optim.policy", &self.pi_opt));
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), FORMAT.to_string());
+        meta.insert("config".to_string(), json(&self.cfg)?);
+        meta.insert("updates".to_string(), self.updates.to_string());
+        meta.insert("q_steps".to_string(), self.q_opt.steps().to_string());
+        meta.insert("policy_steps".to_string(), self.pi_opt.steps().to_string());
+        meta.insert("extra".to_string(), json(extra)?);
+        checkpoint::write_atomic(path, &tensors, meta)
+    }
+
+    /// Restores a checkpoint written by [`EtpoTrainer::save_checkpoint`] into this trainer and
+    /// `model`'s adapter sets; returns the caller's `extra` state. The trainer's configuration
+    /// must have the same LoRA shape (other hyper-parameters may differ: the new ones apply).
+    pub fn load_checkpoint(&mut self, model: &Llama, path: &Path) -> Result<serde_json::Value, TrainError> {
+        let (tensors, meta) = checkpoint::read(path, model.device())?;
+        let format = checkpoint::meta(path, &meta, "format")?;
+        if format != FORMAT {
+            return Err(TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("format `{format}`, expected `{FORMAT}` (an ETPO trainer checkpoint)"),
+            });
+        }
+        for name in [POLICY, Q, Q_TARGET] {
+            checkpoint::restore_vars(path, &tensors, &format!("adapter.{name}"), &model.adapter_vars(name))?;
+        }
+        let q_steps: u64 = checkpoint::meta_json(path, &meta, "q_steps")?;
+        let pi_steps: u64 = checkpoint::meta_json(path, &meta, "policy_steps")?;
+        checkpoint::restore_optim(path, &tensors, "optim.q", &mut self.q_opt, q_steps)?;
+        checkpoint::restore_optim(path, &tensors, "optim.policy", &mut self.pi_opt, pi_steps)?;
+        self.updates = checkpoint::meta_json(path, &meta, "updates")?;
+        checkpoint::meta_json(path, &meta, "extra")
+    }
+}
+
+/// The model-side LoRA configuration of the trainer's adapter sets.
+pub(crate) fn lora_config(cfg: &EtpoConfig) -> LoraConfig {
+    LoraConfig { rank: cfg.lora_rank, alpha: cfg.lora_alpha, ..LoraConfig::default() }
+}
+
+/// Variables named by index (checkpoint keys of the optimiser state).
+pub(crate) fn named(vars: Vec<candle_core::Var>) -> Vec<(String, candle_core::Var)> {
+    vars.into_iter().enumerate().map(|(i, v)| (i.to_string(), v)).collect()
+}
+
+pub(crate) fn json<T: Serialize + ?Sized>(v: &T) -> Result<String, TrainError> {
+    serde_json::to_string(v).map_err(|e| TrainError::Config(format!("cannot serialise: {e}")))
+}
+
+/// All action tokens of `batch`, in order.
+pub(crate) fn chunk_actions(batch: &[Transition]) -> Vec<u32> {
+    batch.iter().flat_map(|t| t.action.iter().copied()).collect()
+}
+
+pub(crate) fn validate_batch(batch: &[Transition]) -> Result<(), TrainError> {
+    if batch.is_empty() {
+        return Err(TrainError::Batch("no transitions".into()));
+    }
+    for (i, t) in batch.iter().enumerate() {
+        if t.state.is_empty() {
+            return Err(TrainError::Batch(format!("transition {i}: empty state")));
+        }
+        if t.action.is_empty() {
+            return Err(TrainError::Batch(format!("transition {i}: empty action (an action has at least one token)")));
+        }
+        if !t.reward.is_finite() {
+            return Err(TrainError::Batch(format!("transition {i}: reward {} is not finite", t.reward)));
+        }
+        if t.next_state.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(TrainError::Batch(format!("transition {i}: empty next state")));
+        }
+    }
+    Ok(())
+}
+
+/// For one micro-batch of spans: the soft value (Eq. 6 bracket) of every row, ρ's log-probs at
+/// the rows (detached), and the sums of KL(π‖ρ) and of π's entropy over the rows.
+fn soft_value_rows(
+    model: &Llama,
+    spans: &[RowSpan],
+    beta: f64,
+    readout: math::QReadout,
+) -> Result<(Vec<f64>, Tensor, f64, f64), TrainError> {
+    let ref_lp = math::log_softmax(&logit_rows(model, spans, None, false)?)?;
+    let pol_lp = math::log_softmax(&logit_rows(model, spans, Some(POLICY), false)?)?;
+    let q_bar = math::q_values(&logit_rows(model, spans, Some(Q_TARGET), false)?, &ref_lp, readout, beta)?;
+    let values = math::soft_values(&pol_lp, &q_bar, &ref_lp, beta)?;
+    let kl = math::kl_rows(&pol_lp, &ref_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let ent = math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let values = values.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+    Ok((values, ref_lp, kl, ent))
+}

