@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -214,4 +213,347 @@ fn write_tiny_model(dir: &Path) {
         "add_bos_token": false, "chat_template": chatml,
     });
     std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config.to_string()).unwrap();
+}
+
+fn run_dir(tmp: &Path) -> PathBuf {
+    tmp.join("run")
+}
+
+fn field<'a>(v: &'a Value, key: &str) -> &'a Value {
+    v.get(key).unwrap_or_else(|| panic!("step record without {key}: {v}"))
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    field(v, key).as_f64().unwrap()
+}
+
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    field(v, key).as_str().unwrap()
+}
+
+fn flag(v: &Value, key: &str) -> bool {
+    field(v, key).as_bool().unwrap()
+}
+
+fn records_of(records: &[Value], seed: u64) -> Vec<&Value> {
+    records.iter().filter(|r| field(r, "seed").as_u64() == Some(seed)).collect()
+}
+
+#[test]
+fn scripted_actions_get_the_rewards_plain_sklearn_gives_and_failures_reflect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let actions = tmp.path().join("actions");
+    // Raw generations: the spec keeps the first line of each.
+    write_actions(&actions, &["UndefinedClassifier()\n", "LogisticRegression(max_iter=1000)\nprint('ignored')", "GaussianNB()"]);
+    let dir = run_dir(tmp.path());
+    let out = etpo(
+        &["run", balance_scale().to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--steps", "3",
+          "--seeds", "0,1", "--workers", "1", "--out", "run", "--no-progress"],
+        tmp.path(),
+    );
+    ok(&out);
+    let records = steps(&dir);
+    assert_eq!(records.len(), 6, "2 seeds x 3 steps");
+    let imports = "from sklearn.linear_model import LogisticRegression\nfrom sklearn.naive_bayes import GaussianNB";
+    let mut bests = Vec::new();
+    for seed in [0u64, 1] {
+        let l = load(&balance_scale(), seed);
+        let ctx = l.spec.task_context(&l.split);
+        let initial = l.spec.render_initial(&ctx).unwrap();
+        let r = records_of(&records, seed);
+        assert_eq!(r.len(), 3);
+
+        // Step 1: the broken action fails with the failure reward and its Python error.
+        assert_eq!(text(r[0], "action"), "UndefinedClassifier()");
+        assert!(!flag(r[0], "ran") && !flag(r[0], "terminated") && !flag(r[0], "truncated"));
+        assert_eq!(num(r[0], "reward"), l.spec.reward.failure_reward);
+        let error = text(r[0], "error");
+        assert!(error.contains("NameError") && error.contains("UndefinedClassifier"), "{error}");
+        assert_eq!(text(r[0], "prompt_sha256"), sha256_hex(&initial));
+
+        // Step 2 answers the reflection state, which shows that error.
+        let reflection = l.spec.render_reflection(&ctx, "UndefinedClassifier()", error).unwrap();
+        assert_eq!(text(r[1], "prompt_sha256"), sha256_hex(&reflection));
+        assert!(reflection.to_text(None).unwrap().contains("UndefinedClassifier"));
+        assert_eq!((field(r[1], "episode").as_u64(), field(r[1], "step").as_u64()), (Some(0), Some(1)));
+        let lr = sklearn_auc(&l.split, imports, "LogisticRegression(max_iter=1000)", "ovo");
+        assert!(flag(r[1], "ran") && flag(r[1], "terminated"));
+        assert!((num(r[1], "reward") - lr).abs() < 1e-9, "etpo {} vs sklearn {lr}", num(r[1], "reward"));
+
+        // Step 3: the episode ended, a new one starts from η(g).
+        assert_eq!((field(r[2], "episode").as_u64(), field(r[2], "step").as_u64()), (Some(1), Some(0)));
+        assert_eq!(text(r[2], "prompt_sha256"), sha256_hex(&initial));
+        let nb = sklearn_auc(&l.split, imports, "GaussianNB()", "ovo");
+        assert!((num(r[2], "reward") - nb).abs() < 1e-9, "etpo {} vs sklearn {nb}", num(r[2], "reward"));
+        bests.push(lr.max(nb));
+    }
+
+    // summary.csv: the per-spec row holds the mean and sample std of the best rewards.
+    let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
+    let all = csv.lines().find(|l| l.starts_with("balance_scale,all,")).expect("a row for all seeds");
+    let cols: Vec<&str> = all.split(',').collect();
+    let mean = (bests[0] + bests[1]) / 2.0;
+    let std = ((bests[0] - mean).powi(2) + (bests[1] - mean).powi(2)).sqrt();
+    assert_eq!(cols[2], "6");
+    assert_eq!(cols[5], "0.6667", "runnable rate 4 of 6");
+    assert_eq!(cols[8], format!("{mean:.4}"));
+    assert_eq!(cols[9], format!("{std:.4}"));
+    let md = std::fs::read_to_string(dir.join("summary.md")).unwrap();
+    assert!(md.contains(&format!("| balance_scale | {mean:.4} ± {std:.4} | 67% |")), "{md}");
+    let png = std::fs::read(dir.join("best_reward.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["config"]["steps"], 3);
+    assert_eq!(config["specs"][0]["name"], "balance_scale");
+    assert_eq!(config["specs"][0]["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(config["actions"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn the_step_limit_truncates_and_a_new_episode_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let max_steps = load(&balance_scale(), 0).spec.max_steps as usize;
+    let broken: Vec<&str> = (0..max_steps + 2).map(|i| if i % 2 == 0 { "NoSuchModel()" } else { "LogisticRegression(" }).collect();
+    write_actions(&tmp.path().join("actions"), &broken);
+    let k = (max_steps + 2).to_string();
+    let out = etpo(
+        &["run", balance_scale().to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--steps", &k,
+          "--seeds", "3", "--workers", "1", "--out", "run", "--no-progress"],
+        tmp.path(),
+    );
+    ok(&out);
+    let records = steps(&run_dir(tmp.path()));
+    assert_eq!(records.len(), max_steps + 2);
+    for (i, r) in records.iter().enumerate() {
+        let (episode, step) = if i < max_steps { (0, i) } else { (1, i - max_steps) };
+        assert_eq!(field(r, "episode").as_u64(), Some(episode), "{r}");
+        assert_eq!(field(r, "step").as_u64(), Some(step as u64), "{r}");
+        assert_eq!(field(r, "env_step").as_u64(), Some(i as u64 + 1));
+        assert!(!flag(r, "ran") && !flag(r, "terminated"));
+        assert_eq!(flag(r, "truncated"), i + 1 == max_steps, "only the episode's last step truncates: {r}");
+        assert_eq!(num(r, "reward"), -1.0);
+    }
+    assert!(text(&records[1], "error").contains("SyntaxError"), "{}", records[1]);
+    assert_eq!(text(&records[max_steps], "prompt_sha256"), text(&records[0], "prompt_sha256"));
+    assert_ne!(text(&records[1], "prompt_sha256"), text(&records[0], "prompt_sha256"));
+}
+
+fn slow_actions(n: usize) -> Vec<String> {
+    // Every third action fails, so episodes are in progress at arbitrary points; the others
+    // sleep a little so the run lasts long enough to be interrupted.
+    (0..n)
+        .map(|i| {
+            if i % 3 == 1 {
+                format!("Missing{i}()")
+            } else {
+                format!("__import__('time').sleep(0.1) or LogisticRegression(C={}.5, max_iter=500)", i % 7)
+            }
+        })
+        .collect()
+}
+
+/// The fields that must not depend on how the run was interrupted (timings may).
+fn essence(r: &Value) -> String {
+    let keys = ["spec", "seed", "episode", "step", "env_step", "prompt_sha256", "generation", "action", "reward", "ran",
+                "terminated", "truncated", "error"];
+    keys.iter().map(|k| field(r, k).to_string()).collect::<Vec<_>>().join("|")
+}
+
+fn wait_for_lines(path: &Path, n: usize, child: &mut std::process::Child) {
+    let start = Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0);
+        if lines >= n {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("etpo exited ({status}) before writing {n} steps");
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress in steps.jsonl");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_killed_run_resumes_without_repeating_or_losing_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let actions = slow_actions(24);
+    write_actions(&tmp.path().join("actions"), &actions.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = |out: &str| -> Vec<String> {
+        ["run", balance_scale().to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--steps", "24",
+         "--seeds", "0,1", "--workers", "2", "--out", out, "--no-progress"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    // The reference: the same run, uninterrupted.
+    let reference = etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp.path());
+    ok(&reference);
+
+    let dir = tmp.path().join("killed");
+    let mut child = Command::new(ETPO).args(args("killed")).current_dir(tmp.path()).spawn().unwrap();
+    wait_for_lines(&dir.join("steps.jsonl"), 9, &mut child);
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let before = std::fs::read_to_string(dir.join("steps.jsonl")).unwrap().lines().count();
+    assert!(before < 48, "the run was killed before it finished ({before} steps)");
+
+    let out = etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path());
+    ok(&out);
+    let want: Vec<String> = steps(&tmp.path().join("reference")).iter().map(essence).collect();
+    let got: Vec<String> = steps(&dir).iter().map(essence).collect();
+    assert_eq!(got.len(), 48, "2 seeds x 24 steps, none lost or repeated");
+    let mut sorted_want = want.clone();
+    let mut sorted_got = got.clone();
+    sorted_want.sort();
+    sorted_got.sort();
+    assert_eq!(sorted_got, sorted_want, "the resumed run took exactly the steps of the uninterrupted one");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["resumed"].as_array().unwrap().len(), 1);
+    // The summary counts every step once.
+    let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
+    assert!(csv.lines().any(|l| l.starts_with("balance_scale,all,48,")), "{csv}");
+}
+
+#[test]
+fn ctrl_c_stops_after_the_current_step_and_writes_the_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let actions = slow_actions(30);
+    write_actions(&tmp.path().join("actions"), &actions.iter().map(String::as_str).collect::<Vec<_>>());
+    let dir = tmp.path().join("run");
+    let mut child = Command::new(ETPO)
+        .args(["run", balance_scale().to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--steps", "30",
+               "--seeds", "0", "--workers", "1", "--out", "run", "--no-progress"])
+        .current_dir(tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_lines(&dir.join("steps.jsonl"), 3, &mut child);
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let n = steps(&dir).len();
+    assert!(n < 30, "stopped early");
+    let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
+    assert!(csv.lines().any(|l| l.starts_with(&format!("balance_scale,all,{n},"))), "summary of the {n} steps taken: {csv}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+}
+
+#[test]
+fn resume_refuses_a_changed_spec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = tmp.path().join("bs.yaml");
+    std::fs::copy(balance_scale(), &spec).unwrap();
+    write_actions(&tmp.path().join("actions"), &["GaussianNB()"]);
+    let out = etpo(
+        &["run", "bs.yaml", "--policy", "scripted", "--actions", "actions", "--steps", "1", "--seeds", "0",
+          "--workers", "1", "--out", "run", "--no-progress"],
+        tmp.path(),
+    );
+    ok(&out);
+    // A second run into the same folder is refused rather than mixed in.
+    let again = etpo(&["run", "bs.yaml", "--policy", "scripted", "--actions", "actions", "--out", "run"], tmp.path());
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+
+    let text = std::fs::read_to_string(&spec).unwrap().replace("max_steps: 5", "max_steps: 4");
+    std::fs::write(&spec, text).unwrap();
+    let out = etpo(&["run", "--resume", "run"], tmp.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bs.yaml") && err.contains("changed"), "{err}");
+}
+
+#[test]
+fn a_tiny_model_runs_the_loop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny-model");
+    write_tiny_model(&model);
+    let out = etpo(
+        &["run", balance_scale().to_str().unwrap(), "--model", "tiny-model", "--steps", "3", "--seeds", "0,1",
+          "--workers", "1", "--out", "run", "--no-progress"],
+        tmp.path(),
+    );
+    ok(&out);
+    let dir = run_dir(tmp.path());
+    let records = steps(&dir);
+    assert_eq!(records.len(), 6);
+    let max_steps = load(&balance_scale(), 0).spec.max_steps;
+    for seed in [0u64, 1] {
+        let r = records_of(&records, seed);
+        assert_eq!(r.iter().map(|r| field(r, "env_step").as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3]);
+        for rec in r {
+            assert!(num(rec, "gen_s") > 0.0, "generation was timed: {rec}");
+            let reward = num(rec, "reward");
+            if flag(rec, "ran") {
+                assert!((0.0..=1.0).contains(&reward));
+            } else {
+                assert_eq!(reward, -1.0);
+                assert!(!text(rec, "error").is_empty());
+            }
+            assert!(field(rec, "step").as_u64().unwrap() < u64::from(max_steps));
+        }
+    }
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let files = config["model"].as_array().unwrap();
+    assert!(files.iter().any(|f| f["path"].as_str().unwrap().ends_with("model.safetensors") && f["sha256"].is_string()));
+}
+
+/// Issue 11's check: the embedded default model, on the default Balance Scale spec, takes at
+/// least one action that runs within a small budget.
+#[test]
+fn the_default_model_finds_a_runnable_action_on_balance_scale() {
+    let model = trainer::default_model_path();
+    assert!(model.is_file(), "{} is missing: run `scripts/setup.sh model` first", model.display());
+    let tmp = tempfile::tempdir().unwrap();
+    let out = etpo(
+        &["run", balance_scale().to_str().unwrap(), "--steps", "8", "--seeds", "0,1,2", "--out", "run", "--no-progress"],
+        tmp.path(),
+    );
+    ok(&out);
+    let records = steps(&run_dir(tmp.path()));
+    assert_eq!(records.len(), 24);
+    let ran: Vec<f64> = records.iter().filter(|r| flag(r, "ran")).map(|r| num(r, "reward")).collect();
+    assert!(
+        ran.iter().any(|&r| r >= 0.0),
+        "no action of the default model ran in 24 steps; actions: {:?}",
+        records.iter().map(|r| text(r, "action")).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn mean_of_splits_averages_the_auc_over_the_documented_splits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = tmp.path().join("bs3.yaml");
+    let text = std::fs::read_to_string(balance_scale()).unwrap();
+    assert!(text.contains("evaluation: single_split"));
+    std::fs::write(&spec, text.replace("evaluation: single_split", "evaluation: {mean_of_splits: 3}")).unwrap();
+    write_actions(&tmp.path().join("actions"), &["LogisticRegression(max_iter=1000)"]);
+    let out = etpo(
+        &["run", "bs3.yaml", "--policy", "scripted", "--actions", "actions", "--steps", "1", "--seeds", "4",
+          "--workers", "2", "--out", "run", "--no-progress"],
+        tmp.path(),
+    );
+    ok(&out);
+    let records = steps(&run_dir(tmp.path()));
+    assert_eq!(records.len(), 1);
+
+    // Env::new: the seed's own split, then two split seeds drawn from SplitMix64::new(seed).
+    let l = load(&spec, 4);
+    let dataset = envspec::data::load(&l.spec.dataset.source, l.spec.path.parent().unwrap()).unwrap();
+    let mut rng = envspec::data::SplitMix64::new(4);
+    let seeds = [4, rng.next_u64(), rng.next_u64()];
+    let imports = "from sklearn.linear_model import LogisticRegression";
+    let aucs: Vec<f64> = seeds
+        .iter()
+        .map(|&s| {
+            let split = dataset.split(s, l.spec.dataset.max_samples, l.spec.dataset.train_fraction);
+            sklearn_auc(&split, imports, "LogisticRegression(max_iter=1000)", "ovo")
+        })
+        .collect();
+    let want = aucs.iter().sum::<f64>() / 3.0;
+    assert!(aucs[0] != aucs[1] || aucs[1] != aucs[2], "three different splits");
+    assert!((num(&records[0], "reward") - want).abs() < 1e-9, "etpo {} vs sklearn {want} ({aucs:?})", num(&records[0], "reward"));
 }

@@ -87,7 +87,7 @@ pub fn load_str(source: &str, path: &Path) -> Result<Spec, SpecError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut d = Decoder { src: source, diags: Vec::new(), base_dir, templates: Vec::new() };
+    let mut d = Decoder { diags: Vec::new(), base_dir, templates: Vec::new(), source_pos: None };
     let spec = match yaml::parse(source) {
         Err(e) => {
             d.diags.push(Diagnostic::at(e.pos, e.message));
@@ -123,12 +123,13 @@ enum TemplateRole {
     Assemble,
 }
 
-struct Decoder<'s> {
-    src: &'s str,
+struct Decoder {
     diags: Vec<Diagnostic>,
     base_dir: PathBuf,
     /// Templates to check once the sample context is known: (path, node, role).
     templates: Vec<(String, Node, TemplateRole)>,
+    /// Where `dataset.source` is written, for data loading errors.
+    source_pos: Option<Pos>,
 }
 
 /// A mapping section: its pairs and where it was introduced.
@@ -175,7 +176,7 @@ fn scalar_text(node: &Node) -> String {
     }
 }
 
-impl<'s> Decoder<'s> {
+impl Decoder {
     fn error(&mut self, pos: Pos, message: impl Into<String>) {
         self.diags.push(Diagnostic::at(pos, message));
     }
@@ -397,6 +398,7 @@ impl<'s> Decoder<'s> {
     }
 
     fn source(&mut self, node: &Node, pos: Option<Pos>) -> Option<DataSource> {
+        self.source_pos = Some(node.pos);
         let sec = self.section(node, "dataset.source", pos.unwrap_or(node.pos), keys::SOURCE)?;
         let present: Vec<&str> = ["builtin", "csv", "arff"].into_iter().filter(|k| sec.get(k).is_some()).collect();
         if present.len() != 1 {
@@ -446,11 +448,33 @@ impl<'s> Decoder<'s> {
             return None;
         }
         let target = target?;
+        if present[0] == "csv" && !self.check_csv_target(&resolved, &target, sec.get("target")?) {
+            return None;
+        }
+        // Stored absolute, so that `data::load(source, any_dir)` finds the file.
+        let resolved = std::path::absolute(&resolved).unwrap_or(resolved);
         Some(if present[0] == "csv" {
             DataSource::Csv { path: resolved, target }
         } else {
             DataSource::Arff { path: resolved, target }
         })
+    }
+
+    /// A target column missing from a CSV header is reported at `target:`, with a suggestion.
+    /// (Everything else about the file is checked when the data are loaded.)
+    fn check_csv_target(&mut self, path: &Path, target: &str, node: &Node) -> bool {
+        let Ok(text) = std::fs::read_to_string(path) else { return true };
+        let header = text.lines().next().unwrap_or("").trim_start_matches('\u{feff}');
+        let columns: Vec<&str> = header.split(',').map(|c| c.trim().trim_matches('"')).collect();
+        if !columns.contains(&target) {
+            self.error_help(
+                node.pos,
+                format!("the data file has no column `{target}`; its columns are: {}", columns.join(", ")),
+                did_you_mean(target, columns.iter().copied()),
+            );
+            return false;
+        }
+        true
     }
 
     fn examples(&mut self, node: &Node) -> Option<Vec<Example>> {
@@ -769,7 +793,7 @@ impl<'s> Decoder<'s> {
                     ctx.class_names = split.class_names.clone();
                 }
                 Err(e) => {
-                    let pos = self.dataset_source_pos();
+                    let pos = self.source_pos.unwrap_or(Pos { line: 1, col: 1 });
                     self.error(pos, format!("cannot load the data set: {e}"));
                 }
             }
@@ -796,22 +820,6 @@ impl<'s> Decoder<'s> {
         }
     }
 
-    fn dataset_source_pos(&self) -> Pos {
-        // Re-find `dataset.source` cheaply from the text: the diagnostics only need a line.
-        let mut in_dataset = false;
-        for (i, line) in self.src.lines().enumerate() {
-            if line.starts_with("dataset:") {
-                in_dataset = true;
-            } else if in_dataset && line.trim_start().starts_with("source:") {
-                let col = line.len() - line.trim_start().len() + 1;
-                return Pos { line: i + 1, col };
-            } else if in_dataset && !line.starts_with([' ', '\t', '#']) && !line.trim().is_empty() {
-                break;
-            }
-        }
-        Pos { line: 1, col: 1 }
-    }
-
     fn check_template(&mut self, field: &str, node: &Node, known: &[&str], vars: minijinja::Value, role: TemplateRole) {
         let Value::Scalar { text: source, .. } = &node.value else { return };
         let env = template::environment();
@@ -829,7 +837,7 @@ impl<'s> Decoder<'s> {
             used.iter().filter(|v| !known.contains(&v.as_str()) && !globals.contains(v)).collect();
         unknown.sort();
         for var in &unknown {
-            let pos = find_variable(source, var).map_or(node.pos, |(l, c)| self.file_pos(node, source, l, c));
+            let pos = find_variable(source, var).map_or(node.pos, |(l, c)| self.file_pos(node, l, c));
             let help = did_you_mean(var, known.iter().copied())
                 .unwrap_or_else(|| format!("available variables: {}", known.join(", ")));
             self.error_help(pos, format!("unknown template variable `{var}` in `{field}`"), Some(help));
@@ -858,28 +866,23 @@ impl<'s> Decoder<'s> {
     fn error_pos(&self, node: &Node, source: &str, e: &minijinja::Error) -> Pos {
         if let Some(range) = e.range() {
             let (l, c) = line_col(source, range.start);
-            return self.file_pos(node, source, l, c);
+            return self.file_pos(node, l, c);
         }
         match e.line() {
-            Some(l) => self.file_pos(node, source, l, 1),
+            Some(l) => self.file_pos(node, l, 1),
             None => node.pos,
         }
     }
 
     /// Map a 1-based (line, column) inside a template to the spec file.
-    fn file_pos(&self, node: &Node, _source: &str, line: usize, col: usize) -> Pos {
+    fn file_pos(&self, node: &Node, line: usize, col: usize) -> Pos {
         match &node.value {
-            Value::Scalar { style: Style::Block, .. } => {
-                // The block's text starts on the line after its `|`/`>` header; its indentation is
-                // that of the first non-blank content line.
-                let first = node.pos.line + 1;
-                let indent = self
-                    .src
-                    .lines()
-                    .skip(first - 1)
-                    .find(|l| !l.trim().is_empty())
-                    .map_or(0, |l| l.len() - l.trim_start_matches(' ').len());
-                Pos { line: node.pos.line + line, col: indent + col }
+            Value::Scalar { text, style: Style::Block } => {
+                // The parser places a block scalar at its first non-blank content line, at the
+                // block's indentation; leading blank lines are part of the text.
+                let leading_blank = text.len() - text.trim_start_matches('\n').len();
+                let first = node.pos.line.saturating_sub(leading_blank).max(1);
+                Pos { line: first + line - 1, col: node.pos.col - 1 + col }
             }
             Value::Scalar { style, .. } if line == 1 => {
                 let quote = usize::from(*style == Style::Quoted);
@@ -934,19 +937,5 @@ fn find_variable(source: &str, name: &str) -> Option<(usize, usize)> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn line_col_counts_characters() {
-        assert_eq!(line_col("ab\ncé{{", 6), (2, 3));
-        assert_eq!(line_col("x", 0), (1, 1));
-    }
-
-    #[test]
-    fn find_variable_only_inside_tags() {
-        assert_eq!(find_variable("shape {{ shape }}", "shape"), Some((1, 10)));
-        assert_eq!(find_variable("a\n{% for x in shapes %}{{ shape }}", "shape"), Some((2, 26)));
-        assert_eq!(find_variable("{{ x.shape }}", "shape"), None);
-    }
-}
+#[path = "decode_tests.rs"]
+mod tests;

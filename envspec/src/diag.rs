@@ -67,7 +67,11 @@ pub(crate) fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = 
         .into_iter()
         .map(|c| (strsim::jaro_winkler(&lower, &c.to_lowercase()), c))
         .filter(|(score, _)| *score >= 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
+        // The first of equally close candidates wins (`max_by` would pick the last).
+        .fold(None, |best: Option<(f64, &str)>, (score, c)| match best {
+            Some((b, _)) if b >= score => best,
+            _ => Some((score, c)),
+        })
         .map(|(_, c)| format!("did you mean `{c}`?"))
 }
 

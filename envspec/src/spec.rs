@@ -354,4 +354,74 @@ mod tests {
             "import numpy as np\n\ndef build_model(x_train, y_train):\n    from sklearn.tree import DecisionTreeClassifier\n    return DecisionTreeClassifier().fit(x_train, y_train)\n"
         );
     }
+
+    fn shipped(name: &str) -> Spec {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../envs").join(name);
+        crate::load(&path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn first_split(spec: &Spec) -> data::Split {
+        let ds = &spec.dataset;
+        let data = data::load(&ds.source, spec.base_dir()).unwrap();
+        data.split(ds.seeds[0], ds.max_samples, ds.train_fraction)
+    }
+
+    /// The paper's Figure 8 prompt (Balance Scale, x_train (62, 4)), Figure 6's layout.
+    #[test]
+    fn paper_first_state_is_figure_8() {
+        let spec = shipped("paper/balance_scale.yaml");
+        let ctx = spec.task_context(&first_split(&spec));
+        assert_eq!(ctx.shape, "(62, 4)");
+        let expected = concat!(
+            "\"\"\"Classification with a Balance Scale Weight & Distance Prediction Dataset\"\"\"\n",
+            "import numpy as np\n",
+            "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n",
+            "    \"\"\"Import modules, return a scikit model trained with x_train in shape (62, 4) and y_train.\"\"\"\n",
+        );
+        assert_eq!(spec.render_initial(&ctx).unwrap(), Prompt::Completion(expected.to_string()));
+    }
+
+    /// The paper's Figure 7 layout: the error, the failed function commented out, a fresh header.
+    #[test]
+    fn paper_reflection_is_figure_7() {
+        let spec = shipped("paper/balance_scale.yaml");
+        let ctx = spec.task_context(&first_split(&spec));
+        let generation = "    from sklearn.svm import SVC\n    model = SVC(C=100, kernel='rbf')\n    model.fit(x_train, y_train)\n    return model\n\ndef main():\n";
+        let action = spec.extract_action(generation);
+        let error = "predict_proba is not available when probability=False";
+        let expected = concat!(
+            "\"\"\"Classification with a Balance Scale Weight & Distance Prediction Dataset\"\"\"\n",
+            "import numpy as np\n",
+            "\"\"\"An error was reported while executing this function: predict_proba is not available when probability=False. Please fix it.\"\"\"\n",
+            "# def build_model(x_train: np.ndarray, y_train: np.ndarray):\n",
+            "#     \"\"\"Import modules, return a scikit model trained with x_train in shape (62, 4) and y_train.\"\"\"\n",
+            "#     from sklearn.svm import SVC\n",
+            "#     model = SVC(C=100, kernel='rbf')\n",
+            "#     model.fit(x_train, y_train)\n",
+            "#     return model\n",
+            "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n",
+            "    \"\"\"Fix the error in the previous function. \"\"\"\n",
+        );
+        assert_eq!(spec.render_reflection(&ctx, &action, error).unwrap(), Prompt::Completion(expected.to_string()));
+        // The program that ran is the header with the body.
+        assert_eq!(
+            spec.assemble_program(&action).unwrap(),
+            "import numpy as np\ndef build_model(x_train: np.ndarray, y_train: np.ndarray):\n    from sklearn.svm import SVC\n    model = SVC(C=100, kernel='rbf')\n    model.fit(x_train, y_train)\n    return model\n"
+        );
+    }
+
+    #[test]
+    fn shaped_default_spec_ends_at_model_and_assembles_an_expression() {
+        let spec = shipped("balance_scale.yaml");
+        let ctx = spec.task_context(&first_split(&spec));
+        let Prompt::Completion(text) = spec.render_initial(&ctx).unwrap() else { panic!("not completion") };
+        assert!(text.ends_with("\n# x_train has shape (62, 4); features: left-weight, left-distance, right-weight, right-distance; 3 classes: L, B, R\nmodel ="), "{text}");
+        assert!(text.contains("model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=500))\n"));
+        let action = spec.extract_action(" RandomForestClassifier(n_estimators=200)\n\n# Classification with");
+        assert_eq!(action, " RandomForestClassifier(n_estimators=200)");
+        let program = spec.assemble_program(&action).unwrap();
+        assert!(program.contains("\n    model = RandomForestClassifier(n_estimators=200)\n    model.fit(x_train, y_train)\n"), "{program}");
+        let Prompt::Completion(refl) = spec.render_reflection(&ctx, &action, "ValueError: bad\nmore").unwrap() else { panic!() };
+        assert!(refl.ends_with("# This attempt failed:\n# model = RandomForestClassifier(n_estimators=200)\n# Error: ValueError: bad\n# more\n# A corrected classifier:\nmodel ="), "{refl}");
+    }
 }

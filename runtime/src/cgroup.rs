@@ -92,6 +92,21 @@ impl Cgroup {
             .unwrap_or(0)
     }
 
+    /// Sends SIGKILL to every process left in the group (the last resort when a sandbox goes).
+    pub(crate) fn kill_all(&self) {
+        let dirs: Vec<&PathBuf> = match &self.layout {
+            Layout::V1 { memory, pids } => vec![memory, pids],
+            Layout::V2 { dir } => vec![dir],
+        };
+        for dir in dirs {
+            let Ok(list) = fs::read_to_string(dir.join("cgroup.procs")) else { continue };
+            for pid in list.lines().filter_map(|l| l.trim().parse::<libc::pid_t>().ok()) {
+                // SAFETY: kill(2) with a pid read from our own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+
     /// The `cgroup.procs` files a process writes "0" to in order to move itself into the group
     /// (done by the sandbox launcher before it creates the namespaces).
     pub(crate) fn procs_files(&self) -> Vec<CString> {
@@ -120,6 +135,27 @@ impl Drop for Cgroup {
                     }
                     _ => break,
                 }
+            }
+        }
+    }
+}
+
+/// Removes empty groups left by etpo processes that are gone (killed before they could clean up).
+/// A group still holding processes cannot be removed, so a live sandbox is never affected.
+pub(crate) fn sweep_stale() {
+    let parents = if Path::new(ROOT).join("cgroup.controllers").exists() {
+        vec![own_dir("")]
+    } else {
+        vec![own_dir("memory"), own_dir("pids")]
+    };
+    for parent in parents {
+        let Ok(entries) = fs::read_dir(&parent) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("etpo-")) else { continue };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+                let _ = fs::remove_dir(e.path());
             }
         }
     }

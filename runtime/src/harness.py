@@ -22,8 +22,13 @@ import resource
 import traceback
 import re
 import builtins
+import ctypes
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError as e:  # say where we looked: the usual cause is a wrong interpreter
+    sys.stderr.write("etpo worker: %s; sys.prefix=%s sys.path=%s\n" % (e, sys.prefix, sys.path))
+    raise SystemExit(3)
 
 # Import what generated code usually uses, so a child pays nothing for it (fork shares the pages).
 _PRELOAD = (
@@ -42,8 +47,12 @@ for _name in _PRELOAD:
 
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
+import gc
 
 IS_INIT = os.getpid() == 1
+# Private scratch directories emptied after every job. Only ever inside the sandbox (PID 1 of its
+# own namespaces, with tmpfs mounts the launcher made): never touch anything on a host.
+SCRATCH = [p for p in os.environ.get("ETPO_SCRATCH", "").split(":") if p] if IS_INIT else []
 CTRL_IN = os.dup(0)
 CTRL_OUT = os.dup(1)
 _devnull = os.open("/dev/null", os.O_RDWR)
@@ -53,6 +62,13 @@ os.close(_devnull)
 # As PID 1, signals without a handler are dropped when they come from inside the namespace; make
 # sure none has a handler (Python installs one for SIGINT).
 signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+# The worker is not dumpable: programs (same uid) cannot read its memory or /proc/1/environ.
+# Each child makes itself dumpable again so that it may raise its own oom_score_adj.
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_DUMPABLE = 4
+if IS_INIT:
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 PATH_RE = re.compile(r"(?:/[^\s'\"():,]+)*/(?:site-packages|dist-packages|lib/python3\.\d+)/")
 MAX_MESSAGE = 1500
@@ -122,6 +138,7 @@ def child(job, payload, result_w):
     """Runs in the forked child: everything here may be sabotaged by the user code, so the host
     trusts nothing it sends back beyond its format."""
     limits = job["limits"]
+    _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:  # the child dies first on memory pressure
             f.write("1000")
@@ -129,14 +146,18 @@ def child(job, payload, result_w):
         pass
     mem = int(limits["memory_mb"]) << 20
     if mem > 0:
-        # Address space grows from the worker's current size, so the limit is on new memory.
+        # RLIMIT_DATA counts private writable memory (heap, numpy buffers, thread stacks) but not
+        # address space merely reserved (glibc arenas), so threads stay cheap. It grows from what
+        # the worker already holds: the limit is on the action's new memory.
         base = 0
         try:
-            with open("/proc/self/statm") as f:
-                base = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmData:"):
+                        base = int(line.split()[1]) * 1024
         except (OSError, ValueError):
             pass
-        _lower(resource.RLIMIT_AS, base + mem)
+        _lower(resource.RLIMIT_DATA, base + mem)
     cpu = max(1, int(float(limits["cpu_s"]) + 0.999))
     _lower(resource.RLIMIT_CPU, cpu, cpu + 1)
     procs = int(limits.get("max_processes", 0))
@@ -296,60 +317,73 @@ def serve_one(job, payload):
     os.close(out_w)
     deadline = start + wall
     output = bytearray()
-    truncated = False
     result = bytearray()
+    truncated = [False]
+
+    def take(fd, chunk):
+        nonlocal result
+        if fd == out_r:
+            room = cap - len(output)
+            if room > 0:
+                output.extend(chunk[:room])
+            if len(chunk) > room:
+                truncated[0] = True  # keep draining so that a print flood never blocks the child
+        else:
+            result += chunk
+            if len(result) > (64 << 20) + (1 << 20):
+                result = bytearray(b"\xff")  # absurd size: garbage, but keep draining
+
+    # The job ends when the child exits (its pidfd becomes readable), not when the pipes close:
+    # processes it left behind may hold them open.
+    pidfd = os.pidfd_open(pid)
     open_fds = {res_r, out_r}
     poller = select.poll()
-    poller.register(res_r, select.POLLIN)
-    poller.register(out_r, select.POLLIN)
+    for fd in (res_r, out_r, pidfd):
+        poller.register(fd, select.POLLIN)
     timed_out = False
-    status = None
-    rusage = None
-    while True:
-        if not open_fds:
-            # Result and output are closed: wait for the exit (the deadline still holds).
-            pid_done, status, rusage = os.wait4(pid, os.WNOHANG)
-            if pid_done:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            time.sleep(min(left, 0.002))
-            continue
+    exited = False
+    while not exited:
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
             break
-        for fd, _ in poller.poll(max(1, int(left * 1000))):
+        for fd, _ in poller.poll(max(1, int(left * 1000) + 1)):
+            if fd == pidfd:
+                exited = True
+                continue
+            if fd not in open_fds:
+                continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 poller.unregister(fd)
                 open_fds.discard(fd)
-                os.close(fd)
-            elif fd == out_r:
-                room = cap - len(output)
-                if room > 0:
-                    output += chunk[:room]
-                if len(chunk) > room:
-                    truncated = True  # keep draining so a print flood never blocks the child
             else:
-                result += chunk
-                if len(result) > (64 << 20) + (1 << 20):
-                    result = bytearray(b"\xff")  # absurd size: mark as garbage, keep draining
+                take(fd, chunk)
     wall_s = time.monotonic() - start
-    if status is None:
-        # Timed out (or still running after closing its pipes): reap with its usage if it is gone.
+    if timed_out:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        _, status, rusage = os.wait4(pid, 0)
+    _, status, rusage = os.wait4(pid, 0)
+    os.close(pidfd)
     kill_all(pid)
-    for fd in open_fds:
+    # Whatever the child wrote before exiting is still in the pipes; nobody writes any more.
+    for fd in (res_r, out_r):
+        if fd in open_fds:
+            os.set_blocking(fd, False)
+            try:
+                while True:
+                    chunk = os.read(fd, 1 << 16)
+                    if not chunk:
+                        break
+                    take(fd, chunk)
+            except BlockingIOError:
+                pass
         os.close(fd)
-    wipe("/tmp")
-    wipe(os.getcwd())
+    truncated = truncated[0]
+    for scratch in SCRATCH:
+        wipe(scratch)
     cpu_s = rusage.ru_utime + rusage.ru_stime if rusage else 0.0
     rss_mb = rusage.ru_maxrss / 1024.0 if rusage else 0.0
     header = {"wall_s": wall_s, "cpu_s": cpu_s, "peak_rss_mb": rss_mb,
@@ -385,6 +419,10 @@ def serve_one(job, payload):
 
 
 def main():
+    # Everything imported so far is shared with the children: keep the collector from touching
+    # (and so copying) those pages in every child.
+    gc.collect()
+    gc.freeze()
     send(CTRL_OUT, {"ready": True, "pid": os.getpid(), "python": sys.version.split()[0]})
     while True:
         try:

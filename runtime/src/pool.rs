@@ -4,7 +4,7 @@ use crate::job::{ActionError, ActionErrorKind, Job, Limits, Outcome};
 use crate::protocol::{self, HostView, ReadError, Request};
 use crate::sandbox::{Launcher, Sandbox};
 use crate::RuntimeError;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,9 +41,12 @@ pub fn default_python() -> PathBuf {
     if let Some(p) = std::env::var_os("ETPO_PYTHON").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(".venv").join("bin").join("python");
-    if venv.exists() {
-        return venv.canonicalize().map(|_| venv.clone()).unwrap_or(venv);
+    // The workspace root is the parent of this crate's directory.
+    if let Some(root) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
+        let venv = root.join(".venv").join("bin").join("python");
+        if venv.exists() {
+            return venv;
+        }
     }
     PathBuf::from("python3")
 }
@@ -169,7 +172,7 @@ impl Pool {
 
 impl Worker {
     /// Waits for the worker's "ready" frame.
-    fn ready(mut sandbox: Sandbox, memory_mb: u64) -> Result<Worker, RuntimeError> {
+    fn ready(sandbox: Sandbox, memory_mb: u64) -> Result<Worker, RuntimeError> {
         match protocol::read_frame(sandbox.from_worker(), Instant::now() + STARTUP) {
             Ok((header, _)) if header.get("ready").and_then(|v| v.as_bool()) == Some(true) => {
                 Ok(Worker { sandbox, memory_mb })

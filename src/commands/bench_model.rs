@@ -1,8 +1,360 @@
-//! `etpo bench model`.
+//! `etpo bench model`: generation tokens/s and one LoRA training step, etpo (candle) against
+//! PyTorch + transformers + peft on the same GGUF, measured in one run on this machine.
+//!
+//! Both sides get the same token ids: the prompt is tokenised here and handed to the Python side
+//! as ids, and the training batch is a fixed formula both implement. Generation is forced to the
+//! full number of new tokens on both sides (EOS ignored), so tokens/s compare like with like.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use candle_nn::Optimizer;
+use serde::Serialize;
+use serde_json::Value;
+use trainer::{GenerateConfig, LoraConfig};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// GGUF file [default: the embedded SmolLM2-135M-Instruct GGUF]
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (f32 on CPU, bf16 on CUDA, on both sides)
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Timed runs per figure (after one warm-up run); the median is reported
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Generation batch sizes
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]
+    batches: Vec<usize>,
+    /// New tokens per generated row
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Rows of the training batch
+    #[arg(long, default_value_t = 4)]
+    train_batch: usize,
+    /// Tokens per training row
+    #[arg(long, default_value_t = 320)]
+    train_len: usize,
+    /// LoRA rank (alpha = 2 x rank, all seven projections)
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// Python of the reference environment [default: $ETPO_REF_PYTHON, else <repo>/.venv-ref/bin/python]
+    #[arg(long, value_name = "PATH")]
+    python: Option<PathBuf>,
+    /// Measure etpo only (no PyTorch reference, no ratios)
+    #[arg(long)]
+    no_reference: bool,
+    /// Also write every figure as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<i32> {
-    anyhow::bail!("`etpo bench model` is not built yet")
+/// The sampling every figure uses: the paper's temperature 0.5 and top-k 50.
+const TEMPERATURE: f64 = 0.5;
+const TOP_K: usize = 50;
+
+/// A prompt shaped like a spec's first state (about 150 tokens).
+const PROMPT: &str = "You are an expert data scientist. Write the body of `build_model` so that it returns a \
+scikit-learn classifier fitted on the training data.\n\nData set: Balance Scale. 4 numeric features \
+(left_weight, left_distance, right_weight, right_distance), 3 classes (L, B, R), 312 training rows.\n\n\
+```python\nfrom sklearn.ensemble import RandomForestClassifier\nfrom sklearn.linear_model import \
+LogisticRegression\n\ndef build_model(x_train, y_train):\n    \"\"\"Return a fitted classifier.\"\"\"\n";
+
+/// Training-batch token ids; `train_ids` in trainer/benches/torch_reference.py is the same formula.
+fn train_ids(batch: usize, len: usize, vocab: usize) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(batch * len);
+    for b in 0..batch {
+        for t in 0..len {
+            ids.push(((b * 7919 + t * 104_729 + 13) % vocab) as u32);
+        }
+    }
+    ids
+}
+
+#[derive(Debug, Serialize)]
+struct GenFigure {
+    batch: usize,
+    tokens_per_s: f64,
+    seconds: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Figures {
+    load_s: f64,
+    generate: Vec<GenFigure>,
+    train_step_s: Option<f64>,
+    train_seconds: Vec<f64>,
+    peak_rss_mb: Option<f64>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    if args.repeats == 0 || args.batches.is_empty() || args.batches.contains(&0) || args.train_len < 2 {
+        bail!("--repeats, --batches and --train-batch must be positive and --train-len at least 2");
+    }
+    let model_path = args.model.clone().unwrap_or_else(trainer::default_model_path);
+    if !model_path.is_file() {
+        bail!("{} is not a GGUF file (the default model is fetched by `scripts/setup.sh model`)", model_path.display());
+    }
+    let device = trainer::parse_device(&args.device)?;
+    let python = reference_python(&args);
+    if !args.no_reference && !python.is_file() {
+        bail!(
+            "the PyTorch reference environment is missing ({} not found): create it with \
+             `scripts/setup.sh ref` (about 4.5 GB), point --python or $ETPO_REF_PYTHON at one with \
+             torch, transformers, gguf and peft, or pass --no-reference",
+            python.display()
+        );
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "etpo bench model: {} on {} ({}), {threads} threads; median of {} runs after a warm-up",
+        model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+        args.device,
+        if device.is_cuda() { "bf16" } else { "f32" },
+        args.repeats,
+    );
+
+    let (ours, prompt_ids) = measure_etpo(&args, &model_path, &device)?;
+    let theirs = if args.no_reference {
+        None
+    } else {
+        Some(measure_torch(&args, &python, &model_path, &prompt_ids, &device)?)
+    };
+    print_table(&args, &ours, theirs.as_ref(), prompt_ids.len());
+
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "model": model_path, "device": args.device, "threads": threads, "repeats": args.repeats,
+            "new_tokens": args.new_tokens, "temperature": TEMPERATURE, "top_k": TOP_K,
+            "train_batch": args.train_batch, "train_len": args.train_len, "rank": args.rank,
+            "prompt_tokens": prompt_ids.len(), "etpo": ours, "torch": theirs,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(0)
+}
+
+fn reference_python(args: &Args) -> PathBuf {
+    if let Some(p) = &args.python {
+        return p.clone();
+    }
+    if let Some(p) = std::env::var_os("ETPO_REF_PYTHON").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-ref/bin/python")
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Runs `f` once to warm up, then `repeats` times; returns the timed durations in seconds.
+fn timed(repeats: usize, device: &Device, mut f: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(repeats);
+    for rep in 0..=repeats {
+        let t0 = Instant::now();
+        f(rep)?;
+        device.synchronize()?;
+        if rep > 0 {
+            out.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(out)
+}
+
+fn measure_etpo(args: &Args, model_path: &Path, device: &Device) -> anyhow::Result<(Figures, Vec<u32>)> {
+    let t0 = Instant::now();
+    let loaded = trainer::load_model(model_path, device)
+        .with_context(|| format!("loading {}", model_path.display()))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let mut model = loaded.model;
+    let tok = loaded.tokenizer;
+    let prompt_ids = tok.encode(PROMPT)?;
+    let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
+
+    let mut generate = Vec::new();
+    for &batch in &args.batches {
+        let prompts = vec![prompt_ids.clone(); batch];
+        let seconds = timed(args.repeats, device, |rep| {
+            let cfg = GenerateConfig {
+                max_new_tokens: args.new_tokens,
+                temperature: TEMPERATURE,
+                top_k: Some(TOP_K),
+                top_p: None,
+                stop: Vec::new(),
+                seed: rep as u64,
+            };
+            let decode = |ids: &[u32]| tok.decode(ids).map_err(|e| trainer::ModelError::Tokenizer(e.to_string()));
+            // No EOS: every row generates exactly `new_tokens`, as on the PyTorch side.
+            let out = trainer::generate::generate_with(&model, &prompts, &cfg, None, None, pad, &decode)?;
+            let n: usize = out.iter().map(|c| c.tokens.len()).sum();
+            if n != batch * args.new_tokens {
+                bail!("generated {n} tokens, expected {}", batch * args.new_tokens);
+            }
+            Ok(())
+        })?;
+        let tokens_per_s = (batch * args.new_tokens) as f64 / median(&seconds);
+        eprintln!("etpo generate batch {batch}: {tokens_per_s:.1} tokens/s");
+        generate.push(GenFigure { batch, tokens_per_s, seconds });
+    }
+
+    let lora = LoraConfig { rank: args.rank, alpha: 2.0 * args.rank as f64, ..LoraConfig::default() };
+    model.add_adapter("bench", &lora)?;
+    let mut opt = candle_nn::AdamW::new_lr(model.adapter_vars("bench"), 1e-4)?;
+    let vocab = model.config().vocab_size;
+    let (b, t) = (args.train_batch, args.train_len);
+    let x = Tensor::from_vec(train_ids(b, t, vocab), (b, t), device)?;
+    let targets = x.narrow(1, 1, t - 1)?.flatten_all()?;
+    let train_seconds = timed(args.repeats, device, |_| {
+        let logits = model.forward(&x, None, Some("bench"))?;
+        let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), vocab))?;
+        let loss = candle_nn::loss::cross_entropy(&pred, &targets)?;
+        opt.backward_step(&loss)?;
+        Ok(())
+    })?;
+    let train_step_s = median(&train_seconds);
+    eprintln!("etpo LoRA step: {train_step_s:.2} s");
+    Ok((
+        Figures { load_s, generate, train_step_s: Some(train_step_s), train_seconds, peak_rss_mb: peak_rss_mb() },
+        prompt_ids,
+    ))
+}
+
+/// This process's peak resident memory (VmHWM), in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn measure_torch(
+    args: &Args,
+    python: &Path,
+    model_path: &Path,
+    prompt_ids: &[u32],
+    device: &Device,
+) -> anyhow::Result<Figures> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("trainer/benches/torch_reference.py");
+    let mut ids_file = tempfile::NamedTempFile::new().context("creating a temporary file")?;
+    serde_json::to_writer(&mut ids_file, prompt_ids)?;
+    ids_file.flush()?;
+    let batches: Vec<String> = args.batches.iter().map(usize::to_string).collect();
+    let output = Command::new(python)
+        .arg(&script)
+        .arg("--gguf")
+        .arg(model_path)
+        .arg("--prompt-ids")
+        .arg(ids_file.path())
+        .args(["--device", &args.device])
+        .args(["--dtype", if device.is_cuda() { "bfloat16" } else { "float32" }])
+        .args(["--batches", &batches.join(",")])
+        .args(["--new-tokens", &args.new_tokens.to_string()])
+        .args(["--temperature", &TEMPERATURE.to_string()])
+        .args(["--top-k", &TOP_K.to_string()])
+        .args(["--train-batch", &args.train_batch.to_string()])
+        .args(["--train-len", &args.train_len.to_string()])
+        .args(["--rank", &args.rank.to_string()])
+        .args(["--repeats", &args.repeats.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    if !output.status.success() {
+        bail!("the PyTorch reference ({}) failed with {}", script.display(), output.status);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let v: Value = serde_json::from_str(last)
+        .with_context(|| format!("the PyTorch reference printed no JSON result; its output was:\n{stdout}"))?;
+    let f64s = |v: &Value| -> Vec<f64> { v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default() };
+    let generate = v["generate"]
+        .as_array()
+        .context("reference result: `generate`")?
+        .iter()
+        .map(|g| {
+            Ok(GenFigure {
+                batch: g["batch"].as_u64().context("reference result: batch")? as usize,
+                tokens_per_s: g["tokens_per_s"].as_f64().context("reference result: tokens_per_s")?,
+                seconds: f64s(&g["seconds"]),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Figures {
+        load_s: v["load_s"].as_f64().unwrap_or(f64::NAN),
+        generate,
+        train_step_s: v["train"]["step_s"].as_f64(),
+        train_seconds: f64s(&v["train"]["seconds"]),
+        peak_rss_mb: v["peak_rss_mb"].as_f64(),
+    })
+}
+
+fn print_table(args: &Args, ours: &Figures, theirs: Option<&Figures>, prompt_tokens: usize) {
+    println!(
+        "generation: {prompt_tokens}-token prompt, {} new tokens per row, temperature {TEMPERATURE}, top-k {TOP_K}; \
+         training: LoRA rank {} on all 7 projections, batch {} x {} tokens, forward + backward + AdamW",
+        args.new_tokens, args.rank, args.train_batch, args.train_len
+    );
+    println!("{:<34} {:>10} {:>10} {:>12}", "", "etpo", "PyTorch", "etpo speed");
+    let cell = |x: Option<f64>, prec: usize| x.map_or_else(|| "-".to_string(), |v| format!("{v:.prec$}"));
+    for g in &ours.generate {
+        let other = theirs.and_then(|t| t.generate.iter().find(|o| o.batch == g.batch)).map(|o| o.tokens_per_s);
+        println!(
+            "{:<34} {:>10} {:>10} {:>12}",
+            format!("generate batch {} (tokens/s)", g.batch),
+            cell(Some(g.tokens_per_s), 1),
+            cell(other, 1),
+            other.map_or_else(|| "-".into(), |o| format!("{:.2}x", g.tokens_per_s / o)),
+        );
+    }
+    let other_step = theirs.and_then(|t| t.train_step_s);
+    println!(
+        "{:<34} {:>10} {:>10} {:>12}",
+        format!("LoRA step {}x{} (s)", args.train_batch, args.train_len),
+        cell(ours.train_step_s, 2),
+        cell(other_step, 2),
+        match (ours.train_step_s, other_step) {
+            (Some(a), Some(b)) => format!("{:.2}x", b / a),
+            _ => "-".into(),
+        },
+    );
+    println!(
+        "{:<34} {:>10} {:>10}",
+        "peak RSS of the process (MB)",
+        cell(ours.peak_rss_mb, 0),
+        cell(theirs.and_then(|t| t.peak_rss_mb), 0)
+    );
+    println!("{:<34} {:>10} {:>10}", "model load (s)", cell(Some(ours.load_s), 1), cell(theirs.map(|t| t.load_s), 1));
+    println!("etpo speed = etpo throughput / PyTorch throughput (above 1: etpo is faster)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn train_ids_follow_the_shared_formula() {
+        // (b * 7919 + t * 104729 + 13) % vocab, also in torch_reference.py.
+        let ids = train_ids(2, 2, 1000);
+        assert_eq!(ids, vec![13, 742, 932, 661]);
+    }
 }

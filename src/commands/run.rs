@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use etpo::experiment::{
-    self, hex, plot, read_steps, run_loop, summary, Algorithm, LlmPolicy, Observer, Policy, Reflection,
+    hex, plot, read_steps, run_loop, summary, Algorithm, LlmPolicy, Observer, Policy, Reflection,
     SamplingConfig, ScriptedPolicy, SpecStats, StepLog, StepRecord, Task,
 };
 
@@ -67,7 +67,9 @@ pub struct Args {
     #[arg(long, conflicts_with = "resume")]
     out: Option<PathBuf>,
     /// Continue the run in this folder with its recorded configuration (`--device` and
-    /// `--workers` may differ). Every recorded step is kept; none is repeated.
+    /// `--workers` may differ). Every recorded step is kept and none is repeated: a half-written
+    /// last line of steps.jsonl is dropped, and an episode that was in progress continues from
+    /// the reflection state rebuilt from its recorded last action and error (nothing is re-run).
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
     /// Where actions come from.
@@ -140,6 +142,8 @@ struct Manifest {
     model: Vec<FileDigest>,
     actions: Vec<FileDigest>,
     python: PathBuf,
+    /// Versions of Python and the packages the sandbox imports (rewards depend on them).
+    python_versions: Option<serde_json::Value>,
     /// Earlier invocations that continued this run.
     #[serde(default)]
     resumed: Vec<ResumeEntry>,
@@ -151,6 +155,8 @@ struct SpecEntry {
     seeds: Vec<u64>,
     #[serde(flatten)]
     file: FileDigest,
+    /// The data file the spec reads, if any.
+    data: Option<FileDigest>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -168,6 +174,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         None => create_run(&args)?,
     };
     let config = manifest.config.clone();
+    eprintln!("run folder: {}", dir.display());
 
     // Specs, data and seeds.
     let mut tasks = Vec::new();
@@ -227,7 +234,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let mut bars = Bars::new(&resumed_stats, config.steps, args.no_progress);
     let steps_path = dir.join("steps.jsonl");
     let mut log = StepLog::append(&steps_path)?;
-    let outcome = run_loop(&tasks, &pool, config.steps, algorithm.as_mut(), &mut log, &previous, &mut bars, &stop);
+    let outcome = run_loop(&tasks, &pool, config.steps, algorithm.as_mut(), &dir, &mut log, &previous, &mut bars, &stop);
     bars.finish();
 
     // Summaries come from the log itself, so they are right also after an error or Ctrl-C.
@@ -245,6 +252,16 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     print!("{}", summary::to_markdown(&stats, config.algo.name(), config.steps, ""));
     println!("\nresults: {}", dir.display());
     let outcome = outcome?;
+    if !outcome.interrupted {
+        for spec in &stats {
+            for seed in spec.seeds.iter().filter(|s| s.steps < config.steps) {
+                eprintln!(
+                    "note: {} seed {}: the policy had no more actions after {} of {} steps",
+                    spec.spec, seed.seed, seed.steps, config.steps
+                );
+            }
+        }
+    }
     if outcome.interrupted {
         eprintln!("interrupted; continue with: etpo run --resume {}", dir.display());
         return Ok(130);
@@ -271,7 +288,8 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         if seeds.is_empty() {
             bail!("{}: no seeds to run (the spec's dataset.seeds is empty and --seeds was not given)", path.display());
         }
-        specs.push(SpecEntry { name: spec.name.clone(), seeds, file: digest(&path)? });
+        let data = spec.dataset.source.path().map(digest).transpose()?;
+        specs.push(SpecEntry { name: spec.name.clone(), seeds, file: digest(&path)?, data });
     }
     if args.steps == 0 {
         bail!("--steps must be at least 1");
@@ -325,6 +343,7 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         specs,
         model,
         actions,
+        python_versions: python_versions(&runtime::default_python()),
         python: runtime::default_python(),
         resumed: Vec::new(),
     };
@@ -340,14 +359,16 @@ fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, V
     let mut manifest: Manifest =
         serde_json::from_str(&text).with_context(|| format!("{}: not an etpo run configuration", path.display()))?;
     for spec in &manifest.specs {
-        let now = digest(&spec.file.path)?;
-        if now.sha256 != spec.file.sha256 {
-            bail!(
-                "{} changed since the run started (sha256 {} then, {} now); resuming would mix two different environments",
-                spec.file.path.display(),
-                spec.file.sha256.as_deref().unwrap_or("?"),
-                now.sha256.as_deref().unwrap_or("?")
-            );
+        for then in std::iter::once(&spec.file).chain(&spec.data) {
+            let now = digest(&then.path)?;
+            if now.sha256 != then.sha256 || now.size_bytes != then.size_bytes {
+                bail!(
+                    "{} changed since the run started (sha256 {} then, {} now); resuming would mix two different environments",
+                    then.path.display(),
+                    then.sha256.as_deref().unwrap_or("?"),
+                    now.sha256.as_deref().unwrap_or("?")
+                );
+            }
         }
     }
     if let Some(workers) = args.workers {
@@ -505,6 +526,17 @@ fn action_digests(dir: &Path) -> anyhow::Result<Vec<FileDigest>> {
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
+}
+
+/// Python's and numpy / scipy / scikit-learn's versions, or `None` if the interpreter cannot tell.
+fn python_versions(python: &Path) -> Option<serde_json::Value> {
+    let script = "import json, sys, numpy, scipy, sklearn; print(json.dumps({'python': sys.version.split()[0], \
+                  'numpy': numpy.__version__, 'scipy': scipy.__version__, 'scikit-learn': sklearn.__version__}))";
+    let out = std::process::Command::new(python).args(["-c", script]).env("OPENBLAS_NUM_THREADS", "1").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
 }
 
 fn git_commit() -> Option<String> {

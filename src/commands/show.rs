@@ -1,8 +1,181 @@
-//! `etpo show`.
+//! `etpo show SPEC`: print exactly what the model sees — the first state s0 = η(g) for one seed's
+//! split, a sample failed action with the program it assembles to, and the reflection state
+//! η(g, a, e) after it — so a spec author can read the prompts before running anything.
+
+use anyhow::Context;
+use envspec::{ChatTemplate, Prompt, Spec};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The spec file.
+    pub spec: PathBuf,
+    /// The data split to show (default: the spec's first seed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// The model's chat template, for `format: chat` specs: a Jinja file, or a Hugging Face
+    /// `tokenizer_config.json` (its `chat_template`, `bos_token` and `eos_token`).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// A file holding the failed action to show in the reflection state, in the raw form the
+    /// model would generate it (default: the spec's first worked example, or the paper's
+    /// Figure 7 body).
+    #[arg(long, value_name = "FILE")]
+    pub action: Option<PathBuf>,
+    /// The error message shown in the reflection state.
+    #[arg(long, default_value = "predict_proba is not available when probability=False")]
+    pub error: String,
+    /// Print only this state's exact text, nothing else (for piping into
+    /// `etpo generate --prompt-file -`). Chat specs need --chat-template.
+    #[arg(long, value_enum, value_name = "STATE")]
+    pub only: Option<Only>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<i32> {
-    anyhow::bail!("`etpo show` is not built yet")
+/// The states `--only` can print.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// The first state η(g).
+    S0,
+    /// The reflection state η(g, a, e) after the sample action failed.
+    Reflection,
+}
+
+/// The paper's Figure 6/7 action: the body of `build_model`, as the model writes it.
+const FIGURE_7_BODY: &str = "    from sklearn.svm import SVC\n    model = SVC(C=100, kernel='rbf')\n    model.fit(x_train, y_train)\n    return model\n";
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    let spec = match envspec::load(&args.spec) {
+        Ok(spec) => spec,
+        Err(err) => {
+            eprintln!("{err}");
+            return Ok(1);
+        }
+    };
+    let chat_template = args.chat_template.as_deref().map(read_chat_template).transpose()?;
+    let seed = args.seed.unwrap_or(spec.dataset.seeds[0]);
+    let data = envspec::data::load(&spec.dataset.source, spec.base_dir())
+        .with_context(|| format!("loading the data of {}", args.spec.display()))?;
+    let split = data.split(seed, spec.dataset.max_samples, spec.dataset.train_fraction);
+    let ctx = spec.task_context(&split);
+
+    if let Some(only) = args.only {
+        let prompt = match only {
+            Only::S0 => spec.render_initial(&ctx)?,
+            Only::Reflection => {
+                let (raw, _) = failed_action(&spec, args.action.as_deref())?;
+                spec.render_reflection(&ctx, &spec.extract_action(&raw), &args.error)?
+            }
+        };
+        print!("{}", prompt.to_text(chat_template.as_ref())?);
+        return Ok(0);
+    }
+
+    println!(
+        "spec {} ({}): seed {seed}, {} training and {} validation rows, x_train shape {}, {} classes",
+        spec.name,
+        args.spec.display(),
+        ctx.n_train,
+        ctx.n_val,
+        ctx.shape,
+        ctx.n_classes
+    );
+    for note in &data.notes {
+        println!("data note: {note}");
+    }
+
+    let s0 = spec.render_initial(&ctx)?;
+    print_state("s0 = η(g), the first state", &s0, chat_template.as_ref())?;
+
+    let (raw_action, origin) = failed_action(&spec, args.action.as_deref())?;
+    let action = spec.extract_action(&raw_action);
+    section(&format!("a sample action ({origin}), as extracted with `{}`", spec.action.extract.name()), &action, None);
+    section("the program it assembles to", &spec.assemble_program(&action)?, None);
+    let s1 = spec.render_reflection(&ctx, &action, &args.error)?;
+    print_state(&format!("η(g, a, e), the state after that action failed with: {}", args.error), &s1, chat_template.as_ref())?;
+    Ok(0)
+}
+
+/// The failed action to show and where it came from: the `--action` file, else the first worked
+/// example's action, else the paper's Figure 7 body.
+fn failed_action(spec: &Spec, file: Option<&std::path::Path>) -> anyhow::Result<(String, String)> {
+    Ok(match (file, spec.examples.first()) {
+        (Some(path), _) => (
+            std::fs::read_to_string(path).with_context(|| format!("reading the action file {}", path.display()))?,
+            format!("from {}", path.display()),
+        ),
+        (None, Some(example)) => (example.action.clone(), "the first worked example's action".to_string()),
+        (None, None) => (FIGURE_7_BODY.to_string(), "the paper's Figure 7 body".to_string()),
+    })
+}
+
+fn print_state(title: &str, prompt: &Prompt, chat_template: Option<&ChatTemplate>) -> anyhow::Result<()> {
+    match (prompt, chat_template) {
+        (Prompt::Chat(messages), None) => {
+            let mut text = String::new();
+            for m in messages {
+                text.push_str(&format!("[{}]\n{}\n", m.role, m.content));
+            }
+            section(
+                &format!("{title} — chat messages (pass --chat-template FILE to see the exact text)"),
+                &text,
+                None,
+            );
+        }
+        _ => {
+            let text = prompt.to_text(chat_template)?;
+            section(title, &text, Some(&text));
+        }
+    }
+    Ok(())
+}
+
+/// Print a titled block with the text verbatim; `exact` is the text the model receives, whose
+/// size is reported.
+fn section(title: &str, text: &str, exact: Option<&str>) {
+    let size = match exact {
+        Some(t) => {
+            let tokens = token_count(t).map_or("tokens: not counted".to_string(), |n| format!("{n} tokens"));
+            format!(" [{} characters, {tokens}]", t.chars().count())
+        }
+        None => String::new(),
+    };
+    println!("\n===== {title}{size} =====");
+    print!("{text}");
+    if !text.ends_with('\n') {
+        println!();
+        println!("===== (no newline at the end) =====");
+    } else {
+        println!("===== end =====");
+    }
+}
+
+/// Hook for token counts: the number of tokens the default model's tokenizer makes of `text`.
+/// Not wired yet (it needs the trainer's tokenizer); returns `None` until then.
+fn token_count(_text: &str) -> Option<usize> {
+    None
+}
+
+fn read_chat_template(path: &std::path::Path) -> anyhow::Result<ChatTemplate> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let is_json = path.extension().is_some_and(|x| x == "json");
+    let (source, bos, eos) = if is_json {
+        let config: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let token = |key: &str| -> String {
+            match &config[key] {
+                serde_json::Value::String(s) => s.clone(),
+                // Older configs write {"content": "<s>", ...}.
+                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+                _ => String::new(),
+            }
+        };
+        let source = config["chat_template"]
+            .as_str()
+            .with_context(|| format!("{} has no string `chat_template`", path.display()))?
+            .to_string();
+        (source, token("bos_token"), token("eos_token"))
+    } else {
+        (text, String::new(), String::new())
+    };
+    ChatTemplate::new(&source, &bos, &eos).with_context(|| format!("compiling the chat template {}", path.display()))
 }

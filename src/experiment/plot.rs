@@ -20,7 +20,7 @@ pub fn best_reward_png(path: &Path, stats: &[SpecStats], steps_per_seed: u32) ->
 struct Panel {
     title: String,
     seeds: Vec<Vec<f64>>,
-    mean: Vec<(f64, f64)>,
+    mean: Vec<(u32, f64)>,
 }
 
 fn panels(stats: &[SpecStats], k: usize) -> Vec<Panel> {
@@ -29,7 +29,7 @@ fn panels(stats: &[SpecStats], k: usize) -> Vec<Panel> {
         .map(|spec| Panel {
             title: spec.spec.clone(),
             seeds: spec.seeds.iter().map(|s| s.best_curve.clone()).collect(),
-            mean: (1..=k).filter_map(|t| spec.mean_best_at(t).map(|v| (t as f64, v))).collect(),
+            mean: (1..=k).filter_map(|t| spec.mean_best_at(t).map(|v| (t as u32, v))).collect(),
         })
         .collect();
     if stats.len() > 1 {
@@ -37,7 +37,7 @@ fn panels(stats: &[SpecStats], k: usize) -> Vec<Panel> {
         let mean = (1..=k)
             .map_while(|t| {
                 let values: Option<Vec<f64>> = stats.iter().map(|s| s.mean_best_at(t)).collect();
-                values.map(|v| (t as f64, v.iter().sum::<f64>() / v.len() as f64))
+                values.map(|v| (t as u32, v.iter().sum::<f64>() / v.len() as f64))
             })
             .collect();
         out.push(Panel { title: format!("mean over {} specs", stats.len()), seeds: Vec::new(), mean });
@@ -64,17 +64,19 @@ fn draw(path: &Path, stats: &[SpecStats], steps_per_seed: u32) -> Result<(), Box
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(50)
-            .build_cartesian_2d(1f64..(k as f64).max(2.0), y_min..y_max)?;
+            .build_cartesian_2d(1u32..(k as u32).max(2), y_min..y_max)?;
         chart
             .configure_mesh()
             .x_desc("environment steps")
             .y_desc("best reward")
+            // Avoid "-0.0" on the axis.
+            .y_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
             .light_line_style(WHITE.mix(0.0))
             .draw()?;
         for (i, curve) in panel.seeds.iter().enumerate() {
             let color = Palette99::pick(i).mix(0.45);
             chart.draw_series(LineSeries::new(
-                curve.iter().enumerate().map(|(t, v)| ((t + 1) as f64, *v)),
+                curve.iter().enumerate().map(|(t, v)| ((t + 1) as u32, *v)),
                 color.stroke_width(1),
             ))?;
         }

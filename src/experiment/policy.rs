@@ -61,6 +61,15 @@ pub trait Policy {
     fn act(&mut self, requests: &[ActRequest<'_>]) -> Result<Vec<Option<Action>>, PolicyError>;
 }
 
+impl<P: Policy + ?Sized> Policy for Box<P> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn act(&mut self, requests: &[ActRequest<'_>]) -> Result<Vec<Option<Action>>, PolicyError> {
+        (**self).act(requests)
+    }
+}
+
 /// sha256 (hex) of an observation, independent of how a policy renders it: a completion prompt's
 /// text, or for chat the JSON array of `{"role", "content"}` messages.
 pub fn prompt_sha256(prompt: &Prompt) -> String {

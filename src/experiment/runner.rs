@@ -5,6 +5,7 @@
 //! the next round.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -47,13 +48,26 @@ pub struct Transition {
 }
 
 /// An algorithm: owns the policy and may learn from each round's transitions.
+///
+/// The loop calls [`start`](Algorithm::start) once, then per round `policy().act(...)` for every
+/// waiting environment and [`learn`](Algorithm::learn) with the round's finished transitions, and
+/// [`finish`](Algorithm::finish) once at the end (budget used, Ctrl-C, or an error).
 pub trait Algorithm {
     /// Its name, as given to `--algo`.
     fn name(&self) -> &str;
     /// The policy acting now.
     fn policy(&mut self) -> &mut dyn Policy;
+    /// Before the first round: the run's tasks, its folder (for checkpoints and metrics) and the
+    /// steps already logged when resuming (an algorithm restores its checkpoint here).
+    fn start(&mut self, _tasks: &[Task], _run_dir: &Path, _previous: &[StepRecord]) -> Result<(), ExperimentError> {
+        Ok(())
+    }
     /// Called after each round with its transitions (slot order). May update the policy.
     fn learn(&mut self, batch: &[Transition]) -> Result<(), ExperimentError>;
+    /// After the last round (also after Ctrl-C or an error): write a final checkpoint.
+    fn finish(&mut self, _run_dir: &Path) -> Result<(), ExperimentError> {
+        Ok(())
+    }
 }
 
 /// The paper's Reflection baseline: the interactive loop with no training; its score is the best
@@ -116,6 +130,26 @@ struct Slot {
 /// (checked between rounds: the round in flight is finished and logged first).
 #[allow(clippy::too_many_arguments)]
 pub fn run_loop(
+    tasks: &[Task],
+    pool: &Arc<Pool>,
+    steps: u32,
+    algorithm: &mut dyn Algorithm,
+    run_dir: &Path,
+    log: &mut StepLog,
+    previous: &[StepRecord],
+    observer: &mut dyn Observer,
+    stop: &AtomicBool,
+) -> Result<LoopOutcome, ExperimentError> {
+    algorithm.start(tasks, run_dir, previous)?;
+    let result = rounds(tasks, pool, steps, algorithm, log, previous, observer, stop);
+    let finished = algorithm.finish(run_dir);
+    let outcome = result?;
+    finished?;
+    Ok(outcome)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rounds(
     tasks: &[Task],
     pool: &Arc<Pool>,
     steps: u32,
@@ -205,10 +239,22 @@ pub fn run_loop(
             handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
         });
 
+        // Log every step that finished, in slot order; an infrastructure fault in one
+        // environment ends the run after the others' steps of this round are safely logged.
         let mut batch = Vec::with_capacity(results.len());
+        let mut fault: Option<ExperimentError> = None;
         for joined in results {
-            let (slot, action, result) = joined.map_err(|_| ExperimentError::Internal("an evaluation thread panicked".into()))?;
-            let result = result?;
+            let (slot, action, result) = match joined {
+                Ok((slot, action, Ok(result))) => (slot, action, result),
+                Ok((_, _, Err(e))) => {
+                    fault.get_or_insert(e.into());
+                    continue;
+                }
+                Err(_) => {
+                    fault.get_or_insert(ExperimentError::Internal("an evaluation thread panicked".into()));
+                    continue;
+                }
+            };
             let (episode, obs) = slot.current.take().expect("a slot that acted has an observation");
             slot.used += 1;
             let record = StepRecord {
@@ -251,6 +297,9 @@ pub fn run_loop(
             if !ended {
                 slot.current = Some((episode, result.observation));
             }
+        }
+        if let Some(e) = fault {
+            return Err(e);
         }
         algorithm.learn(&batch)?;
     }

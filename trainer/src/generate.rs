@@ -296,3 +296,145 @@ fn sample_tempered(logits: &[f32], max: f32, cfg: &GenerateConfig, rng: &mut imp
     }
     cand[probs.len() - 1].0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::{randomize_b, tiny};
+    use crate::LoraConfig;
+
+    fn letters(ids: &[u32]) -> Result<String> {
+        Ok(ids.iter().map(|&i| char::from(b'a' + (i % 26) as u8)).collect())
+    }
+
+    fn prompts() -> Vec<Vec<u32>> {
+        vec![vec![5, 17, 99, 3, 250, 8, 1], vec![42], vec![7, 7, 7, 120]]
+    }
+
+    fn run(m: &Llama, p: &[Vec<u32>], cfg: &GenerateConfig, eos: Option<u32>) -> Vec<Completion> {
+        generate_with(m, p, cfg, None, eos, 0, &letters).unwrap()
+    }
+
+    #[test]
+    fn batched_greedy_equals_each_prompt_alone() {
+        let m = tiny(21);
+        let cfg = GenerateConfig { max_new_tokens: 12, temperature: 0.0, ..GenerateConfig::default() };
+        let batched = run(&m, &prompts(), &cfg, None);
+        for (p, b) in prompts().iter().zip(&batched) {
+            let alone = run(&m, std::slice::from_ref(p), &cfg, None);
+            assert_eq!(alone[0].tokens, b.tokens);
+            assert_eq!(b.tokens.len(), 12);
+            assert_eq!(b.finish, FinishReason::Length);
+            assert_eq!(b.prompt_tokens, p.len());
+            for (x, y) in alone[0].logprobs.iter().zip(&b.logprobs) {
+                assert!((x - y).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn logprobs_are_the_untempered_policy_of_a_full_forward() {
+        let mut m = tiny(22);
+        m.add_adapter("pi", &LoraConfig::default()).unwrap();
+        randomize_b(&m, "pi", 3);
+        let cfg = GenerateConfig { max_new_tokens: 6, temperature: 0.7, top_k: Some(5), seed: 4, ..GenerateConfig::default() };
+        let out = generate_with(&m, &prompts(), &cfg, Some("pi"), None, 0, &letters).unwrap();
+        for (p, c) in prompts().iter().zip(&out) {
+            let full: Vec<u32> = p.iter().chain(&c.tokens).copied().collect();
+            let ids = Tensor::new(full.as_slice(), m.device()).unwrap().unsqueeze(0).unwrap();
+            let logits = m.forward(&ids, None, Some("pi")).unwrap().squeeze(0).unwrap();
+            let lp = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2::<f32>().unwrap();
+            for (j, (&tok, &got)) in c.tokens.iter().zip(&c.logprobs).enumerate() {
+                let want = lp[p.len() - 1 + j][tok as usize];
+                assert!((got - want).abs() < 1e-4, "token {j}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn sampling_is_reproducible_per_seed() {
+        let m = tiny(23);
+        let cfg = GenerateConfig { max_new_tokens: 10, temperature: 1.5, top_k: None, top_p: Some(0.95), seed: 7, ..GenerateConfig::default() };
+        let a = run(&m, &prompts(), &cfg, None);
+        let b = run(&m, &prompts(), &cfg, None);
+        assert_eq!(a, b);
+        let c = run(&m, &prompts(), &GenerateConfig { seed: 8, ..cfg.clone() }, None);
+        assert_ne!(a.iter().map(|x| &x.tokens).collect::<Vec<_>>(), c.iter().map(|x| &x.tokens).collect::<Vec<_>>());
+        // top-k 1 is greedy whatever the temperature.
+        let k1 = run(&m, &prompts(), &GenerateConfig { top_k: Some(1), top_p: None, ..cfg.clone() }, None);
+        let greedy = run(&m, &prompts(), &GenerateConfig { temperature: 0.0, ..cfg }, None);
+        for (x, y) in k1.iter().zip(&greedy) {
+            assert_eq!(x.tokens, y.tokens);
+        }
+    }
+
+    #[test]
+    fn stop_strings_and_eos_end_completions() {
+        let m = tiny(24);
+        let cfg = GenerateConfig { max_new_tokens: 10, temperature: 0.0, ..GenerateConfig::default() };
+        let free = run(&m, &prompts()[..1], &cfg, None).remove(0);
+        assert_eq!(free.text, letters(&free.tokens).unwrap());
+        // Stop on the text of tokens 3..5: the text is cut before it, generation stops at token 5.
+        let stop = free.text[3..5].to_string();
+        let first = free.text.find(&stop).unwrap();
+        let stopped = run(&m, &prompts()[..1], &GenerateConfig { stop: vec!["zzzz".into(), stop.clone()], ..cfg.clone() }, None).remove(0);
+        assert_eq!(stopped.finish, FinishReason::Stop);
+        assert_eq!(stopped.text, free.text[..first]);
+        assert_eq!(stopped.tokens, free.tokens[..first + 2]);
+        // EOS: the first occurrence of the third token ends the completion; it is not in the text.
+        let eos = free.tokens[2];
+        let at = free.tokens.iter().position(|&t| t == eos).unwrap();
+        let ended = run(&m, &prompts()[..1], &cfg, Some(eos)).remove(0);
+        assert_eq!(ended.finish, FinishReason::Eos);
+        assert_eq!(ended.tokens, free.tokens[..=at]);
+        assert_eq!(ended.text, letters(&free.tokens[..at]).unwrap());
+        // Rows that end early leave the batch; the others are unaffected.
+        let mixed = run(&m, &prompts(), &cfg, Some(eos));
+        let alone = run(&m, &prompts()[1..], &cfg, Some(eos));
+        let key = |c: &Completion| (c.tokens.clone(), c.text.clone(), c.finish);
+        assert_eq!(key(&mixed[0]), key(&ended));
+        for (x, y) in mixed[1..].iter().zip(&alone) {
+            assert_eq!(key(x), key(y));
+        }
+    }
+
+    #[test]
+    fn sample_respects_top_k_top_p_and_temperature() {
+        use rand::SeedableRng;
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        let log_z = logits.iter().map(|l| l.exp()).sum::<f32>().ln();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let mut counts = [0usize; 4];
+        let cfg = GenerateConfig { temperature: 1.0, top_k: Some(3), top_p: None, ..GenerateConfig::default() };
+        for _ in 0..20_000 {
+            let (t, lp) = sample(&logits, &cfg, &mut rng);
+            assert!((lp - (logits[t as usize] - log_z)).abs() < 1e-6);
+            counts[t as usize] += 1;
+        }
+        assert_eq!(counts[3], 0, "outside the top 3");
+        // Renormalised over the top 3: e^2, e^1, e^0 over their sum.
+        let z: f64 = [2f64, 1.0, 0.0].iter().map(|x| x.exp()).sum();
+        for i in 0..3 {
+            let want = (2.0 - i as f64).exp() / z;
+            assert!((counts[i] as f64 / 20_000.0 - want).abs() < 0.015, "token {i}");
+        }
+        // top-p 0.5 keeps only the first token (its probability is 0.64).
+        let cfg = GenerateConfig { temperature: 1.0, top_k: None, top_p: Some(0.5), ..GenerateConfig::default() };
+        assert!((0..100).all(|_| sample(&logits, &cfg, &mut rng).0 == 0));
+        // A very low temperature is greedy in effect.
+        let cfg = GenerateConfig { temperature: 1e-3, top_k: None, ..GenerateConfig::default() };
+        assert!((0..100).all(|_| sample(&logits, &cfg, &mut rng).0 == 0));
+    }
+
+    #[test]
+    fn invalid_requests_are_errors() {
+        let m = tiny(25);
+        let cfg = GenerateConfig::default();
+        assert!(generate_with(&m, &[vec![]], &cfg, None, None, 0, &letters).is_err());
+        assert!(generate_with(&m, &[vec![300]], &cfg, None, None, 0, &letters).is_err());
+        assert!(generate_with(&m, &[vec![1]], &cfg, Some("nope"), None, 0, &letters).is_err());
+        let bad = GenerateConfig { top_p: Some(0.0), ..GenerateConfig::default() };
+        assert!(generate_with(&m, &[vec![1]], &bad, None, None, 0, &letters).is_err());
+        assert!(generate_with(&m, &[], &cfg, None, None, 0, &letters).unwrap().is_empty());
+    }
+}

@@ -6,6 +6,7 @@ pub mod generate;
 pub mod load;
 pub mod lora;
 pub mod model;
+pub mod ppo;
 pub mod tokenizer;
 
 pub use tokenizer::{Tokenizer, TokenizerError};

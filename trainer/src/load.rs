@@ -22,10 +22,17 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The model cache folder: `$ETPO_CACHE/models`, else `$XDG_CACHE_HOME/etpo/models`, else
 /// `$HOME/.cache/etpo/models` (what `scripts/setup.sh model` fills).
 pub fn model_cache_dir() -> PathBuf {
-    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let base = nonempty("ETPO_CACHE").unwrap_or_else(|| {
-        nonempty("XDG_CACHE_HOME")
-            .unwrap_or_else(|| nonempty("HOME").unwrap_or_else(|| PathBuf::from(".")).join(".cache"))
+    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    cache_dir_from(var("ETPO_CACHE"), var("XDG_CACHE_HOME"), var("HOME"))
+}
+
+/// [`model_cache_dir`] from the values of `ETPO_CACHE`, `XDG_CACHE_HOME` and `HOME` (empty
+/// values count as unset, as in the shell's `${X:-default}`).
+fn cache_dir_from(etpo: Option<PathBuf>, xdg: Option<PathBuf>, home: Option<PathBuf>) -> PathBuf {
+    let set = |v: Option<PathBuf>| v.filter(|p| !p.as_os_str().is_empty());
+    let base = set(etpo).unwrap_or_else(|| {
+        set(xdg)
+            .unwrap_or_else(|| set(home).unwrap_or_else(|| PathBuf::from(".")).join(".cache"))
             .join("etpo")
     });
     base.join("models")
@@ -483,4 +490,214 @@ fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn bad(path: &Path, message: &str) -> ModelError {
     ModelError::BadFile { path: path.to_path_buf(), message: message.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::{batch, max_abs_diff};
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("etpo-load-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// SmolLM2-135M's config.json as transformers 5 writes it (rope_theta under rope_parameters).
+    const SMOLLM2_CONFIG: &str = r#"{
+      "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "bos_token_id": 1, "eos_token_id": 2, "head_dim": 64, "hidden_act": "silu", "hidden_size": 576,
+      "initializer_range": 0.041666666666666664, "intermediate_size": 1536, "max_position_embeddings": 8192,
+      "mlp_bias": false, "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30,
+      "num_key_value_heads": 3, "pad_token_id": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+      "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+      "tie_word_embeddings": true, "dtype": "float32", "transformers_version": "5.0.0", "use_cache": true,
+      "vocab_size": 49152
+    }"#;
+
+    #[test]
+    fn hf_config_reads_rope_theta_from_rope_parameters() {
+        let c = config_from_hf_json(SMOLLM2_CONFIG).unwrap();
+        assert_eq!(c.rope_theta, 100_000.0);
+        assert_eq!((c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (576, 9, 3, 64));
+        assert_eq!((c.num_hidden_layers, c.intermediate_size, c.vocab_size), (30, 1536, 49152));
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        assert_eq!(c.rope_scaling, None);
+        assert_eq!(c.num_parameters(), 134_515_008);
+    }
+
+    #[test]
+    fn hf_config_defaults_and_llama3_scaling() {
+        // Llama 3.1-style: top-level rope_theta, rope_scaling llama3, no head_dim, untied by default.
+        let text = r#"{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+            "rope_theta": 500000.0, "rms_norm_eps": 1e-05, "max_position_embeddings": 131072,
+            "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"}}"#;
+        let c = config_from_hf_json(text).unwrap();
+        assert_eq!(c.rope_theta, 500_000.0);
+        assert_eq!(c.head_dim, 128);
+        assert!(!c.tie_word_embeddings);
+        let s = c.rope_scaling.unwrap();
+        assert_eq!((s.factor, s.original_max_position_embeddings), (8.0, 8192));
+        // CodeLlama-7B-style: no num_key_value_heads (= heads), rope_theta 1e6, default eps 1e-6 absent.
+        let text = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 32016, "rope_theta": 1000000}"#;
+        let c = config_from_hf_json(text).unwrap();
+        assert_eq!((c.num_key_value_heads, c.head_dim, c.rope_theta, c.rms_norm_eps), (4, 16, 1e6, 1e-6));
+        // No rope_theta anywhere: transformers' default 10000.
+        let text = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 10}"#;
+        assert_eq!(config_from_hf_json(text).unwrap().rope_theta, 10_000.0);
+    }
+
+    #[test]
+    fn hf_config_errors_say_what_is_wrong() {
+        let err = |t: &str| config_from_hf_json(t).unwrap_err();
+        assert!(err(r#"{"model_type": "gpt2"}"#).contains("model_type \"gpt2\" is not supported"));
+        assert!(err(r#"{"hidden_size": 64}"#).contains("missing num_attention_heads"));
+        assert!(err("{").contains("not valid JSON"));
+        let yarn = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "vocab_size": 10, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#;
+        assert!(err(yarn).contains("\"yarn\" is not supported"));
+        let bad_heads = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 3, "vocab_size": 10}"#;
+        assert!(err(bad_heads).contains("multiple of num_key_value_heads"));
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        assert!(matches!(parse_device(" CPU "), Ok(Device::Cpu)));
+        assert!(parse_device("gpu").unwrap_err().to_string().contains("expected cpu, cuda or cuda:N"));
+        assert!(parse_device("cuda:x").unwrap_err().to_string().contains("cuda:N"));
+        #[cfg(not(feature = "cuda"))]
+        assert!(parse_device("cuda:1").unwrap_err().to_string().contains("--features cuda"));
+    }
+
+    #[test]
+    fn cache_dir_follows_the_setup_script() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        assert_eq!(cache_dir_from(p("/c"), p("/x"), p("/h")), PathBuf::from("/c/models"));
+        assert_eq!(cache_dir_from(p(""), p("/x"), p("/h")), PathBuf::from("/x/etpo/models"));
+        assert_eq!(cache_dir_from(None, None, p("/h")), PathBuf::from("/h/.cache/etpo/models"));
+        assert!(default_model_path().ends_with("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    }
+
+    #[test]
+    fn gguf_query_key_rows_are_restored_to_the_hf_layout() {
+        // llama.cpp's permute of HF rows [0 1 2 3 | 4 5 6 7] (two heads of width 4) gives
+        // [0 2 1 3 | 4 6 5 7]; undoing it restores the HF order.
+        let gguf = Tensor::new(&[[0f32], [2.], [1.], [3.], [4.], [6.], [5.], [7.]], &Device::Cpu).unwrap();
+        let hf = unpermute_qk(&gguf, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(hf, vec![0., 1., 2., 3., 4., 5., 6., 7.]);
+    }
+
+    #[test]
+    fn missing_and_wrong_files_are_clear_errors() {
+        let dir = scratch("missing");
+        let err = load_model(&dir.join("nope.gguf"), &Device::Cpu).unwrap_err();
+        assert!(matches!(err, ModelError::MissingFile { .. }));
+        assert!(err.to_string().contains("a GGUF model file or a Hugging Face model folder"), "{err}");
+
+        let err = load_model(&dir, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("config.json") && err.contains("not found"), "{err}");
+
+        let not_gguf = dir.join("model.gguf");
+        std::fs::write(&not_gguf, b"PK\x03\x04 not a model").unwrap();
+        let err = load_model(&not_gguf, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("not a GGUF file"), "{err}");
+
+        std::fs::write(dir.join("config.json"), SMOLLM2_CONFIG).unwrap();
+        std::fs::write(dir.join("pytorch_model.bin"), b"").unwrap();
+        let err = load_model(&dir, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors") && err.contains(".bin weights are not supported"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Writes `m` as a Hugging Face folder (config.json with rope_parameters, weights in
+    /// `shards` safetensors files, a word-level tokenizer.json).
+    fn write_hf_folder(m: &Llama, dir: &Path, shards: usize) {
+        let c = m.config();
+        let config = serde_json::json!({
+            "model_type": "llama", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads, "vocab_size": c.vocab_size,
+            "rms_norm_eps": c.rms_norm_eps, "tie_word_embeddings": c.tie_word_embeddings,
+            "max_position_embeddings": c.max_position_embeddings,
+            "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"}
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let w = m.weights();
+        let mut tensors = vec![
+            ("model.embed_tokens.weight".to_string(), w.embed.clone()),
+            ("model.norm.weight".to_string(), w.norm.clone()),
+        ];
+        if let Some(h) = &w.lm_head {
+            tensors.push(("lm_head.weight".into(), h.clone()));
+        }
+        for (i, b) in w.blocks.iter().enumerate() {
+            tensors.push((format!("model.layers.{i}.input_layernorm.weight"), b.attn_norm.clone()));
+            tensors.push((format!("model.layers.{i}.post_attention_layernorm.weight"), b.mlp_norm.clone()));
+            for p in Projection::ALL {
+                tensors.push((format!("model.layers.{i}.{}.{}.weight", p.hf_parent(), p.hf_name()), b.proj[p as usize].clone()));
+            }
+        }
+        if shards == 1 {
+            let map: std::collections::HashMap<_, _> = tensors.into_iter().collect();
+            candle_core::safetensors::save(&map, dir.join("model.safetensors")).unwrap();
+        } else {
+            let mut weight_map = serde_json::Map::new();
+            for s in 0..shards {
+                let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
+                let part: std::collections::HashMap<_, _> =
+                    tensors.iter().enumerate().filter(|(i, _)| i % shards == s).map(|(_, t)| t.clone()).collect();
+                for k in part.keys() {
+                    weight_map.insert(k.clone(), serde_json::Value::String(file.clone()));
+                }
+                candle_core::safetensors::save(&part, dir.join(&file)).unwrap();
+            }
+            let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+            std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        }
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            (0..c.vocab_size).map(|i| (format!("w{i}"), serde_json::Value::from(i))).collect();
+        let tok = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+        });
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    }
+
+    #[test]
+    fn hf_folders_load_single_and_sharded() {
+        // A rope base other than the default 10000, so reading it from rope_parameters matters.
+        let cfg = crate::model::LlamaConfig { rope_theta: 500.0, ..crate::model::LlamaConfig::tiny(300) };
+        let m = Llama::random(cfg, 31, &Device::Cpu, DType::F32).unwrap();
+        let (ids, mask) = batch(&[vec![3, 1, 4, 1, 5], vec![9, 2]]);
+        let want = m.forward(&ids, Some(&mask), None).unwrap();
+        for shards in [1, 3] {
+            let dir = scratch(&format!("hf{shards}"));
+            write_hf_folder(&m, &dir, shards);
+            let loaded = load_model(&dir, &Device::Cpu).unwrap();
+            assert_eq!(loaded.model.config(), m.config());
+            assert_eq!(loaded.info.format, ModelFormat::HuggingFace);
+            let got = loaded.model.forward(&ids, Some(&mask), None).unwrap();
+            assert_eq!(max_abs_diff(&want, &got), 0.0);
+            assert_eq!(loaded.tokenizer.encode("w3 w1 w4").unwrap(), vec![3, 1, 4]);
+
+            // Without tokenizer.json the error names it; a missing shard is named too.
+            std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+            let err = load_model(&dir, &Device::Cpu).unwrap_err().to_string();
+            assert!(err.contains("tokenizer.json"), "{err}");
+            if shards > 1 {
+                std::fs::remove_file(dir.join("model-00002-of-00003.safetensors")).unwrap();
+                let err = load_model(&dir, &Device::Cpu).unwrap_err().to_string();
+                assert!(err.contains("model-00002-of-00003.safetensors"), "{err}");
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
 }

@@ -409,3 +409,129 @@ fn read_to_string(path: &Path, expected: &str) -> Result<String> {
         Err(e) => Err(io_err(path, e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::{batch, max_abs_diff, randomize_b, tiny};
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("etpo-lora-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn fresh_adapter_follows_peft_initialisation() {
+        let m = crate::model::LlamaConfig::tiny(300);
+        let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: vec![Projection::Q, Projection::Down] };
+        let a = LoraAdapter::new(&m, &cfg, 3, &Device::Cpu).unwrap();
+        assert_eq!(a.vars().len(), 2 * 2 * 2);
+        let q = a.pair(0, Projection::Q).unwrap();
+        assert_eq!(q.a.dims(), [4, 64]);
+        assert_eq!(q.b.dims(), [64, 4]);
+        let down = a.pair(1, Projection::Down).unwrap();
+        assert_eq!(down.a.dims(), [4, 128]);
+        let bound = 1.0 / 128f32.sqrt();
+        let vals: Vec<f32> = down.a.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(vals.iter().all(|v| v.abs() <= bound) && vals.iter().any(|v| v.abs() > bound / 2.0));
+        assert!(down.b.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&v| v == 0.0));
+        assert!(a.pair(0, Projection::K).is_none());
+        assert_eq!(cfg.scale(), 2.0);
+        // Same seed, same A.
+        let b = LoraAdapter::new(&m, &cfg, 3, &Device::Cpu).unwrap();
+        assert_eq!(max_abs_diff(q.a.as_tensor(), b.pair(0, Projection::Q).unwrap().a.as_tensor()), 0.0);
+    }
+
+    #[test]
+    fn save_and_load_round_trip_with_peft_names() {
+        let mut m = tiny(11);
+        let cfg = LoraConfig { rank: 4, alpha: 16.0, dropout: 0.05, targets: vec![Projection::Q, Projection::V, Projection::Gate] };
+        m.add_adapter_seeded("pi", &cfg, 1).unwrap();
+        randomize_b(&m, "pi", 2);
+        let dir = scratch("roundtrip");
+        m.save_adapter("pi", &dir).unwrap();
+
+        let tensors = candle_core::safetensors::load(dir.join(ADAPTER_WEIGHTS_FILE), &Device::Cpu).unwrap();
+        assert_eq!(tensors.len(), 2 * 3 * 2);
+        let a = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+        assert_eq!(a.dims(), [4, 64]);
+        let b = &tensors["base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight"];
+        assert_eq!(b.dims(), [128, 4]);
+        assert!(tensors.contains_key("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(ADAPTER_CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(json["peft_type"], "LORA");
+        assert_eq!(json["task_type"], "CAUSAL_LM");
+        assert_eq!(json["r"], 4);
+        assert_eq!(json["lora_alpha"], 16.0);
+        assert_eq!(json["lora_dropout"], 0.05);
+        assert_eq!(json["target_modules"], serde_json::json!(["q_proj", "v_proj", "gate_proj"]));
+
+        m.load_adapter("copy", &dir).unwrap();
+        assert_eq!(m.adapter("copy").unwrap().config(), &cfg);
+        let (ids, mask) = batch(&[vec![1, 2, 3, 4], vec![5, 6]]);
+        let x = m.forward(&ids, Some(&mask), Some("pi")).unwrap();
+        let y = m.forward(&ids, Some(&mask), Some("copy")).unwrap();
+        assert_eq!(max_abs_diff(&x, &y), 0.0);
+        // Loading by the safetensors file path works too; the loaded Vars are trainable.
+        m.load_adapter("copy2", &dir.join(ADAPTER_WEIGHTS_FILE)).unwrap();
+        assert!(m.adapter_vars("copy2").iter().all(|v| v.as_tensor().is_variable()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_adapter_files_are_clear_errors() {
+        let mut m = tiny(12);
+        let dir = scratch("bad");
+        let err = m.load_adapter("x", &dir).unwrap_err();
+        assert!(matches!(err, ModelError::MissingFile { .. }), "{err}");
+        assert!(err.to_string().contains("adapter_config.json"), "{err}");
+
+        m.add_adapter("pi", &LoraConfig::default()).unwrap();
+        m.save_adapter("pi", &dir).unwrap();
+        // A model with another shape rejects it.
+        let mut other = crate::model::Llama::random(
+            crate::model::LlamaConfig { num_hidden_layers: 1, ..crate::model::LlamaConfig::tiny(300) },
+            1,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let err = other.load_adapter("x", &dir).unwrap_err().to_string();
+        assert!(err.contains("unexpected tensor base_model.model.model.layers.1"), "{err}");
+
+        std::fs::remove_file(dir.join(ADAPTER_WEIGHTS_FILE)).unwrap();
+        let err = m.load_adapter("x", &dir).unwrap_err().to_string();
+        assert!(err.contains("adapter_model.safetensors"), "{err}");
+
+        std::fs::write(dir.join(ADAPTER_CONFIG_FILE), r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"}"#).unwrap();
+        let err = m.load_adapter("x", &dir).unwrap_err().to_string();
+        assert!(err.contains("target_modules must be a list"), "{err}");
+        std::fs::write(dir.join(ADAPTER_CONFIG_FILE), r#"{"peft_type": "IA3", "r": 8, "lora_alpha": 16, "target_modules": []}"#).unwrap();
+        let err = m.load_adapter("x", &dir).unwrap_err().to_string();
+        assert!(err.contains("only LORA"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_scaled() {
+        let x = Tensor::ones((50, 40), DType::F32, &Device::Cpu).unwrap();
+        let a: Vec<f32> = dropout(&x, 0.25, 9).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = dropout(&x, 0.25, 9).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        let dropped = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.05, "{dropped}");
+        // Training passes with a dropout seed differ from evaluation passes; without one they match.
+        let mut m = tiny(13);
+        let cfg = LoraConfig { dropout: 0.5, ..LoraConfig::default() };
+        m.add_adapter("pi", &cfg).unwrap();
+        randomize_b(&m, "pi", 1);
+        let (ids, _) = batch(&[vec![1, 2, 3]]);
+        let eval = m.forward(&ids, None, Some("pi")).unwrap();
+        let opts = ForwardOptions { adapter: Some("pi"), track_grad: true, dropout_seed: Some(4) };
+        let train = m.logits(&m.forward_hidden(&ids, None, &opts).unwrap()).unwrap();
+        assert!(max_abs_diff(&eval, &train) > 1e-4);
+    }
+}

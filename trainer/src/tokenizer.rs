@@ -10,11 +10,18 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -205,44 +212,156 @@ fn special(tokens: &[String], id: Option<u32>) -> Option<SpecialToken> {
     tokens.get(id as usize).map(|text| SpecialToken { id, text: text.clone() })
 }
 
+/// The file's merges, `left right` per entry.
+fn gguf_merges(ct: &gguf_file::Content) -> Result<Vec<(String, String)>, TokenizerError> {
+    meta_strings(ct, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok((a.to_string(), b.to_string())),
+            None => Err(TokenizerError::BadMetadata {
+                key: "tokenizer.ggml.merges".to_string(),
+                expected: format!("pairs `left right`, found `{m}`"),
+            }),
+        })
+        .collect()
+}
+
+/// Byte-level BPE: the vocabulary, the merges and the pre-tokenizer `tokenizer.ggml.pre` names.
+fn byte_level_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<tokenizers::Tokenizer, TokenizerError> {
+    let pre_name = meta_string(ct, "tokenizer.ggml.pre")?.unwrap_or_else(|| "default".into());
+    let pre = BytePre::from_name(&pre_name).ok_or_else(|| {
+        TokenizerError::Unsupported(format!(
+            "pre-tokenizer `{pre_name}` (tokenizer.ggml.pre); supported: smollm, starcoder, \
+             gpt2, llama3 (llama-bpe, llama-v3, smaug-bpe, dbrx, falcon3), qwen2; \
+             for other models pass a Hugging Face folder with tokenizer.json"
+        ))
+    })?;
+    let merges = gguf_merges(ct)?;
+
+    // Every regular token of a byte-level vocabulary is spelt in GPT-2's byte alphabet; some
+    // converters store a token made of raw spaces or other text as is. Respell those in the
+    // alphabet, as transformers does, so they still match what the pre-tokenizer produces.
+    let alphabet = ByteLevel::alphabet();
+    let byte_spelling = |t: &str| -> String {
+        let mut pre = tokenizers::PreTokenizedString::from(t);
+        // Only the spelling is wanted: a ByteLevel without regex maps bytes to characters.
+        let _ = tokenizers::PreTokenizer::pre_tokenize(&ByteLevel::new(false, false, false), &mut pre);
+        pre.get_splits(tokenizers::OffsetReferential::Original, tokenizers::OffsetType::Byte)
+            .into_iter()
+            .map(|(s, _, _)| s.to_string())
+            .collect()
+    };
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let spelt = if t.chars().all(|c| alphabet.contains(&c)) { t.clone() } else { byte_spelling(t) };
+            (spelt, i as u32)
+        })
+        .collect();
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(backend)?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    if let BytePre::Qwen2 = pre {
+        inner.with_normalizer(Some(NFC)).map_err(backend)?;
+    }
+    inner.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
+    inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
+    Ok(inner)
+}
+
+/// SentencePiece BPE as transformers' `LlamaTokenizer` rebuilds it from a GGUF: spaces become
+/// `▁` with one prepended to the first piece, unknown characters fall back to `<0xXX>` byte
+/// tokens, and decoding undoes both.
+fn sentencepiece_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<tokenizers::Tokenizer, TokenizerError> {
+    let merges = if meta(ct, "tokenizer.ggml.merges").is_some() {
+        gguf_merges(ct)?
+    } else {
+        let scores = meta_array(ct, "tokenizer.ggml.scores")?
+            .iter()
+            .map(|v| {
+                v.to_f32().map_err(|_| TokenizerError::BadMetadata {
+                    key: "tokenizer.ggml.scores".to_string(),
+                    expected: "an array of f32".to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if scores.len() != tokens.len() {
+            return Err(TokenizerError::BadMetadata {
+                key: "tokenizer.ggml.scores".to_string(),
+                expected: format!("{} entries (one per token), found {}", tokens.len(), scores.len()),
+            });
+        }
+        merges_from_scores(tokens, &scores)
+    };
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(backend)?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
+    let decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("▁", " ").map_err(backend)?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+        Strip::new(' ', 1, 0).into(),
+    ];
+    inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(inner)
+}
+
+/// BPE merges implied by a SentencePiece vocabulary, in the order transformers'
+/// `generate_merges` gives them: every split of a token into two vocabulary tokens, best merged
+/// score first, then longer left and right parts; ties keep vocabulary order.
+fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+    use std::collections::HashMap;
+    // Python dicts: the last id of a repeated token wins, its first position keeps its place.
+    let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut merges: Vec<(&str, &str, f32)> = Vec::new();
+    for t in tokens {
+        if !seen.insert(t.as_str()) {
+            continue;
+        }
+        let score = scores[ids[t.as_str()]];
+        let mut local: Vec<(&str, &str, f32)> = t
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| (&t[..at], &t[at..], score))
+            .filter(|(l, r, _)| ids.contains_key(l) && ids.contains_key(r))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (ids[l], ids[r]));
+        merges.extend(local);
+    }
+    let key = |m: &(&str, &str, f32)| (m.2, m.0.chars().count(), m.1.chars().count());
+    merges.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0).then(kb.1.cmp(&ka.1)).then(kb.2.cmp(&ka.2))
+    });
+    merges.into_iter().map(|(l, r, _)| (l.to_string(), r.to_string())).collect()
+}
+
 impl Tokenizer {
-    /// Builds the tokenizer a GGUF file describes.
+    /// Builds the tokenizer a GGUF file describes, the way transformers builds it from the same
+    /// file (and llama.cpp tokenises).
     ///
-    /// Supported: byte-level BPE (`tokenizer.ggml.model = gpt2`) with the pre-tokenizers `smollm`,
-    /// `starcoder`, `gpt2`/`gpt-2`, the Llama 3 family (`llama3`, `llama-bpe`, ...) and `qwen2`.
+    /// Supported vocabularies:
+    /// - byte-level BPE (`tokenizer.ggml.model = gpt2`) with the pre-tokenizers `smollm`,
+    ///   `starcoder`, `gpt2`/`gpt-2`, the Llama 3 family (`llama3`, `llama-bpe`, ...) and `qwen2`;
+    /// - SentencePiece BPE (`llama`: Llama 2, CodeLlama, Mistral, ...) with byte fallback and a `▁`
+    ///   prefix on the first piece; merges are the file's or derived from the token scores.
+    ///
     /// Control tokens (type 3) become special added tokens, so `<|im_start|>` in a text encodes to
     /// its single id; user-defined tokens (type 4) become plain added tokens. A BOS token is
-    /// prepended only where `tokenizer.ggml.add_bos_token` says so. SentencePiece vocabularies
-    /// (`llama`) and unknown pre-tokenizer names are refused with [`TokenizerError::Unsupported`].
+    /// prepended where `tokenizer.ggml.add_bos_token` says so (default: yes for SentencePiece, no
+    /// for byte-level). Other vocabularies, pre-tokenizer names and SentencePiece variants
+    /// (Gemma, Phi-3) are refused with [`TokenizerError::Unsupported`].
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, TokenizerError> {
         let model = meta_string(ct, "tokenizer.ggml.model")?
             .ok_or_else(|| TokenizerError::MissingKey("tokenizer.ggml.model".to_string()))?;
-        if model != "gpt2" {
-            return Err(TokenizerError::Unsupported(format!(
-                "tokenizer.ggml.model `{model}`: only byte-level BPE (`gpt2`) vocabularies are \
-                 supported from GGUF; for other models pass a Hugging Face folder with tokenizer.json"
-            )));
-        }
-        let pre_name = meta_string(ct, "tokenizer.ggml.pre")?.unwrap_or_else(|| "default".into());
-        let pre = BytePre::from_name(&pre_name).ok_or_else(|| {
-            TokenizerError::Unsupported(format!(
-                "pre-tokenizer `{pre_name}` (tokenizer.ggml.pre); supported: smollm, starcoder, \
-                 gpt2, llama3 (llama-bpe, llama-v3, smaug-bpe, dbrx, falcon3), qwen2; \
-                 for other models pass a Hugging Face folder with tokenizer.json"
-            ))
-        })?;
-
         let tokens = meta_strings(ct, "tokenizer.ggml.tokens")?;
-        let merges = meta_strings(ct, "tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| match m.split_once(' ') {
-                Some((a, b)) => Ok((a.to_string(), b.to_string())),
-                None => Err(TokenizerError::BadMetadata {
-                    key: "tokenizer.ggml.merges".to_string(),
-                    expected: format!("pairs `left right`, found `{m}`"),
-                }),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let token_types = match meta(ct, "tokenizer.ggml.token_type") {
             None => vec![1; tokens.len()],
             Some(_) => meta_array(ct, "tokenizer.ggml.token_type")?
@@ -265,28 +384,26 @@ impl Tokenizer {
             });
         }
 
-        // Every regular token of a byte-level vocabulary is spelt in GPT-2's byte alphabet; some
-        // converters store a token made of raw spaces or other text as is. Respell those in the
-        // alphabet, as transformers does, so they still match what the pre-tokenizer produces.
-        let alphabet = ByteLevel::alphabet();
-        let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
-        let byte_spelling = |t: &str| -> String {
-            let mut pre = tokenizers::PreTokenizedString::from(t);
-            // Only the spelling is wanted: a ByteLevel without regex maps bytes to characters.
-            let _ = tokenizers::PreTokenizer::pre_tokenize(&ByteLevel::new(false, false, false), &mut pre);
-            pre.get_splits(tokenizers::OffsetReferential::Original, tokenizers::OffsetType::Byte)
-                .into_iter()
-                .map(|(s, _, _)| s.to_string())
-                .collect()
+        let (mut inner, byte_level, add_bos_default) = match model.as_str() {
+            "gpt2" => (byte_level_tokenizer(ct, &tokens)?, true, false),
+            "llama" => {
+                let arch = meta_string(ct, "general.architecture")?.unwrap_or_default();
+                if matches!(arch.as_str(), "gemma" | "gemma2" | "gemma3" | "phi3") {
+                    return Err(TokenizerError::Unsupported(format!(
+                        "the SentencePiece vocabulary of a `{arch}` GGUF (it needs its own \
+                         normaliser); pass a Hugging Face folder with tokenizer.json"
+                    )));
+                }
+                (sentencepiece_tokenizer(ct, &tokens)?, false, true)
+            }
+            other => {
+                return Err(TokenizerError::Unsupported(format!(
+                    "tokenizer.ggml.model `{other}`: supported from GGUF are byte-level BPE (`gpt2`) \
+                     and SentencePiece BPE (`llama`); for other models pass a Hugging Face folder \
+                     with tokenizer.json"
+                )))
+            }
         };
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let spelt = if in_alphabet(t) { t.clone() } else { byte_spelling(t) };
-                (spelt, i as u32)
-            })
-            .collect();
 
         let bos = special(&tokens, meta_u32(ct, "tokenizer.ggml.bos_token_id")?);
         let eos = special(&tokens, meta_u32(ct, "tokenizer.ggml.eos_token_id")?);
@@ -302,18 +419,10 @@ impl Tokenizer {
         let unk = special(&tokens, unk_id);
         let pad = special(&tokens, pad_id);
 
-        let mut bpe = BPE::builder().vocab_and_merges(vocab, merges);
-        if let Some(unk) = &unk {
-            bpe = bpe.unk_token(unk.text.clone());
-        }
-        let bpe = bpe.build().map_err(backend)?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        if let BytePre::Qwen2 = pre {
-            inner.with_normalizer(Some(NFC)).map_err(backend)?;
-        }
-        inner.with_pre_tokenizer(Some(pre.pre_tokenizer()?));
-        inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
-
+        // In a byte-level vocabulary a control token spelt outside the byte alphabet is a
+        // converter's mislabel that the model never sees whole; transformers skips those too.
+        let alphabet = ByteLevel::alphabet();
+        let in_alphabet = |t: &str| !byte_level || t.chars().all(|c| alphabet.contains(&c));
         let control: Vec<AddedToken> = tokens
             .iter()
             .zip(&token_types)
@@ -343,7 +452,7 @@ impl Tokenizer {
             .collect();
         inner.add_special_tokens(named).map_err(backend)?;
 
-        let add_bos = meta_bool(ct, "tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+        let add_bos = meta_bool(ct, "tokenizer.ggml.add_bos_token")?.unwrap_or(add_bos_default);
         let add_eos = meta_bool(ct, "tokenizer.ggml.add_eos_token")?.unwrap_or(false);
         if add_bos && bos.is_none() {
             return Err(TokenizerError::BadMetadata {
@@ -647,6 +756,18 @@ mod tests {
     }
 
     #[test]
+    fn sentencepiece_merges_follow_scores_then_lengths() {
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc", "▁", "▁a"].map(String::from).to_vec();
+        // "abc" (score -1) splits as a+bc and ab+c; "▁a" (-1) as ▁+a; "ab" (-2); "bc" (-3).
+        let scores = [0.0, 0.0, 0.0, -2.0, -3.0, -1.0, 0.0, -1.0];
+        let merges = merges_from_scores(&tokens, &scores);
+        let pairs: Vec<(&str, &str)> = merges.iter().map(|(l, r)| (l.as_str(), r.as_str())).collect();
+        // Score -1 first: "ab"+"c" (left 2 chars) before "a"+"bc" and "▁"+"a" (left 1 char; then
+        // the right part's length: "bc" before "a"); then -2, then -3.
+        assert_eq!(pairs, [("ab", "c"), ("a", "bc"), ("▁", "a"), ("a", "b"), ("b", "c")]);
+    }
+
+    #[test]
     fn add_bos_metadata_prepends_bos_only_when_asked() {
         let tok = Tokenizer::from_gguf(&tiny_gguf("gpt2", true)).unwrap();
         let a = tok.token_to_id("a").unwrap();
@@ -659,11 +780,12 @@ mod tests {
         let err = Tokenizer::from_gguf(&tiny_gguf("jais", false)).unwrap_err().to_string();
         assert!(err.contains("pre-tokenizer `jais`"), "{err}");
         let mut ct = tiny_gguf("smollm", false);
-        ct.metadata.insert(
-            "tokenizer.ggml.model".to_string(),
-            gguf_file::Value::String("llama".into()),
-        );
+        ct.metadata.insert("tokenizer.ggml.model".to_string(), gguf_file::Value::String("bert".into()));
         let err = Tokenizer::from_gguf(&ct).unwrap_err().to_string();
-        assert!(err.contains("tokenizer.ggml.model `llama`"), "{err}");
+        assert!(err.contains("tokenizer.ggml.model `bert`"), "{err}");
+        ct.metadata.insert("tokenizer.ggml.model".to_string(), gguf_file::Value::String("llama".into()));
+        ct.metadata.insert("general.architecture".to_string(), gguf_file::Value::String("gemma2".into()));
+        let err = Tokenizer::from_gguf(&ct).unwrap_err().to_string();
+        assert!(err.contains("`gemma2` GGUF"), "{err}");
     }
 }

@@ -33,7 +33,12 @@ pub(super) fn parse(text: &str, path: &Path, target: &str) -> Result<Dataset, Da
     let mut in_data = false;
     let mut data_line = 0;
 
-    for (index, raw) in text.strip_prefix('\u{feff}').unwrap_or(text).lines().enumerate() {
+    for (index, raw) in text
+        .strip_prefix('\u{feff}')
+        .unwrap_or(text)
+        .lines()
+        .enumerate()
+    {
         let line = index + 1;
         let content = raw.trim();
         if content.is_empty() || content.starts_with('%') {
@@ -106,16 +111,23 @@ pub(super) fn parse(text: &str, path: &Path, target: &str) -> Result<Dataset, Da
     if lines.is_empty() {
         return Err(err(data_line, "no data rows after `@data`".to_string()));
     }
-    let target_index = columns.iter().position(|c| c.name == target).ok_or_else(|| {
-        DataError::Invalid {
+    let target_index = columns
+        .iter()
+        .position(|c| c.name == target)
+        .ok_or_else(|| DataError::Invalid {
             path: path.to_path_buf(),
             message: format!(
                 "no target attribute `{target}`; the attributes are: {}",
-                columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
-        }
-    })?;
-    let name = relation.filter(|r| !r.is_empty()).unwrap_or_else(|| file_stem(path));
+        })?;
+    let name = relation
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| file_stem(path));
     table::build(name, path, columns, &lines, target_index)
 }
 
@@ -154,7 +166,9 @@ fn take_token(s: &str) -> Result<(String, &str), String> {
                     out.push(c);
                 }
             }
-            Err(format!("a quoted name or value is never closed (missing `{q}`)"))
+            Err(format!(
+                "a quoted name or value is never closed (missing `{q}`)"
+            ))
         }
         Some(_) => {
             let end = s
@@ -171,7 +185,10 @@ fn unquote(s: &str) -> Result<(String, bool), String> {
     if s.starts_with('\'') || s.starts_with('"') {
         let (token, rest) = take_token(s)?;
         if !rest.trim().is_empty() {
-            return Err(format!("unexpected `{}` after a quoted value", truncate(rest.trim())));
+            return Err(format!(
+                "unexpected `{}` after a quoted value",
+                truncate(rest.trim())
+            ));
         }
         Ok((token, true))
     } else {
@@ -216,7 +233,11 @@ fn split_fields(s: &str) -> Result<Vec<Option<String>>, String> {
         } else {
             let end = rest.find(',').unwrap_or(rest.len());
             let raw = rest[..end].trim();
-            let value = if raw == "?" || raw.is_empty() { None } else { Some(raw.to_string()) };
+            let value = if raw == "?" || raw.is_empty() {
+                None
+            } else {
+                Some(raw.to_string())
+            };
             (value, &rest[end..])
         };
         out.push(value);
@@ -251,7 +272,10 @@ fn sparse_row(s: &str, columns: &[RawColumn]) -> Result<Vec<Option<String>>, Str
     for pair in split_sparse_pairs(inner)? {
         let (index, value) = pair;
         let slot = values.get_mut(index).ok_or_else(|| {
-            format!("sparse index {index} is out of range ({} attributes)", columns.len())
+            format!(
+                "sparse index {index} is out of range ({} attributes)",
+                columns.len()
+            )
         })?;
         *slot = value;
     }
@@ -273,7 +297,14 @@ fn split_sparse_pairs(inner: &str) -> Result<Vec<(usize, Option<String>)>, Strin
         } else {
             let end = after.find(',').unwrap_or(after.len());
             let raw = after[..end].trim();
-            (if raw == "?" || raw.is_empty() { None } else { Some(raw.to_string()) }, &after[end..])
+            (
+                if raw == "?" || raw.is_empty() {
+                    None
+                } else {
+                    Some(raw.to_string())
+                },
+                &after[end..],
+            )
         };
         out.push((index, value));
         match after.strip_prefix(',') {
@@ -325,8 +356,36 @@ mod tests {
                 vec![0.0, 64.0, 1.0],
             ]
         );
-        assert!(d.notes.contains(&"column `temperature`: 1 missing values imputed with the column median 70".to_string()));
-        assert!(d.notes.contains(&"column `outlook`: categorical, encoded sunny=0, overcast=1, rainy day=2".to_string()));
+        assert!(d.notes.contains(
+            &"column `temperature`: 1 missing values imputed with the column median 70".to_string()
+        ));
+        assert!(d.notes.contains(
+            &"column `outlook`: categorical, encoded sunny=0, overcast=1, rainy day=2".to_string()
+        ));
+    }
+
+    #[test]
+    fn an_openml_style_file() {
+        // The head of OpenML 37 (diabetes) as OpenML serves it: quoted names, `real`, a nominal
+        // class list with spaces, and a comment block.
+        let text = "% 1. Title: Pima Indians Diabetes Database\n\
+            %\n\
+            @relation pima_diabetes\n\
+            @attribute 'preg' real\n\
+            @attribute 'plas' real\n\
+            @attribute 'mass' real\n\
+            @attribute 'class' { tested_negative, tested_positive}\n\
+            @data\n\
+            6,148,33.6,tested_positive\n\
+            1,85,26.6,tested_negative\n\
+            8,183,23.3,tested_positive\n";
+        let d = parse_str(text, "class").unwrap();
+        assert_eq!(d.name, "pima_diabetes");
+        assert_eq!(d.feature_names, vec!["preg", "plas", "mass"]);
+        assert_eq!(d.class_names, vec!["tested_negative", "tested_positive"]);
+        assert_eq!(d.y, vec![1, 0, 1]);
+        assert_eq!(d.x[2], vec![8.0, 183.0, 23.3]);
+        assert!(d.notes.is_empty(), "{:?}", d.notes);
     }
 
     #[test]
@@ -360,7 +419,11 @@ mod tests {
             ("@relation r\n@attribute 'a numeric\n", "d.arff:2: error: a quoted name or value is never closed (missing `'`)"),
         ];
         for (text, expected) in cases {
-            let target = if expected.contains("`class`") { "class" } else { "c" };
+            let target = if expected.contains("`class`") {
+                "class"
+            } else {
+                "c"
+            };
             let err = parse_str(text, target).unwrap_err();
             assert_eq!(err.to_string(), expected);
         }

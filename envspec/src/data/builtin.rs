@@ -15,7 +15,14 @@
 
 use super::{DataError, Dataset};
 
-/// Names accepted by [`DataSource::Builtin`](super::DataSource::Builtin).
+/// Names accepted by [`DataSource::Builtin`](super::DataSource::Builtin):
+///
+/// - `balance_scale`: UCI Balance Scale, all 625 combinations of left-weight, left-distance,
+///   right-weight, right-distance in 1..=5 in the UCI file's order; classes `L, B, R`
+///   (288, 49, 288) by comparing left-weight × left-distance with right-weight × right-distance.
+/// - `tic_tac_toe`: UCI Tic-Tac-Toe Endgame, the 958 boards where a game that x starts ends;
+///   nine features `top-left-square` ... `bottom-right-square` coded blank `b` = 0, `o` = 1,
+///   `x` = 2; classes `negative, positive` (332, 626; positive = x has won).
 pub const BUILTINS: &[&str] = &["balance_scale", "tic_tac_toe"];
 
 pub(super) fn generate(name: &str) -> Result<Dataset, DataError> {
@@ -48,9 +55,14 @@ fn balance_scale() -> Dataset {
     }
     Dataset {
         name: "balance_scale".to_string(),
-        feature_names: ["left-weight", "left-distance", "right-weight", "right-distance"]
-            .map(String::from)
-            .to_vec(),
+        feature_names: [
+            "left-weight",
+            "left-distance",
+            "right-weight",
+            "right-distance",
+        ]
+        .map(String::from)
+        .to_vec(),
         class_names: ["L", "B", "R"].map(String::from).to_vec(),
         x,
         y,
@@ -166,7 +178,11 @@ mod tests {
         assert_eq!(d.feature_names.len(), 9);
         // Among the negatives: 16 draws (full boards) and 316 o wins.
         let full = |r: &Vec<f64>| r.iter().all(|&s| s != 0.0);
-        let draws = d.x.iter().zip(&d.y).filter(|(r, &c)| c == 0 && full(r)).count();
+        let draws =
+            d.x.iter()
+                .zip(&d.y)
+                .filter(|(r, &c)| c == 0 && full(r))
+                .count();
         assert_eq!(draws, 16);
     }
 

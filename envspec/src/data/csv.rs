@@ -37,7 +37,10 @@ pub(super) fn parse(text: &str, path: &Path, target: &str) -> Result<Dataset, Da
     let names: Vec<String> = header.fields.into_iter().map(|(name, _)| name).collect();
     for (i, name) in names.iter().enumerate() {
         if names[..i].contains(name) {
-            return Err(err(header.line, format!("column `{name}` appears twice in the header")));
+            return Err(err(
+                header.line,
+                format!("column `{name}` appears twice in the header"),
+            ));
         }
     }
     let target_index = names.iter().position(|n| n == target).ok_or_else(|| {
@@ -72,13 +75,20 @@ pub(super) fn parse(text: &str, path: &Path, target: &str) -> Result<Dataset, Da
         }
         for (column, (value, quoted)) in columns.iter_mut().zip(record.fields) {
             // A quoted empty string is still no value; a quoted "NA" is the text NA.
-            let missing = if quoted { value.is_empty() } else { table::is_missing_csv(&value) };
+            let missing = if quoted {
+                value.is_empty()
+            } else {
+                table::is_missing_csv(&value)
+            };
             column.values.push(if missing { None } else { Some(value) });
         }
         lines.push(record.line);
     }
     if lines.is_empty() {
-        return Err(err(header.line, "no data rows after the header".to_string()));
+        return Err(err(
+            header.line,
+            "no data rows after the header".to_string(),
+        ));
     }
     table::build(file_stem(path), path, columns, &lines, target_index)
 }
@@ -111,7 +121,10 @@ fn records(text: &str, path: &Path) -> Result<Vec<Record>, DataError> {
             match chars.next() {
                 None => {
                     fields.push(finish(field, quoted));
-                    out.push(Record { line: start, fields });
+                    out.push(Record {
+                        line: start,
+                        fields,
+                    });
                     return Ok(out);
                 }
                 Some('\n') => {
@@ -171,7 +184,10 @@ fn records(text: &str, path: &Path) -> Result<Vec<Record>, DataError> {
                 Some(c) => field.push(c),
             }
         }
-        out.push(Record { line: start, fields });
+        out.push(Record {
+            line: start,
+            fields,
+        });
     }
 }
 
@@ -232,38 +248,60 @@ mod tests {
         assert_eq!(d.feature_names, vec!["a", "b, with comma"]);
         assert_eq!(d.x, vec![vec![1.0, 2.0], vec![0.0, 3.0]]);
         assert_eq!(d.y, vec![0, 1]);
-        assert!(d.notes.iter().any(|n| n.contains("multi\nline=0, x \"1\"=1")), "{:?}", d.notes);
+        assert!(
+            d.notes
+                .iter()
+                .any(|n| n.contains("multi\nline=0, x \"1\"=1")),
+            "{:?}",
+            d.notes
+        );
     }
 
     #[test]
     fn errors_name_the_line() {
         let err = parse_str("a,b,t\n1,2,x\n\n3,4\n", "t").unwrap_err();
-        assert_eq!(err.to_string(), "d.csv:4: error: expected 3 fields as in the header, found 2");
+        assert_eq!(
+            err.to_string(),
+            "d.csv:4: error: expected 3 fields as in the header, found 2"
+        );
         let err = parse_str("a,b\n1,2\n", "label").unwrap_err();
         assert_eq!(
             err.to_string(),
             "d.csv:1: error: no target column `label` in the header; the columns are: a, b"
         );
         let err = parse_str("a,t\n\"1,x\n", "t").unwrap_err();
-        assert_eq!(err.to_string(), "d.csv:2: error: a quoted field is never closed (missing `\"`)");
+        assert_eq!(
+            err.to_string(),
+            "d.csv:2: error: a quoted field is never closed (missing `\"`)"
+        );
         let err = parse_str("a,t\n\"1\"2,x\n", "t").unwrap_err();
         assert_eq!(
             err.to_string(),
             "d.csv:2: error: unexpected `2` after a closing quote; expected `,` or the end of the line"
         );
         let err = parse_str("", "t").unwrap_err();
-        assert_eq!(err.to_string(), "d.csv:1: error: the file is empty; expected a header row");
+        assert_eq!(
+            err.to_string(),
+            "d.csv:1: error: the file is empty; expected a header row"
+        );
         let err = parse_str("a,t\n", "t").unwrap_err();
-        assert_eq!(err.to_string(), "d.csv:1: error: no data rows after the header");
+        assert_eq!(
+            err.to_string(),
+            "d.csv:1: error: no data rows after the header"
+        );
         let err = parse_str("a,a,t\n1,2,x\n", "t").unwrap_err();
-        assert_eq!(err.to_string(), "d.csv:1: error: column `a` appears twice in the header");
+        assert_eq!(
+            err.to_string(),
+            "d.csv:1: error: column `a` appears twice in the header"
+        );
     }
 
     #[test]
     fn a_missing_file_is_an_io_error_naming_it() {
         let err = load(Path::new("/nonexistent/dir/x.csv"), "t").unwrap_err();
         assert!(
-            err.to_string().starts_with("/nonexistent/dir/x.csv: error: cannot read the data file:"),
+            err.to_string()
+                .starts_with("/nonexistent/dir/x.csv: error: cannot read the data file:"),
             "{err}"
         );
     }

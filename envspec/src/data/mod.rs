@@ -99,14 +99,26 @@ impl Dataset {
         counts
     }
 
-    /// Split into train and validation rows for one seed; see [`split`](mod@split) for the
-    /// exact procedure (a plain shuffled split, as CAAFE and the paper use, with a minimal
-    /// deterministic repair so that every kept class appears on both sides when it can).
+    /// Split into train and validation rows for one seed.
     ///
-    /// `max_samples` keeps only the first rows of the shuffle; `train_fraction` gives
-    /// `floor(n * train_fraction)` training rows (at least one row on each side when `n >= 2`).
-    /// Balance Scale with `max_samples = Some(125)` and `0.5` gives 62 training rows, the
-    /// paper's `(62, 4)`.
+    /// The paper follows CAAFE, which shuffles the rows and cuts them (scikit-learn's
+    /// `train_test_split` without stratification), so the split is plain, not stratified:
+    ///
+    /// 1. the row indices are shuffled with [`SplitMix64`] seeded by `seed` (Fisher–Yates), so a
+    ///    seed names the same split on every machine and with every dependency version;
+    /// 2. the first `max_samples` shuffled rows are kept (CAAFE's subsampling), `n` of them;
+    /// 3. the first `floor(n * train_fraction)` kept rows train and the rest validate (clamped
+    ///    to leave at least one row on each side when `n >= 2`);
+    /// 4. repair: a plain cut of a small sample can leave a rare class out of one side, which
+    ///    makes it unlearnable (train) or the ROC AUC undefined (validation). For each class in
+    ///    index order and each side (train, then validation) that lacks it, the first row of
+    ///    that class found elsewhere (on the other side if that side holds two or more of it,
+    ///    else among the rows not kept) is swapped with the last row of this side whose class
+    ///    this side holds at least twice. A class with a single row stays on one side. A split
+    ///    that needs no repair is exactly the plain shuffled cut.
+    ///
+    /// Both sides keep the shuffled order. Balance Scale with `max_samples = Some(125)` and
+    /// `0.5` gives 62 training rows, the paper's `(62, 4)`.
     pub fn split(&self, seed: u64, max_samples: Option<usize>, train_fraction: f64) -> Split {
         split::split(self, seed, max_samples, train_fraction)
     }
@@ -152,6 +164,20 @@ pub enum DataError {
 }
 
 /// Load a data set. Relative file paths resolve against `base_dir` (the spec's folder).
+///
+/// How files become numbers (each step is recorded in [`Dataset::notes`]):
+/// - a missing cell is empty, `?`, `NA`, `N/A`, `NaN` or `nan` in a CSV (quoted `"NA"` is text),
+///   `?` or empty in an ARFF file;
+/// - a column whose present cells are all finite numbers is numeric; its missing cells get the
+///   column median (the mean of the two middle values for an even count);
+/// - any other column is categorical, coded 0, 1, ... in sorted (byte) order of its values, or in
+///   declaration order for an ARFF nominal attribute; its missing cells get the most frequent
+///   code (the smallest on ties); a column without any value is dropped;
+/// - the target's classes are sorted numerically when every label is a number, kept in
+///   declaration order for an ARFF nominal target (classes that never occur are left out), and
+///   sorted otherwise; rows without a label are dropped; at least two classes are required.
+///
+/// The builtins are described in [`BUILTINS`].
 pub fn load(source: &DataSource, base_dir: &Path) -> Result<Dataset, DataError> {
     match source {
         DataSource::Builtin(name) => builtin::generate(name),
@@ -165,4 +191,103 @@ fn file_stem(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The repository's `envs/` folder (the shipped CSVs live in `envs/data/`).
+    fn envs_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("envs")
+    }
+
+    fn csv(file: &str, target: &str) -> DataSource {
+        DataSource::Csv {
+            path: PathBuf::from("data").join(file),
+            target: target.to_string(),
+        }
+    }
+
+    #[test]
+    fn breast_w_has_699_rows_and_its_missing_values_imputed() {
+        let d = load(&csv("breast_w.csv", "class"), &envs_dir()).unwrap();
+        assert_eq!(d.name, "breast_w");
+        assert_eq!((d.x.len(), d.feature_names.len()), (699, 9));
+        assert_eq!(d.class_names, vec!["benign", "malignant"]);
+        assert_eq!(d.class_counts(), vec![458, 241]);
+        assert_eq!(
+            d.notes,
+            vec!["column `Bare_Nuclei`: 16 missing values imputed with the column median 1"]
+        );
+        assert!(d.x.iter().flatten().all(|v| (1.0..=10.0).contains(v)));
+    }
+
+    #[test]
+    fn diabetes_is_mass_pima_with_532_complete_rows() {
+        let d = load(&csv("diabetes.csv", "type"), &envs_dir()).unwrap();
+        assert_eq!(
+            d.feature_names,
+            vec!["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
+        );
+        assert_eq!(d.class_names, vec!["No", "Yes"]);
+        assert_eq!(d.class_counts(), vec![355, 177]);
+        assert!(d.notes.is_empty(), "{:?}", d.notes);
+        // First row of Pima.tr.
+        assert_eq!(d.x[0], vec![5.0, 86.0, 68.0, 28.0, 30.2, 0.364, 24.0]);
+    }
+
+    #[test]
+    fn the_papers_balance_scale_split_has_shape_62_by_4() {
+        let d = load(&DataSource::Builtin("balance_scale".into()), Path::new(".")).unwrap();
+        for seed in 0..5 {
+            let s = d.split(seed, Some(125), 0.5);
+            assert_eq!((s.x_train.len(), s.x_train[0].len()), (62, 4));
+            assert_eq!(s.x_val.len(), 63);
+            for class in 0..3 {
+                assert!(s.y_train.contains(&class) && s.y_val.contains(&class));
+            }
+        }
+    }
+
+    #[test]
+    fn the_paper_subsample_sizes_for_breast_w_and_tic_tac_toe() {
+        let t = load(&DataSource::Builtin("tic_tac_toe".into()), Path::new(".")).unwrap();
+        let s = t.split(0, Some(95), 0.5);
+        assert_eq!((s.x_train.len(), s.x_val.len(), s.n_classes()), (47, 48, 2));
+        let b = load(&csv("breast_w.csv", "class"), &envs_dir()).unwrap();
+        let s = b.split(0, Some(69), 0.5);
+        assert_eq!((s.x_train.len(), s.x_val.len()), (34, 35));
+    }
+
+    #[test]
+    fn split_of_a_fixed_seed_never_changes() {
+        // Pins the shuffle: a change here changes every recorded split.
+        let d = load(&DataSource::Builtin("balance_scale".into()), Path::new(".")).unwrap();
+        let s = d.split(0, Some(125), 0.5);
+        let first: Vec<Vec<f64>> = s.x_train[..3].to_vec();
+        let mut order: Vec<usize> = (0..625).collect();
+        SplitMix64::new(0).shuffle(&mut order);
+        assert_eq!(
+            first,
+            order[..3]
+                .iter()
+                .map(|&i| d.x[i].clone())
+                .collect::<Vec<_>>()
+        );
+        // Computed independently (a Python transcription of SplitMix64 + Fisher–Yates).
+        assert_eq!(&order[..5], &[192, 443, 337, 363, 423]);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_base_dir() {
+        let err = load(&csv("nope.csv", "t"), Path::new("/spec/dir")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/spec/dir/data/nope.csv: error:"),
+            "{err}"
+        );
+    }
 }

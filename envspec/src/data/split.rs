@@ -1,23 +1,4 @@
-//! The per-seed train/validation split.
-//!
-//! The paper follows CAAFE, which shuffles the rows and cuts them (scikit-learn's
-//! `train_test_split` without stratification), so the split here is plain, not stratified:
-//!
-//! 1. the row indices `0..n` are shuffled with [`SplitMix64`] seeded by the seed
-//!    (Fisher–Yates), so a seed names the same split on every machine and forever;
-//! 2. the first `max_samples` shuffled rows are kept (CAAFE's subsampling), `n` of them;
-//! 3. the first `floor(n * train_fraction)` kept rows train and the rest validate
-//!    (clamped to leave at least one row on each side when `n >= 2`);
-//! 4. repair: a plain cut of a small sample can leave a rare class out of one side, which makes
-//!    the model unable to predict it (train) or the ROC AUC undefined (validation). For each class
-//!    in index order and each side (train, then validation) that lacks it, the first row of that
-//!    class found elsewhere (on the other side if that side holds two or more of it, else among
-//!    the rows not kept) is swapped with the last row of this side whose class this side holds
-//!    twice or more. A repair never undoes an earlier one. When no such swap exists (a class with
-//!    a single row), the side stays without it. Splits that need no repair are exactly the plain
-//!    shuffled cut.
-//!
-//! Both sides keep the shuffled order.
+//! The per-seed train/validation split; the procedure is documented on [`Dataset::split`].
 
 use super::{Dataset, Split, SplitMix64};
 
@@ -153,7 +134,12 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, d.split(5, Some(40), 0.5));
         assert_eq!((a.x_train.len(), a.x_val.len()), (20, 20));
-        let mut ids: Vec<usize> = a.x_train.iter().chain(&a.x_val).map(|r| r[0] as usize).collect();
+        let mut ids: Vec<usize> = a
+            .x_train
+            .iter()
+            .chain(&a.x_val)
+            .map(|r| r[0] as usize)
+            .collect();
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), 40);
@@ -180,8 +166,14 @@ mod tests {
         let d = dataset(y, 2);
         for seed in 0..50 {
             let s = d.split(seed, Some(20), 0.5);
-            assert!(s.y_train.contains(&1) && s.y_val.contains(&1), "seed {seed}");
-            assert!(s.y_train.contains(&0) && s.y_val.contains(&0), "seed {seed}");
+            assert!(
+                s.y_train.contains(&1) && s.y_val.contains(&1),
+                "seed {seed}"
+            );
+            assert!(
+                s.y_train.contains(&0) && s.y_val.contains(&0),
+                "seed {seed}"
+            );
         }
     }
 }

@@ -193,21 +193,24 @@ fn encode_target(
             let numeric: Option<Vec<f64>> = labels.iter().map(|l| parse_number(l)).collect();
             match numeric {
                 Some(values) => {
-                    // Group equal numbers ("1" and "1.0") and name each class by its first spelling.
-                    let mut by_value: Vec<(f64, &str)> = Vec::new();
-                    for (v, label) in values.iter().zip(&labels) {
-                        if !by_value.iter().any(|(u, _)| u == v) {
-                            by_value.push((*v, label));
-                        }
+                    // Group equal numbers ("1" and "1.0"; `+ 0.0` folds -0 into 0) and name each
+                    // class by its first spelling.
+                    let values: Vec<f64> = values.iter().map(|v| v + 0.0).collect();
+                    let mut distinct = values.clone();
+                    distinct.sort_by(f64::total_cmp);
+                    distinct.dedup();
+                    let class_of = |v: f64| distinct.binary_search_by(|u| u.total_cmp(&v));
+                    let mut names: Vec<Option<&str>> = vec![None; distinct.len()];
+                    let mut y = Vec::with_capacity(values.len());
+                    for (&v, label) in values.iter().zip(&labels) {
+                        let class = class_of(v).unwrap_or_default();
+                        names[class].get_or_insert(label);
+                        y.push(class);
                     }
-                    by_value.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    let index: Vec<(f64, usize)> =
-                        by_value.iter().enumerate().map(|(i, (v, _))| (*v, i)).collect();
-                    let y = values
-                        .iter()
-                        .map(|v| index.iter().find(|(u, _)| u == v).map_or(0, |(_, i)| *i))
+                    let names = names
+                        .into_iter()
+                        .map(|n| n.unwrap_or_default().to_string())
                         .collect();
-                    let names = by_value.iter().map(|(_, l)| l.to_string()).collect();
                     return Ok((names, y));
                 }
                 None => {
@@ -280,7 +283,9 @@ fn encode_feature(
                 column.name
             ));
         }
-        return Ok(Some(values.into_iter().map(|v| v.unwrap_or(fill)).collect()));
+        return Ok(Some(
+            values.into_iter().map(|v| v.unwrap_or(fill)).collect(),
+        ));
     }
 
     // Categorical: codes in declared order (ARFF nominal) or sorted order.
@@ -326,23 +331,31 @@ fn encode_feature(
         // Most frequent code; BTreeMap order makes the smallest code win ties.
         let mode = counts
             .iter()
-            .fold((0, 0), |best, (&code, &count)| {
-                if count > best.1 {
-                    (code, count)
-                } else {
-                    best
-                }
-            })
+            .fold(
+                (0, 0),
+                |best, (&code, &count)| {
+                    if count > best.1 {
+                        (code, count)
+                    } else {
+                        best
+                    }
+                },
+            )
             .0;
         notes.push(format!(
             "column `{}`: {n_missing} missing values imputed with the most frequent value `{}`",
             column.name, categories[mode]
         ));
         return Ok(Some(
-            codes.into_iter().map(|c| c.unwrap_or(mode) as f64).collect(),
+            codes
+                .into_iter()
+                .map(|c| c.unwrap_or(mode) as f64)
+                .collect(),
         ));
     }
-    Ok(Some(codes.into_iter().map(|c| c.unwrap_or(0) as f64).collect()))
+    Ok(Some(
+        codes.into_iter().map(|c| c.unwrap_or(0) as f64).collect(),
+    ))
 }
 
 #[cfg(test)]
@@ -367,8 +380,16 @@ mod tests {
     #[test]
     fn numeric_target_classes_sort_numerically_and_merge_spellings() {
         let columns = vec![
-            col("a", ColumnKind::Infer, &[Some("1"), Some("2"), Some("3"), Some("4")]),
-            col("t", ColumnKind::Infer, &[Some("10"), Some("2"), Some("2.0"), Some("10")]),
+            col(
+                "a",
+                ColumnKind::Infer,
+                &[Some("1"), Some("2"), Some("3"), Some("4")],
+            ),
+            col(
+                "t",
+                ColumnKind::Infer,
+                &[Some("10"), Some("2"), Some("2.0"), Some("10")],
+            ),
         ];
         let d = build("t".into(), Path::new("f.csv"), columns, &[2, 3, 4, 5], 1).unwrap();
         assert_eq!(d.class_names, vec!["2", "10"]);
@@ -378,14 +399,28 @@ mod tests {
     #[test]
     fn categorical_missing_gets_the_mode_smallest_on_ties() {
         let columns = vec![
-            col("c", ColumnKind::Infer, &[Some("z"), Some("y"), None, Some("z"), Some("y")]),
-            col("t", ColumnKind::Infer, &[Some("a"), Some("b"), Some("a"), Some("b"), Some("a")]),
+            col(
+                "c",
+                ColumnKind::Infer,
+                &[Some("z"), Some("y"), None, Some("z"), Some("y")],
+            ),
+            col(
+                "t",
+                ColumnKind::Infer,
+                &[Some("a"), Some("b"), Some("a"), Some("b"), Some("a")],
+            ),
         ];
         let d = build("t".into(), Path::new("f.csv"), columns, &[2, 3, 4, 5, 6], 1).unwrap();
         // y=0, z=1; both occur twice, so the smaller code (y) fills the gap.
         let codes: Vec<f64> = d.x.iter().map(|r| r[0]).collect();
         assert_eq!(codes, vec![1.0, 0.0, 0.0, 1.0, 0.0]);
-        assert!(d.notes.iter().any(|n| n.contains("most frequent value `y`")), "{:?}", d.notes);
+        assert!(
+            d.notes
+                .iter()
+                .any(|n| n.contains("most frequent value `y`")),
+            "{:?}",
+            d.notes
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod math;
 pub mod optim;
-mod trainer;
+pub(crate) mod trainer;
 
 pub use config::EtpoConfig;
 pub use math::QReadout;

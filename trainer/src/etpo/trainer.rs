@@ -38,6 +38,10 @@ pub struct PhaseTimes {
 
 /// What one update measured. Losses are means over the batch's action tokens, taken before
 /// the optimiser steps; `kl` and `entropy` are of the policy before the update.
+///
+/// PPO-KL fills the same record: `q_loss` is its value head's loss, `q_target_mean` the mean
+/// KL-shaped reward, `q_taken_mean` the mean `V(s)`, and `times.q_step_s` the value head's
+/// steps.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct UpdateMetrics {
     /// Mean squared (or Huber) error of Q on the taken tokens.
@@ -61,6 +65,11 @@ pub struct UpdateMetrics {
     pub action_tokens: usize,
     /// Number of transitions.
     pub transitions: usize,
+    /// PPO-KL only: fraction of action tokens whose ratio left the clip range (last epoch).
+    pub clip_fraction: Option<f64>,
+    /// PPO-KL only: mean per-token `log π_old − log π_new` over the taken tokens (last epoch).
+    pub approx_kl_old_new: Option<f64>,
+    /// Wall-clock time of the phases.
     pub times: PhaseTimes,
 }
 
@@ -178,9 +187,8 @@ impl EtpoTrainer {
             let rows: usize = chunk.iter().map(|s| s.len).sum();
             let tokens = token_tensor(model, chunk_actions(&batch[ci * mb..ci * mb + chunk.len()]))?;
             let tg = Tensor::from_slice(&targets[row0..row0 + rows], rows, model.device())?;
-            let q = math::q_values(&logit_rows(model, chunk, Some(Q), true)?, &ref_logp[ci], readout, beta)?;
-            let taken = math::taken_values(&q, &tokens)?;
-            let loss = (math::q_loss(&taken, &tg, cfg.huber_delta)? * (rows as f64 / total_tokens as f64))?;
+            let (loss, q, taken) = q_loss_chunk(model, chunk, &tokens, &tg, &ref_logp[ci], &cfg)?;
+            let loss = (loss * (rows as f64 / total_tokens as f64))?;
             m.q_loss += loss.to_scalar::<f32>()? as f64;
             q_taken_sum += taken.sum_all()?.to_scalar::<f32>()? as f64;
             accumulate_grads(&mut grads, &q_vars, &loss.backward()?)?;
@@ -202,9 +210,7 @@ impl EtpoTrainer {
                 Some(q) => q.clone(),
                 None => math::q_values(&logit_rows(model, chunk, Some(Q), false)?, &ref_logp[ci], readout, beta)?,
             };
-            let target = math::policy_target_logp(&q, &ref_logp[ci], readout, beta)?;
-            let pol = math::log_softmax(&logit_rows(model, chunk, Some(POLICY), true)?)?;
-            let loss = (math::policy_kl_rows(&pol, &target)?.sum_all()? / total_tokens as f64)?;
+            let loss = (policy_loss_chunk(model, chunk, &q, &ref_logp[ci], &cfg)? / total_tokens as f64)?;
             m.policy_loss += loss.to_scalar::<f32>()? as f64;
             accumulate_grads(&mut grads, &pi_vars, &loss.backward()?)?;
         }
@@ -303,6 +309,35 @@ pub(crate) fn validate_batch(batch: &[Transition]) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// The Q loss of one micro-batch (mean over its rows; gradients reach the Q adapter only),
+/// with the Q-values at the rows and those of the taken tokens.
+fn q_loss_chunk(
+    model: &Llama,
+    spans: &[RowSpan],
+    tokens: &Tensor,
+    targets: &Tensor,
+    ref_logp: &Tensor,
+    cfg: &EtpoConfig,
+) -> Result<(Tensor, Tensor, Tensor), TrainError> {
+    let q = math::q_values(&logit_rows(model, spans, Some(Q), true)?, ref_logp, cfg.q_readout, cfg.beta)?;
+    let taken = math::taken_values(&q, tokens)?;
+    Ok((math::q_loss(&taken, targets, cfg.huber_delta)?, q, taken))
+}
+
+/// The summed per-token policy loss (Eq. 7) of one micro-batch against the Q-values `q`
+/// (constants); gradients reach the policy adapter only.
+fn policy_loss_chunk(
+    model: &Llama,
+    spans: &[RowSpan],
+    q: &Tensor,
+    ref_logp: &Tensor,
+    cfg: &EtpoConfig,
+) -> Result<Tensor, TrainError> {
+    let target = math::policy_target_logp(q, ref_logp, cfg.q_readout, cfg.beta)?;
+    let pol = math::log_softmax(&logit_rows(model, spans, Some(POLICY), true)?)?;
+    Ok(math::policy_kl_rows(&pol, &target)?.sum_all()?)
+}
+
 /// For one micro-batch of spans: the soft value (Eq. 6 bracket) of every row, ρ's log-probs at
 /// the rows (detached), and the sums of KL(π‖ρ) and of π's entropy over the rows.
 fn soft_value_rows(
@@ -319,4 +354,79 @@ fn soft_value_rows(
     let ent = math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
     let values = values.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
     Ok((values, ref_lp, kl, ent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LlamaConfig;
+    use candle_core::{DType, Device};
+
+    fn tiny() -> Llama {
+        let cfg = LlamaConfig {
+            vocab_size: 12,
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 8,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+        };
+        Llama::random(cfg, 4, &Device::Cpu, DType::F32).unwrap()
+    }
+
+    /// Which adapter sets received a non-zero gradient from `loss`.
+    fn touched(model: &Llama, loss: &Tensor) -> Vec<&'static str> {
+        let grads = loss.backward().unwrap();
+        [POLICY, Q, Q_TARGET]
+            .into_iter()
+            .filter(|name| {
+                model.adapter_vars(name).iter().any(|v| {
+                    grads.get(v.as_tensor()).is_some_and(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_loss_reaches_only_its_own_adapter() {
+        let mut model = tiny();
+        let cfg = EtpoConfig { beta: 0.5, ..Default::default() };
+        let _t = EtpoTrainer::new(&mut model, cfg.clone()).unwrap();
+        let spans = vec![RowSpan::action(&[1, 2, 3], &[4, 5]), RowSpan::action(&[6], &[7, 8, 9])];
+        let tokens = token_tensor(&model, vec![4, 5, 7, 8, 9]).unwrap();
+        let targets = Tensor::new(&[1.0f32, -1.0, 0.5, 2.0, 0.0], &Device::Cpu).unwrap();
+        let ref_lp = math::log_softmax(&logit_rows(&model, &spans, None, false).unwrap()).unwrap();
+        for readout in [math::QReadout::Logits, math::QReadout::LogRatio] {
+            let cfg = EtpoConfig { q_readout: readout, ..cfg.clone() };
+            let (q_loss, q, _) = q_loss_chunk(&model, &spans, &tokens, &targets, &ref_lp, &cfg).unwrap();
+            assert_eq!(touched(&model, &q_loss), vec![Q], "{readout}");
+            // A Q that differs from ρ, so that the policy loss has a gradient.
+            let q = (q + targets.unsqueeze(1).unwrap().broadcast_as((5, 12)).unwrap()).unwrap();
+            let pi_loss = policy_loss_chunk(&model, &spans, &q, &ref_lp, &cfg).unwrap();
+            assert_eq!(touched(&model, &pi_loss), vec![POLICY], "{readout}");
+        }
+    }
+
+    #[test]
+    fn invalid_batches_are_rejected_with_the_reason() {
+        let ok = Transition { state: vec![1], action: vec![2], reward: 0.0, next_state: None };
+        assert!(validate_batch(&[ok.clone()]).is_ok());
+        let cases = [
+            (vec![], "no transitions"),
+            (vec![Transition { action: vec![], ..ok.clone() }], "empty action"),
+            (vec![Transition { state: vec![], ..ok.clone() }], "empty state"),
+            (vec![Transition { reward: f64::NAN, ..ok.clone() }], "not finite"),
+            (vec![Transition { next_state: Some(vec![]), ..ok.clone() }], "empty next state"),
+        ];
+        for (batch, why) in cases {
+            let e = validate_batch(&batch).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+    }
 }

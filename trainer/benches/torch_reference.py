@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""The PyTorch + transformers + peft side of `etpo bench model`.
+
+Measures, on the same GGUF and with the same inputs as etpo's side (the prompt's token ids come
+from etpo):
+  - generation tokens/s at the given batch sizes: exactly --new-tokens tokens per row (EOS
+    suppressed with min_new_tokens), temperature/top-k sampling, KV cache, prompt included;
+  - one LoRA training step (peft, rank --rank, all 7 projections, alpha 2*rank, no dropout):
+    forward, mean next-token cross-entropy, backward, AdamW step, on --train-batch x --train-len
+    token ids given by the same formula etpo uses.
+Prints one JSON object on the last line of standard output. Needs `scripts/setup.sh ref`.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def train_ids(batch: int, length: int, vocab: int) -> list:
+    # Must match `train_ids` in src/commands/bench_model.rs.
+    return [[(b * 7919 + t * 104729 + 13) % vocab for t in range(length)] for b in range(batch)]
+
+
+def peak_rss_mb():
+    """This process's peak resident memory. Not ru_maxrss: Linux carries that over from the parent
+    across fork and exec, so it would report etpo's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gguf", type=Path, required=True)
+    p.add_argument("--prompt-ids", type=Path, required=True, help="JSON list of the prompt's token ids")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-len", type=int, default=320)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-generate", action="store_true")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args()
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(str(args.gguf.parent), gguf_file=args.gguf.name)  # for the pad id
+    model = AutoModelForCausalLM.from_pretrained(str(args.gguf.parent), gguf_file=args.gguf.name, dtype=dtype)
+    model.to(device)
+    model.eval()
+    load_s = time.perf_counter() - started
+    result = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "dtype": args.dtype,
+        "load_s": load_s,
+        "generate": [],
+    }
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if not args.skip_generate:
+        # etpo's tokenizer made these ids: both sides run on exactly the same tokens.
+        ids = torch.tensor([json.loads(args.prompt_ids.read_text())], device=device)
+        for batch in [int(b) for b in args.batches.split(",")]:
+            x = ids.repeat(batch, 1)
+            mask = torch.ones_like(x)
+            times = []
+            for rep in range(args.repeats + 1):  # the first run warms up
+                torch.manual_seed(rep)
+                sync()
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out = model.generate(
+                        input_ids=x,
+                        attention_mask=mask,
+                        do_sample=True,
+                        temperature=args.temperature,
+                        top_k=args.top_k,
+                        top_p=1.0,
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        pad_token_id=tok.pad_token_id,
+                    )
+                sync()
+                dt = time.perf_counter() - t0
+                assert out.shape[1] - x.shape[1] == args.new_tokens, out.shape
+                if rep > 0:
+                    times.append(dt)
+            median = statistics.median(times)
+            result["generate"].append(
+                {
+                    "batch": batch,
+                    "prompt_tokens": int(ids.shape[1]),
+                    "new_tokens": args.new_tokens,
+                    "seconds": times,
+                    "tokens_per_s": batch * args.new_tokens / median,
+                }
+            )
+            print(f"torch generate batch {batch}: {batch * args.new_tokens / median:.1f} tokens/s", file=sys.stderr)
+
+    if not args.skip_train:
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets),
+        )
+        peft_model.train()
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        vocab = model.config.vocab_size
+        x = torch.tensor(train_ids(args.train_batch, args.train_len, vocab), device=device)
+        times = []
+        for rep in range(args.repeats + 1):
+            sync()
+            t0 = time.perf_counter()
+            logits = peft_model(input_ids=x).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), x[:, 1:].reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            dt = time.perf_counter() - t0
+            if rep > 0:
+                times.append(dt)
+            del logits, loss
+        result["train"] = {
+            "batch": args.train_batch,
+            "tokens": args.train_len,
+            "rank": args.rank,
+            "trainable_parameters": sum(p.numel() for p in params),
+            "seconds": times,
+            "step_s": statistics.median(times),
+        }
+        print(f"torch LoRA step: {statistics.median(times):.2f} s", file=sys.stderr)
+
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

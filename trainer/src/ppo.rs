@@ -1,0 +1,368 @@
+//! PPO-KL, the paper's baseline: action-level PPO as in RLHF.
+//!
+//! - Reward of an action: `r − β·log(π(a|s)/ρ(a|s))`, with `log π(a|s) = Σ_j log π(w^j|s, w^{1:j-1})`
+//!   under the policy that sampled the batch (the paper, Section 5.2).
+//! - Advantage: one-step TD, `A = r_KL + γ·V(s') − V(s)` (`V(s') = 0` at the end of an episode),
+//!   normalised over the batch; the same advantage for every token of the action.
+//! - Policy loss: the clipped surrogate `−min(ρ_j A, clip(ρ_j, 1−ε, 1+ε) A)` with per-token
+//!   ratios `ρ_j = π_new(w^j|…)/π_old(w^j|…)`, averaged over action tokens, for several epochs.
+//! - Value head: a linear map of the frozen base's last hidden state at the state's last token,
+//!   trained on the TD target `r_KL + γ·V(s')`.
+//!
+//! The policy is the [`POLICY`] adapter set (the same name as ETPO's, so generation code is
+//! shared); ρ is the base without adapter.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use crate::etpo::batch::{accumulate_grads, hidden_rows, token_tensor, RowSpan};
+use crate::etpo::{checkpoint, math, AdamW, AdamWConfig, TrainError, Transition, UpdateMetrics, POLICY};
+use crate::lora::LoraConfig;
+use crate::model::Llama;
+
+const FORMAT: &str = "etpo-ppo-kl-checkpoint/1";
+
+/// Every PPO-KL hyper-parameter (keys of a spec's `training` block; unknown keys are rejected).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PpoConfig {
+    /// β: weight of the per-action KL penalty in the reward (as ETPO's, 0.01).
+    pub beta: f64,
+    /// γ: discount between actions.
+    pub gamma: f64,
+    /// ε of the clipped ratio.
+    pub clip: f64,
+    /// Optimisation epochs over each batch.
+    pub epochs: usize,
+    /// Normalise advantages over the batch (mean 0, std 1).
+    pub normalize_advantages: bool,
+    /// Optimiser of the policy's adapter.
+    pub policy_optim: AdamWConfig,
+    /// Optimiser of the value head.
+    pub value_optim: AdamWConfig,
+    /// Sequences per forward pass (gradients are accumulated over micro-batches).
+    pub micro_batch: usize,
+    /// LoRA rank of the policy's adapter set.
+    pub lora_rank: usize,
+    /// LoRA scaling α.
+    pub lora_alpha: f64,
+    /// Seed of the adapter initialisation.
+    pub seed: u64,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        PpoConfig {
+            beta: 0.01,
+            gamma: 0.99,
+            clip: 0.2,
+            epochs: 4,
+            normalize_advantages: true,
+            policy_optim: AdamWConfig::default(),
+            value_optim: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() },
+            micro_batch: 4,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            seed: 0,
+        }
+    }
+}
+
+impl PpoConfig {
+    /// Check ranges; the message names the offending key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.beta >= 0.0 && self.beta.is_finite()) {
+            return Err(format!("beta must be a non-negative number, got {}", self.beta));
+        }
+        if !(0.0..=1.0).contains(&self.gamma) {
+            return Err(format!("gamma must be in [0, 1], got {}", self.gamma));
+        }
+        if !(self.clip > 0.0 && self.clip < 1.0) {
+            return Err(format!("clip must be in (0, 1), got {}", self.clip));
+        }
+        if self.epochs == 0 || self.micro_batch == 0 || self.lora_rank == 0 {
+            return Err("epochs, micro_batch and lora_rank must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// PPO-KL over a [`Llama`]: the [`POLICY`] adapter set plus a value head on the frozen base.
+pub struct PpoTrainer {
+    cfg: PpoConfig,
+    pi_opt: AdamW,
+    value_opt: AdamW,
+    /// `[H]` weights and `[1]` bias of the value head, in f32.
+    value_w: Var,
+    value_b: Var,
+    updates: u64,
+}
+
+/// Per-action quantities of the sampling policy, computed once per update.
+struct Rollout {
+    /// `log π_old(w^j|…)` of every action token, per micro-batch.
+    old_logp: Vec<Tensor>,
+    /// Base hidden state at each transition's last state token, per micro-batch (`[b, H]`).
+    state_features: Vec<Tensor>,
+    advantages: Vec<f32>,
+    value_targets: Vec<f32>,
+}
+
+impl PpoTrainer {
+    /// Adds the [`POLICY`] adapter set to `model` (B = 0: π starts equal to ρ) and a zero value
+    /// head.
+    pub fn new(model: &mut Llama, cfg: PpoConfig) -> Result<PpoTrainer, TrainError> {
+        cfg.validate().map_err(TrainError::Config)?;
+        let lora = LoraConfig { rank: cfg.lora_rank, alpha: cfg.lora_alpha, ..LoraConfig::default() };
+        model.add_adapter_seeded(POLICY, &lora, cfg.seed)?;
+        let h = model.config().hidden_size;
+        let value_w = Var::zeros(h, DType::F32, model.device())?;
+        let value_b = Var::zeros(1, DType::F32, model.device())?;
+        let pi_opt = AdamW::new(crate::etpo::trainer::named(model.adapter_vars(POLICY)), cfg.policy_optim)?;
+        let value_opt = AdamW::new(vec![("w".into(), value_w.clone()), ("b".into(), value_b.clone())], cfg.value_optim)?;
+        Ok(PpoTrainer { cfg, pi_opt, value_opt, value_w, value_b, updates: 0 })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PpoConfig {
+        &self.cfg
+    }
+
+    /// Updates done so far.
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// `V(s)` from base hidden states `[N, H]`.
+    fn values(&self, features: &Tensor) -> Result<Tensor, TrainError> {
+        let f = features.to_dtype(DType::F32)?;
+        Ok(f.broadcast_mul(&self.value_w.as_tensor().unsqueeze(0)?)?.sum(D::Minus1)?.broadcast_add(self.value_b.as_tensor())?)
+    }
+
+    /// One PPO-KL update on `batch` (transitions sampled by the current policy). `q_loss` of the
+    /// returned metrics is the value head's loss; `kl` and `entropy` are of the policy before
+    /// the update.
+    pub fn update(&mut self, model: &Llama, batch: &[Transition]) -> Result<UpdateMetrics, TrainError> {
+        crate::etpo::trainer::validate_batch(batch)?;
+        let cfg = self.cfg.clone();
+        let mb = cfg.micro_batch;
+        let spans: Vec<RowSpan> = batch.iter().map(|t| RowSpan::action(&t.state, &t.action)).collect();
+        let total_tokens: usize = batch.iter().map(|t| t.action.len()).sum();
+        let mut m = UpdateMetrics {
+            transitions: batch.len(),
+            action_tokens: total_tokens,
+            batch_reward: batch.iter().map(|t| t.reward).sum::<f64>() / batch.len() as f64,
+            ..Default::default()
+        };
+
+        let start = Instant::now();
+        let rollout = self.rollout(model, batch, &spans, &mut m)?;
+        m.times.targets_s = start.elapsed().as_secs_f64();
+
+        // Value head: regression on the TD targets, one step per epoch (features are constants).
+        let start = Instant::now();
+        let value_vars = self.value_opt.vars().to_vec();
+        for epoch in 0..cfg.epochs {
+            let mut grads = vec![None; value_vars.len()];
+            let mut loss_sum = 0.0;
+            for (ci, feats) in rollout.state_features.iter().enumerate() {
+                let lo = ci * mb;
+                let n = feats.dim(0)?;
+                let tg = Tensor::from_slice(&rollout.value_targets[lo..lo + n], n, model.device())?;
+                let loss = ((self.values(feats)? - tg)?.sqr()?.sum_all()? / batch.len() as f64)?;
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                accumulate_grads(&mut grads, &value_vars, &loss.backward()?)?;
+            }
+            if epoch == 0 {
+                m.q_loss = loss_sum;
+                m.q_grad_norm = self.value_opt.step(&grads)?;
+            } else {
+                self.value_opt.step(&grads)?;
+            }
+        }
+        m.times.q_step_s = start.elapsed().as_secs_f64();
+
+        // Policy: clipped surrogate, `epochs` full-batch steps.
+        let start = Instant::now();
+        let pi_vars = self.pi_opt.vars().to_vec();
+        let (mut clipped, mut approx_kl) = (0f64, 0f64);
+        for epoch in 0..cfg.epochs {
+            let mut grads = vec![None; pi_vars.len()];
+            let mut loss_sum = 0.0;
+            let mut row0 = 0;
+            for (ci, chunk) in spans.chunks(mb).enumerate() {
+                let ts = &batch[ci * mb..ci * mb + chunk.len()];
+                let rows: usize = chunk.iter().map(|s| s.len).sum();
+                let tokens = token_tensor(model, crate::etpo::trainer::chunk_actions(ts))?;
+                // The action's advantage repeated over its tokens.
+                let adv: Vec<f32> = ts
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, t)| std::iter::repeat_n(rollout.advantages[ci * mb + i], t.action.len()))
+                    .collect();
+                let adv = Tensor::from_vec(adv, rows, model.device())?;
+                let logits = model.logits(&hidden_rows(model, chunk, Some(POLICY), true)?)?;
+                let logp = math::taken_values(&math::log_softmax(&logits)?, &tokens)?;
+                let log_ratio = (&logp - &rollout.old_logp[ci])?;
+                let ratio = log_ratio.exp()?;
+                let unclipped = (&ratio * &adv)?;
+                let clipped_ratio = ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip)?;
+                let surrogate = unclipped.minimum(&(clipped_ratio * &adv)?)?;
+                let loss = (surrogate.sum_all()?.neg()? / total_tokens as f64)?;
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                if epoch == cfg.epochs - 1 {
+                    let r = ratio.to_vec1::<f32>()?;
+                    clipped += r.iter().filter(|&&x| (x as f64 - 1.0).abs() > cfg.clip).count() as f64;
+                    approx_kl += log_ratio.neg()?.sum_all()?.to_scalar::<f32>()? as f64;
+                }
+                accumulate_grads(&mut grads, &pi_vars, &loss.backward()?)?;
+                row0 += rows;
+            }
+            debug_assert_eq!(row0, total_tokens);
+            let norm = self.pi_opt.step(&grads)?;
+            if epoch == 0 {
+                m.policy_loss = loss_sum;
+                m.policy_grad_norm = norm;
+            }
+        }
+        m.clip_fraction = Some(clipped / total_tokens as f64);
+        m.approx_kl_old_new = Some(approx_kl / total_tokens as f64);
+        m.times.policy_step_s = start.elapsed().as_secs_f64();
+        self.updates += 1;
+        Ok(m)
+    }
+
+    /// Log-probabilities of the sampling policy and ρ, the KL-shaped rewards, values and
+    /// advantages.
+    fn rollout(&self, model: &Llama, batch: &[Transition], spans: &[RowSpan], m: &mut UpdateMetrics) -> Result<Rollout, TrainError> {
+        let cfg = &self.cfg;
+        let mb = cfg.micro_batch;
+        let mut old_logp = Vec::new();
+        let mut state_features = Vec::new();
+        let mut action_log_ratio = Vec::with_capacity(batch.len());
+        let (mut kl_sum, mut ent_sum) = (0f64, 0f64);
+        for (ci, chunk) in spans.chunks(mb).enumerate() {
+            let ts = &batch[ci * mb..ci * mb + chunk.len()];
+            let tokens = token_tensor(model, crate::etpo::trainer::chunk_actions(ts))?;
+            let base_hidden = hidden_rows(model, chunk, None, false)?;
+            let ref_lp = math::log_softmax(&model.logits(&base_hidden)?.detach())?;
+            let pol_lp = math::log_softmax(&model.logits(&hidden_rows(model, chunk, Some(POLICY), false)?)?.detach())?;
+            kl_sum += math::kl_rows(&pol_lp, &ref_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
+            ent_sum += math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
+            let pol_taken = math::taken_values(&pol_lp, &tokens)?;
+            let ref_taken = math::taken_values(&ref_lp, &tokens)?;
+            let diff = (&pol_taken - &ref_taken)?.to_vec1::<f32>()?;
+            // The first row of each action span is the state's last token.
+            let mut first_rows = Vec::with_capacity(chunk.len());
+            let mut row = 0;
+            for (t, s) in ts.iter().zip(chunk) {
+                first_rows.push(row as u32);
+                action_log_ratio.push(diff[row..row + t.action.len()].iter().map(|&x| x as f64).sum::<f64>());
+                row += s.len;
+            }
+            let idx = Tensor::from_vec(first_rows, chunk.len(), model.device())?;
+            state_features.push(base_hidden.index_select(&idx, 0)?.detach());
+            old_logp.push(pol_taken.detach());
+        }
+        let total_tokens = m.action_tokens as f64;
+        m.kl = kl_sum / total_tokens;
+        m.entropy = ent_sum / total_tokens;
+
+        // V(s) of batch states; next states that are not batch states get a base forward pass.
+        let mut state_values: Vec<f64> = Vec::with_capacity(batch.len());
+        for f in &state_features {
+            state_values.extend(self.values(f)?.to_vec1::<f32>()?.into_iter().map(f64::from));
+        }
+        let mut known: HashMap<&[u32], f64> = HashMap::new();
+        for (t, v) in batch.iter().zip(&state_values) {
+            known.entry(&t.state).or_insert(*v);
+        }
+        let mut extra: Vec<&[u32]> = Vec::new();
+        for t in batch {
+            if let Some(s) = &t.next_state {
+                if !known.contains_key(s.as_slice()) && !extra.contains(&s.as_slice()) {
+                    extra.push(s);
+                }
+            }
+        }
+        let extra_spans: Vec<RowSpan> = extra.iter().map(|s| RowSpan::state(s)).collect();
+        let mut extra_values = Vec::new();
+        for chunk in extra_spans.chunks(mb) {
+            let feats = hidden_rows(model, chunk, None, false)?.detach();
+            extra_values.extend(self.values(&feats)?.to_vec1::<f32>()?.into_iter().map(f64::from));
+        }
+        for (s, v) in extra.iter().zip(extra_values) {
+            known.insert(s, v);
+        }
+
+        let mut advantages = Vec::with_capacity(batch.len());
+        let mut value_targets = Vec::with_capacity(batch.len());
+        let mut shaped_sum = 0.0;
+        for (i, t) in batch.iter().enumerate() {
+            let shaped = t.reward - cfg.beta * action_log_ratio[i];
+            shaped_sum += shaped;
+            let next = t.next_state.as_ref().map_or(0.0, |s| known[s.as_slice()]);
+            let target = shaped + cfg.gamma * next;
+            value_targets.push(target as f32);
+            advantages.push(target - state_values[i]);
+        }
+        m.q_target_mean = shaped_sum / batch.len() as f64;
+        m.q_taken_mean = state_values.iter().sum::<f64>() / batch.len() as f64;
+        if cfg.normalize_advantages && advantages.len() > 1 {
+            let n = advantages.len() as f64;
+            let mean = advantages.iter().sum::<f64>() / n;
+            let std = (advantages.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / n).sqrt();
+            for a in &mut advantages {
+                *a = (*a - mean) / (std + 1e-8);
+            }
+        }
+        Ok(Rollout {
+            old_logp,
+            state_features,
+            advantages: advantages.into_iter().map(|a| a as f32).collect(),
+            value_targets,
+        })
+    }
+
+    /// Writes the policy adapter, the value head, both optimisers' states, the counters, the
+    /// configuration and the caller's `extra` state to one file, atomically.
+    pub fn save_checkpoint(&self, model: &Llama, path: &Path, extra: &serde_json::Value) -> Result<(), TrainError> {
+        let mut tensors = checkpoint::var_tensors(&format!("adapter.{POLICY}"), &model.adapter_vars(POLICY));
+        tensors.extend(checkpoint::var_tensors("value_head", &[self.value_w.clone(), self.value_b.clone()]));
+        tensors.extend(checkpoint::optim_tensors("optim.policy", &self.pi_opt));
+        tensors.extend(checkpoint::optim_tensors("optim.value", &self.value_opt));
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), FORMAT.to_string());
+        meta.insert("config".to_string(), crate::etpo::trainer::json(&self.cfg)?);
+        meta.insert("updates".to_string(), self.updates.to_string());
+        meta.insert("policy_steps".to_string(), self.pi_opt.steps().to_string());
+        meta.insert("value_steps".to_string(), self.value_opt.steps().to_string());
+        meta.insert("extra".to_string(), crate::etpo::trainer::json(extra)?);
+        checkpoint::write_atomic(path, &tensors, meta)
+    }
+
+    /// Restores a checkpoint written by [`PpoTrainer::save_checkpoint`]; returns the caller's
+    /// `extra` state.
+    pub fn load_checkpoint(&mut self, model: &Llama, path: &Path) -> Result<serde_json::Value, TrainError> {
+        let (tensors, meta) = checkpoint::read(path, model.device())?;
+        let format = checkpoint::meta(path, &meta, "format")?;
+        if format != FORMAT {
+            return Err(TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("format `{format}`, expected `{FORMAT}` (a PPO-KL trainer checkpoint)"),
+            });
+        }
+        checkpoint::restore_vars(path, &tensors, &format!("adapter.{POLICY}"), &model.adapter_vars(POLICY))?;
+        checkpoint::restore_vars(path, &tensors, "value_head", &[self.value_w.clone(), self.value_b.clone()])?;
+        let pi_steps: u64 = checkpoint::meta_json(path, &meta, "policy_steps")?;
+        let value_steps: u64 = checkpoint::meta_json(path, &meta, "value_steps")?;
+        checkpoint::restore_optim(path, &tensors, "optim.policy", &mut self.pi_opt, pi_steps)?;
+        checkpoint::restore_optim(path, &tensors, "optim.value", &mut self.value_opt, value_steps)?;
+        self.updates = checkpoint::meta_json(path, &meta, "updates")?;
+        checkpoint::meta_json(path, &meta, "extra")
+    }
+}

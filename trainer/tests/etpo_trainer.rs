@@ -1,0 +1,216 @@
+//! ETPO on a tiny random model: the start at ρ, the β limit, the Polyak rule, learning a
+//! one-token reward (and its sign-flipped twin), and exact resume from a checkpoint.
+
+mod etpo_common;
+
+use etpo_common::*;
+use trainer::etpo::{AdamWConfig, EtpoConfig, EtpoTrainer, QReadout, POLICY, Q, Q_TARGET};
+
+const POLYAK: f64 = 0.8;
+
+fn config(readout: QReadout, beta: f64) -> EtpoConfig {
+    let optim = AdamWConfig { lr: 3e-2, ..Default::default() };
+    EtpoConfig { beta, q_readout: readout, q_optim: optim, policy_optim: optim, lora_rank: 4, lora_alpha: 8.0, polyak: POLYAK, ..Default::default() }
+}
+
+/// Trains on the one-token task; returns the expected reward before and after.
+fn learn(readout: QReadout, beta: f64, sign: f64, updates: usize) -> (f64, f64) {
+    let mut model = tiny_model(7);
+    let mut trainer = EtpoTrainer::new(&mut model, config(readout, beta)).unwrap();
+    let mut rng = Rng(11);
+    let before = expected_reward(&model, POLICY, sign);
+    for i in 0..updates {
+        let b = batch(&model, Some(POLICY), 16, sign, &mut rng);
+        let m = trainer.update(&model, &b).unwrap();
+        if std::env::var("ETPO_TEST_VERBOSE").is_ok() {
+            eprintln!("{i}: E[r]={:.3} {:?}", expected_reward(&model, POLICY, sign), m);
+        }
+    }
+    (before, expected_reward(&model, POLICY, sign))
+}
+
+#[test]
+fn learns_to_raise_the_reward_with_both_readouts() {
+    for readout in [QReadout::LogRatio, QReadout::Logits] {
+        let (before, after) = learn(readout, 0.01, 1.0, 30);
+        assert!(after > before + 0.4, "{readout}: expected reward {before:.3} -> {after:.3}");
+    }
+}
+
+#[test]
+fn learns_to_lower_a_negative_reward_with_both_readouts() {
+    for readout in [QReadout::LogRatio, QReadout::Logits] {
+        let (before, after) = learn(readout, 0.01, -1.0, 30);
+        assert!(before < -0.05 && after > before / 3.0, "{readout}: expected reward {before:.3} -> {after:.3}");
+    }
+}
+
+/// Largest |π(w|c) − ρ(w|c)| over the first two decision points of the task.
+fn policy_distance_from_reference(model: &trainer::model::Llama) -> f32 {
+    let mut worst = 0f32;
+    for ctx in [PROMPT.to_vec(), [PROMPT.as_slice(), &[GOOD]].concat(), [PROMPT.as_slice(), &[2]].concat()] {
+        let p = next_probs(model, &ctx, Some(POLICY));
+        let r = next_probs(model, &ctx, None);
+        worst = p.iter().zip(&r).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+    }
+    worst
+}
+
+#[test]
+fn networks_start_at_the_reference_model() {
+    let mut model = tiny_model(3);
+    let _trainer = EtpoTrainer::new(&mut model, config(QReadout::LogRatio, 0.01)).unwrap();
+    assert!(policy_distance_from_reference(&model) < 1e-6);
+    let ctx = PROMPT.to_vec();
+    let (q, r) = (next_probs(&model, &ctx, Some(Q)), next_probs(&model, &ctx, None));
+    assert!(q.iter().zip(&r).all(|(a, b)| (a - b).abs() < 1e-6), "{q:?} vs {r:?}");
+    assert_eq!(adapter_values(&model, Q), adapter_values(&model, Q_TARGET));
+}
+
+#[test]
+fn a_very_large_beta_keeps_the_policy_at_the_reference() {
+    let run = |beta: f64, lr: f64| {
+        let mut model = tiny_model(7);
+        let optim = AdamWConfig { lr, ..Default::default() };
+        let cfg = EtpoConfig { q_optim: optim, policy_optim: optim, ..config(QReadout::LogRatio, beta) };
+        let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
+        let mut rng = Rng(5);
+        for _ in 0..10 {
+            let b = batch(&model, Some(POLICY), 16, 1.0, &mut rng);
+            trainer.update(&model, &b).unwrap();
+        }
+        policy_distance_from_reference(&model)
+    };
+    // With β = 1e4 the policy target ρ·exp(Q/β) is ρ up to the Q-network's optimisation noise
+    // (Adam moves the log-ratio by about lr per step whatever β is).
+    let (small, huge) = (run(0.01, 3e-3), run(1e4, 3e-3));
+    assert!(huge < 0.03, "β = 1e4 moved π by {huge}");
+    assert!(small > 0.3, "β = 0.01 should move π (moved {small})");
+}
+
+#[test]
+fn the_target_moves_by_exactly_the_polyak_rule() {
+    let mut model = tiny_model(3);
+    let mut trainer = EtpoTrainer::new(&mut model, config(QReadout::LogRatio, 0.01)).unwrap();
+    let mut rng = Rng(9);
+    for _ in 0..3 {
+        let target_before = adapter_values(&model, Q_TARGET);
+        let b = batch(&model, Some(POLICY), 8, 1.0, &mut rng);
+        trainer.update(&model, &b).unwrap();
+        let q = adapter_values(&model, Q);
+        let expected: Vec<Vec<f32>> = target_before
+            .iter()
+            .zip(&q)
+            .map(|(t, q)| t.iter().zip(q).map(|(t, q)| (POLYAK * *t as f64 + (1.0 - POLYAK) * *q as f64) as f32).collect())
+            .collect();
+        let diff = max_diff(&adapter_values(&model, Q_TARGET), &expected);
+        assert!(diff < 1e-7, "target off the Polyak rule by {diff}");
+    }
+    // Both trained networks moved away from ρ.
+    assert!(adapter_values(&model, POLICY).iter().flatten().any(|&x| x != 0.0));
+}
+
+#[test]
+fn resume_from_a_checkpoint_gives_the_same_adapters() {
+    let updates = 4;
+    let batches: Vec<_> = {
+        // Fixed batches (sampled once from ρ) so both runs see the same data.
+        let model = tiny_model(1);
+        let mut rng = Rng(2);
+        (0..updates).map(|_| batch(&model, None, 8, 1.0, &mut rng)).collect()
+    };
+    let cfg = config(QReadout::LogRatio, 0.01);
+
+    let mut straight = tiny_model(1);
+    let mut t = EtpoTrainer::new(&mut straight, cfg.clone()).unwrap();
+    for b in &batches {
+        t.update(&straight, b).unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt").join("etpo.safetensors");
+    let mut first = tiny_model(1);
+    let mut t1 = EtpoTrainer::new(&mut first, cfg.clone()).unwrap();
+    for b in &batches[..updates / 2] {
+        t1.update(&first, b).unwrap();
+    }
+    let extra = serde_json::json!({"rng": 12345u64, "env_steps": 16});
+    t1.save_checkpoint(&first, &path, &extra).unwrap();
+    drop((t1, first));
+
+    let mut second = tiny_model(1);
+    let mut t2 = EtpoTrainer::new(&mut second, EtpoConfig { seed: 99, ..cfg }).unwrap();
+    assert_eq!(t2.load_checkpoint(&second, &path).unwrap(), extra);
+    assert_eq!(t2.updates(), (updates / 2) as u64);
+    for b in &batches[updates / 2..] {
+        t2.update(&second, b).unwrap();
+    }
+    for name in [POLICY, Q, Q_TARGET] {
+        let d = max_diff(&adapter_values(&straight, name), &adapter_values(&second, name));
+        assert!(d <= 1e-7, "{name}: resumed run differs by {d}");
+    }
+    // No temporary files are left beside the checkpoint.
+    let names: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn a_bad_checkpoint_is_an_error_with_the_path() {
+    let mut model = tiny_model(1);
+    let mut t = EtpoTrainer::new(&mut model, config(QReadout::LogRatio, 0.01)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.safetensors");
+    std::fs::write(&path, b"not a checkpoint").unwrap();
+    let err = t.load_checkpoint(&model, &path).unwrap_err().to_string();
+    assert!(err.contains("broken.safetensors"), "{err}");
+}
+
+/// Appendix A, Eq. 13, on the tiny model after some training (π ≠ ρ, Q ≠ 0): the token-level
+/// value `E_{w1~π}[Q(s,w1)] − β KL(w1|s)`, with `Q(s,w1)` from the inside-action case of Eq. 6,
+/// equals the action-level `E_{a~π}[Q(s,a)] − β KL(a|s)` over all 16² two-token actions.
+#[test]
+fn eq13_holds_on_the_tiny_model() {
+    use candle_core::{Device, Tensor};
+    use trainer::etpo::math;
+    let beta = 0.05;
+    let mut model = tiny_model(7);
+    let mut trainer = EtpoTrainer::new(&mut model, config(QReadout::LogRatio, beta)).unwrap();
+    let mut rng = Rng(21);
+    for _ in 0..5 {
+        let b = batch(&model, Some(POLICY), 16, 1.0, &mut rng);
+        trainer.update(&model, &b).unwrap();
+    }
+    let v = 16usize;
+    // Last-position logits of `contexts` under `adapter`: [N, V].
+    let rows = |contexts: &[Vec<u32>], adapter: Option<&str>| -> Tensor {
+        let flat: Vec<u32> = contexts.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat, (contexts.len(), contexts[0].len()), &Device::Cpu).unwrap();
+        let logits = model.forward(&ids, None, adapter).unwrap().detach();
+        let t = contexts[0].len();
+        logits.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap()
+    };
+    let root = vec![PROMPT.to_vec()];
+    let inner: Vec<Vec<u32>> = (0..v as u32).map(|w| [PROMPT.as_slice(), &[w]].concat()).collect();
+    let (pi0, rho0) = (math::log_softmax(&rows(&root, Some(POLICY))).unwrap(), math::log_softmax(&rows(&root, None)).unwrap());
+    let (pi1, rho1) = (math::log_softmax(&rows(&inner, Some(POLICY))).unwrap(), math::log_softmax(&rows(&inner, None)).unwrap());
+    // Q(s, w1, w2) of every action: the Q-network's read-out at the contexts (s, w1).
+    let q_last = math::q_values(&rows(&inner, Some(Q)), &rho1, QReadout::LogRatio, beta).unwrap();
+    // Token level: Q(s, w1) = V(s, w1), then the value of s.
+    let q_first = math::soft_values(&pi1, &q_last, &rho1, beta).unwrap().unsqueeze(0).unwrap();
+    let token_level = math::soft_values(&pi0, &q_first, &rho0, beta).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+    // Action level, by enumeration.
+    let (p0, r0) = (pi0.to_vec2::<f32>().unwrap(), rho0.to_vec2::<f32>().unwrap());
+    let (p1, r1, q) = (pi1.to_vec2::<f32>().unwrap(), rho1.to_vec2::<f32>().unwrap(), q_last.to_vec2::<f32>().unwrap());
+    let (mut eq, mut kl) = (0.0f64, 0.0f64);
+    for a in 0..v {
+        for b in 0..v {
+            let lp = p0[0][a] as f64 + p1[a][b] as f64;
+            let lr = r0[0][a] as f64 + r1[a][b] as f64;
+            eq += lp.exp() * q[a][b] as f64;
+            kl += lp.exp() * (lp - lr);
+        }
+    }
+    let action_level = eq - beta * kl;
+    assert!(kl > 1e-4, "the policy should have moved from ρ (KL {kl})");
+    assert!((token_level - action_level).abs() < 1e-5, "token level {token_level} vs action level {action_level}");
+}

@@ -1,0 +1,83 @@
+//! The candle model loaded from the default GGUF (weights dequantised to f32 on CPU) gives the same
+//! logits as transformers' LlamaForCausalLM on the same file (fixtures/logits.json, made by
+//! fixtures/make_fixtures.py), within 1e-3 max absolute difference.
+//! Needs the default model: `scripts/setup.sh model`.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().expect("an array").iter().map(|x| x.as_f64().expect("a number") as f32).collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("an array").iter().map(|x| x.as_u64().expect("an id") as u32).collect()
+}
+
+/// Largest |a - b| over two equally long slices.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn gguf_logits_match_transformers_f32() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/logits.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let fx: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tol = fx["tolerance"].as_f64().expect("tolerance") as f32;
+
+    let model_path = trainer::default_model_path();
+    assert!(model_path.is_file(), "the default model {} is needed: run scripts/setup.sh model", model_path.display());
+    let loaded = trainer::load_model(&model_path, &Device::Cpu).expect("load the default model");
+    let cases = fx["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 3);
+
+    for case in cases {
+        let prompt = case["prompt"].as_str().expect("prompt");
+        let input = ids(&case["input_ids"]);
+        // The fixture's ids come from the reference tokenizer; ours must agree before logits can.
+        assert_eq!(loaded.tokenizer.encode(prompt).expect("encode"), input, "ids of {prompt:?}");
+
+        let t = input.len();
+        let x = Tensor::from_vec(input, (1, t), &Device::Cpu).expect("ids tensor");
+        let logits = loaded.model.forward(&x, None, None).expect("forward");
+        let rows: Vec<Vec<f32>> = logits.squeeze(0).expect("[T, V]").to_vec2().expect("f32 logits");
+        let last = &rows[t - 1];
+        let first = &rows[0];
+
+        let n = floats(&case["last_first"]).len();
+        let mut report = Vec::new();
+        let mut check = |what: &str, got: &[f32], want: &[f32]| {
+            let d = max_abs_diff(got, want);
+            report.push(format!("{what}: {d:.2e}"));
+            assert!(d <= tol, "{prompt:?}: {what} differs by {d} (> {tol})\n  got  {got:?}\n  want {want:?}");
+        };
+        check("last row, first values", &last[..n], &floats(&case["last_first"]));
+        let strided: Vec<f32> = last.iter().step_by(512).copied().collect();
+        check("last row, every 512th", &strided, &floats(&case["last_strided_512"]));
+        let top_ids = ids(&case["last_top_ids"]);
+        let top: Vec<f32> = top_ids.iter().map(|&i| last[i as usize]).collect();
+        check("last row, reference top-k", &top, &floats(&case["last_top_values"]));
+        check("first row", &first[..floats(&case["first_first"]).len()], &floats(&case["first_first"]));
+
+        let argmax = last
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u64)
+            .expect("non-empty row");
+        assert_eq!(Some(argmax), case["last_argmax"].as_u64(), "{prompt:?}: argmax of the last row");
+        let mean = last.iter().map(|&v| f64::from(v)).sum::<f64>() / last.len() as f64;
+        let max = last.iter().copied().fold(f32::MIN, f32::max);
+        let min = last.iter().copied().fold(f32::MAX, f32::min);
+        check("last row, mean/min/max", &[mean as f32, min, max], &[
+            case["last_mean"].as_f64().expect("mean") as f32,
+            case["last_min"].as_f64().expect("min") as f32,
+            case["last_max"].as_f64().expect("max") as f32,
+        ]);
+        eprintln!("{prompt:?}: {}", report.join(", "));
+    }
+}
