@@ -391,7 +391,13 @@ fn a_killed_run_resumes_without_repeating_or_losing_steps() {
     ok(&reference);
 
     let dir = tmp.path().join("killed");
-    let mut child = Command::new(ETPO).args(args("killed")).current_dir(tmp.path()).spawn().unwrap();
+    let mut child = Command::new(ETPO)
+        .args(args("killed"))
+        .current_dir(tmp.path())
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     wait_for_lines(&dir.join("steps.jsonl"), 9, &mut child);
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
@@ -413,6 +419,24 @@ fn a_killed_run_resumes_without_repeating_or_losing_steps() {
     // The summary counts every step once.
     let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
     assert!(csv.lines().any(|l| l.starts_with("balance_scale,all,48,")), "{csv}");
+
+    // A cut chosen so that seed 0's episode has just ended and seed 1's is in progress after a
+    // failure (lines alternate seed 0, seed 1; action 2 of every 3 fails), plus a half-written
+    // line, as a kill during a write leaves it.
+    let cut = tmp.path().join("cut");
+    std::fs::create_dir(&cut).unwrap();
+    std::fs::copy(tmp.path().join("reference/config.json"), cut.join("config.json")).unwrap();
+    let reference_text = std::fs::read_to_string(tmp.path().join("reference/steps.jsonl")).unwrap();
+    let lines: Vec<&str> = reference_text.lines().collect();
+    let last = steps(&tmp.path().join("reference"))[..5].to_vec();
+    assert!(flag(&last[4], "terminated") && !flag(&last[3], "terminated") && !flag(&last[3], "truncated"));
+    let partial = &lines[5][..lines[5].len() / 2];
+    std::fs::write(cut.join("steps.jsonl"), format!("{}\n{partial}", lines[..5].join("\n"))).unwrap();
+    let out = etpo(&["run", "--resume", "cut", "--no-progress"], tmp.path());
+    ok(&out);
+    let mut got: Vec<String> = steps(&cut).iter().map(essence).collect();
+    got.sort();
+    assert_eq!(got, sorted_want, "resumed from the cut, the log holds exactly the uninterrupted run's steps");
 }
 
 #[test]

@@ -4,10 +4,12 @@ use crate::action::Extract;
 use crate::data::{self, DataSource, DatasetSpec};
 use crate::diag::{did_you_mean, Diagnostic, SpecError};
 use crate::spec::{
-    Algorithm, ActionSpec, Evaluation, Example, ExecLimits, Kind, Metric, Multiclass, PromptSpec, RewardSpec,
-    Spec, TrainingOverrides,
+    ActionSpec, Algorithm, Evaluation, Example, ExecLimits, Kind, Metric, Multiclass, PromptFormat,
+    PromptSpec, RewardSpec, Spec, TrainingOverrides,
 };
-use crate::template::{self, TaskContext, ASSEMBLE_VARIABLES, REFLECTION_VARIABLES, TASK_VARIABLES};
+use crate::template::{
+    self, TaskContext, ASSEMBLE_VARIABLES, REFLECTION_VARIABLES, TASK_VARIABLES,
+};
 use crate::yaml::{self, Node, Pos, Style, Typed, Value};
 use std::path::{Path, PathBuf};
 
@@ -28,7 +30,14 @@ pub mod keys {
     ];
     pub const DATASET: &[&str] = &["source", "train_fraction", "seeds", "max_samples"];
     pub const SOURCE: &[&str] = &["builtin", "csv", "arff", "target"];
-    pub const PROMPT: &[&str] = &["format", "template", "reflection", "system", "user", "assistant"];
+    pub const PROMPT: &[&str] = &[
+        "format",
+        "template",
+        "reflection",
+        "system",
+        "user",
+        "assistant",
+    ];
     pub const PROMPT_COMPLETION: &[&str] = &["format", "template", "reflection"];
     pub const PROMPT_CHAT: &[&str] = &["format", "system", "user", "assistant", "reflection"];
     pub const EXAMPLE: &[&str] = &["task", "action"];
@@ -58,14 +67,20 @@ pub mod keys {
 /// The names of `kind:`.
 pub const KINDS: &[(&str, Kind)] = &[("sklearn", Kind::Sklearn)];
 /// The names of `prompt.format:`.
-pub const FORMATS: &[&str] = &["completion", "chat"];
+pub const FORMATS: &[(&str, PromptFormat)] = &[
+    ("completion", PromptFormat::Completion),
+    ("chat", PromptFormat::Chat),
+];
 /// The names of `reward.multiclass:`.
 pub const MULTICLASS: &[(&str, Multiclass)] = &[("ovo", Multiclass::Ovo), ("ovr", Multiclass::Ovr)];
 /// The names of `reward.metric:`.
 pub const METRICS: &[(&str, Metric)] = &[("roc_auc", Metric::RocAuc)];
 /// The names of `training.algorithm:`.
-pub const ALGORITHMS: &[(&str, Algorithm)] =
-    &[("etpo", Algorithm::Etpo), ("ppo_kl", Algorithm::PpoKl), ("reflection", Algorithm::Reflection)];
+pub const ALGORITHMS: &[(&str, Algorithm)] = &[
+    ("etpo", Algorithm::Etpo),
+    ("ppo_kl", Algorithm::PpoKl),
+    ("reflection", Algorithm::Reflection),
+];
 
 /// The default assembly for `kind: sklearn`: the action is the body of the paper's `build_model`.
 pub const DEFAULT_SKLEARN_ASSEMBLE: &str =
@@ -87,7 +102,12 @@ pub fn load_str(source: &str, path: &Path) -> Result<Spec, SpecError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut d = Decoder { diags: Vec::new(), base_dir, templates: Vec::new(), source_pos: None };
+    let mut d = Decoder {
+        diags: Vec::new(),
+        base_dir,
+        templates: Vec::new(),
+        source_pos: None,
+    };
     let spec = match yaml::parse(source) {
         Err(e) => {
             d.diags.push(Diagnostic::at(e.pos, e.message));
@@ -110,7 +130,10 @@ pub fn load_str(source: &str, path: &Path) -> Result<Spec, SpecError> {
         Some(spec) if d.diags.is_empty() => Ok(spec),
         _ => {
             d.diags.sort_by_key(|x| x.pos);
-            Err(SpecError { file: path.to_path_buf(), diagnostics: d.diags })
+            Err(SpecError {
+                file: path.to_path_buf(),
+                diagnostics: d.diags,
+            })
         }
     }
 }
@@ -141,7 +164,10 @@ struct Section<'n> {
 
 impl<'n> Section<'n> {
     fn get(&self, key: &str) -> Option<&'n Node> {
-        self.pairs.iter().find(|(k, _)| key_text(k) == Some(key)).map(|(_, v)| v)
+        self.pairs
+            .iter()
+            .find(|(k, _)| key_text(k) == Some(key))
+            .map(|(_, v)| v)
     }
 
     /// The value, unless missing or null (`key:` with nothing, `~`).
@@ -150,7 +176,10 @@ impl<'n> Section<'n> {
     }
 
     fn key_pos(&self, key: &str) -> Option<Pos> {
-        self.pairs.iter().find(|(k, _)| key_text(k) == Some(key)).map(|(k, _)| k.pos)
+        self.pairs
+            .iter()
+            .find(|(k, _)| key_text(k) == Some(key))
+            .map(|(k, _)| k.pos)
     }
 
     fn field(&self, key: &str) -> String {
@@ -182,38 +211,77 @@ impl Decoder {
     }
 
     fn error_help(&mut self, pos: Pos, message: impl Into<String>, help: Option<String>) {
-        self.diags.push(Diagnostic::at(pos, message).with_help(help));
+        self.diags
+            .push(Diagnostic::at(pos, message).with_help(help));
     }
 
     /// Check that `node` is a mapping with only `allowed` keys.
-    fn section<'n>(&mut self, node: &'n Node, path: &str, pos: Pos, allowed: &[&str]) -> Option<Section<'n>> {
+    fn section<'n>(
+        &mut self,
+        node: &'n Node,
+        path: &str,
+        pos: Pos,
+        allowed: &[&str],
+    ) -> Option<Section<'n>> {
         let Value::Map(pairs) = &node.value else {
-            let what = if path.is_empty() { "the spec".to_string() } else { format!("`{path}`") };
-            self.error(node.pos, format!("{what} must be a mapping (keys: {}), found {}", allowed.join(", "), node.describe()));
+            let what = if path.is_empty() {
+                "the spec".to_string()
+            } else {
+                format!("`{path}`")
+            };
+            self.error(
+                node.pos,
+                format!(
+                    "{what} must be a mapping (keys: {}), found {}",
+                    allowed.join(", "),
+                    node.describe()
+                ),
+            );
             return None;
         };
         for (key, _) in pairs {
             match key_text(key) {
                 Some(k) if allowed.contains(&k) => {}
                 Some(k) => {
-                    let place = if path.is_empty() { "at the top level".to_string() } else { format!("in `{path}`") };
+                    let place = if path.is_empty() {
+                        "at the top level".to_string()
+                    } else {
+                        format!("in `{path}`")
+                    };
                     self.error_help(
                         key.pos,
-                        format!("unknown key `{k}` {place}; expected one of: {}", allowed.join(", ")),
+                        format!(
+                            "unknown key `{k}` {place}; expected one of: {}",
+                            allowed.join(", ")
+                        ),
                         did_you_mean(k, allowed.iter().copied()),
                     );
                 }
-                None => self.error(key.pos, format!("keys must be plain names, found {}", key.describe())),
+                None => self.error(
+                    key.pos,
+                    format!("keys must be plain names, found {}", key.describe()),
+                ),
             }
         }
-        Some(Section { path: path.to_string(), pos, pairs })
+        Some(Section {
+            path: path.to_string(),
+            pos,
+            pairs,
+        })
     }
 
     fn required<'n>(&mut self, sec: &Section<'n>, key: &str, what: &str) -> Option<&'n Node> {
         let node = sec.get(key);
         if node.is_none() {
-            let place = if sec.path.is_empty() { "the spec".to_string() } else { format!("`{}`", sec.path) };
-            self.error(sec.pos, format!("{place} is missing the required key `{key}` ({what})"));
+            let place = if sec.path.is_empty() {
+                "the spec".to_string()
+            } else {
+                format!("`{}`", sec.path)
+            };
+            self.error(
+                sec.pos,
+                format!("{place} is missing the required key `{key}` ({what})"),
+            );
         }
         node
     }
@@ -221,7 +289,10 @@ impl Decoder {
     fn string(&mut self, node: &Node, field: &str) -> Option<String> {
         match node.typed() {
             Some(Typed::Null) | None => {
-                self.error(node.pos, format!("`{field}` must be a string, found {}", node.describe()));
+                self.error(
+                    node.pos,
+                    format!("`{field}` must be a string, found {}", node.describe()),
+                );
                 None
             }
             Some(_) => Some(scalar_text(node)),
@@ -238,7 +309,10 @@ impl Decoder {
                 } else {
                     node.describe().to_string()
                 };
-                self.error(node.pos, format!("`{field}` must be a number, found {found}"));
+                self.error(
+                    node.pos,
+                    format!("`{field}` must be a number, found {found}"),
+                );
                 None
             }
         }
@@ -253,7 +327,10 @@ impl Decoder {
                 } else {
                     node.describe().to_string()
                 };
-                self.error(node.pos, format!("`{field}` must be an integer, found {found}"));
+                self.error(
+                    node.pos,
+                    format!("`{field}` must be an integer, found {found}"),
+                );
                 None
             }
         }
@@ -263,17 +340,29 @@ impl Decoder {
     fn int_at_least(&mut self, node: &Node, field: &str, min: u64, meaning: &str) -> Option<u64> {
         let v = self.integer(node, field)?;
         if v < min as i128 || v > u64::MAX as i128 {
-            self.error(node.pos, format!("`{field}` must be {meaning} (an integer >= {min}), found {v}"));
+            self.error(
+                node.pos,
+                format!("`{field}` must be {meaning} (an integer >= {min}), found {v}"),
+            );
             return None;
         }
         Some(v as u64)
     }
 
     /// A number satisfying `ok`, described by `meaning` when it does not.
-    fn float_where(&mut self, node: &Node, field: &str, ok: fn(f64) -> bool, meaning: &str) -> Option<f64> {
+    fn float_where(
+        &mut self,
+        node: &Node,
+        field: &str,
+        ok: fn(f64) -> bool,
+        meaning: &str,
+    ) -> Option<f64> {
         let v = self.number(node, field)?;
         if !ok(v) {
-            self.error(node.pos, format!("`{field}` must be {meaning}, found {}", scalar_text(node)));
+            self.error(
+                node.pos,
+                format!("`{field}` must be {meaning}, found {}", scalar_text(node)),
+            );
             return None;
         }
         Some(v)
@@ -287,7 +376,10 @@ impl Decoder {
         let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
         self.error_help(
             node.pos,
-            format!("unknown value `{text}` for `{field}`; expected one of: {}", names.join(", ")),
+            format!(
+                "unknown value `{text}` for `{field}`; expected one of: {}",
+                names.join(", ")
+            ),
             did_you_mean(&text, names.iter().copied()),
         );
         None
@@ -295,9 +387,14 @@ impl Decoder {
 
     fn spec(&mut self, root: &Node, path: &Path) -> Option<Spec> {
         let top = self.section(root, "", Pos { line: 1, col: 1 }, keys::TOP)?;
-        let name = self.required(&top, "name", "a short identifier for this environment").and_then(|n| self.string(n, "name"));
+        let name = self
+            .required(&top, "name", "a short identifier for this environment")
+            .and_then(|n| self.string(n, "name"));
         if let (Some(name), Some(node)) = (&name, top.get("name")) {
-            let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            let ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
             if !ok {
                 self.error(node.pos, format!("`name` must be a non-empty identifier of letters, digits, `_`, `-` or `.` (it names output folders), found `{name}`"));
             }
@@ -309,14 +406,18 @@ impl Decoder {
             None => Some(Kind::Sklearn),
             Some(node) => self.choice(node, "kind", KINDS),
         };
-        let dataset = self.required(&top, "dataset", "where the data come from").and_then(|n| self.dataset(n, top.key_pos("dataset")));
+        let dataset = self
+            .required(&top, "dataset", "where the data come from")
+            .and_then(|n| self.dataset(n, top.key_pos("dataset")));
         let examples = match top.opt("examples") {
             None => Some(Vec::new()),
             Some(node) => self.examples(node),
         };
         let format = self.prompt_format(&top);
         let action = self.action(&top, format);
-        let prompt = self.required(&top, "prompt", "the templates of the states").and_then(|n| self.prompt(n, top.key_pos("prompt"), format));
+        let prompt = self
+            .required(&top, "prompt", "the templates of the states")
+            .and_then(|n| self.prompt(n, top.key_pos("prompt"), format));
         let reward = self.reward(&top);
         let max_steps = match top.opt("max_steps") {
             None => Some(DEFAULT_MAX_STEPS),
@@ -325,7 +426,10 @@ impl Decoder {
                 .and_then(|v| match u32::try_from(v) {
                     Ok(v) => Some(v),
                     Err(_) => {
-                        self.error(node.pos, format!("`max_steps` must be at most {}, found {v}", u32::MAX));
+                        self.error(
+                            node.pos,
+                            format!("`max_steps` must be at most {}, found {v}", u32::MAX),
+                        );
                         None
                     }
                 }),
@@ -333,7 +437,12 @@ impl Decoder {
         let limits = self.limits(&top);
         let training = self.training(&top);
 
-        self.check_templates(description.as_deref(), name.as_deref(), dataset.as_ref(), examples.as_deref());
+        self.check_templates(
+            description.as_deref(),
+            name.as_deref(),
+            dataset.as_ref(),
+            examples.as_deref(),
+        );
 
         Some(Spec {
             path: path.to_path_buf(),
@@ -354,11 +463,20 @@ impl Decoder {
     fn dataset(&mut self, node: &Node, pos: Option<Pos>) -> Option<DatasetSpec> {
         let sec = self.section(node, "dataset", pos.unwrap_or(node.pos), keys::DATASET)?;
         let defaults = DatasetSpec::default();
-        let source = self.required(&sec, "source", "`builtin: NAME`, or `csv: PATH` / `arff: PATH` with `target: COLUMN`");
+        let source = self.required(
+            &sec,
+            "source",
+            "`builtin: NAME`, or `csv: PATH` / `arff: PATH` with `target: COLUMN`",
+        );
         let source = source.and_then(|n| self.source(n, sec.key_pos("source")));
         let train_fraction = match sec.opt("train_fraction") {
             None => Some(defaults.train_fraction),
-            Some(n) => self.float_where(n, "dataset.train_fraction", |v| v > 0.0 && v < 1.0, "between 0 and 1 (exclusive)"),
+            Some(n) => self.float_where(
+                n,
+                "dataset.train_fraction",
+                |v| v > 0.0 && v < 1.0,
+                "between 0 and 1 (exclusive)",
+            ),
         };
         let seeds = match sec.opt("seeds") {
             None => Some(defaults.seeds.clone()),
@@ -367,15 +485,31 @@ impl Decoder {
         let max_samples = match sec.opt("max_samples") {
             None => Some(None),
             Some(n) => self
-                .int_at_least(n, "dataset.max_samples", 2, "the number of rows kept after the shuffle")
+                .int_at_least(
+                    n,
+                    "dataset.max_samples",
+                    2,
+                    "the number of rows kept after the shuffle",
+                )
                 .map(|v| Some(v as usize)),
         };
-        Some(DatasetSpec { source: source?, train_fraction: train_fraction?, seeds: seeds?, max_samples: max_samples? })
+        Some(DatasetSpec {
+            source: source?,
+            train_fraction: train_fraction?,
+            seeds: seeds?,
+            max_samples: max_samples?,
+        })
     }
 
     fn seeds(&mut self, node: &Node) -> Option<Vec<u64>> {
         let Value::Seq(items) = &node.value else {
-            self.error(node.pos, format!("`dataset.seeds` must be a list of integers, found {}", node.describe()));
+            self.error(
+                node.pos,
+                format!(
+                    "`dataset.seeds` must be a list of integers, found {}",
+                    node.describe()
+                ),
+            );
             return None;
         };
         if items.is_empty() {
@@ -387,7 +521,10 @@ impl Decoder {
         for item in items {
             match self.int_at_least(item, "dataset.seeds", 0, "a seed") {
                 Some(s) if seeds.contains(&s) => {
-                    self.error(item.pos, format!("seed {s} is listed twice in `dataset.seeds`"));
+                    self.error(
+                        item.pos,
+                        format!("seed {s} is listed twice in `dataset.seeds`"),
+                    );
                     ok = false;
                 }
                 Some(s) => seeds.push(s),
@@ -399,13 +536,25 @@ impl Decoder {
 
     fn source(&mut self, node: &Node, pos: Option<Pos>) -> Option<DataSource> {
         self.source_pos = Some(node.pos);
-        let sec = self.section(node, "dataset.source", pos.unwrap_or(node.pos), keys::SOURCE)?;
-        let present: Vec<&str> = ["builtin", "csv", "arff"].into_iter().filter(|k| sec.get(k).is_some()).collect();
+        let sec = self.section(
+            node,
+            "dataset.source",
+            pos.unwrap_or(node.pos),
+            keys::SOURCE,
+        )?;
+        let present: Vec<&str> = ["builtin", "csv", "arff"]
+            .into_iter()
+            .filter(|k| sec.get(k).is_some())
+            .collect();
         if present.len() != 1 {
             let msg = if present.is_empty() {
-                "`dataset.source` needs one of `builtin: NAME`, `csv: PATH` or `arff: PATH`".to_string()
+                "`dataset.source` needs one of `builtin: NAME`, `csv: PATH` or `arff: PATH`"
+                    .to_string()
             } else {
-                format!("`dataset.source` needs exactly one of `builtin`, `csv` or `arff`, found {}", present.join(" and "))
+                format!(
+                    "`dataset.source` needs exactly one of `builtin`, `csv` or `arff`, found {}",
+                    present.join(" and ")
+                )
             };
             self.error(sec.pos, msg);
             return None;
@@ -420,7 +569,10 @@ impl Decoder {
             if !data::BUILTINS.contains(&name.as_str()) {
                 self.error_help(
                     node.pos,
-                    format!("unknown builtin data set `{name}`; expected one of: {}", data::BUILTINS.join(", ")),
+                    format!(
+                        "unknown builtin data set `{name}`; expected one of: {}",
+                        data::BUILTINS.join(", ")
+                    ),
                     did_you_mean(&name, data::BUILTINS.iter().copied()),
                 );
                 return None;
@@ -443,7 +595,10 @@ impl Decoder {
             self.error_help(
                 file_node.pos,
                 format!("data file `{}` does not exist", resolved.display()),
-                Some(format!("relative paths resolve against the spec's folder `{}`", self.base_dir.display())),
+                Some(format!(
+                    "relative paths resolve against the spec's folder `{}`",
+                    self.base_dir.display()
+                )),
             );
             return None;
         }
@@ -454,22 +609,40 @@ impl Decoder {
         // Stored absolute, so that `data::load(source, any_dir)` finds the file.
         let resolved = std::path::absolute(&resolved).unwrap_or(resolved);
         Some(if present[0] == "csv" {
-            DataSource::Csv { path: resolved, target }
+            DataSource::Csv {
+                path: resolved,
+                target,
+            }
         } else {
-            DataSource::Arff { path: resolved, target }
+            DataSource::Arff {
+                path: resolved,
+                target,
+            }
         })
     }
 
     /// A target column missing from a CSV header is reported at `target:`, with a suggestion.
     /// (Everything else about the file is checked when the data are loaded.)
     fn check_csv_target(&mut self, path: &Path, target: &str, node: &Node) -> bool {
-        let Ok(text) = std::fs::read_to_string(path) else { return true };
-        let header = text.lines().next().unwrap_or("").trim_start_matches('\u{feff}');
-        let columns: Vec<&str> = header.split(',').map(|c| c.trim().trim_matches('"')).collect();
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return true;
+        };
+        let header = text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches('\u{feff}');
+        let columns: Vec<&str> = header
+            .split(',')
+            .map(|c| c.trim().trim_matches('"'))
+            .collect();
         if !columns.contains(&target) {
             self.error_help(
                 node.pos,
-                format!("the data file has no column `{target}`; its columns are: {}", columns.join(", ")),
+                format!(
+                    "the data file has no column `{target}`; its columns are: {}",
+                    columns.join(", ")
+                ),
                 did_you_mean(target, columns.iter().copied()),
             );
             return false;
@@ -479,7 +652,13 @@ impl Decoder {
 
     fn examples(&mut self, node: &Node) -> Option<Vec<Example>> {
         let Value::Seq(items) = &node.value else {
-            self.error(node.pos, format!("`examples` must be a list of `{{task, action}}` mappings, found {}", node.describe()));
+            self.error(
+                node.pos,
+                format!(
+                    "`examples` must be a list of `{{task, action}}` mappings, found {}",
+                    node.describe()
+                ),
+            );
             return None;
         };
         let mut out = Vec::with_capacity(items.len());
@@ -490,8 +669,12 @@ impl Decoder {
                 ok = false;
                 continue;
             };
-            let task = self.required(&sec, "task", "the example's task text").and_then(|n| self.string(n, &sec.field("task")));
-            let action = self.required(&sec, "action", "the action that solves it").and_then(|n| self.string(n, &sec.field("action")));
+            let task = self
+                .required(&sec, "task", "the example's task text")
+                .and_then(|n| self.string(n, &sec.field("task")));
+            let action = self
+                .required(&sec, "action", "the action that solves it")
+                .and_then(|n| self.string(n, &sec.field("action")));
             match (task, action) {
                 (Some(task), Some(action)) => out.push(Example { task, action }),
                 _ => ok = false,
@@ -501,33 +684,53 @@ impl Decoder {
     }
 
     /// The prompt format, read first because other defaults depend on it.
-    fn prompt_format(&mut self, top: &Section<'_>) -> Option<&'static str> {
-        let Some(prompt) = top.get("prompt") else { return Some("completion") };
-        let Value::Map(pairs) = &prompt.value else { return Some("completion") };
-        let Some((_, node)) = pairs.iter().find(|(k, _)| key_text(k) == Some("format")) else {
-            return Some("completion");
+    fn prompt_format(&mut self, top: &Section<'_>) -> Option<PromptFormat> {
+        let Some(prompt) = top.get("prompt") else {
+            return Some(PromptFormat::Completion);
         };
-        let options: Vec<(&str, &'static str)> = FORMATS.iter().map(|f| (*f, *f)).collect();
-        self.choice(node, "prompt.format", &options)
+        let Value::Map(pairs) = &prompt.value else {
+            return Some(PromptFormat::Completion);
+        };
+        match pairs.iter().find(|(k, _)| key_text(k) == Some("format")) {
+            Some((_, node)) if !node.is_null() => self.choice(node, "prompt.format", FORMATS),
+            _ => Some(PromptFormat::Completion),
+        }
     }
 
-    fn prompt(&mut self, node: &Node, pos: Option<Pos>, format: Option<&'static str>) -> Option<PromptSpec> {
+    fn prompt(
+        &mut self,
+        node: &Node,
+        pos: Option<Pos>,
+        format: Option<PromptFormat>,
+    ) -> Option<PromptSpec> {
         let sec = self.section(node, "prompt", pos.unwrap_or(node.pos), keys::PROMPT)?;
         let format = format?;
-        let (allowed, other) = if format == "chat" {
-            (keys::PROMPT_CHAT, "completion")
-        } else {
-            (keys::PROMPT_COMPLETION, "chat")
+        let (allowed, name, other) = match format {
+            PromptFormat::Chat => (keys::PROMPT_CHAT, "chat", "completion"),
+            PromptFormat::Completion => (keys::PROMPT_COMPLETION, "completion", "chat"),
         };
         for (key, _) in sec.pairs {
             if let Some(k) = key_text(key) {
                 if keys::PROMPT.contains(&k) && !allowed.contains(&k) {
-                    self.error(key.pos, format!("`prompt.{k}` belongs to format `{other}`; format `{format}` uses: {}", allowed.join(", ")));
+                    self.error(
+                        key.pos,
+                        format!(
+                            "`prompt.{k}` belongs to format `{other}`; format `{name}` uses: {}",
+                            allowed.join(", ")
+                        ),
+                    );
                 }
             }
         }
-        let template = |d: &mut Self, key: &str, what: &str, role: TemplateRole, required: bool| -> Option<Option<String>> {
-            let node = if required { d.required(&sec, key, what)? } else {
+        let template = |d: &mut Self,
+                        key: &str,
+                        what: &str,
+                        role: TemplateRole,
+                        required: bool|
+         -> Option<Option<String>> {
+            let node = if required {
+                d.required(&sec, key, what)?
+            } else {
                 match sec.opt(key) {
                     Some(n) => n,
                     None => return Some(None),
@@ -538,11 +741,23 @@ impl Decoder {
             d.templates.push((field, node.clone(), role));
             Some(Some(text))
         };
-        if format == "chat" {
+        if format == PromptFormat::Chat {
             let system = template(self, "system", "", TemplateRole::Initial, false);
-            let user = template(self, "user", "the user message stating the task", TemplateRole::Initial, true);
+            let user = template(
+                self,
+                "user",
+                "the user message stating the task",
+                TemplateRole::Initial,
+                true,
+            );
             let assistant = template(self, "assistant", "", TemplateRole::Reflection, false);
-            let reflection = template(self, "reflection", "the user message after a failed action (variables `error`, `action`)", TemplateRole::Reflection, true);
+            let reflection = template(
+                self,
+                "reflection",
+                "the user message after a failed action (variables `error`, `action`)",
+                TemplateRole::Reflection,
+                true,
+            );
             Some(PromptSpec::Chat {
                 system: system?,
                 user: user??,
@@ -550,16 +765,39 @@ impl Decoder {
                 reflection: reflection??,
             })
         } else {
-            let initial = template(self, "template", "the first state η(g)", TemplateRole::Initial, true);
-            let reflection = template(self, "reflection", "the state η(g, a, e) after a failed action", TemplateRole::Reflection, true);
-            Some(PromptSpec::Completion { template: initial??, reflection: reflection?? })
+            let initial = template(
+                self,
+                "template",
+                "the first state η(g)",
+                TemplateRole::Initial,
+                true,
+            );
+            let reflection = template(
+                self,
+                "reflection",
+                "the state η(g, a, e) after a failed action",
+                TemplateRole::Reflection,
+                true,
+            );
+            Some(PromptSpec::Completion {
+                template: initial??,
+                reflection: reflection??,
+            })
         }
     }
 
-    fn action(&mut self, top: &Section<'_>, format: Option<&'static str>) -> Option<ActionSpec> {
-        let default_extract = if format == Some("chat") { Extract::Fenced } else { Extract::UntilUnindented };
+    fn action(&mut self, top: &Section<'_>, format: Option<PromptFormat>) -> Option<ActionSpec> {
+        let default_extract = if format == Some(PromptFormat::Chat) {
+            Extract::Fenced
+        } else {
+            Extract::UntilUnindented
+        };
         let Some(node) = top.opt("action") else {
-            self.templates.push(("action.assemble".into(), synthetic(DEFAULT_SKLEARN_ASSEMBLE), TemplateRole::Assemble));
+            self.templates.push((
+                "action.assemble".into(),
+                synthetic(DEFAULT_SKLEARN_ASSEMBLE),
+                TemplateRole::Assemble,
+            ));
             return Some(ActionSpec {
                 extract: default_extract,
                 stop: Vec::new(),
@@ -567,7 +805,12 @@ impl Decoder {
                 assemble: DEFAULT_SKLEARN_ASSEMBLE.to_string(),
             });
         };
-        let sec = self.section(node, "action", top.key_pos("action").unwrap_or(node.pos), keys::ACTION)?;
+        let sec = self.section(
+            node,
+            "action",
+            top.key_pos("action").unwrap_or(node.pos),
+            keys::ACTION,
+        )?;
         let extract = match sec.opt("extract") {
             None => Some(default_extract),
             Some(n) => self.choice(n, "action.extract", &Extract::NAMES),
@@ -579,10 +822,13 @@ impl Decoder {
         if let (Some(extract), Some(stop)) = (extract, &stop) {
             if extract == Extract::Stop && stop.is_empty() {
                 let pos = sec.opt("extract").map_or(sec.pos, |n| n.pos);
-                self.error(pos, "`action.extract: stop` needs at least one stop sequence in `action.stop`");
+                self.error(
+                    pos,
+                    "`action.extract: stop` needs at least one stop sequence in `action.stop`",
+                );
             }
             if extract == Extract::Fenced {
-                if let (Some(Value::Seq(items)), true) = (sec.opt("stop").map(|n| &n.value), true) {
+                if let Some(Value::Seq(items)) = sec.opt("stop").map(|n| &n.value) {
                     for (item, s) in items.iter().zip(stop) {
                         if s.contains("```") {
                             self.error(item.pos, "a stop sequence containing ``` would cut a fenced answer at its opening fence; remove it for `extract: fenced`");
@@ -593,27 +839,48 @@ impl Decoder {
         }
         let max_new_tokens = match sec.opt("max_new_tokens") {
             None => Some(DEFAULT_MAX_NEW_TOKENS),
-            Some(n) => self.int_at_least(n, "action.max_new_tokens", 1, "a number of tokens").map(|v| v as usize),
+            Some(n) => self
+                .int_at_least(n, "action.max_new_tokens", 1, "a number of tokens")
+                .map(|v| v as usize),
         };
         let assemble = match sec.opt("assemble") {
             None => {
-                self.templates.push(("action.assemble".into(), synthetic(DEFAULT_SKLEARN_ASSEMBLE), TemplateRole::Assemble));
+                self.templates.push((
+                    "action.assemble".into(),
+                    synthetic(DEFAULT_SKLEARN_ASSEMBLE),
+                    TemplateRole::Assemble,
+                ));
                 Some(DEFAULT_SKLEARN_ASSEMBLE.to_string())
             }
             Some(n) => {
                 let text = self.string(n, "action.assemble");
                 if text.is_some() {
-                    self.templates.push(("action.assemble".into(), n.clone(), TemplateRole::Assemble));
+                    self.templates.push((
+                        "action.assemble".into(),
+                        n.clone(),
+                        TemplateRole::Assemble,
+                    ));
                 }
                 text
             }
         };
-        Some(ActionSpec { extract: extract?, stop: stop?, max_new_tokens: max_new_tokens?, assemble: assemble? })
+        Some(ActionSpec {
+            extract: extract?,
+            stop: stop?,
+            max_new_tokens: max_new_tokens?,
+            assemble: assemble?,
+        })
     }
 
     fn string_list(&mut self, node: &Node, field: &str) -> Option<Vec<String>> {
         let Value::Seq(items) = &node.value else {
-            self.error(node.pos, format!("`{field}` must be a list of strings, found {}", node.describe()));
+            self.error(
+                node.pos,
+                format!(
+                    "`{field}` must be a list of strings, found {}",
+                    node.describe()
+                ),
+            );
             return None;
         };
         let mut out = Vec::new();
@@ -638,8 +905,15 @@ impl Decoder {
             failure_reward: -1.0,
             evaluation: Evaluation::SingleSplit,
         };
-        let Some(node) = top.opt("reward") else { return Some(reward) };
-        let sec = self.section(node, "reward", top.key_pos("reward").unwrap_or(node.pos), keys::REWARD)?;
+        let Some(node) = top.opt("reward") else {
+            return Some(reward);
+        };
+        let sec = self.section(
+            node,
+            "reward",
+            top.key_pos("reward").unwrap_or(node.pos),
+            keys::REWARD,
+        )?;
         let mut ok = true;
         if let Some(n) = sec.opt("metric") {
             match self.choice(n, "reward.metric", METRICS) {
@@ -682,18 +956,33 @@ impl Decoder {
             }
             Value::Map(_) => {
                 let sec = self.section(node, "reward.evaluation", node.pos, keys::EVALUATION)?;
-                let n = self.required(&sec, "mean_of_splits", "the number of random splits to average")?;
-                let v = self.int_at_least(n, "reward.evaluation.mean_of_splits", 1, "a number of splits")?;
+                let n = self.required(
+                    &sec,
+                    "mean_of_splits",
+                    "the number of random splits to average",
+                )?;
+                let v = self.int_at_least(
+                    n,
+                    "reward.evaluation.mean_of_splits",
+                    1,
+                    "a number of splits",
+                )?;
                 match u32::try_from(v) {
                     Ok(v) => Some(Evaluation::MeanOfSplits(v)),
                     Err(_) => {
-                        self.error(n.pos, format!("`reward.evaluation.mean_of_splits` is too large: {v}"));
+                        self.error(
+                            n.pos,
+                            format!("`reward.evaluation.mean_of_splits` is too large: {v}"),
+                        );
                         None
                     }
                 }
             }
             Value::Seq(_) => {
-                self.error(node.pos, format!("`reward.evaluation` must be {EXPECTED}, found a list"));
+                self.error(
+                    node.pos,
+                    format!("`reward.evaluation` must be {EXPECTED}, found a list"),
+                );
                 None
             }
         }
@@ -701,22 +990,42 @@ impl Decoder {
 
     fn limits(&mut self, top: &Section<'_>) -> Option<ExecLimits> {
         let mut limits = ExecLimits::default();
-        let Some(node) = top.opt("limits") else { return Some(limits) };
-        let sec = self.section(node, "limits", top.key_pos("limits").unwrap_or(node.pos), keys::LIMITS)?;
+        let Some(node) = top.opt("limits") else {
+            return Some(limits);
+        };
+        let sec = self.section(
+            node,
+            "limits",
+            top.key_pos("limits").unwrap_or(node.pos),
+            keys::LIMITS,
+        )?;
         let mut ok = true;
         let positive = |v: f64| v > 0.0;
         for (key, slot) in [("wall_s", &mut limits.wall_s), ("cpu_s", &mut limits.cpu_s)] {
             if let Some(n) = sec.opt(key) {
-                match self.float_where(n, &sec.field(key), positive, "a positive number of seconds") {
+                match self.float_where(n, &sec.field(key), positive, "a positive number of seconds")
+                {
                     Some(v) => *slot = v,
                     None => ok = false,
                 }
             }
         }
         for (key, slot, unit) in [
-            ("memory_mb", &mut limits.memory_mb, "a positive number of MiB"),
-            ("output_kb", &mut limits.output_kb, "a positive number of KiB"),
-            ("max_processes", &mut limits.max_processes, "a positive number of processes"),
+            (
+                "memory_mb",
+                &mut limits.memory_mb,
+                "a positive number of MiB",
+            ),
+            (
+                "output_kb",
+                &mut limits.output_kb,
+                "a positive number of KiB",
+            ),
+            (
+                "max_processes",
+                &mut limits.max_processes,
+                "a positive number of processes",
+            ),
         ] {
             if let Some(n) = sec.opt(key) {
                 match self.int_at_least(n, &sec.field(key), 1, unit) {
@@ -730,14 +1039,22 @@ impl Decoder {
 
     fn training(&mut self, top: &Section<'_>) -> Option<TrainingOverrides> {
         let mut t = TrainingOverrides::default();
-        let Some(node) = top.opt("training") else { return Some(t) };
-        let sec = self.section(node, "training", top.key_pos("training").unwrap_or(node.pos), keys::TRAINING)?;
+        let Some(node) = top.opt("training") else {
+            return Some(t);
+        };
+        let sec = self.section(
+            node,
+            "training",
+            top.key_pos("training").unwrap_or(node.pos),
+            keys::TRAINING,
+        )?;
         let before = self.diags.len();
         if let Some(n) = sec.opt("algorithm") {
             t.algorithm = self.choice(n, "training.algorithm", ALGORITHMS);
         }
         let count = |d: &mut Self, key: &str, meaning: &str| -> Option<u64> {
-            sec.opt(key).and_then(|n| d.int_at_least(n, &sec.field(key), 1, meaning))
+            sec.opt(key)
+                .and_then(|n| d.int_at_least(n, &sec.field(key), 1, meaning))
         };
         t.steps = count(self, "steps", "a number of environment steps");
         t.batch_size = count(self, "batch_size", "a number of actions").map(|v| v as usize);
@@ -745,13 +1062,29 @@ impl Decoder {
         t.lora_rank = count(self, "lora_rank", "a rank").map(|v| v as usize);
         t.epochs = count(self, "epochs", "a number of passes").map(|v| v as usize);
         let float = |d: &mut Self, key: &str, ok: fn(f64) -> bool, meaning: &str| -> Option<f64> {
-            sec.opt(key).and_then(|n| d.float_where(n, &sec.field(key), ok, meaning))
+            sec.opt(key)
+                .and_then(|n| d.float_where(n, &sec.field(key), ok, meaning))
         };
         t.lr = float(self, "lr", |v| v > 0.0, "a positive number");
         t.beta = float(self, "beta", |v| v >= 0.0, "a number >= 0");
-        t.gamma = float(self, "gamma", |v| (0.0..=1.0).contains(&v), "between 0 and 1");
-        t.polyak = float(self, "polyak", |v| (0.0..=1.0).contains(&v), "between 0 and 1");
-        t.temperature = float(self, "temperature", |v| v >= 0.0, "a number >= 0 (0 is greedy)");
+        t.gamma = float(
+            self,
+            "gamma",
+            |v| (0.0..=1.0).contains(&v),
+            "between 0 and 1",
+        );
+        t.polyak = float(
+            self,
+            "polyak",
+            |v| (0.0..=1.0).contains(&v),
+            "between 0 and 1",
+        );
+        t.temperature = float(
+            self,
+            "temperature",
+            |v| v >= 0.0,
+            "a number >= 0 (0 is greedy)",
+        );
         t.top_p = float(self, "top_p", |v| v > 0.0 && v <= 1.0, "in (0, 1]");
         t.lora_alpha = float(self, "lora_alpha", |v| v > 0.0, "a positive number");
         t.grad_clip = float(self, "grad_clip", |v| v > 0.0, "a positive number");
@@ -799,14 +1132,20 @@ impl Decoder {
             }
         }
         let templates = std::mem::take(&mut self.templates);
-        let sample_action = "from sklearn.svm import SVC\nmodel = SVC()\nmodel.fit(x_train, y_train)\nreturn model";
-        let sample_program = crate::spec::assemble(DEFAULT_SKLEARN_ASSEMBLE, sample_action).unwrap_or_default();
+        let sample_action =
+            "from sklearn.svm import SVC\nmodel = SVC()\nmodel.fit(x_train, y_train)\nreturn model";
+        let sample_program =
+            crate::spec::assemble(DEFAULT_SKLEARN_ASSEMBLE, sample_action).unwrap_or_default();
         let task = minijinja::Value::from_serialize(&ctx);
         for (field, node, role) in &templates {
             let (known, vars): (Vec<&str>, minijinja::Value) = match role {
                 TemplateRole::Initial => (TASK_VARIABLES.to_vec(), task.clone()),
                 TemplateRole::Reflection => (
-                    TASK_VARIABLES.iter().chain(REFLECTION_VARIABLES.iter()).copied().collect(),
+                    TASK_VARIABLES
+                        .iter()
+                        .chain(REFLECTION_VARIABLES.iter())
+                        .copied()
+                        .collect(),
                     minijinja::context! {
                         action => sample_action,
                         error => "AttributeError: predict_proba is not available when probability=False",
@@ -814,35 +1153,62 @@ impl Decoder {
                         ..task.clone()
                     },
                 ),
-                TemplateRole::Assemble => (ASSEMBLE_VARIABLES.to_vec(), minijinja::Value::UNDEFINED),
+                TemplateRole::Assemble => {
+                    (ASSEMBLE_VARIABLES.to_vec(), minijinja::Value::UNDEFINED)
+                }
             };
             self.check_template(field, node, &known, vars, *role);
         }
     }
 
-    fn check_template(&mut self, field: &str, node: &Node, known: &[&str], vars: minijinja::Value, role: TemplateRole) {
-        let Value::Scalar { text: source, .. } = &node.value else { return };
+    fn check_template(
+        &mut self,
+        field: &str,
+        node: &Node,
+        known: &[&str],
+        vars: minijinja::Value,
+        role: TemplateRole,
+    ) {
+        let Value::Scalar { text: source, .. } = &node.value else {
+            return;
+        };
         let env = template::environment();
         let globals: Vec<String> = env.globals().map(|(k, _)| k.to_string()).collect();
         let compiled = match env.template_from_str(source) {
             Ok(t) => t,
             Err(e) => {
                 let pos = self.error_pos(node, source, &e);
-                self.error(pos, format!("template syntax error in `{field}`: {}", template::describe(&e)));
+                self.error(
+                    pos,
+                    format!(
+                        "template syntax error in `{field}`: {}",
+                        template::describe(&e)
+                    ),
+                );
                 return;
             }
         };
         let used = compiled.undeclared_variables(false);
-        let mut unknown: Vec<&String> =
-            used.iter().filter(|v| !known.contains(&v.as_str()) && !globals.contains(v)).collect();
+        let mut unknown: Vec<&String> = used
+            .iter()
+            .filter(|v| !known.contains(&v.as_str()) && !globals.contains(v))
+            .collect();
         unknown.sort();
         for var in &unknown {
-            let pos = find_variable(source, var).map_or(node.pos, |(l, c)| self.file_pos(node, l, c));
+            let pos =
+                find_variable(source, var).map_or(node.pos, |(l, c)| self.file_pos(node, l, c));
             let help = did_you_mean(var, known.iter().copied())
                 .unwrap_or_else(|| format!("available variables: {}", known.join(", ")));
-            self.error_help(pos, format!("unknown template variable `{var}` in `{field}`"), Some(help));
+            self.error_help(
+                pos,
+                format!("unknown template variable `{var}` in `{field}`"),
+                Some(help),
+            );
         }
-        if role == TemplateRole::Assemble && !used.contains("action") && !used.contains("raw_action") {
+        if role == TemplateRole::Assemble
+            && !used.contains("action")
+            && !used.contains("raw_action")
+        {
             self.error_help(
                 node.pos,
                 "`action.assemble` never uses `{{ action }}`, so the model's action would never run",
@@ -859,7 +1225,13 @@ impl Decoder {
         };
         if let Err(e) = compiled.render(vars) {
             let pos = self.error_pos(node, source, &e);
-            self.error(pos, format!("`{field}` fails to render against a sample task: {}", template::describe(&e)));
+            self.error(
+                pos,
+                format!(
+                    "`{field}` fails to render against a sample task: {}",
+                    template::describe(&e)
+                ),
+            );
         }
     }
 
@@ -877,16 +1249,25 @@ impl Decoder {
     /// Map a 1-based (line, column) inside a template to the spec file.
     fn file_pos(&self, node: &Node, line: usize, col: usize) -> Pos {
         match &node.value {
-            Value::Scalar { text, style: Style::Block } => {
+            Value::Scalar {
+                text,
+                style: Style::Block,
+            } => {
                 // The parser places a block scalar at its first non-blank content line, at the
                 // block's indentation; leading blank lines are part of the text.
                 let leading_blank = text.len() - text.trim_start_matches('\n').len();
                 let first = node.pos.line.saturating_sub(leading_blank).max(1);
-                Pos { line: first + line - 1, col: node.pos.col - 1 + col }
+                Pos {
+                    line: first + line - 1,
+                    col: node.pos.col - 1 + col,
+                }
             }
             Value::Scalar { style, .. } if line == 1 => {
                 let quote = usize::from(*style == Style::Quoted);
-                Pos { line: node.pos.line, col: node.pos.col + quote + col - 1 }
+                Pos {
+                    line: node.pos.line,
+                    col: node.pos.col + quote + col - 1,
+                }
             }
             _ => node.pos,
         }
@@ -895,7 +1276,13 @@ impl Decoder {
 
 /// A node for a built-in template (no position in the file: diagnostics point at 1:1).
 fn synthetic(text: &str) -> Node {
-    Node { pos: Pos { line: 1, col: 1 }, value: Value::Scalar { text: text.to_string(), style: Style::Quoted } }
+    Node {
+        pos: Pos { line: 1, col: 1 },
+        value: Value::Scalar {
+            text: text.to_string(),
+            style: Style::Quoted,
+        },
+    }
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -919,13 +1306,16 @@ fn find_variable(source: &str, name: &str) -> Option<(usize, usize)> {
                 continue;
             }
         };
-        let end = source[open + 2..].find(close).map_or(source.len(), |e| open + 2 + e);
+        let end = source[open + 2..]
+            .find(close)
+            .map_or(source.len(), |e| open + 2 + e);
         let tag = &source[open + 2..end];
         let mut from = 0;
         while let Some(at) = tag[from..].find(name).map(|a| a + from) {
             let before = tag[..at].chars().next_back();
             let after = tag[at + name.len()..].chars().next();
-            let ident = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.');
+            let ident =
+                |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.');
             if !ident(before) && !after.is_some_and(|c| c.is_alphanumeric() || c == '_') {
                 return Some(line_col(source, open + 2 + at));
             }

@@ -2,18 +2,21 @@
 
 use super::*;
 
-    #[test]
-    fn line_col_counts_characters() {
-        assert_eq!(line_col("ab\ncé{{", 6), (2, 3));
-        assert_eq!(line_col("x", 0), (1, 1));
-    }
+#[test]
+fn line_col_counts_characters() {
+    assert_eq!(line_col("ab\ncé{{", 6), (2, 3));
+    assert_eq!(line_col("x", 0), (1, 1));
+}
 
-    #[test]
-    fn find_variable_only_inside_tags() {
-        assert_eq!(find_variable("shape {{ shape }}", "shape"), Some((1, 10)));
-        assert_eq!(find_variable("a\n{% for x in shapes %}{{ shape }}", "shape"), Some((2, 25)));
-        assert_eq!(find_variable("{{ x.shape }}", "shape"), None);
-    }
+#[test]
+fn find_variable_only_inside_tags() {
+    assert_eq!(find_variable("shape {{ shape }}", "shape"), Some((1, 10)));
+    assert_eq!(
+        find_variable("a\n{% for x in shapes %}{{ shape }}", "shape"),
+        Some((2, 25))
+    );
+    assert_eq!(find_variable("{{ x.shape }}", "shape"), None);
+}
 
 /// A valid spec of 8 lines; tests append to it (their lines start at 9) or edit it.
 const BASE: &str = "name: t
@@ -42,7 +45,10 @@ fn the_base_spec_is_valid_and_has_the_defaults() {
     let s = spec(BASE);
     assert_eq!(s.name, "t");
     assert_eq!(s.kind, Kind::Sklearn);
-    assert_eq!(s.dataset.source, DataSource::Builtin("balance_scale".into()));
+    assert_eq!(
+        s.dataset.source,
+        DataSource::Builtin("balance_scale".into())
+    );
     assert_eq!(s.dataset.train_fraction, 0.5);
     assert_eq!(s.dataset.seeds, vec![0, 1, 2, 3, 4]);
     assert_eq!(s.dataset.max_samples, None);
@@ -76,7 +82,13 @@ training: {{algorithm: etpo, steps: 100, batch_size: 4, lr: 1e-4, beta: 0.1, gam
   temperature: 0.5, top_k: 50, top_p: 0.95, lora_rank: 8, lora_alpha: 16, epochs: 1, grad_clip: 1.0, clip_eps: 0.2}}
 "
     ));
-    assert_eq!(s.examples, vec![Example { task: "iris".into(), action: "SVC()".into() }]);
+    assert_eq!(
+        s.examples,
+        vec![Example {
+            task: "iris".into(),
+            action: "SVC()".into()
+        }]
+    );
     assert_eq!(s.action.extract, Extract::FirstLine);
     assert_eq!(s.action.stop, vec!["\n".to_string()]);
     assert_eq!(s.action.max_new_tokens, 32);
@@ -84,7 +96,16 @@ training: {{algorithm: etpo, steps: 100, batch_size: 4, lr: 1e-4, beta: 0.1, gam
     assert_eq!(s.reward.failure_reward, -0.5);
     assert_eq!(s.reward.evaluation, Evaluation::MeanOfSplits(5));
     assert_eq!(s.max_steps, 3);
-    assert_eq!(s.limits, ExecLimits { wall_s: 1.5, cpu_s: 2.0, memory_mb: 512, output_kb: 8, max_processes: 4 });
+    assert_eq!(
+        s.limits,
+        ExecLimits {
+            wall_s: 1.5,
+            cpu_s: 2.0,
+            memory_mb: 512,
+            output_kb: 8,
+            max_processes: 4
+        }
+    );
     assert_eq!(s.training.algorithm, Some(Algorithm::Etpo));
     assert_eq!(s.training.steps, Some(100));
     assert_eq!(s.training.lr, Some(1e-4));
@@ -152,7 +173,10 @@ fn missing_required_keys() {
 
 #[test]
 fn wrong_types() {
-    assert_eq!(errors(&BASE.replace("name: t", "name: [t]")), "spec.yaml:1:7: error: `name` must be a string, found a list");
+    assert_eq!(
+        errors(&BASE.replace("name: t", "name: [t]")),
+        "spec.yaml:1:7: error: `name` must be a string, found a list"
+    );
     assert_eq!(
         errors(&format!("{BASE}limits:\n  wall_s: ten\n")),
         "spec.yaml:10:11: error: `limits.wall_s` must be a number, found a string `ten`"
@@ -194,7 +218,10 @@ fn bad_values() {
         errors(&BASE.replace("  source:", "  seeds: [1, 2, 1]\n  source:")),
         "spec.yaml:4:17: error: seed 1 is listed twice in `dataset.seeds`"
     );
-    assert_eq!(errors(&BASE.replace("  source:", "  seeds: []\n  source:")), "spec.yaml:4:10: error: `dataset.seeds` must list at least one seed");
+    assert_eq!(
+        errors(&BASE.replace("  source:", "  seeds: []\n  source:")),
+        "spec.yaml:4:10: error: `dataset.seeds` must list at least one seed"
+    );
     assert_eq!(
         errors(&format!("{BASE}training:\n  gamma: 1.5\n  top_p: 0\n")),
         "spec.yaml:10:10: error: `training.gamma` must be between 0 and 1, found 1.5\nspec.yaml:11:10: error: `training.top_p` must be in (0, 1], found 0"
@@ -249,16 +276,29 @@ fn data_sources() {
 fn data_files_resolve_against_the_spec_folder() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("data")).unwrap();
-    std::fs::write(dir.path().join("data/t.csv"), "a,b,label\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n").unwrap();
-    let src = BASE.replace("builtin: balance_scale", "csv: data/t.csv\n    target: label");
+    std::fs::write(
+        dir.path().join("data/t.csv"),
+        "a,b,label\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n",
+    )
+    .unwrap();
+    let src = BASE.replace(
+        "builtin: balance_scale",
+        "csv: data/t.csv\n    target: label",
+    );
     let path = dir.path().join("spec.yaml");
     let s = load_str(&src, &path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         s.dataset.source,
-        DataSource::Csv { path: dir.path().join("data/t.csv"), target: "label".into() }
+        DataSource::Csv {
+            path: dir.path().join("data/t.csv"),
+            target: "label".into()
+        }
     );
     // A wrong target column is reported at `target:`, with a suggestion.
-    let bad = BASE.replace("builtin: balance_scale", "csv: data/t.csv\n    target: lable");
+    let bad = BASE.replace(
+        "builtin: balance_scale",
+        "csv: data/t.csv\n    target: lable",
+    );
     assert_eq!(
         load_str(&bad, &path).unwrap_err().to_string(),
         format!(
@@ -271,7 +311,13 @@ fn data_files_resolve_against_the_spec_folder() {
     let err = load_str(&src, &path).unwrap_err();
     assert_eq!(err.diagnostics.len(), 1);
     assert_eq!(err.diagnostics[0].pos, Some(Pos { line: 5, col: 5 }));
-    assert!(err.diagnostics[0].message.starts_with("cannot load the data set: "), "{}", err.diagnostics[0].message);
+    assert!(
+        err.diagnostics[0]
+            .message
+            .starts_with("cannot load the data set: "),
+        "{}",
+        err.diagnostics[0].message
+    );
 }
 
 #[test]
@@ -301,7 +347,10 @@ fn template_syntax_error_points_into_the_block() {
 
 #[test]
 fn unknown_template_variables() {
-    let src = BASE.replace("{{ description }} {{ shape }}", "{{ description }} {{ shap }}");
+    let src = BASE.replace(
+        "{{ description }} {{ shape }}",
+        "{{ description }} {{ shap }}",
+    );
     assert_eq!(
         errors(&src),
         "spec.yaml:7:35: error: unknown template variable `shap` in `prompt.template`\n  help: did you mean `shape`?"
@@ -341,15 +390,25 @@ fn stop_sequences_and_extraction() {
         errors(&format!("{BASE}action:\n  extract: fenced\n  stop: [\"<|im_end|>\", \"```\"]\n")),
         "spec.yaml:11:24: error: a stop sequence containing ``` would cut a fenced answer at its opening fence; remove it for `extract: fenced`"
     );
-    assert_eq!(errors(&format!("{BASE}action:\n  stop: [\"\"]\n")), "spec.yaml:10:10: error: `action.stop` entries must not be empty");
+    assert_eq!(
+        errors(&format!("{BASE}action:\n  stop: [\"\"]\n")),
+        "spec.yaml:10:10: error: `action.stop` entries must not be empty"
+    );
 }
 
 #[test]
 fn all_errors_of_a_file_are_reported_in_order() {
     let src = "name: bad name\ndescriptin: x\ndataset:\n  source: {builtin: nope}\n  train_fraction: 2\nprompt:\n  template: \"{{ nme }}\"\n  reflection: ok\nmax_steps: -1\n";
     let err = load_str(src, Path::new("spec.yaml")).unwrap_err();
-    let lines: Vec<(usize, usize)> = err.diagnostics.iter().map(|d| d.pos.map(|p| (p.line, p.col)).unwrap()).collect();
-    assert_eq!(lines, vec![(1, 1), (1, 7), (2, 1), (4, 21), (5, 19), (7, 17), (9, 12)]);
+    let lines: Vec<(usize, usize)> = err
+        .diagnostics
+        .iter()
+        .map(|d| d.pos.map(|p| (p.line, p.col)).unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        vec![(1, 1), (1, 7), (2, 1), (4, 21), (5, 19), (7, 17), (9, 12)]
+    );
 }
 
 #[test]
@@ -372,10 +431,16 @@ fn chat_prompts_render_messages() {
         class_names: vec![],
         examples: vec![],
     };
-    let msg = |role: &str, content: &str| crate::ChatMessage { role: role.into(), content: content.into() };
+    let msg = |role: &str, content: &str| crate::ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    };
     assert_eq!(
         s.render_initial(&ctx).unwrap(),
-        crate::Prompt::Chat(vec![msg("system", "You write scikit-learn code."), msg("user", "a task, x_train (62, 4)")])
+        crate::Prompt::Chat(vec![
+            msg("system", "You write scikit-learn code."),
+            msg("user", "a task, x_train (62, 4)")
+        ])
     );
     assert_eq!(
         s.render_reflection(&ctx, "return SVC()", "boom").unwrap(),
@@ -390,8 +455,13 @@ fn chat_prompts_render_messages() {
 
 #[test]
 fn the_format_documentation_example_is_a_valid_spec() {
-    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("FORMAT.md")).unwrap();
-    let yaml = doc.split("```yaml\n").nth(1).and_then(|rest| rest.split("```\n").next()).unwrap();
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("FORMAT.md")).unwrap();
+    let yaml = doc
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```\n").next())
+        .unwrap();
     let s = spec(yaml);
     assert_eq!(s.training.algorithm, Some(Algorithm::Etpo));
     assert_eq!(s.training.lr, Some(1.0e-4));

@@ -19,12 +19,12 @@ pub use decode::{keys, load_str, DEFAULT_SKLEARN_ASSEMBLE};
 pub use diag::{Diagnostic, SpecError};
 pub use schema::schema;
 pub use spec::{
-    ActionSpec, Algorithm, Evaluation, Example, ExecLimits, Kind, Metric, Multiclass, PromptFormat, PromptSpec,
-    RewardSpec, Spec, TrainingOverrides,
+    ActionSpec, Algorithm, Evaluation, Example, ExecLimits, Kind, Metric, Multiclass, PromptFormat,
+    PromptSpec, RewardSpec, Spec, TrainingOverrides,
 };
 pub use template::{
-    ChatMessage, ChatTemplate, Prompt, RenderError, TaskContext, ASSEMBLE_VARIABLES, REFLECTION_VARIABLES,
-    TASK_VARIABLES,
+    ChatMessage, ChatTemplate, Prompt, RenderError, TaskContext, ASSEMBLE_VARIABLES,
+    REFLECTION_VARIABLES, TASK_VARIABLES,
 };
 pub use yaml::Pos;
 
@@ -33,8 +33,12 @@ use std::path::{Path, PathBuf};
 /// Read, parse and validate a spec file: structure, types, values, data files (loaded once to
 /// check them) and every template (rendered against a sample task).
 pub fn load(path: &Path) -> Result<Spec, SpecError> {
-    let source = std::fs::read_to_string(path)
-        .map_err(|e| SpecError::whole_file(path.to_path_buf(), format!("cannot read the spec file: {e}")))?;
+    let source = std::fs::read_to_string(path).map_err(|e| {
+        SpecError::whole_file(
+            path.to_path_buf(),
+            format!("cannot read the spec file: {e}"),
+        )
+    })?;
     load_str(&source, path)
 }
 
@@ -45,8 +49,9 @@ pub fn find_specs(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SpecError> {
     let mut found = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let entries = std::fs::read_dir(path)
-                .map_err(|e| SpecError::whole_file(path.clone(), format!("cannot read the folder: {e}")))?;
+            let entries = std::fs::read_dir(path).map_err(|e| {
+                SpecError::whole_file(path.clone(), format!("cannot read the folder: {e}"))
+            })?;
             let mut specs: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
@@ -62,7 +67,10 @@ pub fn find_specs(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SpecError> {
         } else if path.is_file() {
             found.push(path.clone());
         } else {
-            return Err(SpecError::whole_file(path.clone(), "no such file or folder"));
+            return Err(SpecError::whole_file(
+                path.clone(),
+                "no such file or folder",
+            ));
         }
     }
     Ok(found)

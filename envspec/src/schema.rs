@@ -17,7 +17,10 @@ pub fn schema() -> Value {
     let seq_int = |min: i64, description: &str| json!({ "type": "integer", "minimum": min, "description": description });
     let positive = |description: &str| json!({ "type": "number", "exclusiveMinimum": 0, "description": description });
     let builtins: Vec<&str> = crate::data::BUILTINS.to_vec();
-    let extract: Vec<&str> = crate::action::Extract::NAMES.iter().map(|(n, _)| *n).collect();
+    let extract: Vec<&str> = crate::action::Extract::NAMES
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
     json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://github.com/etpo/etpo/envspec.schema.json",
@@ -161,7 +164,12 @@ mod tests {
         for p in path {
             node = &node["properties"][p];
         }
-        let mut names: Vec<&str> = node["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+        let mut names: Vec<&str> = node["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         names.sort_unstable();
         names
     }
@@ -183,7 +191,12 @@ mod tests {
         assert_eq!(props(&s, &["reward"]), sorted(keys::REWARD));
         assert_eq!(props(&s, &["limits"]), sorted(keys::LIMITS));
         assert_eq!(props(&s, &["training"]), sorted(keys::TRAINING));
-        let mut ex: Vec<&str> = s["properties"]["examples"]["items"]["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+        let mut ex: Vec<&str> = s["properties"]["examples"]["items"]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         ex.sort_unstable();
         assert_eq!(ex, sorted(keys::EXAMPLE));
     }
@@ -248,7 +261,10 @@ mod tests {
                 errors.push(format!("{path}: {n} out of range"));
             }
         }
-        if let (Some(props), Some(map)) = (obj.get("properties").and_then(Value::as_object), v.as_object()) {
+        if let (Some(props), Some(map)) = (
+            obj.get("properties").and_then(Value::as_object),
+            v.as_object(),
+        ) {
             for (k, val) in map {
                 match props.get(k) {
                     Some(s) => validate(s, val, &format!("{path}.{k}"), errors),
@@ -259,7 +275,9 @@ mod tests {
                 }
             }
         }
-        if let (Some(req), Some(map)) = (obj.get("required").and_then(Value::as_array), v.as_object()) {
+        if let (Some(req), Some(map)) =
+            (obj.get("required").and_then(Value::as_array), v.as_object())
+        {
             for r in req {
                 if !map.contains_key(r.as_str().unwrap()) {
                     errors.push(format!("{path}: missing {r}"));
@@ -292,7 +310,11 @@ mod tests {
             }
         }
         if let Some(cond) = obj.get("if") {
-            let branch = if passes(cond) { obj.get("then") } else { obj.get("else") };
+            let branch = if passes(cond) {
+                obj.get("then")
+            } else {
+                obj.get("else")
+            };
             if let Some(b) = branch {
                 validate(b, v, path, errors);
             }
@@ -327,10 +349,22 @@ mod tests {
     fn the_validator_rejects_what_the_loader_rejects() {
         let base = "name: x\ndescription: d\ndataset: {source: {builtin: balance_scale}}\n";
         assert!(check(&format!("{base}prompt: {{template: a, reflection: b}}\n")).is_empty());
-        assert!(!check(&format!("{base}prompt: {{template: a, reflection: b}}\nmax_step: 3\n")).is_empty());
-        assert!(!check(&format!("{base}prompt: {{format: chat, template: a, reflection: b}}\n")).is_empty());
-        assert!(!check(&format!("{base}prompt: {{template: a, reflection: b}}\nreward: {{multiclass: ovx}}\n")).is_empty());
-        assert!(!check(&format!("{base}prompt: {{template: a, reflection: b}}\nlimits: {{wall_s: -1}}\n")).is_empty());
+        assert!(!check(&format!(
+            "{base}prompt: {{template: a, reflection: b}}\nmax_step: 3\n"
+        ))
+        .is_empty());
+        assert!(!check(&format!(
+            "{base}prompt: {{format: chat, template: a, reflection: b}}\n"
+        ))
+        .is_empty());
+        assert!(!check(&format!(
+            "{base}prompt: {{template: a, reflection: b}}\nreward: {{multiclass: ovx}}\n"
+        ))
+        .is_empty());
+        assert!(!check(&format!(
+            "{base}prompt: {{template: a, reflection: b}}\nlimits: {{wall_s: -1}}\n"
+        ))
+        .is_empty());
         assert!(!check("name: x\ndescription: d\ndataset: {source: {csv: a.csv}}\nprompt: {template: a, reflection: b}\n").is_empty());
     }
 }

@@ -37,7 +37,8 @@ _PRELOAD = (
     "sklearn.naive_bayes", "sklearn.preprocessing", "sklearn.pipeline", "sklearn.model_selection",
     "sklearn.impute", "sklearn.discriminant_analysis", "sklearn.neural_network",
     "sklearn.decomposition", "sklearn.feature_selection", "sklearn.compose", "sklearn.metrics",
-    "sklearn.gaussian_process", "sklearn.calibration", "scipy", "scipy.stats",
+    "sklearn.gaussian_process", "sklearn.calibration", "sklearn.dummy", "sklearn.multiclass",
+    "scipy", "scipy.stats",
 )
 for _name in _PRELOAD:
     try:
@@ -174,7 +175,7 @@ def child(job, payload, result_w):
     del payload
 
     def fail(kind, message):
-        send(result_w, {"ok": False, "kind": kind, "message": message})
+        send(result_w, dict(usage(), ok=False, kind=kind, message=message))
         sys.stdout.flush()
         os._exit(0)
 
@@ -230,10 +231,19 @@ def child(job, payload, result_w):
         fail("BadPredictions", "predict_proba(x_val) returned an array of shape %s; expected "
              "(%d, n_classes)" % (tuple(proba.shape), nv))
     data = np.ascontiguousarray(proba, dtype="<f8").tobytes()
-    send(result_w, {"ok": True, "rows": int(proba.shape[0]), "cols": int(proba.shape[1]),
-                    "classes": classes}, data)
+    send(result_w, dict(usage(), ok=True, rows=int(proba.shape[0]), cols=int(proba.shape[1]),
+                        classes=classes), data)
     sys.stdout.flush()
     os._exit(0)
+
+
+def usage():
+    """CPU seconds and peak memory of this process and its reaped children (reported by the child
+    itself: the worker replies before reaping it)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+            "peak_rss_mb": max(me.ru_maxrss, kids.ru_maxrss) / 1024.0}
 
 
 def _lower(which, soft, hard=None):
@@ -290,65 +300,95 @@ def wipe(path):
             pass
 
 
-def serve_one(job, payload):
+class Spare:
+    """A child forked ahead of time, waiting for its job on a pipe: the fork is off the critical
+    path of the next job."""
+
+    def __init__(self):
+        job_r, self.job_w = os.pipe()
+        self.res_r, res_w = os.pipe()
+        self.out_r, out_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                for fd in (CTRL_IN, CTRL_OUT, self.job_w, self.res_r, self.out_r):
+                    os.close(fd)
+                if not IS_INIT:
+                    os.setpgid(0, 0)
+                os.dup2(out_w, 1)
+                os.dup2(out_w, 2)
+                os.close(out_w)
+                try:
+                    job, payload = recv(job_r)
+                except EOFError:
+                    os._exit(0)
+                os.close(job_r)
+                child(job, payload, res_w)
+            finally:
+                os._exit(70)
+        for fd in (job_r, res_w, out_w):
+            os.close(fd)
+        self.pidfd = os.pidfd_open(self.pid)
+
+
+def frame_complete(buf):
+    """Whether `buf` holds one whole frame (header and payload)."""
+    if len(buf) < 4:
+        return False
+    (n,) = struct.unpack("<I", bytes(buf[:4]))
+    if len(buf) < 4 + n:
+        return False
+    try:
+        size = json.loads(bytes(buf[4:4 + n])).get("payload", 0)
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return True  # garbage: stop waiting, the reply says so
+    return not isinstance(size, int) or len(buf) >= 4 + n + size
+
+
+def serve_one(sp, raw, job):
     limits = job["limits"]
     cap = int(limits["output_kb"]) * 1024
     wall = float(limits["wall_s"])
-    res_r, res_w = os.pipe()
-    out_r, out_w = os.pipe()
     start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(CTRL_IN)
-            os.close(CTRL_OUT)
-            os.close(res_r)
-            os.close(out_r)
-            if not IS_INIT:
-                os.setpgid(0, 0)
-            os.dup2(out_w, 1)
-            os.dup2(out_w, 2)
-            os.close(out_w)
-            child(job, payload, res_w)
-        finally:
-            os._exit(70)
-    del payload
-    os.close(res_w)
-    os.close(out_w)
     deadline = start + wall
+    try:
+        write_all(sp.job_w, raw)
+    except OSError:
+        pass  # the child died before its job: reported below as an exit
+    os.close(sp.job_w)
+    del raw
+    pid, res_r, out_r = sp.pid, sp.res_r, sp.out_r
     output = bytearray()
     result = bytearray()
-    truncated = [False]
+    truncated = False
 
     def take(fd, chunk):
-        nonlocal result
+        nonlocal result, truncated
         if fd == out_r:
             room = cap - len(output)
             if room > 0:
                 output.extend(chunk[:room])
             if len(chunk) > room:
-                truncated[0] = True  # keep draining so that a print flood never blocks the child
+                truncated = True  # keep draining so that a print flood never blocks the child
         else:
             result += chunk
             if len(result) > (64 << 20) + (1 << 20):
                 result = bytearray(b"\xff")  # absurd size: garbage, but keep draining
 
-    # The job ends when the child exits (its pidfd becomes readable), not when the pipes close:
-    # processes it left behind may hold them open.
-    pidfd = os.pidfd_open(pid)
+    # The job ends when the child's result is complete or the child exits, not when the pipes
+    # close: processes it left behind may hold them open.
     open_fds = {res_r, out_r}
     poller = select.poll()
-    for fd in (res_r, out_r, pidfd):
+    for fd in (res_r, out_r, sp.pidfd):
         poller.register(fd, select.POLLIN)
-    timed_out = False
-    exited = False
-    while not exited:
+    timed_out = exited = complete = False
+    while not (exited or complete):
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
             break
         for fd, _ in poller.poll(max(1, int(left * 1000) + 1)):
-            if fd == pidfd:
+            if fd == sp.pidfd:
                 exited = True
                 continue
             if fd not in open_fds:
@@ -359,77 +399,121 @@ def serve_one(job, payload):
                 open_fds.discard(fd)
             else:
                 take(fd, chunk)
+                if fd == res_r and frame_complete(result):
+                    complete = True
     wall_s = time.monotonic() - start
-    if timed_out:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _, status, rusage = os.wait4(pid, 0)
-    os.close(pidfd)
-    kill_all(pid)
-    # Whatever the child wrote before exiting is still in the pipes; nobody writes any more.
-    for fd in (res_r, out_r):
-        if fd in open_fds:
+    # What was printed before the result (or the exit) is in the pipe already; later writers
+    # (left-behind processes) may go on for ever, so read only what is there.
+    for fd in (out_r, res_r):
+        if fd in open_fds and not (fd == res_r and complete):
             os.set_blocking(fd, False)
             try:
-                while True:
+                while len(output) <= cap or fd == res_r:
                     chunk = os.read(fd, 1 << 16)
                     if not chunk:
                         break
                     take(fd, chunk)
             except BlockingIOError:
                 pass
-        os.close(fd)
-    truncated = truncated[0]
-    for scratch in SCRATCH:
-        wipe(scratch)
-    cpu_s = rusage.ru_utime + rusage.ru_stime if rusage else 0.0
-    rss_mb = rusage.ru_maxrss / 1024.0 if rusage else 0.0
-    header = {"wall_s": wall_s, "cpu_s": cpu_s, "peak_rss_mb": rss_mb,
-              "output": output.decode("utf-8", "replace"), "output_truncated": truncated}
+    status = rusage = None
+    if not complete:
+        if timed_out:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _, status, rusage = os.wait4(pid, 0)
+    header = {"wall_s": wall_s, "output": output.decode("utf-8", "replace"),
+              "output_truncated": truncated}
+    if rusage is not None:
+        header["cpu_s"] = rusage.ru_utime + rusage.ru_stime
+        header["peak_rss_mb"] = rusage.ru_maxrss / 1024.0
+    body = b""
     if timed_out:
         header.update(ok=False, kind="Timeout", message=None)
-        send(CTRL_OUT, header)
-        return
-    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
-    body = b""
-    if len(result) >= 4:
+    elif len(result) >= 4:
         (n,) = struct.unpack("<I", bytes(result[:4]))
         try:
             child_head = json.loads(bytes(result[4:4 + n]))
             body = bytes(result[4 + n:])
             if not isinstance(child_head, dict) or len(body) != child_head.get("payload"):
                 raise ValueError
+            for key in ("cpu_s", "peak_rss_mb"):  # the kernel's figures win where we have them
+                if key in header:
+                    child_head.pop(key, None)
             header.update(child_head)
         except (ValueError, UnicodeDecodeError):
             header.update(ok=False, kind="Exception",
                           message="the program corrupted the channel its result is sent on")
             body = b""
-    elif sig:
-        header.update(ok=False, kind="Killed", signal=sig, message=None)
+    elif os.WIFSIGNALED(status):
+        header.update(ok=False, kind="Killed", signal=os.WTERMSIG(status), message=None)
     else:
-        code = os.WEXITSTATUS(status)
         header.update(ok=False, kind="Exception",
-                      message="the program exited (status %d) before build_model returned" % code)
-    if sig and not header.get("ok", False) and header.get("kind") not in ("Syntax",):
-        header["signal"] = sig
-    header["payload"] = len(body)
+                      message="the program exited (status %d) before build_model returned"
+                      % os.WEXITSTATUS(status))
+    if status is not None and os.WIFSIGNALED(status) and not header.get("ok"):
+        header["signal"] = os.WTERMSIG(status)
     send(CTRL_OUT, header, body)
+    # Clean up after replying: the host is not kept waiting for the teardown.
+    if complete:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.wait4(pid, 0)
+    kill_all(pid)
+    for fd in (res_r, out_r, sp.pidfd):
+        os.close(fd)
+    for scratch in SCRATCH:
+        wipe(scratch)
+
+
+def warm_up():
+    """Runs the usual estimators once, so that lazy imports and caches are filled in the worker
+    (shared by every child) instead of in each child."""
+    rng = np.random.RandomState(0)
+    x = rng.rand(30, 3)
+    y = np.arange(30) % 3
+    from sklearn.dummy import DummyClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.tree import DecisionTreeClassifier
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    for model in (DummyClassifier(), LogisticRegression(), DecisionTreeClassifier(),
+                  RandomForestClassifier(n_estimators=2), KNeighborsClassifier(3),
+                  make_pipeline(StandardScaler(), LogisticRegression())):
+        try:
+            model.fit(x, y).predict_proba(x)
+            check_is_fitted(model)
+        except Exception:
+            pass
 
 
 def main():
-    # Everything imported so far is shared with the children: keep the collector from touching
-    # (and so copying) those pages in every child.
+    try:
+        warm_up()
+    except Exception:
+        pass
+    # Everything so far is shared with the children: keep the collector from touching (and so
+    # copying) those pages in every child.
     gc.collect()
     gc.freeze()
     send(CTRL_OUT, {"ready": True, "pid": os.getpid(), "python": sys.version.split()[0]})
     while True:
+        spare = Spare()
         try:
-            job, payload = recv(CTRL_IN)
+            (n,) = struct.unpack("<I", bytes(read_exact(CTRL_IN, 4)))
+            head = read_exact(CTRL_IN, n)
+            job = json.loads(bytes(head))
+            payload = read_exact(CTRL_IN, job.get("payload", 0))
         except EOFError:
             return
-        serve_one(job, payload)
+        raw = bytes(struct.pack("<I", n) + head + payload)
+        del head, payload
+        serve_one(spare, raw, job)
 
 
 main()

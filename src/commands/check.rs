@@ -25,7 +25,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             Err(err) => {
                 eprintln!("{err}");
                 let n = err.diagnostics.len();
-                eprintln!("{}: {n} error{}", file.display(), if n == 1 { "" } else { "s" });
+                eprintln!(
+                    "{}: {n} error{}",
+                    file.display(),
+                    if n == 1 { "" } else { "s" }
+                );
                 return Ok(1);
             }
         }

@@ -23,7 +23,10 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub action: Option<PathBuf>,
     /// The error message shown in the reflection state.
-    #[arg(long, default_value = "predict_proba is not available when probability=False")]
+    #[arg(
+        long,
+        default_value = "predict_proba is not available when probability=False"
+    )]
     pub error: String,
     /// Print only this state's exact text, nothing else (for piping into
     /// `etpo generate --prompt-file -`). Chat specs need --chat-template.
@@ -51,7 +54,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             return Ok(1);
         }
     };
-    let chat_template = args.chat_template.as_deref().map(read_chat_template).transpose()?;
+    let chat_template = args
+        .chat_template
+        .as_deref()
+        .map(read_chat_template)
+        .transpose()?;
     let seed = args.seed.unwrap_or(spec.dataset.seeds[0]);
     let data = envspec::data::load(&spec.dataset.source, spec.base_dir())
         .with_context(|| format!("loading the data of {}", args.spec.display()))?;
@@ -88,10 +95,28 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 
     let (raw_action, origin) = failed_action(&spec, args.action.as_deref())?;
     let action = spec.extract_action(&raw_action);
-    section(&format!("a sample action ({origin}), as extracted with `{}`", spec.action.extract.name()), &action, None);
-    section("the program it assembles to", &spec.assemble_program(&action)?, None);
+    section(
+        &format!(
+            "a sample action ({origin}), as extracted with `{}`",
+            spec.action.extract.name()
+        ),
+        &action,
+        None,
+    );
+    section(
+        "the program it assembles to",
+        &spec.assemble_program(&action)?,
+        None,
+    );
     let s1 = spec.render_reflection(&ctx, &action, &args.error)?;
-    print_state(&format!("η(g, a, e), the state after that action failed with: {}", args.error), &s1, chat_template.as_ref())?;
+    print_state(
+        &format!(
+            "η(g, a, e), the state after that action failed with: {}",
+            args.error
+        ),
+        &s1,
+        chat_template.as_ref(),
+    )?;
     Ok(0)
 }
 
@@ -100,15 +125,26 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 fn failed_action(spec: &Spec, file: Option<&std::path::Path>) -> anyhow::Result<(String, String)> {
     Ok(match (file, spec.examples.first()) {
         (Some(path), _) => (
-            std::fs::read_to_string(path).with_context(|| format!("reading the action file {}", path.display()))?,
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the action file {}", path.display()))?,
             format!("from {}", path.display()),
         ),
-        (None, Some(example)) => (example.action.clone(), "the first worked example's action".to_string()),
-        (None, None) => (FIGURE_7_BODY.to_string(), "the paper's Figure 7 body".to_string()),
+        (None, Some(example)) => (
+            example.action.clone(),
+            "the first worked example's action".to_string(),
+        ),
+        (None, None) => (
+            FIGURE_7_BODY.to_string(),
+            "the paper's Figure 7 body".to_string(),
+        ),
     })
 }
 
-fn print_state(title: &str, prompt: &Prompt, chat_template: Option<&ChatTemplate>) -> anyhow::Result<()> {
+fn print_state(
+    title: &str,
+    prompt: &Prompt,
+    chat_template: Option<&ChatTemplate>,
+) -> anyhow::Result<()> {
     match (prompt, chat_template) {
         (Prompt::Chat(messages), None) => {
             let mut text = String::new();
@@ -116,7 +152,9 @@ fn print_state(title: &str, prompt: &Prompt, chat_template: Option<&ChatTemplate
                 text.push_str(&format!("[{}]\n{}\n", m.role, m.content));
             }
             section(
-                &format!("{title} — chat messages (pass --chat-template FILE to see the exact text)"),
+                &format!(
+                    "{title} — chat messages (pass --chat-template FILE to see the exact text)"
+                ),
                 &text,
                 None,
             );
@@ -134,7 +172,8 @@ fn print_state(title: &str, prompt: &Prompt, chat_template: Option<&ChatTemplate
 fn section(title: &str, text: &str, exact: Option<&str>) {
     let size = match exact {
         Some(t) => {
-            let tokens = token_count(t).map_or("tokens: not counted".to_string(), |n| format!("{n} tokens"));
+            let tokens =
+                token_count(t).map_or("tokens: not counted".to_string(), |n| format!("{n} tokens"));
             format!(" [{} characters, {tokens}]", t.chars().count())
         }
         None => String::new(),
@@ -156,16 +195,21 @@ fn token_count(_text: &str) -> Option<usize> {
 }
 
 fn read_chat_template(path: &std::path::Path) -> anyhow::Result<ChatTemplate> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let is_json = path.extension().is_some_and(|x| x == "json");
     let (source, bos, eos) = if is_json {
-        let config: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
         let token = |key: &str| -> String {
             match &config[key] {
                 serde_json::Value::String(s) => s.clone(),
                 // Older configs write {"content": "<s>", ...}.
-                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+                serde_json::Value::Object(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("")
+                    .to_string(),
                 _ => String::new(),
             }
         };
@@ -177,5 +221,6 @@ fn read_chat_template(path: &std::path::Path) -> anyhow::Result<ChatTemplate> {
     } else {
         (text, String::new(), String::new())
     };
-    ChatTemplate::new(&source, &bos, &eos).with_context(|| format!("compiling the chat template {}", path.display()))
+    ChatTemplate::new(&source, &bos, &eos)
+        .with_context(|| format!("compiling the chat template {}", path.display()))
 }

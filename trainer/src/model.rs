@@ -599,7 +599,7 @@ impl Llama {
         let h = *dims.last().ok_or_else(|| ModelError::Invalid("logits: scalar input".into()))?;
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x = hidden.reshape((n, h))?;
-        let y = x.matmul(&head.t()?)?.to_dtype(DType::F32)?;
+        let y = frozen_linear(&x, head)?.to_dtype(DType::F32)?;
         let mut out = dims[..dims.len() - 1].to_vec();
         out.push(self.cfg.vocab_size);
         Ok(y.reshape(out)?)
@@ -657,7 +657,7 @@ impl Llama {
         for (li, blk) in self.w.blocks.iter().enumerate() {
             let lora = adapter.map(|a| (a, li));
             let lin = |x: &Tensor, p: Projection| -> Result<Tensor> {
-                let y = x.matmul(&blk.proj[p as usize].t()?)?;
+                let y = frozen_linear(x, &blk.proj[p as usize])?;
                 match lora {
                     None => Ok(y),
                     Some((a, li)) => a.apply(li, p, x, y, opts, self.dtype),
@@ -860,6 +860,62 @@ impl Llama {
     pub fn load_adapter(&mut self, name: &str, path: &std::path::Path) -> Result<()> {
         let a = LoraAdapter::load(path, &self.cfg, &self.device)?;
         self.insert_adapter(name, a)
+    }
+}
+
+/// `x @ w.t()` for a frozen weight `w` (`x`: `[N, in]`, `w`: `[out, in]`).
+///
+/// candle's matmul backward always computes both operands' gradients; for a frozen weight that
+/// is a wasted product as costly as the forward one. When `x` is tracked (on the CPU) this runs
+/// as a custom op whose backward computes only `grad @ w`.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.track_op() && x.device().is_cpu() {
+        let op = FrozenLinear { w: w.clone() };
+        Ok(x.contiguous()?.apply_op1(op)?)
+    } else {
+        Ok(x.matmul(&w.t()?)?)
+    }
+}
+
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as C;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: non-contiguous input".into()))?;
+        let shape = layout.shape();
+        let dev = Device::Cpu;
+        let x = match storage {
+            C::F32(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
+            C::F64(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
+            C::BF16(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
+            C::F16(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
+            _ => candle_core::bail!("frozen-linear: unsupported dtype (f32, f64, bf16, f16 expected)"),
+        };
+        let y = x.matmul(&self.w.t()?)?;
+        let (st, l) = y.storage_and_layout();
+        match &*st {
+            candle_core::Storage::Cpu(c) if l.is_contiguous() && l.start_offset() == 0 => {
+                Ok((c.clone(), l.shape().clone()))
+            }
+            _ => candle_core::bail!("frozen-linear: unexpected matmul output layout"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.w)?))
     }
 }
 

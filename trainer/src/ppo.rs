@@ -148,6 +148,7 @@ impl PpoTrainer {
     /// the update.
     pub fn update(&mut self, model: &Llama, batch: &[Transition]) -> Result<UpdateMetrics, TrainError> {
         crate::etpo::trainer::validate_batch(batch)?;
+        let batch = &crate::etpo::trainer::group_by_state(batch);
         let cfg = self.cfg.clone();
         let mb = cfg.micro_batch;
         let spans: Vec<RowSpan> = batch.iter().map(|t| RowSpan::action(&t.state, &t.action)).collect();

@@ -114,6 +114,7 @@ impl EtpoTrainer {
     /// (updated) Q-network, then the Polyak update of Q̄.
     pub fn update(&mut self, model: &Llama, batch: &[Transition]) -> Result<UpdateMetrics, TrainError> {
         validate_batch(batch)?;
+        let batch = &group_by_state(batch);
         let cfg = self.cfg.clone();
         let (beta, readout) = (cfg.beta, cfg.q_readout);
         let mb = cfg.micro_batch;
@@ -281,6 +282,23 @@ pub(crate) fn named(vars: Vec<candle_core::Var>) -> Vec<(String, candle_core::Va
 
 pub(crate) fn json<T: Serialize + ?Sized>(v: &T) -> Result<String, TrainError> {
     serde_json::to_string(v).map_err(|e| TrainError::Config(format!("cannot serialise: {e}")))
+}
+
+/// The batch reordered so that transitions from the same state are adjacent (stable, in order
+/// of first appearance): micro-batches then share state prefixes. Losses are sums over
+/// transitions, so the order does not change the update.
+pub(crate) fn group_by_state(batch: &[Transition]) -> Vec<Transition> {
+    let mut order: Vec<&[u32]> = Vec::new();
+    for t in batch {
+        if !order.contains(&t.state.as_slice()) {
+            order.push(&t.state);
+        }
+    }
+    let mut out = Vec::with_capacity(batch.len());
+    for s in order {
+        out.extend(batch.iter().filter(|t| t.state == s).cloned());
+    }
+    out
 }
 
 /// All action tokens of `batch`, in order.
