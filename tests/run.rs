@@ -166,7 +166,7 @@ fn write_tiny_model(dir: &Path) {
         );
     }
     let mut header = Value::Object(header).to_string().into_bytes();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let mut file = (header.len() as u64).to_le_bytes().to_vec();
@@ -377,10 +377,10 @@ fn wait_for_lines(path: &Path, n: usize, child: &mut std::process::Child) {
 #[test]
 fn a_killed_run_resumes_without_repeating_or_losing_steps() {
     let tmp = tempfile::tempdir().unwrap();
-    let actions = slow_actions(24);
+    let actions = slow_actions(18);
     write_actions(&tmp.path().join("actions"), &actions.iter().map(String::as_str).collect::<Vec<_>>());
     let args = |out: &str| -> Vec<String> {
-        ["run", balance_scale().to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--steps", "24",
+        ["run", balance_scale().to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--steps", "18",
          "--seeds", "0,1", "--workers", "2", "--out", out, "--no-progress"]
             .iter()
             .map(|s| s.to_string())
@@ -402,13 +402,13 @@ fn a_killed_run_resumes_without_repeating_or_losing_steps() {
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
     let before = std::fs::read_to_string(dir.join("steps.jsonl")).unwrap().lines().count();
-    assert!(before < 48, "the run was killed before it finished ({before} steps)");
+    assert!(before < 36, "the run was killed before it finished ({before} steps)");
 
     let out = etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path());
     ok(&out);
     let want: Vec<String> = steps(&tmp.path().join("reference")).iter().map(essence).collect();
     let got: Vec<String> = steps(&dir).iter().map(essence).collect();
-    assert_eq!(got.len(), 48, "2 seeds x 24 steps, none lost or repeated");
+    assert_eq!(got.len(), 36, "2 seeds x 18 steps, none lost or repeated");
     let mut sorted_want = want.clone();
     let mut sorted_got = got.clone();
     sorted_want.sort();
@@ -418,7 +418,7 @@ fn a_killed_run_resumes_without_repeating_or_losing_steps() {
     assert_eq!(config["resumed"].as_array().unwrap().len(), 1);
     // The summary counts every step once.
     let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
-    assert!(csv.lines().any(|l| l.starts_with("balance_scale,all,48,")), "{csv}");
+    assert!(csv.lines().any(|l| l.starts_with("balance_scale,all,36,")), "{csv}");
 
     // A cut chosen so that seed 0's episode has just ended and seed 1's is in progress after a
     // failure (lines alternate seed 0, seed 1; action 2 of every 3 fails), plus a half-written

@@ -117,7 +117,7 @@ fn sklearn_reward() -> f64 {
                   from sklearn.metrics import roc_auc_score\nd = json.load(sys.stdin)\n\
                   m = RandomForestClassifier(n_estimators=30, random_state=0).fit(np.array(d['x_train']), np.array(d['y_train']))\n\
                   p = m.predict_proba(np.array(d['x_val']))\n\
-                  print(repr(roc_auc_score(d['y_val'], p, multi_class='ovo', labels=list(range(p.shape[1])))))\n";
+                  print(repr(float(roc_auc_score(d['y_val'], p, multi_class='ovo', labels=list(range(p.shape[1]))))))\n";
     let mut child = Command::new(venv_python())
         .args(["-c", script])
         .env("OPENBLAS_NUM_THREADS", "1")

@@ -1,15 +1,20 @@
 # etpo sandbox worker ("zygote"). Embedded in the runtime crate with include_str! and started as
 # `python -I -c <this file>` inside the sandbox; see runtime/src/pool.rs for the host side.
 #
-# The worker imports numpy and scikit-learn once, then serves jobs forever: for each job it forks
-# a child that compiles and runs the untrusted program, calls build_model(x_train, y_train) and
-# predict_proba(x_val), and writes the raw probabilities back. The worker itself never runs user
-# code. Inside the sandbox it is PID 1 of its own PID namespace, so the user code cannot signal it,
-# and kill(-1, SIGKILL) after each job removes every process the job left behind.
+# The worker imports numpy and scikit-learn once (and runs the usual estimators once, to fill
+# lazy caches), then serves jobs forever. Before each job it forks a spare child that waits for
+# the job on a pipe, so the fork is off the critical path. The child compiles and runs the
+# untrusted program, calls build_model(x_train, y_train) and predict_proba(x_val), and writes the
+# raw probabilities back; the worker replies to the host as soon as that result is complete (or
+# the child dies, or the wall-clock deadline passes), then kills every process left and empties
+# the scratch directories. The worker itself never runs user code. Inside the sandbox it is PID 1
+# of its own PID namespace, so the user code cannot signal it, and kill(-1, SIGKILL) removes every
+# process a job left behind (double forks and setsid included).
 #
 # Wire format, both directions: u32 little-endian header length, a JSON header, then the binary
 # payload whose byte length is header["payload"]. Requests carry x_train (f64), y_train (i64) and
-# x_val (f64), row-major; responses carry the probability matrix (f64), row-major.
+# x_val (f64), row-major; responses carry the probability matrix (f64), row-major. The host checks
+# shapes, class labels and finiteness (runtime/src/protocol.rs): nothing the child sends is trusted.
 
 import os
 import sys
@@ -123,7 +128,11 @@ def describe(exc, lines, what=None):
     for frame, no in traceback.walk_tb(exc.__traceback__):
         if frame.f_code.co_filename == "<action>":
             lineno = no
-    msg = "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+    try:
+        text = str(exc)
+    except BaseException:  # a hostile __str__
+        text = "<unprintable>"
+    msg = "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
     if what:
         msg = "%s raised %s" % (what, msg)
     if lineno is not None and 0 < lineno <= len(lines):
@@ -162,8 +171,10 @@ def child(job, payload, result_w):
     cpu = max(1, int(float(limits["cpu_s"]) + 0.999))
     _lower(resource.RLIMIT_CPU, cpu, cpu + 1)
     procs = int(limits.get("max_processes", 0))
-    if procs > 0 and not IS_INIT:
-        _lower(resource.RLIMIT_NPROC, procs)
+    if procs > 0 and IS_INIT:
+        # Counted per user in the sandbox's user namespace: the worker is one of them. (Outside a
+        # sandbox the count would include the host user's other processes: left alone there.)
+        _lower(resource.RLIMIT_NPROC, procs + 1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     nt, nf, nv = job["n_train"], job["n_features"], job["n_val"]

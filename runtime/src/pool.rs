@@ -199,8 +199,8 @@ impl Worker {
             }
         }
         let ooms_before = self.sandbox.cgroup().map_or(0, |cg| cg.oom_kills());
-        protocol::write_request(self.sandbox.to_worker(), req).map_err(|e| format!("sending the job: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs_f64(limits.wall_s.max(0.0)) + HOST_GRACE;
+        protocol::write_request(self.sandbox.to_worker(), req, deadline).map_err(|e| format!("sending the job: {e}"))?;
         let (header, payload) = protocol::read_frame(self.sandbox.from_worker(), deadline).map_err(|e| match e {
             ReadError::Closed => format!("{e}; stderr: {}", self.sandbox.stderr_tail()),
             e => e.to_string(),

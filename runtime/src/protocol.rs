@@ -9,7 +9,6 @@
 use crate::job::{ActionError, ActionErrorKind as Kind, Job, Limits, Outcome};
 use crate::RuntimeError;
 use serde::Deserialize;
-use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
@@ -78,10 +77,44 @@ fn frame_header(mut header: serde_json::Value, payload: usize) -> Vec<u8> {
     bytes
 }
 
-/// Writes a whole request; an error means the worker is gone.
-pub(crate) fn write_request(to: &mut impl Write, req: &Request) -> std::io::Result<()> {
-    to.write_all(&req.bytes)?;
-    to.flush()
+/// Writes a whole request before `deadline`; an error means the worker is gone or stuck. The
+/// descriptor must be non-blocking (see `Launcher::start`), so that a stuck worker cannot hang
+/// the caller on a full pipe.
+pub(crate) fn write_request(to: &impl AsRawFd, req: &Request, deadline: Instant) -> Result<(), ReadError> {
+    let fd = to.as_raw_fd();
+    let mut done = 0;
+    while done < req.bytes.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ReadError::Deadline);
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(ReadError::Io(e));
+        }
+        if r == 0 {
+            continue;
+        }
+        let rest = &req.bytes[done..];
+        // SAFETY: reads at most rest.len() bytes from a live slice.
+        let k = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
+        if k < 0 {
+            let e = std::io::Error::last_os_error();
+            if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) {
+                continue;
+            }
+            return Err(if e.kind() == std::io::ErrorKind::BrokenPipe { ReadError::Closed } else { ReadError::Io(e) });
+        }
+        done += k as usize;
+    }
+    Ok(())
 }
 
 /// Why reading a frame failed: the worker is unusable either way.

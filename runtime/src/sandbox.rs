@@ -27,6 +27,7 @@ use crate::RuntimeError;
 use std::collections::BTreeSet;
 use std::ffi::{CString, OsStr};
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -164,6 +165,13 @@ impl Launcher {
         else {
             return Err(RuntimeError::Sandbox("worker pipes missing".into()));
         };
+        // Writes to the worker wait with a deadline (poll), never block.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let fd = stdin.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
         let tail = Arc::new(Mutex::new(Vec::new()));
         drain(stderr, tail.clone());
         Ok(Sandbox { child, stdin, stdout, tail, cgroup, python: self.python.clone() })
@@ -631,8 +639,8 @@ pub(crate) struct Sandbox {
 }
 
 impl Sandbox {
-    pub(crate) fn to_worker(&mut self) -> &mut ChildStdin {
-        &mut self.stdin
+    pub(crate) fn to_worker(&self) -> &ChildStdin {
+        &self.stdin
     }
 
     pub(crate) fn from_worker(&self) -> &ChildStdout {

@@ -49,9 +49,19 @@ pub struct Args {
     /// Measure etpo only (no PyTorch reference, no ratios)
     #[arg(long)]
     no_reference: bool,
+    /// Measure only generation or only the training step
+    #[arg(long, value_enum)]
+    only: Option<Part>,
     /// Also write every figure as JSON to this file
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+/// One half of the benchmark.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Generate,
+    Train,
 }
 
 /// The sampling every figure uses: the paper's temperature 0.5 and top-k 50.
@@ -186,7 +196,8 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device) -> anyhow::Resu
     let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
 
     let mut generate = Vec::new();
-    for &batch in &args.batches {
+    let batches: &[usize] = if args.only == Some(Part::Train) { &[] } else { &args.batches };
+    for &batch in batches {
         let prompts = vec![prompt_ids.clone(); batch];
         let seconds = timed(args.repeats, device, |rep| {
             let cfg = GenerateConfig {
@@ -211,6 +222,10 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device) -> anyhow::Resu
         generate.push(GenFigure { batch, tokens_per_s, seconds });
     }
 
+    if args.only == Some(Part::Generate) {
+        let figures = Figures { load_s, generate, train_step_s: None, train_seconds: Vec::new(), peak_rss_mb: peak_rss_mb() };
+        return Ok((figures, prompt_ids));
+    }
     let lora = LoraConfig { rank: args.rank, alpha: 2.0 * args.rank as f64, ..LoraConfig::default() };
     model.add_adapter("bench", &lora)?;
     let mut opt = candle_nn::AdamW::new_lr(model.adapter_vars("bench"), 1e-4)?;
@@ -269,6 +284,11 @@ fn measure_torch(
         .args(["--train-len", &args.train_len.to_string()])
         .args(["--rank", &args.rank.to_string()])
         .args(["--repeats", &args.repeats.to_string()])
+        .args(match args.only {
+            Some(Part::Generate) => &["--skip-train"][..],
+            Some(Part::Train) => &["--skip-generate"][..],
+            None => &[][..],
+        })
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use etpo::experiment::{
-    hex, plot, read_steps, run_loop, summary, Algorithm, LlmPolicy, Observer, Policy, Reflection,
+    self, hex, plot, read_steps, run_loop, summary, Algorithm, LlmPolicy, Observer, Policy, Reflection,
     SamplingConfig, ScriptedPolicy, SpecStats, StepLog, StepRecord, Task,
 };
 
@@ -51,9 +51,10 @@ pub struct Args {
     /// The algorithm.
     #[arg(long, value_enum, default_value = "reflection", conflicts_with = "resume")]
     algo: Algo,
-    /// Environment steps per spec and seed (the paper's k).
-    #[arg(long, default_value_t = 10, conflicts_with = "resume")]
-    steps: u32,
+    /// Environment steps per spec and seed, the paper's k (default: the spec's
+    /// `training.steps`, else 10).
+    #[arg(long, conflicts_with = "resume")]
+    steps: Option<u32>,
     /// Comma-separated data split seeds (default: each spec's `dataset.seeds`).
     #[arg(long, value_delimiter = ',', conflicts_with = "resume")]
     seeds: Option<Vec<u64>>,
@@ -82,13 +83,13 @@ pub struct Args {
     /// Sandbox workers evaluating actions in parallel (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
-    /// Sampling temperature of the model.
-    #[arg(long, default_value_t = 0.5, conflicts_with = "resume")]
-    temperature: f64,
-    /// Top-k sampling (0 turns it off).
-    #[arg(long, default_value_t = 50, conflicts_with = "resume")]
-    top_k: usize,
-    /// Nucleus sampling threshold.
+    /// Sampling temperature of the model (default: the spec's `training.temperature`, else 0.5).
+    #[arg(long, conflicts_with = "resume")]
+    temperature: Option<f64>,
+    /// Top-k sampling, 0 turns it off (default: the spec's `training.top_k`, else 50).
+    #[arg(long, conflicts_with = "resume")]
+    top_k: Option<usize>,
+    /// Nucleus sampling threshold (default: the spec's `training.top_p`, else off).
     #[arg(long, conflicts_with = "resume")]
     top_p: Option<f64>,
     /// Seed of the model's sampling.
@@ -108,15 +109,16 @@ struct RunConfig {
     /// Absolute spec paths, in run order.
     specs: Vec<PathBuf>,
     algo: Algo,
-    steps: u32,
+    /// As given on the command line; each spec's resolved budget is in `specs[].steps`.
+    steps: Option<u32>,
     seeds: Option<Vec<u64>>,
     policy: PolicyKind,
     actions: Option<PathBuf>,
     model: Option<PathBuf>,
     device: String,
     workers: Option<usize>,
-    temperature: f64,
-    top_k: usize,
+    temperature: Option<f64>,
+    top_k: Option<usize>,
     top_p: Option<f64>,
     sampling_seed: u64,
     batch_size: usize,
@@ -153,6 +155,10 @@ struct Manifest {
 struct SpecEntry {
     name: String,
     seeds: Vec<u64>,
+    /// Environment steps per seed (k).
+    steps: u32,
+    /// The sampling parameters this spec's actions are drawn with (model policies).
+    sampling: Option<experiment::Sampling>,
     #[serde(flatten)]
     file: FileDigest,
     /// The data file the spec reads, if any.
@@ -183,7 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         let base = entry.file.path.parent().unwrap_or(Path::new("."));
         let dataset = envspec::data::load(&spec.dataset.source, base)
             .with_context(|| format!("{}: loading the data set", entry.file.path.display()))?;
-        tasks.push(Task { spec: Arc::new(spec), dataset: Arc::new(dataset), seeds: entry.seeds.clone() });
+        tasks.push(Task { spec: Arc::new(spec), dataset: Arc::new(dataset), seeds: entry.seeds.clone(), steps: entry.steps });
     }
 
     let pool = Arc::new(
@@ -202,13 +208,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
         PolicyKind::Llm => {
             let model = config.model.clone().unwrap_or_else(trainer::default_model_path);
-            let sampling = SamplingConfig {
-                temperature: config.temperature,
-                top_k: (config.top_k > 0).then_some(config.top_k),
-                top_p: config.top_p,
-                seed: config.sampling_seed,
-                max_batch: config.batch_size.max(1),
-            };
+            let sampling = sampling_config(&config);
             eprintln!("loading {} on {}", model.display(), config.device);
             Box::new(LlmPolicy::load(&model, &config.device, sampling)?)
         }
@@ -229,18 +229,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         .context("installing the Ctrl-C handler")?;
     }
 
-    let names: Vec<(String, Vec<u64>)> = tasks.iter().map(|t| (t.spec.name.clone(), t.seeds.clone())).collect();
+    let names: Vec<(String, Vec<u64>, u32)> =
+        tasks.iter().map(|t| (t.spec.name.clone(), t.seeds.clone(), t.steps)).collect();
     let resumed_stats = summary::stats_from_records(&names, &previous);
-    let mut bars = Bars::new(&resumed_stats, config.steps, args.no_progress);
+    let mut bars = Bars::new(&resumed_stats, args.no_progress);
     let steps_path = dir.join("steps.jsonl");
     let mut log = StepLog::append(&steps_path)?;
-    let outcome = run_loop(&tasks, &pool, config.steps, algorithm.as_mut(), &dir, &mut log, &previous, &mut bars, &stop);
+    let outcome = run_loop(&tasks, &pool, algorithm.as_mut(), &dir, &mut log, &previous, &mut bars, &stop);
     bars.finish();
 
     // Summaries come from the log itself, so they are right also after an error or Ctrl-C.
     let records = read_steps(&steps_path)?;
     let stats = summary::stats_from_records(&names, &records);
-    write_summaries(&dir, &stats, config.algo.name(), config.steps)?;
+    write_summaries(&dir, &stats, config.algo.name())?;
     if args.resume.is_some() {
         manifest.resumed.push(ResumeEntry {
             at_utc: utc_timestamp(std::time::SystemTime::now(), true),
@@ -249,15 +250,15 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         });
         write_json(&dir.join("config.json"), &manifest)?;
     }
-    print!("{}", summary::to_markdown(&stats, config.algo.name(), config.steps, ""));
+    print!("{}", summary::to_markdown(&stats, config.algo.name()));
     println!("\nresults: {}", dir.display());
     let outcome = outcome?;
     if !outcome.interrupted {
         for spec in &stats {
-            for seed in spec.seeds.iter().filter(|s| s.steps < config.steps) {
+            for seed in spec.seeds.iter().filter(|s| s.steps < spec.k) {
                 eprintln!(
                     "note: {} seed {}: the policy had no more actions after {} of {} steps",
-                    spec.spec, seed.seed, seed.steps, config.steps
+                    spec.spec, seed.seed, seed.steps, spec.k
                 );
             }
         }
@@ -288,19 +289,21 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         if seeds.is_empty() {
             bail!("{}: no seeds to run (the spec's dataset.seeds is empty and --seeds was not given)", path.display());
         }
+        let steps = match args.steps.map(u64::from).or(spec.training.steps) {
+            None => DEFAULT_STEPS,
+            Some(0) => bail!("{}: the step budget must be at least 1", path.display()),
+            Some(n) => u32::try_from(n).with_context(|| format!("{}: {n} steps is too many", path.display()))?,
+        };
         let data = spec.dataset.source.path().map(digest).transpose()?;
-        specs.push(SpecEntry { name: spec.name.clone(), seeds, file: digest(&path)?, data });
-    }
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
+        specs.push((spec, SpecEntry { name: String::new(), seeds, steps, sampling: None, file: digest(&path)?, data }));
     }
     let abs = |p: &Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
         p.as_ref()
             .map(|p| std::fs::canonicalize(p).with_context(|| format!("{}: not found", p.display())))
             .transpose()
     };
-    let config = RunConfig {
-        specs: specs.iter().map(|s| s.file.path.clone()).collect(),
+    let mut config = RunConfig {
+        specs: specs.iter().map(|(_, e)| e.file.path.clone()).collect(),
         algo: args.algo,
         steps: args.steps,
         seeds: args.seeds.clone(),
@@ -315,6 +318,16 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         sampling_seed: args.sampling_seed,
         batch_size: args.batch_size,
     };
+    let sampling = sampling_config(&config);
+    let specs: Vec<SpecEntry> = specs
+        .into_iter()
+        .map(|(spec, entry)| SpecEntry {
+            name: spec.name.clone(),
+            sampling: (config.policy == PolicyKind::Llm).then(|| sampling.resolve(&spec)),
+            ..entry
+        })
+        .collect();
+    config.specs = specs.iter().map(|e| e.file.path.clone()).collect();
     let model = match config.policy {
         PolicyKind::Llm => model_digest(&config.model.clone().unwrap_or_else(trainer::default_model_path))?,
         PolicyKind::Scripted => Vec::new(),
@@ -379,11 +392,24 @@ fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, V
     Ok((dir.to_path_buf(), manifest, previous))
 }
 
-fn write_summaries(dir: &Path, stats: &[SpecStats], algo: &str, steps: u32) -> anyhow::Result<()> {
+/// The budget when neither `--steps` nor the spec's `training.steps` sets one.
+const DEFAULT_STEPS: u32 = 10;
+
+fn sampling_config(config: &RunConfig) -> SamplingConfig {
+    SamplingConfig {
+        temperature: config.temperature,
+        top_k: config.top_k,
+        top_p: config.top_p,
+        seed: config.sampling_seed,
+        max_batch: config.batch_size.max(1),
+    }
+}
+
+fn write_summaries(dir: &Path, stats: &[SpecStats], algo: &str) -> anyhow::Result<()> {
     summary::write_atomic(&dir.join("summary.csv"), summary::to_csv(stats).as_bytes())?;
-    summary::write_atomic(&dir.join("summary.md"), summary::to_markdown(stats, algo, steps, "").as_bytes())?;
+    summary::write_atomic(&dir.join("summary.md"), summary::to_markdown(stats, algo).as_bytes())?;
     // A figure that cannot be drawn (no usable font, say) must not cost the run its tables.
-    if let Err(e) = plot::best_reward_png(&dir.join("best_reward.png"), stats, steps) {
+    if let Err(e) = plot::best_reward_png(&dir.join("best_reward.png"), stats) {
         eprintln!("warning: {e}");
     }
     Ok(())
@@ -397,7 +423,7 @@ struct Bars {
 }
 
 impl Bars {
-    fn new(stats: &[SpecStats], steps: u32, hidden: bool) -> Bars {
+    fn new(stats: &[SpecStats], hidden: bool) -> Bars {
         let multi = MultiProgress::new();
         if hidden {
             multi.set_draw_target(ProgressDrawTarget::hidden());
@@ -409,7 +435,7 @@ impl Bars {
         let bars = stats
             .iter()
             .map(|s| {
-                let bar = multi.add(ProgressBar::new(u64::from(steps) * s.seeds.len() as u64));
+                let bar = multi.add(ProgressBar::new(u64::from(s.k) * s.seeds.len() as u64));
                 bar.set_style(style.clone());
                 bar.set_prefix(truncate(&s.spec, width));
                 bar.set_position(u64::from(s.steps()));

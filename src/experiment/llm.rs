@@ -9,25 +9,46 @@ use envspec::{ChatTemplate, Prompt, Spec};
 
 use super::policy::{ActRequest, Action, Policy, PolicyError};
 
-/// How the model samples.
-#[derive(Debug, Clone, PartialEq)]
+/// The paper's sampling temperature, used when neither the command line nor the spec sets one.
+pub const DEFAULT_TEMPERATURE: f64 = 0.5;
+/// The paper's top-k, likewise.
+pub const DEFAULT_TOP_K: usize = 50;
+
+/// How the model samples. The three sampling parameters override a spec's `training` block when
+/// set; otherwise the spec's value applies, else the paper's default.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SamplingConfig {
-    /// Softmax temperature (the paper: 0.5).
-    pub temperature: f64,
-    /// Keep the k most likely tokens (the paper: 50); `None` keeps all.
+    /// Softmax temperature.
+    pub temperature: Option<f64>,
+    /// Keep the k most likely tokens; `Some(0)` turns top-k off.
     pub top_k: Option<usize>,
-    /// Nucleus sampling mass; `None` turns it off.
+    /// Nucleus sampling mass (off unless set).
     pub top_p: Option<f64>,
     /// Base seed; each batch's seed is derived from it and the batch's members, so the same
     /// requests get the same samples (also after `--resume`).
     pub seed: u64,
-    /// At most this many prompts in one generation call.
+    /// At most this many prompts in one generation call (0 counts as 1).
     pub max_batch: usize,
 }
 
-impl Default for SamplingConfig {
-    fn default() -> Self {
-        SamplingConfig { temperature: 0.5, top_k: Some(50), top_p: None, seed: 0, max_batch: 16 }
+/// Sampling parameters resolved for one spec.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+}
+
+impl SamplingConfig {
+    /// The parameters `spec` is sampled with: this config's, else the spec's, else the defaults.
+    pub fn resolve(&self, spec: &Spec) -> Sampling {
+        let t = &spec.training;
+        let top_k = self.top_k.or(t.top_k).unwrap_or(DEFAULT_TOP_K);
+        Sampling {
+            temperature: self.temperature.or(t.temperature).unwrap_or(DEFAULT_TEMPERATURE),
+            top_k: (top_k > 0).then_some(top_k),
+            top_p: self.top_p.or(t.top_p),
+        }
     }
 }
 
@@ -82,11 +103,12 @@ impl LlmPolicy {
     }
 
     fn generate(&self, spec: &Spec, texts: &[String], seed: u64) -> Result<Vec<trainer::Completion>, PolicyError> {
+        let sampling = self.sampling.resolve(spec);
         let cfg = trainer::GenerateConfig {
             max_new_tokens: spec.action.max_new_tokens,
-            temperature: self.sampling.temperature,
-            top_k: self.sampling.top_k,
-            top_p: self.sampling.top_p,
+            temperature: sampling.temperature,
+            top_k: sampling.top_k,
+            top_p: sampling.top_p,
             stop: spec.action.stop.clone(),
             seed,
         };
@@ -151,4 +173,26 @@ fn batch_seed<'a>(base: u64, members: impl Iterator<Item = &'a ActRequest<'a>>) 
         h = SplitMix64::new(h ^ u64::from(r.env_step)).next_u64();
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_comes_from_the_command_line_then_the_spec_then_the_paper() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("envs/balance_scale.yaml");
+        let mut spec = envspec::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        spec.training.temperature = None;
+        spec.training.top_k = None;
+        spec.training.top_p = None;
+        let none = SamplingConfig::default();
+        assert_eq!(none.resolve(&spec), Sampling { temperature: 0.5, top_k: Some(50), top_p: None });
+        spec.training.temperature = Some(0.9);
+        spec.training.top_k = Some(0);
+        spec.training.top_p = Some(0.95);
+        assert_eq!(none.resolve(&spec), Sampling { temperature: 0.9, top_k: None, top_p: Some(0.95) });
+        let cli = SamplingConfig { temperature: Some(0.2), top_k: Some(5), top_p: Some(0.5), ..SamplingConfig::default() };
+        assert_eq!(cli.resolve(&spec), Sampling { temperature: 0.2, top_k: Some(5), top_p: Some(0.5) });
+    }
 }

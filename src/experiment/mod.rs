@@ -13,7 +13,7 @@ pub mod runner;
 pub mod scripted;
 pub mod summary;
 
-pub use llm::{LlmPolicy, SamplingConfig};
+pub use llm::{LlmPolicy, Sampling, SamplingConfig, DEFAULT_TEMPERATURE, DEFAULT_TOP_K};
 pub use policy::{hex, prompt_sha256, ActRequest, Action, Policy, PolicyError};
 pub use record::{read_steps, StepLog, StepRecord};
 pub use runner::{run_loop, Algorithm, LoopOutcome, Observer, Quiet, Reflection, Task, Transition};

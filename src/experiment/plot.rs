@@ -12,42 +12,46 @@ use super::ExperimentError;
 const PANEL_W: u32 = 480;
 const PANEL_H: u32 = 340;
 
-/// Draws the figure into `path` (PNG). `steps_per_seed` is k, the x-axis length.
-pub fn best_reward_png(path: &Path, stats: &[SpecStats], steps_per_seed: u32) -> Result<(), ExperimentError> {
-    draw(path, stats, steps_per_seed).map_err(|e| ExperimentError::Plot { path: path.to_path_buf(), message: e.to_string() })
+/// Draws the figure into `path` (PNG); each panel's x-axis runs over its spec's budget k.
+pub fn best_reward_png(path: &Path, stats: &[SpecStats]) -> Result<(), ExperimentError> {
+    draw(path, stats).map_err(|e| ExperimentError::Plot { path: path.to_path_buf(), message: e.to_string() })
 }
 
 struct Panel {
     title: String,
+    k: u32,
     seeds: Vec<Vec<f64>>,
+    seed_names: Vec<u64>,
     mean: Vec<(u32, f64)>,
 }
 
-fn panels(stats: &[SpecStats], k: usize) -> Vec<Panel> {
+fn panels(stats: &[SpecStats]) -> Vec<Panel> {
     let mut out: Vec<Panel> = stats
         .iter()
         .map(|spec| Panel {
             title: spec.spec.clone(),
+            k: spec.k,
             seeds: spec.seeds.iter().map(|s| s.best_curve.clone()).collect(),
-            mean: (1..=k).filter_map(|t| spec.mean_best_at(t).map(|v| (t as u32, v))).collect(),
+            seed_names: spec.seeds.iter().map(|s| s.seed).collect(),
+            mean: (1..=spec.k as usize).filter_map(|t| spec.mean_best_at(t).map(|v| (t as u32, v))).collect(),
         })
         .collect();
     if stats.len() > 1 {
         // Mean over specs of the per-spec mean, at the steps every spec reached.
-        let mean = (1..=k)
+        let k = stats.iter().map(|s| s.k).min().unwrap_or(1);
+        let mean = (1..=k as usize)
             .map_while(|t| {
                 let values: Option<Vec<f64>> = stats.iter().map(|s| s.mean_best_at(t)).collect();
                 values.map(|v| (t as u32, v.iter().sum::<f64>() / v.len() as f64))
             })
             .collect();
-        out.push(Panel { title: format!("mean over {} specs", stats.len()), seeds: Vec::new(), mean });
+        out.push(Panel { title: format!("mean over {} specs", stats.len()), k, seeds: Vec::new(), seed_names: Vec::new(), mean });
     }
     out
 }
 
-fn draw(path: &Path, stats: &[SpecStats], steps_per_seed: u32) -> Result<(), Box<dyn std::error::Error>> {
-    let k = steps_per_seed.max(1) as usize;
-    let panels = panels(stats, k);
+fn draw(path: &Path, stats: &[SpecStats]) -> Result<(), Box<dyn std::error::Error>> {
+    let panels = panels(stats);
     let n = panels.len().max(1);
     let cols = n.min(3);
     let rows = n.div_ceil(cols);
@@ -64,7 +68,7 @@ fn draw(path: &Path, stats: &[SpecStats], steps_per_seed: u32) -> Result<(), Box
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(50)
-            .build_cartesian_2d(1u32..(k as u32).max(2), y_min..y_max)?;
+            .build_cartesian_2d(1u32..panel.k.max(2), y_min..y_max)?;
         chart
             .configure_mesh()
             .x_desc("environment steps")
@@ -74,13 +78,27 @@ fn draw(path: &Path, stats: &[SpecStats], steps_per_seed: u32) -> Result<(), Box
             .light_line_style(WHITE.mix(0.0))
             .draw()?;
         for (i, curve) in panel.seeds.iter().enumerate() {
-            let color = Palette99::pick(i).mix(0.45);
-            chart.draw_series(LineSeries::new(
-                curve.iter().enumerate().map(|(t, v)| ((t + 1) as u32, *v)),
-                color.stroke_width(1),
-            ))?;
+            let color = Palette99::pick(i).mix(0.6);
+            chart
+                .draw_series(LineSeries::new(
+                    curve.iter().enumerate().map(|(t, v)| ((t + 1) as u32, *v)),
+                    color.stroke_width(1),
+                ))?
+                .label(format!("seed {}", panel.seed_names[i]))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(1)));
         }
-        chart.draw_series(LineSeries::new(panel.mean.iter().copied(), BLUE.stroke_width(3)))?;
+        let mean_label = if panel.seeds.is_empty() { "mean of the specs' means" } else { "mean over seeds" };
+        chart
+            .draw_series(LineSeries::new(panel.mean.iter().copied(), BLUE.stroke_width(2)))?
+            .label(mean_label)
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .label_font(("sans-serif", 11))
+            .draw()?;
     }
     root.present()?;
     Ok(())
@@ -93,8 +111,8 @@ mod tests {
 
     #[test]
     fn draws_a_png() {
-        let mut a = SpecStats::new("a", &[0, 1]);
-        let mut b = SpecStats::new("b", &[0]);
+        let mut a = SpecStats::new("a", &[0, 1], 3);
+        let mut b = SpecStats::new("b", &[0], 4);
         let rec = |reward: f64| StepRecord {
             spec: String::new(),
             seed: 0,
@@ -121,10 +139,10 @@ mod tests {
         a.seeds[1].push(&rec(0.7));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("best.png");
-        best_reward_png(&path, &[a, b], 3).unwrap();
+        best_reward_png(&path, &[a, b]).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
-        let ps = panels(&[SpecStats::new("only", &[0])], 3);
+        let ps = panels(&[SpecStats::new("only", &[0], 3)]);
         assert_eq!(ps.len(), 1);
         assert!(ps[0].mean.is_empty());
     }

@@ -19,11 +19,13 @@ use super::record::{StepLog, StepRecord};
 use super::summary::SpecStats;
 use super::ExperimentError;
 
-/// One spec with its data and the seeds to run it on.
+/// One spec with its data, the seeds to run it on and its budget.
 pub struct Task {
     pub spec: Arc<Spec>,
     pub dataset: Arc<Dataset>,
     pub seeds: Vec<u64>,
+    /// Environment steps per seed (the paper's k).
+    pub steps: u32,
 }
 
 /// One finished environment step, as an algorithm sees it.
@@ -113,6 +115,8 @@ struct Slot {
     task: usize,
     seed_index: usize,
     seed: u64,
+    /// Steps this slot may take.
+    budget: u32,
     env: Env,
     /// Steps used (all episodes).
     used: u32,
@@ -124,7 +128,7 @@ struct Slot {
     exhausted: bool,
 }
 
-/// Runs `steps` environment steps for every task and seed, continuing after `previous` (the steps
+/// Runs each task's `steps` environment steps for each of its seeds, continuing after `previous` (the steps
 /// already in the log, for `--resume`). Each step is appended to `log` as soon as it is finished.
 /// Returns when every slot used its budget, the policy ran out of actions, or `stop` was raised
 /// (checked between rounds: the round in flight is finished and logged first).
@@ -132,7 +136,6 @@ struct Slot {
 pub fn run_loop(
     tasks: &[Task],
     pool: &Arc<Pool>,
-    steps: u32,
     algorithm: &mut dyn Algorithm,
     run_dir: &Path,
     log: &mut StepLog,
@@ -141,7 +144,7 @@ pub fn run_loop(
     stop: &AtomicBool,
 ) -> Result<LoopOutcome, ExperimentError> {
     algorithm.start(tasks, run_dir, previous)?;
-    let result = rounds(tasks, pool, steps, algorithm, log, previous, observer, stop);
+    let result = rounds(tasks, pool, algorithm, log, previous, observer, stop);
     let finished = algorithm.finish(run_dir);
     let outcome = result?;
     finished?;
@@ -152,31 +155,40 @@ pub fn run_loop(
 fn rounds(
     tasks: &[Task],
     pool: &Arc<Pool>,
-    steps: u32,
     algorithm: &mut dyn Algorithm,
     log: &mut StepLog,
     previous: &[StepRecord],
     observer: &mut dyn Observer,
     stop: &AtomicBool,
 ) -> Result<LoopOutcome, ExperimentError> {
-    let mut stats: Vec<SpecStats> = tasks.iter().map(|t| SpecStats::new(&t.spec.name, &t.seeds)).collect();
+    let mut stats: Vec<SpecStats> = tasks.iter().map(|t| SpecStats::new(&t.spec.name, &t.seeds, t.steps)).collect();
     let mut slots = Vec::new();
     for (ti, task) in tasks.iter().enumerate() {
         for (si, &seed) in task.seeds.iter().enumerate() {
             let env = Env::new(task.spec.clone(), task.dataset.clone(), seed, pool.clone())?;
-            slots.push(Slot { task: ti, seed_index: si, seed, env, used: 0, next_episode: 0, current: None, exhausted: false });
+            slots.push(Slot {
+                task: ti,
+                seed_index: si,
+                seed,
+                budget: task.steps,
+                env,
+                used: 0,
+                next_episode: 0,
+                current: None,
+                exhausted: false,
+            });
         }
     }
     restore(tasks, &mut slots, &mut stats, previous)?;
 
     loop {
         if stop.load(Ordering::SeqCst) {
-            return Ok(LoopOutcome { stats, interrupted: slots.iter().any(|s| !s.exhausted && s.used < steps) });
+            return Ok(LoopOutcome { stats, interrupted: slots.iter().any(|s| !s.exhausted && s.used < s.budget) });
         }
         // Start episodes where needed, then ask the policy for every waiting slot at once.
         let mut active: Vec<usize> = Vec::new();
         for (i, slot) in slots.iter_mut().enumerate() {
-            if slot.exhausted || slot.used >= steps {
+            if slot.exhausted || slot.used >= slot.budget {
                 continue;
             }
             if slot.current.is_none() {

@@ -71,13 +71,15 @@ impl SeedStats {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpecStats {
     pub spec: String,
+    /// The budget: environment steps per seed (the paper's k).
+    pub k: u32,
     pub seeds: Vec<SeedStats>,
 }
 
 impl SpecStats {
-    /// Empty statistics for `spec` with the given seeds.
-    pub fn new(spec: &str, seeds: &[u64]) -> SpecStats {
-        SpecStats { spec: spec.to_string(), seeds: seeds.iter().map(|&s| SeedStats::new(s)).collect() }
+    /// Empty statistics for `spec` with the given seeds and budget `k`.
+    pub fn new(spec: &str, seeds: &[u64], k: u32) -> SpecStats {
+        SpecStats { spec: spec.to_string(), k, seeds: seeds.iter().map(|&s| SeedStats::new(s)).collect() }
     }
 
     /// Mean and sample standard deviation (n − 1; `None` for a single seed) of the best reward
@@ -121,10 +123,10 @@ impl SpecStats {
     }
 }
 
-/// Statistics of a run from its step records: one entry per `(spec name, seeds)`, in that order.
-/// Records of other specs or seeds are not counted.
-pub fn stats_from_records(specs: &[(String, Vec<u64>)], records: &[StepRecord]) -> Vec<SpecStats> {
-    let mut stats: Vec<SpecStats> = specs.iter().map(|(name, seeds)| SpecStats::new(name, seeds)).collect();
+/// Statistics of a run from its step records: one entry per `(spec name, seeds, k)`, in that
+/// order. Records of other specs or seeds are not counted.
+pub fn stats_from_records(specs: &[(String, Vec<u64>, u32)], records: &[StepRecord]) -> Vec<SpecStats> {
+    let mut stats: Vec<SpecStats> = specs.iter().map(|(name, seeds, k)| SpecStats::new(name, seeds, *k)).collect();
     for record in records {
         let seed = stats
             .iter_mut()
@@ -170,16 +172,17 @@ fn csv_field(s: &str) -> String {
 }
 
 /// `summary.csv`: one row per spec and seed, then one row per spec with `seed` = `all` whose
-/// `best_reward` is the mean over seeds and `best_reward_std` the sample standard deviation.
+/// `best_reward` is the mean over seeds and `best_reward_std` the sample standard deviation;
+/// `k` is the step budget per seed.
 pub fn to_csv(stats: &[SpecStats]) -> String {
     let mut out = String::from(
-        "spec,seed,steps,episodes,ran,runnable_rate,mean_reward,mean_reward_ran,best_reward,best_reward_std\n",
+        "spec,seed,steps,episodes,ran,runnable_rate,mean_reward,mean_reward_ran,best_reward,best_reward_std,k\n",
     );
     for spec in stats {
         for s in &spec.seeds {
             let _ = writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},",
+                "{},{},{},{},{},{},{},{},{},,{}",
                 csv_field(&spec.spec),
                 s.seed,
                 s.steps,
@@ -189,12 +192,13 @@ pub fn to_csv(stats: &[SpecStats]) -> String {
                 num(s.mean_reward()),
                 num(s.mean_ran_reward()),
                 num(s.best()),
+                spec.k,
             );
         }
         let (best, std) = spec.best_mean_std().map_or((None, None), |(m, s)| (Some(m), s));
         let _ = writeln!(
             out,
-            "{},all,{},{},{},{},{},{},{},{}",
+            "{},all,{},{},{},{},{},{},{},{},{}",
             csv_field(&spec.spec),
             spec.steps(),
             spec.seeds.iter().map(|s| s.episodes).sum::<u32>(),
@@ -204,6 +208,7 @@ pub fn to_csv(stats: &[SpecStats]) -> String {
             num(spec.mean_ran_reward()),
             num(best),
             num(std),
+            spec.k,
         );
     }
     out
@@ -211,17 +216,17 @@ pub fn to_csv(stats: &[SpecStats]) -> String {
 
 /// `summary.md`: the Table 2 layout (one row per spec, best reward within k steps as
 /// mean ± std over seeds) with the runnable rate and mean reward beside it, then per-seed detail.
-pub fn to_markdown(stats: &[SpecStats], algo: &str, steps_per_seed: u32, failure_note: &str) -> String {
+pub fn to_markdown(stats: &[SpecStats], algo: &str) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# Results: {algo}, k = {steps_per_seed} environment steps per spec and seed\n");
+    let _ = writeln!(out, "# Results: {algo}\n");
     let _ = writeln!(
         out,
-        "Best reward (ROC AUC on the validation split) found within k steps, mean ± standard deviation \
-         over seeds (sample std, n − 1). Runnable rate = actions that ran / actions taken; mean reward \
-         counts failed actions with the spec's failure reward{failure_note}.\n"
+        "Best reward (ROC AUC on the validation split) found within k environment steps per seed, \
+         mean ± standard deviation over seeds (sample std, n − 1). Runnable rate = actions that ran / \
+         actions taken; mean reward counts failed actions with the spec's failure reward.\n"
     );
-    let _ = writeln!(out, "| Spec | {algo}: best reward | Runnable rate | Mean reward | Mean reward (ran) | Steps |");
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let _ = writeln!(out, "| Spec | k | {algo}: best reward | Runnable rate | Mean reward | Mean reward (ran) | Steps |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     for spec in stats {
         let best = match spec.best_mean_std() {
             None => "–".to_string(),
@@ -230,8 +235,9 @@ pub fn to_markdown(stats: &[SpecStats], algo: &str, steps_per_seed: u32, failure
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             spec.spec,
+            spec.k,
             best,
             pct(spec.runnable_rate()),
             md_num(spec.mean_reward()),
@@ -320,24 +326,24 @@ mod tests {
 
     #[test]
     fn spec_rows_in_csv_and_markdown() {
-        let mut spec = SpecStats::new("balance, scale", &[0, 1]);
+        let mut spec = SpecStats::new("balance, scale", &[0, 1], 5);
         spec.seeds[0].push(&rec(0, 0.5, true));
         spec.seeds[1].push(&rec(0, -1.0, false));
         spec.seeds[1].push(&rec(1, 0.7, true));
         let csv = to_csv(std::slice::from_ref(&spec));
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 4);
-        assert_eq!(lines[1], "\"balance, scale\",0,1,1,1,1.0000,0.5000,0.5000,0.5000,");
+        assert_eq!(lines[1], "\"balance, scale\",0,1,1,1,1.0000,0.5000,0.5000,0.5000,,5");
         // best: 0.5 and 0.7 -> mean 0.6, std sqrt(0.02) = 0.1414
-        assert_eq!(lines[3], "\"balance, scale\",all,3,2,2,0.6667,0.0667,0.6000,0.6000,0.1414");
-        let md = to_markdown(&[spec], "reflection", 2, "");
-        assert!(md.contains("| balance, scale | 0.6000 ± 0.1414 | 67% | 0.0667 | 0.6000 | 3 |"), "{md}");
-        assert_eq!(SpecStats::new("y", &[0]).best_mean_std(), None);
+        assert_eq!(lines[3], "\"balance, scale\",all,3,2,2,0.6667,0.0667,0.6000,0.6000,0.1414,5");
+        let md = to_markdown(&[spec], "reflection");
+        assert!(md.contains("| balance, scale | 5 | 0.6000 ± 0.1414 | 67% | 0.0667 | 0.6000 | 3 |"), "{md}");
+        assert_eq!(SpecStats::new("y", &[0], 1).best_mean_std(), None);
     }
 
     #[test]
     fn mean_best_curve_counts_only_seeds_that_got_there() {
-        let mut spec = SpecStats::new("x", &[0, 1]);
+        let mut spec = SpecStats::new("x", &[0, 1], 3);
         spec.seeds[0].push(&rec(0, 0.2, true));
         spec.seeds[0].push(&rec(0, 0.4, true));
         spec.seeds[1].push(&rec(0, 0.6, true));

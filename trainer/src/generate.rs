@@ -414,9 +414,9 @@ mod tests {
         assert_eq!(counts[3], 0, "outside the top 3");
         // Renormalised over the top 3: e^2, e^1, e^0 over their sum.
         let z: f64 = [2f64, 1.0, 0.0].iter().map(|x| x.exp()).sum();
-        for i in 0..3 {
+        for (i, &n) in counts.iter().take(3).enumerate() {
             let want = (2.0 - i as f64).exp() / z;
-            assert!((counts[i] as f64 / 20_000.0 - want).abs() < 0.015, "token {i}");
+            assert!((n as f64 / 20_000.0 - want).abs() < 0.015, "token {i}");
         }
         // top-p 0.5 keeps only the first token (its probability is 0.64).
         let cfg = GenerateConfig { temperature: 1.0, top_k: None, top_p: Some(0.5), ..GenerateConfig::default() };

@@ -365,7 +365,7 @@ pub fn config_from_hf_json(text: &str) -> std::result::Result<LlamaConfig, Strin
         num_hidden_layers: need("num_hidden_layers")?,
         num_attention_heads: heads,
         num_key_value_heads: int("num_key_value_heads")?.unwrap_or(heads),
-        head_dim: int("head_dim")?.unwrap_or(if heads == 0 { 0 } else { hidden / heads }),
+        head_dim: int("head_dim")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
         rope_theta,
         rope_scaling,
         rms_norm_eps: num(&v, "rms_norm_eps")?.unwrap_or(1e-6),

@@ -30,14 +30,16 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Dropout probability on the adapter's input (training passes with a dropout seed only).
     pub dropout: f64,
-    /// The projections that get an adapter, in every block.
+    /// The projections that get an adapter.
     pub targets: Vec<Projection>,
+    /// The blocks that get adapters (PEFT's `layers_to_transform`); `None` means all.
+    pub layers: Option<Vec<usize>>,
 }
 
 impl Default for LoraConfig {
     /// Rank 8, alpha 16, no dropout, all seven projections.
     fn default() -> Self {
-        LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: Projection::ALL.to_vec() }
+        LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: Projection::ALL.to_vec(), layers: None }
     }
 }
 
@@ -45,6 +47,11 @@ impl LoraConfig {
     /// The factor applied to `B A x`.
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
+    }
+
+    /// Whether block `layer` gets adapters.
+    pub fn adapts_layer(&self, layer: usize) -> bool {
+        self.layers.as_ref().is_none_or(|l| l.contains(&layer))
     }
 
     fn validate(&self) -> Result<()> {
@@ -111,6 +118,9 @@ struct PeftConfig {
     inference_mode: bool,
     #[serde(default)]
     base_model_name_or_path: Option<String>,
+    /// An index or a list of indices; absent or null means every block.
+    #[serde(default)]
+    layers_to_transform: Option<serde_json::Value>,
 }
 
 impl LoraAdapter {
@@ -119,12 +129,13 @@ impl LoraAdapter {
     pub fn new(model: &LlamaConfig, cfg: &LoraConfig, seed: u64, device: &Device) -> Result<Self> {
         use rand::{Rng, SeedableRng};
         cfg.validate()?;
+        check_layers(cfg, model)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut layers = Vec::with_capacity(model.num_hidden_layers);
-        for _ in 0..model.num_hidden_layers {
+        for li in 0..model.num_hidden_layers {
             let mut slots: [Option<LoraPair>; 7] = Default::default();
             for p in Projection::ALL {
-                if !cfg.targets.contains(&p) {
+                if !cfg.targets.contains(&p) || !cfg.adapts_layer(li) {
                     continue;
                 }
                 let (i, o) = p.dims(model);
@@ -227,10 +238,12 @@ impl LoraAdapter {
     }
 
     fn zip_with(&self, src: &LoraAdapter, f: impl Fn(&Var, &Var) -> Result<()>) -> Result<()> {
-        if self.cfg != src.cfg || self.layers.len() != src.layers.len() {
+        let (dv, sv) = (self.vars(), src.vars());
+        let same_shapes = dv.len() == sv.len() && dv.iter().zip(&sv).all(|(a, b)| a.dims() == b.dims());
+        if self.cfg != src.cfg || self.layers.len() != src.layers.len() || !same_shapes {
             return Err(ModelError::Invalid("adapters of different shapes".into()));
         }
-        for (d, s) in self.vars().iter().zip(src.vars().iter()) {
+        for (d, s) in dv.iter().zip(sv.iter()) {
             f(d, s)?;
         }
         Ok(())
@@ -299,6 +312,7 @@ impl LoraAdapter {
             use_rslora: false,
             inference_mode: true,
             base_model_name_or_path: None,
+            layers_to_transform: self.cfg.layers.as_ref().map(|l| serde_json::json!(l)),
         };
         let json = serde_json::to_string_pretty(&cfg)
             .map_err(|e| ModelError::Invalid(format!("adapter config: {e}")))?;
@@ -341,8 +355,25 @@ impl LoraAdapter {
                 return Err(bad(&cfg_path, format!("target_modules must be a list of module names, got {other}")))
             }
         };
-        let cfg = LoraConfig { rank: pc.r, alpha: pc.lora_alpha, dropout: pc.lora_dropout, targets };
+        let layers = match &pc.layers_to_transform {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Number(n)) => Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize]),
+            Some(serde_json::Value::Array(v)) => Some(
+                v.iter()
+                    .map(|x| {
+                        x.as_u64().map(|n| n as usize).ok_or_else(|| {
+                            bad(&cfg_path, format!("layers_to_transform: {x} is not a layer index"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            Some(other) => {
+                return Err(bad(&cfg_path, format!("layers_to_transform must be an index or a list, got {other}")))
+            }
+        };
+        let cfg = LoraConfig { rank: pc.r, alpha: pc.lora_alpha, dropout: pc.lora_dropout, targets, layers };
         cfg.validate().map_err(|e| bad(&cfg_path, e.to_string()))?;
+        check_layers(&cfg, model).map_err(|e| bad(&cfg_path, e.to_string()))?;
 
         if !weights.is_file() {
             return Err(ModelError::MissingFile {
@@ -355,7 +386,7 @@ impl LoraAdapter {
         let mut layers = Vec::with_capacity(model.num_hidden_layers);
         for li in 0..model.num_hidden_layers {
             let mut slots: [Option<LoraPair>; 7] = Default::default();
-            for &p in &cfg.targets {
+            for &p in cfg.targets.iter().filter(|_| cfg.adapts_layer(li)) {
                 let mut take = |f: char| -> Result<Var> {
                     let name = peft_tensor_name(li, p, f);
                     let t = tensors
@@ -379,6 +410,16 @@ impl LoraAdapter {
         adapter.check_shapes(model).map_err(|e| bad(&weights, e.to_string()))?;
         Ok(adapter)
     }
+}
+
+fn check_layers(cfg: &LoraConfig, model: &LlamaConfig) -> Result<()> {
+    if let Some(&bad) = cfg.layers.iter().flatten().find(|&&l| l >= model.num_hidden_layers) {
+        return Err(ModelError::Config(format!(
+            "LoRA layer {bad} does not exist (the model has {} blocks)",
+            model.num_hidden_layers
+        )));
+    }
+    Ok(())
 }
 
 /// Inverted dropout with a seeded mask (reproducible across runs and resumes).
@@ -424,7 +465,7 @@ mod tests {
     #[test]
     fn fresh_adapter_follows_peft_initialisation() {
         let m = crate::model::LlamaConfig::tiny(300);
-        let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: vec![Projection::Q, Projection::Down] };
+        let cfg = LoraConfig { rank: 4, alpha: 8.0, targets: vec![Projection::Q, Projection::Down], ..LoraConfig::default() };
         let a = LoraAdapter::new(&m, &cfg, 3, &Device::Cpu).unwrap();
         assert_eq!(a.vars().len(), 2 * 2 * 2);
         let q = a.pair(0, Projection::Q).unwrap();
@@ -446,7 +487,13 @@ mod tests {
     #[test]
     fn save_and_load_round_trip_with_peft_names() {
         let mut m = tiny(11);
-        let cfg = LoraConfig { rank: 4, alpha: 16.0, dropout: 0.05, targets: vec![Projection::Q, Projection::V, Projection::Gate] };
+        let cfg = LoraConfig {
+            rank: 4,
+            alpha: 16.0,
+            dropout: 0.05,
+            targets: vec![Projection::Q, Projection::V, Projection::Gate],
+            layers: None,
+        };
         m.add_adapter_seeded("pi", &cfg, 1).unwrap();
         randomize_b(&m, "pi", 2);
         let dir = scratch("roundtrip");
@@ -477,6 +524,37 @@ mod tests {
         // Loading by the safetensors file path works too; the loaded Vars are trainable.
         m.load_adapter("copy2", &dir.join(ADAPTER_WEIGHTS_FILE)).unwrap();
         assert!(m.adapter_vars("copy2").iter().all(|v| v.as_tensor().is_variable()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn adapters_on_some_layers_round_trip_as_layers_to_transform() {
+        let mut m = tiny(14);
+        let cfg = LoraConfig { rank: 2, layers: Some(vec![1]), ..LoraConfig::default() };
+        m.add_adapter_seeded("pi", &cfg, 1).unwrap();
+        assert_eq!(m.adapter_vars("pi").len(), 7 * 2);
+        assert!(m.adapter("pi").unwrap().pair(0, Projection::Q).is_none());
+        randomize_b(&m, "pi", 2);
+        let dir = scratch("layers");
+        m.save_adapter("pi", &dir).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(ADAPTER_CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(json["layers_to_transform"], serde_json::json!([1]));
+        m.load_adapter("back", &dir).unwrap();
+        let (ids, _) = batch(&[vec![1, 2, 3]]);
+        let a = m.forward(&ids, None, Some("pi")).unwrap();
+        let b = m.forward(&ids, None, Some("back")).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
+        // PEFT also writes a single index.
+        let mut json = json;
+        json["layers_to_transform"] = serde_json::json!(1);
+        std::fs::write(dir.join(ADAPTER_CONFIG_FILE), json.to_string()).unwrap();
+        m.load_adapter("back1", &dir).unwrap();
+        assert_eq!(m.adapter("back1").unwrap().config().layers, Some(vec![1]));
+        // Polyak and copies refuse adapters over other layers.
+        m.add_adapter("all", &LoraConfig { rank: 2, ..LoraConfig::default() }).unwrap();
+        assert!(m.polyak_update("all", "pi", 0.5).is_err());
+        assert!(m.add_adapter("bad", &LoraConfig { layers: Some(vec![2]), ..LoraConfig::default() }).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -46,6 +46,9 @@ pub struct PpoConfig {
     pub value_optim: AdamWConfig,
     /// Sequences per forward pass (gradients are accumulated over micro-batches).
     pub micro_batch: usize,
+    /// Run a state prompt shared by several actions of a micro-batch once (see
+    /// `EtpoConfig::share_prefixes`).
+    pub share_prefixes: bool,
     /// LoRA rank of the policy's adapter set.
     pub lora_rank: usize,
     /// LoRA scaling α.
@@ -65,6 +68,7 @@ impl Default for PpoConfig {
             policy_optim: AdamWConfig::default(),
             value_optim: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() },
             micro_batch: 4,
+            share_prefixes: true,
             lora_rank: 8,
             lora_alpha: 16.0,
             seed: 0,
@@ -73,6 +77,44 @@ impl Default for PpoConfig {
 }
 
 impl PpoConfig {
+    /// Applies a spec's `training` block (`lr` and `grad_clip` set the policy's optimiser,
+    /// `clip_eps` the ratio clip).
+    pub fn apply_spec(&mut self, t: &envspec::TrainingOverrides) {
+        if let Some(lr) = t.lr {
+            self.policy_optim.lr = lr;
+        }
+        if let Some(clip) = t.grad_clip {
+            self.policy_optim.max_grad_norm = Some(clip);
+        }
+        if let Some(v) = t.beta {
+            self.beta = v;
+        }
+        if let Some(v) = t.gamma {
+            self.gamma = v;
+        }
+        if let Some(v) = t.epochs {
+            self.epochs = v;
+        }
+        if let Some(v) = t.clip_eps {
+            self.clip = v;
+        }
+        if let Some(v) = t.lora_rank {
+            self.lora_rank = v;
+        }
+        if let Some(v) = t.lora_alpha {
+            self.lora_alpha = v;
+        }
+    }
+
+    /// Sets one hyper-parameter from a CLI `KEY=VALUE` override (see
+    /// [`crate::etpo::config::set_key`]).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let next = crate::etpo::config::set_key(self, key, value)?;
+        next.validate()?;
+        *self = next;
+        Ok(())
+    }
+
     /// Check ranges; the message names the offending key.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.beta >= 0.0 && self.beta.is_finite()) {
@@ -206,7 +248,7 @@ impl PpoTrainer {
                     .flat_map(|(i, t)| std::iter::repeat_n(rollout.advantages[ci * mb + i], t.action.len()))
                     .collect();
                 let adv = Tensor::from_vec(adv, rows, model.device())?;
-                let logits = model.logits(&hidden_rows(model, chunk, Some(POLICY), true)?)?;
+                let logits = model.logits(&hidden_rows(model, chunk, Some(POLICY), true, cfg.share_prefixes)?)?;
                 let logp = math::taken_values(&math::log_softmax(&logits)?, &tokens)?;
                 let log_ratio = (&logp - &rollout.old_logp[ci])?;
                 let ratio = log_ratio.exp()?;
@@ -249,9 +291,9 @@ impl PpoTrainer {
         for (ci, chunk) in spans.chunks(mb).enumerate() {
             let ts = &batch[ci * mb..ci * mb + chunk.len()];
             let tokens = token_tensor(model, crate::etpo::trainer::chunk_actions(ts))?;
-            let base_hidden = hidden_rows(model, chunk, None, false)?;
+            let base_hidden = hidden_rows(model, chunk, None, false, cfg.share_prefixes)?;
             let ref_lp = math::log_softmax(&model.logits(&base_hidden)?.detach())?;
-            let pol_lp = math::log_softmax(&model.logits(&hidden_rows(model, chunk, Some(POLICY), false)?)?.detach())?;
+            let pol_lp = math::log_softmax(&model.logits(&hidden_rows(model, chunk, Some(POLICY), false, cfg.share_prefixes)?)?.detach())?;
             kl_sum += math::kl_rows(&pol_lp, &ref_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
             ent_sum += math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
             let pol_taken = math::taken_values(&pol_lp, &tokens)?;
@@ -293,7 +335,7 @@ impl PpoTrainer {
         let extra_spans: Vec<RowSpan> = extra.iter().map(|s| RowSpan::state(s)).collect();
         let mut extra_values = Vec::new();
         for chunk in extra_spans.chunks(mb) {
-            let feats = hidden_rows(model, chunk, None, false)?.detach();
+            let feats = hidden_rows(model, chunk, None, false, cfg.share_prefixes)?.detach();
             extra_values.extend(self.values(&feats)?.to_vec1::<f32>()?.into_iter().map(f64::from));
         }
         for (s, v) in extra.iter().zip(extra_values) {

@@ -509,8 +509,17 @@ impl Tokenizer {
         };
         let (bos, eos, pad, unk) = (named("bos_token"), named("eos_token"), named("pad_token"), named("unk_token"));
         let template_file = dir.join("chat_template.jinja");
-        let chat_template = match config.get("chat_template").and_then(|t| t.as_str()) {
-            Some(t) => Some(t.to_string()),
+        // Either one template, or a list of named ones of which `default` is the chat template.
+        let configured = match config.get("chat_template") {
+            Some(serde_json::Value::String(t)) => Some(t.clone()),
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        let chat_template = match configured {
+            Some(t) => Some(t),
             None if template_file.is_file() => Some(std::fs::read_to_string(&template_file).map_err(|e| {
                 TokenizerError::File { path: template_file.clone(), message: e.to_string() }
             })?),

@@ -8,7 +8,7 @@ use trainer::{default_model_path, load_model};
 /// `"def build_model(x_train, y_train):\n"` tokenised by transformers from the same GGUF.
 const PROMPT: [u32; 14] = [1604, 1235, 79, 3980, 24, 104, 79, 4428, 28, 329, 79, 4428, 727, 198];
 /// transformers 5.24, f32: first 8 logits of the last position; argmax is 19 (`#`).
-const EXPECTED: [f32; 8] = [25.431000, 12.904408, 14.701956, 9.586503, 9.100076, 10.856031, 19.816011, 10.864840];
+const EXPECTED: [f64; 8] = [25.431000, 12.904408, 14.701956, 9.586503, 9.100076, 10.856031, 19.816011, 10.864840];
 
 fn model_path() -> std::path::PathBuf {
     let p = default_model_path();
@@ -27,7 +27,7 @@ fn last_position_logits_match_transformers() {
     let logits = m.model.forward(&ids, None, None).unwrap();
     let last: Vec<f32> = logits.squeeze(0).unwrap().get(PROMPT.len() - 1).unwrap().to_vec1().unwrap();
     for (i, (&got, &want)) in last.iter().zip(EXPECTED.iter()).enumerate() {
-        assert!((got - want).abs() < 1e-3, "logit {i}: {got} vs transformers {want}");
+        assert!((f64::from(got) - want).abs() < 1e-3, "logit {i}: {got} vs transformers {want}");
     }
     let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
     assert_eq!(argmax, 19);

@@ -44,6 +44,7 @@ pub(crate) fn hidden_rows(
     spans: &[RowSpan],
     adapter: Option<&str>,
     track_grad: bool,
+    share_prefixes: bool,
 ) -> Result<Tensor, TrainError> {
     let mut prefixes: Vec<&[u32]> = Vec::new();
     let mut prefix_of = Vec::with_capacity(spans.len());
@@ -56,7 +57,7 @@ pub(crate) fn hidden_rows(
         prefix_of.push(i);
     }
     let opts = ForwardOptions { adapter, track_grad, dropout_seed: None };
-    if prefixes.len() == spans.len() {
+    if !share_prefixes || prefixes.len() == spans.len() {
         return padded_hidden_rows(model, spans, &opts);
     }
     let device = model.device();
@@ -140,8 +141,9 @@ pub(crate) fn logit_rows(
     spans: &[RowSpan],
     adapter: Option<&str>,
     track_grad: bool,
+    share_prefixes: bool,
 ) -> Result<Tensor, TrainError> {
-    let hidden = hidden_rows(model, spans, adapter, track_grad)?;
+    let hidden = hidden_rows(model, spans, adapter, track_grad, share_prefixes)?;
     let logits = model.logits(&hidden)?;
     Ok(if track_grad { logits } else { logits.detach() })
 }
@@ -219,7 +221,7 @@ mod tests {
             RowSpan::action(&[1, 2, 3], &[4, 11]),
         ];
         for adapter in [None, Some("a")] {
-            let shared = hidden_rows(&model, &spans, adapter, false).unwrap();
+            let shared = hidden_rows(&model, &spans, adapter, false, true).unwrap();
             let alone = one_by_one(&model, &spans, adapter);
             assert_eq!(shared.dims(), &[8, 16]);
             let d = (shared - alone).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -232,7 +234,7 @@ mod tests {
             g.get(vars[0].as_tensor()).unwrap().flatten_all().unwrap()
         };
         let opts = ForwardOptions { adapter: Some("a"), track_grad: true, dropout_seed: None };
-        let g1 = grad_of(hidden_rows(&model, &spans, Some("a"), true).unwrap());
+        let g1 = grad_of(hidden_rows(&model, &spans, Some("a"), true, true).unwrap());
         let g2 = grad_of(padded_hidden_rows(&model, &spans, &opts).unwrap());
         let d = (&g1 - &g2).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let scale = g2.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

@@ -34,6 +34,9 @@ pub struct EtpoConfig {
     pub policy_uses_pre_step_q: bool,
     /// Sequences per forward pass (gradients are accumulated over micro-batches).
     pub micro_batch: usize,
+    /// Run a state prompt shared by several actions of a micro-batch once per network (its
+    /// key/value cache is reused, gradients flow through it); `false` runs every sequence whole.
+    pub share_prefixes: bool,
     /// LoRA rank of the three adapter sets.
     pub lora_rank: usize,
     /// LoRA scaling α (the delta is scaled by α/rank).
@@ -56,6 +59,7 @@ impl Default for EtpoConfig {
             policy_optim: AdamWConfig::default(),
             policy_uses_pre_step_q: false,
             micro_batch: 4,
+            share_prefixes: true,
             lora_rank: 8,
             lora_alpha: 16.0,
             seed: 0,
@@ -64,6 +68,42 @@ impl Default for EtpoConfig {
 }
 
 impl EtpoConfig {
+    /// Applies a spec's `training` block: `lr` and `grad_clip` set both optimisers; keys that
+    /// ETPO does not use (`epochs`, `clip_eps`, sampling keys, ...) are left to their owners.
+    pub fn apply_spec(&mut self, t: &envspec::TrainingOverrides) {
+        if let Some(lr) = t.lr {
+            self.q_optim.lr = lr;
+            self.policy_optim.lr = lr;
+        }
+        if let Some(clip) = t.grad_clip {
+            self.q_optim.max_grad_norm = Some(clip);
+            self.policy_optim.max_grad_norm = Some(clip);
+        }
+        if let Some(v) = t.beta {
+            self.beta = v;
+        }
+        if let Some(v) = t.gamma {
+            self.gamma = v;
+        }
+        if let Some(v) = t.polyak {
+            self.polyak = v;
+        }
+        if let Some(v) = t.lora_rank {
+            self.lora_rank = v;
+        }
+        if let Some(v) = t.lora_alpha {
+            self.lora_alpha = v;
+        }
+    }
+
+    /// Sets one hyper-parameter from a CLI `KEY=VALUE` override; see [`set_key`].
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let next = set_key(self, key, value)?;
+        next.validate()?;
+        *self = next;
+        Ok(())
+    }
+
     /// Check ranges; the message names the offending key.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.beta > 0.0 && self.beta.is_finite()) {
@@ -95,6 +135,22 @@ impl EtpoConfig {
     }
 }
 
+/// A copy of `cfg` with the (dotted) `key` set to `value`, for `--set key=value` overrides of
+/// any serde configuration: `beta=0.05`, `q_optim.lr=3e-4`, `q_readout=logits`,
+/// `huber_delta=null`. The value is read as JSON, or else as a string; unknown keys and
+/// ill-typed values are errors naming the key.
+pub fn set_key<T: Serialize + serde::de::DeserializeOwned>(cfg: &T, key: &str, value: &str) -> Result<T, String> {
+    let mut root = serde_json::to_value(cfg).map_err(|e| e.to_string())?;
+    let mut node = &mut root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let obj = node.as_object_mut().ok_or_else(|| format!("`{}` is not a group of settings", parts[..i].join(".")))?;
+        node = obj.get_mut(*part).ok_or_else(|| format!("unknown setting `{key}`"))?;
+    }
+    *node = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+    serde_json::from_value(root).map_err(|e| format!("`{key}={value}`: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +174,32 @@ mod tests {
         assert!(serde_json::from_str::<EtpoConfig>(r#"{"betta": 0.1}"#).is_err());
         let bad = EtpoConfig { gamma: 1.5, ..Default::default() };
         assert!(bad.validate().unwrap_err().contains("gamma"));
+    }
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::*;
+
+    #[test]
+    fn cli_overrides_by_dotted_key() {
+        let mut c = EtpoConfig::default();
+        c.set("beta", "0.05").unwrap();
+        c.set("q_optim.lr", "3e-4").unwrap();
+        c.set("q_readout", "logits").unwrap();
+        c.set("huber_delta", "1.5").unwrap();
+        assert_eq!((c.beta, c.q_optim.lr, c.q_readout, c.huber_delta), (0.05, 3e-4, QReadout::Logits, Some(1.5)));
+        assert!(c.set("betta", "1").unwrap_err().contains("unknown setting `betta`"));
+        assert!(c.set("beta", "high").unwrap_err().contains("beta=high"));
+        assert!(c.set("gamma", "2").unwrap_err().contains("gamma"));
+        assert!(c.set("beta.x", "1").is_err());
+    }
+
+    #[test]
+    fn spec_training_block() {
+        let t = envspec::TrainingOverrides { lr: Some(1e-3), beta: Some(0.1), polyak: Some(0.9), ..Default::default() };
+        let mut c = EtpoConfig::default();
+        c.apply_spec(&t);
+        assert_eq!((c.q_optim.lr, c.policy_optim.lr, c.beta, c.polyak, c.gamma), (1e-3, 1e-3, 0.1, 0.9, 0.99));
     }
 }

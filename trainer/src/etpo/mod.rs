@@ -6,10 +6,13 @@
 //!   one frozen base, ρ = the base without adapter), one update per batch of [`Transition`]s,
 //!   checkpoints.
 //! - [`AdamW`]: the optimiser, with its state open for checkpoints.
+//! - [`eval`]: token log-likelihood / perplexity, to check that training left the LM intact.
+//! - The PPO-KL baseline is [`crate::ppo`].
 
 pub(crate) mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod eval;
 pub mod math;
 pub mod optim;
 pub(crate) mod trainer;

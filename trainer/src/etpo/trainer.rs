@@ -133,7 +133,7 @@ impl EtpoTrainer {
         let mut row_values: Vec<f64> = Vec::with_capacity(total_tokens);
         let (mut kl_sum, mut ent_sum) = (0f64, 0f64);
         for chunk in spans.chunks(mb) {
-            let (values, rlp, kl, ent) = soft_value_rows(model, chunk, beta, readout)?;
+            let (values, rlp, kl, ent) = soft_value_rows(model, chunk, beta, readout, cfg.share_prefixes)?;
             row_values.extend(values);
             kl_sum += kl;
             ent_sum += ent;
@@ -160,7 +160,7 @@ impl EtpoTrainer {
         let extra_spans: Vec<RowSpan> = extra.iter().map(|s| RowSpan::state(s)).collect();
         let mut extra_values = Vec::with_capacity(extra.len());
         for chunk in extra_spans.chunks(mb) {
-            extra_values.extend(soft_value_rows(model, chunk, beta, readout)?.0);
+            extra_values.extend(soft_value_rows(model, chunk, beta, readout, cfg.share_prefixes)?.0);
         }
         for (s, v) in extra.iter().zip(extra_values) {
             state_value.insert(s, v);
@@ -209,7 +209,7 @@ impl EtpoTrainer {
         for (ci, chunk) in spans.chunks(mb).enumerate() {
             let q = match pre_step_q.get(ci) {
                 Some(q) => q.clone(),
-                None => math::q_values(&logit_rows(model, chunk, Some(Q), false)?, &ref_logp[ci], readout, beta)?,
+                None => math::q_values(&logit_rows(model, chunk, Some(Q), false, cfg.share_prefixes)?, &ref_logp[ci], readout, beta)?,
             };
             let loss = (policy_loss_chunk(model, chunk, &q, &ref_logp[ci], &cfg)? / total_tokens as f64)?;
             m.policy_loss += loss.to_scalar::<f32>()? as f64;
@@ -337,7 +337,8 @@ fn q_loss_chunk(
     ref_logp: &Tensor,
     cfg: &EtpoConfig,
 ) -> Result<(Tensor, Tensor, Tensor), TrainError> {
-    let q = math::q_values(&logit_rows(model, spans, Some(Q), true)?, ref_logp, cfg.q_readout, cfg.beta)?;
+    let share = cfg.share_prefixes;
+    let q = math::q_values(&logit_rows(model, spans, Some(Q), true, share)?, ref_logp, cfg.q_readout, cfg.beta)?;
     let taken = math::taken_values(&q, tokens)?;
     Ok((math::q_loss(&taken, targets, cfg.huber_delta)?, q, taken))
 }
@@ -351,8 +352,9 @@ fn policy_loss_chunk(
     ref_logp: &Tensor,
     cfg: &EtpoConfig,
 ) -> Result<Tensor, TrainError> {
+    let share = cfg.share_prefixes;
     let target = math::policy_target_logp(q, ref_logp, cfg.q_readout, cfg.beta)?;
-    let pol = math::log_softmax(&logit_rows(model, spans, Some(POLICY), true)?)?;
+    let pol = math::log_softmax(&logit_rows(model, spans, Some(POLICY), true, share)?)?;
     Ok(math::policy_kl_rows(&pol, &target)?.sum_all()?)
 }
 
@@ -363,10 +365,11 @@ fn soft_value_rows(
     spans: &[RowSpan],
     beta: f64,
     readout: math::QReadout,
+    share: bool,
 ) -> Result<(Vec<f64>, Tensor, f64, f64), TrainError> {
-    let ref_lp = math::log_softmax(&logit_rows(model, spans, None, false)?)?;
-    let pol_lp = math::log_softmax(&logit_rows(model, spans, Some(POLICY), false)?)?;
-    let q_bar = math::q_values(&logit_rows(model, spans, Some(Q_TARGET), false)?, &ref_lp, readout, beta)?;
+    let ref_lp = math::log_softmax(&logit_rows(model, spans, None, false, share)?)?;
+    let pol_lp = math::log_softmax(&logit_rows(model, spans, Some(POLICY), false, share)?)?;
+    let q_bar = math::q_values(&logit_rows(model, spans, Some(Q_TARGET), false, share)?, &ref_lp, readout, beta)?;
     let values = math::soft_values(&pol_lp, &q_bar, &ref_lp, beta)?;
     let kl = math::kl_rows(&pol_lp, &ref_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
     let ent = math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -419,7 +422,7 @@ mod tests {
         let spans = vec![RowSpan::action(&[1, 2, 3], &[4, 5]), RowSpan::action(&[6], &[7, 8, 9])];
         let tokens = token_tensor(&model, vec![4, 5, 7, 8, 9]).unwrap();
         let targets = Tensor::new(&[1.0f32, -1.0, 0.5, 2.0, 0.0], &Device::Cpu).unwrap();
-        let ref_lp = math::log_softmax(&logit_rows(&model, &spans, None, false).unwrap()).unwrap();
+        let ref_lp = math::log_softmax(&logit_rows(&model, &spans, None, false, true).unwrap()).unwrap();
         for readout in [math::QReadout::Logits, math::QReadout::LogRatio] {
             let cfg = EtpoConfig { q_readout: readout, ..cfg.clone() };
             let (q_loss, q, _) = q_loss_chunk(&model, &spans, &tokens, &targets, &ref_lp, &cfg).unwrap();
