@@ -250,12 +250,13 @@ fn a_copied_and_modified_spec_works_without_rust_changes() {
     let typo = modified
         .replace("tables/people.csv", "../tables/people.csv")
         .replace("target: label", "target: lable");
-    std::fs::write(dir.path().join("specs/people.yaml"), typo).unwrap();
+    let line = 1 + typo.lines().position(|l| l == "    target: lable").unwrap();
+    std::fs::write(dir.path().join("specs/people.yaml"), &typo).unwrap();
     let out = etpo(dir.path(), &["check", "specs/people.yaml"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         stderr(&out),
-        "specs/people.yaml:19:13: error: the data file has no column `lable`; its columns are: height, weight, colour, label\n  help: did you mean `label`?\nspecs/people.yaml: 1 error\n"
+        format!("specs/people.yaml:{line}:13: error: the data file has no column `lable`; its columns are: height, weight, colour, label\n  help: did you mean `label`?\nspecs/people.yaml: 1 error\n")
     );
 }
 

@@ -299,11 +299,12 @@ fn scripted_actions_get_the_rewards_plain_sklearn_gives_and_failures_reflect() {
     assert_eq!(cols[8], format!("{mean:.4}"));
     assert_eq!(cols[9], format!("{std:.4}"));
     let md = std::fs::read_to_string(dir.join("summary.md")).unwrap();
-    assert!(md.contains(&format!("| balance_scale | {mean:.4} ± {std:.4} | 67% |")), "{md}");
+    assert!(md.contains(&format!("| balance_scale | 3 | {mean:.4} ± {std:.4} | 67% |")), "{md}");
     let png = std::fs::read(dir.join("best_reward.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
     let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["config"]["steps"], 3);
+    assert_eq!(config["specs"][0]["steps"], 3);
     assert_eq!(config["specs"][0]["name"], "balance_scale");
     assert_eq!(config["specs"][0]["sha256"].as_str().unwrap().len(), 64);
     assert_eq!(config["actions"].as_array().unwrap().len(), 3);
@@ -488,6 +489,27 @@ fn resume_refuses_a_changed_spec() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bs.yaml") && err.contains("changed"), "{err}");
+}
+
+#[test]
+fn the_budget_and_sampling_come_from_the_spec_unless_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(balance_scale()).unwrap();
+    assert!(!text.contains("\ntraining:"), "the test adds its own training block");
+    let spec = tmp.path().join("bs.yaml");
+    std::fs::write(&spec, format!("{text}\ntraining:\n  steps: 2\n  temperature: 0.8\n")).unwrap();
+    let model = tmp.path().join("tiny-model");
+    write_tiny_model(&model);
+    let out = etpo(
+        &["run", "bs.yaml", "--model", "tiny-model", "--seeds", "0", "--top-k", "0", "--workers", "1", "--out", "run", "--no-progress"],
+        tmp.path(),
+    );
+    ok(&out);
+    let dir = run_dir(tmp.path());
+    assert_eq!(steps(&dir).len(), 2, "training.steps is the budget");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["specs"][0]["steps"], 2);
+    assert_eq!(config["specs"][0]["sampling"], serde_json::json!({"temperature": 0.8, "top_k": null, "top_p": null}));
 }
 
 #[test]

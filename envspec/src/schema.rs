@@ -23,7 +23,6 @@ pub fn schema() -> Value {
         .collect();
     json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://github.com/etpo/etpo/envspec.schema.json",
         "title": "etpo environment spec",
         "description": "One language MDP: task text, data, prompt templates (Jinja, strict undefined), how an action becomes a program, reward and limits.",
         "type": "object",

@@ -62,9 +62,13 @@ pub enum PromptSpec {
     /// `[system?, user]`; the reflection state is `[system?, user, assistant, reflection]` where
     /// `assistant` replays the failed action and `reflection` is a user message with the error.
     Chat {
+        /// Optional system message.
         system: Option<String>,
+        /// The user message stating the task.
         user: String,
+        /// The assistant turn replaying the failed action (reflection state only).
         assistant: String,
+        /// The user message after the failure.
         reflection: String,
     },
 }
@@ -103,11 +107,13 @@ pub struct ActionSpec {
 /// How runnable programs are scored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RewardSpec {
+    /// The score of a runnable program.
     pub metric: Metric,
     /// Multi-class averaging of ROC AUC.
     pub multiclass: Multiclass,
     /// Reward of an action whose program fails (the paper: -1.0).
     pub failure_reward: f64,
+    /// Which splits one evaluation scores.
     pub evaluation: Evaluation,
 }
 
@@ -142,10 +148,15 @@ pub enum Evaluation {
 /// Limits for one program execution.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ExecLimits {
+    /// Wall-clock seconds.
     pub wall_s: f64,
+    /// CPU seconds.
     pub cpu_s: f64,
+    /// Memory, MiB.
     pub memory_mb: u64,
+    /// Captured standard output and error, KiB.
     pub output_kb: u64,
+    /// Processes and threads.
     pub max_processes: u64,
 }
 
@@ -165,7 +176,9 @@ impl Default for ExecLimits {
 /// A worked example: a task text and an action that solves it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Example {
+    /// The example's task text.
     pub task: String,
+    /// An action that solves it, in the form the model should write.
     pub action: String,
 }
 
@@ -184,6 +197,7 @@ pub enum Algorithm {
 /// Optional hyper-parameters; `None` leaves the trainer's default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TrainingOverrides {
+    /// Which algorithm trains.
     pub algorithm: Option<Algorithm>,
     /// Environment steps (actions) in total per seed, k in the paper.
     pub steps: Option<u64>,
@@ -199,10 +213,13 @@ pub struct TrainingOverrides {
     pub polyak: Option<f64>,
     /// Sampling temperature (0 = greedy).
     pub temperature: Option<f64>,
+    /// Sample among the k most likely tokens.
     pub top_k: Option<usize>,
     /// Nucleus sampling mass, in (0, 1].
     pub top_p: Option<f64>,
+    /// LoRA rank.
     pub lora_rank: Option<usize>,
+    /// LoRA scaling numerator (the update is scaled by alpha / rank).
     pub lora_alpha: Option<f64>,
     /// Gradient passes over each batch.
     pub epochs: Option<usize>,

@@ -58,14 +58,18 @@ pub struct TaskContext {
 /// A prompt: plain text for completion, or chat messages for the model's chat template.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum Prompt {
+    /// Text the model continues.
     Completion(String),
+    /// Messages for the model's chat template.
     Chat(Vec<ChatMessage>),
 }
 
 /// One chat message (`role` is `system`, `user` or `assistant`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
     pub role: String,
+    /// The message text.
     pub content: String,
 }
 

@@ -521,7 +521,7 @@ def main():
             job = json.loads(bytes(head))
             payload = read_exact(CTRL_IN, job.get("payload", 0))
         except EOFError:
-            return
+            os._exit(0)  # the host closed the channel: nothing to finish
         raw = bytes(struct.pack("<I", n) + head + payload)
         del head, payload
         serve_one(spare, raw, job)

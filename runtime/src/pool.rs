@@ -170,10 +170,20 @@ impl Pool {
     }
 }
 
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Tell every worker to exit first, so that they all wind down at the same time.
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        for w in &mut st.idle {
+            w.sandbox.shut_down();
+        }
+    }
+}
+
 impl Worker {
     /// Waits for the worker's "ready" frame.
     fn ready(sandbox: Sandbox, memory_mb: u64) -> Result<Worker, RuntimeError> {
-        match protocol::read_frame(sandbox.from_worker(), Instant::now() + STARTUP) {
+        match protocol::read_frame(sandbox.worker_output(), Instant::now() + STARTUP) {
             Ok((header, _)) if header.get("ready").and_then(|v| v.as_bool()) == Some(true) => {
                 Ok(Worker { sandbox, memory_mb })
             }
@@ -200,8 +210,9 @@ impl Worker {
         }
         let ooms_before = self.sandbox.cgroup().map_or(0, |cg| cg.oom_kills());
         let deadline = Instant::now() + Duration::from_secs_f64(limits.wall_s.max(0.0)) + HOST_GRACE;
-        protocol::write_request(self.sandbox.to_worker(), req, deadline).map_err(|e| format!("sending the job: {e}"))?;
-        let (header, payload) = protocol::read_frame(self.sandbox.from_worker(), deadline).map_err(|e| match e {
+        let input = self.sandbox.worker_input().ok_or("the worker is shutting down")?;
+        protocol::write_request(input, req, deadline).map_err(|e| format!("sending the job: {e}"))?;
+        let (header, payload) = protocol::read_frame(self.sandbox.worker_output(), deadline).map_err(|e| match e {
             ReadError::Closed => format!("{e}; stderr: {}", self.sandbox.stderr_tail()),
             e => e.to_string(),
         })?;

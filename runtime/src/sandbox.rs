@@ -54,6 +54,9 @@ const MAX_FILE_BYTES: u64 = 64 << 20;
 const ENV: &[(&str, &str)] = &[
     ("PATH", "/usr/local/bin:/usr/bin:/bin"),
     ("HOME", WORK_DIR),
+    // Who we are without /etc/passwd (getpass and friends look here first).
+    ("USER", "sandbox"),
+    ("LOGNAME", "sandbox"),
     ("TMPDIR", "/tmp"),
     ("ETPO_SCRATCH", "/tmp:/job"),
     ("LANG", "C.UTF-8"),
@@ -174,7 +177,7 @@ impl Launcher {
         }
         let tail = Arc::new(Mutex::new(Vec::new()));
         drain(stderr, tail.clone());
-        Ok(Sandbox { child, stdin, stdout, tail, cgroup, python: self.python.clone() })
+        Ok(Sandbox { child, stdin: Some(stdin), stdout, tail, cgroup, python: self.python.clone() })
     }
 }
 
@@ -631,7 +634,8 @@ fn drain(mut from: impl Read + Send + 'static, tail: Arc<Mutex<Vec<u8>>>) {
 /// One running worker and everything that must go when it goes.
 pub(crate) struct Sandbox {
     child: Child,
-    stdin: ChildStdin,
+    /// `None` once shutting down (the worker exits when its input closes).
+    stdin: Option<ChildStdin>,
     stdout: ChildStdout,
     tail: Arc<Mutex<Vec<u8>>>,
     cgroup: Option<Cgroup>,
@@ -639,11 +643,18 @@ pub(crate) struct Sandbox {
 }
 
 impl Sandbox {
-    pub(crate) fn to_worker(&self) -> &ChildStdin {
-        &self.stdin
+    /// The worker's request channel; `None` after `shut_down`.
+    pub(crate) fn worker_input(&self) -> Option<&ChildStdin> {
+        self.stdin.as_ref()
     }
 
-    pub(crate) fn from_worker(&self) -> &ChildStdout {
+    /// Asks the worker to exit (closes its input); `drop` then waits briefly for it. Lets a pool
+    /// stop all its workers at once, and lets their CPU time be accounted to us.
+    pub(crate) fn shut_down(&mut self) {
+        self.stdin = None;
+    }
+
+    pub(crate) fn worker_output(&self) -> &ChildStdout {
         &self.stdout
     }
 
@@ -664,6 +675,16 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // An idle worker exits at once when its input closes; give it a moment to, so that it
+        // and the launcher are reaped in order.
+        self.stdin = None;
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        while std::time::Instant::now() < until {
+            match self.child.try_wait() {
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(2)),
+                _ => break,
+            }
+        }
         // Killing the launcher process kills the worker (parent-death signal), whose exit as
         // PID 1 kills the rest of the namespace; the cgroup sweep catches any straggler.
         let _ = self.child.kill();

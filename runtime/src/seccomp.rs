@@ -7,10 +7,10 @@
 use std::io;
 
 // Classic BPF opcodes (linux/filter.h, linux/bpf_common.h) and seccomp constants (linux/seccomp.h).
-const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20; // BPF_LD | BPF_W | BPF_ABS
-const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10; // BPF_JMP | BPF_JEQ | BPF_K
-const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
-const BPF_JMP_JSET_K: u16 = 0x05 | 0x40;
+const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS (0x20)
+const BPF_JMP_JEQ_K: u16 = 0x15; // BPF_JMP (5) | BPF_JEQ (0x10) | BPF_K (0)
+const BPF_JMP_JGE_K: u16 = 0x35; // BPF_JMP | BPF_JGE (0x30)
+const BPF_JMP_JSET_K: u16 = 0x45; // BPF_JMP | BPF_JSET (0x40)
 const BPF_RET_K: u16 = 0x06;
 const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
 const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;

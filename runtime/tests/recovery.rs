@@ -5,7 +5,7 @@
 
 use runtime::{Job, Limits, Pool, PoolConfig};
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The sandbox cgroups (pids hierarchy) of this test process.
@@ -29,7 +29,7 @@ fn sandbox_cgroups() -> BTreeSet<PathBuf> {
     dirs
 }
 
-fn procs(dir: &PathBuf) -> Vec<i32> {
+fn procs(dir: &Path) -> Vec<i32> {
     std::fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap_or_default()
         .lines()

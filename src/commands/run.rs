@@ -295,14 +295,15 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
             Some(n) => u32::try_from(n).with_context(|| format!("{}: {n} steps is too many", path.display()))?,
         };
         let data = spec.dataset.source.path().map(digest).transpose()?;
-        specs.push((spec, SpecEntry { name: String::new(), seeds, steps, sampling: None, file: digest(&path)?, data }));
+        let entry = SpecEntry { name: spec.name.clone(), seeds, steps, sampling: None, file: digest(&path)?, data };
+        specs.push((spec, entry));
     }
     let abs = |p: &Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
         p.as_ref()
             .map(|p| std::fs::canonicalize(p).with_context(|| format!("{}: not found", p.display())))
             .transpose()
     };
-    let mut config = RunConfig {
+    let config = RunConfig {
         specs: specs.iter().map(|(_, e)| e.file.path.clone()).collect(),
         algo: args.algo,
         steps: args.steps,
@@ -318,16 +319,12 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         sampling_seed: args.sampling_seed,
         batch_size: args.batch_size,
     };
+    // Record the sampling parameters each spec's actions will be drawn with.
     let sampling = sampling_config(&config);
     let specs: Vec<SpecEntry> = specs
         .into_iter()
-        .map(|(spec, entry)| SpecEntry {
-            name: spec.name.clone(),
-            sampling: (config.policy == PolicyKind::Llm).then(|| sampling.resolve(&spec)),
-            ..entry
-        })
+        .map(|(spec, entry)| SpecEntry { sampling: (config.policy == PolicyKind::Llm).then(|| sampling.resolve(&spec)), ..entry })
         .collect();
-    config.specs = specs.iter().map(|e| e.file.path.clone()).collect();
     let model = match config.policy {
         PolicyKind::Llm => model_digest(&config.model.clone().unwrap_or_else(trainer::default_model_path))?,
         PolicyKind::Scripted => Vec::new(),

@@ -121,6 +121,15 @@ struct PeftConfig {
     /// An index or a list of indices; absent or null means every block.
     #[serde(default)]
     layers_to_transform: Option<serde_json::Value>,
+    // Variants of LoRA etpo does not implement; read only to refuse them.
+    #[serde(default, skip_serializing)]
+    use_dora: bool,
+    #[serde(default, skip_serializing)]
+    lora_bias: bool,
+    #[serde(default, skip_serializing)]
+    rank_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    alpha_pattern: serde_json::Map<String, serde_json::Value>,
 }
 
 impl LoraAdapter {
@@ -313,6 +322,10 @@ impl LoraAdapter {
             inference_mode: true,
             base_model_name_or_path: None,
             layers_to_transform: self.cfg.layers.as_ref().map(|l| serde_json::json!(l)),
+            use_dora: false,
+            lora_bias: false,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
         };
         let json = serde_json::to_string_pretty(&cfg)
             .map_err(|e| ModelError::Invalid(format!("adapter config: {e}")))?;
@@ -339,8 +352,17 @@ impl LoraAdapter {
         if pc.peft_type != "LORA" {
             return Err(bad(&cfg_path, format!("peft_type {:?}; only LORA is supported", pc.peft_type)));
         }
-        if pc.use_rslora || pc.fan_in_fan_out {
-            return Err(bad(&cfg_path, "use_rslora and fan_in_fan_out are not supported".into()));
+        let unsupported = [
+            ("use_rslora", pc.use_rslora),
+            ("fan_in_fan_out", pc.fan_in_fan_out),
+            ("use_dora", pc.use_dora),
+            ("lora_bias", pc.lora_bias),
+            ("rank_pattern", !pc.rank_pattern.is_empty()),
+            ("alpha_pattern", !pc.alpha_pattern.is_empty()),
+            ("bias other than \"none\"", pc.bias.as_deref().is_some_and(|b| b != "none")),
+        ];
+        if let Some((what, _)) = unsupported.iter().find(|(_, on)| *on) {
+            return Err(bad(&cfg_path, format!("{what} is not supported (plain LoRA only)")));
         }
         let targets = match &pc.target_modules {
             serde_json::Value::Array(v) => v

@@ -1276,6 +1276,48 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn bf16_base_with_f32_adapters_trains() {
+        // The CUDA configuration (bf16 base, f32 master adapters), exercised on the CPU.
+        let m32 = tiny(15);
+        let w = m32.weights();
+        let to16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let w16 = LlamaWeights {
+            embed: to16(&w.embed),
+            blocks: w
+                .blocks
+                .iter()
+                .map(|b| BlockWeights {
+                    attn_norm: to16(&b.attn_norm),
+                    proj: b.proj.clone().map(|p| to16(&p)),
+                    mlp_norm: to16(&b.mlp_norm),
+                })
+                .collect(),
+            norm: to16(&w.norm),
+            lm_head: w.lm_head.as_ref().map(to16),
+        };
+        let mut m16 = Llama::new(m32.config().clone(), w16).unwrap();
+        assert_eq!(m16.dtype(), DType::BF16);
+        m16.add_adapter_seeded("pi", &LoraConfig::default(), 1).unwrap();
+        randomize_b(&m16, "pi", 2);
+        let (ids, mask) = batch(&[seq(6, 1), seq(3, 2)]);
+        let logits = m16.forward(&ids, Some(&mask), Some("pi")).unwrap();
+        assert_eq!(logits.dtype(), DType::F32);
+        let grads = logits.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        for v in m16.adapter_vars("pi") {
+            assert_eq!(v.dtype(), DType::F32);
+            assert_eq!(grads.get(v.as_tensor()).unwrap().dtype(), DType::F32);
+        }
+        let base16 = m16.forward(&ids, Some(&mask), None).unwrap();
+        let base32 = m32.forward(&ids, Some(&mask), None).unwrap();
+        assert!(max_abs_diff(&base16, &base32) < 0.05);
+        let opts = ForwardOptions { adapter: Some("pi"), track_grad: false, dropout_seed: None };
+        let mut cache = KvCache::with_capacity(&m16, 2, 8);
+        m16.forward_step(&ids, Some(&mask), &mut cache, &opts).unwrap();
+        let next = Tensor::new(&[[3u32], [4]], &Device::Cpu).unwrap();
+        assert_eq!(m16.forward_step(&next, None, &mut cache, &opts).unwrap().dims(), [2, 1, 64]);
+    }
+
+    #[test]
     fn inconsistent_weights_are_rejected() {
         let m = tiny(10);
         let mut w = m.weights().clone();
