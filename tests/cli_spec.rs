@@ -108,7 +108,7 @@ fn show_prints_the_paper_states() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.starts_with("spec paper_balance_scale (envs/paper/balance_scale.yaml): seed 0, 62 training and 63 validation rows, x_train shape (62, 4), 3 classes\n"), "{text}");
-    let s0 = "===== s0 = η(g), the first state [256 characters, tokens: not counted] =====
+    let s0 = "===== s0 = η(g), the first state [256 characters; --tokens counts tokens] =====
 \"\"\"Classification with a Balance Scale Weight & Distance Prediction Dataset\"\"\"
 import numpy as np
 def build_model(x_train: np.ndarray, y_train: np.ndarray):
@@ -314,4 +314,35 @@ Classification with a Balance Scale Weight & Distance Prediction Dataset. Write 
         "{}",
         stdout(&out)
     );
+}
+
+/// `--tokens` counts with the embedded default model's tokenizer (needs `scripts/setup.sh
+/// model`): the facts' reference prompt is 14 tokens.
+#[test]
+fn show_counts_tokens_with_the_default_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "def build_model(x_train, y_train):\n";
+    std::fs::write(
+        dir.path().join("tok.yaml"),
+        "name: tok
+description: d
+dataset: {source: {builtin: balance_scale}}
+prompt:
+  template: \"def build_model(x_train, y_train):\\n\"
+  reflection: \"{{ error }}\"
+",
+    )
+    .unwrap();
+    let out = etpo(dir.path(), &["show", "tok.yaml", "--tokens"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "etpo show --tokens failed (is the default model installed? run scripts/setup.sh model):\n{}",
+        stderr(&out)
+    );
+    let expected = format!(
+        "===== s0 = η(g), the first state [{} characters, 14 tokens] =====\n{prompt}===== end =====\n",
+        prompt.len()
+    );
+    assert!(stdout(&out).contains(&expected), "{}", stdout(&out));
 }

@@ -75,3 +75,29 @@ pub fn find_specs(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SpecError> {
     }
     Ok(found)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn find_specs_lists_folders_flat_and_sorted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["b.yaml", "a.yml", "notes.txt", "sub/c.yaml"] {
+            std::fs::create_dir_all(d.join(f).parent().unwrap()).unwrap();
+            std::fs::write(d.join(f), "").unwrap();
+        }
+        let single = d.join("notes.txt");
+        let found = find_specs(&[d.to_path_buf(), single.clone()]).unwrap();
+        assert_eq!(found, vec![d.join("a.yml"), d.join("b.yaml"), single]);
+        let err = find_specs(&[d.join("sub/missing.yaml")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: error: no such file or folder",
+                d.join("sub/missing.yaml").display()
+            )
+        );
+    }
+}

@@ -12,6 +12,8 @@ use serde::Deserialize;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
+/// Longest wall-clock or CPU limit accepted for one action (a day).
+const MAX_SECONDS: f64 = 86_400.0;
 /// Largest response payload accepted (64 MiB of probabilities).
 const MAX_PAYLOAD: usize = 64 << 20;
 
@@ -40,6 +42,12 @@ pub(crate) fn encode(job: &Job) -> Result<Request, RuntimeError> {
         return Err(RuntimeError::InvalidJob(format!(
             "feature row {r} (x_train then x_val) does not have {n_features} values"
         )));
+    }
+    let l = &job.limits;
+    for (name, v) in [("wall_s", l.wall_s), ("cpu_s", l.cpu_s)] {
+        if !(v.is_finite() && v > 0.0 && v <= MAX_SECONDS) {
+            return Err(RuntimeError::InvalidJob(format!("limit {name} is {v}; expected seconds in (0, {MAX_SECONDS}]")));
+        }
     }
     if job.n_classes < 2 {
         return Err(RuntimeError::InvalidJob(format!("n_classes is {}, need at least 2", job.n_classes)));
@@ -430,6 +438,8 @@ mod tests {
         let job = Job { x_train: vec![vec![1.0, 2.0], vec![3.0, 4.0]], y_train: vec![0, 2], ..job };
         assert!(matches!(encode(&job), Err(RuntimeError::InvalidJob(_))));
         let job = Job { y_train: vec![0, 1], ..job };
+        let nan = Job { limits: Limits { wall_s: f64::NAN, ..Limits::default() }, ..job.clone() };
+        assert!(matches!(encode(&nan), Err(RuntimeError::InvalidJob(_))));
         let r = encode(&job).unwrap();
         let head_len = u32::from_le_bytes(r.bytes[..4].try_into().unwrap()) as usize;
         // 2x2 x_train + 2 labels + 1x2 x_val, 8 bytes each

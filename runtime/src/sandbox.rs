@@ -25,7 +25,7 @@ use crate::job::Limits;
 use crate::seccomp::Filter;
 use crate::RuntimeError;
 use std::collections::BTreeSet;
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -96,7 +96,7 @@ struct Plan {
     work_dir: CString,
     hostname: CString,
     filter: Filter,
-    rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    rlimits: Vec<(nix::sys::resource::Resource, u64)>,
     /// uid_map / gid_map contents written by the parent for the sandbox.
     uid_map: CString,
     gid_map: CString,
@@ -354,14 +354,15 @@ fn plan(root: &Path, python_dirs: &[PathBuf], limits: &Limits) -> Result<Plan, R
     } else {
         (format!("0 {euid} 1\n"), format!("0 {egid} 1\n"), true, None)
     };
+    use nix::sys::resource::Resource;
     let mut rlimits = vec![
-        (libc::RLIMIT_CORE, 0),
-        (libc::RLIMIT_NOFILE, MAX_FILES),
-        (libc::RLIMIT_FSIZE, MAX_FILE_BYTES),
+        (Resource::RLIMIT_CORE, 0),
+        (Resource::RLIMIT_NOFILE, MAX_FILES),
+        (Resource::RLIMIT_FSIZE, MAX_FILE_BYTES),
     ];
     if limits.max_processes > 0 {
         // Per user inside this user namespace; the worker itself is one of them.
-        rlimits.push((libc::RLIMIT_NPROC, limits.max_processes + 1));
+        rlimits.push((Resource::RLIMIT_NPROC, limits.max_processes + 1));
     }
     Ok(Plan {
         root: cstr(root)?,
@@ -397,11 +398,11 @@ fn note(step: &[u8]) {
     }
 }
 
-fn step<T>(name: &[u8], r: io::Result<T>) -> io::Result<T> {
-    if r.is_err() {
+fn step<T, E: Into<io::Error>>(name: &[u8], r: Result<T, E>) -> io::Result<T> {
+    r.map_err(|e| {
         note(name);
-    }
-    r
+        e.into()
+    })
 }
 
 /// Writes `data` to `/proc/<pid>/<file>` without allocating.
@@ -517,99 +518,82 @@ fn enter(plan: &Plan, cgroup_procs: &[CString]) -> io::Result<()> {
 }
 
 /// Builds the new root and pivots into it (in G, which has every capability in its namespaces).
+/// The nix wrappers used here take the `CStr`s prepared before the fork and allocate nothing.
 fn build_root(plan: &Plan) -> io::Result<()> {
-    let none = std::ptr::null::<libc::c_char>();
-    let null_data = std::ptr::null::<libc::c_void>();
-    // SAFETY: raw mount-related system calls on NUL-terminated strings prepared before the fork.
-    unsafe {
-        step(b"making mounts private", check(libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, null_data)))?;
-        step(
-            b"mounting the root tmpfs",
-            check(libc::mount(
-                c"tmpfs".as_ptr(),
-                plan.root.as_ptr(),
-                c"tmpfs".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV,
-                c"size=1m,mode=0755".as_ptr().cast(),
-            )),
-        )?;
-        for op in &plan.ops {
-            match op {
-                Op::Mkdir(p) => {
-                    if libc::mkdir(p.as_ptr(), 0o755) != 0 && *libc::__errno_location() != libc::EEXIST {
-                        note(b"mkdir");
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                Op::Touch(p) => {
-                    let fd = step(b"creating a mount point file", check(libc::open(p.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644)))?;
-                    libc::close(fd);
-                }
-                Op::Symlink { target, link } => {
-                    step(b"symlink", check(libc::symlink(target.as_ptr(), link.as_ptr())))?;
-                }
-                Op::Bind { src, dst, remount } => {
-                    step(b"bind mount", check(libc::mount(src.as_ptr(), dst.as_ptr(), none, libc::MS_BIND | libc::MS_REC, null_data)))?;
-                    if let Some(flags) = remount {
-                        step(b"read-only remount", check(libc::mount(none, dst.as_ptr(), none, *flags, null_data)))?;
-                    }
-                }
-                Op::Tmpfs { dst, data } => {
-                    step(
-                        b"mounting a tmpfs",
-                        check(libc::mount(c"tmpfs".as_ptr(), dst.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV, data.as_ptr().cast())),
-                    )?;
-                }
-                Op::Proc { dst } => {
-                    step(
-                        b"mounting /proc",
-                        check(libc::mount(c"proc".as_ptr(), dst.as_ptr(), c"proc".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, null_data)),
-                    )?;
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    use nix::sys::stat::Mode;
+    use nix::unistd::{chdir, mkdir, pivot_root, symlinkat};
+    const NONE: Option<&CStr> = None;
+    let tmpfs = Some(c"tmpfs");
+    step(b"making mounts private", mount(NONE, c"/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE))?;
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    step(b"mounting the root tmpfs", mount(tmpfs, plan.root.as_c_str(), tmpfs, nosuid_nodev, Some(c"size=1m,mode=0755")))?;
+    for op in &plan.ops {
+        match op {
+            Op::Mkdir(p) => match mkdir(p.as_c_str(), Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                Err(e) => return step(b"mkdir", Err::<(), _>(e)),
+            },
+            Op::Touch(p) => {
+                let flags = nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC;
+                let fd = step(b"creating a mount point file", nix::fcntl::open(p.as_c_str(), flags, Mode::from_bits_truncate(0o644)))?;
+                drop(fd); // closes it: only the file is needed, as a mount point
+            }
+            Op::Symlink { target, link } => step(b"symlink", symlinkat(target.as_c_str(), nix::fcntl::AT_FDCWD, link.as_c_str()))?,
+            Op::Bind { src, dst, remount } => {
+                step(b"bind mount", mount(Some(src.as_c_str()), dst.as_c_str(), NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE))?;
+                if let Some(flags) = remount {
+                    step(b"read-only remount", mount(NONE, dst.as_c_str(), NONE, MsFlags::from_bits_retain(*flags), NONE))?;
                 }
             }
+            Op::Tmpfs { dst, data } => {
+                step(b"mounting a tmpfs", mount(tmpfs, dst.as_c_str(), tmpfs, nosuid_nodev, Some(data.as_c_str())))?
+            }
+            Op::Proc { dst } => step(
+                b"mounting /proc",
+                mount(Some(c"proc"), dst.as_c_str(), Some(c"proc"), nosuid_nodev | MsFlags::MS_NOEXEC, NONE),
+            )?,
         }
-        // pivot_root(".", ".") stacks the old root under the new one; detaching it leaves only
-        // the new root.
-        step(b"chdir to the new root", check(libc::chdir(plan.root.as_ptr())))?;
-        step(b"pivot_root", check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int))?;
-        step(b"detaching the old root", check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH)))?;
-        step(b"chdir /", check(libc::chdir(c"/".as_ptr())))?;
-        step(
-            b"remounting the root read-only",
-            check(libc::mount(none, c"/".as_ptr(), none, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, null_data)),
-        )?;
-        step(b"chdir to the work directory", check(libc::chdir(plan.work_dir.as_ptr())))?;
     }
-    Ok(())
+    // pivot_root(".", ".") stacks the old root under the new one; detaching it leaves only the
+    // new root.
+    step(b"chdir to the new root", chdir(plan.root.as_c_str()))?;
+    step(b"pivot_root", pivot_root(c".", c"."))?;
+    step(b"detaching the old root", umount2(c".", MntFlags::MNT_DETACH))?;
+    step(b"chdir /", chdir(c"/"))?;
+    let read_only = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nosuid_nodev;
+    step(b"remounting the root read-only", mount(NONE, c"/", NONE, read_only, NONE))?;
+    step(b"chdir to the work directory", chdir(plan.work_dir.as_c_str()))
 }
 
 /// Limits, no capabilities, no new privileges, seccomp (in G, just before exec).
 fn confine(plan: &Plan) -> io::Result<()> {
-    // SAFETY: raw system calls on data prepared before the fork.
+    use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+    let _ = nix::unistd::sethostname(OsStr::from_bytes(plan.hostname.as_bytes()));
+    for &(res, v) in &plan.rlimits {
+        step(b"setrlimit", nix::sys::resource::setrlimit(res, v, v))?;
+    }
+    // Empty the capability bounding set, so that exec grants nothing even to uid 0 (nix has no
+    // wrapper for these prctl options).
+    // SAFETY: prctl with integer arguments only.
     unsafe {
-        let name = plan.hostname.as_bytes();
-        libc::sethostname(name.as_ptr().cast(), name.len());
-        for &(res, v) in &plan.rlimits {
-            let lim = libc::rlimit { rlim_cur: v, rlim_max: v };
-            step(b"setrlimit", check(libc::setrlimit(res, &lim)))?;
-        }
-        // Empty the capability bounding set, so that exec grants nothing even to uid 0.
         for cap in 0..64 {
             libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
         }
         libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-        if let Some(id) = plan.drop_to {
-            step(b"setgroups", check(libc::setgroups(0, std::ptr::null())))?;
-            step(b"setresgid", check(libc::setresgid(id, id, id)))?;
-            step(b"setresuid", check(libc::setresuid(id, id, id)))?;
-        } else {
-            // SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP(_LOCKED) | SECBIT_KEEP_CAPS_LOCKED
-            step(b"securebits", check(libc::prctl(libc::PR_SET_SECUREBITS, 0x2f, 0, 0, 0)))?;
-        }
-        // After the uid change (which clears it): die with the launcher process.
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        step(b"no_new_privs", check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)))?;
     }
+    if let Some(id) = plan.drop_to {
+        step(b"setgroups", setgroups(&[]))?;
+        step(b"setresgid", setresgid(Gid::from_raw(id), Gid::from_raw(id), Gid::from_raw(id)))?;
+        step(b"setresuid", setresuid(Uid::from_raw(id), Uid::from_raw(id), Uid::from_raw(id)))?;
+    } else {
+        // SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP(_LOCKED) | SECBIT_KEEP_CAPS_LOCKED
+        // SAFETY: prctl with integer arguments only.
+        step(b"securebits", check(unsafe { libc::prctl(libc::PR_SET_SECUREBITS, 0x2f, 0, 0, 0) }))?;
+    }
+    // After the uid change (which clears it): die with the launcher process.
+    step(b"parent-death signal", nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL))?;
+    step(b"no_new_privs", nix::sys::prctl::set_no_new_privs())?;
     step(b"installing the seccomp filter", plan.filter.install())
 }
 

@@ -28,6 +28,14 @@ pub struct Args {
         default_value = "predict_proba is not available when probability=False"
     )]
     pub error: String,
+    /// Count the tokens of each state with the model's tokenizer (loads the model; for chat
+    /// specs without --chat-template, the model's own chat template is used too).
+    #[arg(long)]
+    pub tokens: bool,
+    /// The model for --tokens: a GGUF file or Hugging Face folder [default: the embedded
+    /// SmolLM2-135M-Instruct GGUF].
+    #[arg(long, value_name = "PATH", requires = "tokens")]
+    pub model: Option<PathBuf>,
     /// Print only this state's exact text, nothing else (for piping into
     /// `etpo generate --prompt-file -`). Chat specs need --chat-template.
     #[arg(long, value_enum, value_name = "STATE")]
@@ -54,11 +62,15 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             return Ok(1);
         }
     };
-    let chat_template = args
+    let mut chat_template = args
         .chat_template
         .as_deref()
         .map(read_chat_template)
         .transpose()?;
+    let tokenizer = match args.tokens {
+        true => Some(load_tokenizer(args.model.as_deref(), &mut chat_template)?),
+        false => None,
+    };
     let seed = args.seed.unwrap_or(spec.dataset.seeds[0]);
     let data = envspec::data::load(&spec.dataset.source, spec.base_dir())
         .with_context(|| format!("loading the data of {}", args.spec.display()))?;
@@ -91,7 +103,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     }
 
     let s0 = spec.render_initial(&ctx)?;
-    print_state("s0 = η(g), the first state", &s0, chat_template.as_ref())?;
+    let chat = chat_template.as_ref();
+    let tok = tokenizer.as_ref();
+    print_state("s0 = η(g), the first state", &s0, chat, tok)?;
 
     let (raw_action, origin) = failed_action(&spec, args.action.as_deref())?;
     let action = spec.extract_action(&raw_action);
@@ -115,7 +129,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             args.error
         ),
         &s1,
-        chat_template.as_ref(),
+        chat,
+        tok,
     )?;
     Ok(0)
 }
@@ -140,10 +155,30 @@ fn failed_action(spec: &Spec, file: Option<&std::path::Path>) -> anyhow::Result<
     })
 }
 
+/// Load the model's tokenizer for --tokens; its chat template fills in a missing one.
+fn load_tokenizer(
+    model: Option<&std::path::Path>,
+    chat_template: &mut Option<ChatTemplate>,
+) -> anyhow::Result<trainer::Tokenizer> {
+    let path = model.map_or_else(trainer::default_model_path, std::path::Path::to_path_buf);
+    let loaded = trainer::load_model(&path, &trainer::parse_device("cpu")?)
+        .with_context(|| format!("loading the model {} for --tokens", path.display()))?;
+    if let (None, Some(source)) = (&chat_template, &loaded.chat_template) {
+        let tok = &loaded.tokenizer;
+        let (bos, eos) = (tok.bos_token().unwrap_or(""), tok.eos_token().unwrap_or(""));
+        *chat_template = Some(
+            ChatTemplate::new(source, bos, eos)
+                .with_context(|| format!("compiling the chat template of {}", path.display()))?,
+        );
+    }
+    Ok(loaded.tokenizer)
+}
+
 fn print_state(
     title: &str,
     prompt: &Prompt,
     chat_template: Option<&ChatTemplate>,
+    tokenizer: Option<&trainer::Tokenizer>,
 ) -> anyhow::Result<()> {
     match (prompt, chat_template) {
         (Prompt::Chat(messages), None) => {
@@ -161,20 +196,42 @@ fn print_state(
         }
         _ => {
             let text = prompt.to_text(chat_template)?;
-            section(title, &text, Some(&text));
+            let tokens = match tokenizer {
+                Some(tok) => Some(tok.encode(&text).context("tokenizing the state")?.len()),
+                None => None,
+            };
+            section(
+                title,
+                &text,
+                Some(Size {
+                    chars: text.chars().count(),
+                    tokens,
+                }),
+            );
         }
     }
     Ok(())
 }
 
-/// Print a titled block with the text verbatim; `exact` is the text the model receives, whose
-/// size is reported.
-fn section(title: &str, text: &str, exact: Option<&str>) {
-    let size = match exact {
-        Some(t) => {
-            let tokens =
-                token_count(t).map_or("tokens: not counted".to_string(), |n| format!("{n} tokens"));
-            format!(" [{} characters, {tokens}]", t.chars().count())
+/// The size of a state the model receives.
+struct Size {
+    chars: usize,
+    /// With --tokens: the model tokenizer's count.
+    tokens: Option<usize>,
+}
+
+/// Print a titled block with the text verbatim, and the size of what the model receives.
+fn section(title: &str, text: &str, size: Option<Size>) {
+    let size = match size {
+        Some(Size {
+            chars,
+            tokens: Some(n),
+        }) => format!(" [{chars} characters, {n} tokens]"),
+        Some(Size {
+            chars,
+            tokens: None,
+        }) => {
+            format!(" [{chars} characters; --tokens counts tokens]")
         }
         None => String::new(),
     };
@@ -186,12 +243,6 @@ fn section(title: &str, text: &str, exact: Option<&str>) {
     } else {
         println!("===== end =====");
     }
-}
-
-/// Hook for token counts: the number of tokens the default model's tokenizer makes of `text`.
-/// Not wired yet (it needs the trainer's tokenizer); returns `None` until then.
-fn token_count(_text: &str) -> Option<usize> {
-    None
 }
 
 fn read_chat_template(path: &std::path::Path) -> anyhow::Result<ChatTemplate> {

@@ -2,6 +2,18 @@
 //! over specs × seeds with an algorithm that may learn between rounds (the Reflection baseline
 //! learns nothing), and the run folder's outputs: `steps.jsonl`, `summary.csv`, `summary.md`,
 //! `best_reward.png`.
+//!
+//! - [`Policy`] produces raw generations for a batch of waiting environments: [`LlmPolicy`]
+//!   (batched sampling, per-spec stop sequences and budget, the model's chat template) or
+//!   [`ScriptedPolicy`] (action files).
+//! - [`run_loop`] drives one `runtime::env::Env` per spec and seed: each round the policy acts
+//!   for every environment with budget left, the environments evaluate in parallel threads over
+//!   one shared worker pool, each step is appended to `steps.jsonl` and flushed, and the
+//!   [`Algorithm`] sees the round's [`Transition`]s. Episodes restart after they end until the
+//!   budget k is used.
+//! - Resuming: the log is the truth. Steps in it are never re-run; a half-written last line is
+//!   dropped; an episode in progress continues from the reflection state rebuilt from its last
+//!   recorded action and error (`Env::restore`).
 
 use std::path::{Path, PathBuf};
 

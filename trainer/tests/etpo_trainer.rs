@@ -214,3 +214,48 @@ fn eq13_holds_on_the_tiny_model() {
     assert!(kl > 1e-4, "the policy should have moved from ρ (KL {kl})");
     assert!((token_level - action_level).abs() < 1e-5, "token level {token_level} vs action level {action_level}");
 }
+
+/// Eq. 6 through the trainer, by hand: with the paper's read-out at the start (π = ρ, Q̄ = ρ's
+/// logits z) the soft value of a context is `V(c) = Σ_w ρ(w|c) z(w|c)` (KL = 0). A 2-step
+/// episode (bootstrapping from a next state that is in the batch, then terminal with a one-token
+/// action) and a transition whose next state is not in the batch.
+#[test]
+fn eq6_targets_of_a_two_step_episode_by_hand() {
+    use candle_core::{Device, Tensor};
+    use trainer::etpo::Transition;
+    let gamma = 0.9;
+    let model = tiny_model(5);
+    let value = |model: &trainer::model::Llama, ctx: &[u32]| -> f64 {
+        let ids = Tensor::new(ctx, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let z: Vec<f32> = model.forward(&ids, None, None).unwrap().squeeze(0).unwrap().get(ctx.len() - 1).unwrap().to_vec1().unwrap();
+        let p = next_probs(model, ctx, None);
+        p.iter().zip(&z).map(|(p, z)| *p as f64 * *z as f64).sum()
+    };
+    let (s0, s1, s2) = (vec![1u32, 9, 3], vec![1u32, 9, 3, 4, 7, 2, 11], vec![2u32, 2, 2]);
+    let batch = vec![
+        Transition { state: s0.clone(), action: vec![4, 7, 2], reward: 0.5, next_state: Some(s1.clone()) },
+        Transition { state: s1.clone(), action: vec![6], reward: 1.0, next_state: None },
+        Transition { state: s0.clone(), action: vec![5, 8], reward: -1.0, next_state: Some(s2.clone()) },
+    ];
+    let v = |ctx: &[u32]| value(&model, ctx);
+    let cat = |a: &[u32], b: &[u32]| [a, b].concat();
+    let plain = vec![
+        vec![v(&cat(&s0, &[4])), v(&cat(&s0, &[4, 7])), 0.5 + gamma * v(&s1)],
+        vec![1.0],
+        vec![v(&cat(&s0, &[5])), -1.0 + gamma * v(&s2)],
+    ];
+    for discount_inside in [false, true] {
+        let cfg = EtpoConfig { gamma, discount_inside_actions: discount_inside, ..config(QReadout::Logits, 0.01) };
+        let mut m = tiny_model(5);
+        let trainer = EtpoTrainer::new(&mut m, cfg).unwrap();
+        let got = trainer.targets(&m, &batch).unwrap();
+        for (i, (g, want)) in got.iter().zip(&plain).enumerate() {
+            assert_eq!(g.len(), want.len());
+            for (j, (g, w)) in g.iter().zip(want).enumerate() {
+                let last = j + 1 == want.len();
+                let w = if discount_inside && !last { gamma * w } else { *w };
+                assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "transition {i} token {j} (disc. {discount_inside}): {g} vs {w}");
+            }
+        }
+    }
+}

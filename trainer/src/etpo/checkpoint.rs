@@ -47,8 +47,11 @@ pub fn write_atomic(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap
     Ok(())
 }
 
+/// A checkpoint's named tensors and string metadata.
+pub type Contents = (HashMap<String, Tensor>, HashMap<String, String>);
+
 /// Reads a checkpoint written by [`write_atomic`]: its tensors (on `device`) and metadata.
-pub fn read(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, HashMap<String, String>), TrainError> {
+pub fn read(path: &Path, device: &Device) -> Result<Contents, TrainError> {
     let bytes = std::fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| err(path, format!("not a safetensors checkpoint: {e}")))?;

@@ -116,7 +116,7 @@ impl EtpoConfig {
             return Err(format!("polyak must be in [0, 1], got {}", self.polyak));
         }
         if let Some(d) = self.huber_delta {
-            if !(d > 0.0) {
+            if d.is_nan() || d <= 0.0 {
                 return Err(format!("huber_delta must be positive, got {d}"));
             }
         }
@@ -127,7 +127,7 @@ impl EtpoConfig {
             return Err("lora_rank must be at least 1".into());
         }
         for (key, o) in [("q_optim", &self.q_optim), ("policy_optim", &self.policy_optim)] {
-            if !(o.lr > 0.0) {
+            if o.lr.is_nan() || o.lr <= 0.0 {
                 return Err(format!("{key}.lr must be positive, got {}", o.lr));
             }
         }

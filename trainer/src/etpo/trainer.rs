@@ -129,52 +129,10 @@ impl EtpoTrainer {
 
         // ---- Targets (Eq. 6): soft values of every action context and of the next states.
         let start = Instant::now();
-        let mut ref_logp: Vec<Tensor> = Vec::new(); // per micro-batch, kept for both steps
-        let mut row_values: Vec<f64> = Vec::with_capacity(total_tokens);
-        let (mut kl_sum, mut ent_sum) = (0f64, 0f64);
-        for chunk in spans.chunks(mb) {
-            let (values, rlp, kl, ent) = soft_value_rows(model, chunk, beta, readout, cfg.share_prefixes)?;
-            row_values.extend(values);
-            kl_sum += kl;
-            ent_sum += ent;
-            ref_logp.push(rlp);
-        }
-        m.kl = kl_sum / total_tokens as f64;
-        m.entropy = ent_sum / total_tokens as f64;
-        // V(s) of each batch state is the value of its first action row; next states that are
-        // not batch states get their own forward passes.
-        let mut state_value: HashMap<&[u32], f64> = HashMap::new();
-        let mut offset = 0;
-        for t in batch {
-            state_value.entry(&t.state).or_insert(row_values[offset]);
-            offset += t.action.len();
-        }
-        let mut extra: Vec<&[u32]> = Vec::new();
-        for t in batch {
-            if let Some(s) = &t.next_state {
-                if !state_value.contains_key(s.as_slice()) && !extra.contains(&s.as_slice()) {
-                    extra.push(s);
-                }
-            }
-        }
-        let extra_spans: Vec<RowSpan> = extra.iter().map(|s| RowSpan::state(s)).collect();
-        let mut extra_values = Vec::with_capacity(extra.len());
-        for chunk in extra_spans.chunks(mb) {
-            extra_values.extend(soft_value_rows(model, chunk, beta, readout, cfg.share_prefixes)?.0);
-        }
-        for (s, v) in extra.iter().zip(extra_values) {
-            state_value.insert(s, v);
-        }
-        let mut targets: Vec<f32> = Vec::with_capacity(total_tokens);
-        let mut offset = 0;
-        for t in batch {
-            let n = t.action.len();
-            let inside = &row_values[offset + 1..offset + n];
-            let next = t.next_state.as_ref().map(|s| state_value[s.as_slice()]);
-            let tg = math::bellman_targets(inside, t.reward, next, cfg.gamma, cfg.discount_inside_actions);
-            targets.extend(tg.iter().map(|&x| x as f32));
-            offset += n;
-        }
+        let phase = compute_targets(model, batch, &spans, &cfg)?;
+        let (targets, ref_logp) = (phase.targets, phase.ref_logp);
+        m.kl = phase.kl_sum / total_tokens as f64;
+        m.entropy = phase.entropy_sum / total_tokens as f64;
         m.q_target_mean = targets.iter().map(|&x| x as f64).sum::<f64>() / total_tokens as f64;
         m.times.targets_s = start.elapsed().as_secs_f64();
 
@@ -224,6 +182,21 @@ impl EtpoTrainer {
         m.times.polyak_s = start.elapsed().as_secs_f64();
         self.updates += 1;
         Ok(m)
+    }
+
+    /// The per-token soft Bellman targets (Eq. 6) of each transition of `batch`, in batch order,
+    /// from the current π, Q̄ and ρ (what the next [`EtpoTrainer::update`] regresses Q on).
+    pub fn targets(&self, model: &Llama, batch: &[Transition]) -> Result<Vec<Vec<f64>>, TrainError> {
+        validate_batch(batch)?;
+        let spans: Vec<RowSpan> = batch.iter().map(|t| RowSpan::action(&t.state, &t.action)).collect();
+        let flat = compute_targets(model, batch, &spans, &self.cfg)?.targets;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for t in batch {
+            out.push(flat[offset..offset + t.action.len()].iter().map(|&x| x as f64).collect());
+            offset += t.action.len();
+        }
+        Ok(out)
     }
 
     /// Writes the three adapter sets, both optimisers' states, the counters, the configuration
@@ -358,6 +331,69 @@ fn policy_loss_chunk(
     Ok(math::policy_kl_rows(&pol, &target)?.sum_all()?)
 }
 
+/// What the target phase of an update produces.
+struct TargetPhase {
+    /// Per-token targets of every action, in batch order.
+    targets: Vec<f32>,
+    /// ρ's log-probabilities at the action rows, per micro-batch (detached).
+    ref_logp: Vec<Tensor>,
+    /// Sums over action rows of KL(π‖ρ) and of π's entropy.
+    kl_sum: f64,
+    entropy_sum: f64,
+}
+
+/// The soft Bellman targets of Eq. 6 for `batch` (`spans` are its action spans): soft values of
+/// every action context from π, Q̄ and ρ, and of every next state.
+fn compute_targets(model: &Llama, batch: &[Transition], spans: &[RowSpan], cfg: &EtpoConfig) -> Result<TargetPhase, TrainError> {
+    let (beta, readout, mb) = (cfg.beta, cfg.q_readout, cfg.micro_batch);
+    let total_tokens: usize = batch.iter().map(|t| t.action.len()).sum();
+    let mut ref_logp: Vec<Tensor> = Vec::new();
+    let mut row_values: Vec<f64> = Vec::with_capacity(total_tokens);
+    let (mut kl_sum, mut entropy_sum) = (0f64, 0f64);
+    for chunk in spans.chunks(mb) {
+        let (values, rlp, kl, ent) = soft_value_rows(model, chunk, beta, readout, cfg.share_prefixes)?;
+        row_values.extend(values);
+        kl_sum += kl;
+        entropy_sum += ent;
+        ref_logp.push(rlp);
+    }
+    // V(s) of each batch state is the value of its first action row; next states that are not
+    // batch states get their own forward passes.
+    let mut state_value: HashMap<&[u32], f64> = HashMap::new();
+    let mut offset = 0;
+    for t in batch {
+        state_value.entry(&t.state).or_insert(row_values[offset]);
+        offset += t.action.len();
+    }
+    let mut extra: Vec<&[u32]> = Vec::new();
+    for t in batch {
+        if let Some(s) = &t.next_state {
+            if !state_value.contains_key(s.as_slice()) && !extra.contains(&s.as_slice()) {
+                extra.push(s);
+            }
+        }
+    }
+    let extra_spans: Vec<RowSpan> = extra.iter().map(|s| RowSpan::state(s)).collect();
+    let mut extra_values = Vec::with_capacity(extra.len());
+    for chunk in extra_spans.chunks(mb) {
+        extra_values.extend(soft_value_rows(model, chunk, beta, readout, cfg.share_prefixes)?.0);
+    }
+    for (s, v) in extra.iter().zip(extra_values) {
+        state_value.insert(s, v);
+    }
+    let mut targets: Vec<f32> = Vec::with_capacity(total_tokens);
+    let mut offset = 0;
+    for t in batch {
+        let n = t.action.len();
+        let inside = &row_values[offset + 1..offset + n];
+        let next = t.next_state.as_ref().map(|s| state_value[s.as_slice()]);
+        let tg = math::bellman_targets(inside, t.reward, next, cfg.gamma, cfg.discount_inside_actions);
+        targets.extend(tg.iter().map(|&x| x as f32));
+        offset += n;
+    }
+    Ok(TargetPhase { targets, ref_logp, kl_sum, entropy_sum })
+}
+
 /// For one micro-batch of spans: the soft value (Eq. 6 bracket) of every row, ρ's log-probs at
 /// the rows (detached), and the sums of KL(π‖ρ) and of π's entropy over the rows.
 fn soft_value_rows(
@@ -437,7 +473,7 @@ mod tests {
     #[test]
     fn invalid_batches_are_rejected_with_the_reason() {
         let ok = Transition { state: vec![1], action: vec![2], reward: 0.0, next_state: None };
-        assert!(validate_batch(&[ok.clone()]).is_ok());
+        assert!(validate_batch(std::slice::from_ref(&ok)).is_ok());
         let cases = [
             (vec![], "no transitions"),
             (vec![Transition { action: vec![], ..ok.clone() }], "empty action"),
