@@ -78,6 +78,8 @@ if IS_INIT:
 
 PATH_RE = re.compile(r"(?:/[^\s'\"():,]+)*/(?:site-packages|dist-packages|lib/python3\.\d+)/")
 MAX_MESSAGE = 1500
+# Largest probability matrix sent back (the host accepts 64 MiB).
+MAX_RESULT = 64 << 20
 
 
 def read_exact(fd, n):
@@ -144,30 +146,35 @@ def kind_of(exc):
     return "Memory" if isinstance(exc, MemoryError) else "Exception"
 
 
-def child(job, payload, result_w):
-    """Runs in the forked child: everything here may be sabotaged by the user code, so the host
-    trusts nothing it sends back beyond its format."""
-    limits = job["limits"]
+def prepare_child():
+    """Job-independent setup of a spare child, done while it waits for its job. Returns the
+    private writable memory it holds, the base of the memory limit."""
     _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:  # the child dies first on memory pressure
             f.write("1000")
     except OSError:
         pass
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def child(job, payload, result_w, base_data):
+    """Runs in the forked child: everything here may be sabotaged by the user code, so the host
+    trusts nothing it sends back beyond its format."""
+    limits = job["limits"]
     mem = int(limits["memory_mb"]) << 20
     if mem > 0:
         # RLIMIT_DATA counts private writable memory (heap, numpy buffers, thread stacks) but not
         # address space merely reserved (glibc arenas), so threads stay cheap. It grows from what
         # the worker already holds: the limit is on the action's new memory.
-        base = 0
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmData:"):
-                        base = int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            pass
-        _lower(resource.RLIMIT_DATA, base + mem)
+        _lower(resource.RLIMIT_DATA, base_data + mem)
     cpu = max(1, int(float(limits["cpu_s"]) + 0.999))
     _lower(resource.RLIMIT_CPU, cpu, cpu + 1)
     procs = int(limits.get("max_processes", 0))
@@ -239,6 +246,9 @@ def child(job, payload, result_w):
     except BaseException:
         classes = None
     if proba.ndim != 2:
+        fail("BadPredictions", "predict_proba(x_val) returned an array of shape %s; expected "
+             "(%d, n_classes)" % (tuple(proba.shape), nv))
+    if proba.nbytes > MAX_RESULT:
         fail("BadPredictions", "predict_proba(x_val) returned an array of shape %s; expected "
              "(%d, n_classes)" % (tuple(proba.shape), nv))
     data = np.ascontiguousarray(proba, dtype="<f8").tobytes()
@@ -329,12 +339,13 @@ class Spare:
                 os.dup2(out_w, 1)
                 os.dup2(out_w, 2)
                 os.close(out_w)
+                base_data = prepare_child()
                 try:
                     job, payload = recv(job_r)
                 except EOFError:
                     os._exit(0)
                 os.close(job_r)
-                child(job, payload, res_w)
+                child(job, payload, res_w, base_data)
             finally:
                 os._exit(70)
         for fd in (job_r, res_w, out_w):
@@ -354,6 +365,40 @@ def frame_complete(buf):
     except (ValueError, AttributeError, UnicodeDecodeError):
         return True  # garbage: stop waiting, the reply says so
     return not isinstance(size, int) or len(buf) >= 4 + n + size
+
+
+# What a child's result header may hold: the child runs user code, which can find its result
+# pipe and write anything, so only these keys and types reach the host.
+RESULT_KEYS = {"ok": bool, "kind": str, "message": str, "rows": int, "cols": int, "classes": list,
+               "cpu_s": (int, float), "peak_rss_mb": (int, float)}
+KINDS = ("Syntax", "Exception", "Memory", "BadPredictions")
+
+
+def sanitize(child_head, header):
+    out = {}
+    for key, types in RESULT_KEYS.items():
+        value = child_head.get(key)
+        if isinstance(value, types) and not (isinstance(value, bool) and types is not bool):
+            out[key] = value
+    for key in ("cpu_s", "peak_rss_mb"):
+        if key in header:  # the kernel's figures win where we have them
+            out.pop(key, None)
+    if out.get("kind") not in KINDS:
+        out.pop("kind", None)
+    if "message" in out:
+        out["message"] = clean(out["message"])
+    classes = out.get("classes")
+    if classes is not None and (len(classes) > 100000 or not all(
+            isinstance(c, int) and not isinstance(c, bool) and abs(c) < (1 << 62) for c in classes)):
+        out.pop("classes")
+    for key in ("rows", "cols"):
+        if key in out and not 0 <= out[key] < (1 << 40):
+            out.pop(key)
+    out.setdefault("ok", False)
+    if not out["ok"]:
+        out.setdefault("kind", "Exception")
+        out.setdefault("message", "the program failed")
+    return out
 
 
 def serve_one(sp, raw, job):
@@ -383,7 +428,7 @@ def serve_one(sp, raw, job):
                 truncated = True  # keep draining so that a print flood never blocks the child
         else:
             result += chunk
-            if len(result) > (64 << 20) + (1 << 20):
+            if len(result) > MAX_RESULT + (1 << 20):
                 result = bytearray(b"\xff")  # absurd size: garbage, but keep draining
 
     # The job ends when the child's result is complete or the child exits, not when the pipes
@@ -447,12 +492,10 @@ def serve_one(sp, raw, job):
         try:
             child_head = json.loads(bytes(result[4:4 + n]))
             body = bytes(result[4 + n:])
-            if not isinstance(child_head, dict) or len(body) != child_head.get("payload"):
+            if (not isinstance(child_head, dict) or len(body) != child_head.get("payload")
+                    or len(body) > MAX_RESULT):
                 raise ValueError
-            for key in ("cpu_s", "peak_rss_mb"):  # the kernel's figures win where we have them
-                if key in header:
-                    child_head.pop(key, None)
-            header.update(child_head)
+            header.update(sanitize(child_head, header))
         except (ValueError, UnicodeDecodeError):
             header.update(ok=False, kind="Exception",
                           message="the program corrupted the channel its result is sent on")

@@ -111,7 +111,7 @@ pub(crate) struct Launcher {
     python: PathBuf,
     limits: Limits,
     plan: Arc<Plan>,
-    _root: tempfile::TempDir,
+    root: tempfile::TempDir,
     use_cgroups: bool,
 }
 
@@ -120,7 +120,8 @@ impl Launcher {
     pub(crate) fn new(python: &Path, limits: Limits) -> Result<Launcher, RuntimeError> {
         let python = resolve(python)?;
         let dirs = python_dirs(&python)?;
-        let root = tempfile::Builder::new().prefix("etpo-sandbox-root-").tempdir()?;
+        sweep_stale_roots();
+        let root = tempfile::Builder::new().prefix(&format!("{ROOT_PREFIX}{}-", std::process::id())).tempdir()?;
         let plan = Arc::new(plan(root.path(), &dirs, &limits)?);
         crate::cgroup::sweep_stale();
         let use_cgroups = match Cgroup::create(limits.memory_mb, limits.max_processes) {
@@ -132,7 +133,7 @@ impl Launcher {
                 false
             }
         };
-        Ok(Launcher { python, limits, plan, _root: root, use_cgroups })
+        Ok(Launcher { python, limits, plan, root, use_cgroups })
     }
 
     pub(crate) fn limits(&self) -> Limits {
@@ -141,6 +142,10 @@ impl Launcher {
 
     /// Starts one worker (it then imports its libraries; see `Worker::ready` in pool.rs).
     pub(crate) fn start(&self) -> Result<Sandbox, RuntimeError> {
+        // A cleaner of the temporary directory may have removed the (empty) mount point.
+        if !self.root.path().is_dir() {
+            std::fs::create_dir(self.root.path())?;
+        }
         // Room for the launcher process, the worker itself and the action's processes.
         let pids = if self.limits.max_processes == 0 { 0 } else { self.limits.max_processes + 4 };
         let cgroup = if self.use_cgroups {
@@ -178,6 +183,24 @@ impl Launcher {
         let tail = Arc::new(Mutex::new(Vec::new()));
         drain(stderr, tail.clone());
         Ok(Sandbox { child, stdin: Some(stdin), stdout, tail, cgroup, python: self.python.clone() })
+    }
+}
+
+/// Name prefix of the (empty) host directories the sandboxes mount their root on; the creating
+/// process id follows.
+const ROOT_PREFIX: &str = "etpo-sandbox-root-";
+
+/// Removes the empty root mount points left by etpo processes that are gone (a pool kept in a
+/// static, or a killed process, never drops its launcher). Only empty directories are removed.
+fn sweep_stale_roots() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(ROOT_PREFIX)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir(e.path());
+        }
     }
 }
 

@@ -553,3 +553,24 @@ fn concurrent_evaluations_are_all_correct() {
         h.join().unwrap();
     }
 }
+
+#[test]
+fn forged_results_on_the_result_pipe_are_checked() {
+    // The program finds its result pipe and writes a frame of its own with wrong types; the worker
+    // passes on only well-typed fields, so this is an ordinary failure, not a broken worker.
+    let program = "\
+import json, os, struct
+def build_model(x_train, y_train):
+    for fd in range(3, 64):
+        try:
+            if os.readlink('/proc/self/fd/%d' % fd).startswith('pipe:') and fd != 0:
+                head = json.dumps({'ok': 'yes', 'rows': 'many', 'classes': ['a'], 'message': 'x' * 100000, 'payload': 0}).encode()
+                os.write(fd, struct.pack('<I', len(head)) + head)
+        except OSError:
+            pass
+    os._exit(0)
+";
+    let out = run(program);
+    assert!(out.result.is_err(), "a forged frame must not count as predictions");
+    assert_normal();
+}

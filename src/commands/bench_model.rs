@@ -129,6 +129,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         args.repeats,
     );
 
+    let load_before = load_average();
     // The prompt's ids come from etpo's tokenizer, and both sides run on them.
     let prompt_ids = gguf_tokenizer(&model_path)?.encode(PROMPT)?;
     // PyTorch first, in its own process: etpo's allocator keeps its peak memory mapped after the
@@ -140,6 +141,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     };
     let ours = measure_etpo(&args, &model_path, &device, &prompt_ids)?;
     print_table(&args, &ours, theirs.as_ref(), prompt_ids.len());
+    let load_after = load_average();
+    if let (Some(before), Some(after)) = (load_before, load_after) {
+        println!("1-minute load average: {before:.1} at the start, {after:.1} at the end ({threads} cores)");
+        if before.max(after) > threads as f64 + 0.5 {
+            println!("warning: other processes were busy; both sides slow down, PyTorch's threads the most");
+        }
+    }
 
     if let Some(path) = &args.json {
         let doc = serde_json::json!({
@@ -147,6 +155,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             "new_tokens": args.new_tokens, "temperature": TEMPERATURE, "top_k": TOP_K,
             "train_batch": args.train_batch, "train_len": args.train_len, "rank": args.rank,
             "prompt_tokens": prompt_ids.len(), "etpo": ours, "torch": theirs,
+            "load_average_start": load_before, "load_average_end": load_after,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
@@ -252,6 +261,11 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u
     let train_step_s = median(&train_seconds);
     eprintln!("etpo LoRA step: {train_step_s:.2} s");
     Ok(Figures { load_s, generate, train_step_s: Some(train_step_s), train_seconds, peak_rss_mb: peak_rss_mb() })
+}
+
+/// The machine's 1-minute load average (other work competing for the cores).
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
 /// This process's peak resident memory (VmHWM), in MB.

@@ -39,6 +39,14 @@ pub struct Args {
     /// Skip the comparison run without prefix sharing (it takes the longest)
     #[arg(long)]
     no_compare: bool,
+    /// Updates on the same batch with prefix sharing (per-update losses, KL and entropy are
+    /// printed; the timing table shows the first)
+    #[arg(long, default_value_t = 1)]
+    updates: usize,
+    /// Set an ETPO hyper-parameter, e.g. `--set q_readout=logits --set q_optim.lr=1e-3`
+    /// (repeatable; keys as in a spec's training block and `EtpoConfig`)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -125,7 +133,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         args.actions, args.action_tokens, args.states, args.prompt_tokens, args.micro_batch
     );
 
-    let cfg = EtpoConfig { micro_batch: args.micro_batch, ..EtpoConfig::default() };
+    let mut cfg = EtpoConfig { micro_batch: args.micro_batch, ..EtpoConfig::default() };
+    for kv in &args.set {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+        cfg.set(k, v).map_err(|e| anyhow::anyhow!("--set {kv}: {e}"))?;
+    }
+    if args.updates == 0 {
+        bail!("--updates must be at least 1");
+    }
     let mut trainer = EtpoTrainer::new(&mut model, cfg.clone())?;
 
     // Generation: every state's actions sampled together, exactly `action_tokens` each.
@@ -171,6 +186,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let shared = trainer.update(&model, &batch)?;
     let shared_total = t0.elapsed().as_secs_f64();
     print_row("shared state prefixes", &shared, shared_total, peak_rss_mib());
+    if args.updates > 1 {
+        println!();
+        println!("{:>6} {:>10} {:>12} {:>10} {:>10} {:>8}", "update", "Q loss", "policy loss", "KL(pi|rho)", "entropy", "time s");
+        let line = |i: usize, m: &UpdateMetrics, s: f64| {
+            println!("{i:>6} {:>10.4} {:>12.4} {:>10.4} {:>10.4} {s:>8.1}", m.q_loss, m.policy_loss, m.kl, m.entropy)
+        };
+        line(1, &shared, shared_total);
+        for i in 2..=args.updates {
+            let t0 = Instant::now();
+            let m = trainer.update(&model, &batch)?;
+            line(i, &m, t0.elapsed().as_secs_f64());
+        }
+    }
 
     if !args.no_compare {
         drop(trainer);

@@ -13,4 +13,4 @@ pub use tokenizer::{Tokenizer, TokenizerError};
 pub use generate::{generate, generate_ids, Completion, FinishReason, GenerateConfig};
 pub use load::{default_model_path, load_model, parse_device, LoadedModel, ModelInfo};
 pub use lora::LoraConfig;
-pub use model::{ForwardOptions, KvCache, Llama, LlamaConfig, ModelError, Projection};
+pub use model::{ForwardOptions, KvCache, Llama, LlamaConfig, MergedAdapter, ModelError, Projection};

@@ -107,6 +107,15 @@ fn tokenizer_json_loads_like_the_gguf_tokenizer() {
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).expect("write tokenizer_config.json");
 
     let tok = Tokenizer::from_file(&json).expect("load tokenizer.json");
+    // A config may also list named templates; `default` is the chat template.
+    let listed = serde_json::json!({
+        "eos_token": gguf.eos_token(),
+        "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ y }}"}],
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), listed.to_string()).expect("write tokenizer_config.json");
+    let listed = Tokenizer::from_file(&json).expect("load tokenizer.json");
+    assert_eq!(listed.chat_template(), Some("{{ y }}"));
+    assert_eq!(listed.bos_token_id(), None, "no bos_token in this config");
     std::fs::remove_dir_all(&dir).ok();
     assert_eq!((tok.bos_token_id(), tok.eos_token_id(), tok.pad_token_id()), (Some(1), Some(2), Some(2)));
     assert_eq!(tok.chat_template(), gguf.chat_template());

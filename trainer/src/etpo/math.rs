@@ -15,6 +15,12 @@ use serde::{Deserialize, Serialize};
 /// How the soft Q-values `Q(context, w)` are read out of the Q-network, a causal language model.
 ///
 /// The paper initialises Q with ρ and leaves the read-out open; both readings are offered.
+/// Both learn the tiny-model reward tasks in `tests/etpo_trainer.rs`. The default is
+/// [`QReadout::LogRatio`]: on SmolLM2-135M (`etpo bench train --updates 5 --set q_readout=...`,
+/// 4 actions of 16 tokens) the paper's reading started with a Q loss of 75 and a policy loss of
+/// 349 nats per token, and π's entropy fell from 6.17 to 5.74 nats in four updates whatever the
+/// rewards (the target softmax(z/β) is ρ's greedy choice); the log-ratio started at zero loss
+/// and moved π by KL 0.005 in the same four updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum QReadout {

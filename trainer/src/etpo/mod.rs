@@ -10,7 +10,7 @@
 //! - The PPO-KL baseline is [`crate::ppo`].
 
 pub(crate) mod batch;
-pub mod checkpoint;
+pub(crate) mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod math;
