@@ -1,0 +1,521 @@
+//! The learning algorithms of `etpo run`: ETPO and the PPO-KL baseline, as [`Algorithm`]s that
+//! own the language-model policy and a trainer from `trainer` (the equations live there; this
+//! module turns the run loop's steps into token-level transitions, schedules updates, and keeps
+//! the run folder's training files).
+//!
+//! Files in the run folder:
+//! - `replay.jsonl`: every round's transitions as token ids, appended and flushed before they are
+//!   trained on (the replay data of a checkpoint);
+//! - `checkpoint.safetensors`: the trainer's state (adapters, optimisers, target network,
+//!   counters) and the loop's position in `replay.jsonl`, written atomically every
+//!   `checkpoint_every` updates and when the run stops (Ctrl-C included);
+//! - `metrics.jsonl`: one line per update; `batch_reward.png`: the mean batch reward against
+//!   environment steps (the paper's Figure 4);
+//! - `adapter/`: the trained policy adapter in PEFT layout (`etpo perplexity --adapter`).
+//!
+//! Resuming is exact on the CPU: the checkpoint restores the trainer, then the rounds that
+//! `replay.jsonl` holds beyond it are fed through the same schedule again, so the updates (and the
+//! adapters the next actions are sampled with) are those of an uninterrupted run. Only a final
+//! partial batch is left untrained, so that stopping early never adds an update the
+//! uninterrupted run would not make.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+use trainer::etpo::{EtpoConfig, EtpoTrainer, TrainError, UpdateMetrics, POLICY};
+use trainer::ppo::{PpoConfig, PpoTrainer};
+
+use super::llm::LlmPolicy;
+use super::policy::Policy;
+use super::record::StepRecord;
+use super::runner::{Algorithm, Task, Transition};
+use super::ExperimentError;
+
+/// The checkpoint file in the run folder.
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+/// The replay data: one line per round of transitions.
+pub const REPLAY: &str = "replay.jsonl";
+/// One line per update.
+pub const METRICS: &str = "metrics.jsonl";
+/// The batch reward figure.
+pub const BATCH_REWARD_PNG: &str = "batch_reward.png";
+/// The trained policy adapter (PEFT folder).
+pub const ADAPTER_DIR: &str = "adapter";
+
+/// Which trainer, with its hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainerConfig {
+    Etpo(EtpoConfig),
+    PpoKl(PpoConfig),
+}
+
+/// The schedule of a training run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSchedule {
+    /// Environment steps (over all specs and seeds) per update; the update uses all of them.
+    pub update_every: usize,
+    /// Updates between checkpoints (a checkpoint is also written when the run stops).
+    pub checkpoint_every: u64,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsRecord {
+    /// Updates done, this one included (from 1).
+    pub update: u64,
+    /// Environment steps taken when the update ran.
+    pub env_steps: u64,
+    pub q_loss: f64,
+    pub policy_loss: f64,
+    pub kl: f64,
+    pub entropy: f64,
+    pub batch_reward: f64,
+    /// Wall-clock seconds of the update.
+    pub time_s: f64,
+    /// Everything else the trainer measured (targets, gradient norms, phase times...).
+    pub detail: UpdateMetrics,
+}
+
+/// The loop's position, stored in the checkpoint beside the trainer state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct Position {
+    /// Rounds of `replay.jsonl` processed.
+    rounds: u64,
+    /// The first round of the pending (not yet trained on) batch.
+    pending_from: u64,
+    /// Environment steps processed.
+    env_steps: u64,
+}
+
+/// One line of `replay.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ReplayRound {
+    round: u64,
+    /// Environment steps of the round (transitions without tokens are not trained on).
+    steps: u64,
+    transitions: Vec<trainer::etpo::Transition>,
+}
+
+enum Learner {
+    Etpo(EtpoTrainer),
+    PpoKl(PpoTrainer),
+}
+
+impl Learner {
+    fn update(&mut self, model: &trainer::Llama, batch: &[trainer::etpo::Transition]) -> Result<UpdateMetrics, TrainError> {
+        match self {
+            Learner::Etpo(t) => t.update(model, batch),
+            Learner::PpoKl(t) => t.update(model, batch),
+        }
+    }
+    fn updates(&self) -> u64 {
+        match self {
+            Learner::Etpo(t) => t.updates(),
+            Learner::PpoKl(t) => t.updates(),
+        }
+    }
+    fn save(&self, model: &trainer::Llama, path: &Path, extra: &serde_json::Value) -> Result<(), TrainError> {
+        match self {
+            Learner::Etpo(t) => t.save_checkpoint(model, path, extra),
+            Learner::PpoKl(t) => t.save_checkpoint(model, path, extra),
+        }
+    }
+    fn load(&mut self, model: &trainer::Llama, path: &Path) -> Result<serde_json::Value, TrainError> {
+        match self {
+            Learner::Etpo(t) => t.load_checkpoint(model, path),
+            Learner::PpoKl(t) => t.load_checkpoint(model, path),
+        }
+    }
+}
+
+/// ETPO or PPO-KL over a language-model policy, as an [`Algorithm`] of the run loop. The policy
+/// samples with the trained [`POLICY`] adapter set (equal to the base model before the first
+/// update).
+pub struct Trained {
+    name: &'static str,
+    policy: LlmPolicy,
+    learner: Learner,
+    schedule: TrainSchedule,
+    pos: Position,
+    pending: Vec<trainer::etpo::Transition>,
+    pending_steps: u64,
+    run_dir: PathBuf,
+    replay: Option<File>,
+    metrics: Option<File>,
+    /// An update failed half-way: the state must not be checkpointed.
+    failed: bool,
+}
+
+fn train_err(e: impl std::fmt::Display) -> ExperimentError {
+    ExperimentError::Algorithm(e.to_string())
+}
+
+impl Trained {
+    /// Adds the trainer's adapter sets to the policy's model and samples with [`POLICY`] from now on.
+    pub fn new(mut policy: LlmPolicy, config: TrainerConfig, schedule: TrainSchedule) -> Result<Trained, ExperimentError> {
+        if schedule.update_every == 0 || schedule.checkpoint_every == 0 {
+            return Err(train_err("update_every and checkpoint_every must be at least 1"));
+        }
+        let model = &mut policy.model_mut().model;
+        let (name, learner) = match config {
+            TrainerConfig::Etpo(cfg) => ("etpo", Learner::Etpo(EtpoTrainer::new(model, cfg).map_err(train_err)?)),
+            TrainerConfig::PpoKl(cfg) => ("ppo-kl", Learner::PpoKl(PpoTrainer::new(model, cfg).map_err(train_err)?)),
+        };
+        policy.set_adapter(Some(POLICY.to_string()));
+        Ok(Trained {
+            name,
+            policy,
+            learner,
+            schedule,
+            pos: Position::default(),
+            pending: Vec::new(),
+            pending_steps: 0,
+            run_dir: PathBuf::new(),
+            replay: None,
+            metrics: None,
+            failed: false,
+        })
+    }
+
+    /// Token-level transitions of one round: the state is the exact prompt text the model was
+    /// given, encoded as generation encoded it; the action is the sampled token ids; the next
+    /// state is left out when the episode ended (terminated or truncated: nothing to bootstrap).
+    /// Steps without a prompt text or tokens (an empty generation) are not trainable.
+    fn tokenize(&self, batch: &[Transition]) -> Result<Vec<trainer::etpo::Transition>, ExperimentError> {
+        let tok = &self.policy.model().tokenizer;
+        let encode = |text: &str| tok.encode(text).map_err(|e| train_err(format!("encoding a state: {e}")));
+        let mut out = Vec::with_capacity(batch.len());
+        for t in batch {
+            let Some(prompt) = &t.action.prompt_text else { continue };
+            if t.action.tokens.is_empty() {
+                continue;
+            }
+            let next_state = if t.terminated || t.truncated {
+                None
+            } else {
+                Some(encode(&self.policy.render(&t.next)?)?)
+            };
+            out.push(trainer::etpo::Transition {
+                state: encode(prompt)?,
+                action: t.action.tokens.clone(),
+                reward: t.reward,
+                next_state,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Adds a round to the pending batch and updates when the batch has `update_every` steps.
+    fn process(&mut self, round: ReplayRound) -> Result<(), ExperimentError> {
+        self.pending.extend(round.transitions);
+        self.pending_steps += round.steps;
+        self.pos.rounds = round.round + 1;
+        self.pos.env_steps += round.steps;
+        if self.pending_steps >= self.schedule.update_every as u64 && !self.pending.is_empty() {
+            self.update()?;
+        }
+        Ok(())
+    }
+
+    fn update(&mut self) -> Result<(), ExperimentError> {
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_steps = 0;
+        self.pos.pending_from = self.pos.rounds;
+        let start = Instant::now();
+        self.failed = true;
+        let m = self.learner.update(&self.policy.model().model, &batch).map_err(train_err)?;
+        self.failed = false;
+        let record = MetricsRecord {
+            update: self.learner.updates(),
+            env_steps: self.pos.env_steps,
+            q_loss: m.q_loss,
+            policy_loss: m.policy_loss,
+            kl: m.kl,
+            entropy: m.entropy,
+            batch_reward: m.batch_reward,
+            time_s: start.elapsed().as_secs_f64(),
+            detail: m,
+        };
+        let path = self.run_dir.join(METRICS);
+        if let Some(file) = &mut self.metrics {
+            append_line(file, &path, &record)?;
+        }
+        if self.learner.updates() % self.schedule.checkpoint_every == 0 {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Result<(), ExperimentError> {
+        let extra = serde_json::to_value(self.pos).map_err(train_err)?;
+        self.learner.save(&self.policy.model().model, &self.run_dir.join(CHECKPOINT), &extra).map_err(train_err)?;
+        let records = read_metrics(&self.run_dir.join(METRICS))?;
+        if let Err(e) = batch_reward_png(&self.run_dir.join(BATCH_REWARD_PNG), self.name, &records) {
+            eprintln!("warning: {e}");
+        }
+        Ok(())
+    }
+}
+
+impl Algorithm for Trained {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn policy(&mut self) -> &mut dyn Policy {
+        &mut self.policy
+    }
+
+    /// Restores the checkpoint (if any) and replays the recorded rounds beyond it.
+    fn start(&mut self, _tasks: &[Task], run_dir: &Path, previous: &[StepRecord]) -> Result<(), ExperimentError> {
+        self.run_dir = run_dir.to_path_buf();
+        let checkpoint = run_dir.join(CHECKPOINT);
+        if checkpoint.exists() {
+            let extra = self.learner.load(&self.policy.model().model, &checkpoint).map_err(train_err)?;
+            self.pos = serde_json::from_value(extra)
+                .map_err(|e| resume_err(&checkpoint, format!("no loop position in the checkpoint: {e}")))?;
+        }
+        // Metrics of updates after the checkpoint are written again as they are replayed.
+        let metrics_path = run_dir.join(METRICS);
+        let kept: Vec<MetricsRecord> =
+            read_metrics(&metrics_path)?.into_iter().filter(|m| m.update <= self.learner.updates()).collect();
+        let mut text = String::new();
+        for m in &kept {
+            text.push_str(&serde_json::to_string(m).map_err(train_err)?);
+            text.push('\n');
+        }
+        super::summary::write_atomic(&metrics_path, text.as_bytes())?;
+        self.metrics = Some(open_append(&metrics_path)?);
+
+        let replay_path = run_dir.join(REPLAY);
+        let rounds = read_replay(&replay_path)?;
+        if (rounds.len() as u64) < self.pos.rounds {
+            return Err(resume_err(
+                &replay_path,
+                format!("holds {} rounds, the checkpoint has seen {}", rounds.len(), self.pos.rounds),
+            ));
+        }
+        let recorded: u64 = rounds.iter().map(|r| r.steps).sum();
+        if (previous.len() as u64) > recorded {
+            eprintln!(
+                "warning: {} step(s) of steps.jsonl were logged but not recorded for training (the run stopped \
+                 between the two); they stay in the log and are not trained on",
+                previous.len() as u64 - recorded
+            );
+        }
+        let mut rounds = rounds.into_iter();
+        for r in rounds.by_ref().take(self.pos.rounds as usize) {
+            if r.round >= self.pos.pending_from {
+                self.pending_steps += r.steps;
+                self.pending.extend(r.transitions);
+            }
+        }
+        for r in rounds {
+            self.process(r)?;
+        }
+        self.replay = Some(open_append(&replay_path)?);
+        Ok(())
+    }
+
+    fn learn(&mut self, batch: &[Transition]) -> Result<(), ExperimentError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let round = ReplayRound { round: self.pos.rounds, steps: batch.len() as u64, transitions: self.tokenize(batch)? };
+        // Recorded before it is trained on, so a resumed run can replay it.
+        let path = self.run_dir.join(REPLAY);
+        match &mut self.replay {
+            Some(file) => append_line(file, &path, &round)?,
+            None => return Err(train_err("learn() before start()")),
+        }
+        self.process(round)
+    }
+
+    fn finish(&mut self, run_dir: &Path) -> Result<(), ExperimentError> {
+        if self.failed || self.replay.is_none() {
+            return Ok(());
+        }
+        self.checkpoint()?;
+        self.policy
+            .model()
+            .model
+            .save_adapter(POLICY, &run_dir.join(ADAPTER_DIR))
+            .map_err(|e| train_err(format!("saving the policy adapter: {e}")))
+    }
+}
+
+fn resume_err(path: &Path, message: String) -> ExperimentError {
+    ExperimentError::Resume { path: path.to_path_buf(), message }
+}
+
+fn open_append(path: &Path) -> Result<File, ExperimentError> {
+    OpenOptions::new().create(true).append(true).open(path).map_err(|e| ExperimentError::io(path, e))
+}
+
+/// Writes one JSON line and flushes it to the OS (a kill after this cannot lose it).
+fn append_line<T: Serialize>(file: &mut File, path: &Path, value: &T) -> Result<(), ExperimentError> {
+    let mut line = serde_json::to_string(value).map_err(|e| ExperimentError::io(path, std::io::Error::other(e)))?;
+    line.push('\n');
+    file.write_all(line.as_bytes()).map_err(|e| ExperimentError::io(path, e))?;
+    file.flush().map_err(|e| ExperimentError::io(path, e))
+}
+
+/// The complete lines of a JSON-lines file (none if it does not exist). A last line without its
+/// newline (the process was killed while writing it) is cut from the file; any other unreadable
+/// line is an error naming it.
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, ExperimentError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(ExperimentError::io(path, e)),
+    };
+    let mut reader = BufReader::new(file);
+    let (mut out, mut good_bytes, mut line, mut n) = (Vec::new(), 0u64, String::new(), 0usize);
+    loop {
+        line.clear();
+        let read = reader.read_line(&mut line).map_err(|e| ExperimentError::io(path, e))?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        if !line.ends_with('\n') {
+            let file = OpenOptions::new().write(true).open(path).map_err(|e| ExperimentError::io(path, e))?;
+            file.set_len(good_bytes).map_err(|e| ExperimentError::io(path, e))?;
+            break;
+        }
+        let value = serde_json::from_str(line.trim_end())
+            .map_err(|e| resume_err(path, format!("line {n} is not a valid record: {e}")))?;
+        out.push(value);
+        good_bytes += read as u64;
+    }
+    Ok(out)
+}
+
+fn read_replay(path: &Path) -> Result<Vec<ReplayRound>, ExperimentError> {
+    let rounds: Vec<ReplayRound> = read_jsonl(path)?;
+    for (i, r) in rounds.iter().enumerate() {
+        if r.round != i as u64 {
+            return Err(resume_err(path, format!("line {} holds round {}, expected {i}", i + 1, r.round)));
+        }
+    }
+    Ok(rounds)
+}
+
+/// The records of `metrics.jsonl` (none if it does not exist).
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ExperimentError> {
+    read_jsonl(path)
+}
+
+/// Draws the batch reward of each update against environment steps (a thin line) and its running
+/// mean over the last 5 updates (thick), like the paper's Figure 4.
+pub fn batch_reward_png(path: &Path, label: &str, records: &[MetricsRecord]) -> Result<(), ExperimentError> {
+    draw(path, label, records).map_err(|e| ExperimentError::Plot { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// Running mean over a trailing window of `w` points.
+fn running_mean(values: &[f64], w: usize) -> Vec<f64> {
+    (0..values.len())
+        .map(|i| {
+            let lo = (i + 1).saturating_sub(w);
+            values[lo..=i].iter().sum::<f64>() / (i + 1 - lo) as f64
+        })
+        .collect()
+}
+
+fn draw(path: &Path, label: &str, records: &[MetricsRecord]) -> Result<(), Box<dyn std::error::Error>> {
+    let root = BitMapBackend::new(path, (640, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let xs: Vec<u64> = records.iter().map(|m| m.env_steps).collect();
+    let ys: Vec<f64> = records.iter().map(|m| m.batch_reward).collect();
+    let x_max = xs.iter().copied().max().unwrap_or(1).max(2);
+    let lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (y_min, y_max) = if lo.is_finite() { (lo.min(-1.0) - 0.05, hi.max(1.0) + 0.05) } else { (-1.05, 1.05) };
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{label}: average batch reward"), ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0u64..x_max, y_min..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("environment steps")
+        .y_desc("batch reward")
+        .y_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    let thin = BLUE.mix(0.35);
+    chart
+        .draw_series(LineSeries::new(xs.iter().copied().zip(ys.iter().copied()), thin.stroke_width(1)))?
+        .label("per update")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], thin.stroke_width(1)));
+    chart
+        .draw_series(LineSeries::new(xs.iter().copied().zip(running_mean(&ys, 5)), BLUE.stroke_width(2)))?
+        .label("mean of the last 5 updates")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 11))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_mean_uses_a_trailing_window() {
+        assert_eq!(running_mean(&[1.0, 3.0, 5.0, 7.0], 2), vec![1.0, 2.0, 4.0, 6.0]);
+        assert_eq!(running_mean(&[], 5), Vec::<f64>::new());
+    }
+
+    #[test]
+    fn a_half_written_last_line_is_cut_and_others_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.jsonl");
+        let round = |i: u64| ReplayRound { round: i, steps: 1, transitions: Vec::new() };
+        let mut text = String::new();
+        for i in 0..2 {
+            text.push_str(&serde_json::to_string(&round(i)).unwrap());
+            text.push('\n');
+        }
+        let whole = text.len() as u64;
+        text.push_str("{\"round\": 2, \"ste");
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(read_replay(&path).unwrap().len(), 2);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
+        std::fs::write(&path, "{\"round\": 1, \"steps\": 1, \"transitions\": []}\n").unwrap();
+        assert!(read_replay(&path).unwrap_err().to_string().contains("expected 0"));
+        std::fs::write(&path, "not json\n").unwrap();
+        assert!(read_replay(&path).unwrap_err().to_string().contains("line 1"));
+        assert!(read_replay(&dir.path().join("absent")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn draws_the_batch_reward_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.png");
+        let rec = |update: u64, r: f64| MetricsRecord {
+            update,
+            env_steps: update * 4,
+            q_loss: 0.0,
+            policy_loss: 0.0,
+            kl: 0.0,
+            entropy: 0.0,
+            batch_reward: r,
+            time_s: 0.0,
+            detail: UpdateMetrics::default(),
+        };
+        batch_reward_png(&path, "etpo", &[rec(1, -1.0), rec(2, -0.5), rec(3, 0.8)]).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
+    }
+}
