@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use etpo::experiment::{
     self, hex, plot, read_steps, run_loop, summary, Algorithm, LlmPolicy, Observer, Policy, Reflection,
-    SamplingConfig, ScriptedPolicy, SpecStats, StepLog, StepRecord, Task,
+    SamplingConfig, ScriptedPolicy, SpecStats, StepLog, StepRecord, Task, TrainSchedule, Trained, TrainerConfig,
 };
 
 /// The learning algorithm.
@@ -23,14 +23,60 @@ use etpo::experiment::{
 pub enum Algo {
     /// The paper's Reflection baseline: no training, best reward found within k steps.
     Reflection,
+    /// ETPO: token-level soft Q-learning and policy optimisation (trains LoRA adapters).
+    Etpo,
+    /// The paper's PPO-KL baseline: action-level PPO with a KL penalty in the reward.
+    PpoKl,
 }
 
 impl Algo {
     fn name(self) -> &'static str {
         match self {
             Algo::Reflection => "reflection",
+            Algo::Etpo => "etpo",
+            Algo::PpoKl => "ppo-kl",
         }
     }
+
+    fn trains(self) -> bool {
+        matches!(self, Algo::Etpo | Algo::PpoKl)
+    }
+}
+
+/// Hyper-parameters of `--algo etpo` and `--algo ppo-kl`. Each is also read from the specs'
+/// `training:` block (which must then agree between the specs of one run); the command line
+/// wins over the spec, the spec over the trainer's defaults.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainFlags {
+    /// β, the weight of the KL(π‖ρ) penalty (default: `training.beta`, else 0.01).
+    #[arg(long, conflicts_with = "resume")]
+    beta: Option<f64>,
+    /// γ, the discount between actions (default: `training.gamma`, else 0.99).
+    #[arg(long, conflicts_with = "resume")]
+    gamma: Option<f64>,
+    /// Learning rate of the trained adapters (default: `training.lr`, else the trainer's).
+    #[arg(long, conflicts_with = "resume")]
+    lr: Option<f64>,
+    /// λ, the Polyak coefficient of ETPO's target Q-network (default: `training.polyak`, else 0.995).
+    #[arg(long, conflicts_with = "resume")]
+    polyak: Option<f64>,
+    /// How ETPO reads Q out of the Q-network: `logits` (the paper's) or `log-ratio`.
+    #[arg(long, conflicts_with = "resume")]
+    q_readout: Option<trainer::etpo::QReadout>,
+    /// Environment steps (over all specs and seeds) per update (default: `training.batch_size`,
+    /// else 8). A final batch smaller than this is not trained on.
+    #[arg(long, conflicts_with = "resume")]
+    update_every: Option<usize>,
+    /// Updates between checkpoints (default 1; a checkpoint is also written when the run stops).
+    #[arg(long, conflicts_with = "resume")]
+    checkpoint_every: Option<u64>,
+    /// The ETPO(disc.) ablation: discount by γ between the tokens of an action too.
+    #[arg(long, conflicts_with = "resume")]
+    disc: bool,
+    /// The ETPO(1-step) ablation: episodes of one step (every spec's `max_steps` forced to 1).
+    #[arg(long, conflicts_with = "resume")]
+    one_step: bool,
 }
 
 /// Where actions come from.
@@ -101,6 +147,8 @@ pub struct Args {
     /// Do not draw progress bars.
     #[arg(long)]
     no_progress: bool,
+    #[command(flatten)]
+    train: TrainFlags,
 }
 
 /// The configuration a run folder records, enough to continue or repeat it.
@@ -122,6 +170,9 @@ struct RunConfig {
     top_p: Option<f64>,
     sampling_seed: u64,
     batch_size: usize,
+    /// Training hyper-parameters as given on the command line.
+    #[serde(default)]
+    train: TrainFlags,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -149,6 +200,9 @@ struct Manifest {
     /// Earlier invocations that continued this run.
     #[serde(default)]
     resumed: Vec<ResumeEntry>,
+    /// The trainer's resolved hyper-parameters and schedule (training algorithms only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trainer: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -185,7 +239,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     // Specs, data and seeds.
     let mut tasks = Vec::new();
     for entry in &manifest.specs {
-        let spec = envspec::load(&entry.file.path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut spec = envspec::load(&entry.file.path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if config.train.one_step {
+            spec.max_steps = 1;
+        }
         let base = entry.file.path.parent().unwrap_or(Path::new("."));
         let dataset = envspec::data::load(&spec.dataset.source, base)
             .with_context(|| format!("{}: loading the data set", entry.file.path.display()))?;
@@ -201,20 +258,24 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         .context("starting the sandbox workers")?,
     );
 
-    let policy: Box<dyn Policy> = match config.policy {
-        PolicyKind::Scripted => {
-            let dir = config.actions.as_deref().context("--policy scripted needs --actions DIR")?;
-            Box::new(ScriptedPolicy::new(dir)?)
-        }
-        PolicyKind::Llm => {
-            let model = config.model.clone().unwrap_or_else(trainer::default_model_path);
-            let sampling = sampling_config(&config);
-            eprintln!("loading {} on {}", model.display(), config.device);
-            Box::new(LlmPolicy::load(&model, &config.device, sampling)?)
-        }
+    let load_llm = || -> anyhow::Result<LlmPolicy> {
+        let model = config.model.clone().unwrap_or_else(trainer::default_model_path);
+        eprintln!("loading {} on {}", model.display(), config.device);
+        Ok(LlmPolicy::load(&model, &config.device, sampling_config(&config))?)
     };
-    let mut algorithm: Box<dyn Algorithm> = match config.algo {
-        Algo::Reflection => Box::new(Reflection { policy }),
+    let mut algorithm: Box<dyn Algorithm> = if config.algo.trains() {
+        let specs: Vec<&envspec::Spec> = tasks.iter().map(|t| t.spec.as_ref()).collect();
+        let (trainer_config, schedule) = train_config(&config, &specs)?;
+        Box::new(Trained::new(load_llm()?, trainer_config, schedule)?)
+    } else {
+        let policy: Box<dyn Policy> = match config.policy {
+            PolicyKind::Scripted => {
+                let dir = config.actions.as_deref().context("--policy scripted needs --actions DIR")?;
+                Box::new(ScriptedPolicy::new(dir)?)
+            }
+            PolicyKind::Llm => Box::new(load_llm()?),
+        };
+        Box::new(Reflection { policy })
     };
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -318,6 +379,24 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         top_p: args.top_p,
         sampling_seed: args.sampling_seed,
         batch_size: args.batch_size,
+        train: args.train.clone(),
+    };
+    // Check the training configuration before anything is written.
+    let trainer = if config.algo.trains() {
+        if config.policy != PolicyKind::Llm {
+            bail!("--algo {} trains a language model; it cannot learn with --policy scripted", config.algo.name());
+        }
+        let refs: Vec<&envspec::Spec> = specs.iter().map(|(s, _)| s).collect();
+        let (trainer_config, schedule) = train_config(&config, &refs)?;
+        Some(describe_trainer(&trainer_config, &schedule))
+    } else {
+        let f = &config.train;
+        if f.beta.is_some() || f.gamma.is_some() || f.lr.is_some() || f.polyak.is_some() || f.q_readout.is_some()
+            || f.update_every.is_some() || f.checkpoint_every.is_some() || f.disc
+        {
+            bail!("training hyper-parameters (--beta, --gamma, --lr, ...) need --algo etpo or --algo ppo-kl");
+        }
+        None
     };
     // Record the sampling parameters each spec's actions will be drawn with.
     let sampling = sampling_config(&config);
@@ -356,6 +435,7 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         python_versions: python_versions(&runtime::default_python()),
         python: runtime::default_python(),
         resumed: Vec::new(),
+        trainer,
     };
     write_json(&dir.join("config.json"), &manifest)?;
     Ok((dir, manifest, Vec::new()))
@@ -391,6 +471,107 @@ fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, V
 
 /// The budget when neither `--steps` nor the spec's `training.steps` sets one.
 const DEFAULT_STEPS: u32 = 10;
+
+/// Environment steps per update when neither `--update-every` nor `training.batch_size` sets it.
+const DEFAULT_UPDATE_EVERY: usize = 8;
+
+/// The trainer's keys of the specs' `training:` blocks, which must agree between the specs of a
+/// run (one model is trained on all of them).
+fn training_block(specs: &[&envspec::Spec]) -> anyhow::Result<envspec::TrainingOverrides> {
+    let keys = |s: &envspec::Spec| {
+        let t = &s.training;
+        envspec::TrainingOverrides {
+            batch_size: t.batch_size,
+            lr: t.lr,
+            beta: t.beta,
+            gamma: t.gamma,
+            polyak: t.polyak,
+            lora_rank: t.lora_rank,
+            lora_alpha: t.lora_alpha,
+            epochs: t.epochs,
+            grad_clip: t.grad_clip,
+            clip_eps: t.clip_eps,
+            ..Default::default()
+        }
+    };
+    let Some(first) = specs.first() else { return Ok(envspec::TrainingOverrides::default()) };
+    let block = keys(first);
+    for s in &specs[1..] {
+        if keys(s) != block {
+            bail!(
+                "{} and {} set different training hyper-parameters (`training:`), but one model is trained on \
+                 both; run them separately or set the values on the command line",
+                first.path.display(),
+                s.path.display()
+            );
+        }
+    }
+    Ok(block)
+}
+
+/// The trainer's hyper-parameters: its defaults, then the specs' `training:` block, then the
+/// command line.
+fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<(TrainerConfig, TrainSchedule)> {
+    let t = training_block(specs)?;
+    let f = &config.train;
+    let trainer_config = match config.algo {
+        Algo::Etpo => {
+            let mut c = trainer::etpo::EtpoConfig::default();
+            c.apply_spec(&t);
+            c.beta = f.beta.unwrap_or(c.beta);
+            c.gamma = f.gamma.unwrap_or(c.gamma);
+            c.polyak = f.polyak.unwrap_or(c.polyak);
+            c.q_readout = f.q_readout.unwrap_or(c.q_readout);
+            if let Some(lr) = f.lr {
+                c.q_optim.lr = lr;
+                c.policy_optim.lr = lr;
+            }
+            c.discount_inside_actions = f.disc;
+            c.single_step = f.one_step;
+            c.seed = config.sampling_seed;
+            c.validate().map_err(|e| anyhow::anyhow!("--algo etpo: {e}"))?;
+            TrainerConfig::Etpo(c)
+        }
+        Algo::PpoKl => {
+            if f.polyak.is_some() || f.q_readout.is_some() || f.disc {
+                bail!("--polyak, --q-readout and --disc are ETPO's; --algo ppo-kl has no Q-network");
+            }
+            let mut c = trainer::ppo::PpoConfig::default();
+            c.apply_spec(&t);
+            c.beta = f.beta.unwrap_or(c.beta);
+            c.gamma = f.gamma.unwrap_or(c.gamma);
+            if let Some(lr) = f.lr {
+                c.policy_optim.lr = lr;
+            }
+            c.seed = config.sampling_seed;
+            c.validate().map_err(|e| anyhow::anyhow!("--algo ppo-kl: {e}"))?;
+            TrainerConfig::PpoKl(c)
+        }
+        Algo::Reflection => bail!("--algo reflection does not train"),
+    };
+    let schedule = TrainSchedule {
+        update_every: f.update_every.or(t.batch_size).unwrap_or(DEFAULT_UPDATE_EVERY),
+        checkpoint_every: f.checkpoint_every.unwrap_or(1),
+    };
+    if schedule.update_every == 0 || schedule.checkpoint_every == 0 {
+        bail!("--update-every and --checkpoint-every must be at least 1");
+    }
+    Ok((trainer_config, schedule))
+}
+
+/// The resolved trainer configuration as `config.json` records it.
+fn describe_trainer(trainer: &TrainerConfig, schedule: &TrainSchedule) -> serde_json::Value {
+    let hyper = match trainer {
+        TrainerConfig::Etpo(c) => serde_json::to_value(c),
+        TrainerConfig::PpoKl(c) => serde_json::to_value(c),
+    }
+    .unwrap_or(serde_json::Value::Null);
+    serde_json::json!({
+        "hyper_parameters": hyper,
+        "update_every": schedule.update_every,
+        "checkpoint_every": schedule.checkpoint_every,
+    })
+}
 
 fn sampling_config(config: &RunConfig) -> SamplingConfig {
     SamplingConfig {

@@ -11,12 +11,15 @@
 //!   one shared worker pool, each step is appended to `steps.jsonl` and flushed, and the
 //!   [`Algorithm`] sees the round's [`Transition`]s. Episodes restart after they end until the
 //!   budget k is used.
+//! - [`Trained`] is the ETPO / PPO-KL algorithm: it trains the model's policy adapter on the
+//!   rounds' transitions and keeps `metrics.jsonl`, `batch_reward.png`, checkpoints and replay data.
 //! - Resuming: the log is the truth. Steps in it are never re-run; a half-written last line is
 //!   dropped; an episode in progress continues from the reflection state rebuilt from its last
 //!   recorded action and error (`Env::restore`).
 
 use std::path::{Path, PathBuf};
 
+pub mod etpo;
 pub mod llm;
 pub mod plot;
 pub mod policy;
@@ -25,6 +28,7 @@ pub mod runner;
 pub mod scripted;
 pub mod summary;
 
+pub use etpo::{MetricsRecord, TrainSchedule, Trained, TrainerConfig};
 pub use llm::{LlmPolicy, Sampling, SamplingConfig, DEFAULT_TEMPERATURE, DEFAULT_TOP_K};
 pub use policy::{hex, prompt_sha256, ActRequest, Action, Policy, PolicyError};
 pub use record::{read_steps, StepLog, StepRecord};

@@ -657,7 +657,9 @@ impl Llama {
     /// their keys/values, and returns their final-normed hidden states `[B, Tq, hidden]`.
     ///
     /// `attention_mask` covers the new tokens only (`[B, Tq]`, 1 = token, 0 = padding);
-    /// `None` means all are tokens.
+    /// `None` means all are tokens. Padding may be on the left (prompts) or on the right
+    /// (continuations of different lengths); padded positions take no position id. After an
+    /// error the cache must not be used again.
     pub fn forward_step(
         &self,
         input_ids: &Tensor,
@@ -787,7 +789,8 @@ impl Llama {
             x = (residual + h)?;
         }
         let x = rms_norm(&x, &self.w.norm, self.cfg.rms_norm_eps)?;
-        // Commit the cache bookkeeping only after every layer succeeded.
+        // Positions and mask advance once every layer has its keys/values (after an error the
+        // cache is inconsistent and must be dropped, as documented on forward_step).
         for (row, m) in cache.mask.iter_mut().zip(&new_mask) {
             m.iter().for_each(|&v| row.push(v));
         }
@@ -900,8 +903,8 @@ impl Llama {
 
     // ----- adapter management (the LoRA maths lives in lora.rs) -----
 
-    /// Adds an adapter set named `name` with fresh weights: A random (Kaiming-uniform, as PEFT),
-    /// B zero, so the model's output is unchanged until it is trained. `seed` makes A reproducible.
+    /// Adds an adapter set named `name` with fresh weights: A random (Kaiming-uniform, as PEFT,
+    /// seed 0), B zero, so the model's output is unchanged until it is trained.
     pub fn add_adapter(&mut self, name: &str, cfg: &LoraConfig) -> Result<()> {
         self.add_adapter_seeded(name, cfg, 0)
     }

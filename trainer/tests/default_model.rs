@@ -75,18 +75,9 @@ fn greedy_generation_is_the_same_alone_and_batched() {
         temperature: 0.0,
         ..GenerateConfig::default()
     };
-    let t0 = std::time::Instant::now();
     let batched = generate(&m.model, &m.tokenizer, &prompts, &cfg, None).unwrap();
-    eprintln!("batched: {:?}", t0.elapsed());
     for (p, b) in prompts.iter().zip(&batched) {
-        let t0 = std::time::Instant::now();
         let alone = generate(&m.model, &m.tokenizer, std::slice::from_ref(p), &cfg, None).unwrap();
-        eprintln!(
-            "alone: {:?} {} tokens: {:?}",
-            t0.elapsed(),
-            alone[0].tokens.len(),
-            alone[0].text
-        );
         assert_eq!(alone[0].tokens, b.tokens);
         assert_eq!(alone[0].text, b.text);
         for (x, y) in alone[0].logprobs.iter().zip(&b.logprobs) {

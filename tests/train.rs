@@ -1,0 +1,228 @@
+//! End-to-end tests of `etpo run --algo etpo` and `--algo ppo-kl`: a tiny random model trained
+//! on the default Balance Scale spec through the CLI binary. Its actions are noise and nearly all
+//! fail (reward -1), which still trains. They need the project's Python environment
+//! (`scripts/setup.sh python`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const ETPO: &str = env!("CARGO_BIN_EXE_etpo");
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn balance_scale() -> PathBuf {
+    repo().join("envs/balance_scale.yaml")
+}
+
+fn check_venv() {
+    let python = repo().join(".venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run `scripts/setup.sh python` first (these tests evaluate real scikit-learn programs)",
+        python.display()
+    );
+}
+
+fn etpo(args: &[&str], cwd: &Path) -> Output {
+    check_venv();
+    Command::new(ETPO).args(args).current_dir(cwd).output().expect("the etpo binary runs")
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "etpo failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
+        .collect()
+}
+
+fn config(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
+/// A tiny model in `tmp/tiny-model` and the arguments of a short training run into `tmp/<out>`.
+fn setup(tmp: &Path) {
+    common::write_tiny_model(&tmp.join("tiny-model"));
+}
+
+fn train_args<'a>(algo: &'a str, spec: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "run", spec, "--algo", algo, "--model", "tiny-model", "--steps", steps, "--seeds", "0", "--workers", "1",
+        "--out", out, "--no-progress",
+    ]
+}
+
+/// The run wrote one metrics line per update with finite losses, a checkpoint, the figure and
+/// the trained adapter.
+fn check_training_outputs(dir: &Path, updates: u64, update_every: u64) {
+    let metrics = jsonl(&dir.join("metrics.jsonl"));
+    assert_eq!(metrics.len() as u64, updates, "one line per update: {metrics:?}");
+    for (i, m) in metrics.iter().enumerate() {
+        assert_eq!(m["update"].as_u64(), Some(i as u64 + 1), "{m}");
+        assert_eq!(m["env_steps"].as_u64(), Some((i as u64 + 1) * update_every), "{m}");
+        for key in ["q_loss", "policy_loss", "kl", "entropy", "batch_reward", "time_s"] {
+            let v = m[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {m}"));
+            assert!(v.is_finite(), "{key} = {v}");
+        }
+        let r = m["batch_reward"].as_f64().unwrap();
+        assert!((-1.0..=1.0).contains(&r), "rewards are -1 or a ROC AUC: {r}");
+        assert!(m["entropy"].as_f64().unwrap() > 0.0 && m["kl"].as_f64().unwrap() >= -1e-6, "{m}");
+    }
+    // The policy starts equal to ρ, so the first update's KL(π‖ρ) is zero.
+    assert!(metrics[0]["kl"].as_f64().unwrap().abs() < 1e-5, "{}", metrics[0]);
+    let checkpoint = std::fs::read(dir.join("checkpoint.safetensors")).expect("a checkpoint");
+    assert!(checkpoint.len() > 8);
+    let png = std::fs::read(dir.join("batch_reward.png")).expect("batch_reward.png");
+    assert_eq!(&png[1..4], b"PNG");
+    assert!(dir.join("adapter/adapter_model.safetensors").is_file(), "the trained adapter is saved");
+}
+
+#[test]
+fn etpo_trains_a_tiny_model_and_writes_metrics_checkpoint_and_figure() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path());
+    let spec = balance_scale();
+    let mut args = train_args("etpo", spec.to_str().unwrap(), "run", "4");
+    args.extend(["--update-every", "2", "--beta", "0.05", "--q-readout", "logits", "--disc"]);
+    let out = etpo(&args, tmp.path());
+    ok(&out);
+    let dir = tmp.path().join("run");
+    check_training_outputs(&dir, 2, 2);
+    assert_eq!(jsonl(&dir.join("steps.jsonl")).len(), 4);
+    let trainer = &config(&dir)["trainer"];
+    assert_eq!(trainer["update_every"], 2);
+    assert_eq!(trainer["hyper_parameters"]["beta"], 0.05);
+    assert_eq!(trainer["hyper_parameters"]["q_readout"], "logits");
+    assert_eq!(trainer["hyper_parameters"]["discount_inside_actions"], true);
+    assert_eq!(trainer["hyper_parameters"]["gamma"], 0.99, "the paper's default");
+}
+
+#[test]
+fn ppo_kl_trains_with_hyper_parameters_from_the_spec_unless_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path());
+    // A copy of the spec with a training block; the command line overrides its beta.
+    let text = std::fs::read_to_string(balance_scale()).unwrap();
+    let spec = tmp.path().join("balance_scale.yaml");
+    std::fs::write(&spec, format!("{text}\ntraining:\n  batch_size: 3\n  beta: 0.2\n  gamma: 0.5\n")).unwrap();
+    let mut args = train_args("ppo-kl", "balance_scale.yaml", "run", "6");
+    args.extend(["--beta", "0.03", "--one-step"]);
+    let out = etpo(&args, tmp.path());
+    ok(&out);
+    let dir = tmp.path().join("run");
+    check_training_outputs(&dir, 2, 3);
+    let trainer = &config(&dir)["trainer"];
+    assert_eq!(trainer["update_every"], 3, "training.batch_size");
+    assert_eq!(trainer["hyper_parameters"]["beta"], 0.03, "the command line wins");
+    assert_eq!(trainer["hyper_parameters"]["gamma"], 0.5, "the spec's");
+    // --one-step: every episode is a single step.
+    for s in jsonl(&dir.join("steps.jsonl")) {
+        assert_eq!(s["step"], 0, "{s}");
+        assert!(s["terminated"].as_bool().unwrap() || s["truncated"].as_bool().unwrap(), "{s}");
+    }
+    // ETPO-only options are refused for PPO-KL, before any folder is made.
+    let mut args = train_args("ppo-kl", "balance_scale.yaml", "bad", "2");
+    args.extend(["--polyak", "0.9"]);
+    let out = etpo(&args, tmp.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--polyak"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!tmp.path().join("bad").exists());
+}
+
+/// The trained adapter's tensors, by name.
+fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let path = dir.join("adapter/adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut out: Vec<(String, Vec<f32>)> = tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The fields of a metrics line that must not depend on interruptions (timings may).
+fn metrics_essence(m: &Value) -> String {
+    ["update", "env_steps", "q_loss", "policy_loss", "kl", "entropy", "batch_reward"]
+        .iter()
+        .map(|k| m[k].to_string())
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+fn step_essence(s: &Value) -> String {
+    ["episode", "step", "env_step", "prompt_sha256", "generation", "reward", "terminated", "truncated", "error"]
+        .iter()
+        .map(|k| s[k].to_string())
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+#[test]
+fn a_training_run_killed_and_resumed_ends_with_the_adapters_of_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path());
+    let spec = balance_scale();
+    let args = |out: &'static str| {
+        let mut a: Vec<String> = train_args("etpo", spec.to_str().unwrap(), out, "12").iter().map(|s| s.to_string()).collect();
+        a.extend(["--update-every", "2", "--lr", "0.01"].iter().map(|s| s.to_string()));
+        a
+    };
+    let reference = etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp.path());
+    ok(&reference);
+
+    // Killed (SIGKILL) once the first checkpoint is there: later rounds are replayed on resume.
+    check_venv();
+    let dir = tmp.path().join("killed");
+    let mut child = Command::new(ETPO)
+        .args(args("killed"))
+        .current_dir(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !dir.join("checkpoint.safetensors").exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("etpo exited ({status}) before its first checkpoint");
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "no checkpoint after 300 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!dir.join("adapter").exists(), "the run was killed before it finished");
+    let logged = jsonl(&dir.join("steps.jsonl")).len();
+    assert!(logged < 12, "killed after {logged} of 12 steps");
+
+    let out = etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path());
+    ok(&out);
+    let want = adapter(&tmp.path().join("reference"));
+    let got = adapter(&dir);
+    assert!(!want.is_empty());
+    assert!(want.iter().any(|(_, v)| v.iter().any(|&x| x != 0.0)), "training moved the adapter");
+    assert_eq!(got, want, "the resumed run's adapters equal the uninterrupted run's");
+    let m = |d: &Path| jsonl(&d.join("metrics.jsonl")).iter().map(metrics_essence).collect::<Vec<_>>();
+    assert_eq!(m(&dir), m(&tmp.path().join("reference")), "same updates, each logged once");
+    let s = |d: &Path| jsonl(&d.join("steps.jsonl")).iter().map(step_essence).collect::<Vec<_>>();
+    assert_eq!(s(&dir), s(&tmp.path().join("reference")), "same actions sampled after the resume");
+}
