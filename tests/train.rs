@@ -182,7 +182,7 @@ fn a_training_run_killed_and_resumed_ends_with_the_adapters_of_an_uninterrupted_
     setup(tmp.path());
     let spec = balance_scale();
     let args = |out: &'static str| {
-        let mut a: Vec<String> = train_args("etpo", spec.to_str().unwrap(), out, "12").iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> = train_args("etpo", spec.to_str().unwrap(), out, "8").iter().map(|s| s.to_string()).collect();
         a.extend(["--update-every", "2", "--lr", "0.01"].iter().map(|s| s.to_string()));
         a
     };
@@ -212,7 +212,7 @@ fn a_training_run_killed_and_resumed_ends_with_the_adapters_of_an_uninterrupted_
     child.wait().unwrap();
     assert!(!dir.join("adapter").exists(), "the run was killed before it finished");
     let logged = jsonl(&dir.join("steps.jsonl")).len();
-    assert!(logged < 12, "killed after {logged} of 12 steps");
+    assert!(logged < 8, "killed after {logged} of 8 steps");
 
     let out = etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path());
     ok(&out);

@@ -307,6 +307,14 @@ impl Algorithm for Trained {
                 previous.len() as u64 - recorded
             );
         }
+        let replayed = rounds.len() as u64 - self.pos.rounds;
+        if self.pos.rounds > 0 || replayed > 0 {
+            eprintln!(
+                "resuming training after update {} (environment step {}); replaying {replayed} recorded round(s)",
+                self.learner.updates(),
+                self.pos.env_steps
+            );
+        }
         let mut rounds = rounds.into_iter();
         for r in rounds.by_ref().take(self.pos.rounds as usize) {
             if r.round >= self.pos.pending_from {
