@@ -180,7 +180,8 @@ fn show_uses_the_seed_and_a_given_action_and_error() {
         ),
         "{text}"
     );
-    assert!(text.contains("# model = KNeighborsClassifier(n_neighbors=7)\n# Error: ValueError: no\n# A corrected classifier:\nmodel =\n===== (no newline at the end) ====="), "{text}");
+    assert!(text.contains("# A previous classifier for the last task failed with: ValueError: no\n"), "{text}");
+    assert!(text.contains("3 classes: L, B, R\nmodel =\n===== (no newline at the end) ====="), "{text}");
 }
 
 #[test]

@@ -501,6 +501,9 @@ mod tests {
         else {
             panic!()
         };
-        assert!(refl.ends_with("# This attempt failed:\n# model = RandomForestClassifier(n_estimators=200)\n# Error: ValueError: bad\n# more\n# A corrected classifier:\nmodel ="), "{refl}");
+        // The error's last line comes first; the state then ends exactly like the first one.
+        assert!(refl.contains("make_pipeline.\n# A previous classifier for the last task failed with: more\n"), "{refl}");
+        assert!(refl.ends_with("\n# x_train has shape (62, 4); features: left-weight, left-distance, right-weight, right-distance; 3 classes: L, B, R\nmodel ="), "{refl}");
+        assert!(!refl.contains("RandomForestClassifier(n_estimators=200)"), "the failed line is not shown: {refl}");
     }
 }
