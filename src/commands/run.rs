@@ -788,6 +788,52 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
 
+    fn config(algo: Algo, train: TrainFlags) -> RunConfig {
+        RunConfig {
+            specs: Vec::new(),
+            algo,
+            steps: None,
+            seeds: None,
+            policy: PolicyKind::Llm,
+            actions: None,
+            model: None,
+            device: "cpu".into(),
+            workers: None,
+            temperature: None,
+            top_k: None,
+            top_p: None,
+            sampling_seed: 7,
+            batch_size: 16,
+            train,
+        }
+    }
+
+    #[test]
+    fn hyper_parameters_come_from_the_command_line_then_the_specs_then_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("envs/balance_scale.yaml");
+        let mut a = envspec::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        a.training = envspec::TrainingOverrides { beta: Some(0.2), gamma: Some(0.5), batch_size: Some(3), ..Default::default() };
+        let mut b = a.clone();
+        // Sampling keys may differ between specs; the trainer's may not.
+        b.training.temperature = Some(0.9);
+        let flags = TrainFlags { beta: Some(0.05), disc: true, ..Default::default() };
+        let (t, schedule) = train_config(&config(Algo::Etpo, flags), &[&a, &b]).unwrap();
+        let TrainerConfig::Etpo(c) = t else { panic!("{t:?}") };
+        assert_eq!((c.beta, c.gamma, c.polyak, c.seed), (0.05, 0.5, 0.995, 7));
+        assert!(c.discount_inside_actions);
+        assert_eq!((schedule.update_every, schedule.checkpoint_every), (3, 1));
+
+        let (_, schedule) = train_config(&config(Algo::PpoKl, TrainFlags::default()), &[]).unwrap();
+        assert_eq!(schedule.update_every, DEFAULT_UPDATE_EVERY);
+        b.training.beta = Some(0.3);
+        let e = train_config(&config(Algo::Etpo, TrainFlags::default()), &[&a, &b]).unwrap_err();
+        assert!(e.to_string().contains("different training hyper-parameters"), "{e}");
+        let flags = TrainFlags { q_readout: Some(trainer::etpo::QReadout::Logits), ..Default::default() };
+        assert!(train_config(&config(Algo::PpoKl, flags), &[&a]).unwrap_err().to_string().contains("--q-readout"));
+        let flags = TrainFlags { gamma: Some(1.5), ..Default::default() };
+        assert!(train_config(&config(Algo::Etpo, flags), &[&a]).unwrap_err().to_string().contains("gamma"));
+    }
+
     #[test]
     fn civil_dates() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));

@@ -244,7 +244,7 @@ impl Trained {
         if let Some(file) = &mut self.metrics {
             append_line(file, &path, &record)?;
         }
-        if self.learner.updates() % self.schedule.checkpoint_every == 0 {
+        if self.learner.updates().is_multiple_of(self.schedule.checkpoint_every) {
             self.checkpoint()?;
         }
         Ok(())
@@ -467,7 +467,7 @@ fn draw(path: &Path, label: &str, records: &[MetricsRecord]) -> Result<(), Box<d
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(2)));
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK.mix(0.3))
         .label_font(("sans-serif", 11))
