@@ -104,8 +104,7 @@ impl Env {
             envspec::Multiclass::Ovo => Multiclass::Ovo,
             envspec::Multiclass::Ovr => Multiclass::Ovr,
         };
-        let l = &spec.limits;
-        let limits = Limits { wall_s: l.wall_s, cpu_s: l.cpu_s, memory_mb: l.memory_mb, output_kb: l.output_kb, max_processes: l.max_processes };
+        let limits = Limits::from(&spec.limits);
         Ok(Env { spec, pool, splits, context, multiclass, limits, step: None, done: false })
     }
 
@@ -144,7 +143,7 @@ impl Env {
         }
         let action = self.spec.extract_action(generation);
         let program = self.spec.assemble_program(&action).map_err(|e| self.spec_err(e))?;
-        let scored = self.evaluate(&program)?;
+        let scored = self.score_program(&program)?;
         let step = taken + 1;
         let (terminated, truncated) = episode_end(scored.result.is_ok(), step, self.spec.max_steps);
         let (reward, error) = match scored.result {
@@ -178,9 +177,15 @@ impl Env {
         })
     }
 
-    /// Runs the program on every evaluation split (in parallel; the pool bounds the concurrency)
-    /// and averages the AUCs. The first failure, in split order, is the action's error.
-    fn evaluate(&self, program: &str) -> Result<Scored, EnvError> {
+    /// The number of splits an action is scored on (1, or n with `mean_of_splits: n`).
+    pub fn n_splits(&self) -> usize {
+        self.splits.len()
+    }
+
+    /// Scores an assembled program as a step would, without changing the episode: runs it on
+    /// every evaluation split (in parallel; the pool bounds the concurrency) and averages the
+    /// AUCs. The first failure, in split order, is the action's error.
+    pub fn score_program(&self, program: &str) -> Result<Score, EnvError> {
         let outcomes: Vec<Result<crate::Outcome, RuntimeError>> = if self.splits.len() == 1 {
             vec![self.pool.evaluate(&self.job(program, &self.splits[0]))]
         } else {
@@ -196,13 +201,17 @@ impl Env {
                     .collect()
             })
         };
-        let mut scored = Scored { result: Ok(0.0), wall_s: 0.0, cpu_s: 0.0, peak_rss_mb: 0.0 };
+        let mut scored =
+            Score { result: Ok(0.0), error_kind: None, wall_s: 0.0, cpu_s: 0.0, peak_rss_mb: 0.0, output: String::new() };
         let mut aucs = Vec::with_capacity(outcomes.len());
         for (outcome, split) in outcomes.into_iter().zip(&self.splits) {
             let outcome = outcome.map_err(|source| EnvError::Runtime { spec: self.spec.name.clone(), source })?;
             scored.wall_s = scored.wall_s.max(outcome.wall_s);
             scored.cpu_s += outcome.cpu_s;
             scored.peak_rss_mb = scored.peak_rss_mb.max(outcome.peak_rss_mb);
+            if scored.output.is_empty() {
+                scored.output = outcome.output;
+            }
             if scored.result.is_err() {
                 continue;
             }
@@ -211,7 +220,10 @@ impl Env {
                     Ok(auc) => aucs.push(auc),
                     Err(e) => scored.result = Err(format!("the predictions could not be scored: {e}")),
                 },
-                Err(e) => scored.result = Err(e.message),
+                Err(e) => {
+                    scored.error_kind = Some(e.kind);
+                    scored.result = Err(e.message);
+                }
             }
         }
         if scored.result.is_ok() {
@@ -236,12 +248,20 @@ impl Env {
     }
 }
 
-struct Scored {
+/// How one program scored on an environment's evaluation splits.
+#[derive(Debug, Clone)]
+pub struct Score {
     /// Mean ROC AUC over the splits, or the error message shown to the model.
-    result: Result<f64, String>,
-    wall_s: f64,
-    cpu_s: f64,
-    peak_rss_mb: f64,
+    pub result: Result<f64, String>,
+    /// The sandbox's kind of failure; `None` when the program ran (or its predictions could
+    /// not be scored).
+    pub error_kind: Option<crate::ActionErrorKind>,
+    /// Slowest split's wall time, CPU time summed over splits, largest peak memory.
+    pub wall_s: f64,
+    pub cpu_s: f64,
+    pub peak_rss_mb: f64,
+    /// What the program printed on the first split (capped by the sandbox).
+    pub output: String,
 }
 
 /// Whether the episode ends after step number `step` (from 1): it terminates when the action ran

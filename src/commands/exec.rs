@@ -9,11 +9,10 @@
 //! failure reward.
 
 use anyhow::Context;
-use envspec::data::{Split, SplitMix64};
-use envspec::Evaluation;
-use runtime::metrics::{roc_auc, Multiclass};
-use runtime::{Job, Limits, Pool, PoolConfig};
+use runtime::env::Env;
+use runtime::{Limits, Pool, PoolConfig};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,71 +47,24 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let dataset = envspec::data::load(&spec.dataset.source, &base_dir)
         .map_err(|e| anyhow::anyhow!("{}: cannot load the data set: {e}", spec.path.display()))?;
     let seed = args.seed.or_else(|| spec.dataset.seeds.first().copied()).unwrap_or(0);
+    let limits = Limits::from(&spec.limits);
     let n_splits = match spec.reward.evaluation {
-        Evaluation::SingleSplit => 1,
-        Evaluation::MeanOfSplits(n) => n.max(1) as usize,
+        envspec::Evaluation::SingleSplit => 1,
+        envspec::Evaluation::MeanOfSplits(n) => n.max(1) as usize,
     };
-    let splits: Vec<Split> = split_seeds(seed, n_splits)
-        .into_iter()
-        .map(|s| dataset.split(s, spec.dataset.max_samples, spec.dataset.train_fraction))
-        .collect();
-    let multiclass = match spec.reward.multiclass {
-        envspec::Multiclass::Ovo => Multiclass::Ovo,
-        envspec::Multiclass::Ovr => Multiclass::Ovr,
-    };
-    let l = &spec.limits;
-    let limits = Limits { wall_s: l.wall_s, cpu_s: l.cpu_s, memory_mb: l.memory_mb, output_kb: l.output_kb, max_processes: l.max_processes };
-
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let python = args.python.clone().unwrap_or_else(runtime::default_python);
-    let pool = Pool::new(PoolConfig { workers: splits.len().min(cores), python, limits })?;
+    let pool = Pool::new(PoolConfig { workers: n_splits.min(cores), python, limits })?;
 
-    let outcomes = std::thread::scope(|scope| {
-        let handles: Vec<_> = splits
-            .iter()
-            .map(|split| {
-                let job = Job {
-                    program: program.clone(),
-                    x_train: split.x_train.clone(),
-                    y_train: split.y_train.clone(),
-                    x_val: split.x_val.clone(),
-                    n_classes: split.n_classes(),
-                    limits,
-                };
-                let pool = &pool;
-                scope.spawn(move || pool.evaluate(&job))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("evaluation thread panicked")).collect::<Vec<_>>()
-    });
-
-    // Scores like the environment: the first failure (in split order) is the action's error.
-    let mut report = Report { wall_s: 0.0, cpu_s: 0.0, peak_rss_mb: 0.0, error: None, kind: None, output: String::new() };
-    let mut aucs = Vec::new();
-    for (outcome, split) in outcomes.into_iter().zip(&splits) {
-        let outcome = outcome.context("the sandbox failed (infrastructure fault)")?;
-        report.wall_s = report.wall_s.max(outcome.wall_s);
-        report.cpu_s += outcome.cpu_s;
-        report.peak_rss_mb = report.peak_rss_mb.max(outcome.peak_rss_mb);
-        if report.output.is_empty() {
-            report.output = outcome.output;
-        }
-        if report.error.is_some() {
-            continue;
-        }
-        match outcome.result {
-            Ok(proba) => match roc_auc(&split.y_val, &proba, split.n_classes(), multiclass) {
-                Ok(auc) => aucs.push(auc),
-                Err(e) => report.error = Some(format!("the predictions could not be scored: {e}")),
-            },
-            Err(e) => {
-                report.kind = Some(format!("{:?}", e.kind));
-                report.error = Some(e.message);
-            }
-        }
-    }
-    let ran = report.error.is_none();
-    let reward = if ran { aucs.iter().sum::<f64>() / aucs.len() as f64 } else { spec.reward.failure_reward };
+    // Scored exactly as the environment scores a step.
+    let spec = Arc::new(spec);
+    let env = Env::new(spec.clone(), Arc::new(dataset), seed, Arc::new(pool))?;
+    let score = env.score_program(&program).context("the sandbox failed (infrastructure fault)")?;
+    let (ran, reward, error) = match &score.result {
+        Ok(auc) => (true, *auc, None),
+        Err(message) => (false, spec.reward.failure_reward, Some(message.clone())),
+    };
+    let kind = score.error_kind.map(|k| format!("{k:?}"));
 
     if args.json {
         let obj = serde_json::json!({
@@ -120,14 +72,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             "seed": seed,
             "reward": reward,
             "ran": ran,
-            "error": report.error,
-            "kind": report.kind,
-            "wall_s": report.wall_s,
-            "cpu_s": report.cpu_s,
-            "peak_rss_mb": report.peak_rss_mb,
+            "error": error,
+            "kind": kind,
+            "wall_s": score.wall_s,
+            "cpu_s": score.cpu_s,
+            "peak_rss_mb": score.peak_rss_mb,
             "assembled": assembled,
             "program": program,
-            "output": report.output,
+            "output": score.output,
         });
         println!("{obj}");
     } else {
@@ -137,16 +89,16 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 println!("    {line}");
             }
         }
-        if !report.output.is_empty() {
+        if !score.output.is_empty() {
             println!("output:");
-            for line in report.output.lines() {
+            for line in score.output.lines() {
                 println!("    {line}");
             }
         }
-        match &report.error {
+        match &error {
             None => println!("ran: yes"),
             Some(e) => {
-                println!("ran: no ({})", report.kind.as_deref().unwrap_or("error"));
+                println!("ran: no ({})", kind.as_deref().unwrap_or("error"));
                 println!("error:");
                 for line in e.lines() {
                     println!("    {line}");
@@ -156,23 +108,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         println!("reward: {reward}");
         println!(
             "wall: {:.3} s   cpu: {:.3} s   peak memory: {:.1} MB   ({} split{}, seed {seed})",
-            report.wall_s,
-            report.cpu_s,
-            report.peak_rss_mb,
-            splits.len(),
-            if splits.len() == 1 { "" } else { "s" }
+            score.wall_s,
+            score.cpu_s,
+            score.peak_rss_mb,
+            env.n_splits(),
+            if env.n_splits() == 1 { "" } else { "s" }
         );
     }
     Ok(0)
-}
-
-struct Report {
-    wall_s: f64,
-    cpu_s: f64,
-    peak_rss_mb: f64,
-    error: Option<String>,
-    kind: Option<String>,
-    output: String,
 }
 
 /// Whether `text` is a whole program: it defines `build_model` at module level.
@@ -180,13 +123,6 @@ fn defines_build_model(text: &str) -> bool {
     text.lines().any(|l| {
         l.strip_prefix("def build_model").is_some_and(|rest| rest.trim_start().starts_with('('))
     })
-}
-
-/// The split seeds an action is scored on, as the environment draws them (runtime::env): `seed`
-/// itself, then `n − 1` seeds from `SplitMix64::new(seed)`.
-fn split_seeds(seed: u64, n: usize) -> Vec<u64> {
-    let mut rng = SplitMix64::new(seed);
-    std::iter::once(seed).chain((1..n).map(|_| rng.next_u64())).take(n).collect()
 }
 
 #[cfg(test)]
@@ -200,13 +136,5 @@ mod tests {
         assert!(!defines_build_model("RandomForestClassifier(n_estimators=10)"));
         assert!(!defines_build_model("    def build_model(x, y):\n"));
         assert!(!defines_build_model("def build_model_two(x, y):\n"));
-    }
-
-    #[test]
-    fn split_seeds_start_with_the_seed() {
-        assert_eq!(split_seeds(3, 1), vec![3]);
-        let s = split_seeds(3, 3);
-        assert_eq!(s[0], 3);
-        assert_eq!(s[1], SplitMix64::new(3).next_u64());
     }
 }
