@@ -4,7 +4,7 @@
 # Both use cargo's dev profile (dependencies fully optimised, see Cargo.toml), so the build is shared.
 
 CARGO ?= cargo
-STEPS ?= 10
+STEPS ?= 6
 RUN_ARGS ?= --algo reflection --steps $(STEPS) --seeds 0,1
 
 .PHONY: run test setup build
