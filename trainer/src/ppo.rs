@@ -392,13 +392,7 @@ impl PpoTrainer {
     /// `extra` state.
     pub fn load_checkpoint(&mut self, model: &Llama, path: &Path) -> Result<serde_json::Value, TrainError> {
         let (tensors, meta) = checkpoint::read(path, model.device())?;
-        let format = checkpoint::meta(path, &meta, "format")?;
-        if format != FORMAT {
-            return Err(TrainError::Checkpoint {
-                path: path.to_path_buf(),
-                message: format!("format `{format}`, expected `{FORMAT}` (a PPO-KL trainer checkpoint)"),
-            });
-        }
+        checkpoint::check_format(path, &meta, FORMAT, "a PPO-KL trainer checkpoint")?;
         checkpoint::restore_vars(path, &tensors, &format!("adapter.{POLICY}"), &model.adapter_vars(POLICY))?;
         checkpoint::restore_vars(path, &tensors, "value_head", &[self.value_w.clone(), self.value_b.clone()])?;
         let pi_steps: u64 = checkpoint::meta_json(path, &meta, "policy_steps")?;

@@ -65,6 +65,16 @@ pub fn meta<'a>(path: &Path, metadata: &'a HashMap<String, String>, key: &str) -
     metadata.get(key).map(String::as_str).ok_or_else(|| err(path, format!("metadata `{key}` is missing")))
 }
 
+/// Refuses a checkpoint whose `format` entry is not `expected` (one written by another trainer);
+/// `what` names the expected kind in the message, e.g. "an ETPO trainer checkpoint".
+pub fn check_format(path: &Path, metadata: &HashMap<String, String>, expected: &str, what: &str) -> Result<(), TrainError> {
+    let format = meta(path, metadata, "format")?;
+    if format != expected {
+        return Err(err(path, format!("format `{format}`, expected `{expected}` ({what})")));
+    }
+    Ok(())
+}
+
 /// A required metadata entry parsed as JSON.
 pub fn meta_json<T: serde::de::DeserializeOwned>(path: &Path, metadata: &HashMap<String, String>, key: &str) -> Result<T, TrainError> {
     serde_json::from_str(meta(path, metadata, key)?).map_err(|e| err(path, format!("metadata `{key}`: {e}")))

@@ -224,13 +224,7 @@ impl EtpoTrainer {
     /// must have the same LoRA shape (other hyper-parameters may differ: the new ones apply).
     pub fn load_checkpoint(&mut self, model: &Llama, path: &Path) -> Result<serde_json::Value, TrainError> {
         let (tensors, meta) = checkpoint::read(path, model.device())?;
-        let format = checkpoint::meta(path, &meta, "format")?;
-        if format != FORMAT {
-            return Err(TrainError::Checkpoint {
-                path: path.to_path_buf(),
-                message: format!("format `{format}`, expected `{FORMAT}` (an ETPO trainer checkpoint)"),
-            });
-        }
+        checkpoint::check_format(path, &meta, FORMAT, "an ETPO trainer checkpoint")?;
         for name in [POLICY, Q, Q_TARGET] {
             checkpoint::restore_vars(path, &tensors, &format!("adapter.{name}"), &model.adapter_vars(name))?;
         }
