@@ -5,13 +5,75 @@
 //! (`terminated`, reward = its AUC); one that failed gets the spec's failure reward and leads to the
 //! reflection state η(g, a, e); the episode is `truncated` when it reaches the spec's `max_steps`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use envspec::data::{Dataset, Split, SplitMix64};
 use envspec::{Evaluation, Prompt, Spec, TaskContext};
 
 use crate::metrics::{roc_auc, Multiclass};
-use crate::{Job, Limits, Pool, RuntimeError};
+use crate::{Job, Limits, Pool, PoolConfig, RuntimeError};
+
+/// What environments run on, shared by every spec of a process: the sandbox worker pool, started
+/// on first use (a run whose specs never execute Python starts no worker).
+pub struct Host {
+    pool_config: PoolConfig,
+    pool: Mutex<Option<Arc<Pool>>>,
+}
+
+impl Host {
+    /// A host whose sandbox pool will be started with `pool_config`.
+    pub fn new(pool_config: PoolConfig) -> Host {
+        Host { pool_config, pool: Mutex::new(None) }
+    }
+
+    /// A host over a pool that is already running.
+    pub fn with_pool(pool: Arc<Pool>) -> Host {
+        // The configuration is never used: the pool exists.
+        Host { pool_config: PoolConfig::default(), pool: Mutex::new(Some(pool)) }
+    }
+
+    /// The sandbox pool, started now if this is its first use.
+    pub fn pool(&self) -> Result<Arc<Pool>, RuntimeError> {
+        let mut slot = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = slot.as_ref() {
+            return Ok(pool.clone());
+        }
+        let pool = Arc::new(Pool::new(self.pool_config.clone())?);
+        *slot = Some(pool.clone());
+        Ok(pool)
+    }
+}
+
+/// A spec made ready to run: its data set loaded once and shared by the environments of every
+/// seed. [`Task::env`] makes one environment per seed.
+pub struct Task {
+    spec: Arc<Spec>,
+    dataset: Arc<Dataset>,
+    pool: Arc<Pool>,
+}
+
+impl Task {
+    /// Loads what `spec` needs (its data set, resolved against the spec's folder) and takes the
+    /// host's resources it runs on.
+    pub fn load(spec: Arc<Spec>, host: &Host) -> Result<Task, EnvError> {
+        let dataset = envspec::data::load(&spec.dataset.source, spec.base_dir()).map_err(|e| EnvError::Spec {
+            spec: spec.name.clone(),
+            message: format!("{}: cannot load the data set: {e}", spec.path.display()),
+        })?;
+        let pool = host.pool().map_err(|source| EnvError::Runtime { spec: spec.name.clone(), source })?;
+        Ok(Task { spec, dataset: Arc::new(dataset), pool })
+    }
+
+    /// The spec this task runs.
+    pub fn spec(&self) -> &Arc<Spec> {
+        &self.spec
+    }
+
+    /// The environment for one seed (for data tasks, the seed picks the train/validation split).
+    pub fn env(&self, seed: u64) -> Result<Env, EnvError> {
+        Env::new(self.spec.clone(), self.dataset.clone(), seed, self.pool.clone())
+    }
+}
 
 /// A state of the language MDP.
 #[derive(Debug, Clone, PartialEq)]

@@ -236,27 +236,23 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let config = manifest.config.clone();
     eprintln!("run folder: {}", dir.display());
 
-    // Specs, data and seeds.
+    // Specs, their data or games, and seeds. The sandbox pool starts when a task first needs it.
+    let host = runtime::env::Host::new(runtime::PoolConfig {
+        workers: config.workers.unwrap_or_else(default_workers),
+        python: manifest.python.clone(),
+        limits: runtime::Limits::default(),
+    });
     let mut tasks = Vec::new();
     for entry in &manifest.specs {
         let mut spec = envspec::load(&entry.file.path).map_err(|e| anyhow::anyhow!("{e}"))?;
         if config.train.one_step {
             spec.max_steps = 1;
         }
-        let base = entry.file.path.parent().unwrap_or(Path::new("."));
-        let dataset = envspec::data::load(&spec.dataset.source, base)
-            .with_context(|| format!("{}: loading the data set", entry.file.path.display()))?;
-        tasks.push(Task { spec: Arc::new(spec), dataset: Arc::new(dataset), seeds: entry.seeds.clone(), steps: entry.steps });
+        let spec = Arc::new(spec);
+        let env = runtime::env::Task::load(spec.clone(), &host)
+            .with_context(|| format!("{}: preparing the environment", entry.file.path.display()))?;
+        tasks.push(Task { spec, env, seeds: entry.seeds.clone(), steps: entry.steps });
     }
-
-    let pool = Arc::new(
-        runtime::Pool::new(runtime::PoolConfig {
-            workers: config.workers.unwrap_or_else(default_workers),
-            python: manifest.python.clone(),
-            limits: runtime::Limits::default(),
-        })
-        .context("starting the sandbox workers")?,
-    );
 
     let load_llm = || -> anyhow::Result<LlmPolicy> {
         let model = config.model.clone().unwrap_or_else(trainer::default_model_path);
@@ -296,7 +292,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let mut bars = Bars::new(&resumed_stats, args.no_progress);
     let steps_path = dir.join("steps.jsonl");
     let mut log = StepLog::append(&steps_path)?;
-    let outcome = run_loop(&tasks, &pool, algorithm.as_mut(), &dir, &mut log, &previous, &mut bars, &stop);
+    let outcome = run_loop(&tasks, algorithm.as_mut(), &dir, &mut log, &previous, &mut bars, &stop);
     bars.finish();
 
     // Summaries come from the log itself, so they are right also after an error or Ctrl-C.

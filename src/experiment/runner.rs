@@ -9,20 +9,18 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use envspec::data::Dataset;
 use envspec::{Prompt, Spec};
 use runtime::env::{Env, Observation, StepInfo};
-use runtime::Pool;
 
 use super::policy::{prompt_sha256, ActRequest, Action, Policy};
 use super::record::{StepLog, StepRecord};
 use super::summary::SpecStats;
 use super::ExperimentError;
 
-/// One spec with its data, the seeds to run it on and its budget.
+/// One spec made ready to run, the seeds to run it on and its budget.
 pub struct Task {
     pub spec: Arc<Spec>,
-    pub dataset: Arc<Dataset>,
+    pub env: runtime::env::Task,
     pub seeds: Vec<u64>,
     /// Environment steps per seed (the paper's k).
     pub steps: u32,
@@ -135,7 +133,6 @@ struct Slot {
 #[allow(clippy::too_many_arguments)]
 pub fn run_loop(
     tasks: &[Task],
-    pool: &Arc<Pool>,
     algorithm: &mut dyn Algorithm,
     run_dir: &Path,
     log: &mut StepLog,
@@ -144,7 +141,7 @@ pub fn run_loop(
     stop: &AtomicBool,
 ) -> Result<LoopOutcome, ExperimentError> {
     algorithm.start(tasks, run_dir, previous)?;
-    let result = rounds(tasks, pool, algorithm, log, previous, observer, stop);
+    let result = rounds(tasks, algorithm, log, previous, observer, stop);
     let finished = algorithm.finish(run_dir);
     let outcome = result?;
     finished?;
@@ -154,7 +151,6 @@ pub fn run_loop(
 #[allow(clippy::too_many_arguments)]
 fn rounds(
     tasks: &[Task],
-    pool: &Arc<Pool>,
     algorithm: &mut dyn Algorithm,
     log: &mut StepLog,
     previous: &[StepRecord],
@@ -165,7 +161,7 @@ fn rounds(
     let mut slots = Vec::new();
     for (ti, task) in tasks.iter().enumerate() {
         for (si, &seed) in task.seeds.iter().enumerate() {
-            let env = Env::new(task.spec.clone(), task.dataset.clone(), seed, pool.clone())?;
+            let env = task.env.env(seed)?;
             slots.push(Slot {
                 task: ti,
                 seed_index: si,
