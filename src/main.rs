@@ -28,6 +28,9 @@ enum Command {
     Generate(commands::generate::Args),
     /// Perplexity of a model (optionally with an adapter) on text files.
     Perplexity(commands::perplexity::Args),
+    /// Write the skeleton of a new text game (a Rust crate that builds into a WebAssembly
+    /// component for `kind: wasm` specs).
+    NewGame(commands::new_game::Args),
     /// Benchmarks that print ratios measured side by side in one run.
     #[command(subcommand)]
     Bench(commands::bench::Bench),
@@ -43,6 +46,7 @@ fn main() {
         Command::Run(args) => commands::run::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
+        Command::NewGame(args) => commands::new_game::run(args),
         Command::Bench(bench) => commands::bench::run(bench),
     };
     match result {

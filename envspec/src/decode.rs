@@ -4,11 +4,12 @@ use crate::action::Extract;
 use crate::data::{self, DataSource, DatasetSpec};
 use crate::diag::{did_you_mean, Diagnostic, SpecError};
 use crate::spec::{
-    ActionSpec, Algorithm, Evaluation, Example, ExecLimits, Kind, Metric, Multiclass, PromptFormat,
-    PromptSpec, RewardSpec, Spec, TrainingOverrides,
+    ActionSpec, Algorithm, Evaluation, Example, ExecLimits, GameSpec, Kind, Metric, Multiclass,
+    PromptFormat, PromptSpec, RewardSpec, Spec, TrainingOverrides,
 };
 use crate::template::{
-    self, TaskContext, ASSEMBLE_VARIABLES, REFLECTION_VARIABLES, TASK_VARIABLES,
+    self, GameContext, TaskContext, ASSEMBLE_VARIABLES, GAME_STEP_VARIABLES, GAME_VARIABLES,
+    REFLECTION_VARIABLES, TASK_VARIABLES,
 };
 use crate::yaml::{self, Node, Pos, Style, Typed, Value};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ pub mod keys {
         "description",
         "kind",
         "dataset",
+        "game",
         "prompt",
         "examples",
         "action",
@@ -29,6 +31,7 @@ pub mod keys {
         "training",
     ];
     pub const DATASET: &[&str] = &["source", "train_fraction", "seeds", "max_samples"];
+    pub const GAME: &[&str] = &["module", "seeds", "fuel", "memory_mb", "observation_kb"];
     pub const SOURCE: &[&str] = &["builtin", "csv", "arff", "target"];
     pub const PROMPT: &[&str] = &[
         "format",
@@ -64,8 +67,15 @@ pub mod keys {
     ];
 }
 
+/// What `kind:` names (the variants of [`Kind`] without their sections).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KindName {
+    Sklearn,
+    Wasm,
+}
+
 /// The names of `kind:`.
-pub const KINDS: &[(&str, Kind)] = &[("sklearn", Kind::Sklearn)];
+pub const KINDS: &[(&str, KindName)] = &[("sklearn", KindName::Sklearn), ("wasm", KindName::Wasm)];
 /// The names of `prompt.format:`.
 pub const FORMATS: &[(&str, PromptFormat)] = &[
     ("completion", PromptFormat::Completion),
@@ -89,8 +99,14 @@ pub const DEFAULT_SKLEARN_ASSEMBLE: &str =
 /// The default chat `assistant` message replaying a failed action.
 pub const DEFAULT_CHAT_ASSISTANT: &str = "```python\n{{ action }}\n```";
 
+/// The default assembly for `kind: wasm`: the game receives the action itself.
+pub const DEFAULT_GAME_ASSEMBLE: &str = "{{ action }}";
+
 /// The default number of new tokens per action.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
+
+/// The default number of new tokens per action of a game (one line).
+pub const DEFAULT_GAME_MAX_NEW_TOKENS: usize = 32;
 
 /// The default `max_steps` (the paper's 5).
 pub const DEFAULT_MAX_STEPS: u32 = 5;
@@ -107,6 +123,7 @@ pub fn load_str(source: &str, path: &Path) -> Result<Spec, SpecError> {
         base_dir,
         templates: Vec::new(),
         source_pos: None,
+        game: false,
     };
     let spec = match yaml::parse(source) {
         Err(e) => {
@@ -153,6 +170,8 @@ struct Decoder {
     templates: Vec<(String, Node, TemplateRole)>,
     /// Where `dataset.source` is written, for data loading errors.
     source_pos: Option<Pos>,
+    /// The spec is `kind: wasm` (decides defaults and template variables).
+    game: bool,
 }
 
 /// A mapping section: its pairs and where it was introduced.
@@ -402,13 +421,32 @@ impl Decoder {
         let description = self
             .required(&top, "description", "the task text g shown to the model")
             .and_then(|n| self.string(n, "description"));
-        let kind = match top.opt("kind") {
-            None => Some(Kind::Sklearn),
+        let kind_name = match top.opt("kind") {
+            None => Some(KindName::Sklearn),
             Some(node) => self.choice(node, "kind", KINDS),
         };
-        let dataset = self
-            .required(&top, "dataset", "where the data come from")
-            .and_then(|n| self.dataset(n, top.key_pos("dataset")));
+        self.game = kind_name == Some(KindName::Wasm);
+        let (kind, dataset) = if self.game {
+            self.not_for_games(&top);
+            let game = self
+                .required(&top, "game", "the game: `module: FILE.wasm`")
+                .and_then(|n| self.game_section(n, top.key_pos("game")));
+            match game {
+                Some((game, seeds)) => (
+                    Some(Kind::Wasm(game)),
+                    Some(DatasetSpec { seeds, ..DatasetSpec::default() }),
+                ),
+                None => (None, None),
+            }
+        } else {
+            if let Some(pos) = top.key_pos("game") {
+                self.error(pos, "`game` applies to `kind: wasm` specs; add `kind: wasm` or remove this section");
+            }
+            let dataset = self
+                .required(&top, "dataset", "where the data come from")
+                .and_then(|n| self.dataset(n, top.key_pos("dataset")));
+            (kind_name.map(|_| Kind::Sklearn), dataset)
+        };
         let examples = match top.opt("examples") {
             None => Some(Vec::new()),
             Some(node) => self.examples(node),
@@ -440,7 +478,7 @@ impl Decoder {
         self.check_templates(
             description.as_deref(),
             name.as_deref(),
-            dataset.as_ref(),
+            if self.game { None } else { dataset.as_ref() },
             examples.as_deref(),
         );
 
@@ -502,28 +540,32 @@ impl Decoder {
     }
 
     fn seeds(&mut self, node: &Node) -> Option<Vec<u64>> {
+        self.seeds_at(node, "dataset.seeds")
+    }
+
+    fn seeds_at(&mut self, node: &Node, field: &str) -> Option<Vec<u64>> {
         let Value::Seq(items) = &node.value else {
             self.error(
                 node.pos,
                 format!(
-                    "`dataset.seeds` must be a list of integers, found {}",
+                    "`{field}` must be a list of integers, found {}",
                     node.describe()
                 ),
             );
             return None;
         };
         if items.is_empty() {
-            self.error(node.pos, "`dataset.seeds` must list at least one seed");
+            self.error(node.pos, format!("`{field}` must list at least one seed"));
             return None;
         }
         let mut seeds = Vec::with_capacity(items.len());
         let mut ok = true;
         for item in items {
-            match self.int_at_least(item, "dataset.seeds", 0, "a seed") {
+            match self.int_at_least(item, field, 0, "a seed") {
                 Some(s) if seeds.contains(&s) => {
                     self.error(
                         item.pos,
-                        format!("seed {s} is listed twice in `dataset.seeds`"),
+                        format!("seed {s} is listed twice in `{field}`"),
                     );
                     ok = false;
                 }
@@ -532,6 +574,74 @@ impl Decoder {
             }
         }
         ok.then_some(seeds)
+    }
+
+    /// The `game:` section and its seeds.
+    fn game_section(&mut self, node: &Node, pos: Option<Pos>) -> Option<(GameSpec, Vec<u64>)> {
+        let sec = self.section(node, "game", pos.unwrap_or(node.pos), keys::GAME)?;
+        let module = self
+            .required(&sec, "module", "the game's .wasm file, relative to the spec's folder")
+            .and_then(|n| self.string(n, "game.module").map(|m| (m, n.pos)))
+            .and_then(|(file, pos)| {
+                let resolved = self.base_dir.join(&file);
+                if resolved.is_file() {
+                    // Stored absolute (and without `..`), so that the spec works from any folder.
+                    return Some(std::fs::canonicalize(&resolved).unwrap_or(resolved));
+                }
+                self.error_help(
+                    pos,
+                    format!("game module `{}` does not exist", resolved.display()),
+                    Some(format!(
+                        "relative paths resolve against the spec's folder `{}`; the shipped games are built by `scripts/setup.sh games`, a new one by `cargo build --target wasm32-unknown-unknown --release` in its folder",
+                        self.base_dir.display()
+                    )),
+                );
+                None
+            });
+        let seeds = match sec.opt("seeds") {
+            None => Some(DatasetSpec::default().seeds),
+            Some(n) => self.seeds_at(n, "game.seeds"),
+        };
+        let positive = |d: &mut Self, key: &str, default: u64, meaning: &str| match sec.opt(key) {
+            None => Some(default),
+            Some(n) => d.int_at_least(n, &format!("game.{key}"), 1, meaning),
+        };
+        let fuel = positive(self, "fuel", GameSpec::DEFAULT_FUEL, "units of fuel per call");
+        let memory_mb = positive(self, "memory_mb", GameSpec::DEFAULT_MEMORY_MB, "MiB of memory");
+        let observation_kb =
+            positive(self, "observation_kb", GameSpec::DEFAULT_OBSERVATION_KB, "KiB of text");
+        if let (Some(m), Some(n)) = (memory_mb, sec.opt("memory_mb")) {
+            // wasm32 memories end at 4 GiB.
+            if m > 4096 {
+                self.error(n.pos, format!("`game.memory_mb` must be at most 4096 (a 32-bit WebAssembly memory), found {m}"));
+            }
+        }
+        Some((
+            GameSpec {
+                module: module?,
+                fuel: fuel?,
+                memory_mb: memory_mb?,
+                observation_kb: observation_kb?,
+            },
+            seeds?,
+        ))
+    }
+
+    /// Sections and keys that only mean something for data tasks.
+    fn not_for_games(&mut self, top: &Section<'_>) {
+        if let Some(pos) = top.key_pos("dataset") {
+            self.error(pos, "`dataset` does not apply to `kind: wasm` (a game has no data); the reset seeds go in `game.seeds`");
+        }
+        if let Some(pos) = top.key_pos("limits") {
+            self.error(pos, "`limits` applies to `kind: sklearn` programs; a game's budgets are `game.fuel` and `game.memory_mb`");
+        }
+        if let Some(Value::Map(pairs)) = top.get("reward").map(|n| &n.value) {
+            for (key, _) in pairs {
+                if let Some(k @ ("metric" | "multiclass" | "evaluation")) = key_text(key) {
+                    self.error(key.pos, format!("`reward.{k}` applies to `kind: sklearn`; a game's rewards come from the game (only `reward.failure_reward`, the reward of a step the game fails on, applies)"));
+                }
+            }
+        }
     }
 
     fn source(&mut self, node: &Node, pos: Option<Pos>) -> Option<DataSource> {
@@ -787,22 +897,35 @@ impl Decoder {
     }
 
     fn action(&mut self, top: &Section<'_>, format: Option<PromptFormat>) -> Option<ActionSpec> {
-        let default_extract = if format == Some(PromptFormat::Chat) {
+        // A game's action is one line of text; a program is a block of code.
+        let default_extract = if self.game {
+            Extract::FirstLine
+        } else if format == Some(PromptFormat::Chat) {
             Extract::Fenced
         } else {
             Extract::UntilUnindented
         };
+        let default_assemble = if self.game {
+            DEFAULT_GAME_ASSEMBLE
+        } else {
+            DEFAULT_SKLEARN_ASSEMBLE
+        };
+        let default_tokens = if self.game {
+            DEFAULT_GAME_MAX_NEW_TOKENS
+        } else {
+            DEFAULT_MAX_NEW_TOKENS
+        };
         let Some(node) = top.opt("action") else {
             self.templates.push((
                 "action.assemble".into(),
-                synthetic(DEFAULT_SKLEARN_ASSEMBLE),
+                synthetic(default_assemble),
                 TemplateRole::Assemble,
             ));
             return Some(ActionSpec {
                 extract: default_extract,
                 stop: Vec::new(),
-                max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
-                assemble: DEFAULT_SKLEARN_ASSEMBLE.to_string(),
+                max_new_tokens: default_tokens,
+                assemble: default_assemble.to_string(),
             });
         };
         let sec = self.section(
@@ -838,7 +961,7 @@ impl Decoder {
             }
         }
         let max_new_tokens = match sec.opt("max_new_tokens") {
-            None => Some(DEFAULT_MAX_NEW_TOKENS),
+            None => Some(default_tokens),
             Some(n) => self
                 .int_at_least(n, "action.max_new_tokens", 1, "a number of tokens")
                 .map(|v| v as usize),
@@ -847,10 +970,10 @@ impl Decoder {
             None => {
                 self.templates.push((
                     "action.assemble".into(),
-                    synthetic(DEFAULT_SKLEARN_ASSEMBLE),
+                    synthetic(default_assemble),
                     TemplateRole::Assemble,
                 ));
-                Some(DEFAULT_SKLEARN_ASSEMBLE.to_string())
+                Some(default_assemble.to_string())
             }
             Some(n) => {
                 let text = self.string(n, "action.assemble");
@@ -1137,8 +1260,29 @@ impl Decoder {
         let sample_program =
             crate::spec::assemble(DEFAULT_SKLEARN_ASSEMBLE, sample_action).unwrap_or_default();
         let task = minijinja::Value::from_serialize(&ctx);
+        let game = minijinja::Value::from_serialize(GameContext {
+            name: ctx.name.clone(),
+            description: ctx.description.clone(),
+            examples: ctx.examples.clone(),
+            observation: "You are in a small room. Exits: north.".into(),
+            step: 1,
+        });
         for (field, node, role) in &templates {
             let (known, vars): (Vec<&str>, minijinja::Value) = match role {
+                TemplateRole::Initial if self.game => (GAME_VARIABLES.to_vec(), game.clone()),
+                TemplateRole::Reflection if self.game => (
+                    GAME_VARIABLES
+                        .iter()
+                        .chain(GAME_STEP_VARIABLES.iter())
+                        .copied()
+                        .collect(),
+                    minijinja::context! {
+                        action => "go north",
+                        program => "go north",
+                        reward => 0.5,
+                        ..game.clone()
+                    },
+                ),
                 TemplateRole::Initial => (TASK_VARIABLES.to_vec(), task.clone()),
                 TemplateRole::Reflection => (
                     TASK_VARIABLES

@@ -131,7 +131,7 @@ fn empty_file_and_wrong_top_level() {
     );
     assert_eq!(
         errors("- a\n- b\n"),
-        "spec.yaml:1:1: error: the spec must be a mapping (keys: name, description, kind, dataset, prompt, examples, action, reward, max_steps, limits, training), found a list"
+        "spec.yaml:1:1: error: the spec must be a mapping (keys: name, description, kind, dataset, game, prompt, examples, action, reward, max_steps, limits, training), found a list"
     );
 }
 
@@ -139,7 +139,7 @@ fn empty_file_and_wrong_top_level() {
 fn unknown_keys_with_suggestions() {
     assert_eq!(
         errors(&format!("{BASE}max_step: 3\n")),
-        "spec.yaml:9:1: error: unknown key `max_step` at the top level; expected one of: name, description, kind, dataset, prompt, examples, action, reward, max_steps, limits, training\n  help: did you mean `max_steps`?"
+        "spec.yaml:9:1: error: unknown key `max_step` at the top level; expected one of: name, description, kind, dataset, game, prompt, examples, action, reward, max_steps, limits, training\n  help: did you mean `max_steps`?"
     );
     assert_eq!(
         errors(&BASE.replace("  source:", "  seed: [1]\n  source:")),
@@ -239,8 +239,8 @@ fn unknown_choices() {
         "spec.yaml:10:15: error: unknown value `ovx` for `reward.multiclass`; expected one of: ovo, ovr\n  help: did you mean `ovo`?"
     );
     assert_eq!(
-        errors(&format!("{BASE}kind: wasm\n")),
-        "spec.yaml:9:7: error: unknown value `wasm` for `kind`; expected one of: sklearn"
+        errors(&format!("{BASE}kind: wasn\n")),
+        "spec.yaml:9:7: error: unknown value `wasn` for `kind`; expected one of: sklearn, wasm\n  help: did you mean `wasm`?"
     );
     assert_eq!(
         errors(&format!("{BASE}action:\n  extract: fenc\n")),
@@ -466,4 +466,91 @@ fn the_format_documentation_example_is_a_valid_spec() {
     assert_eq!(s.training.algorithm, Some(Algorithm::Etpo));
     assert_eq!(s.training.lr, Some(1.0e-4));
     assert_eq!(s.dataset.max_samples, Some(125));
+}
+
+/// A valid game spec of 8 lines (the module is a file that exists; its contents are checked
+/// when the game is loaded, not by the spec loader).
+fn game_base(dir: &Path) -> String {
+    std::fs::write(dir.join("g.wasm"), b"\0asm").unwrap();
+    "name: g
+description: a game
+kind: wasm
+game:
+  module: g.wasm
+prompt:
+  template: \"{{ description }}: {{ observation }}\"
+  reflection: \"{{ action }} -> {{ observation }} ({{ reward }}, step {{ step }})\"
+"
+    .to_string()
+}
+
+fn game_errors(dir: &Path, src: &str) -> String {
+    match load_str(src, &dir.join("spec.yaml")) {
+        Ok(_) => panic!("expected errors for:\n{src}"),
+        Err(e) => e.to_string().replace(&format!("{}/", dir.display()), ""),
+    }
+}
+
+#[test]
+fn a_game_spec_has_game_defaults_and_renders_observations() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = game_base(dir.path());
+    let s = load_str(&src, &dir.path().join("spec.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let Kind::Wasm(g) = &s.kind else { panic!("{:?}", s.kind) };
+    assert_eq!(g.module, std::fs::canonicalize(dir.path().join("g.wasm")).unwrap());
+    assert_eq!((g.fuel, g.memory_mb, g.observation_kb), (100_000_000, 64, 16));
+    assert_eq!(s.dataset.seeds, vec![0, 1, 2, 3, 4]);
+    assert_eq!(s.action.extract, Extract::FirstLine);
+    assert_eq!(s.action.assemble, "{{ action }}");
+    assert_eq!(s.action.max_new_tokens, 32);
+    // The action a game receives is the first line, trimmed.
+    assert_eq!(s.assemble_program(&s.extract_action("  go north \nand more")).unwrap(), "go north");
+    let ctx = s.game_context("A room.", 0);
+    assert_eq!(s.render_game(&ctx, None).unwrap(), crate::Prompt::Completion("a game: A room.".into()));
+    let ctx = s.game_context("A hall.", 1);
+    assert_eq!(
+        s.render_game(&ctx, Some(("go north", 0.5))).unwrap(),
+        crate::Prompt::Completion("go north -> A hall. (0.5, step 1)".into())
+    );
+    let with_keys = src.replace("  module: g.wasm\n", "  module: g.wasm\n  seeds: [7, 9]\n  fuel: 1000\n  memory_mb: 2\n  observation_kb: 1\n");
+    let s = load_str(&with_keys, &dir.path().join("spec.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.dataset.seeds, vec![7, 9]);
+    assert_eq!(s.kind.game().map(|g| (g.fuel, g.memory_mb, g.observation_kb)), Some((1000, 2, 1)));
+}
+
+#[test]
+fn game_spec_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = game_base(d);
+    assert_eq!(
+        game_errors(d, &base.replace("g.wasm", "missing.wasm")),
+        format!("spec.yaml:5:11: error: game module `{}/missing.wasm` does not exist\n  help: relative paths resolve against the spec's folder `{}`; the shipped games are built by `scripts/setup.sh games`, a new one by `cargo build --target wasm32-unknown-unknown --release` in its folder", d.display(), d.display()).replace(&format!("{}/", d.display()), "")
+    );
+    assert_eq!(
+        game_errors(d, &format!("{base}dataset:\n  seeds: [1]\nlimits:\n  wall_s: 1\nreward:\n  metric: roc_auc\n  failure_reward: 0\n")),
+        "spec.yaml:9:1: error: `dataset` does not apply to `kind: wasm` (a game has no data); the reset seeds go in `game.seeds`
+spec.yaml:11:1: error: `limits` applies to `kind: sklearn` programs; a game's budgets are `game.fuel` and `game.memory_mb`
+spec.yaml:14:3: error: `reward.metric` applies to `kind: sklearn`; a game's rewards come from the game (only `reward.failure_reward`, the reward of a step the game fails on, applies)"
+    );
+    assert_eq!(
+        game_errors(d, &base.replace("game:\n  module: g.wasm\n", "")),
+        "spec.yaml:1:1: error: the spec is missing the required key `game` (the game: `module: FILE.wasm`)"
+    );
+    assert_eq!(
+        game_errors(d, &base.replace("  module: g.wasm\n", "  module: g.wasm\n  fuel: 0\n  seeds: [1, 1]\n  modul: x\n")),
+        "spec.yaml:6:9: error: `game.fuel` must be units of fuel per call (an integer >= 1), found 0
+spec.yaml:7:14: error: seed 1 is listed twice in `game.seeds`
+spec.yaml:8:3: error: unknown key `modul` in `game`; expected one of: module, seeds, fuel, memory_mb, observation_kb
+  help: did you mean `module`?"
+    );
+    // Data-task variables do not exist in a game's templates, and vice versa.
+    assert_eq!(
+        game_errors(d, &base.replace("{{ observation }}\"\n  reflection", "{{ shape }}\"\n  reflection")),
+        "spec.yaml:7:36: error: unknown template variable `shape` in `prompt.template`\n  help: available variables: name, description, examples, observation, step"
+    );
+    assert_eq!(
+        errors(&format!("{BASE}game:\n  module: g.wasm\n")),
+        "spec.yaml:9:1: error: `game` applies to `kind: wasm` specs; add `kind: wasm` or remove this section"
+    );
 }

@@ -19,11 +19,11 @@ pub use decode::{keys, load_str, DEFAULT_SKLEARN_ASSEMBLE};
 pub use diag::{Diagnostic, SpecError};
 pub use schema::schema;
 pub use spec::{
-    ActionSpec, Algorithm, Evaluation, Example, ExecLimits, Kind, Metric, Multiclass, PromptFormat,
+    ActionSpec, Algorithm, Evaluation, Example, ExecLimits, GameSpec, Kind, Metric, Multiclass, PromptFormat,
     PromptSpec, RewardSpec, Spec, TrainingOverrides,
 };
 pub use template::{
-    ChatMessage, ChatTemplate, Prompt, RenderError, TaskContext, ASSEMBLE_VARIABLES,
+    ChatMessage, ChatTemplate, GameContext, Prompt, RenderError, TaskContext, ASSEMBLE_VARIABLES, GAME_STEP_VARIABLES, GAME_VARIABLES,
     REFLECTION_VARIABLES, TASK_VARIABLES,
 };
 pub use yaml::Pos;

@@ -14,6 +14,8 @@ fn template(description: &str) -> Value {
 pub fn schema() -> Value {
     let task_vars = crate::template::TASK_VARIABLES.join(", ");
     let refl_vars = crate::template::REFLECTION_VARIABLES.join(", ");
+    let game_vars = crate::template::GAME_VARIABLES.join(", ");
+    let game_step_vars = crate::template::GAME_STEP_VARIABLES.join(", ");
     let seq_int = |min: i64, description: &str| json!({ "type": "integer", "minimum": min, "description": description });
     let positive = |description: &str| json!({ "type": "number", "exclusiveMinimum": 0, "description": description });
     let builtins: Vec<&str> = crate::data::BUILTINS.to_vec();
@@ -21,17 +23,36 @@ pub fn schema() -> Value {
         .iter()
         .map(|(n, _)| *n)
         .collect();
-    json!({
+    let game = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["module"],
+        "description": format!("kind: wasm only. The game; its observations reach the templates as `observation`. Prompt variables: {game_vars}; reflection (every later state) adds {game_step_vars}."),
+        "properties": {
+            "module": { "type": "string", "description": "The game's .wasm file (a component exporting etpo:game/game@0.1.0, or a core module built by wit-bindgen), relative to the spec's folder." },
+            "seeds": { "type": "array", "items": { "type": "integer", "minimum": 0 }, "minItems": 1, "uniqueItems": true, "default": [0, 1, 2, 3, 4], "description": "The reset seeds, one environment each." },
+            "fuel": { "type": "integer", "minimum": 1, "default": crate::GameSpec::DEFAULT_FUEL, "description": "Fuel per call of the game (about one unit per WebAssembly instruction)." },
+            "memory_mb": { "type": "integer", "minimum": 1, "maximum": 4096, "default": crate::GameSpec::DEFAULT_MEMORY_MB, "description": "The game's memory cap, MiB." },
+            "observation_kb": { "type": "integer", "minimum": 1, "default": crate::GameSpec::DEFAULT_OBSERVATION_KB, "description": "The longest observation accepted, KiB." }
+        }
+    });
+    let game_kind = json!({
+        "required": ["game"],
+        "not": { "anyOf": [{ "required": ["dataset"] }, { "required": ["limits"] }] },
+        "properties": { "reward": { "not": { "anyOf": [{ "required": ["metric"] }, { "required": ["multiclass"] }, { "required": ["evaluation"] }] } } }
+    });
+    let mut schema = json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "etpo environment spec",
         "description": "One language MDP: task text, data, prompt templates (Jinja, strict undefined), how an action becomes a program, reward and limits.",
         "type": "object",
         "additionalProperties": false,
-        "required": ["name", "description", "dataset", "prompt"],
+        "required": ["name", "description", "prompt"],
         "properties": {
             "name": { "type": "string", "pattern": "^[A-Za-z0-9_.-]+$", "description": "Short identifier; names output folders." },
             "description": { "type": "string", "description": "The task text g (template variable `description`)." },
-            "kind": { "enum": ["sklearn"], "default": "sklearn", "description": "What an action is: `sklearn` programs define build_model(x_train, y_train) returning a fitted estimator." },
+            "kind": { "enum": ["sklearn", "wasm"], "default": "sklearn", "description": "What an action is: `sklearn` programs define build_model(x_train, y_train) returning a fitted estimator; `wasm` actions are moves of a text game (a WebAssembly component, see `game`)." },
+            "game": game,
             "dataset": {
                 "type": "object",
                 "additionalProperties": false,
@@ -149,7 +170,13 @@ pub fn schema() -> Value {
                 }
             }
         }
-    })
+    });
+    // `kind: wasm` specs have a `game` instead of a `dataset` (outside the macro: its recursion
+    // limit).
+    schema["if"] = json!({ "properties": { "kind": { "const": "wasm" } }, "required": ["kind"] });
+    schema["then"] = game_kind;
+    schema["else"] = json!({ "required": ["dataset"], "not": { "required": ["game"] } });
+    schema
 }
 
 #[cfg(test)]
@@ -184,6 +211,7 @@ mod tests {
         let s = schema();
         assert_eq!(props(&s, &[]), sorted(keys::TOP));
         assert_eq!(props(&s, &["dataset"]), sorted(keys::DATASET));
+        assert_eq!(props(&s, &["game"]), sorted(keys::GAME));
         assert_eq!(props(&s, &["dataset", "source"]), sorted(keys::SOURCE));
         assert_eq!(props(&s, &["prompt"]), sorted(keys::PROMPT));
         assert_eq!(props(&s, &["action"]), sorted(keys::ACTION));
@@ -331,7 +359,7 @@ mod tests {
     fn shipped_specs_validate_against_the_schema() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envs");
         let mut n = 0;
-        for dir in [root.clone(), root.join("paper")] {
+        for dir in [root.clone(), root.join("paper"), root.join("games")] {
             for entry in std::fs::read_dir(&dir).unwrap() {
                 let path = entry.unwrap().path();
                 if path.extension().is_some_and(|x| x == "yaml") {
@@ -365,5 +393,12 @@ mod tests {
         ))
         .is_empty());
         assert!(!check("name: x\ndescription: d\ndataset: {source: {csv: a.csv}}\nprompt: {template: a, reflection: b}\n").is_empty());
+        let game = "name: x\ndescription: d\nkind: wasm\nprompt: {template: a, reflection: b}\n";
+        assert!(check(&format!("{game}game: {{module: g.wasm}}\n")).is_empty());
+        assert!(!check(game).is_empty(), "a game spec needs `game`");
+        assert!(!check(&format!("{game}game: {{module: g.wasm}}\ndataset: {{source: {{builtin: balance_scale}}}}\n")).is_empty());
+        assert!(!check(&format!("{game}game: {{module: g.wasm}}\nreward: {{metric: roc_auc}}\n")).is_empty());
+        assert!(check(&format!("{game}game: {{module: g.wasm}}\nreward: {{failure_reward: 0}}\n")).is_empty());
+        assert!(!check(&format!("{base}prompt: {{template: a, reflection: b}}\ngame: {{module: g.wasm}}\n")).is_empty());
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::action::{self, Extract};
 use crate::data;
-use crate::template::{self, ChatMessage, Prompt, RenderError, TaskContext};
+use crate::template::{self, ChatMessage, GameContext, Prompt, RenderError, TaskContext};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -18,7 +18,8 @@ pub struct Spec {
     /// What an action is and how it is executed.
     pub kind: Kind,
     /// Data source and evaluation protocol. Relative data paths are already resolved against the
-    /// spec's folder.
+    /// spec's folder. A `kind: wasm` spec has no data: only `seeds` is used (the games' reset
+    /// seeds, written as `game.seeds`); the rest holds the defaults and is never read.
     pub dataset: data::DatasetSpec,
     /// How states are shown to the model.
     pub prompt: PromptSpec,
@@ -45,6 +46,42 @@ pub enum Kind {
     /// The assembled program is Python defining `build_model(x_train, y_train)` that returns a
     /// fitted scikit-learn estimator with `predict_proba`.
     Sklearn,
+    /// A text game: a WebAssembly component implementing `etpo:game/game` (`games/wit/game.wit`).
+    /// The assembled action is the text the game receives; its observations are shown through
+    /// the prompt templates (variable `observation`); its rewards are the environment's.
+    Wasm(GameSpec),
+}
+
+/// The `game:` section of a `kind: wasm` spec.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GameSpec {
+    /// The game's `.wasm` file (a component, or a core module built by wit-bindgen), resolved
+    /// against the spec's folder.
+    pub module: PathBuf,
+    /// Fuel for one call of the game (about one unit per WebAssembly instruction).
+    pub fuel: u64,
+    /// The game's memory cap, MiB.
+    pub memory_mb: u64,
+    /// The longest observation accepted from the game, KiB.
+    pub observation_kb: u64,
+}
+
+impl GameSpec {
+    /// Defaults of the optional keys (ample for text games; a runaway game costs well under a
+    /// second).
+    pub const DEFAULT_FUEL: u64 = 100_000_000;
+    pub const DEFAULT_MEMORY_MB: u64 = 64;
+    pub const DEFAULT_OBSERVATION_KB: u64 = 16;
+}
+
+impl Kind {
+    /// The game section of a `kind: wasm` spec.
+    pub fn game(&self) -> Option<&GameSpec> {
+        match self {
+            Kind::Wasm(g) => Some(g),
+            Kind::Sklearn => None,
+        }
+    }
 }
 
 /// How states are rendered.
@@ -254,7 +291,65 @@ impl Spec {
 
     /// The first state η(g).
     pub fn render_initial(&self, ctx: &TaskContext) -> Result<Prompt, RenderError> {
-        let vars = minijinja::Value::from_serialize(ctx);
+        self.render_first(minijinja::Value::from_serialize(ctx))
+    }
+
+    /// The state η(g, a, e) after the action `action` failed with `error`.
+    pub fn render_reflection(
+        &self,
+        ctx: &TaskContext,
+        action: &str,
+        error: &str,
+    ) -> Result<Prompt, RenderError> {
+        // A failed assembly cannot happen for a checked spec; show the raw action then.
+        let program = self
+            .assemble_program(action)
+            .unwrap_or_else(|_| action.to_string());
+        let vars = minijinja::context! {
+            action => action,
+            error => error,
+            program => program,
+            ..minijinja::Value::from_serialize(ctx)
+        };
+        self.render_next(vars)
+    }
+
+    /// The template variables of a game state (`kind: wasm`): the game's latest `observation`
+    /// and the number of steps taken.
+    pub fn game_context(&self, observation: &str, step: u32) -> GameContext {
+        GameContext {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            examples: self.examples.clone(),
+            observation: observation.to_string(),
+            step,
+        }
+    }
+
+    /// A game state: the prompt template for the first state (`last` is `None`), else the
+    /// reflection template with the previous `action`, the text the game received (`program`)
+    /// and its `reward`, so one game state after another is rendered like η(g, a, e).
+    pub fn render_game(
+        &self,
+        ctx: &GameContext,
+        last: Option<(&str, f64)>,
+    ) -> Result<Prompt, RenderError> {
+        let Some((action, reward)) = last else {
+            return self.render_first(minijinja::Value::from_serialize(ctx));
+        };
+        let program = self
+            .assemble_program(action)
+            .unwrap_or_else(|_| action.to_string());
+        let vars = minijinja::context! {
+            action => action,
+            program => program,
+            reward => reward,
+            ..minijinja::Value::from_serialize(ctx)
+        };
+        self.render_next(vars)
+    }
+
+    fn render_first(&self, vars: minijinja::Value) -> Result<Prompt, RenderError> {
         match &self.prompt {
             PromptSpec::Completion { template, .. } => Ok(Prompt::Completion(template::render(
                 "prompt.template",
@@ -278,23 +373,7 @@ impl Spec {
         }
     }
 
-    /// The state η(g, a, e) after the action `action` failed with `error`.
-    pub fn render_reflection(
-        &self,
-        ctx: &TaskContext,
-        action: &str,
-        error: &str,
-    ) -> Result<Prompt, RenderError> {
-        // A failed assembly cannot happen for a checked spec; show the raw action then.
-        let program = self
-            .assemble_program(action)
-            .unwrap_or_else(|_| action.to_string());
-        let vars = minijinja::context! {
-            action => action,
-            error => error,
-            program => program,
-            ..minijinja::Value::from_serialize(ctx)
-        };
+    fn render_next(&self, vars: minijinja::Value) -> Result<Prompt, RenderError> {
         match &self.prompt {
             PromptSpec::Completion { reflection, .. } => Ok(Prompt::Completion(template::render(
                 "prompt.reflection",

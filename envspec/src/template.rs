@@ -26,6 +26,13 @@ pub const TASK_VARIABLES: [&str; 10] = [
 /// The extra variables of reflection templates: the failed action, its error, and its program.
 pub const REFLECTION_VARIABLES: [&str; 3] = ["action", "error", "program"];
 
+/// The variables every prompt template of a game (`kind: wasm`) can use.
+pub const GAME_VARIABLES: [&str; 5] = ["name", "description", "examples", "observation", "step"];
+
+/// The extra variables of a game's reflection template (every state after the first): the
+/// previous action, the text the game received for it, and the reward it earned.
+pub const GAME_STEP_VARIABLES: [&str; 3] = ["action", "program", "reward"];
+
 /// The variables of the assembly template: `action` (dedented, continuation lines indented to the
 /// placeholder's line) and `raw_action` (exactly as extracted).
 pub const ASSEMBLE_VARIABLES: [&str; 2] = ["action", "raw_action"];
@@ -53,6 +60,21 @@ pub struct TaskContext {
     pub class_names: Vec<String>,
     /// The spec's worked examples (empty when the spec has none).
     pub examples: Vec<Example>,
+}
+
+/// The template variables of one game state (`kind: wasm`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GameContext {
+    /// The spec's `name`.
+    pub name: String,
+    /// The spec's `description` (the task text g).
+    pub description: String,
+    /// The spec's worked examples.
+    pub examples: Vec<Example>,
+    /// The game's latest observation.
+    pub observation: String,
+    /// Steps taken in the episode before this state.
+    pub step: u32,
 }
 
 /// A prompt: plain text for completion, or chat messages for the model's chat template.

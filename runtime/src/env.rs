@@ -4,32 +4,56 @@
 //! predictions with ROC AUC here, outside the sandbox. An action that ran ends the episode
 //! (`terminated`, reward = its AUC); one that failed gets the spec's failure reward and leads to the
 //! reflection state η(g, a, e); the episode is `truncated` when it reaches the spec's `max_steps`.
+//!
+//! Text games (`kind: wasm`, see [`crate::wasm`]) use the same environment: [`Env::reset`] starts
+//! a fresh instance of the game with the environment's seed and renders its first observation
+//! with the spec's prompt template; [`Env::step`] cuts the action out of the generation, assembles
+//! it, plays it, and renders the game's answer with the reflection template. The game's reward,
+//! `terminated` and `truncated` are the step's; the episode is also truncated at `max_steps`. A
+//! step on which the game fails (trap, fuel, memory cap, malformed output) ends the episode
+//! (`truncated`, `reward.failure_reward`, the error in [`StepInfo::error`]): the run goes on and
+//! the next episode gets a fresh instance.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use envspec::data::{Dataset, Split, SplitMix64};
 use envspec::{Evaluation, Prompt, Spec, TaskContext};
 
 use crate::metrics::{roc_auc, Multiclass};
+use crate::wasm::{Game, GameEngine, GameError, GameInstance, GameLimits};
 use crate::{Job, Limits, Pool, PoolConfig, RuntimeError};
 
-/// What environments run on, shared by every spec of a process: the sandbox worker pool, started
-/// on first use (a run whose specs never execute Python starts no worker).
+/// What environments run on, shared by every spec of a process: the sandbox worker pool and the
+/// WebAssembly engine of the games, each started on first use (a run whose specs never execute
+/// Python starts no worker; one without games compiles nothing).
 pub struct Host {
     pool_config: PoolConfig,
     pool: Mutex<Option<Arc<Pool>>>,
+    engine: Mutex<Option<GameEngine>>,
 }
 
 impl Host {
     /// A host whose sandbox pool will be started with `pool_config`.
     pub fn new(pool_config: PoolConfig) -> Host {
-        Host { pool_config, pool: Mutex::new(None) }
+        Host { pool_config, pool: Mutex::new(None), engine: Mutex::new(None) }
     }
 
     /// A host over a pool that is already running.
     pub fn with_pool(pool: Arc<Pool>) -> Host {
         // The configuration is never used: the pool exists.
-        Host { pool_config: PoolConfig::default(), pool: Mutex::new(Some(pool)) }
+        Host { pool_config: PoolConfig::default(), pool: Mutex::new(Some(pool)), engine: Mutex::new(None) }
+    }
+
+    /// The engine text games run on, started now if this is its first use.
+    pub fn game_engine(&self) -> Result<GameEngine, GameError> {
+        let mut slot = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(engine) = slot.as_ref() {
+            return Ok(engine.clone());
+        }
+        let engine = GameEngine::new()?;
+        *slot = Some(engine.clone());
+        Ok(engine)
     }
 
     /// The sandbox pool, started now if this is its first use.
@@ -44,24 +68,38 @@ impl Host {
     }
 }
 
-/// A spec made ready to run: its data set loaded once and shared by the environments of every
-/// seed. [`Task::env`] makes one environment per seed.
+/// A spec made ready to run: its data set loaded once (or its game compiled once) and shared by
+/// the environments of every seed. [`Task::env`] makes one environment per seed.
 pub struct Task {
     spec: Arc<Spec>,
-    dataset: Arc<Dataset>,
-    pool: Arc<Pool>,
+    resources: TaskResources,
+}
+
+enum TaskResources {
+    Data { dataset: Arc<Dataset>, pool: Arc<Pool> },
+    Game(Game),
 }
 
 impl Task {
-    /// Loads what `spec` needs (its data set, resolved against the spec's folder) and takes the
-    /// host's resources it runs on.
+    /// Loads what `spec` needs (its data set, resolved against the spec's folder, or its game,
+    /// compiled and checked) and takes the host's resources it runs on.
     pub fn load(spec: Arc<Spec>, host: &Host) -> Result<Task, EnvError> {
+        if let Some(g) = spec.kind.game() {
+            let engine = host.game_engine().map_err(|source| EnvError::Game { spec: spec.name.clone(), source })?;
+            let limits = GameLimits {
+                fuel: g.fuel,
+                memory_bytes: g.memory_mb.saturating_mul(1 << 20),
+                max_observation_bytes: usize::try_from(g.observation_kb.saturating_mul(1 << 10)).unwrap_or(usize::MAX),
+            };
+            let game = engine.load(&g.module, limits).map_err(|source| EnvError::Game { spec: spec.name.clone(), source })?;
+            return Ok(Task { spec, resources: TaskResources::Game(game) });
+        }
         let dataset = envspec::data::load(&spec.dataset.source, spec.base_dir()).map_err(|e| EnvError::Spec {
             spec: spec.name.clone(),
             message: format!("{}: cannot load the data set: {e}", spec.path.display()),
         })?;
         let pool = host.pool().map_err(|source| EnvError::Runtime { spec: spec.name.clone(), source })?;
-        Ok(Task { spec, dataset: Arc::new(dataset), pool })
+        Ok(Task { spec, resources: TaskResources::Data { dataset: Arc::new(dataset), pool } })
     }
 
     /// The spec this task runs.
@@ -69,9 +107,21 @@ impl Task {
         &self.spec
     }
 
-    /// The environment for one seed (for data tasks, the seed picks the train/validation split).
+    /// The compiled game of a `kind: wasm` task.
+    pub fn game(&self) -> Option<&Game> {
+        match &self.resources {
+            TaskResources::Game(game) => Some(game),
+            TaskResources::Data { .. } => None,
+        }
+    }
+
+    /// The environment for one seed (for data tasks, the seed picks the train/validation split;
+    /// for games, it is the reset seed).
     pub fn env(&self, seed: u64) -> Result<Env, EnvError> {
-        Env::new(self.spec.clone(), self.dataset.clone(), seed, self.pool.clone())
+        match &self.resources {
+            TaskResources::Data { dataset, pool } => Env::new(self.spec.clone(), dataset.clone(), seed, pool.clone()),
+            TaskResources::Game(game) => Ok(Env::game(self.spec.clone(), game.clone(), seed)),
+        }
     }
 }
 
@@ -91,10 +141,12 @@ pub struct StepInfo {
     pub action: String,
     /// The error shown in the reflection state; empty when the action ran.
     pub error: String,
-    /// Whether the program ran and its predictions were scored.
+    /// Whether the program ran and its predictions were scored (games: the game played the
+    /// action without failing).
     pub ran: bool,
     /// Seconds of wall clock and CPU of the evaluation (summed over the evaluation splits for CPU,
-    /// the longest for wall clock), and the largest peak memory of the program.
+    /// the longest for wall clock), and the largest peak memory of the program (games: of the
+    /// step, and the game's memory).
     pub wall_s: f64,
     pub cpu_s: f64,
     pub peak_rss_mb: f64,
@@ -131,20 +183,52 @@ pub enum EnvError {
         #[source]
         source: RuntimeError,
     },
+    /// A game could not be loaded, or failed where no reward can stand for it (`reset`).
+    #[error("{spec}: {source}")]
+    Game {
+        spec: String,
+        #[source]
+        source: GameError,
+    },
+    /// The operation needs the other kind of environment.
+    #[error("{spec}: {message}")]
+    WrongKind { spec: String, message: String },
 }
 
-/// One environment: a spec, its data set and one split seed.
+/// One environment: a spec, its data set and one split seed, or its game and one reset seed.
 pub struct Env {
     spec: Arc<Spec>,
+    backend: Backend,
+    /// Steps taken in the current episode; `None` before the first reset.
+    step: Option<u32>,
+    done: bool,
+}
+
+// One per environment, never in bulk: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Backend {
+    Data(DataEnv),
+    Game(GameEnv),
+}
+
+/// A data task: programs scored on splits in the sandbox pool.
+struct DataEnv {
     pool: Arc<Pool>,
     /// The splits an action is scored on; the first is the one the prompt describes.
     splits: Vec<Split>,
     context: TaskContext,
     multiclass: Multiclass,
     limits: Limits,
-    /// Steps taken in the current episode; `None` before the first reset.
-    step: Option<u32>,
-    done: bool,
+}
+
+/// A text game: one instance per episode.
+struct GameEnv {
+    game: Game,
+    seed: u64,
+    /// The running episode's instance; `None` before reset and after the game failed.
+    instance: Option<GameInstance>,
+    /// The game's latest observation.
+    observation: String,
 }
 
 impl Env {
@@ -167,7 +251,14 @@ impl Env {
             envspec::Multiclass::Ovr => Multiclass::Ovr,
         };
         let limits = Limits::from(&spec.limits);
-        Ok(Env { spec, pool, splits, context, multiclass, limits, step: None, done: false })
+        let data = DataEnv { pool, splits, context, multiclass, limits };
+        Ok(Env { spec, backend: Backend::Data(data), step: None, done: false })
+    }
+
+    /// An environment for a text game (`kind: wasm`) and one reset seed.
+    fn game(spec: Arc<Spec>, game: Game, seed: u64) -> Env {
+        let game = GameEnv { game, seed, instance: None, observation: String::new() };
+        Env { spec, backend: Backend::Game(game), step: None, done: false }
     }
 
     /// The spec this environment runs.
@@ -176,9 +267,21 @@ impl Env {
     }
 
     /// Starts an episode: the first state η(g). Every episode of an environment starts from the
-    /// same state (the split is fixed by the seed).
+    /// same state (the split is fixed by the seed; a game is reset with the seed on a fresh
+    /// instance).
     pub fn reset(&mut self) -> Result<Observation, EnvError> {
-        let prompt = self.spec.render_initial(&self.context).map_err(|e| self.spec_err(e))?;
+        let prompt = match &mut self.backend {
+            Backend::Data(d) => self.spec.render_initial(&d.context),
+            Backend::Game(g) => {
+                g.instance = None;
+                let mut instance = g.game.instantiate().map_err(|source| EnvError::Game { spec: self.spec.name.clone(), source })?;
+                g.observation =
+                    instance.reset(g.seed).map_err(|source| EnvError::Game { spec: self.spec.name.clone(), source })?;
+                g.instance = Some(instance);
+                self.spec.render_game(&self.spec.game_context(&g.observation, 0), None)
+            }
+        }
+        .map_err(|e| spec_err(&self.spec, e))?;
         self.step = Some(0);
         self.done = false;
         Ok(Observation { prompt, step: 0 })
@@ -186,15 +289,53 @@ impl Env {
 
     /// Puts the environment back into an episode that had taken `steps` steps, the last one
     /// failing with `error` on `action` (for resuming a run from its log without running the
-    /// recorded actions again). Returns that reflection state.
+    /// recorded actions again). Returns that reflection state. Data tasks only: a game's state
+    /// is rebuilt by [`Env::replay`].
     pub fn restore(&mut self, steps: u32, action: &str, error: &str) -> Result<Observation, EnvError> {
         if steps == 0 || steps >= self.spec.max_steps {
             return Err(EnvError::BadRestore { steps, max_steps: self.spec.max_steps });
         }
-        let prompt = self.spec.render_reflection(&self.context, action, error).map_err(|e| self.spec_err(e))?;
+        let Backend::Data(d) = &self.backend else {
+            return Err(EnvError::WrongKind {
+                spec: self.spec.name.clone(),
+                message: "a game's state cannot be restored from the last action alone; replay the episode's actions (Env::replay)".into(),
+            });
+        };
+        let prompt = self.spec.render_reflection(&d.context, action, error).map_err(|e| spec_err(&self.spec, e))?;
         self.step = Some(steps);
         self.done = false;
         Ok(Observation { prompt, step: steps })
+    }
+
+    /// Puts a game back into an episode that took `actions` (the extracted actions, in order, as
+    /// logged), by playing them again on a fresh instance: an episode of a game is a pure
+    /// function of its seed and actions (a game has no clock and no randomness but the seed).
+    /// Fails if the game fails or ends before the last action, which means the game changed
+    /// since the actions were recorded. Returns the state after the last action.
+    pub fn replay(&mut self, actions: &[&str]) -> Result<Observation, EnvError> {
+        let steps = u32::try_from(actions.len()).unwrap_or(u32::MAX);
+        if steps == 0 || steps >= self.spec.max_steps {
+            return Err(EnvError::BadRestore { steps, max_steps: self.spec.max_steps });
+        }
+        if !matches!(self.backend, Backend::Game(_)) {
+            return Err(EnvError::WrongKind {
+                spec: self.spec.name.clone(),
+                message: "replay applies to games; a data task's state is restored by Env::restore without running anything again".into(),
+            });
+        }
+        let mut observation = self.reset()?;
+        for (i, action) in actions.iter().enumerate() {
+            let r = self.step(action)?;
+            if r.terminated || r.truncated {
+                let end = if r.info.error.is_empty() { "ended".to_string() } else { format!("failed ({})", r.info.error) };
+                return Err(EnvError::Spec {
+                    spec: self.spec.name.clone(),
+                    message: format!("replaying the recorded actions: the game {end} at action {} of {}; was the game changed since they were recorded?", i + 1, actions.len()),
+                });
+            }
+            observation = r.observation;
+        }
+        Ok(observation)
     }
 
     /// Takes one step with the policy's raw `generation`.
@@ -203,9 +344,13 @@ impl Env {
         if self.done {
             return Err(EnvError::EpisodeOver);
         }
+        if matches!(self.backend, Backend::Game(_)) {
+            return self.game_step(taken, generation);
+        }
         let action = self.spec.extract_action(generation);
-        let program = self.spec.assemble_program(&action).map_err(|e| self.spec_err(e))?;
+        let program = self.spec.assemble_program(&action).map_err(|e| spec_err(&self.spec, e))?;
         let scored = self.score_program(&program)?;
+        let Backend::Data(d) = &self.backend else { unreachable!("games returned above") };
         let step = taken + 1;
         let (terminated, truncated) = episode_end(scored.result.is_ok(), step, self.spec.max_steps);
         let (reward, error) = match scored.result {
@@ -215,10 +360,10 @@ impl Env {
         let observation = if terminated {
             // Gymnasium still returns a final observation after the end; there is no next state
             // in the paper's MDP, so this is the start state (never bootstrapped from).
-            let prompt = self.spec.render_initial(&self.context).map_err(|e| self.spec_err(e))?;
+            let prompt = self.spec.render_initial(&d.context).map_err(|e| spec_err(&self.spec, e))?;
             Observation { prompt, step }
         } else {
-            let prompt = self.spec.render_reflection(&self.context, &action, &error).map_err(|e| self.spec_err(e))?;
+            let prompt = self.spec.render_reflection(&d.context, &action, &error).map_err(|e| spec_err(&self.spec, e))?;
             Observation { prompt, step }
         };
         self.step = Some(step);
@@ -239,15 +384,71 @@ impl Env {
         })
     }
 
-    /// The number of splits an action is scored on (1, or n with `mean_of_splits: n`).
+    /// One step of a game: play the assembled action on the episode's instance.
+    fn game_step(&mut self, taken: u32, generation: &str) -> Result<StepResult, EnvError> {
+        let action = self.spec.extract_action(generation);
+        let text = self.spec.assemble_program(&action).map_err(|e| spec_err(&self.spec, e))?;
+        let Backend::Game(g) = &mut self.backend else { unreachable!("called for games only") };
+        let step = taken + 1;
+        let started = Instant::now();
+        let cpu_started = thread_cpu_s();
+        let played = match g.instance.as_mut() {
+            Some(instance) => instance.step(&text),
+            // The instance is gone only after a failure, which ended the episode.
+            None => return Err(EnvError::EpisodeOver),
+        };
+        let (wall_s, cpu_s) = (started.elapsed().as_secs_f64(), (thread_cpu_s() - cpu_started).max(0.0));
+        let peak_rss_mb = g.instance.as_ref().map_or(0.0, |i| i.peak_memory_bytes() as f64 / f64::from(1 << 20));
+        let (reward, terminated, truncated, error, ran) = match played {
+            Ok(r) => {
+                g.observation = r.observation;
+                let truncated = !r.terminated && (r.truncated || step >= self.spec.max_steps);
+                (r.reward, r.terminated, truncated, String::new(), true)
+            }
+            Err(e) => {
+                // The instance may be in any state: drop it; the next episode gets a new one.
+                g.instance = None;
+                (self.spec.reward.failure_reward, false, true, e.to_string(), false)
+            }
+        };
+        let ctx = self.spec.game_context(&g.observation, step);
+        let prompt = self.spec.render_game(&ctx, Some((&action, reward))).map_err(|e| spec_err(&self.spec, e))?;
+        self.step = Some(step);
+        self.done = terminated || truncated;
+        Ok(StepResult {
+            observation: Observation { prompt, step },
+            reward,
+            terminated,
+            truncated,
+            info: StepInfo { action, error, ran, wall_s, cpu_s, peak_rss_mb },
+        })
+    }
+
+    /// The number of splits an action is scored on (1, or n with `mean_of_splits: n`; 0 for a
+    /// game).
     pub fn n_splits(&self) -> usize {
-        self.splits.len()
+        match &self.backend {
+            Backend::Data(d) => d.splits.len(),
+            Backend::Game(_) => 0,
+        }
     }
 
     /// Scores an assembled program as a step would, without changing the episode: runs it on
     /// every evaluation split (in parallel; the pool bounds the concurrency) and averages the
-    /// AUCs. The first failure, in split order, is the action's error.
+    /// AUCs. The first failure, in split order, is the action's error. Data tasks only.
     pub fn score_program(&self, program: &str) -> Result<Score, EnvError> {
+        let Backend::Data(d) = &self.backend else {
+            return Err(EnvError::WrongKind {
+                spec: self.spec.name.clone(),
+                message: "a game has no program to score; play it with reset() and step()".into(),
+            });
+        };
+        d.score_program(&self.spec, program)
+    }
+}
+
+impl DataEnv {
+    fn score_program(&self, spec: &Spec, program: &str) -> Result<Score, EnvError> {
         let outcomes: Vec<Result<crate::Outcome, RuntimeError>> = if self.splits.len() == 1 {
             vec![self.pool.evaluate(&self.job(program, &self.splits[0]))]
         } else {
@@ -267,7 +468,7 @@ impl Env {
             Score { result: Ok(0.0), error_kind: None, wall_s: 0.0, cpu_s: 0.0, peak_rss_mb: 0.0, output: String::new() };
         let mut aucs = Vec::with_capacity(outcomes.len());
         for (outcome, split) in outcomes.into_iter().zip(&self.splits) {
-            let outcome = outcome.map_err(|source| EnvError::Runtime { spec: self.spec.name.clone(), source })?;
+            let outcome = outcome.map_err(|source| EnvError::Runtime { spec: spec.name.clone(), source })?;
             scored.wall_s = scored.wall_s.max(outcome.wall_s);
             scored.cpu_s += outcome.cpu_s;
             scored.peak_rss_mb = scored.peak_rss_mb.max(outcome.peak_rss_mb);
@@ -304,10 +505,20 @@ impl Env {
             limits: self.limits,
         }
     }
+}
 
-    fn spec_err(&self, e: impl std::fmt::Display) -> EnvError {
-        EnvError::Spec { spec: self.spec.name.clone(), message: e.to_string() }
+fn spec_err(spec: &Spec, e: impl std::fmt::Display) -> EnvError {
+    EnvError::Spec { spec: spec.name.clone(), message: e.to_string() }
+}
+
+/// CPU seconds of the calling thread (a game runs on the thread that steps it).
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
     }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// How one program scored on an environment's evaluation splits.

@@ -12,9 +12,14 @@
 //! sees a read-only view of only the Python installation, has a private tmpfs work directory and
 //! /tmp, no capabilities, `PR_SET_NO_NEW_PRIVS`, rlimits, a seccomp filter and (as root) its own
 //! memory and pids cgroups. See `sandbox.rs` for the details.
+//!
+//! Text games (`kind: wasm` specs) run in-process instead, as WebAssembly components under
+//! wasmtime with no imports, a memory cap and fuel per call: see [`wasm`]. [`env`](mod@env) gives both
+//! kinds of task the same Gymnasium-style environment.
 
 pub mod env;
 pub mod metrics;
+pub mod wasm;
 mod cgroup;
 mod error;
 mod job;

@@ -11,6 +11,9 @@ pub enum Bench {
     Model(crate::commands::bench_model::Args),
     /// Time per ETPO update, split into its phases, and peak memory.
     Train(crate::commands::bench_train::Args),
+    /// Steps per second of the shipped text games through the host, and instantiation cost per
+    /// episode.
+    Games(crate::commands::bench_games::Args),
 }
 
 pub fn run(bench: Bench) -> anyhow::Result<i32> {
@@ -18,5 +21,6 @@ pub fn run(bench: Bench) -> anyhow::Result<i32> {
         Bench::Sandbox(args) => crate::commands::bench_sandbox::run(args),
         Bench::Model(args) => crate::commands::bench_model::run(args),
         Bench::Train(args) => crate::commands::bench_train::run(args),
+        Bench::Games(args) => crate::commands::bench_games::run(args),
     }
 }

@@ -1,6 +1,7 @@
 //! `etpo check PATH...`: validate spec files (or the `*.yaml`/`*.yml` files directly inside
 //! folders). Prints `ok: FILE` for each good file; at the first bad file prints every error in
-//! it, `file:line:col: error: ...`, and exits with status 1.
+//! it, `file:line:col: error: ...`, and exits with status 1. The game of a `kind: wasm` spec is
+//! compiled and asked its name, so a module that is not a valid game fails here too.
 
 use std::path::PathBuf;
 
@@ -19,8 +20,22 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             return Ok(1);
         }
     };
+    // Started only if a spec has a game.
+    let host = runtime::env::Host::new(runtime::PoolConfig::default());
     for file in files {
         match envspec::load(&file) {
+            Ok(spec) if spec.kind.game().is_some() => {
+                match runtime::env::Task::load(std::sync::Arc::new(spec), &host) {
+                    Ok(task) => {
+                        let game = task.game().map(|g| format!(" (game {} {})", g.name(), g.version())).unwrap_or_default();
+                        println!("ok: {}{game}", file.display());
+                    }
+                    Err(err) => {
+                        eprintln!("{}: error: {err}", file.display());
+                        return Ok(1);
+                    }
+                }
+            }
             Ok(_) => println!("ok: {}", file.display()),
             Err(err) => {
                 eprintln!("{err}");

@@ -33,6 +33,12 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     let spec = envspec::load(&args.spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if spec.kind.game().is_some() {
+        anyhow::bail!(
+            "{}: a text game (kind: wasm) has no program to run; play actions with `etpo show --action FILE` or `etpo run --policy scripted --actions DIR`",
+            args.spec.display()
+        );
+    }
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read the action file {}", args.file.display()))?;
     let (program, assembled) = if defines_build_model(&text) {

@@ -4,10 +4,12 @@
 pub mod bench;
 pub mod bench_model;
 pub mod bench_sandbox;
+pub mod bench_games;
 pub mod bench_train;
 pub mod check;
 pub mod exec;
 pub mod generate;
+pub mod new_game;
 pub mod perplexity;
 pub mod run;
 pub mod schema;

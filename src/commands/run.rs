@@ -351,7 +351,11 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
             Some(0) => bail!("{}: the step budget must be at least 1", path.display()),
             Some(n) => u32::try_from(n).with_context(|| format!("{}: {n} steps is too many", path.display()))?,
         };
-        let data = spec.dataset.source.path().map(digest).transpose()?;
+        // The file the environment runs on besides the spec: its data, or its game.
+        let data = match spec.kind.game() {
+            Some(game) => Some(digest(&game.module)?),
+            None => spec.dataset.source.path().map(digest).transpose()?,
+        };
         let entry = SpecEntry { name: spec.name.clone(), seeds, steps, sampling: None, file: digest(&path)?, data };
         specs.push((spec, entry));
     }

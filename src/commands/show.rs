@@ -1,6 +1,10 @@
 //! `etpo show SPEC`: print exactly what the model sees — the first state s0 = η(g) for one seed's
 //! split, a sample failed action with the program it assembles to, and the reflection state
 //! η(g, a, e) after it — so a spec author can read the prompts before running anything.
+//!
+//! For a text game (`kind: wasm`) it runs the game: the first state is the game's first
+//! observation for the seed in the prompt template, then a sample action is played and the next
+//! state shown with the game's reward.
 
 use anyhow::Context;
 use envspec::{ChatTemplate, Prompt, Spec};
@@ -72,6 +76,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         false => None,
     };
     let seed = args.seed.unwrap_or(spec.dataset.seeds[0]);
+    if spec.kind.game().is_some() {
+        return show_game(&args, spec, seed, chat_template.as_ref(), tokenizer.as_ref());
+    }
     let data = envspec::data::load(&spec.dataset.source, spec.base_dir())
         .with_context(|| format!("loading the data of {}", args.spec.display()))?;
     let split = data.split(seed, spec.dataset.max_samples, spec.dataset.train_fraction);
@@ -129,6 +136,68 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             args.error
         ),
         &s1,
+        chat,
+        tok,
+    )?;
+    Ok(0)
+}
+
+/// `etpo show` for a game: reset it with `seed`, play one sample action, show both states.
+fn show_game(
+    args: &Args,
+    spec: Spec,
+    seed: u64,
+    chat: Option<&ChatTemplate>,
+    tok: Option<&trainer::Tokenizer>,
+) -> anyhow::Result<i32> {
+    let spec = std::sync::Arc::new(spec);
+    let host = runtime::env::Host::new(runtime::PoolConfig::default());
+    let task = runtime::env::Task::load(spec.clone(), &host)?;
+    let mut env = task.env(seed)?;
+    let s0 = env.reset()?;
+    let (raw, origin) = match (&args.action, spec.examples.first()) {
+        (Some(path), _) => (
+            std::fs::read_to_string(path).with_context(|| format!("reading the action file {}", path.display()))?,
+            format!("from {}", path.display()),
+        ),
+        (None, Some(example)) => (example.action.clone(), "the first worked example's action".to_string()),
+        (None, None) => ("look".to_string(), "a sample; pass --action FILE for another".to_string()),
+    };
+    let step = |env: &mut runtime::env::Env| env.step(&raw);
+    if let Some(only) = args.only {
+        let prompt = match only {
+            Only::S0 => s0.prompt,
+            Only::Reflection => step(&mut env)?.observation.prompt,
+        };
+        print!("{}", prompt.to_text(chat)?);
+        return Ok(0);
+    }
+    let game = task.game().context("a wasm spec's task has a game")?;
+    println!(
+        "spec {} ({}): game {} {} ({}), seed {seed}",
+        spec.name,
+        args.spec.display(),
+        game.name(),
+        game.version(),
+        game.module().display()
+    );
+    print_state("s0 = η(g), the first state (the game's first observation)", &s0.prompt, chat, tok)?;
+    let r = step(&mut env)?;
+    section(
+        &format!("a sample action ({origin}), as extracted with `{}`", spec.action.extract.name()),
+        &r.info.action,
+        None,
+    );
+    section("the text the game receives", &spec.assemble_program(&r.info.action)?, None);
+    let end = match (r.terminated, r.truncated, r.info.error.is_empty()) {
+        (_, _, false) => format!("the game failed: {}", r.info.error),
+        (true, _, _) => "the game ended".to_string(),
+        (_, true, _) => "the episode was truncated".to_string(),
+        _ => "the episode goes on".to_string(),
+    };
+    print_state(
+        &format!("the next state, after the game answered (reward {}; {end})", r.reward),
+        &r.observation.prompt,
         chat,
         tok,
     )?;

@@ -316,7 +316,8 @@ fn rounds(
 /// Rebuilds the slots from the steps already logged. Finished episodes need nothing; an episode
 /// that was in progress when the run stopped is rebuilt from its recorded last action and error
 /// (`Env::restore`), without running anything again: re-running could give a different outcome
-/// (time limits, randomised estimators), and the log must stay the truth.
+/// (time limits, randomised estimators), and the log must stay the truth. A game's episode is
+/// replayed instead (`Env::replay`): a game is deterministic given its seed and actions.
 fn restore(
     tasks: &[Task],
     slots: &mut [Slot],
@@ -368,7 +369,17 @@ fn restore(
                 )));
             }
         }
-        let obs = slot.env.restore(record.step + 1, &record.action, &record.error)?;
+        let obs = if tasks[slot.task].spec.kind.game().is_some() {
+            // A game's state lives in the game: play the episode's recorded actions again.
+            let actions: Vec<&str> = previous
+                .iter()
+                .filter(|r| r.spec == record.spec && r.seed == record.seed && r.episode == record.episode)
+                .map(|r| r.action.as_str())
+                .collect();
+            slot.env.replay(&actions)?
+        } else {
+            slot.env.restore(record.step + 1, &record.action, &record.error)?
+        };
         slot.current = Some((record.episode, obs));
     }
     Ok(())

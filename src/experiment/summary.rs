@@ -221,9 +221,10 @@ pub fn to_markdown(stats: &[SpecStats], algo: &str) -> String {
     let _ = writeln!(out, "# Results: {algo}\n");
     let _ = writeln!(
         out,
-        "Best reward (ROC AUC on the validation split) found within k environment steps per seed, \
-         mean ± standard deviation over seeds (sample std, n − 1). Runnable rate = actions that ran / \
-         actions taken; mean reward counts failed actions with the spec's failure reward.\n"
+        "Best reward (ROC AUC on the validation split; for text games, a step's reward) found within k \
+         environment steps per seed, mean ± standard deviation over seeds (sample std, n − 1). Runnable \
+         rate = actions that ran (games: that the game played without failing) / actions taken; mean \
+         reward counts failed actions with the spec's failure reward.\n"
     );
     let _ = writeln!(out, "| Spec | k | {algo}: best reward | Runnable rate | Mean reward | Mean reward (ran) | Steps |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|");
