@@ -28,6 +28,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Perplexity of a model (optionally with an adapter) on text files.
     Perplexity(commands::perplexity::Args),
+    /// Draw the batch reward of several training runs in one figure (ETPO against PPO-KL).
+    Compare(commands::compare::Args),
     /// Benchmarks that print ratios measured side by side in one run.
     #[command(subcommand)]
     Bench(commands::bench::Bench),
@@ -43,6 +45,7 @@ fn main() {
         Command::Run(args) => commands::run::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
+        Command::Compare(args) => commands::compare::run(args),
         Command::Bench(bench) => commands::bench::run(bench),
     };
     match result {

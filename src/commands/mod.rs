@@ -6,6 +6,7 @@ pub mod bench_model;
 pub mod bench_sandbox;
 pub mod bench_train;
 pub mod check;
+pub mod compare;
 pub mod exec;
 pub mod generate;
 pub mod perplexity;
