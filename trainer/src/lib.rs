@@ -1,11 +1,13 @@
 //! etpo trainer: the language-model core (a Llama-family model in candle with named LoRA
 //! adapter sets, loading, tokenizer, batched generation) and the ETPO / PPO-KL trainers.
 
+pub mod blas;
 pub mod etpo;
 pub mod generate;
 pub mod load;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod ppo;
 pub mod tokenizer;
 

@@ -227,8 +227,9 @@ impl LoraAdapter {
             }
             _ => x.clone(),
         };
-        let delta = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
-        Ok((y + (delta * self.cfg.scale())?)?)
+        // The scale goes on the rank-r intermediate, the smallest tensor of the product.
+        let delta = (xin.matmul(&a.t()?)? * self.cfg.scale())?.matmul(&b.t()?)?;
+        Ok((y + delta)?)
     }
 
     /// An independent copy (new storage).

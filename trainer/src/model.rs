@@ -4,19 +4,20 @@
 //! "rotate half" layout), grouped-query attention, SwiGLU and tied or untied embeddings.
 //!
 //! The base weights are plain tensors, never `Var`s, so a backward pass gives gradients to the
-//! selected adapter only. candle's fused RMSNorm, softmax and rotary kernels have no backward
-//! pass; every op here checks whether its input is tracked for gradients and uses the
-//! differentiable composition when it is, the fused kernel otherwise (generation).
+//! selected adapter only. The non-linear pieces (RMSNorm, softmax, rotary embedding, the frozen
+//! linear layers) live in [`crate::ops`], which gives them fused kernels with backward passes.
 //!
 //! Padding is on the left. Positions are counted over real tokens only (`cumsum(mask) - 1`), as
 //! transformers' `generate` does, so a padded prompt sees exactly the positions it would see alone.
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{LoraAdapter, LoraConfig};
+use crate::ops::{masked_softmax, rms_norm, rope, softmax_last_dim};
+pub use crate::ops::frozen_linear;
 
 /// Errors of the model core: loading, configuration, adapters, generation.
 #[derive(Debug, thiserror::Error)]
@@ -885,14 +886,15 @@ impl Llama {
         let tk = k.dim(2)?;
         // Grouped-query attention without repeating K/V: the n_rep query heads that share a
         // key/value head become extra rows of one matmul.
-        let q = q.reshape((b, nkv, n_rep * t, hd))?;
+        // The 1/sqrt(d) scale goes on q, the smaller operand, not on the scores.
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match &geo.mask {
-            None => scores,
-            Some(m) => scores.reshape((b, nkv, n_rep, t, tk))?.broadcast_add(m)?,
+        let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = match &geo.mask {
+            None => softmax_last_dim(&scores)?,
+            Some(m) => masked_softmax(&scores.reshape((b, nh, t, tk))?, &m.reshape((b, t, tk))?)?
+                .reshape((b, nkv, n_rep * t, tk))?,
         };
-        let probs = softmax_last_dim(&scores.reshape((b, nkv, n_rep * t, tk))?)?;
         let out = probs.matmul(&v)?; // [B, nkv, n_rep*T, D]
         let out = out
             .reshape((b, nh, t, hd))?
@@ -995,111 +997,10 @@ impl Llama {
     }
 }
 
-/// `x @ w.t()` for a frozen weight `w` (`x`: `[N, in]`, `w`: `[out, in]`).
-///
-/// candle's matmul backward always computes both operands' gradients; for a frozen weight that
-/// is a wasted product as costly as the forward one. When `x` is tracked (on the CPU) this runs
-/// as a custom op whose backward computes only `grad @ w`.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.track_op() && x.device().is_cpu() {
-        let op = FrozenLinear { w: w.clone() };
-        Ok(x.contiguous()?.apply_op1(op)?)
-    } else {
-        Ok(x.matmul(&w.t()?)?)
-    }
-}
-
-struct FrozenLinear {
-    w: Tensor,
-}
-
-impl candle_core::CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as C;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: non-contiguous input".into()))?;
-        let shape = layout.shape();
-        let dev = Device::Cpu;
-        let x = match storage {
-            C::F32(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
-            C::F64(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
-            C::BF16(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
-            C::F16(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
-            _ => candle_core::bail!(
-                "frozen-linear: unsupported dtype (f32, f64, bf16, f16 expected)"
-            ),
-        };
-        let y = x.matmul(&self.w.t()?)?;
-        let (st, l) = y.storage_and_layout();
-        match &*st {
-            candle_core::Storage::Cpu(c) if l.is_contiguous() && l.start_offset() == 0 => {
-                Ok((c.clone(), l.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-linear: unexpected matmul output layout"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.w)?))
-    }
-}
-
-/// RMSNorm over the last dimension: fused when no gradient is needed, composed otherwise.
-fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.track_op() {
-        Ok(candle_nn::ops::rms_norm_slow(x, alpha, eps as f32)?)
-    } else {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            alpha,
-            eps as f32,
-        )?)
-    }
-}
-
-/// Softmax over the last dimension, in f32 for half-precision inputs.
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let dt = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let p = if x.track_op() {
-        candle_nn::ops::softmax(&xf, D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&xf)?
-    };
-    Ok(p.to_dtype(dt)?)
-}
-
-/// Rotary embedding in the rotate-half layout on `[B, T, H, D]` with `cos`/`sin` `[B, T, D/2]`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
-        return Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)?);
-    }
-    let d = x.dim(D::Minus1)?;
-    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(2)?; // [B, T, 1, D]
-    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(2)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use candle_core::D;
 
     /// A tiny random model on the CPU in f32.
     pub(crate) fn tiny(seed: u64) -> Llama {

@@ -59,14 +59,10 @@ impl std::str::FromStr for QReadout {
 
 /// Numerically stable log-softmax over the last dimension: `x − max − log Σ exp(x − max)`.
 ///
-/// The max is detached: it cancels mathematically, so it needs no gradient. Never compute
+/// One fused pass on the CPU (see [`crate::ops::log_softmax`]). Never compute
 /// `log(softmax(x))`, which underflows to `−inf` for unlikely tokens.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&log_norm)
+    crate::ops::log_softmax(&logits.to_dtype(DType::F32)?).map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 /// Q-values `Q(context, ·)` from the Q-network's logits, per [`QReadout`].

@@ -1,0 +1,445 @@
+//! The model's non-linear pieces and frozen linear layers, each with a fast path.
+//!
+//! candle's fused RMSNorm, softmax and rotary kernels have no backward pass, and its composed
+//! (differentiable) versions keep several full-size temporaries per op for the backward pass. On
+//! the CPU in f32, the ops here run as custom ops: a fused forward kernel and a closed-form
+//! backward that needs only the op's input or output, which is what makes a training step fast
+//! and lean. Elsewhere (CUDA, half precision) they fall back to candle's fused kernels when no
+//! gradient is needed and to the composition when one is.
+//!
+//! Frozen linear layers (`x · Wᵀ` with a weight that is never trained) go through BLAS when one
+//! is loaded ([`crate::blas`]), and their backward computes only the input's gradient.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
+
+use crate::model::{ModelError, Result};
+
+/// `x @ w.t()` for a frozen weight `w` (`x`: `[N, in]`, `w`: `[out, in]`).
+///
+/// candle's matmul backward always computes both operands' gradients; for a frozen weight that
+/// is a wasted product as costly as the forward one. When `x` is tracked (on the CPU) this runs
+/// as a custom op whose backward computes only `grad @ w`.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.track_op() && x.device().is_cpu() {
+        let op = FrozenLinear { w: w.clone() };
+        Ok(x.contiguous()?.apply_op1(op)?)
+    } else {
+        matmul_cpu_blas(x, w, true)
+    }
+}
+
+/// `x · wᵀ` (`w_transposed`) or `x · w` for 2-D `x`, through BLAS when one is loaded and both are
+/// f32 on the CPU (see [`crate::blas`]); candle's matmul otherwise. Not differentiable.
+fn matmul_cpu_blas(x: &Tensor, w: &Tensor, w_transposed: bool) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2 {
+        let x = x.contiguous()?;
+        let (m, k) = x.dims2()?;
+        let (xs, xl) = x.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(xv)), Some((x0, x1))) = (&*xs, xl.contiguous_offsets()) {
+            if let Some(c) = blas_times(&xv[x0..x1], m, k, w, w_transposed)? {
+                let n = c.len() / m.max(1);
+                return Ok(Tensor::from_vec(c, (m, n), &Device::Cpu)?);
+            }
+        }
+    }
+    Ok(if w_transposed { x.matmul(&w.t()?)? } else { x.matmul(w)? })
+}
+
+/// The row-major `[m, k]` matrix `x` times `wᵀ` (or `w`) through BLAS; `None` when no BLAS is
+/// loaded or `w` is not f32 on the CPU with a matching inner dimension (the caller falls back to
+/// candle, which reports shape errors).
+fn blas_times(x: &[f32], m: usize, k: usize, w: &Tensor, w_transposed: bool) -> Result<Option<Vec<f32>>> {
+    let Some(blas) = crate::blas::blas() else { return Ok(None) };
+    if !w.device().is_cpu() || w.dtype() != DType::F32 || w.rank() != 2 {
+        return Ok(None);
+    }
+    let (n, kw) = if w_transposed {
+        w.dims2()?
+    } else {
+        let (r, c) = w.dims2()?;
+        (c, r)
+    };
+    if k != kw {
+        return Ok(None);
+    }
+    let w = w.contiguous()?;
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(wv)), Some((w0, w1))) = (&*ws, wl.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let mut c = vec![0f32; m * n];
+    blas.sgemm(w_transposed, m, n, k, x, &wv[w0..w1], &mut c);
+    Ok(Some(c))
+}
+
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: non-contiguous input".into()))?;
+        let shape = layout.shape();
+        if let (CpuStorage::F32(v), [m, k]) = (storage, shape.dims()) {
+            if let Some(y) = blas_times(&v[start..end], *m, *k, &self.w, true).map_err(candle_err)? {
+                let n = y.len() / (*m).max(1);
+                return Ok((CpuStorage::F32(y), (*m, n).into()));
+            }
+        }
+        let x = cpu_tensor(storage, start, end, shape)?;
+        into_cpu_storage(x.matmul(&self.w.t()?)?)
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(matmul_cpu_blas(grad_res, &self.w, false).map_err(candle_err)?))
+    }
+}
+
+/// RMSNorm over the last dimension with a frozen scale `alpha`: `x / rms(x) · alpha`.
+pub fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(rows) = RowOp::applicable(x) {
+        let alpha = alpha.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if alpha.len() == rows {
+            return Ok(x.contiguous()?.apply_op1(RowOp::RmsNorm { alpha, eps: eps as f32 })?);
+        }
+    }
+    if x.track_op() {
+        Ok(candle_nn::ops::rms_norm_slow(x, alpha, eps as f32)?)
+    } else {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, alpha, eps as f32)?)
+    }
+}
+
+/// Softmax over the last dimension, in f32 for half-precision inputs.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if RowOp::applicable(x).is_some() {
+        return Ok(x.contiguous()?.apply_op1(RowOp::Softmax)?);
+    }
+    let dt = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let p = if x.track_op() {
+        candle_nn::ops::softmax(&xf, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&xf)?
+    };
+    Ok(p.to_dtype(dt)?)
+}
+
+/// `softmax(scores + mask)` over the last dimension: `scores` `[B, H, T, Tk]`, the additive mask
+/// `[B, T, Tk]` shared by the heads. Fused on the CPU in f32 (the masked scores are never stored).
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, h, t, tk) = scores.dims4()?;
+    if RowOp::applicable(scores).is_some() && mask.dtype() == DType::F32 && mask.dims() == [b, t, tk] {
+        let mask = mask.flatten_all()?.to_vec1::<f32>()?;
+        return Ok(scores.contiguous()?.apply_op1(RowOp::MaskedSoftmax { mask, heads: h, t, tk })?);
+    }
+    softmax_last_dim(&scores.broadcast_add(&mask.unsqueeze(1)?)?)
+}
+
+/// Numerically stable log-softmax over the last dimension: `x − max − log Σ exp(x − max)`.
+///
+/// Computed in one pass, never as `log(softmax(x))`, which underflows to `−inf` for unlikely
+/// tokens.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    if RowOp::applicable(x).is_some() {
+        return Ok(x.contiguous()?.apply_op1(RowOp::LogSoftmax)?);
+    }
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&log_z)?)
+}
+
+/// Rotary embedding in the rotate-half layout on `[B, T, H, D]` with `cos`/`sin` `[B, T, D/2]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && x.track_op() {
+        // A rotation is orthogonal: its backward is the rotation by the opposite angles.
+        let op = Rope { cos: cos.clone(), sin: sin.clone() };
+        return Ok(x.contiguous()?.apply_op1(op)?);
+    }
+    if !x.track_op() {
+        return Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)?);
+    }
+    let d = x.dim(D::Minus1)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(2)?; // [B, T, 1, D]
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(2)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+}
+
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-with-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("rope: non-contiguous input".into()))?;
+        let x = cpu_tensor(storage, start, end, layout.shape())?;
+        into_cpu_storage(candle_nn::rotary_emb::rope_thd(&x, &self.cos, &self.sin)?)
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        Ok(Some(candle_nn::rotary_emb::rope_thd(&g, &self.cos, &self.sin.neg()?)?))
+    }
+}
+
+/// Row-wise ops over the last dimension with fused f32 CPU kernels and closed-form backwards.
+enum RowOp {
+    /// `x / sqrt(mean(x²) + eps) · alpha`, `alpha` frozen.
+    RmsNorm { alpha: Vec<f32>, eps: f32 },
+    Softmax,
+    /// Softmax of `x + mask`, `mask` `[B, T, Tk]` shared by the `heads` of `[B, heads, T, Tk]`.
+    MaskedSoftmax { mask: Vec<f32>, heads: usize, t: usize, tk: usize },
+    LogSoftmax,
+}
+
+impl RowOp {
+    /// The row length when `x` can take the fused path (f32 on the CPU).
+    fn applicable(x: &Tensor) -> Option<usize> {
+        (x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 1).then(|| x.dims()[x.rank() - 1])
+    }
+
+    /// Computes output row `index` from input row `x`.
+    fn row(&self, index: usize, x: &[f32], y: &mut [f32]) {
+        match self {
+            RowOp::RmsNorm { alpha, eps } => {
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+                let r = 1.0 / (ms + eps).sqrt();
+                for ((y, x), a) in y.iter_mut().zip(x).zip(alpha) {
+                    *y = x * r * a;
+                }
+            }
+            RowOp::Softmax => softmax_row(x.iter().copied(), y),
+            RowOp::MaskedSoftmax { mask, heads, t, tk } => {
+                // Row index = ((batch · heads) + head) · t + query.
+                let (bi, q) = (index / (heads * t), index % t);
+                let m = &mask[(bi * t + q) * tk..(bi * t + q + 1) * tk];
+                softmax_row(x.iter().zip(m).map(|(x, m)| x + m), y)
+            }
+            RowOp::LogSoftmax => {
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let log_z = max + x.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+                for (y, x) in y.iter_mut().zip(x) {
+                    *y = x - log_z;
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for RowOp {
+    fn name(&self) -> &'static str {
+        match self {
+            RowOp::RmsNorm { .. } => "rms-norm-with-backward",
+            RowOp::Softmax => "softmax-with-backward",
+            RowOp::MaskedSoftmax { .. } => "masked-softmax-with-backward",
+            RowOp::LogSoftmax => "log-softmax-with-backward",
+        }
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: non-contiguous input", self.name())))?;
+        let CpuStorage::F32(v) = storage else {
+            candle_core::bail!("{}: f32 input expected", self.name())
+        };
+        let x = &v[start..end];
+        let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        // Rows are independent; a few hundred per task keeps the threads' share even.
+        const ROWS: usize = 256;
+        y.par_chunks_mut(n * ROWS).zip(x.par_chunks(n * ROWS)).enumerate().for_each(|(c, (ys, xs))| {
+            for (i, (y, x)) in ys.chunks_mut(n).zip(xs.chunks(n)).enumerate() {
+                self.row(c * ROWS + i, x, y)
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = match self {
+            // d/dx of x·r·α with r = (mean(x²) + eps)^(-1/2): r·(g⊙α) − x·r³·mean(g⊙α⊙x).
+            RowOp::RmsNorm { alpha, eps } => {
+                let alpha = Tensor::from_slice(alpha, alpha.len(), arg.device())?;
+                let ga = grad.broadcast_mul(&alpha)?;
+                let r = (arg.sqr()?.mean_keepdim(D::Minus1)? + *eps as f64)?.sqrt()?.recip()?;
+                let m = (&ga * arg)?.mean_keepdim(D::Minus1)?;
+                (ga.broadcast_mul(&r)? - arg.broadcast_mul(&(r.powf(3.0)? * m)?)?)?
+            }
+            // y ⊙ (g − Σ g⊙y); the mask is a constant.
+            RowOp::Softmax | RowOp::MaskedSoftmax { .. } => {
+                let s = (grad * res)?.sum_keepdim(D::Minus1)?;
+                (grad.broadcast_sub(&s)? * res)?
+            }
+            // g − softmax ⊙ Σ g
+            RowOp::LogSoftmax => {
+                let s = grad.sum_keepdim(D::Minus1)?;
+                (grad - res.exp()?.broadcast_mul(&s)?)?
+            }
+        };
+        Ok(Some(g))
+    }
+}
+
+/// Softmax of one row given as an iterator of its (masked) scores.
+fn softmax_row(x: impl Iterator<Item = f32> + Clone, y: &mut [f32]) {
+    let max = x.clone().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = (x - max).exp();
+        sum += *y;
+    }
+    let inv = 1.0 / sum;
+    y.iter_mut().for_each(|y| *y *= inv);
+}
+
+/// A CPU tensor holding a copy of `storage[start..end]` (float dtypes).
+fn cpu_tensor(storage: &CpuStorage, start: usize, end: usize, shape: &Shape) -> candle_core::Result<Tensor> {
+    let dev = Device::Cpu;
+    Ok(match storage {
+        CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
+        CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
+        CpuStorage::BF16(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
+        CpuStorage::F16(v) => Tensor::from_slice(&v[start..end], shape, &dev)?,
+        _ => candle_core::bail!("unsupported dtype (f32, f64, bf16, f16 expected)"),
+    })
+}
+
+/// The storage of a contiguous CPU tensor, for returning from a custom op.
+fn into_cpu_storage(t: Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(c) if l.start_offset() == 0 && l.is_contiguous() => Ok((c.clone(), l.shape().clone())),
+        _ => candle_core::bail!("a custom op's result is not a contiguous CPU tensor"),
+    }
+}
+
+fn candle_err(e: ModelError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn fused_row_ops_match_candles_composition_in_value_and_gradient() {
+        let x = (Tensor::randn(0f32, 3.0, (3, 5, 17), &Device::Cpu).unwrap() + 0.3).unwrap();
+        let alpha = Tensor::randn(1f32, 0.2, 17, &Device::Cpu).unwrap();
+        type F = Box<dyn Fn(&Tensor) -> Tensor>;
+        let a2 = alpha.clone();
+        let cases: Vec<(&str, F, F)> = vec![
+            ("softmax", Box::new(|t| softmax_last_dim(t).unwrap()), Box::new(|t| candle_nn::ops::softmax(t, D::Minus1).unwrap())),
+            (
+                "log_softmax",
+                Box::new(|t| log_softmax(t).unwrap()),
+                Box::new(|t| {
+                    let z = t.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap();
+                    t.broadcast_sub(&z).unwrap()
+                }),
+            ),
+            (
+                "rms_norm",
+                Box::new(move |t| rms_norm(t, &alpha, 1e-5).unwrap()),
+                Box::new(move |t| candle_nn::ops::rms_norm_slow(t, &a2, 1e-5).unwrap()),
+            ),
+        ];
+        for (name, fused, composed) in cases {
+            let v1 = Var::from_tensor(&x).unwrap();
+            let v2 = Var::from_tensor(&x).unwrap();
+            let y1 = fused(v1.as_tensor());
+            let y2 = composed(v2.as_tensor());
+            assert!(max_diff(&y1, &y2) < 1e-5, "{name}: values differ by {}", max_diff(&y1, &y2));
+            let w = Tensor::randn(0f32, 1.0, y1.shape(), &Device::Cpu).unwrap();
+            let g1 = (&y1 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&y2 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (g1, g2) = (g1.get(v1.as_tensor()).unwrap(), g2.get(v2.as_tensor()).unwrap());
+            assert!(max_diff(g1, g2) < 1e-4, "{name}: gradients differ by {}", max_diff(g1, g2));
+        }
+    }
+
+    #[test]
+    fn masked_softmax_equals_softmax_of_the_masked_scores() {
+        let (b, h, t, tk) = (2, 3, 4, 5);
+        let x = Tensor::randn(0f32, 2.0, (b, h, t, tk), &Device::Cpu).unwrap();
+        let mask = Tensor::randn(0f32, 1.0, (b, t, tk), &Device::Cpu).unwrap();
+        let mask = mask.ge(0.5).unwrap().to_dtype(DType::F32).unwrap().affine(-1e30, 0.0).unwrap();
+        let (v1, v2) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&x).unwrap());
+        let y1 = masked_softmax(v1.as_tensor(), &mask).unwrap();
+        let y2 = candle_nn::ops::softmax(&v2.as_tensor().broadcast_add(&mask.unsqueeze(1).unwrap()).unwrap(), D::Minus1).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-6);
+        let w = Tensor::randn(0f32, 1.0, (b, h, t, tk), &Device::Cpu).unwrap();
+        let g1 = (&y1 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(g1.get(v1.as_tensor()).unwrap(), g2.get(v2.as_tensor()).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn log_softmax_is_exact_where_softmax_underflows() {
+        let x = Tensor::new(&[[0f32, -200.0, 1000.0]], &Device::Cpu).unwrap();
+        let lp = log_softmax(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(lp[0], vec![-1000.0, -1200.0, 0.0]);
+    }
+
+    #[test]
+    fn rope_backward_is_the_inverse_rotation() {
+        let (b, t, h, d) = (2, 3, 2, 8);
+        let x = Tensor::randn(0f32, 1.0, (b, t, h, d), &Device::Cpu).unwrap();
+        let ang = Tensor::randn(0f32, 2.0, (b, t, d / 2), &Device::Cpu).unwrap();
+        let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+        let composed = |t: &Tensor| {
+            let c = Tensor::cat(&[&cos, &cos], D::Minus1).unwrap().unsqueeze(2).unwrap();
+            let s = Tensor::cat(&[&sin, &sin], D::Minus1).unwrap().unsqueeze(2).unwrap();
+            let x1 = t.narrow(D::Minus1, 0, d / 2).unwrap();
+            let x2 = t.narrow(D::Minus1, d / 2, d / 2).unwrap();
+            let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+            (t.broadcast_mul(&c).unwrap() + rot.broadcast_mul(&s).unwrap()).unwrap()
+        };
+        let w = Tensor::randn(0f32, 1.0, (b, t, h, d), &Device::Cpu).unwrap();
+        let (v1, v2) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&x).unwrap());
+        let y1 = rope(v1.as_tensor(), &cos, &sin).unwrap();
+        let y2 = composed(v2.as_tensor());
+        assert!(max_diff(&y1, &y2) < 1e-5);
+        let g1 = (&y1 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(g1.get(v1.as_tensor()).unwrap(), g2.get(v2.as_tensor()).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn frozen_linear_gives_the_input_gradient_only() {
+        let x = Tensor::randn(0f32, 1.0, (5, 7), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (4, 7), &Device::Cpu).unwrap();
+        let v = Var::from_tensor(&x).unwrap();
+        let y = frozen_linear(v.as_tensor(), &w).unwrap();
+        assert!(max_diff(&y, &x.matmul(&w.t().unwrap()).unwrap()) < 1e-5);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        // d/dx Σ x·Wᵀ = 1 · W, the same for every row.
+        let expect = Tensor::ones((5, 4), DType::F32, &Device::Cpu).unwrap().matmul(&w).unwrap();
+        assert!(max_diff(g.get(v.as_tensor()).unwrap(), &expect) < 1e-5);
+        assert!(g.get(&w).is_none());
+    }
+}
