@@ -178,6 +178,43 @@ fn compare_draws_etpo_and_ppo_kl_in_one_figure_with_a_table() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere: no metrics.jsonl"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+#[test]
+fn a_run_killed_between_recording_a_round_and_logging_it_resumes_exactly() {
+    // The failpoint aborts the process right after round 1 reaches replay.jsonl and before its
+    // steps reach steps.jsonl: resuming must drop that round and run it again.
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path());
+    let spec = balance_scale();
+    let args = |out: &'static str| -> Vec<String> {
+        let mut a: Vec<String> = train_args("etpo", spec.to_str().unwrap(), out, "6").iter().map(|s| s.to_string()).collect();
+        a.extend(["--update-every", "1", "--lr", "0.01"].iter().map(|s| s.to_string()));
+        a
+    };
+    let reference = etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp.path());
+    ok(&reference);
+    check_venv();
+    let killed = Command::new(ETPO)
+        .args(args("killed"))
+        .current_dir(tmp.path())
+        .env("ETPO_FAILPOINT", "abort-after-recording-round:1")
+        .output()
+        .unwrap();
+    assert!(!killed.status.success(), "the failpoint aborts the run");
+    let dir = tmp.path().join("killed");
+    let replay = std::fs::read_to_string(dir.join("replay.jsonl")).unwrap();
+    assert_eq!(replay.lines().count(), 2, "rounds 0 and 1 recorded");
+    assert_eq!(jsonl(&dir.join("steps.jsonl")).len(), 1, "only round 0's step logged");
+
+    let out = etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path());
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dropping 1 recorded round(s)"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(adapter(&dir), adapter(&tmp.path().join("reference")), "the adapters of the uninterrupted run");
+    let s = |d: &Path| jsonl(&d.join("steps.jsonl")).iter().map(step_essence).collect::<Vec<_>>();
+    assert_eq!(s(&dir), s(&tmp.path().join("reference")), "the same steps, each logged once");
+    let m = |d: &Path| jsonl(&d.join("metrics.jsonl")).iter().map(metrics_essence).collect::<Vec<_>>();
+    assert_eq!(m(&dir), m(&tmp.path().join("reference")), "the same updates, each logged once");
+}
+
 /// The trained adapter's tensors, by name.
 fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let path = dir.join("adapter/adapter_model.safetensors");

@@ -98,6 +98,11 @@ struct ReplayRound {
     round: u64,
     /// Environment steps of the round (transitions without tokens are not trained on).
     steps: u64,
+    /// Steps in `steps.jsonl` before this round's (absent in files of older versions): a round
+    /// whose steps did not reach the log (the run was killed in between) is dropped on resume
+    /// and run again.
+    #[serde(default)]
+    logged_before: Option<u64>,
     transitions: Vec<trainer::etpo::Transition>,
 }
 
@@ -149,7 +154,16 @@ pub struct Trained {
     metrics: Option<File>,
     /// An update failed half-way: the state must not be checkpointed.
     failed: bool,
+    /// Steps in `steps.jsonl` (those of rounds being recorded are added once logged).
+    logged: u64,
+    /// The round recorded by `record` and not yet learnt from.
+    recorded: Option<ReplayRound>,
 }
+
+/// Test hook: `ETPO_FAILPOINT=abort-after-recording-round:N` aborts the process (as a SIGKILL
+/// would) right after round N is recorded and before its steps are logged, the window the resume
+/// logic must close. Unset in normal use.
+const FAILPOINT_ENV: &str = "ETPO_FAILPOINT";
 
 fn train_err(e: impl std::fmt::Display) -> ExperimentError {
     ExperimentError::Algorithm(e.to_string())
@@ -179,6 +193,8 @@ impl Trained {
             replay: None,
             metrics: None,
             failed: false,
+            logged: 0,
+            recorded: None,
         })
     }
 
@@ -293,7 +309,21 @@ impl Algorithm for Trained {
         self.metrics = Some(open_append(&metrics_path)?);
 
         let replay_path = run_dir.join(REPLAY);
-        let rounds = read_replay(&replay_path)?;
+        self.logged = previous.len() as u64;
+        let mut rounds = read_replay(&replay_path)?;
+        // Rounds recorded but not logged (killed between the two) are dropped: the loop runs
+        // them again, exactly as it did, since it resumes from the log.
+        let keep = rounds.iter().take_while(|r| r.logged_before.is_none_or(|b| b + r.steps <= self.logged)).count();
+        if keep < rounds.len() {
+            eprintln!("dropping {} recorded round(s) whose steps were never logged; they run again", rounds.len() - keep);
+            rounds.truncate(keep);
+            let mut text = String::new();
+            for r in &rounds {
+                text.push_str(&serde_json::to_string(r).map_err(train_err)?);
+                text.push('\n');
+            }
+            super::summary::write_atomic(&replay_path, text.as_bytes())?;
+        }
         if (rounds.len() as u64) < self.pos.rounds {
             return Err(resume_err(
                 &replay_path,
@@ -330,18 +360,37 @@ impl Algorithm for Trained {
         Ok(())
     }
 
-    fn learn(&mut self, batch: &[Transition]) -> Result<(), ExperimentError> {
+    /// Appends the round to `replay.jsonl` before its steps are logged and long before it is
+    /// trained on, so a resumed run can replay it.
+    fn record(&mut self, batch: &[Transition]) -> Result<(), ExperimentError> {
         if batch.is_empty() {
             return Ok(());
         }
-        let round = ReplayRound { round: self.pos.rounds, steps: batch.len() as u64, transitions: self.tokenize(batch)? };
-        // Recorded before it is trained on, so a resumed run can replay it.
+        let round = ReplayRound {
+            round: self.pos.rounds,
+            steps: batch.len() as u64,
+            logged_before: Some(self.logged),
+            transitions: self.tokenize(batch)?,
+        };
         let path = self.run_dir.join(REPLAY);
         match &mut self.replay {
             Some(file) => append_line(file, &path, &round)?,
-            None => return Err(train_err("learn() before start()")),
+            None => return Err(train_err("record() before start()")),
         }
-        self.process(round)
+        if std::env::var(FAILPOINT_ENV).ok().as_deref() == Some(&format!("abort-after-recording-round:{}", round.round)) {
+            std::process::abort();
+        }
+        self.recorded = Some(round);
+        Ok(())
+    }
+
+    fn learn(&mut self, batch: &[Transition]) -> Result<(), ExperimentError> {
+        self.logged += batch.len() as u64;
+        match self.recorded.take() {
+            Some(round) => self.process(round),
+            None if batch.is_empty() => Ok(()),
+            None => Err(train_err("learn() without record() of the round")),
+        }
     }
 
     fn finish(&mut self, run_dir: &Path) -> Result<(), ExperimentError> {
@@ -522,7 +571,7 @@ mod tests {
     fn a_half_written_last_line_is_cut_and_others_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.jsonl");
-        let round = |i: u64| ReplayRound { round: i, steps: 1, transitions: Vec::new() };
+        let round = |i: u64| ReplayRound { round: i, steps: 1, logged_before: Some(i), transitions: Vec::new() };
         let mut text = String::new();
         for i in 0..2 {
             text.push_str(&serde_json::to_string(&round(i)).unwrap());

@@ -64,12 +64,24 @@ impl StepLog {
     /// cannot lose it. (A kill during the write leaves a partial last line, which `read_steps`
     /// discards.)
     pub fn write(&mut self, record: &StepRecord) -> Result<(), ExperimentError> {
-        let mut line = serde_json::to_string(record).map_err(|e| ExperimentError::Io {
-            path: self.path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        line.push('\n');
-        self.file.write_all(line.as_bytes()).map_err(|e| ExperimentError::io(&self.path, e))?;
+        self.write_all(std::iter::once(record))
+    }
+
+    /// Writes several records (one round's steps) with a single write to the file and flushes
+    /// them, so that a kill leaves all of them or, at worst, a partial last line.
+    pub fn write_all<'a>(&mut self, records: impl IntoIterator<Item = &'a StepRecord>) -> Result<(), ExperimentError> {
+        let mut text = String::new();
+        for record in records {
+            text.push_str(&serde_json::to_string(record).map_err(|e| ExperimentError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other(e),
+            })?);
+            text.push('\n');
+        }
+        if text.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(text.as_bytes()).map_err(|e| ExperimentError::io(&self.path, e))?;
         self.file.flush().map_err(|e| ExperimentError::io(&self.path, e))
     }
 }

@@ -62,7 +62,14 @@ pub trait Algorithm {
     fn start(&mut self, _tasks: &[Task], _run_dir: &Path, _previous: &[StepRecord]) -> Result<(), ExperimentError> {
         Ok(())
     }
-    /// Called after each round with its transitions (slot order). May update the policy.
+    /// Called with a round's transitions (slot order) before its steps are logged: an algorithm
+    /// that must replay them on resume records them here, so that a logged step is always
+    /// recorded too (the loop logs a round's steps in one write after this returns).
+    fn record(&mut self, _batch: &[Transition]) -> Result<(), ExperimentError> {
+        Ok(())
+    }
+    /// Called after each round, once its steps are logged, with its transitions (slot order).
+    /// May update the policy.
     fn learn(&mut self, batch: &[Transition]) -> Result<(), ExperimentError>;
     /// After the last round (also after Ctrl-C or an error): write a final checkpoint.
     fn finish(&mut self, _run_dir: &Path) -> Result<(), ExperimentError> {
@@ -249,7 +256,10 @@ fn rounds(
 
         // Log every step that finished, in slot order; an infrastructure fault in one
         // environment ends the run after the others' steps of this round are safely logged.
+        // The algorithm records the round first, then the round's steps go to the log in one
+        // write, so a kill never leaves logged steps that the algorithm did not record.
         let mut batch = Vec::with_capacity(results.len());
+        let mut logged = Vec::with_capacity(results.len());
         let mut fault: Option<ExperimentError> = None;
         for joined in results {
             let (slot, action, result) = match joined {
@@ -284,10 +294,7 @@ fn rounds(
                 peak_rss_mb: result.info.peak_rss_mb,
                 gen_s: action.gen_s,
             };
-            log.write(&record)?;
-            let spec_stats = &mut stats[slot.task];
-            spec_stats.seeds[slot.seed_index].push(&record);
-            observer.on_step(slot.task, &record, spec_stats);
+            logged.push((slot.task, slot.seed_index, record));
             let ended = result.terminated || result.truncated;
             batch.push(Transition {
                 task: slot.task,
@@ -305,6 +312,15 @@ fn rounds(
             if !ended {
                 slot.current = Some((episode, result.observation));
             }
+        }
+        if fault.is_none() {
+            algorithm.record(&batch)?;
+        }
+        log.write_all(logged.iter().map(|(_, _, record)| record))?;
+        for (task, seed_index, record) in &logged {
+            let spec_stats = &mut stats[*task];
+            spec_stats.seeds[*seed_index].push(record);
+            observer.on_step(*task, record, spec_stats);
         }
         if let Some(e) = fault {
             return Err(e);
