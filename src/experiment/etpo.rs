@@ -300,12 +300,7 @@ impl Algorithm for Trained {
         let metrics_path = run_dir.join(METRICS);
         let kept: Vec<MetricsRecord> =
             read_own_metrics(&metrics_path)?.into_iter().filter(|m| m.update <= self.learner.updates()).collect();
-        let mut text = String::new();
-        for m in &kept {
-            text.push_str(&serde_json::to_string(m).map_err(train_err)?);
-            text.push('\n');
-        }
-        super::summary::write_atomic(&metrics_path, text.as_bytes())?;
+        write_jsonl_atomic(&metrics_path, &kept)?;
         self.metrics = Some(open_append(&metrics_path)?);
 
         let replay_path = run_dir.join(REPLAY);
@@ -317,12 +312,7 @@ impl Algorithm for Trained {
         if keep < rounds.len() {
             eprintln!("dropping {} recorded round(s) whose steps were never logged; they run again", rounds.len() - keep);
             rounds.truncate(keep);
-            let mut text = String::new();
-            for r in &rounds {
-                text.push_str(&serde_json::to_string(r).map_err(train_err)?);
-                text.push('\n');
-            }
-            super::summary::write_atomic(&replay_path, text.as_bytes())?;
+            write_jsonl_atomic(&replay_path, &rounds)?;
         }
         if (rounds.len() as u64) < self.pos.rounds {
             return Err(resume_err(
@@ -420,6 +410,17 @@ fn append_line<T: Serialize>(file: &mut File, path: &Path, value: &T) -> Result<
     line.push('\n');
     file.write_all(line.as_bytes()).map_err(|e| ExperimentError::io(path, e))?;
     file.flush().map_err(|e| ExperimentError::io(path, e))
+}
+
+/// Replaces a JSON-lines file with `items`, one per line, atomically (a kill leaves the old file
+/// or the new one).
+fn write_jsonl_atomic<T: Serialize>(path: &Path, items: &[T]) -> Result<(), ExperimentError> {
+    let mut text = String::new();
+    for item in items {
+        text.push_str(&serde_json::to_string(item).map_err(train_err)?);
+        text.push('\n');
+    }
+    super::summary::write_atomic(path, text.as_bytes())
 }
 
 /// The complete lines of a JSON-lines file (none if it does not exist). A last line without its

@@ -83,9 +83,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: non-contiguous input".into()))?;
+        let (start, end) = contiguous_range(layout, self.name())?;
         let shape = layout.shape();
         if let (CpuStorage::F32(v), [m, k]) = (storage, shape.dims()) {
             if let Some(y) = blas_times(&v[start..end], *m, *k, &self.w, true).map_err(candle_err)? {
@@ -187,9 +185,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("rope: non-contiguous input".into()))?;
+        let (start, end) = contiguous_range(layout, self.name())?;
         let x = cpu_tensor(storage, start, end, layout.shape())?;
         into_cpu_storage(candle_nn::rotary_emb::rope_thd(&x, &self.cos, &self.sin)?)
     }
@@ -255,9 +251,7 @@ impl CustomOp1 for RowOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{}: non-contiguous input", self.name())))?;
+        let (start, end) = contiguous_range(layout, self.name())?;
         let CpuStorage::F32(v) = storage else {
             candle_core::bail!("{}: f32 input expected", self.name())
         };
@@ -309,6 +303,11 @@ fn softmax_row(x: impl Iterator<Item = f32> + Clone, y: &mut [f32]) {
     }
     let inv = 1.0 / sum;
     y.iter_mut().for_each(|y| *y *= inv);
+}
+
+/// The storage range of a custom op's input; the ops here are applied to contiguous tensors.
+fn contiguous_range(layout: &Layout, op: &str) -> candle_core::Result<(usize, usize)> {
+    layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: non-contiguous input")))
 }
 
 /// A CPU tensor holding a copy of `storage[start..end]` (float dtypes).
