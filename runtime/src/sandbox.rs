@@ -339,6 +339,12 @@ fn plan(root: &Path, python_dirs: &[PathBuf], limits: &Limits) -> Result<Plan, R
     // Keep only outermost directories (a bind of /usr already shows /usr/lib/python3).
     let outer: Vec<PathBuf> =
         dirs.iter().filter(|d| !dirs.iter().any(|o| o != *d && d.starts_with(o))).cloned().collect();
+    // Private scratch space, mounted before the binds: a Python environment that lives under
+    // /tmp (a checkout in /tmp) is then bound on top of the private /tmp instead of hidden by it.
+    for (dir, mode) in [("/tmp", "1777"), (WORK_DIR, "0777")] {
+        mkdirs(&mut ops, &mut made, Path::new(dir))?;
+        ops.push(Op::Tmpfs { dst: under(Path::new(dir))?, data: cstr(format!("{SCRATCH_SIZE},mode={mode}"))? });
+    }
     for d in &outer {
         mkdirs(&mut ops, &mut made, d)?;
         ro_bind(&mut ops, d)?;
@@ -361,11 +367,6 @@ fn plan(root: &Path, python_dirs: &[PathBuf], limits: &Limits) -> Result<Plan, R
             ops.push(Op::Touch(under(&p)?));
             ops.push(Op::Bind { src: cstr(&p)?, dst: under(&p)?, remount: None });
         }
-    }
-    // Private scratch space.
-    for (dir, mode) in [("/tmp", "1777"), (WORK_DIR, "0777")] {
-        mkdirs(&mut ops, &mut made, Path::new(dir))?;
-        ops.push(Op::Tmpfs { dst: under(Path::new(dir))?, data: cstr(format!("{SCRATCH_SIZE},mode={mode}"))? });
     }
     mkdirs(&mut ops, &mut made, Path::new("/proc"))?;
     ops.push(Op::Proc { dst: under(Path::new("/proc"))? });
