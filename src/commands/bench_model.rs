@@ -64,6 +64,9 @@ enum Part {
     Train,
 }
 
+/// The PyTorch side of the benchmark.
+const TORCH_REFERENCE: &str = include_str!("../../trainer/benches/torch_reference.py");
+
 /// The sampling every figure uses: the paper's temperature 0.5 and top-k 50.
 const TEMPERATURE: f64 = 0.5;
 const TOP_K: usize = 50;
@@ -285,7 +288,12 @@ fn measure_torch(
     prompt_ids: &[u32],
     device: &Device,
 ) -> anyhow::Result<Figures> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("trainer/benches/torch_reference.py");
+    // The script travels inside the binary, so a binary copied to another machine (a GPU one)
+    // benchmarks without the source tree.
+    let mut script = tempfile::Builder::new().suffix(".py").tempfile().context("creating a temporary file")?;
+    script.write_all(TORCH_REFERENCE.as_bytes())?;
+    script.flush()?;
+    let script = script.into_temp_path();
     let mut ids_file = tempfile::NamedTempFile::new().context("creating a temporary file")?;
     serde_json::to_writer(&mut ids_file, prompt_ids)?;
     ids_file.flush()?;

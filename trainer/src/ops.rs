@@ -17,11 +17,13 @@ use crate::model::{ModelError, Result};
 
 /// `x @ w.t()` for a frozen weight `w` (`x`: `[N, in]`, `w`: `[out, in]`).
 ///
-/// candle's matmul backward always computes both operands' gradients; for a frozen weight that
-/// is a wasted product as costly as the forward one. When `x` is tracked (on the CPU) this runs
-/// as a custom op whose backward computes only `grad @ w`.
+/// candle's matmul backward always computes both operands' gradients, and keeps them until the
+/// backward pass ends; for a frozen weight that is a wasted product as costly as the forward one
+/// and a weight-sized buffer per projection (on a 7B model, a second copy of the model). When `x`
+/// is tracked (on the CPU or a CUDA device) this runs as a custom op whose backward computes only
+/// `grad @ w`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.track_op() && x.device().is_cpu() {
+    if x.track_op() && (x.device().is_cpu() || x.device().is_cuda()) {
         let op = FrozenLinear { w: w.clone() };
         Ok(x.contiguous()?.apply_op1(op)?)
     } else {
@@ -93,6 +95,28 @@ impl CustomOp1 for FrozenLinear {
         }
         let x = cpu_tensor(storage, start, end, shape)?;
         into_cpu_storage(x.matmul(&self.w.t()?)?)
+    }
+
+    /// `x · wᵀ` through cuBLAS, as `Tensor::matmul` would do it (`w` read through a transposed
+    /// layout, no copy).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (m, k) = layout.shape().dims2()?;
+        let (n, kw) = self.w.dims2()?;
+        if k != kw {
+            return Err(candle_core::Error::Msg(format!("frozen-linear: input [{m}, {k}] against weight [{n}, {kw}]")));
+        }
+        let (ws, wl) = self.w.storage_and_layout();
+        let candle_core::Storage::Cuda(ws) = &*ws else {
+            return Err(candle_core::Error::Msg("frozen-linear: the input is on a CUDA device, the weight is not".into()));
+        };
+        let y = storage.matmul(ws, (1, m, n, k), layout, &wl.transpose(0, 1)?)?;
+        Ok((y, (m, n).into()))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
