@@ -188,47 +188,24 @@ fn splitmix64(seed: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The WebAssembly component's exports (wasm32 only; the host tests use the rules above).
-#[cfg(target_arch = "wasm32")]
-mod component {
-    use super::Wordle;
-    use std::cell::RefCell;
+impl text_game::TextGame for Wordle {
+    const NAME: &'static str = "wordle";
 
-    wit_bindgen::generate!({ path: "../wit", world: "text-game" });
-
-    use exports::etpo::game::game::{GameInfo, Guest, StepResult};
-
-    thread_local! {
-        static GAME: RefCell<Option<Wordle>> = const { RefCell::new(None) };
+    fn start(seed: u64) -> Self {
+        Wordle::new(seed)
     }
 
-    struct Component;
-
-    impl Guest for Component {
-        fn info() -> GameInfo {
-            GameInfo { name: "wordle".into(), version: env!("CARGO_PKG_VERSION").into() }
-        }
-
-        fn reset(seed: u64) -> String {
-            let game = Wordle::new(seed);
-            let intro = game.intro();
-            GAME.with(|g| *g.borrow_mut() = Some(game));
-            intro
-        }
-
-        fn step(action: String) -> StepResult {
-            GAME.with(|g| match g.borrow_mut().as_mut() {
-                Some(game) => {
-                    let o = game.play(&action);
-                    StepResult { observation: o.observation, reward: o.reward, terminated: o.terminated, truncated: false }
-                }
-                None => StepResult { observation: "Call reset first.".into(), reward: 0.0, terminated: true, truncated: false },
-            })
-        }
+    fn intro(&self) -> String {
+        Wordle::intro(self)
     }
 
-    export!(Component);
+    fn step(&mut self, action: &str) -> text_game::Step {
+        let o = self.play(action);
+        text_game::Step { observation: o.observation, reward: o.reward, terminated: o.terminated, truncated: false }
+    }
 }
+
+text_game::export_game!(Wordle);
 
 #[cfg(test)]
 mod tests {
