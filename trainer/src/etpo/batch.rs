@@ -179,20 +179,7 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn tiny() -> Llama {
-        let cfg = LlamaConfig {
-            vocab_size: 12,
-            hidden_size: 16,
-            intermediate_size: 32,
-            num_hidden_layers: 2,
-            num_attention_heads: 2,
-            num_key_value_heads: 1,
-            head_dim: 8,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            rms_norm_eps: 1e-5,
-            max_position_embeddings: 64,
-            tie_word_embeddings: true,
-        };
+        let cfg = LlamaConfig { tie_word_embeddings: true, ..LlamaConfig::tiny(12) };
         let mut m = Llama::random(cfg, 5, &Device::Cpu, DType::F32).unwrap();
         m.add_adapter_seeded("a", &crate::lora::LoraConfig::default(), 1).unwrap();
         // Non-zero B so that the adapter matters.
@@ -223,7 +210,7 @@ mod tests {
         for adapter in [None, Some("a")] {
             let shared = hidden_rows(&model, &spans, adapter, false, true).unwrap();
             let alone = one_by_one(&model, &spans, adapter);
-            assert_eq!(shared.dims(), &[8, 16]);
+            assert_eq!(shared.dims(), &[8, model.config().hidden_size]);
             let d = (shared - alone).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-4, "{adapter:?}: {d}");
         }

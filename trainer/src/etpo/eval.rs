@@ -65,20 +65,7 @@ mod tests {
 
     #[test]
     fn nll_matches_a_direct_computation() {
-        let cfg = LlamaConfig {
-            vocab_size: 10,
-            hidden_size: 16,
-            intermediate_size: 32,
-            num_hidden_layers: 1,
-            num_attention_heads: 2,
-            num_key_value_heads: 2,
-            head_dim: 8,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            rms_norm_eps: 1e-5,
-            max_position_embeddings: 64,
-            tie_word_embeddings: true,
-        };
+        let cfg = LlamaConfig { num_hidden_layers: 1, tie_word_embeddings: true, ..LlamaConfig::tiny(10) };
         let model = Llama::random(cfg, 1, &Device::Cpu, DType::F32).unwrap();
         let tokens = [1u32, 4, 2, 9, 0, 3, 3];
         // Windows of 3: [1 4 2] [9 0 3] [3] -> 2 + 2 predicted tokens, the last window none.

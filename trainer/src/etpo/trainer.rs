@@ -414,20 +414,7 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn tiny() -> Llama {
-        let cfg = LlamaConfig {
-            vocab_size: 12,
-            hidden_size: 16,
-            intermediate_size: 32,
-            num_hidden_layers: 2,
-            num_attention_heads: 2,
-            num_key_value_heads: 1,
-            head_dim: 8,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            rms_norm_eps: 1e-5,
-            max_position_embeddings: 64,
-            tie_word_embeddings: true,
-        };
+        let cfg = LlamaConfig { tie_word_embeddings: true, ..LlamaConfig::tiny(12) };
         Llama::random(cfg, 4, &Device::Cpu, DType::F32).unwrap()
     }
 
