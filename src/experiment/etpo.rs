@@ -31,6 +31,7 @@ use trainer::ppo::{PpoConfig, PpoTrainer};
 
 use super::llm::LlmPolicy;
 use super::policy::Policy;
+use super::plot::{draw_legend, legend_mark, steps_chart};
 use super::record::StepRecord;
 use super::runner::{Algorithm, Task, Transition};
 use super::ExperimentError;
@@ -514,19 +515,7 @@ fn draw(path: &Path, runs: &[(String, Vec<MetricsRecord>)]) -> Result<(), Box<dy
         [(label, _)] => format!("{label}: average batch reward"),
         _ => "average batch reward".to_string(),
     };
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(35)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0u64..x_max, y_min..y_max)?;
-    chart
-        .configure_mesh()
-        .x_desc("environment steps")
-        .y_desc("batch reward")
-        .y_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()?;
+    let mut chart = steps_chart(&root, &title, 0u64..x_max, y_min..y_max, "batch reward")?;
     for (i, (label, records)) in runs.iter().enumerate() {
         let color = if runs.len() == 1 { BLUE.to_rgba() } else { Palette99::pick(i).to_rgba() };
         let thin = color.mix(0.35);
@@ -540,20 +529,14 @@ fn draw(path: &Path, runs: &[(String, Vec<MetricsRecord>)]) -> Result<(), Box<dy
         chart
             .draw_series(LineSeries::new(xs.iter().copied().zip(ys.iter().copied()), thin.stroke_width(1)))?
             .label(thin_label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], thin.stroke_width(1)));
+            .legend(legend_mark(thin.stroke_width(1)));
         let mean = running_mean(&ys, RUNNING_MEAN_UPDATES);
         chart
             .draw_series(LineSeries::new(xs.iter().copied().zip(mean), color.stroke_width(2)))?
             .label(mean_label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            .legend(legend_mark(color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK.mix(0.3))
-        .label_font(("sans-serif", 11))
-        .draw()?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present()?;
     Ok(())
 }

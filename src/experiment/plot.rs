@@ -4,6 +4,9 @@
 
 use std::path::Path;
 
+use plotters::coord::ranged1d::{AsRangedCoord, DefaultFormatting, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::summary::SpecStats;
@@ -63,20 +66,7 @@ fn draw(path: &Path, stats: &[SpecStats]) -> Result<(), Box<dyn std::error::Erro
     let y_min = if lo.is_finite() { (lo - 0.05).min(0.5) } else { 0.0 };
     let y_max = 1.0_f64.max(all.iter().copied().fold(f64::NEG_INFINITY, f64::max) + 0.02);
     for (panel, area) in panels.iter().zip(areas.iter()) {
-        let mut chart = ChartBuilder::on(area)
-            .caption(&panel.title, ("sans-serif", 18))
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(50)
-            .build_cartesian_2d(1u32..panel.k.max(2), y_min..y_max)?;
-        chart
-            .configure_mesh()
-            .x_desc("environment steps")
-            .y_desc("best reward")
-            // Avoid "-0.0" on the axis.
-            .y_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
-            .light_line_style(WHITE.mix(0.0))
-            .draw()?;
+        let mut chart = steps_chart(area, &panel.title, 1u32..panel.k.max(2), y_min..y_max, "best reward")?;
         for (i, curve) in panel.seeds.iter().enumerate() {
             let color = Palette99::pick(i).mix(0.6);
             chart
@@ -85,23 +75,68 @@ fn draw(path: &Path, stats: &[SpecStats]) -> Result<(), Box<dyn std::error::Erro
                     color.stroke_width(1),
                 ))?
                 .label(format!("seed {}", panel.seed_names[i]))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(1)));
+                .legend(legend_mark(color.stroke_width(1)));
         }
         let mean_label = if panel.seeds.is_empty() { "mean of the specs' means" } else { "mean over seeds" };
         chart
             .draw_series(LineSeries::new(panel.mean.iter().copied(), BLUE.stroke_width(2)))?
             .label(mean_label)
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK.mix(0.3))
-            .label_font(("sans-serif", 11))
-            .draw()?;
+            .legend(legend_mark(BLUE.stroke_width(2)));
+        draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     }
     root.present()?;
     Ok(())
+}
+
+/// A chart in the style of the run's figures: a title, environment steps on the x-axis, and y
+/// labels with one decimal.
+pub(crate) fn steps_chart<'a, DB, XR>(
+    area: &DrawingArea<DB, Shift>,
+    title: &str,
+    x: XR,
+    y: std::ops::Range<f64>,
+    y_desc: &str,
+) -> Result<ChartContext<'a, DB, Cartesian2d<XR::CoordDescType, RangedCoordf64>>, DrawingAreaErrorKind<DB::ErrorType>>
+where
+    DB: DrawingBackend + 'a,
+    XR: AsRangedCoord,
+    XR::CoordDescType: Ranged<FormatOption = DefaultFormatting> + ValueFormatter<<XR::CoordDescType as Ranged>::ValueType>,
+    <XR::CoordDescType as Ranged>::ValueType: std::fmt::Debug,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(x, y)?;
+    chart
+        .configure_mesh()
+        .x_desc("environment steps")
+        .y_desc(y_desc)
+        // Avoid "-0.0" on the axis.
+        .y_label_formatter(&|v| format!("{:.1}", if v.abs() < 1e-9 { 0.0 } else { *v }))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    Ok(chart)
+}
+
+/// A legend entry's mark: a short line in the series' style.
+pub(crate) fn legend_mark<DB: DrawingBackend>(style: ShapeStyle) -> impl Fn((i32, i32)) -> DynElement<'static, DB, (i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style).into_dyn()
+}
+
+/// Draws the legend of `chart`'s labelled series at `position`.
+pub(crate) fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 11))
+        .draw()
 }
 
 #[cfg(test)]
