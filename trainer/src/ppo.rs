@@ -189,18 +189,10 @@ impl PpoTrainer {
     /// returned metrics is the value head's loss; `kl` and `entropy` are of the policy before
     /// the update.
     pub fn update(&mut self, model: &Llama, batch: &[Transition]) -> Result<UpdateMetrics, TrainError> {
-        crate::etpo::trainer::validate_batch(batch)?;
-        let batch = &crate::etpo::trainer::group_by_state(batch);
+        let (batch, spans, mut m) = crate::etpo::trainer::prepare_update(batch)?;
+        let (batch, total_tokens) = (&batch, m.action_tokens);
         let cfg = self.cfg.clone();
         let mb = cfg.micro_batch;
-        let spans: Vec<RowSpan> = batch.iter().map(|t| RowSpan::action(&t.state, &t.action)).collect();
-        let total_tokens: usize = batch.iter().map(|t| t.action.len()).sum();
-        let mut m = UpdateMetrics {
-            transitions: batch.len(),
-            action_tokens: total_tokens,
-            batch_reward: batch.iter().map(|t| t.reward).sum::<f64>() / batch.len() as f64,
-            ..Default::default()
-        };
 
         let start = Instant::now();
         let rollout = self.rollout(model, batch, &spans, &mut m)?;

@@ -113,19 +113,11 @@ impl EtpoTrainer {
     /// gradient step of Q on the squared error, one step of π on the KL of Eq. 7 against the
     /// (updated) Q-network, then the Polyak update of Q̄.
     pub fn update(&mut self, model: &Llama, batch: &[Transition]) -> Result<UpdateMetrics, TrainError> {
-        validate_batch(batch)?;
-        let batch = &group_by_state(batch);
+        let (batch, spans, mut m) = prepare_update(batch)?;
+        let (batch, total_tokens) = (&batch, m.action_tokens);
         let cfg = self.cfg.clone();
         let (beta, readout) = (cfg.beta, cfg.q_readout);
         let mb = cfg.micro_batch;
-        let spans: Vec<RowSpan> = batch.iter().map(|t| RowSpan::action(&t.state, &t.action)).collect();
-        let total_tokens: usize = batch.iter().map(|t| t.action.len()).sum();
-        let mut m = UpdateMetrics {
-            transitions: batch.len(),
-            action_tokens: total_tokens,
-            batch_reward: batch.iter().map(|t| t.reward).sum::<f64>() / batch.len() as f64,
-            ..Default::default()
-        };
 
         // ---- Targets (Eq. 6): soft values of every action context and of the next states.
         let start = Instant::now();
@@ -254,6 +246,21 @@ pub(crate) fn json<T: Serialize + ?Sized>(v: &T) -> Result<String, TrainError> {
 /// The batch reordered so that transitions from the same state are adjacent (stable, in order
 /// of first appearance): micro-batches then share state prefixes. Losses are sums over
 /// transitions, so the order does not change the update.
+/// What both trainers do first: checks `batch`, groups it by state, and returns it with one row
+/// span per action and the metrics that follow from the batch alone.
+pub(crate) fn prepare_update(batch: &[Transition]) -> Result<(Vec<Transition>, Vec<RowSpan>, UpdateMetrics), TrainError> {
+    validate_batch(batch)?;
+    let batch = group_by_state(batch);
+    let spans: Vec<RowSpan> = batch.iter().map(|t| RowSpan::action(&t.state, &t.action)).collect();
+    let m = UpdateMetrics {
+        transitions: batch.len(),
+        action_tokens: batch.iter().map(|t| t.action.len()).sum(),
+        batch_reward: batch.iter().map(|t| t.reward).sum::<f64>() / batch.len() as f64,
+        ..Default::default()
+    };
+    Ok((batch, spans, m))
+}
+
 pub(crate) fn group_by_state(batch: &[Transition]) -> Vec<Transition> {
     let mut order: Vec<&[u32]> = Vec::new();
     for t in batch {
