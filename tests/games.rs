@@ -9,17 +9,13 @@
 
 mod common;
 
+use common::{ok, repo, steps, ETPO};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use serde_json::Value;
-
-const ETPO: &str = env!("CARGO_BIN_EXE_etpo");
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn cargo() -> Command {
     let mut c = Command::new(option_env!("CARGO").unwrap_or("cargo"));
@@ -54,25 +50,6 @@ fn games() -> PathBuf {
 fn etpo(args: &[&str], cwd: &Path) -> Output {
     games();
     Command::new(ETPO).args(args).current_dir(cwd).output().expect("the etpo binary runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "etpo failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn steps(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("steps.jsonl"))
-        .expect("steps.jsonl exists")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("every line of steps.jsonl is JSON"))
-        .collect()
 }
 
 fn of_spec<'a>(records: &'a [Value], spec: &str) -> Vec<&'a Value> {

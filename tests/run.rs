@@ -10,49 +10,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::write_tiny_model;
-
-const ETPO: &str = env!("CARGO_BIN_EXE_etpo");
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn balance_scale() -> PathBuf {
-    repo().join("envs/balance_scale.yaml")
-}
-
-fn venv_python() -> PathBuf {
-    let python = repo().join(".venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run `scripts/setup.sh python` first (these tests evaluate real scikit-learn programs)",
-        python.display()
-    );
-    python
-}
+use common::{balance_scale, ok, steps, venv_python, write_tiny_model, ETPO};
 
 fn etpo(args: &[&str], cwd: &Path) -> Output {
     venv_python();
     Command::new(ETPO).args(args).current_dir(cwd).output().expect("the etpo binary runs")
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "etpo failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn steps(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("steps.jsonl"))
-        .expect("steps.jsonl exists")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("every line of steps.jsonl is JSON"))
-        .collect()
 }
 
 fn write_actions(dir: &Path, actions: &[&str]) {

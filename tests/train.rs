@@ -5,52 +5,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{balance_scale, jsonl, ok, venv_python, ETPO};
+
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const ETPO: &str = env!("CARGO_BIN_EXE_etpo");
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn balance_scale() -> PathBuf {
-    repo().join("envs/balance_scale.yaml")
-}
-
-fn check_venv() {
-    let python = repo().join(".venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run `scripts/setup.sh python` first (these tests evaluate real scikit-learn programs)",
-        python.display()
-    );
-}
-
 fn etpo(args: &[&str], cwd: &Path) -> Output {
-    check_venv();
+    venv_python();
     Command::new(ETPO).args(args).current_dir(cwd).output().expect("the etpo binary runs")
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "etpo failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
-        .collect()
 }
 
 fn config(dir: &Path) -> Value {
@@ -192,7 +157,7 @@ fn a_run_killed_between_recording_a_round_and_logging_it_resumes_exactly() {
     };
     let reference = etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp.path());
     ok(&reference);
-    check_venv();
+    venv_python();
     let killed = Command::new(ETPO)
         .args(args("killed"))
         .current_dir(tmp.path())
@@ -259,7 +224,7 @@ fn a_training_run_killed_and_resumed_ends_with_the_adapters_of_an_uninterrupted_
     ok(&reference);
 
     // Killed (SIGKILL) once the first checkpoint is there: later rounds are replayed on resume.
-    check_venv();
+    venv_python();
     let dir = tmp.path().join("killed");
     let mut child = Command::new(ETPO)
         .args(args("killed"))

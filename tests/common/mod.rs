@@ -1,9 +1,60 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use serde_json::Value;
+
+/// The `etpo` binary under test.
+pub const ETPO: &str = env!("CARGO_BIN_EXE_etpo");
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shipped Balance Scale spec.
+pub fn balance_scale() -> PathBuf {
+    repo().join("envs/balance_scale.yaml")
+}
+
+/// The project's Python, which the sandbox runs; these tests evaluate real scikit-learn programs.
+pub fn venv_python() -> PathBuf {
+    let python = repo().join(".venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run `scripts/setup.sh python` first (these tests evaluate real scikit-learn programs)",
+        python.display()
+    );
+    python
+}
+
+/// Asserts that `etpo` succeeded (showing its output if not) and returns its stdout.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "etpo failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every line of a JSON-lines file.
+pub fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
+        .collect()
+}
+
+/// The step records of a run folder.
+pub fn steps(dir: &Path) -> Vec<Value> {
+    jsonl(&dir.join("steps.jsonl"))
+}
 
 /// Writes a tiny random Llama model as a Hugging Face folder: `config.json`, `model.safetensors`
 /// (written by hand: an 8-byte header length, the JSON header, the f32 data), a byte-level BPE
