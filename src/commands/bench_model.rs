@@ -252,14 +252,16 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u
     let mut opt = candle_nn::AdamW::new_lr(model.adapter_vars("bench"), 1e-4)?;
     let vocab = model.config().vocab_size;
     let (b, t) = (args.train_batch, args.train_len);
-    let x = Tensor::from_vec(train_ids(b, t, vocab), (b, t), device)?;
-    let targets = x.narrow(1, 1, t - 1)?.flatten_all()?;
+    let ids = train_ids(b, t, vocab);
+    let x = Tensor::from_vec(ids.clone(), (b, t), device)?;
+    let targets: Vec<u32> = ids.chunks(t).flat_map(|row| row[1..].to_vec()).collect();
+    let opts = trainer::ForwardOptions { adapter: Some("bench"), track_grad: true, dropout_seed: None };
     let train_seconds = timed(args.repeats, device, |_| {
-        let logits = model.forward(&x, None, Some("bench"))?;
-        let pred = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), vocab))?;
-        // Mean negative log-likelihood of the next token, as torch's cross_entropy computes it.
-        let logp = trainer::ops::log_softmax(&pred)?;
-        let loss = logp.gather(&targets.unsqueeze(1)?, 1)?.mean_all()?.neg()?;
+        // Logits only of the rows that predict a token, then the mean negative log-likelihood of
+        // the next token, as torch's cross_entropy computes it.
+        let hidden = model.forward_hidden(&x, None, &opts)?;
+        let rows = hidden.narrow(1, 0, t - 1)?.reshape((b * (t - 1), ()))?;
+        let loss = trainer::ops::cross_entropy(&model.logits(&rows)?, &targets)?;
         opt.backward_step(&loss)?;
         Ok(())
     })?;

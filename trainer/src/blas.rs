@@ -211,6 +211,63 @@ impl Blas {
     }
 }
 
+impl Blas {
+    /// `c = op(a) · op(b)` on the calling thread, all row-major and contiguous: `op(a)` is
+    /// `[m, k]` (`a` is stored `[k, m]` when `a_transposed`), `op(b)` is `[k, n]` (`b` is stored
+    /// `[n, k]` when `b_transposed`), `c` is `[m, n]`. For callers that run many small products
+    /// in parallel themselves (attention's per-head products).
+    ///
+    /// # Panics
+    /// When a slice's length does not match the dimensions, or a dimension exceeds `i32::MAX`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_serial(
+        &self,
+        a_transposed: bool,
+        b_transposed: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+    ) {
+        assert_eq!(a.len(), m * k, "gemm: a is not [m, k] / [k, m]");
+        assert_eq!(b.len(), n * k, "gemm: b is not [k, n] / [n, k]");
+        assert_eq!(c.len(), m * n, "gemm: c is not [m, n]");
+        assert!(m.max(n).max(k) <= i32::MAX as usize, "gemm: dimension exceeds i32");
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            c.fill(0.0);
+            return;
+        }
+        let lda = if a_transposed { m } else { k };
+        let ldb = if b_transposed { k } else { n };
+        let op = |t: bool| if t { TRANS } else { NO_TRANS };
+        // SAFETY: the slices have exactly the sizes the dimensions and leading dimensions imply
+        // (checked above), and cblas_sgemm reads a and b and writes c within them.
+        unsafe {
+            (self.sgemm)(
+                ROW_MAJOR,
+                op(a_transposed),
+                op(b_transposed),
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                a.as_ptr(),
+                lda as i32,
+                b.as_ptr(),
+                ldb as i32,
+                0.0,
+                c.as_mut_ptr(),
+                n as i32,
+            )
+        }
+    }
+}
+
 /// A raw pointer shared by the column blocks of one product (each writes its own columns).
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);

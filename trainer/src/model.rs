@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{LoraAdapter, LoraConfig};
-use crate::ops::{masked_softmax, rms_norm, rope, softmax_last_dim};
+use crate::ops::{attention, rms_norm, rope};
 pub use crate::ops::frozen_linear;
 
 /// Errors of the model core: loading, configuration, adapters, generation.
@@ -889,13 +889,8 @@ impl Llama {
         // The 1/sqrt(d) scale goes on q, the smaller operand, not on the scores.
         let scale = 1.0 / (hd as f64).sqrt();
         let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = match &geo.mask {
-            None => softmax_last_dim(&scores)?,
-            Some(m) => masked_softmax(&scores.reshape((b, nh, t, tk))?, &m.reshape((b, t, tk))?)?
-                .reshape((b, nkv, n_rep * t, tk))?,
-        };
-        let out = probs.matmul(&v)?; // [B, nkv, n_rep*T, D]
+        let mask = geo.mask.as_ref().map(|m| m.reshape((b, t, tk))).transpose()?;
+        let out = attention(&q, &k, &v, mask.as_ref(), t)?; // [B, nkv, n_rep*T, D]
         let out = out
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?

@@ -10,7 +10,7 @@
 //! Frozen linear layers (`x · Wᵀ` with a weight that is never trained) go through BLAS when one
 //! is loaded ([`crate::blas`]), and their backward computes only the input's gradient.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
 use crate::model::{ModelError, Result};
@@ -179,6 +179,69 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&log_z)?)
 }
 
+/// Mean negative log-likelihood of `targets` (one per row) under the logits `[N, V]`, a scalar:
+/// what PyTorch's `cross_entropy` computes. Fused on the CPU in f32: the forward pass keeps no
+/// `[N, V]` tensor (only a log-normaliser per row) and the backward pass writes the gradient,
+/// `(softmax − one-hot) / N`, in one go. Elsewhere, log-softmax and a gather.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if targets.len() != n || n == 0 {
+        return Err(ModelError::Invalid(format!("cross_entropy: {n} rows of logits, {} targets", targets.len())));
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+        return Err(ModelError::Invalid(format!("cross_entropy: target {bad} outside a vocabulary of {v}")));
+    }
+    if RowOp::applicable(logits).is_some() {
+        return Ok(logits.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec() })?);
+    }
+    let idx = Tensor::from_slice(targets, (n, 1), logits.device())?;
+    Ok(log_softmax(logits)?.gather(&idx, 1)?.mean_all()?.neg()?)
+}
+
+/// [`cross_entropy`]'s fused CPU op.
+struct CrossEntropy {
+    targets: Vec<u32>,
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = contiguous_range(layout, self.name())?;
+        let CpuStorage::F32(x) = storage else { candle_core::bail!("cross-entropy: f32 logits expected") };
+        let v = layout.shape().dims2()?.1;
+        let nll: f64 = x[start..end]
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| f64::from(log_normaliser(row) - row[t as usize]))
+            .sum();
+        Ok((CpuStorage::F32(vec![(nll / self.targets.len() as f64) as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let scale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? / self.targets.len() as f32;
+        let (n, v) = arg.dims2()?;
+        let x = f32_data(arg)?;
+        let mut g = vec![0f32; n * v];
+        g.par_chunks_mut(v).zip(x.par_chunks(v)).zip(self.targets.par_iter()).for_each(|((g, row), &t)| {
+            let log_z = log_normaliser(row);
+            for (g, x) in g.iter_mut().zip(row) {
+                *g = (x - log_z).exp() * scale;
+            }
+            g[t as usize] -= scale;
+        });
+        Ok(Some(Tensor::from_vec(g, (n, v), arg.device())?))
+    }
+}
+
+/// `log Σ exp(x)`, computed stably.
+fn log_normaliser(x: &[f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + x.iter().map(|x| (x - max).exp()).sum::<f32>().ln()
+}
+
 /// Rotary embedding in the rotate-half layout on `[B, T, H, D]` with `cos`/`sin` `[B, T, D/2]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && x.track_op() {
@@ -254,8 +317,7 @@ impl RowOp {
                 softmax_row(x.iter().zip(m).map(|(x, m)| x + m), y)
             }
             RowOp::LogSoftmax => {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let log_z = max + x.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+                let log_z = log_normaliser(x);
                 for (y, x) in y.iter_mut().zip(x) {
                     *y = x - log_z;
                 }
@@ -317,6 +379,151 @@ impl CustomOp1 for RowOp {
     }
 }
 
+/// The core of grouped-query attention, `softmax(q · kᵀ + mask) · v`, per batch row and
+/// key/value group: `q` `[B, G, R·T, D]` (the R query heads sharing a key/value head stacked as
+/// rows, already scaled by 1/√D), `k` and `v` `[B, G, Tk, D]`, `mask` the additive `[B, T, Tk]`
+/// shared by the heads (`None`: every key visible). Returns `[B, G, R·T, D]`.
+///
+/// On the CPU in f32 with BLAS loaded this is one custom op: the products go through BLAS, one
+/// (batch row, group) per task, and the probabilities are never stored; the backward pass
+/// recomputes them (as FlashAttention does), so the graph holds no `[.., T, Tk]` tensor and the
+/// gradients of the scores and probabilities are never accumulated by candle. Elsewhere it is the
+/// composition of matmuls and the (masked) softmax above.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, t: usize) -> Result<Tensor> {
+    let (b, g, rows, _) = q.dims4()?;
+    let tk = k.dim(2)?;
+    let fused = crate::blas::blas().is_some()
+        && [q, k, v].iter().all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
+        && t > 0
+        && rows % t == 0
+        && mask.is_none_or(|m| m.dtype() == DType::F32 && m.dims() == [b, t, tk]);
+    if fused {
+        let mask = mask.map(|m| m.flatten_all().and_then(|m| m.to_vec1::<f32>())).transpose()?;
+        let op = Attention { mask, t };
+        return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
+    }
+    let scores = q.matmul(&k.t()?)?;
+    let probs = match mask {
+        None => softmax_last_dim(&scores)?,
+        Some(m) => masked_softmax(&scores.reshape((b, g * rows / t, t, tk))?, m)?.reshape((b, g, rows, tk))?,
+    };
+    Ok(probs.matmul(v)?)
+}
+
+/// [`attention`]'s fused CPU op.
+struct Attention {
+    /// The additive mask `[B, T, Tk]`, flattened.
+    mask: Option<Vec<f32>>,
+    /// Query positions per head (row `r` of a group is position `r % t`).
+    t: usize,
+}
+
+impl Attention {
+    /// The probabilities `[rows, tk]` of batch row `bi`, one group: `softmax(q · kᵀ + mask)`.
+    fn probs(&self, blas: &crate::blas::Blas, bi: usize, q: &[f32], k: &[f32], d: usize, p: &mut [f32]) {
+        let tk = k.len() / d;
+        blas.gemm_serial(false, true, q.len() / d, tk, d, q, k, p);
+        for (r, row) in p.chunks_mut(tk).enumerate() {
+            if let Some(mask) = &self.mask {
+                let at = (bi * self.t + r % self.t) * tk;
+                row.iter_mut().zip(&mask[at..at + tk]).for_each(|(s, m)| *s += m);
+            }
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|s| *s *= inv);
+        }
+    }
+}
+
+/// The contiguous f32 data of a CPU tensor (a copy).
+fn f32_data(x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    x.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let blas = crate::blas::blas().ok_or_else(|| candle_core::Error::Msg("attention: no BLAS loaded".into()))?;
+        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (qs, ks, vs) else {
+            candle_core::bail!("attention: f32 inputs expected")
+        };
+        let (q, k, v) = (
+            &q[contiguous_range(ql, "attention")?.0..],
+            &k[contiguous_range(kl, "attention")?.0..],
+            &v[contiguous_range(vl, "attention")?.0..],
+        );
+        let (_, g, rows, d) = ql.shape().dims4()?;
+        let tk = kl.shape().dims4()?.2;
+        let mut out = vec![0f32; ql.shape().elem_count()];
+        out.par_chunks_mut(rows * d).enumerate().for_each(|(bg, o)| {
+            let (qi, ki) = (&q[bg * rows * d..][..rows * d], &k[bg * tk * d..][..tk * d]);
+            let mut p = vec![0f32; rows * tk];
+            self.probs(blas, bg / g, qi, ki, d, &mut p);
+            blas.gemm_serial(false, false, rows, d, tk, &p, &v[bg * tk * d..][..tk * d], o);
+        });
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    /// With P the probabilities and dO the output's gradient: dV = Pᵀ·dO, dP = dO·Vᵀ,
+    /// dS = P ⊙ (dP − Σ_row dP ⊙ P), dQ = dS·K, dK = dSᵀ·Q (the mask is a constant).
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let blas = crate::blas::blas().ok_or_else(|| candle_core::Error::Msg("attention: no BLAS loaded".into()))?;
+        let (_, g, rows, d) = q.dims4()?;
+        let tk = k.dim(2)?;
+        let (qv, kv, vv, go) = (f32_data(q)?, f32_data(k)?, f32_data(v)?, f32_data(grad)?);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; qv.len()], vec![0f32; kv.len()], vec![0f32; vv.len()]);
+        dq.par_chunks_mut(rows * d)
+            .zip(dk.par_chunks_mut(tk * d))
+            .zip(dv.par_chunks_mut(tk * d))
+            .enumerate()
+            .for_each(|(bg, ((dq, dk), dv))| {
+                let qi = &qv[bg * rows * d..][..rows * d];
+                let (ki, vi) = (&kv[bg * tk * d..][..tk * d], &vv[bg * tk * d..][..tk * d]);
+                let gi = &go[bg * rows * d..][..rows * d];
+                let mut p = vec![0f32; rows * tk];
+                self.probs(blas, bg / g, qi, ki, d, &mut p);
+                blas.gemm_serial(true, false, tk, d, rows, &p, gi, dv);
+                let mut ds = vec![0f32; rows * tk];
+                blas.gemm_serial(false, true, rows, tk, d, gi, vi, &mut ds);
+                for (dsr, pr) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
+                    let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    dsr.iter_mut().zip(pr).for_each(|(s, p)| *s = p * (*s - dot));
+                }
+                blas.gemm_serial(false, false, rows, d, tk, &ds, ki, dq);
+                blas.gemm_serial(true, false, tk, d, rows, &ds, qi, dk);
+            });
+        let dev = Device::Cpu;
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), &dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), &dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), &dev)?),
+        ))
+    }
+}
+
 /// Softmax of one row given as an iterator of its (masked) scores.
 fn softmax_row(x: impl Iterator<Item = f32> + Clone, y: &mut [f32]) {
     let max = x.clone().fold(f32::NEG_INFINITY, f32::max);
@@ -367,6 +574,84 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn cross_entropy_matches_log_softmax_and_gather_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 4.0, (5, 11), &dev).unwrap())).unwrap();
+        let targets = [3u32, 0, 10, 3, 7];
+        let fused = cross_entropy(x.as_tensor(), &targets).unwrap();
+        let idx = Tensor::new(&targets, &dev).unwrap().unsqueeze(1).unwrap();
+        let plain = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1)
+            .unwrap()
+            .gather(&idx, 1)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .neg()
+            .unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        // Scaled, so that the incoming gradient is not 1.
+        let gf = (fused * 3.0).unwrap().backward().unwrap();
+        let gp = (plain * 3.0).unwrap().backward().unwrap();
+        let (a, e) = (gf.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap());
+        assert!(max_diff(a, e) < 1e-5, "{}", max_diff(a, e));
+        // Rows of the gradient sum to zero: softmax minus a one-hot.
+        let sums = a.sum(1).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(sums < 1e-5);
+        assert!(cross_entropy(x.as_tensor(), &[1, 2]).unwrap_err().to_string().contains("5 rows of logits, 2 targets"));
+        assert!(cross_entropy(x.as_tensor(), &[1, 2, 3, 4, 11]).unwrap_err().to_string().contains("target 11"));
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composition_in_value_and_gradient() {
+        assert!(crate::blas::blas().is_some(), "this test needs BLAS: run scripts/setup.sh python");
+        // 2 batch rows, 2 key/value groups of 3 query heads, 4 query positions after 2 cached
+        // keys (Tk = 6), head width 8; a causal mask with padding in the second row.
+        let (b, g, r, t, tk, d) = (2, 2, 3, 4, 6, 8);
+        let dev = Device::Cpu;
+        let mut mask = vec![0f32; b * t * tk];
+        for bi in 0..b {
+            for q in 0..t {
+                for k in 0..tk {
+                    let pad = bi == 1 && k < 2 && k != q + 2;
+                    if k > q + 2 || pad {
+                        mask[(bi * t + q) * tk + k] = -1e9;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, t, tk), &dev).unwrap();
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, g, r * t, d), &dev).unwrap()).unwrap();
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, g, tk, d), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, g, tk, d), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (b, g, r * t, d), &dev).unwrap();
+        for m in [Some(&mask), None] {
+            let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), m, t).unwrap();
+            // The plain composition, written out here so that it does not depend on BLAS.
+            let scores = q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap();
+            let scores = match m {
+                Some(m) => scores
+                    .reshape((b, g * r, t, tk))
+                    .unwrap()
+                    .broadcast_add(&m.unsqueeze(1).unwrap())
+                    .unwrap()
+                    .reshape((b, g, r * t, tk))
+                    .unwrap(),
+                None => scores,
+            };
+            let plain = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(v.as_tensor()).unwrap();
+            assert!(max_diff(&fused, &plain) < 1e-5, "values differ by {}", max_diff(&fused, &plain));
+            let gf = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gp = (&plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, e) = (gf.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap());
+                assert!(max_diff(a, e) < 1e-4, "d{name} differs by {} (mask: {})", max_diff(a, e), m.is_some());
+            }
+            // No score-sized tensor gets a gradient: the op's only inputs are q, k and v.
+            assert_eq!(gf.get_ids().count(), 4);
+        }
     }
 
     #[test]
