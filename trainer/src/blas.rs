@@ -140,138 +140,170 @@ impl Blas {
     /// # Panics
     /// When a slice's length does not match the dimensions, or a dimension exceeds `i32::MAX`.
     pub fn sgemm(&self, b_transposed: bool, m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-        assert_eq!(a.len(), m * k, "sgemm: a is not [m, k]");
-        assert_eq!(b.len(), n * k, "sgemm: b is not [n, k] / [k, n]");
-        assert_eq!(c.len(), m * n, "sgemm: c is not [m, n]");
-        assert!(m.max(n).max(k) <= i32::MAX as usize, "sgemm: dimension exceeds i32");
+        let mut p = Product::new(m, n, k);
+        p.b_transposed = b_transposed;
+        self.gemm(&p, a, b, c);
+    }
+
+    /// `c = alpha · op(a) · op(b) + beta · c` (see [`Product`]), split by output columns over
+    /// candle's thread pool when it is large enough to gain from it.
+    ///
+    /// # Panics
+    /// When a slice's length does not match the dimensions, or a dimension exceeds `i32::MAX`.
+    pub fn gemm(&self, p: &Product, a: &[f32], b: &[f32], c: &mut [f32]) {
+        p.check(a, b, c);
+        let (m, n, k) = (p.m, p.n, p.k);
         if m == 0 || n == 0 {
-            return;
-        }
-        if k == 0 {
-            c.fill(0.0);
             return;
         }
         // Below about a quarter of a million multiply-adds a split costs more than it saves.
         let threads = candle_core::utils::get_num_threads().max(1);
         let parts = if m * n * k < (1 << 18) { 1 } else { threads.min(n.div_ceil(16)) };
+        if parts == 1 || k == 0 {
+            self.gemm_serial(p, a, b, c);
+            return;
+        }
         let chunk = n.div_ceil(parts).next_multiple_of(16).min(n);
         let (a, b, c) = (Shared(a.as_ptr().cast_mut()), Shared(b.as_ptr().cast_mut()), Shared(c.as_mut_ptr()));
         let block = |j0: usize| {
             let nj = chunk.min(n - j0);
-            // Column block j0..j0+nj of c = a times rows j0.. of b (transposed) or columns j0.. of
-            // b; the leading dimensions stay those of the whole matrices.
-            let (b_block, ldb) = if b_transposed { (j0 * k, k) } else { (j0, n) };
+            // Column block j0..j0+nj of c = op(a) times rows j0.. of b (transposed) or columns
+            // j0.. of b; the leading dimensions stay those of the whole matrices.
+            let b_block = if p.b_transposed { j0 * k } else { j0 };
             // SAFETY: the pointers come from slices of exactly the sizes checked above; each block
             // reads within a and b and writes only its own columns j0..j0+nj of c (disjoint
             // between blocks), and the slices outlive the calls (scoped below).
-            unsafe {
-                if m == 1 {
-                    // A matrix-vector product: gemm would first pack all of b.
-                    let (trans, rows, cols) = if b_transposed { (NO_TRANS, nj, k) } else { (TRANS, k, nj) };
-                    (self.sgemv)(
-                        ROW_MAJOR,
-                        trans,
-                        rows as i32,
-                        cols as i32,
-                        1.0,
-                        b.get().add(b_block),
-                        ldb as i32,
-                        a.get(),
-                        1,
-                        0.0,
-                        c.get().add(j0),
-                        1,
-                    )
-                } else {
-                    (self.sgemm)(
-                        ROW_MAJOR,
-                        NO_TRANS,
-                        if b_transposed { TRANS } else { NO_TRANS },
-                        m as i32,
-                        nj as i32,
-                        k as i32,
-                        1.0,
-                        a.get(),
-                        k as i32,
-                        b.get().add(b_block),
-                        ldb as i32,
-                        0.0,
-                        c.get().add(j0),
-                        n as i32,
-                    )
-                }
-            }
+            unsafe { self.raw(p, nj, a.get(), b.get().add(b_block), c.get().add(j0), p.ldb(), n) }
         };
-        if parts == 1 {
-            block(0);
+        use rayon::prelude::*;
+        (0..n).step_by(chunk).collect::<Vec<_>>().into_par_iter().for_each(block);
+    }
+
+    /// [`Blas::gemm`] on the calling thread, for callers that run many small products in
+    /// parallel themselves (attention's per-head products).
+    ///
+    /// # Panics
+    /// When a slice's length does not match the dimensions, or a dimension exceeds `i32::MAX`.
+    pub fn gemm_serial(&self, p: &Product, a: &[f32], b: &[f32], c: &mut [f32]) {
+        p.check(a, b, c);
+        if p.m == 0 || p.n == 0 {
+            return;
+        }
+        if p.k == 0 {
+            c.iter_mut().for_each(|c| *c *= p.beta);
+            return;
+        }
+        // SAFETY: the slices have exactly the sizes the dimensions and leading dimensions imply
+        // (checked above).
+        unsafe { self.raw(p, p.n, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), p.ldb(), p.n) }
+    }
+
+    /// One BLAS call for `nj` columns of `p`'s output; a matrix-vector product when `m` is 1
+    /// (gemm would first pack all of b).
+    ///
+    /// # Safety
+    /// `a`, `b` (with leading dimension `ldb`) and `c` (with `ldc`) must hold the elements the
+    /// product reads and writes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn raw(&self, p: &Product, nj: usize, a: *const f32, b: *const f32, c: *mut f32, ldb: usize, ldc: usize) {
+        let op = |t: bool| if t { TRANS } else { NO_TRANS };
+        if p.m == 1 {
+            // y = op(b)ᵀ x: b stored [n, k] (transposed) is the matrix [nj, k], else [k, nj].
+            let (trans, rows, cols) = if p.b_transposed { (NO_TRANS, nj, p.k) } else { (TRANS, p.k, nj) };
+            (self.sgemv)(ROW_MAJOR, trans, rows as i32, cols as i32, p.alpha, b, ldb as i32, a, 1, p.beta, c, 1)
         } else {
-            use rayon::prelude::*;
-            (0..n).step_by(chunk).collect::<Vec<_>>().into_par_iter().for_each(block);
+            (self.sgemm)(
+                ROW_MAJOR,
+                op(p.a_transposed),
+                op(p.b_transposed),
+                p.m as i32,
+                nj as i32,
+                p.k as i32,
+                p.alpha,
+                a,
+                p.lda() as i32,
+                b,
+                ldb as i32,
+                p.beta,
+                c,
+                ldc as i32,
+            )
         }
     }
 }
 
-impl Blas {
-    /// `c = op(a) · op(b)` on the calling thread, all row-major and contiguous: `op(a)` is
-    /// `[m, k]` (`a` is stored `[k, m]` when `a_transposed`), `op(b)` is `[k, n]` (`b` is stored
-    /// `[n, k]` when `b_transposed`), `c` is `[m, n]`. For callers that run many small products
-    /// in parallel themselves (attention's per-head products).
-    ///
-    /// # Panics
-    /// When a slice's length does not match the dimensions, or a dimension exceeds `i32::MAX`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_serial(
-        &self,
-        a_transposed: bool,
-        b_transposed: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        b: &[f32],
-        c: &mut [f32],
-    ) {
+/// The shape of one product `c = alpha · op(a) · op(b) + beta · c`, all matrices row-major and
+/// contiguous: `op(a)` is `[m, k]` (`a` stored `[k, m]` when `a_transposed`), `op(b)` is `[k, n]`
+/// (`b` stored `[n, k]` when `b_transposed`), `c` is `[m, n]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Product {
+    /// Rows of `c`.
+    pub m: usize,
+    /// Columns of `c`.
+    pub n: usize,
+    /// The inner dimension.
+    pub k: usize,
+    /// `a` is stored transposed, `[k, m]`.
+    pub a_transposed: bool,
+    /// `b` is stored transposed, `[n, k]`.
+    pub b_transposed: bool,
+    /// Factor of the product.
+    pub alpha: f32,
+    /// Factor of `c`'s old value (0: `c` is overwritten).
+    pub beta: f32,
+}
+
+impl Product {
+    /// `c = a · b` with `a` `[m, k]` and `b` `[k, n]`.
+    pub fn new(m: usize, n: usize, k: usize) -> Product {
+        Product { m, n, k, a_transposed: false, b_transposed: false, alpha: 1.0, beta: 0.0 }
+    }
+
+    /// `a` is stored `[k, m]`.
+    pub fn a_t(mut self) -> Product {
+        self.a_transposed = true;
+        self
+    }
+
+    /// `b` is stored `[n, k]`.
+    pub fn b_t(mut self) -> Product {
+        self.b_transposed = true;
+        self
+    }
+
+    /// Scales the product by `alpha`.
+    pub fn scaled(mut self, alpha: f32) -> Product {
+        self.alpha = alpha;
+        self
+    }
+
+    /// Adds the product to `c` instead of overwriting it.
+    pub fn accumulate(mut self) -> Product {
+        self.beta = 1.0;
+        self
+    }
+
+    fn lda(&self) -> usize {
+        if self.a_transposed { self.m } else { self.k }
+    }
+
+    fn ldb(&self) -> usize {
+        if self.b_transposed { self.k } else { self.n }
+    }
+
+    fn check(&self, a: &[f32], b: &[f32], c: &[f32]) {
+        let (m, n, k) = (self.m, self.n, self.k);
         assert_eq!(a.len(), m * k, "gemm: a is not [m, k] / [k, m]");
         assert_eq!(b.len(), n * k, "gemm: b is not [k, n] / [n, k]");
         assert_eq!(c.len(), m * n, "gemm: c is not [m, n]");
         assert!(m.max(n).max(k) <= i32::MAX as usize, "gemm: dimension exceeds i32");
-        if m == 0 || n == 0 {
-            return;
-        }
-        if k == 0 {
-            c.fill(0.0);
-            return;
-        }
-        let lda = if a_transposed { m } else { k };
-        let ldb = if b_transposed { k } else { n };
-        let op = |t: bool| if t { TRANS } else { NO_TRANS };
-        // SAFETY: the slices have exactly the sizes the dimensions and leading dimensions imply
-        // (checked above), and cblas_sgemm reads a and b and writes c within them.
-        unsafe {
-            (self.sgemm)(
-                ROW_MAJOR,
-                op(a_transposed),
-                op(b_transposed),
-                m as i32,
-                n as i32,
-                k as i32,
-                1.0,
-                a.as_ptr(),
-                lda as i32,
-                b.as_ptr(),
-                ldb as i32,
-                0.0,
-                c.as_mut_ptr(),
-                n as i32,
-            )
-        }
     }
 }
 
 /// A raw pointer shared by the column blocks of one product (each writes its own columns).
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);
-// SAFETY: used only inside `Blas::sgemm`, whose blocks touch disjoint parts of the output.
+// SAFETY: used only inside `Blas::gemm`, whose blocks touch disjoint parts of the output.
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 impl Shared {
@@ -307,6 +339,33 @@ mod tests {
                 blas.sgemm(t, m, n, k, &a, &b, &mut c);
                 for (x, y) in c.iter().zip(naive(t, m, n, k, &a, &b)) {
                     assert!((x - y).abs() < 1e-5, "{m}x{n}x{k} transposed={t}: {x} vs {y}");
+                }
+            }
+        }
+    }
+
+    /// `a` stored transposed, a scale and accumulation, serial and split over threads (the
+    /// second shape is large enough to be split), including the matrix-vector case.
+    #[test]
+    fn gemm_with_transposed_a_scale_and_accumulation_matches_the_definition() {
+        let blas = blas().expect("no BLAS library found: `scripts/setup.sh python` installs scipy-openblas32 into .venv");
+        for &(m, n, k) in &[(1, 7, 5), (5, 3, 4), (70, 200, 40)] {
+            // a_stored is [k, m]; a = a_storedᵀ.
+            let a_stored: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.29).sin()).collect();
+            let a: Vec<f32> = (0..m * k).map(|i| a_stored[(i % k) * m + i / k]).collect();
+            let b: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.07).cos()).collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.01).collect();
+            let want: Vec<f32> = naive(true, m, n, k, &a, &b).iter().zip(&c0).map(|(p, c)| 0.5 * p + c).collect();
+            let p = Product::new(m, n, k).a_t().b_t().scaled(0.5).accumulate();
+            for serial in [true, false] {
+                let mut c = c0.clone();
+                if serial {
+                    blas.gemm_serial(&p, &a_stored, &b, &mut c);
+                } else {
+                    blas.gemm(&p, &a_stored, &b, &mut c);
+                }
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-4, "{m}x{n}x{k} serial={serial}: {x} vs {y}");
                 }
             }
         }

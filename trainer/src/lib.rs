@@ -4,6 +4,7 @@
 pub mod blas;
 pub mod etpo;
 pub mod generate;
+pub mod kernels;
 pub mod load;
 pub mod lora;
 pub mod model;

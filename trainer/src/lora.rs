@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ForwardOptions, LlamaConfig, ModelError, Projection, Result};
+use crate::model::{frozen_linear, ForwardOptions, LlamaConfig, ModelError, Projection, Result};
 
 /// File names of a PEFT adapter folder.
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -198,6 +198,37 @@ impl LoraAdapter {
                 .into_iter()
                 .filter_map(move |p| slots[p as usize].as_ref().map(|pr| (li, p, pr)))
         })
+    }
+
+    /// The adapted projection `x · wᵀ + scale · dropout(x) · Aᵀ · Bᵀ` for (layer, p), `w` being
+    /// the frozen weight `[out, in]` and `x` `[N, in]`; the frozen projection alone where this set
+    /// does not adapt (layer, p). One fused op where [`crate::ops::lora_linear`] has one and no
+    /// dropout applies.
+    pub(crate) fn linear(
+        &self,
+        layer: usize,
+        p: Projection,
+        x: &Tensor,
+        w: &Tensor,
+        opts: &ForwardOptions,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let Some(pair) = self.pair(layer, p) else {
+            return frozen_linear(x, w);
+        };
+        let dropout = opts.dropout_seed.is_some() && self.cfg.dropout > 0.0;
+        if !dropout {
+            let (a, b) = if opts.track_grad {
+                (pair.a.as_tensor().clone(), pair.b.as_tensor().clone())
+            } else {
+                (pair.a.as_detached_tensor(), pair.b.as_detached_tensor())
+            };
+            if let Some(y) = crate::ops::lora_linear(x, w, &a, &b, self.cfg.scale())? {
+                return Ok(y);
+            }
+        }
+        let y = frozen_linear(x, w)?;
+        self.apply(layer, p, x, y, opts, dtype)
     }
 
     /// Adds the adapter's update for (layer, p) to `y = W x`. `x`: `[N, in]`, `y`: `[N, out]`.

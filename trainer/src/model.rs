@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{LoraAdapter, LoraConfig};
-use crate::ops::{attention, rms_norm, rope};
+use crate::ops::{attention, rms_norm, rope, swiglu};
 pub use crate::ops::frozen_linear;
 
 /// Errors of the model core: loading, configuration, adapters, generation.
@@ -772,10 +772,10 @@ impl Llama {
                 if let Some(w) = merged_w.and_then(|m| m[p as usize].as_ref()) {
                     return frozen_linear(x, w);
                 }
-                let y = frozen_linear(x, &blk.proj[p as usize])?;
+                let w = &blk.proj[p as usize];
                 match lora {
-                    None => Ok(y),
-                    Some((a, li)) => a.apply(li, p, x, y, opts, self.dtype),
+                    None => frozen_linear(x, w),
+                    Some((a, li)) => a.linear(li, p, x, w, opts, self.dtype),
                 }
             };
             let residual = x.clone();
@@ -786,7 +786,7 @@ impl Llama {
             let h = rms_norm(&x, &blk.mlp_norm, self.cfg.rms_norm_eps)?;
             let gate = lin(&h, Projection::Gate)?;
             let up = lin(&h, Projection::Up)?;
-            let h = lin(&(gate.silu()? * up)?, Projection::Down)?;
+            let h = lin(&swiglu(&gate, &up)?, Projection::Down)?;
             x = (residual + h)?;
         }
         let x = rms_norm(&x, &self.w.norm, self.cfg.rms_norm_eps)?;

@@ -13,6 +13,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
+use crate::blas::{Blas, Product};
+use crate::kernels;
 use crate::model::{ModelError, Result};
 
 /// `x @ w.t()` for a frozen weight `w` (`x`: `[N, in]`, `w`: `[out, in]`).
@@ -215,7 +217,7 @@ impl CustomOp1 for CrossEntropy {
         let nll: f64 = x[start..end]
             .par_chunks(v)
             .zip(self.targets.par_iter())
-            .map(|(row, &t)| f64::from(log_normaliser(row) - row[t as usize]))
+            .map(|(row, &t)| f64::from(kernels::log_sum_exp(row) - row[t as usize]))
             .sum();
         Ok((CpuStorage::F32(vec![(nll / self.targets.len() as f64) as f32]), Shape::from(())))
     }
@@ -223,23 +225,15 @@ impl CustomOp1 for CrossEntropy {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let scale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? / self.targets.len() as f32;
         let (n, v) = arg.dims2()?;
-        let x = f32_data(arg)?;
         let mut g = vec![0f32; n * v];
-        g.par_chunks_mut(v).zip(x.par_chunks(v)).zip(self.targets.par_iter()).for_each(|((g, row), &t)| {
-            let log_z = log_normaliser(row);
-            for (g, x) in g.iter_mut().zip(row) {
-                *g = (x - log_z).exp() * scale;
-            }
-            g[t as usize] -= scale;
-        });
+        with_f32(&[arg], |x| {
+            g.par_chunks_mut(v).zip(x[0].par_chunks(v)).zip(self.targets.par_iter()).for_each(|((g, row), &t)| {
+                kernels::exp_shift(row, kernels::log_sum_exp(row), scale, g);
+                g[t as usize] -= scale;
+            })
+        })?;
         Ok(Some(Tensor::from_vec(g, (n, v), arg.device())?))
     }
-}
-
-/// `log Σ exp(x)`, computed stably.
-fn log_normaliser(x: &[f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + x.iter().map(|x| (x - max).exp()).sum::<f32>().ln()
 }
 
 /// Rotary embedding in the rotate-half layout on `[B, T, H, D]` with `cos`/`sin` `[B, T, D/2]`.
@@ -303,21 +297,25 @@ impl RowOp {
     fn row(&self, index: usize, x: &[f32], y: &mut [f32]) {
         match self {
             RowOp::RmsNorm { alpha, eps } => {
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+                let ms = kernels::dot(x, x) / x.len() as f32;
                 let r = 1.0 / (ms + eps).sqrt();
                 for ((y, x), a) in y.iter_mut().zip(x).zip(alpha) {
                     *y = x * r * a;
                 }
             }
-            RowOp::Softmax => softmax_row(x.iter().copied(), y),
+            RowOp::Softmax => {
+                y.copy_from_slice(x);
+                kernels::softmax_in_place(y);
+            }
             RowOp::MaskedSoftmax { mask, heads, t, tk } => {
                 // Row index = ((batch · heads) + head) · t + query.
                 let (bi, q) = (index / (heads * t), index % t);
                 let m = &mask[(bi * t + q) * tk..(bi * t + q + 1) * tk];
-                softmax_row(x.iter().zip(m).map(|(x, m)| x + m), y)
+                y.iter_mut().zip(x).zip(m).for_each(|((y, x), m)| *y = x + m);
+                kernels::softmax_in_place(y);
             }
             RowOp::LogSoftmax => {
-                let log_z = log_normaliser(x);
+                let log_z = kernels::log_sum_exp(x);
                 for (y, x) in y.iter_mut().zip(x) {
                     *y = x - log_z;
                 }
@@ -387,8 +385,11 @@ impl CustomOp1 for RowOp {
 /// On the CPU in f32 with BLAS loaded this is one custom op: the products go through BLAS, one
 /// (batch row, group) per task, and the probabilities are never stored; the backward pass
 /// recomputes them (as FlashAttention does), so the graph holds no `[.., T, Tk]` tensor and the
-/// gradients of the scores and probabilities are never accumulated by candle. Elsewhere it is the
-/// composition of matmuls and the (masked) softmax above.
+/// gradients of the scores and probabilities are never accumulated by candle. Queries go in
+/// blocks of [`QUERY_BLOCK`] positions, each against the keys up to the last one any of them
+/// sees (mask entries at or below [`HIDDEN`] hide a key), so a causal mask costs about half the
+/// products of a full one. Elsewhere it is the composition of matmuls and the (masked) softmax
+/// above.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, t: usize) -> Result<Tensor> {
     let (b, g, rows, _) = q.dims4()?;
     let tk = k.dim(2)?;
@@ -410,6 +411,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, t: u
     Ok(probs.matmul(v)?)
 }
 
+/// Query positions per block of the fused attention.
+const QUERY_BLOCK: usize = 64;
+
+/// An additive mask entry at or below this hides its key (the model's masks use −1e30): its
+/// probability is 0 in f32 whatever the score.
+pub const HIDDEN: f32 = -1.0e9;
+
 /// [`attention`]'s fused CPU op.
 struct Attention {
     /// The additive mask `[B, T, Tk]`, flattened.
@@ -418,31 +426,69 @@ struct Attention {
     t: usize,
 }
 
+/// Rows `row0..row0 + rows` of one (batch row, group) of queries, against keys `0..keys`.
+#[derive(Clone, Copy)]
+struct QueryBlock {
+    row0: usize,
+    rows: usize,
+    keys: usize,
+}
+
 impl Attention {
-    /// The probabilities `[rows, tk]` of batch row `bi`, one group: `softmax(q · kᵀ + mask)`.
-    fn probs(&self, blas: &crate::blas::Blas, bi: usize, q: &[f32], k: &[f32], d: usize, p: &mut [f32]) {
-        let tk = k.len() / d;
-        blas.gemm_serial(false, true, q.len() / d, tk, d, q, k, p);
-        for (r, row) in p.chunks_mut(tk).enumerate() {
+    /// The query blocks of batch row `bi` (`rows` query rows, `tk` keys): without a mask, all rows
+    /// against all keys; with one, [`QUERY_BLOCK`] positions of one head at a time against the
+    /// keys up to the last one they see.
+    fn blocks(&self, bi: usize, rows: usize, tk: usize) -> Vec<QueryBlock> {
+        let Some(mask) = &self.mask else {
+            return vec![QueryBlock { row0: 0, rows, keys: tk }];
+        };
+        let t = self.t;
+        // One past the last visible key of each query position (all keys if none is visible,
+        // which keeps a fully masked row what the plain composition makes of it).
+        let limit = |q: usize| {
+            let row = &mask[(bi * t + q) * tk..][..tk];
+            row.iter().rposition(|&m| m > HIDDEN).map_or(tk, |i| i + 1)
+        };
+        let limits: Vec<usize> = (0..t).map(limit).collect();
+        let mut out = Vec::new();
+        for head in 0..rows / t {
+            for q0 in (0..t).step_by(QUERY_BLOCK) {
+                let n = QUERY_BLOCK.min(t - q0);
+                let keys = limits[q0..q0 + n].iter().copied().max().unwrap_or(tk);
+                out.push(QueryBlock { row0: head * t + q0, rows: n, keys });
+            }
+        }
+        out
+    }
+
+    /// The probabilities `[blk.rows, blk.keys]` of one block of batch row `bi`:
+    /// `softmax(q · kᵀ + mask)` over the block's keys (`q`: the block's rows, `k`: the group's keys).
+    #[allow(clippy::too_many_arguments)]
+    fn probs(&self, blas: &Blas, bi: usize, blk: QueryBlock, q: &[f32], k: &[f32], d: usize, tk: usize, p: &mut [f32]) {
+        let l = blk.keys;
+        blas.gemm_serial(&Product::new(blk.rows, l, d).b_t(), q, &k[..l * d], p);
+        for (i, row) in p.chunks_mut(l).enumerate() {
             if let Some(mask) = &self.mask {
-                let at = (bi * self.t + r % self.t) * tk;
-                row.iter_mut().zip(&mask[at..at + tk]).for_each(|(s, m)| *s += m);
+                let at = (bi * self.t + (blk.row0 + i) % self.t) * tk;
+                row.iter_mut().zip(&mask[at..at + l]).for_each(|(s, m)| *s += m);
             }
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|s| *s *= inv);
+            kernels::softmax_in_place(row);
         }
     }
 }
 
-/// The contiguous f32 data of a CPU tensor (a copy).
-fn f32_data(x: &Tensor) -> candle_core::Result<Vec<f32>> {
-    x.flatten_all()?.to_vec1::<f32>()
+/// Runs `f` on the contiguous f32 data of CPU tensors, without copying contiguous ones.
+fn with_f32<R>(xs: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
+    let xs: Vec<Tensor> = xs.iter().map(|x| x.contiguous()).collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = xs.iter().map(|x| x.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(xs.len());
+    for (storage, layout) in &guards {
+        let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&**storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("an f32 CPU tensor was expected")
+        };
+        slices.push(&v[a..b]);
+    }
+    Ok(f(&slices))
 }
 
 impl CustomOp3 for Attention {
@@ -468,20 +514,26 @@ impl CustomOp3 for Attention {
             &k[contiguous_range(kl, "attention")?.0..],
             &v[contiguous_range(vl, "attention")?.0..],
         );
-        let (_, g, rows, d) = ql.shape().dims4()?;
+        let (b, g, rows, d) = ql.shape().dims4()?;
         let tk = kl.shape().dims4()?.2;
+        let blocks: Vec<Vec<QueryBlock>> = (0..b).map(|bi| self.blocks(bi, rows, tk)).collect();
         let mut out = vec![0f32; ql.shape().elem_count()];
         out.par_chunks_mut(rows * d).enumerate().for_each(|(bg, o)| {
-            let (qi, ki) = (&q[bg * rows * d..][..rows * d], &k[bg * tk * d..][..tk * d]);
-            let mut p = vec![0f32; rows * tk];
-            self.probs(blas, bg / g, qi, ki, d, &mut p);
-            blas.gemm_serial(false, false, rows, d, tk, &p, &v[bg * tk * d..][..tk * d], o);
+            let bi = bg / g;
+            let (qi, ki, vi) = (&q[bg * rows * d..][..rows * d], &k[bg * tk * d..][..tk * d], &v[bg * tk * d..][..tk * d]);
+            let mut p = Vec::new();
+            for &blk in &blocks[bi] {
+                let (rs, l) = (blk.row0 * d..(blk.row0 + blk.rows) * d, blk.keys);
+                p.resize(blk.rows * l, 0.0);
+                self.probs(blas, bi, blk, &qi[rs.clone()], ki, d, tk, &mut p);
+                blas.gemm_serial(&Product::new(blk.rows, d, l), &p, &vi[..l * d], &mut o[rs]);
+            }
         });
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
-    /// With P the probabilities and dO the output's gradient: dV = Pᵀ·dO, dP = dO·Vᵀ,
-    /// dS = P ⊙ (dP − Σ_row dP ⊙ P), dQ = dS·K, dK = dSᵀ·Q (the mask is a constant).
+    /// With P the probabilities and dO the output's gradient, block by block: dV += Pᵀ·dO,
+    /// dP = dO·Vᵀ, dS = P ⊙ (dP − Σ_row dP ⊙ P), dQ = dS·K, dK += dSᵀ·Q (the mask is a constant).
     fn bwd(
         &self,
         q: &Tensor,
@@ -491,30 +543,39 @@ impl CustomOp3 for Attention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let blas = crate::blas::blas().ok_or_else(|| candle_core::Error::Msg("attention: no BLAS loaded".into()))?;
-        let (_, g, rows, d) = q.dims4()?;
+        let (b, g, rows, d) = q.dims4()?;
         let tk = k.dim(2)?;
-        let (qv, kv, vv, go) = (f32_data(q)?, f32_data(k)?, f32_data(v)?, f32_data(grad)?);
-        let (mut dq, mut dk, mut dv) = (vec![0f32; qv.len()], vec![0f32; kv.len()], vec![0f32; vv.len()]);
-        dq.par_chunks_mut(rows * d)
-            .zip(dk.par_chunks_mut(tk * d))
-            .zip(dv.par_chunks_mut(tk * d))
-            .enumerate()
-            .for_each(|(bg, ((dq, dk), dv))| {
-                let qi = &qv[bg * rows * d..][..rows * d];
-                let (ki, vi) = (&kv[bg * tk * d..][..tk * d], &vv[bg * tk * d..][..tk * d]);
-                let gi = &go[bg * rows * d..][..rows * d];
-                let mut p = vec![0f32; rows * tk];
-                self.probs(blas, bg / g, qi, ki, d, &mut p);
-                blas.gemm_serial(true, false, tk, d, rows, &p, gi, dv);
-                let mut ds = vec![0f32; rows * tk];
-                blas.gemm_serial(false, true, rows, tk, d, gi, vi, &mut ds);
-                for (dsr, pr) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
-                    let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    dsr.iter_mut().zip(pr).for_each(|(s, p)| *s = p * (*s - dot));
-                }
-                blas.gemm_serial(false, false, rows, d, tk, &ds, ki, dq);
-                blas.gemm_serial(true, false, tk, d, rows, &ds, qi, dk);
-            });
+        let blocks: Vec<Vec<QueryBlock>> = (0..b).map(|bi| self.blocks(bi, rows, tk)).collect();
+        let (mut dq, mut dk, mut dv) = (vec![0f32; q.elem_count()], vec![0f32; k.elem_count()], vec![0f32; v.elem_count()]);
+        with_f32(&[q, k, v, grad], |x| {
+            let (qv, kv, vv, go) = (x[0], x[1], x[2], x[3]);
+            dq.par_chunks_mut(rows * d)
+                .zip(dk.par_chunks_mut(tk * d))
+                .zip(dv.par_chunks_mut(tk * d))
+                .enumerate()
+                .for_each(|(bg, ((dq, dk), dv))| {
+                    let bi = bg / g;
+                    let qi = &qv[bg * rows * d..][..rows * d];
+                    let (ki, vi) = (&kv[bg * tk * d..][..tk * d], &vv[bg * tk * d..][..tk * d]);
+                    let gi = &go[bg * rows * d..][..rows * d];
+                    let (mut p, mut ds) = (Vec::new(), Vec::new());
+                    for &blk in &blocks[bi] {
+                        let (rs, l, n) = (blk.row0 * d..(blk.row0 + blk.rows) * d, blk.keys, blk.rows);
+                        let (qb, gb) = (&qi[rs.clone()], &gi[rs.clone()]);
+                        p.resize(n * l, 0.0);
+                        ds.resize(n * l, 0.0);
+                        self.probs(blas, bi, blk, qb, ki, d, tk, &mut p);
+                        blas.gemm_serial(&Product::new(l, d, n).a_t().accumulate(), &p, gb, &mut dv[..l * d]);
+                        blas.gemm_serial(&Product::new(n, l, d).b_t(), gb, &vi[..l * d], &mut ds);
+                        for (dsr, pr) in ds.chunks_mut(l).zip(p.chunks(l)) {
+                            let dot = kernels::dot(dsr, pr);
+                            dsr.iter_mut().zip(pr).for_each(|(s, p)| *s = p * (*s - dot));
+                        }
+                        blas.gemm_serial(&Product::new(n, d, l), &ds, &ki[..l * d], &mut dq[rs]);
+                        blas.gemm_serial(&Product::new(l, d, n).a_t().accumulate(), &ds, qb, &mut dk[..l * d]);
+                    }
+                })
+        })?;
         let dev = Device::Cpu;
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), &dev)?),
@@ -524,16 +585,146 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Softmax of one row given as an iterator of its (masked) scores.
-fn softmax_row(x: impl Iterator<Item = f32> + Clone, y: &mut [f32]) {
-    let max = x.clone().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = (x - max).exp();
-        sum += *y;
+/// SwiGLU's gating, `silu(gate) · up`. Fused on the CPU in f32 (one pass, and a backward pass
+/// that needs only the two inputs); candle's composition elsewhere.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let fused = [gate, up].iter().all(|x| x.device().is_cpu() && x.dtype() == DType::F32) && gate.shape() == up.shape();
+    if fused {
+        return Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?);
     }
-    let inv = 1.0 / sum;
-    y.iter_mut().for_each(|y| *y *= inv);
+    Ok((gate.silu()? * up)?)
+}
+
+/// [`swiglu`]'s fused CPU op.
+struct SwiGlu;
+
+/// Elements per parallel task of the element-wise ops.
+const ELEMENTS: usize = 1 << 14;
+
+impl candle_core::CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (gs, us) else { candle_core::bail!("swiglu: f32 inputs expected") };
+        let (g0, g1) = contiguous_range(gl, "swiglu")?;
+        let (u0, u1) = contiguous_range(ul, "swiglu")?;
+        let (g, u) = (&g[g0..g1], &u[u0..u1]);
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(ELEMENTS)
+            .zip(g.par_chunks(ELEMENTS).zip(u.par_chunks(ELEMENTS)))
+            .for_each(|(y, (g, u))| kernels::swiglu(g, u, y));
+        Ok((CpuStorage::F32(y), gl.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = gate.elem_count();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        with_f32(&[gate, up, grad], |x| {
+            dg.par_chunks_mut(ELEMENTS)
+                .zip(du.par_chunks_mut(ELEMENTS))
+                .zip(x[0].par_chunks(ELEMENTS).zip(x[1].par_chunks(ELEMENTS)).zip(x[2].par_chunks(ELEMENTS)))
+                .for_each(|((dg, du), ((g, u), d))| kernels::swiglu_backward(g, u, d, dg, du));
+        })?;
+        let dev = Device::Cpu;
+        Ok((Some(Tensor::from_vec(dg, gate.shape(), &dev)?), Some(Tensor::from_vec(du, up.shape(), &dev)?)))
+    }
+}
+
+/// A LoRA-adapted frozen linear layer in one op: `x · wᵀ + scale · (x · aᵀ) · bᵀ`, with `x`
+/// `[N, in]`, the frozen `w` `[out, in]`, `a` `[r, in]` and `b` `[out, r]`.
+///
+/// On the CPU in f32 with BLAS loaded, every product goes through BLAS and the backward pass
+/// computes `x`'s gradient only when `x` is tracked, and `w`'s never; the graph gets one node
+/// where the composition makes five. Returns `None` elsewhere: the caller composes
+/// [`frozen_linear`] and candle's matmuls.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let fused = crate::blas::blas().is_some()
+        && [x, w, a, b].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2);
+    if !fused {
+        return Ok(None);
+    }
+    let op = LoraLinear { w: w.contiguous()?, scale: scale as f32, x_tracked: x.track_op() };
+    Ok(Some(x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?))
+}
+
+/// [`lora_linear`]'s fused CPU op.
+struct LoraLinear {
+    w: Tensor,
+    scale: f32,
+    /// Whether `x` needs a gradient (not in the first block, whose input is the frozen embedding).
+    x_tracked: bool,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let blas = crate::blas::blas().ok_or_else(|| candle_core::Error::Msg("lora-linear: no BLAS loaded".into()))?;
+        let (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) = (xs, as_, bs) else {
+            candle_core::bail!("lora-linear: f32 inputs expected")
+        };
+        let (x0, x1) = contiguous_range(xl, self.name())?;
+        let (a0, a1) = contiguous_range(al, self.name())?;
+        let (b0, b1) = contiguous_range(bl, self.name())?;
+        let (x, a, b) = (&x[x0..x1], &a[a0..a1], &b[b0..b1]);
+        let (n, i) = xl.shape().dims2()?;
+        let (r, ia) = al.shape().dims2()?;
+        let (o, rb) = bl.shape().dims2()?;
+        let (ow, iw) = self.w.dims2()?;
+        if ia != i || iw != i || rb != r || ow != o {
+            candle_core::bail!("lora-linear: x [{n}, {i}], a [{r}, {ia}], b [{o}, {rb}] and w [{ow}, {iw}] do not fit");
+        }
+        let mut y = vec![0f32; n * o];
+        with_f32(&[&self.w], |w| blas.gemm(&Product::new(n, o, i).b_t(), x, w[0], &mut y))?;
+        let mut u = vec![0f32; n * r];
+        blas.gemm(&Product::new(n, r, i).b_t(), x, a, &mut u);
+        blas.gemm(&Product::new(n, o, r).b_t().scaled(self.scale).accumulate(), &u, b, &mut y);
+        Ok((CpuStorage::F32(y), (n, o).into()))
+    }
+
+    /// With u = x·aᵀ and g the output's gradient: db = s·gᵀ·u, gu = s·g·b, da = guᵀ·x and
+    /// dx = g·w + gu·a.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let blas = crate::blas::blas().ok_or_else(|| candle_core::Error::Msg("lora-linear: no BLAS loaded".into()))?;
+        let (n, i) = x.dims2()?;
+        let (r, o) = (a.dim(0)?, b.dim(0)?);
+        let s = self.scale;
+        let (mut u, mut gu, mut da, mut db) = (vec![0f32; n * r], vec![0f32; n * r], vec![0f32; r * i], vec![0f32; o * r]);
+        let mut dx = if self.x_tracked { vec![0f32; n * i] } else { Vec::new() };
+        with_f32(&[x, a, b, grad, &self.w], |t| {
+            let (x, a, b, g, w) = (t[0], t[1], t[2], t[3], t[4]);
+            blas.gemm(&Product::new(n, r, i).b_t(), x, a, &mut u);
+            blas.gemm(&Product::new(o, r, n).a_t().scaled(s), g, &u, &mut db);
+            blas.gemm(&Product::new(n, r, o).scaled(s), g, b, &mut gu);
+            blas.gemm(&Product::new(r, i, n).a_t(), &gu, x, &mut da);
+            if self.x_tracked {
+                blas.gemm(&Product::new(n, i, o), g, w, &mut dx);
+                blas.gemm(&Product::new(n, i, r).accumulate(), &gu, a, &mut dx);
+            }
+        })?;
+        let dev = Device::Cpu;
+        let dx = if self.x_tracked { Some(Tensor::from_vec(dx, (n, i), &dev)?) } else { None };
+        Ok((dx, Some(Tensor::from_vec(da, (r, i), &dev)?), Some(Tensor::from_vec(db, (o, r), &dev)?)))
+    }
 }
 
 /// The storage range of a custom op's input; the ops here are applied to contiguous tensors.
