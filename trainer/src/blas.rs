@@ -145,8 +145,11 @@ impl Blas {
         self.gemm(&p, a, b, c);
     }
 
-    /// `c = alpha · op(a) · op(b) + beta · c` (see [`Product`]), split by output columns over
-    /// candle's thread pool when it is large enough to gain from it.
+    /// `c = alpha · op(a) · op(b) + beta · c` (see [`Product`]), split over candle's thread pool
+    /// when it is large enough to gain from it: by rows of `c` when it has more rows than columns,
+    /// by columns otherwise. Each part packs the operand it shares with the others again, so the
+    /// split leaves the smaller one shared (the weight, not the activations, in a layer's
+    /// products).
     ///
     /// # Panics
     /// When a slice's length does not match the dimensions, or a dimension exceeds `i32::MAX`.
@@ -158,25 +161,52 @@ impl Blas {
         }
         // Below about a quarter of a million multiply-adds a split costs more than it saves.
         let threads = candle_core::utils::get_num_threads().max(1);
-        let parts = if m * n * k < (1 << 18) { 1 } else { threads.min(n.div_ceil(16)) };
+        let by_rows = m > n;
+        let (dim, align) = if by_rows { (m, 8) } else { (n, 16) };
+        let parts = if m * n * k < (1 << 18) { 1 } else { threads.min(dim.div_ceil(align)) };
         if parts == 1 || k == 0 {
             self.gemm_serial(p, a, b, c);
             return;
         }
-        let chunk = n.div_ceil(parts).next_multiple_of(16).min(n);
+        let chunk = dim.div_ceil(parts).next_multiple_of(align).min(dim);
         let (a, b, c) = (Shared(a.as_ptr().cast_mut()), Shared(b.as_ptr().cast_mut()), Shared(c.as_mut_ptr()));
-        let block = |j0: usize| {
-            let nj = chunk.min(n - j0);
-            // Column block j0..j0+nj of c = op(a) times rows j0.. of b (transposed) or columns
-            // j0.. of b; the leading dimensions stay those of the whole matrices.
-            let b_block = if p.b_transposed { j0 * k } else { j0 };
-            // SAFETY: the pointers come from slices of exactly the sizes checked above; each block
-            // reads within a and b and writes only its own columns j0..j0+nj of c (disjoint
-            // between blocks), and the slices outlive the calls (scoped below).
-            unsafe { self.raw(p, nj, a.get(), b.get().add(b_block), c.get().add(j0), p.ldb(), n) }
+        let block = |i0: usize| {
+            let len = chunk.min(dim - i0);
+            // SAFETY: the pointers come from slices of exactly the sizes checked above; each part
+            // reads within a and b and writes only its own rows (or columns) of c, disjoint
+            // between parts, and the slices outlive the calls (scoped below). The leading
+            // dimensions stay those of the whole matrices.
+            unsafe {
+                if by_rows {
+                    // Rows i0.. of op(a): rows of a, or columns of a stored transposed.
+                    let a_part = if p.a_transposed { i0 } else { i0 * k };
+                    self.raw(p, len, n, a.get().add(a_part), b.get(), c.get().add(i0 * n), n)
+                } else {
+                    // Columns i0.. of op(b): rows of b stored transposed, or columns of b.
+                    let b_part = if p.b_transposed { i0 * k } else { i0 };
+                    self.raw(p, m, len, a.get(), b.get().add(b_part), c.get().add(i0), n)
+                }
+            }
         };
         use rayon::prelude::*;
-        (0..n).step_by(chunk).collect::<Vec<_>>().into_par_iter().for_each(block);
+        (0..dim).step_by(chunk).collect::<Vec<_>>().into_par_iter().for_each(block);
+    }
+
+    /// [`Blas::gemm`] into a new `[m, n]` matrix (`beta` is ignored: there is no old value).
+    pub fn gemm_new(&self, p: &Product, a: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut c = Vec::with_capacity(p.m * p.n);
+        // BLAS writes every element of c when beta is 0 (it never reads it), so the buffer need
+        // not be zeroed first; `resize` would cost a pass over memory the product overwrites.
+        let p = Product { beta: 0.0, ..*p };
+        if p.k == 0 {
+            c.resize(p.m * p.n, 0.0);
+            return c;
+        }
+        // SAFETY: f32 has no invalid bit patterns and the product writes all m·n elements before
+        // anything reads them (k > 0, beta = 0).
+        unsafe { c.set_len(p.m * p.n) };
+        self.gemm(&p, a, b, &mut c);
+        c
     }
 
     /// [`Blas::gemm`] on the calling thread, for callers that run many small products in
@@ -195,39 +225,29 @@ impl Blas {
         }
         // SAFETY: the slices have exactly the sizes the dimensions and leading dimensions imply
         // (checked above).
-        unsafe { self.raw(p, p.n, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), p.ldb(), p.n) }
+        unsafe { self.raw(p, p.m, p.n, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), p.n) }
     }
 
-    /// One BLAS call for `nj` columns of `p`'s output; a matrix-vector product when `m` is 1
-    /// (gemm would first pack all of b).
+    /// One BLAS call for an `m × n` part of `p`'s output (the leading dimensions of a and b are
+    /// those of the whole product); a matrix-vector product when `m` is 1 (gemm would first pack
+    /// all of b).
     ///
     /// # Safety
-    /// `a`, `b` (with leading dimension `ldb`) and `c` (with `ldc`) must hold the elements the
-    /// product reads and writes.
+    /// `a`, `b` and `c` (with leading dimension `ldc`) must hold the elements the product reads
+    /// and writes.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn raw(&self, p: &Product, nj: usize, a: *const f32, b: *const f32, c: *mut f32, ldb: usize, ldc: usize) {
+    unsafe fn raw(&self, p: &Product, m: usize, n: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
         let op = |t: bool| if t { TRANS } else { NO_TRANS };
-        if p.m == 1 {
-            // y = op(b)ᵀ x: b stored [n, k] (transposed) is the matrix [nj, k], else [k, nj].
-            let (trans, rows, cols) = if p.b_transposed { (NO_TRANS, nj, p.k) } else { (TRANS, p.k, nj) };
-            (self.sgemv)(ROW_MAJOR, trans, rows as i32, cols as i32, p.alpha, b, ldb as i32, a, 1, p.beta, c, 1)
+        let (k, ldb) = (p.k as i32, p.ldb() as i32);
+        if m == 1 {
+            // c = op(b)ᵀ a: b stored [n, k] (transposed) is the matrix [n, k], else [k, n]. A row of
+            // a stored transposed is strided by lda.
+            let (trans, rows, cols) = if p.b_transposed { (NO_TRANS, n as i32, k) } else { (TRANS, k, n as i32) };
+            let inc_a = if p.a_transposed { p.lda() as i32 } else { 1 };
+            (self.sgemv)(ROW_MAJOR, trans, rows, cols, p.alpha, b, ldb, a, inc_a, p.beta, c, 1)
         } else {
-            (self.sgemm)(
-                ROW_MAJOR,
-                op(p.a_transposed),
-                op(p.b_transposed),
-                p.m as i32,
-                nj as i32,
-                p.k as i32,
-                p.alpha,
-                a,
-                p.lda() as i32,
-                b,
-                ldb as i32,
-                p.beta,
-                c,
-                ldc as i32,
-            )
+            let (m, n) = (m as i32, n as i32);
+            (self.sgemm)(ROW_MAJOR, op(p.a_transposed), op(p.b_transposed), m, n, k, p.alpha, a, p.lda() as i32, b, ldb, p.beta, c, ldc as i32)
         }
     }
 }
@@ -344,12 +364,13 @@ mod tests {
         }
     }
 
-    /// `a` stored transposed, a scale and accumulation, serial and split over threads (the
-    /// second shape is large enough to be split), including the matrix-vector case.
+    /// `a` stored transposed, a scale and accumulation, serial and split over threads (the last
+    /// two shapes are large enough to be split, by columns and by rows), including the
+    /// matrix-vector case; and a product into a new matrix.
     #[test]
     fn gemm_with_transposed_a_scale_and_accumulation_matches_the_definition() {
         let blas = blas().expect("no BLAS library found: `scripts/setup.sh python` installs scipy-openblas32 into .venv");
-        for &(m, n, k) in &[(1, 7, 5), (5, 3, 4), (70, 200, 40)] {
+        for &(m, n, k) in &[(1, 7, 5), (5, 3, 4), (70, 200, 40), (200, 70, 40)] {
             // a_stored is [k, m]; a = a_storedᵀ.
             let a_stored: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.29).sin()).collect();
             let a: Vec<f32> = (0..m * k).map(|i| a_stored[(i % k) * m + i / k]).collect();
@@ -367,6 +388,10 @@ mod tests {
                 for (x, y) in c.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4, "{m}x{n}x{k} serial={serial}: {x} vs {y}");
                 }
+            }
+            let fresh = blas.gemm_new(&p, &a_stored, &b);
+            for ((x, y), c) in fresh.iter().zip(&want).zip(&c0) {
+                assert!((x - (y - c)).abs() < 1e-4, "{m}x{n}x{k} new: {x} vs {}", y - c);
             }
         }
     }

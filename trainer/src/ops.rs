@@ -72,9 +72,9 @@ fn blas_times(x: &[f32], m: usize, k: usize, w: &Tensor, w_transposed: bool) -> 
     let (Storage::Cpu(CpuStorage::F32(wv)), Some((w0, w1))) = (&*ws, wl.contiguous_offsets()) else {
         return Ok(None);
     };
-    let mut c = vec![0f32; m * n];
-    blas.sgemm(w_transposed, m, n, k, x, &wv[w0..w1], &mut c);
-    Ok(Some(c))
+    let p = Product::new(m, n, k);
+    let p = if w_transposed { p.b_t() } else { p };
+    Ok(Some(blas.gemm_new(&p, x, &wv[w0..w1])))
 }
 
 struct FrozenLinear {
@@ -686,8 +686,7 @@ impl CustomOp3 for LoraLinear {
         if ia != i || iw != i || rb != r || ow != o {
             candle_core::bail!("lora-linear: x [{n}, {i}], a [{r}, {ia}], b [{o}, {rb}] and w [{ow}, {iw}] do not fit");
         }
-        let mut y = vec![0f32; n * o];
-        with_f32(&[&self.w], |w| blas.gemm(&Product::new(n, o, i).b_t(), x, w[0], &mut y))?;
+        let mut y = with_f32(&[&self.w], |w| blas.gemm_new(&Product::new(n, o, i).b_t(), x, w[0]))?;
         let mut u = vec![0f32; n * r];
         blas.gemm(&Product::new(n, r, i).b_t(), x, a, &mut u);
         blas.gemm(&Product::new(n, o, r).b_t().scaled(self.scale).accumulate(), &u, b, &mut y);
@@ -709,20 +708,20 @@ impl CustomOp3 for LoraLinear {
         let (r, o) = (a.dim(0)?, b.dim(0)?);
         let s = self.scale;
         let (mut u, mut gu, mut da, mut db) = (vec![0f32; n * r], vec![0f32; n * r], vec![0f32; r * i], vec![0f32; o * r]);
-        let mut dx = if self.x_tracked { vec![0f32; n * i] } else { Vec::new() };
-        with_f32(&[x, a, b, grad, &self.w], |t| {
+        let dx = with_f32(&[x, a, b, grad, &self.w], |t| {
             let (x, a, b, g, w) = (t[0], t[1], t[2], t[3], t[4]);
             blas.gemm(&Product::new(n, r, i).b_t(), x, a, &mut u);
             blas.gemm(&Product::new(o, r, n).a_t().scaled(s), g, &u, &mut db);
             blas.gemm(&Product::new(n, r, o).scaled(s), g, b, &mut gu);
             blas.gemm(&Product::new(r, i, n).a_t(), &gu, x, &mut da);
-            if self.x_tracked {
-                blas.gemm(&Product::new(n, i, o), g, w, &mut dx);
+            self.x_tracked.then(|| {
+                let mut dx = blas.gemm_new(&Product::new(n, i, o), g, w);
                 blas.gemm(&Product::new(n, i, r).accumulate(), &gu, a, &mut dx);
-            }
+                dx
+            })
         })?;
         let dev = Device::Cpu;
-        let dx = if self.x_tracked { Some(Tensor::from_vec(dx, (n, i), &dev)?) } else { None };
+        let dx = dx.map(|dx| Tensor::from_vec(dx, (n, i), &dev)).transpose()?;
         Ok((dx, Some(Tensor::from_vec(da, (r, i), &dev)?), Some(Tensor::from_vec(db, (o, r), &dev)?)))
     }
 }
@@ -842,6 +841,111 @@ mod tests {
             }
             // No score-sized tensor gets a gradient: the op's only inputs are q, k and v.
             assert_eq!(gf.get_ids().count(), 4);
+        }
+    }
+
+    /// More query positions than one block holds, a causal mask with left padding: the blocks
+    /// against their key prefixes give what the whole rows give.
+    #[test]
+    fn fused_attention_in_several_query_blocks_matches_the_composition() {
+        assert!(crate::blas::blas().is_some(), "this test needs BLAS: run scripts/setup.sh python");
+        let (b, g, r, t, d) = (2, 2, 2, QUERY_BLOCK + 13, 8);
+        let past = 3;
+        let tk = past + t;
+        let dev = Device::Cpu;
+        let mut mask = vec![0f32; b * t * tk];
+        for bi in 0..b {
+            for q in 0..t {
+                for k in 0..tk {
+                    // Row 1 has 5 padding keys at the start, seen only by themselves.
+                    let pad = bi == 1 && k < 5 && k != q + past;
+                    if k > q + past || pad {
+                        mask[(bi * t + q) * tk + k] = -1e30;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, t, tk), &dev).unwrap();
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, g, r * t, d), &dev).unwrap()).unwrap();
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, g, tk, d), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, g, tk, d), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (b, g, r * t, d), &dev).unwrap();
+        let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), t).unwrap();
+        let scores = q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap();
+        let scores = scores
+            .reshape((b, g * r, t, tk))
+            .unwrap()
+            .broadcast_add(&mask.unsqueeze(1).unwrap())
+            .unwrap()
+            .reshape((b, g, r * t, tk))
+            .unwrap();
+        let plain = candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(v.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-5, "values differ by {}", max_diff(&fused, &plain));
+        let gf = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (&plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, e) = (gf.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap());
+            assert!(max_diff(a, e) < 1e-4, "d{name} differs by {}", max_diff(a, e));
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_silu_times_up_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let gate = Tensor::randn(0f32, 3.0, (7, 19), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (7, 19), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (7, 19), &dev).unwrap();
+        let (g1, u1) = (Var::from_tensor(&gate).unwrap(), Var::from_tensor(&up).unwrap());
+        let (g2, u2) = (Var::from_tensor(&gate).unwrap(), Var::from_tensor(&up).unwrap());
+        let fused = swiglu(g1.as_tensor(), u1.as_tensor()).unwrap();
+        let plain = (g2.as_tensor().silu().unwrap() * u2.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let gf = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (&plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (a, e) in [(&g1, &g2), (&u1, &u2)] {
+            let d = max_diff(gf.get(a.as_tensor()).unwrap(), gp.get(e.as_tensor()).unwrap());
+            assert!(d < 1e-5, "gradients differ by {d}");
+        }
+    }
+
+    /// The fused op against frozen_linear plus candle's products, with the input tracked (a
+    /// later block) and untracked (the first block, whose input comes from the frozen embedding).
+    #[test]
+    fn lora_linear_matches_the_composition_in_value_and_gradient() {
+        assert!(crate::blas::blas().is_some(), "this test needs BLAS: run scripts/setup.sh python");
+        let dev = Device::Cpu;
+        let (n, i, o, r, scale) = (9, 12, 10, 3, 2.5);
+        let x = Tensor::randn(0f32, 1.0, (n, i), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (o, i), &dev).unwrap();
+        let a = Tensor::randn(0f32, 1.0, (r, i), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (o, r), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (n, o), &dev).unwrap();
+        for x_tracked in [true, false] {
+            let vars = |t: &Tensor| Var::from_tensor(t).unwrap();
+            let (x1, a1, b1) = (vars(&x), vars(&a), vars(&b));
+            let (x2, a2, b2) = (vars(&x), vars(&a), vars(&b));
+            let (xi1, xi2) = if x_tracked { (x1.as_tensor().clone(), x2.as_tensor().clone()) } else { (x.clone(), x.clone()) };
+            let fused = lora_linear(&xi1, &w, a1.as_tensor(), b1.as_tensor(), scale).unwrap().expect("fused on the CPU");
+            let base = frozen_linear(&xi2, &w).unwrap();
+            let delta = (xi2.matmul(&a2.as_tensor().t().unwrap()).unwrap() * scale)
+                .unwrap()
+                .matmul(&b2.as_tensor().t().unwrap())
+                .unwrap();
+            let plain = (base + delta).unwrap();
+            assert!(max_diff(&fused, &plain) < 1e-4, "values differ by {}", max_diff(&fused, &plain));
+            let gf = (&fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gp = (&plain * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, f, p) in [("a", &a1, &a2), ("b", &b1, &b2)] {
+                let d = max_diff(gf.get(f.as_tensor()).unwrap(), gp.get(p.as_tensor()).unwrap());
+                assert!(d < 1e-4, "d{name} differs by {d} (x tracked: {x_tracked})");
+            }
+            if x_tracked {
+                let d = max_diff(gf.get(x1.as_tensor()).unwrap(), gp.get(x2.as_tensor()).unwrap());
+                assert!(d < 1e-4, "dx differs by {d}");
+            }
+            // Nothing else gets a gradient: not w, and not x when it is not tracked.
+            assert!(gf.get(&w).is_none());
+            assert_eq!(gf.get_ids().count(), if x_tracked { 4 } else { 3 });
         }
     }
 
