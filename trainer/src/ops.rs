@@ -277,6 +277,10 @@ impl CustomOp1 for Rope {
     }
 }
 
+/// Rows per parallel task of the row-wise ops: rows are independent, and a few hundred per task
+/// keeps the threads' shares even.
+const ROWS: usize = 256;
+
 /// Row-wise ops over the last dimension with fused f32 CPU kernels and closed-form backwards.
 enum RowOp {
     /// `x / sqrt(mean(x²) + eps) · alpha`, `alpha` frozen.
@@ -342,8 +346,6 @@ impl CustomOp1 for RowOp {
         let x = &v[start..end];
         let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut y = vec![0f32; x.len()];
-        // Rows are independent; a few hundred per task keeps the threads' share even.
-        const ROWS: usize = 256;
         y.par_chunks_mut(n * ROWS).zip(x.par_chunks(n * ROWS)).enumerate().for_each(|(c, (ys, xs))| {
             for (i, (y, x)) in ys.chunks_mut(n).zip(xs.chunks(n)).enumerate() {
                 self.row(c * ROWS + i, x, y)
@@ -356,11 +358,22 @@ impl CustomOp1 for RowOp {
         let g = match self {
             // d/dx of x·r·α with r = (mean(x²) + eps)^(-1/2): r·(g⊙α) − x·r³·mean(g⊙α⊙x).
             RowOp::RmsNorm { alpha, eps } => {
-                let alpha = Tensor::from_slice(alpha, alpha.len(), arg.device())?;
-                let ga = grad.broadcast_mul(&alpha)?;
-                let r = (arg.sqr()?.mean_keepdim(D::Minus1)? + *eps as f64)?.sqrt()?.recip()?;
-                let m = (&ga * arg)?.mean_keepdim(D::Minus1)?;
-                (ga.broadcast_mul(&r)? - arg.broadcast_mul(&(r.powf(3.0)? * m)?)?)?
+                let n = alpha.len();
+                let mut dx = vec![0f32; arg.elem_count()];
+                with_f32(&[arg, grad], |t| {
+                    let rows = dx.par_chunks_mut(n * ROWS).zip(t[0].par_chunks(n * ROWS).zip(t[1].par_chunks(n * ROWS)));
+                    rows.for_each(|(dx, (x, g))| {
+                        for ((dx, x), g) in dx.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)) {
+                            let r = 1.0 / (kernels::dot(x, x) / n as f32 + eps).sqrt();
+                            let m = g.iter().zip(alpha).zip(x).map(|((g, a), x)| g * a * x).sum::<f32>() / n as f32;
+                            let c = r * r * r * m;
+                            for (((d, g), a), x) in dx.iter_mut().zip(g).zip(alpha).zip(x) {
+                                *d = r * g * a - x * c;
+                            }
+                        }
+                    })
+                })?;
+                Tensor::from_vec(dx, arg.shape(), arg.device())?
             }
             // y ⊙ (g − Σ g⊙y); the mask is a constant.
             RowOp::Softmax | RowOp::MaskedSoftmax { .. } => {
