@@ -160,7 +160,7 @@ impl Blas {
             return;
         }
         // Below about a quarter of a million multiply-adds a split costs more than it saves.
-        let threads = candle_core::utils::get_num_threads().max(1);
+        let threads = threads();
         let by_rows = m > n;
         let (dim, align) = if by_rows { (m, 8) } else { (n, 16) };
         let parts = if m * n * k < (1 << 18) { 1 } else { threads.min(dim.div_ceil(align)) };
@@ -250,6 +250,13 @@ impl Blas {
             (self.sgemm)(ROW_MAJOR, op(p.a_transposed), op(p.b_transposed), m, n, k, p.alpha, a, p.lda() as i32, b, ldb, p.beta, c, ldc as i32)
         }
     }
+}
+
+/// The number of threads candle uses, read once: `candle_core::utils::get_num_threads` parses
+/// /proc/cpuinfo on every call, which cost 7% of a decoding step when asked per product.
+fn threads() -> usize {
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
 /// The shape of one product `c = alpha · op(a) · op(b) + beta · c`, all matrices row-major and
