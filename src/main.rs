@@ -40,6 +40,7 @@ enum Command {
 
 fn main() {
     keep_freed_memory();
+    fix_thread_count();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check(args) => commands::check::run(args),
@@ -59,6 +60,17 @@ fn main() {
             eprintln!("error: {err:#}");
             std::process::exit(2);
         }
+    }
+}
+
+/// candle asks for its thread count on every matrix product, and without `RAYON_NUM_THREADS` it
+/// counts the physical cores by parsing /proc/cpuinfo each time (milliseconds per decoding step).
+/// Setting the variable to that same count, once, keeps the count and skips the parsing.
+fn fix_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY (set_var): called first thing in main, before any other thread exists.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
 
