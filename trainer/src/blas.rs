@@ -133,18 +133,6 @@ impl Blas {
         &self.path
     }
 
-    /// `c = a · bᵀ` (`b_transposed`) or `c = a · b`, all row-major and contiguous:
-    /// `a` is `[m, k]`, `b` is `[n, k]` when transposed and `[k, n]` otherwise, `c` is `[m, n]`.
-    /// Large products are split by output columns over candle's thread pool.
-    ///
-    /// # Panics
-    /// When a slice's length does not match the dimensions, or a dimension exceeds `i32::MAX`.
-    pub fn sgemm(&self, b_transposed: bool, m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-        let mut p = Product::new(m, n, k);
-        p.b_transposed = b_transposed;
-        self.gemm(&p, a, b, c);
-    }
-
     /// `c = alpha · op(a) · op(b) + beta · c` (see [`Product`]), split over candle's thread pool
     /// when it is large enough to gain from it: by rows of `c` when it has more rows than columns,
     /// by columns otherwise. Each part packs the operand it shares with the others again, so the
@@ -356,14 +344,15 @@ mod tests {
     }
 
     #[test]
-    fn sgemm_matches_the_definition() {
+    fn gemm_matches_the_definition() {
         let blas = blas().expect("no BLAS library found: `scripts/setup.sh python` installs scipy-openblas32 into .venv");
         for &(m, n, k) in &[(1, 7, 5), (3, 4, 2), (6, 1, 9), (5, 3, 1)] {
             let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
             for t in [true, false] {
                 let mut c = vec![f32::NAN; m * n];
-                blas.sgemm(t, m, n, k, &a, &b, &mut c);
+                let p = Product::new(m, n, k);
+                blas.gemm(&if t { p.b_t() } else { p }, &a, &b, &mut c);
                 for (x, y) in c.iter().zip(naive(t, m, n, k, &a, &b)) {
                     assert!((x - y).abs() < 1e-5, "{m}x{n}x{k} transposed={t}: {x} vs {y}");
                 }

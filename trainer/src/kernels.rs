@@ -10,37 +10,36 @@
 
 use std::sync::OnceLock;
 
+/// Below this `e^x` is subnormal or 0 in f32; [`exp`] returns 0.
+const EXP_MIN: f32 = -87.336_55;
+/// Above this `e^x` overflows f32.
+const EXP_MAX: f32 = 88.722_83;
+/// ln 2 split in two so that n·ln 2 is subtracted without rounding error (Cody-Waite).
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes' polynomial for (e^r − 1 − r) / r² on [−ln2/2, ln2/2], highest degree first.
+const EXP_POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+
 /// `e^x` in f32: within 2 ulp for `x` in [-87.3, 88.7], 0 below, `+inf` above; NaN stays NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split in two so that n·ln2 is subtracted without rounding error (Cody-Waite).
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const MIN: f32 = -87.336_55; // below: the result is subnormal or 0; 0 is returned.
-    const MAX: f32 = 88.722_83;
-    let xc = x.clamp(MIN, MAX);
+    let xc = x.clamp(EXP_MIN, EXP_MAX);
     // n = floor(x·log2(e) + 1/2), written with an integer conversion so that it vectorises
     // without SSE4.1's rounding instructions.
-    let t = xc * LOG2E + 0.5;
+    let t = xc * std::f32::consts::LOG2_E + 0.5;
     let ti = t as i32;
     let n = ti - i32::from(t < ti as f32);
     let nf = n as f32;
     let r = xc - nf * LN2_HI - nf * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| p * r + c);
     let er = p * r * r + r + 1.0;
     // 2^n as two factors: n reaches 128 near the top of the range, past f32's largest exponent.
     let n_lo = n >> 1;
     let n_hi = n - n_lo;
     let y = er * f32::from_bits(((n_hi + 127) as u32) << 23) * f32::from_bits(((n_lo + 127) as u32) << 23);
-    if x < MIN {
+    if x < EXP_MIN {
         0.0
-    } else if x > MAX {
+    } else if x > EXP_MAX {
         f32::INFINITY
     } else if x.is_nan() {
         x
@@ -166,22 +165,22 @@ mod scalar {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::scalar;
+    use super::{scalar, EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
 
     const W: usize = 8;
 
     /// [`super::exp`] on eight lanes.
     #[target_feature(enable = "avx2,fma")]
     fn exp8(x: __m256) -> __m256 {
-        let min = _mm256_set1_ps(-87.336_55);
-        let max = _mm256_set1_ps(88.722_83);
+        let min = _mm256_set1_ps(EXP_MIN);
+        let max = _mm256_set1_ps(EXP_MAX);
         let xc = _mm256_min_ps(_mm256_max_ps(x, min), max);
         let t = _mm256_fmadd_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(0.5));
         let nf = _mm256_floor_ps(t);
-        let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693_359_4), xc);
-        let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(LN2_HI), xc);
+        let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
         let er = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
