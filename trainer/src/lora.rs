@@ -203,7 +203,7 @@ impl LoraAdapter {
     /// The adapted projection `x · wᵀ + scale · dropout(x) · Aᵀ · Bᵀ` for (layer, p), `w` being
     /// the frozen weight `[out, in]` and `x` `[N, in]`; the frozen projection alone where this set
     /// does not adapt (layer, p). One fused op where [`crate::ops::lora_linear`] has one and no
-    /// dropout applies.
+    /// dropout applies; frozen_linear plus candle's products otherwise.
     pub(crate) fn linear(
         &self,
         layer: usize,
@@ -216,51 +216,28 @@ impl LoraAdapter {
         let Some(pair) = self.pair(layer, p) else {
             return frozen_linear(x, w);
         };
-        let dropout = opts.dropout_seed.is_some() && self.cfg.dropout > 0.0;
-        if !dropout {
-            let (a, b) = if opts.track_grad {
-                (pair.a.as_tensor().clone(), pair.b.as_tensor().clone())
-            } else {
-                (pair.a.as_detached_tensor(), pair.b.as_detached_tensor())
-            };
-            if let Some(y) = crate::ops::lora_linear(x, w, &a, &b, self.cfg.scale())? {
-                return Ok(y);
-            }
-        }
-        let y = frozen_linear(x, w)?;
-        self.apply(layer, p, x, y, opts, dtype)
-    }
-
-    /// Adds the adapter's update for (layer, p) to `y = W x`. `x`: `[N, in]`, `y`: `[N, out]`.
-    pub(crate) fn apply(
-        &self,
-        layer: usize,
-        p: Projection,
-        x: &Tensor,
-        y: Tensor,
-        opts: &ForwardOptions,
-        dtype: DType,
-    ) -> Result<Tensor> {
-        let Some(pair) = self.pair(layer, p) else {
-            return Ok(y);
-        };
         let (a, b) = if opts.track_grad {
             (pair.a.as_tensor().clone(), pair.b.as_tensor().clone())
         } else {
             (pair.a.as_detached_tensor(), pair.b.as_detached_tensor())
         };
-        let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
         let xin = match opts.dropout_seed {
             Some(seed) if self.cfg.dropout > 0.0 => {
                 let stream =
                     seed ^ ((layer as u64) << 8 | p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 dropout(x, self.cfg.dropout, stream)?
             }
-            _ => x.clone(),
+            _ => {
+                if let Some(y) = crate::ops::lora_linear(x, w, &a, &b, self.cfg.scale())? {
+                    return Ok(y);
+                }
+                x.clone()
+            }
         };
+        let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
         // The scale goes on the rank-r intermediate, the smallest tensor of the product.
         let delta = (xin.matmul(&a.t()?)? * self.cfg.scale())?.matmul(&b.t()?)?;
-        Ok((y + delta)?)
+        Ok((frozen_linear(x, w)? + delta)?)
     }
 
     /// An independent copy (new storage).
