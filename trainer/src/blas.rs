@@ -142,28 +142,61 @@ impl Blas {
     /// # Panics
     /// When a slice's length does not match the dimensions, or a dimension exceeds `i32::MAX`.
     pub fn gemm(&self, p: &Product, a: &[f32], b: &[f32], c: &mut [f32]) {
-        p.check(a, b, c);
+        p.check(a, b, c.len());
+        if p.k == 0 {
+            c.iter_mut().for_each(|c| *c *= p.beta);
+            return;
+        }
+        // SAFETY: c holds m·n elements (checked), initialised.
+        unsafe { self.gemm_into(p, a, b, c.as_mut_ptr()) }
+    }
+
+    /// [`Blas::gemm`] into a new `[m, n]` matrix (`beta` is ignored: there is no old value).
+    pub fn gemm_new(&self, p: &Product, a: &[f32], b: &[f32]) -> Vec<f32> {
+        let p = Product { beta: 0.0, ..*p };
+        let len = p.m * p.n;
+        p.check(a, b, len);
+        if p.k == 0 {
+            return vec![0.0; len];
+        }
+        // BLAS never reads c when beta is 0 (it need not be set on input), so the buffer is not
+        // zeroed first: that would be a pass over memory the product overwrites.
+        let mut c = Vec::with_capacity(len);
+        // SAFETY: the buffer has room for m·n elements; with k > 0 and beta 0 the product writes
+        // every one of them without reading any, so all are initialised when the length is set.
+        unsafe {
+            self.gemm_into(&p, a, b, c.as_mut_ptr());
+            c.set_len(len);
+        }
+        c
+    }
+
+    /// The body of [`Blas::gemm`] for `k > 0`.
+    ///
+    /// # Safety
+    /// `a` and `b` must fit `p` (checked by the callers) and `c` must point to `m·n` writable
+    /// elements, initialised unless `beta` is 0.
+    unsafe fn gemm_into(&self, p: &Product, a: &[f32], b: &[f32], c: *mut f32) {
         let (m, n, k) = (p.m, p.n, p.k);
         if m == 0 || n == 0 {
             return;
         }
         // Below about a quarter of a million multiply-adds a split costs more than it saves.
-        let threads = threads();
         let by_rows = m > n;
         let (dim, align) = if by_rows { (m, 8) } else { (n, 16) };
-        let parts = if m * n * k < (1 << 18) { 1 } else { threads.min(dim.div_ceil(align)) };
-        if parts == 1 || k == 0 {
-            self.gemm_serial(p, a, b, c);
+        let parts = if m * n * k < (1 << 18) { 1 } else { threads().min(dim.div_ceil(align)) };
+        if parts == 1 {
+            self.raw(p, m, n, a.as_ptr(), b.as_ptr(), c, n);
             return;
         }
         let chunk = dim.div_ceil(parts).next_multiple_of(align).min(dim);
-        let (a, b, c) = (Shared(a.as_ptr().cast_mut()), Shared(b.as_ptr().cast_mut()), Shared(c.as_mut_ptr()));
+        let (a, b, c) = (Shared(a.as_ptr().cast_mut()), Shared(b.as_ptr().cast_mut()), Shared(c));
         let block = |i0: usize| {
             let len = chunk.min(dim - i0);
-            // SAFETY: the pointers come from slices of exactly the sizes checked above; each part
-            // reads within a and b and writes only its own rows (or columns) of c, disjoint
-            // between parts, and the slices outlive the calls (scoped below). The leading
-            // dimensions stay those of the whole matrices.
+            // SAFETY: a and b fit the product and c holds m·n elements (the caller's contract);
+            // each part reads within a and b and writes only its own rows (or columns) of c,
+            // disjoint between parts, and everything outlives the calls (scoped below). The
+            // leading dimensions stay those of the whole matrices.
             unsafe {
                 if by_rows {
                     // Rows i0.. of op(a): rows of a, or columns of a stored transposed.
@@ -180,30 +213,13 @@ impl Blas {
         (0..dim).step_by(chunk).collect::<Vec<_>>().into_par_iter().for_each(block);
     }
 
-    /// [`Blas::gemm`] into a new `[m, n]` matrix (`beta` is ignored: there is no old value).
-    pub fn gemm_new(&self, p: &Product, a: &[f32], b: &[f32]) -> Vec<f32> {
-        let mut c = Vec::with_capacity(p.m * p.n);
-        // BLAS writes every element of c when beta is 0 (it never reads it), so the buffer need
-        // not be zeroed first; `resize` would cost a pass over memory the product overwrites.
-        let p = Product { beta: 0.0, ..*p };
-        if p.k == 0 {
-            c.resize(p.m * p.n, 0.0);
-            return c;
-        }
-        // SAFETY: f32 has no invalid bit patterns and the product writes all m·n elements before
-        // anything reads them (k > 0, beta = 0).
-        unsafe { c.set_len(p.m * p.n) };
-        self.gemm(&p, a, b, &mut c);
-        c
-    }
-
     /// [`Blas::gemm`] on the calling thread, for callers that run many small products in
     /// parallel themselves (attention's per-head products).
     ///
     /// # Panics
     /// When a slice's length does not match the dimensions, or a dimension exceeds `i32::MAX`.
     pub fn gemm_serial(&self, p: &Product, a: &[f32], b: &[f32], c: &mut [f32]) {
-        p.check(a, b, c);
+        p.check(a, b, c.len());
         if p.m == 0 || p.n == 0 {
             return;
         }
@@ -306,11 +322,11 @@ impl Product {
         if self.b_transposed { self.k } else { self.n }
     }
 
-    fn check(&self, a: &[f32], b: &[f32], c: &[f32]) {
+    fn check(&self, a: &[f32], b: &[f32], c_len: usize) {
         let (m, n, k) = (self.m, self.n, self.k);
         assert_eq!(a.len(), m * k, "gemm: a is not [m, k] / [k, m]");
         assert_eq!(b.len(), n * k, "gemm: b is not [k, n] / [n, k]");
-        assert_eq!(c.len(), m * n, "gemm: c is not [m, n]");
+        assert_eq!(c_len, m * n, "gemm: c is not [m, n]");
         assert!(m.max(n).max(k) <= i32::MAX as usize, "gemm: dimension exceeds i32");
     }
 }
