@@ -490,6 +490,11 @@ impl Attention {
     }
 }
 
+/// The BLAS an op that was chosen because one is loaded runs on.
+fn loaded_blas(op: &str) -> candle_core::Result<&'static Blas> {
+    crate::blas::blas().ok_or_else(|| candle_core::Error::Msg(format!("{op}: no BLAS loaded")))
+}
+
 /// Runs `f` on the contiguous f32 data of CPU tensors, without copying contiguous ones.
 fn with_f32<R>(xs: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
     let xs: Vec<Tensor> = xs.iter().map(|x| x.contiguous()).collect::<candle_core::Result<_>>()?;
@@ -518,7 +523,7 @@ impl CustomOp3 for Attention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let blas = crate::blas::blas().ok_or_else(|| candle_core::Error::Msg("attention: no BLAS loaded".into()))?;
+        let blas = loaded_blas("attention")?;
         let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (qs, ks, vs) else {
             candle_core::bail!("attention: f32 inputs expected")
         };
@@ -555,7 +560,7 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let blas = crate::blas::blas().ok_or_else(|| candle_core::Error::Msg("attention: no BLAS loaded".into()))?;
+        let blas = loaded_blas("attention")?;
         let (b, g, rows, d) = q.dims4()?;
         let tk = k.dim(2)?;
         let blocks: Vec<Vec<QueryBlock>> = (0..b).map(|bi| self.blocks(bi, rows, tk)).collect();
@@ -684,7 +689,7 @@ impl CustomOp3 for LoraLinear {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let blas = crate::blas::blas().ok_or_else(|| candle_core::Error::Msg("lora-linear: no BLAS loaded".into()))?;
+        let blas = loaded_blas("lora-linear")?;
         let (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) = (xs, as_, bs) else {
             candle_core::bail!("lora-linear: f32 inputs expected")
         };
@@ -716,7 +721,7 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let blas = crate::blas::blas().ok_or_else(|| candle_core::Error::Msg("lora-linear: no BLAS loaded".into()))?;
+        let blas = loaded_blas("lora-linear")?;
         let (n, i) = x.dims2()?;
         let (r, o) = (a.dim(0)?, b.dim(0)?);
         let s = self.scale;
