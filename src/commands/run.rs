@@ -49,19 +49,22 @@ impl Algo {
 #[derive(clap::Args, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainFlags {
-    /// β, the weight of the KL(π‖ρ) penalty (default: `training.beta`, else 0.01).
+    /// β, the weight of the KL(π‖ρ) penalty (default: `training.beta`, else the trainer's: 0.1 for
+    /// ETPO, 0.01 for PPO-KL).
     #[arg(long, conflicts_with = "resume")]
     beta: Option<f64>,
     /// γ, the discount between actions (default: `training.gamma`, else 0.99).
     #[arg(long, conflicts_with = "resume")]
     gamma: Option<f64>,
-    /// Learning rate of the trained adapters (default: `training.lr`, else the trainer's).
+    /// Learning rate of the trained adapters (default: `training.lr`, else the trainer's). ETPO:
+    /// the policy's; the Q adapter's is a third of it and its value head's 10 times that.
     #[arg(long, conflicts_with = "resume")]
     lr: Option<f64>,
-    /// λ, the Polyak coefficient of ETPO's target Q-network (default: `training.polyak`, else 0.995).
+    /// λ, the Polyak coefficient of ETPO's target Q-network (default: `training.polyak`, else 0.5).
     #[arg(long, conflicts_with = "resume")]
     polyak: Option<f64>,
-    /// How ETPO reads Q out of the Q-network: `logits` (the paper's) or `log-ratio`.
+    /// How ETPO reads Q out of the Q-network: `dueling` (the default: a value head plus β times
+    /// a log-ratio) or `logits` (the paper's literal reading).
     #[arg(long, conflicts_with = "resume")]
     q_readout: Option<trainer::etpo::QReadout>,
     /// Environment steps (over all specs and seeds) per update (default: `training.batch_size`,
@@ -77,6 +80,19 @@ pub struct TrainFlags {
     /// The ETPO(1-step) ablation: episodes of one step (every spec's `max_steps` forced to 1).
     #[arg(long, conflicts_with = "resume")]
     one_step: bool,
+    /// Any other hyper-parameter of the trainer, by its configuration key, applied last:
+    /// `--set q_epochs=4 --set q_optim.lr=1e-3` (ETPO) or `--set gae_lambda=0.9` (PPO-KL).
+    #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "resume")]
+    set: Vec<String>,
+}
+
+/// Applies `--set KEY=VALUE` overrides with `set` (the trainer configuration's own setter).
+fn apply_sets(sets: &[String], algo: &str, mut set: impl FnMut(&str, &str) -> Result<(), String>) -> anyhow::Result<()> {
+    for kv in sets {
+        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {kv}: expected KEY=VALUE"))?;
+        set(k, v).map_err(|e| anyhow::anyhow!("--algo {algo}: --set {kv}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Where actions come from.
@@ -392,7 +408,7 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
     } else {
         let f = &config.train;
         if f.beta.is_some() || f.gamma.is_some() || f.lr.is_some() || f.polyak.is_some() || f.q_readout.is_some()
-            || f.update_every.is_some() || f.checkpoint_every.is_some() || f.disc
+            || f.update_every.is_some() || f.checkpoint_every.is_some() || f.disc || !f.set.is_empty()
         {
             bail!("training hyper-parameters (--beta, --gamma, --lr, ...) need --algo etpo or --algo ppo-kl");
         }
@@ -523,12 +539,12 @@ fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<
             c.polyak = f.polyak.unwrap_or(c.polyak);
             c.q_readout = f.q_readout.unwrap_or(c.q_readout);
             if let Some(lr) = f.lr {
-                c.q_optim.lr = lr;
-                c.policy_optim.lr = lr;
+                c.set_lr(lr);
             }
             c.discount_inside_actions = f.disc;
             c.single_step = f.one_step;
             c.seed = config.sampling_seed;
+            apply_sets(&f.set, "etpo", |k, v| c.set(k, v))?;
             c.validate().map_err(|e| anyhow::anyhow!("--algo etpo: {e}"))?;
             TrainerConfig::Etpo(c)
         }
@@ -544,6 +560,7 @@ fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<
                 c.policy_optim.lr = lr;
             }
             c.seed = config.sampling_seed;
+            apply_sets(&f.set, "ppo-kl", |k, v| c.set(k, v))?;
             c.validate().map_err(|e| anyhow::anyhow!("--algo ppo-kl: {e}"))?;
             TrainerConfig::PpoKl(c)
         }
@@ -819,7 +836,7 @@ mod tests {
         let flags = TrainFlags { beta: Some(0.05), disc: true, ..Default::default() };
         let (t, schedule) = train_config(&config(Algo::Etpo, flags), &[&a, &b]).unwrap();
         let TrainerConfig::Etpo(c) = t else { panic!("{t:?}") };
-        assert_eq!((c.beta, c.gamma, c.polyak, c.seed), (0.05, 0.5, 0.995, 7));
+        assert_eq!((c.beta, c.gamma, c.polyak, c.seed), (0.05, 0.5, 0.5, 7));
         assert!(c.discount_inside_actions);
         assert_eq!((schedule.update_every, schedule.checkpoint_every), (3, 1));
 
@@ -832,6 +849,20 @@ mod tests {
         assert!(train_config(&config(Algo::PpoKl, flags), &[&a]).unwrap_err().to_string().contains("--q-readout"));
         let flags = TrainFlags { gamma: Some(1.5), ..Default::default() };
         assert!(train_config(&config(Algo::Etpo, flags), &[&a]).unwrap_err().to_string().contains("gamma"));
+        // --set reaches every key of the trainer's configuration, last.
+        let flags = TrainFlags { set: vec!["q_epochs=3".into(), "q_optim.lr=0.002".into()], lr: Some(0.5), ..Default::default() };
+        let (t, _) = train_config(&config(Algo::Etpo, flags), &[&a]).unwrap();
+        let TrainerConfig::Etpo(c) = t else { panic!("{t:?}") };
+        assert_eq!((c.q_epochs, c.q_optim.lr, c.policy_optim.lr), (3, 0.002, 0.5), "--set wins over --lr");
+        let flags = TrainFlags { set: vec!["gae_lambda=0.5".into()], ..Default::default() };
+        let (t, _) = train_config(&config(Algo::PpoKl, flags), &[&a]).unwrap();
+        let TrainerConfig::PpoKl(c) = t else { panic!("{t:?}") };
+        assert_eq!(c.gae_lambda, 0.5);
+        for bad in ["q_epoch=3", "q_epochs", "q_epochs=0"] {
+            let flags = TrainFlags { set: vec![bad.into()], ..Default::default() };
+            let e = train_config(&config(Algo::Etpo, flags), &[&a]).unwrap_err().to_string();
+            assert!(e.contains("--set") || e.contains("q_epochs"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -23,12 +23,14 @@ pub struct SeedStats {
     pub ran_reward_sum: f64,
     /// Best reward so far after each environment step: `best_curve[t]` is the best of steps 1..=t+1.
     pub best_curve: Vec<f64>,
+    /// Each step's reward and whether its action ran, in order.
+    pub outcomes: Vec<(f64, bool)>,
 }
 
 impl SeedStats {
     /// Empty statistics for `seed`.
     pub fn new(seed: u64) -> SeedStats {
-        SeedStats { seed, steps: 0, ran: 0, episodes: 0, reward_sum: 0.0, ran_reward_sum: 0.0, best_curve: Vec::new() }
+        SeedStats { seed, steps: 0, ran: 0, episodes: 0, reward_sum: 0.0, ran_reward_sum: 0.0, best_curve: Vec::new(), outcomes: Vec::new() }
     }
 
     /// Adds one step.
@@ -44,6 +46,7 @@ impl SeedStats {
         }
         let best = self.best().map_or(record.reward, |b| b.max(record.reward));
         self.best_curve.push(best);
+        self.outcomes.push((record.reward, record.ran));
     }
 
     /// Best reward found, `None` before the first step.
@@ -113,6 +116,29 @@ impl SpecStats {
     /// Total steps over all seeds.
     pub fn steps(&self) -> u32 {
         self.seeds.iter().map(|s| s.steps).sum()
+    }
+
+    /// The length of the early and late windows of [`SpecStats::window`]: a quarter of the
+    /// shortest seed's steps, at most 64 (the issue's "first and last 64 steps" of 256).
+    pub fn window_len(&self) -> usize {
+        let shortest = self.seeds.iter().map(|s| s.outcomes.len()).min().unwrap_or(0);
+        (shortest / 4).min(64)
+    }
+
+    /// Runnable rate and mean reward over the first (`late = false`) or last `len` steps of
+    /// every seed, pooled; `None` when `len` is 0.
+    pub fn window(&self, len: usize, late: bool) -> Option<(f64, f64)> {
+        if len == 0 {
+            return None;
+        }
+        let mut picked = Vec::new();
+        for s in &self.seeds {
+            let o = &s.outcomes;
+            picked.extend_from_slice(if late { &o[o.len() - len..] } else { &o[..len] });
+        }
+        let n = picked.len() as f64;
+        let ran = picked.iter().filter(|(_, ran)| *ran).count() as f64;
+        Some((ran / n, picked.iter().map(|(r, _)| r).sum::<f64>() / n))
     }
 
     /// The mean over seeds of the best reward after `t` steps (`t` from 1), counting only seeds
@@ -246,6 +272,28 @@ pub fn to_markdown(stats: &[SpecStats], algo: &str) -> String {
             spec.steps()
         );
     }
+    let _ = writeln!(out, "\n## First and last steps\n");
+    let _ = writeln!(
+        out,
+        "Runnable rate and mean reward over each seed's first and last w steps (w = a quarter of the \
+         steps, at most 64): whether the policy improved during the run.\n"
+    );
+    let _ = writeln!(out, "| Spec | w | First w: runnable | First w: mean reward | Last w: runnable | Last w: mean reward |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for spec in stats {
+        let w = spec.window_len();
+        let (first, last) = (spec.window(w, false), spec.window(w, true));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            spec.spec,
+            w,
+            pct(first.map(|x| x.0)),
+            md_num(first.map(|x| x.1)),
+            pct(last.map(|x| x.0)),
+            md_num(last.map(|x| x.1))
+        );
+    }
     let _ = writeln!(out, "\n## Per seed\n");
     let _ = writeln!(out, "| Spec | Seed | Steps | Episodes | Ran | Runnable rate | Mean reward | Mean reward (ran) | Best reward |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
@@ -351,5 +399,29 @@ mod tests {
         assert!((spec.mean_best_at(1).unwrap() - 0.4).abs() < 1e-12);
         assert_eq!(spec.mean_best_at(2), Some(0.4));
         assert_eq!(spec.mean_best_at(3), None);
+    }
+
+    #[test]
+    fn first_and_last_windows_by_hand() {
+        let mut spec = SpecStats::new("x", &[0, 1], 8);
+        // Seed 0: 8 steps, fail, fail, then runs of 0.5 and a last 0.9; seed 1: 9 steps.
+        for r in [-1.0, -1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.9] {
+            spec.seeds[0].push(&rec(0, r, r > 0.0));
+        }
+        for r in [0.5, -1.0, 0.5, 0.5, 0.5, 0.5, 0.5, -1.0, 0.7] {
+            spec.seeds[1].push(&rec(0, r, r > 0.0));
+        }
+        // A quarter of the shortest seed (8 steps): 2.
+        assert_eq!(spec.window_len(), 2);
+        // First 2: (-1, -1) and (0.5, -1): 1 of 4 ran, mean -2.5 / 4.
+        assert_eq!(spec.window(2, false), Some((0.25, -0.625)));
+        // Last 2: (0.5, 0.9) and (-1, 0.7): 3 of 4 ran, mean 1.1 / 4.
+        let (ran, mean) = spec.window(2, true).unwrap();
+        assert_eq!(ran, 0.75);
+        assert!((mean - 0.275).abs() < 1e-12);
+        assert_eq!(spec.window(0, true), None);
+        let md = to_markdown(&[spec], "etpo");
+        assert!(md.contains("| x | 2 | 25% | -0.6250 | 75% | 0.2750 |"), "{md}");
+        assert_eq!(SpecStats::new("y", &[0], 1).window_len(), 0);
     }
 }

@@ -11,6 +11,7 @@ pub mod model;
 pub mod ops;
 pub mod ppo;
 pub mod tokenizer;
+pub mod value_head;
 
 pub use tokenizer::{Tokenizer, TokenizerError};
 pub use generate::{generate, generate_ids, Completion, FinishReason, GenerateConfig};

@@ -2,12 +2,15 @@
 //!
 //! - Reward of an action: `r − β·log(π(a|s)/ρ(a|s))`, with `log π(a|s) = Σ_j log π(w^j|s, w^{1:j-1})`
 //!   under the policy that sampled the batch (the paper, Section 5.2).
-//! - Advantage: one-step TD, `A = r_KL + γ·V(s') − V(s)` (`V(s') = 0` at the end of an episode),
-//!   normalised over the batch; the same advantage for every token of the action.
+//! - Advantage: GAE(γ, λ) over the episode (Schulman et al. 2016; λ = 0.95 as in the ETPO
+//!   authors' code), see [`gae`]: `A_t = δ_t + γλ·A_{t+1}` with `δ_t = r_KL + γ·V(s_{t+1}) − V(s_t)`,
+//!   so a reward reaches the steps before it (a one-step TD advantage, λ = 0, does not carry it
+//!   back over three steps). Normalised over the batch; the same advantage for every token of
+//!   the action.
 //! - Policy loss: the clipped surrogate `−min(ρ_j A, clip(ρ_j, 1−ε, 1+ε) A)` with per-token
 //!   ratios `ρ_j = π_new(w^j|…)/π_old(w^j|…)`, averaged over action tokens, for several epochs.
 //! - Value head: a linear map of the frozen base's last hidden state at the state's last token,
-//!   trained on the TD target `r_KL + γ·V(s')`.
+//!   trained on the λ-return `A_t + V(s_t)`.
 //!
 //! The policy is the [`POLICY`] adapter set (the same name as ETPO's, so generation code is
 //! shared); ρ is the base without adapter.
@@ -16,13 +19,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::etpo::batch::{accumulate_grads, hidden_rows, token_tensor, RowSpan};
 use crate::etpo::{checkpoint, math, AdamW, AdamWConfig, TrainError, Transition, UpdateMetrics, POLICY};
 use crate::lora::LoraConfig;
 use crate::model::Llama;
+use crate::value_head::ValueHead;
 
 const FORMAT: &str = "etpo-ppo-kl-checkpoint/1";
 
@@ -34,6 +38,8 @@ pub struct PpoConfig {
     pub beta: f64,
     /// γ: discount between actions.
     pub gamma: f64,
+    /// λ of GAE: 0 is the one-step TD advantage, 1 the Monte-Carlo return minus `V(s)`.
+    pub gae_lambda: f64,
     /// ε of the clipped ratio.
     pub clip: f64,
     /// Optimisation epochs over each batch.
@@ -62,6 +68,7 @@ impl Default for PpoConfig {
         PpoConfig {
             beta: 0.01,
             gamma: 0.99,
+            gae_lambda: 0.95,
             clip: 0.2,
             epochs: 4,
             normalize_advantages: true,
@@ -123,6 +130,9 @@ impl PpoConfig {
         if !(0.0..=1.0).contains(&self.gamma) {
             return Err(format!("gamma must be in [0, 1], got {}", self.gamma));
         }
+        if !(0.0..=1.0).contains(&self.gae_lambda) {
+            return Err(format!("gae_lambda must be in [0, 1], got {}", self.gae_lambda));
+        }
         if !(self.clip > 0.0 && self.clip < 1.0) {
             return Err(format!("clip must be in (0, 1), got {}", self.clip));
         }
@@ -133,14 +143,56 @@ impl PpoConfig {
     }
 }
 
+/// Generalised advantage estimates `A_t = δ_t + γλ·A_{t+1}` of the transitions of `batch`, from
+/// their TD errors `deltas[t] = r_t + γ·V(s_{t+1}) − V(s_t)`.
+///
+/// Episodes are followed through the batch: the successors of a transition are the batch's
+/// transitions whose state is its next state. With none (the episode ended, or continues past
+/// the batch, whose `V(s_{t+1})` is then the bootstrap already in δ) `A_t = δ_t`; with several
+/// (two rollouts reached the same state) their mean advantage is used. A chain that comes back to
+/// a state it passed through is cut there.
+pub fn gae(batch: &[Transition], deltas: &[f64], gamma: f64, lambda: f64) -> Vec<f64> {
+    let mut by_state: HashMap<&[u32], Vec<usize>> = HashMap::new();
+    for (i, t) in batch.iter().enumerate() {
+        by_state.entry(t.state.as_slice()).or_default().push(i);
+    }
+    // Depth-first with an explicit stack, so long episodes cannot overflow the call stack.
+    let mut adv: Vec<Option<f64>> = vec![None; batch.len()];
+    let mut on_path = vec![false; batch.len()];
+    for root in 0..batch.len() {
+        let mut stack = vec![(root, false)];
+        while let Some((i, children_done)) = stack.pop() {
+            if adv[i].is_some() {
+                continue;
+            }
+            let succ: Vec<usize> = batch[i]
+                .next_state
+                .as_ref()
+                .and_then(|s| by_state.get(s.as_slice()))
+                .map(|v| v.iter().copied().filter(|&j| !on_path[j] || adv[j].is_some()).collect())
+                .unwrap_or_default();
+            if !children_done {
+                on_path[i] = true;
+                stack.push((i, true));
+                stack.extend(succ.iter().filter(|&&j| adv[j].is_none()).map(|&j| (j, false)));
+                continue;
+            }
+            let known: Vec<f64> = succ.iter().filter_map(|&j| adv[j]).collect();
+            let tail = if known.is_empty() { 0.0 } else { known.iter().sum::<f64>() / known.len() as f64 };
+            adv[i] = Some(deltas[i] + gamma * lambda * tail);
+            on_path[i] = false;
+        }
+    }
+    adv.into_iter().map(|a| a.unwrap_or(0.0)).collect()
+}
+
 /// PPO-KL over a [`Llama`]: the [`POLICY`] adapter set plus a value head on the frozen base.
 pub struct PpoTrainer {
     cfg: PpoConfig,
     pi_opt: AdamW,
     value_opt: AdamW,
-    /// `[H]` weights and `[1]` bias of the value head, in f32.
-    value_w: Var,
-    value_b: Var,
+    /// The critic `V(s)` on the frozen base's hidden state.
+    value_head: ValueHead,
     updates: u64,
 }
 
@@ -161,12 +213,11 @@ impl PpoTrainer {
         cfg.validate().map_err(TrainError::Config)?;
         let lora = LoraConfig { rank: cfg.lora_rank, alpha: cfg.lora_alpha, ..LoraConfig::default() };
         model.add_adapter_seeded(POLICY, &lora, cfg.seed)?;
-        let h = model.config().hidden_size;
-        let value_w = Var::zeros(h, DType::F32, model.device())?;
-        let value_b = Var::zeros(1, DType::F32, model.device())?;
+        let value_head = ValueHead::zeros(model.config().hidden_size, model.device())?;
         let pi_opt = AdamW::new(crate::etpo::trainer::named(model.adapter_vars(POLICY)), cfg.policy_optim)?;
-        let value_opt = AdamW::new(vec![("w".into(), value_w.clone()), ("b".into(), value_b.clone())], cfg.value_optim)?;
-        Ok(PpoTrainer { cfg, pi_opt, value_opt, value_w, value_b, updates: 0 })
+        let [w, b]: [Var; 2] = value_head.vars().try_into().map_err(|_| TrainError::Config("value head".into()))?;
+        let value_opt = AdamW::new(vec![("w".into(), w), ("b".into(), b)], cfg.value_optim)?;
+        Ok(PpoTrainer { cfg, pi_opt, value_opt, value_head, updates: 0 })
     }
 
     /// The configuration.
@@ -181,8 +232,7 @@ impl PpoTrainer {
 
     /// `V(s)` from base hidden states `[N, H]`.
     fn values(&self, features: &Tensor) -> Result<Tensor, TrainError> {
-        let f = features.to_dtype(DType::F32)?;
-        Ok(f.broadcast_mul(&self.value_w.as_tensor().unsqueeze(0)?)?.sum(D::Minus1)?.broadcast_add(self.value_b.as_tensor())?)
+        Ok(self.value_head.values(features)?)
     }
 
     /// One PPO-KL update on `batch` (transitions sampled by the current policy). `q_loss` of the
@@ -334,19 +384,19 @@ impl PpoTrainer {
             known.insert(s, v);
         }
 
-        let mut advantages = Vec::with_capacity(batch.len());
-        let mut value_targets = Vec::with_capacity(batch.len());
+        let mut deltas = Vec::with_capacity(batch.len());
         let mut shaped_sum = 0.0;
         for (i, t) in batch.iter().enumerate() {
             let shaped = t.reward - cfg.beta * action_log_ratio[i];
             shaped_sum += shaped;
             let next = t.next_state.as_ref().map_or(0.0, |s| known[s.as_slice()]);
-            let target = shaped + cfg.gamma * next;
-            value_targets.push(target as f32);
-            advantages.push(target - state_values[i]);
+            deltas.push(shaped + cfg.gamma * next - state_values[i]);
         }
+        let mut advantages = gae(batch, &deltas, cfg.gamma, cfg.gae_lambda);
+        let value_targets: Vec<f32> = advantages.iter().zip(&state_values).map(|(a, v)| (a + v) as f32).collect();
         m.q_target_mean = shaped_sum / batch.len() as f64;
         m.q_taken_mean = state_values.iter().sum::<f64>() / batch.len() as f64;
+        m.start_value_mean = m.q_taken_mean;
         if cfg.normalize_advantages && advantages.len() > 1 {
             let n = advantages.len() as f64;
             let mean = advantages.iter().sum::<f64>() / n;
@@ -367,7 +417,7 @@ impl PpoTrainer {
     /// configuration and the caller's `extra` state to one file, atomically.
     pub fn save_checkpoint(&self, model: &Llama, path: &Path, extra: &serde_json::Value) -> Result<(), TrainError> {
         let mut tensors = checkpoint::var_tensors(&format!("adapter.{POLICY}"), &model.adapter_vars(POLICY));
-        tensors.extend(checkpoint::var_tensors("value_head", &[self.value_w.clone(), self.value_b.clone()]));
+        tensors.extend(checkpoint::var_tensors("value_head", &self.value_head.vars()));
         tensors.extend(checkpoint::optim_tensors("optim.policy", &self.pi_opt));
         tensors.extend(checkpoint::optim_tensors("optim.value", &self.value_opt));
         let mut meta = HashMap::new();
@@ -386,12 +436,56 @@ impl PpoTrainer {
         let (tensors, meta) = checkpoint::read(path, model.device())?;
         checkpoint::check_format(path, &meta, FORMAT, "a PPO-KL trainer checkpoint")?;
         checkpoint::restore_vars(path, &tensors, &format!("adapter.{POLICY}"), &model.adapter_vars(POLICY))?;
-        checkpoint::restore_vars(path, &tensors, "value_head", &[self.value_w.clone(), self.value_b.clone()])?;
+        checkpoint::restore_vars(path, &tensors, "value_head", &self.value_head.vars())?;
         let pi_steps: u64 = checkpoint::meta_json(path, &meta, "policy_steps")?;
         let value_steps: u64 = checkpoint::meta_json(path, &meta, "value_steps")?;
         checkpoint::restore_optim(path, &tensors, "optim.policy", &mut self.pi_opt, pi_steps)?;
         checkpoint::restore_optim(path, &tensors, "optim.value", &mut self.value_opt, value_steps)?;
         self.updates = checkpoint::meta_json(path, &meta, "updates")?;
         checkpoint::meta_json(path, &meta, "extra")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(state: u32, next: Option<u32>) -> Transition {
+        Transition { state: vec![state], action: vec![1], reward: 0.0, next_state: next.map(|s| vec![s]) }
+    }
+
+    #[test]
+    fn gae_by_hand() {
+        // Episode 10 → 11 → 12 → end, given out of order, plus a one-step episode 20 → end and
+        // a transition whose next state (31) is not in the batch.
+        let batch = [step(12, None), step(10, Some(11)), step(20, None), step(11, Some(12)), step(30, Some(31))];
+        let deltas = [0.5, 1.0, -2.0, 0.25, 3.0];
+        let (g, l) = (0.9, 0.5);
+        let a = gae(&batch, &deltas, g, l);
+        let a12 = 0.5;
+        let a11 = 0.25 + g * l * a12;
+        let a10 = 1.0 + g * l * a11;
+        let want = [a12, a10, -2.0, a11, 3.0];
+        for (x, y) in a.iter().zip(want) {
+            assert!((x - y).abs() < 1e-12, "{a:?} vs {want:?}");
+        }
+        // λ = 0 is the one-step TD advantage; λ = 1, γ = 1 the sum of the TD errors ahead.
+        assert_eq!(gae(&batch, &deltas, g, 0.0), deltas.to_vec());
+        let mc = gae(&batch, &deltas, 1.0, 1.0);
+        assert!((mc[1] - (1.0 + 0.25 + 0.5)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn gae_averages_shared_successors_and_cuts_cycles() {
+        // Two transitions from state 2 (two samples); state 1 leads to 2.
+        let batch = [step(1, Some(2)), step(2, None), step(2, None)];
+        let a = gae(&batch, &[0.0, 1.0, 3.0], 1.0, 1.0);
+        assert_eq!(a, vec![2.0, 1.0, 3.0]);
+        // 5 → 6 → 5: finite, each sees the other once at most.
+        let cyc = [step(5, Some(6)), step(6, Some(5))];
+        let a = gae(&cyc, &[1.0, 1.0], 1.0, 1.0);
+        assert!(a.iter().all(|x| x.is_finite() && *x >= 1.0 && *x <= 2.0), "{a:?}");
+        // A self-loop.
+        assert_eq!(gae(&[step(7, Some(7))], &[1.5], 1.0, 1.0), vec![1.5]);
     }
 }

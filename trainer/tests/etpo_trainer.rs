@@ -1,5 +1,6 @@
-//! ETPO on a tiny random model: the start at ρ, the β limit, the Polyak rule, learning a
-//! one-token reward (and its sign-flipped twin), and exact resume from a checkpoint.
+//! ETPO on a tiny random model: the start at ρ, the β limit, the Polyak rule, learning a reward
+//! decided by an action's last token (and its sign-flipped twin), and exact resume from a
+//! checkpoint. Rewards decided before the last token are `etpo_credit.rs`'s.
 
 mod etpo_common;
 
@@ -8,12 +9,33 @@ use trainer::etpo::{AdamWConfig, EtpoConfig, EtpoTrainer, QReadout, POLICY, Q, Q
 
 const POLYAK: f64 = 0.8;
 
+/// The tiny model's configuration with `beta`: the shipped one for [`QReadout::Dueling`]; for
+/// [`QReadout::Logits`] Algorithm 1 as the paper runs it (one step of each network per update,
+/// no replay).
 fn config(readout: QReadout, beta: f64) -> EtpoConfig {
-    let optim = AdamWConfig { lr: 3e-2, ..Default::default() };
-    EtpoConfig { beta, q_readout: readout, q_optim: optim, policy_optim: optim, lora_rank: 4, lora_alpha: 8.0, polyak: POLYAK, ..Default::default() }
+    match readout {
+        QReadout::Dueling => EtpoConfig { beta, ..tiny_etpo_config() },
+        QReadout::Logits => {
+            let optim = AdamWConfig { lr: 3e-2, ..Default::default() };
+            EtpoConfig {
+                beta,
+                q_readout: readout,
+                q_optim: optim,
+                policy_optim: optim,
+                lora_rank: 4,
+                lora_alpha: 8.0,
+                polyak: POLYAK,
+                q_epochs: 1,
+                policy_epochs: 1,
+                replay_capacity: 0,
+                replay_sample: 0,
+                ..Default::default()
+            }
+        }
+    }
 }
 
-/// Trains on the one-token task; returns the expected reward before and after.
+/// Trains on the last-token task; returns the expected reward before and after.
 fn learn(readout: QReadout, beta: f64, sign: f64, updates: usize) -> (f64, f64) {
     let mut model = tiny_model(7);
     let mut trainer = EtpoTrainer::new(&mut model, config(readout, beta)).unwrap();
@@ -31,16 +53,16 @@ fn learn(readout: QReadout, beta: f64, sign: f64, updates: usize) -> (f64, f64) 
 
 #[test]
 fn learns_to_raise_the_reward_with_both_readouts() {
-    for readout in [QReadout::LogRatio, QReadout::Logits] {
-        let (before, after) = learn(readout, 0.01, 1.0, 30);
+    for (readout, beta) in [(QReadout::Dueling, 0.1), (QReadout::Logits, 0.01)] {
+        let (before, after) = learn(readout, beta, 1.0, 30);
         assert!(after > before + 0.4, "{readout}: expected reward {before:.3} -> {after:.3}");
     }
 }
 
 #[test]
 fn learns_to_lower_a_negative_reward_with_both_readouts() {
-    for readout in [QReadout::LogRatio, QReadout::Logits] {
-        let (before, after) = learn(readout, 0.01, -1.0, 30);
+    for (readout, beta) in [(QReadout::Dueling, 0.1), (QReadout::Logits, 0.01)] {
+        let (before, after) = learn(readout, beta, -1.0, 30);
         assert!(before < -0.05 && after > before / 3.0, "{readout}: expected reward {before:.3} -> {after:.3}");
     }
 }
@@ -59,7 +81,7 @@ fn policy_distance_from_reference(model: &trainer::model::Llama) -> f32 {
 #[test]
 fn networks_start_at_the_reference_model() {
     let mut model = tiny_model(3);
-    let _trainer = EtpoTrainer::new(&mut model, config(QReadout::LogRatio, 0.01)).unwrap();
+    let _trainer = EtpoTrainer::new(&mut model, config(QReadout::Dueling, 0.01)).unwrap();
     assert!(policy_distance_from_reference(&model) < 1e-6);
     let ctx = PROMPT.to_vec();
     let (q, r) = (next_probs(&model, &ctx, Some(Q)), next_probs(&model, &ctx, None));
@@ -72,7 +94,7 @@ fn a_very_large_beta_keeps_the_policy_at_the_reference() {
     let run = |beta: f64, lr: f64| {
         let mut model = tiny_model(7);
         let optim = AdamWConfig { lr, ..Default::default() };
-        let cfg = EtpoConfig { q_optim: optim, policy_optim: optim, ..config(QReadout::LogRatio, beta) };
+        let cfg = EtpoConfig { q_optim: optim, policy_optim: optim, ..config(QReadout::Dueling, beta) };
         let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
         let mut rng = Rng(5);
         for _ in 0..10 {
@@ -91,7 +113,8 @@ fn a_very_large_beta_keeps_the_policy_at_the_reference() {
 #[test]
 fn the_target_moves_by_exactly_the_polyak_rule() {
     let mut model = tiny_model(3);
-    let mut trainer = EtpoTrainer::new(&mut model, config(QReadout::LogRatio, 0.01)).unwrap();
+    let cfg = EtpoConfig { polyak: POLYAK, ..config(QReadout::Dueling, 0.1) };
+    let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
     let mut rng = Rng(9);
     for _ in 0..3 {
         let target_before = adapter_values(&model, Q_TARGET);
@@ -119,7 +142,7 @@ fn resume_from_a_checkpoint_gives_the_same_adapters() {
         let mut rng = Rng(2);
         (0..updates).map(|_| batch(&model, None, 8, 1.0, &mut rng)).collect()
     };
-    let cfg = config(QReadout::LogRatio, 0.01);
+    let cfg = config(QReadout::Dueling, 0.01);
 
     let mut straight = tiny_model(1);
     let mut t = EtpoTrainer::new(&mut straight, cfg.clone()).unwrap();
@@ -155,9 +178,31 @@ fn resume_from_a_checkpoint_gives_the_same_adapters() {
 }
 
 #[test]
+fn the_data_buffer_is_replayed_and_bounded() {
+    let mut model = tiny_model(3);
+    let cfg = EtpoConfig { replay_capacity: 20, replay_sample: 12, q_epochs: 1, policy_epochs: 1, ..config(QReadout::Dueling, 0.1) };
+    let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
+    let mut rng = Rng(4);
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let b = batch(&model, Some(POLICY), 8, 1.0, &mut rng);
+        let m = trainer.update(&model, &b).unwrap();
+        assert_eq!((m.transitions, m.action_tokens), (8, 16), "the metrics describe the new batch");
+        seen.push((m.replayed, trainer.replay_len()));
+    }
+    assert_eq!(seen, vec![(0, 8), (8, 16), (12, 20), (12, 20)]);
+    let cfg = EtpoConfig { replay_capacity: 0, ..config(QReadout::Dueling, 0.1) };
+    let mut model = tiny_model(3);
+    let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
+    let b = batch(&model, Some(POLICY), 8, 1.0, &mut rng);
+    trainer.update(&model, &b).unwrap();
+    assert_eq!((trainer.update(&model, &b).unwrap().replayed, trainer.replay_len()), (0, 0));
+}
+
+#[test]
 fn a_bad_checkpoint_is_an_error_with_the_path() {
     let mut model = tiny_model(1);
-    let mut t = EtpoTrainer::new(&mut model, config(QReadout::LogRatio, 0.01)).unwrap();
+    let mut t = EtpoTrainer::new(&mut model, config(QReadout::Dueling, 0.01)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.safetensors");
     std::fs::write(&path, b"not a checkpoint").unwrap();
@@ -174,7 +219,7 @@ fn eq13_holds_on_the_tiny_model() {
     use trainer::etpo::math;
     let beta = 0.05;
     let mut model = tiny_model(7);
-    let mut trainer = EtpoTrainer::new(&mut model, config(QReadout::LogRatio, beta)).unwrap();
+    let mut trainer = EtpoTrainer::new(&mut model, config(QReadout::Dueling, beta)).unwrap();
     let mut rng = Rng(21);
     for _ in 0..5 {
         let b = batch(&model, Some(POLICY), 16, 1.0, &mut rng);
@@ -194,7 +239,9 @@ fn eq13_holds_on_the_tiny_model() {
     let (pi0, rho0) = (math::log_softmax(&rows(&root, Some(POLICY))).unwrap(), math::log_softmax(&rows(&root, None)).unwrap());
     let (pi1, rho1) = (math::log_softmax(&rows(&inner, Some(POLICY))).unwrap(), math::log_softmax(&rows(&inner, None)).unwrap());
     // Q(s, w1, w2) of every action: the Q-network's read-out at the contexts (s, w1).
-    let q_last = math::q_values(&rows(&inner, Some(Q)), &rho1, QReadout::LogRatio, beta).unwrap();
+    // (Any Q will do for the identity: the log-ratio part of the dueling read-out, value 0.)
+    let zeros = Tensor::zeros(v, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q_last = math::q_values(&rows(&inner, Some(Q)), Some(&zeros), &rho1, QReadout::Dueling, beta).unwrap();
     // Token level: Q(s, w1) = V(s, w1), then the value of s.
     let q_first = math::soft_values(&pi1, &q_last, &rho1, beta).unwrap().unsqueeze(0).unwrap();
     let token_level = math::soft_values(&pi0, &q_first, &rho0, beta).unwrap().to_vec1::<f32>().unwrap()[0] as f64;

@@ -10,11 +10,14 @@ use super::optim::AdamWConfig;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EtpoConfig {
-    /// β: weight of the KL(π‖ρ) penalty (paper: 0.01).
+    /// β: weight of the KL(π‖ρ) penalty (default 0.1; the paper's 0.01 makes a reward gap of 1
+    /// a log-ratio of 100 nats, beyond what the adapters move in a run: README, "ETPO").
     pub beta: f64,
     /// γ: discount between actions (paper: 0.99).
     pub gamma: f64,
-    /// λ: Polyak coefficient of the target Q-network, `θ̄ ← λθ̄ + (1−λ)θ` (default 0.995).
+    /// λ: Polyak coefficient of the target Q-network, `θ̄ ← λθ̄ + (1−λ)θ` once per update
+    /// (default 0.5: a reward must cross one bootstrap per token position and per step, and
+    /// runs have tens of updates, not the paper's thousands).
     pub polyak: f64,
     /// How Q-values are read out of the Q-network.
     pub q_readout: QReadout,
@@ -27,8 +30,19 @@ pub struct EtpoConfig {
     pub huber_delta: Option<f64>,
     /// Optimiser of the Q-network's adapter.
     pub q_optim: AdamWConfig,
+    /// Optimiser of the Q-network's value head ([`QReadout::Dueling`]).
+    pub value_head_optim: AdamWConfig,
     /// Optimiser of the policy's adapter.
     pub policy_optim: AdamWConfig,
+    /// Transitions Algorithm 1's data buffer D keeps (the newest; 0: no buffer, each update
+    /// learns from its own batch only).
+    pub replay_capacity: usize,
+    /// Transitions drawn from D (without replacement) to train on beside each new batch.
+    pub replay_sample: usize,
+    /// Gradient steps of the Q-network per update, on the same targets (Algorithm 1: 1).
+    pub q_epochs: usize,
+    /// Gradient steps of the policy per update, against the same Q-values (Algorithm 1: 1).
+    pub policy_epochs: usize,
     /// Algorithm 1 updates φ against the Q-network after its step. With `true`, the Q-values
     /// read before the Q step are reused for the policy target (one forward pass less).
     pub policy_uses_pre_step_q: bool,
@@ -48,15 +62,20 @@ pub struct EtpoConfig {
 impl Default for EtpoConfig {
     fn default() -> Self {
         EtpoConfig {
-            beta: 0.01,
+            beta: 0.1,
             gamma: 0.99,
-            polyak: 0.995,
+            polyak: 0.5,
             q_readout: QReadout::default(),
             discount_inside_actions: false,
             single_step: false,
             huber_delta: None,
-            q_optim: AdamWConfig::default(),
-            policy_optim: AdamWConfig::default(),
+            q_optim: AdamWConfig { lr: 1e-4, ..AdamWConfig::default() },
+            value_head_optim: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() },
+            policy_optim: AdamWConfig { lr: 3e-4, ..AdamWConfig::default() },
+            replay_capacity: 256,
+            replay_sample: 32,
+            q_epochs: 4,
+            policy_epochs: 2,
             policy_uses_pre_step_q: false,
             micro_batch: 4,
             share_prefixes: true,
@@ -72,8 +91,7 @@ impl EtpoConfig {
     /// ETPO does not use (`epochs`, `clip_eps`, sampling keys, ...) are left to their owners.
     pub fn apply_spec(&mut self, t: &envspec::TrainingOverrides) {
         if let Some(lr) = t.lr {
-            self.q_optim.lr = lr;
-            self.policy_optim.lr = lr;
+            self.set_lr(lr);
         }
         if let Some(clip) = t.grad_clip {
             self.q_optim.max_grad_norm = Some(clip);
@@ -94,6 +112,15 @@ impl EtpoConfig {
         if let Some(v) = t.lora_alpha {
             self.lora_alpha = v;
         }
+    }
+
+    /// One learning rate for all three optimisers, keeping the defaults' ratios: the policy's
+    /// is `lr`, the Q adapter's `lr/3`, the value head's `10·lr/3` (the head must outpace the
+    /// adapters: README, "ETPO").
+    pub fn set_lr(&mut self, lr: f64) {
+        self.policy_optim.lr = lr;
+        self.q_optim.lr = lr / 3.0;
+        self.value_head_optim.lr = 10.0 * lr / 3.0;
     }
 
     /// Sets one hyper-parameter from a CLI `KEY=VALUE` override; see [`set_key`].
@@ -120,13 +147,13 @@ impl EtpoConfig {
                 return Err(format!("huber_delta must be positive, got {d}"));
             }
         }
-        if self.micro_batch == 0 {
-            return Err("micro_batch must be at least 1".into());
+        if self.micro_batch == 0 || self.q_epochs == 0 || self.policy_epochs == 0 {
+            return Err("micro_batch, q_epochs and policy_epochs must be at least 1".into());
         }
         if self.lora_rank == 0 {
             return Err("lora_rank must be at least 1".into());
         }
-        for (key, o) in [("q_optim", &self.q_optim), ("policy_optim", &self.policy_optim)] {
+        for (key, o) in [("q_optim", &self.q_optim), ("value_head_optim", &self.value_head_optim), ("policy_optim", &self.policy_optim)] {
             if o.lr.is_nan() || o.lr <= 0.0 {
                 return Err(format!("{key}.lr must be positive, got {}", o.lr));
             }
@@ -156,10 +183,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_the_papers() {
+    fn defaults() {
         let c = EtpoConfig::default();
-        assert_eq!((c.beta, c.gamma, c.polyak), (0.01, 0.99, 0.995));
-        assert_eq!(c.q_readout, QReadout::LogRatio);
+        assert_eq!((c.beta, c.gamma, c.polyak), (0.1, 0.99, 0.5));
+        assert_eq!((c.q_epochs, c.policy_epochs, c.replay_capacity, c.replay_sample), (4, 2, 256, 32));
+        assert_eq!(c.q_readout, QReadout::Dueling);
         assert!(c.validate().is_ok());
     }
 
@@ -200,6 +228,7 @@ mod override_tests {
         let t = envspec::TrainingOverrides { lr: Some(1e-3), beta: Some(0.1), polyak: Some(0.9), ..Default::default() };
         let mut c = EtpoConfig::default();
         c.apply_spec(&t);
-        assert_eq!((c.q_optim.lr, c.policy_optim.lr, c.beta, c.polyak, c.gamma), (1e-3, 1e-3, 0.1, 0.9, 0.99));
+        assert_eq!((c.policy_optim.lr, c.beta, c.polyak, c.gamma), (1e-3, 0.1, 0.9, 0.99));
+        assert!((c.q_optim.lr - 1e-3 / 3.0).abs() < 1e-15 && (c.value_head_optim.lr - 1e-2 / 3.0).abs() < 1e-15);
     }
 }

@@ -14,34 +14,36 @@ use serde::{Deserialize, Serialize};
 
 /// How the soft Q-values `Q(context, w)` are read out of the Q-network, a causal language model.
 ///
-/// The paper initialises Q with ρ and leaves the read-out open; both readings are offered.
-/// Both learn the tiny-model reward tasks in `tests/etpo_trainer.rs`. The default is
-/// [`QReadout::LogRatio`]: on SmolLM2-135M (`etpo bench train --updates 5 --set q_readout=...`,
-/// 4 actions of 16 tokens) the paper's reading started with a Q loss of 75 and a policy loss of
-/// 349 nats per token, and π's entropy fell from 6.17 to 5.74 nats in four updates whatever the
-/// rewards (the target softmax(z/β) is ρ's greedy choice); the log-ratio started at zero loss
-/// and moved π by KL 0.005 in the same four updates.
+/// The paper initialises Q with ρ and leaves the read-out open. The default is
+/// [`QReadout::Dueling`], the only reading under which the soft value of a context can move
+/// (and so carry a reward to the tokens before the last and to the step before); `etpo bench
+/// train` and `tests/etpo_trainer.rs` measure the difference (README, "ETPO").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum QReadout {
-    /// The paper's reading: Q is the Q-network's logits. At the start Q equals ρ's logits, so
-    /// the policy target softmax(Q/β) of Eq. 7 is ρ sharpened to temperature β.
+    /// The paper's literal reading: Q is the Q-network's logits. At the start Q equals ρ's
+    /// logits, so the policy target softmax(Q/β) of Eq. 7 is ρ sharpened to temperature β
+    /// (ρ's greedy choice at β = 0.01, whatever the rewards). Kept as the paper's ablation.
     Logits,
-    /// `Q = β·(log π_Q − log ρ)` with π_Q the Q-network's next-token distribution. The policy
-    /// target is the KL-regularised optimum `∝ ρ·exp(Q/β)` (Appendix B), which equals π_Q, so
-    /// the start (Q-network = ρ) is exactly `Q = 0`, `π = ρ`.
+    /// `Q(c, w) = V_ψ(c) + β·log(π_Q(w|c)/ρ(w|c))`: a value head `V_ψ` on the Q-network's final
+    /// hidden state plus β times the log-ratio of the Q-network's next-token distribution π_Q
+    /// to ρ (a dueling network whose advantage is a log-ratio).
     ///
-    /// Limitation: Q is bounded above by `−β·log ρ(w)`, so large positive returns are only
-    /// represented by pushing π_Q(w) towards 1.
+    /// - The soft value of a context under ρ, `β·log E_{w~ρ}[exp(Q(c,w)/β)]`, is exactly
+    ///   `V_ψ(c)`: it is free to hold any return. (The log-ratio alone, `V_ψ = 0`, pins it at 0,
+    ///   so the Eq. 6 bracket of every context was `−β·KL(π‖π_Q̄) ≤ 0` whatever the rewards,
+    ///   and only an action's last token ever saw a reward.)
+    /// - The optimum of Eq. 7, `π* ∝ ρ·exp(Q/β)`, is π_Q itself.
+    /// - At the start (adapters with B = 0, head at zero) `Q = 0` and `π = π_Q = ρ` exactly.
     #[default]
-    LogRatio,
+    Dueling,
 }
 
 impl std::fmt::Display for QReadout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             QReadout::Logits => "logits",
-            QReadout::LogRatio => "log-ratio",
+            QReadout::Dueling => "dueling",
         })
     }
 }
@@ -51,8 +53,11 @@ impl std::str::FromStr for QReadout {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "logits" => Ok(QReadout::Logits),
-            "log-ratio" => Ok(QReadout::LogRatio),
-            other => Err(format!("unknown Q read-out `{other}` (expected `logits` or `log-ratio`)")),
+            "dueling" => Ok(QReadout::Dueling),
+            "log-ratio" => Err("the `log-ratio` Q read-out was removed: its soft value is pinned at 0, so rewards never \
+                 reached tokens before an action's last; use `dueling` (its value head makes the soft value free)"
+                .into()),
+            other => Err(format!("unknown Q read-out `{other}` (expected `dueling` or `logits`)")),
         }
     }
 }
@@ -67,12 +72,26 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
 
 /// Q-values `Q(context, ·)` from the Q-network's logits, per [`QReadout`].
 ///
-/// `ref_logp` is ρ's log-softmax at the same positions (used by [`QReadout::LogRatio`]).
-pub fn q_values(q_logits: &Tensor, ref_logp: &Tensor, readout: QReadout, beta: f64) -> Result<Tensor> {
+/// `ref_logp` is ρ's log-softmax at the same rows; `value` holds the Q-network's value head
+/// `V_ψ(c)` at the rows (`[N]`), which [`QReadout::Dueling`] needs and [`QReadout::Logits`]
+/// ignores.
+pub fn q_values(q_logits: &Tensor, value: Option<&Tensor>, ref_logp: &Tensor, readout: QReadout, beta: f64) -> Result<Tensor> {
     match readout {
         QReadout::Logits => q_logits.to_dtype(DType::F32),
-        QReadout::LogRatio => (log_softmax(q_logits)? - ref_logp)? * beta,
+        QReadout::Dueling => {
+            let value = value.ok_or_else(|| candle_core::Error::Msg("the dueling Q read-out needs the value head's values".into()))?;
+            ((log_softmax(q_logits)? - ref_logp)? * beta)?.broadcast_add(&value.to_dtype(DType::F32)?.unsqueeze(1)?)
+        }
     }
+}
+
+/// The soft value of a context under ρ, `β·log Σ_w ρ(w)·exp(Q(w)/β)`, per row: the value of
+/// the KL-regularised optimum `π* ∝ ρ·exp(Q/β)`. Under [`QReadout::Dueling`] it is `V_ψ(c)`.
+pub fn soft_value_under_reference(q: &Tensor, ref_logp: &Tensor, beta: f64) -> Result<Tensor> {
+    let x = ((q / beta)? + ref_logp)?;
+    let max = x.max_keepdim(D::Minus1)?;
+    let lse = (x.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    lse.squeeze(D::Minus1)? * beta
 }
 
 /// `KL(π‖ρ)(context) = Σ_w π(w) (log π(w) − log ρ(w))`, per row.
@@ -103,7 +122,7 @@ pub fn soft_values(policy_logp: &Tensor, q_bar: &Tensor, ref_logp: &Tensor, beta
 ///   value of the next state's first-token distribution; `None` (the episode ended) gives `r`.
 ///
 /// Returns the `n = inside.len() + 1` targets in token order.
-pub fn bellman_targets(
+pub fn soft_bellman_targets(
     inside: &[f64],
     reward: f64,
     next_value: Option<f64>,
@@ -139,12 +158,13 @@ pub fn q_loss(q_taken: &Tensor, targets: &Tensor, huber_delta: Option<f64>) -> R
 
 /// Log-probabilities of the policy target of Eq. 7 at each row, as a constant:
 /// `softmax(Q/β)` for [`QReadout::Logits`] (the paper's `exp(Q/β)` normalised), and
-/// `∝ ρ·exp(Q/β)` for [`QReadout::LogRatio`] (Appendix B's optimum, equal to π_Q).
+/// `∝ ρ·exp(Q/β)` for [`QReadout::Dueling`] (Appendix B's optimum, equal to π_Q: the value
+/// head adds the same constant to every token of a row).
 pub fn policy_target_logp(q: &Tensor, ref_logp: &Tensor, readout: QReadout, beta: f64) -> Result<Tensor> {
     let scaled = (q.detach() / beta)?;
     match readout {
         QReadout::Logits => log_softmax(&scaled),
-        QReadout::LogRatio => log_softmax(&(scaled + ref_logp.detach())?),
+        QReadout::Dueling => log_softmax(&(scaled + ref_logp.detach())?),
     }
 }
 
@@ -202,19 +222,34 @@ mod tests {
     fn q_readouts() {
         let ql = t(&[&[1.0, 2.0, 3.0]]);
         let rl = log_softmax(&t(&[&[0.0, 0.0, 0.0]])).unwrap();
-        assert_eq!(v1(&q_values(&ql, &rl, QReadout::Logits, 0.5).unwrap().squeeze(0).unwrap()), vec![1.0, 2.0, 3.0]);
-        // log-ratio: β (log softmax(1,2,3) − log(1/3))
+        assert_eq!(v1(&q_values(&ql, None, &rl, QReadout::Logits, 0.5).unwrap().squeeze(0).unwrap()), vec![1.0, 2.0, 3.0]);
+        // Dueling: V + β (log softmax(1,2,3) − log(1/3)), V = 0.7.
+        let value = Tensor::new(&[0.7f32], &Device::Cpu).unwrap();
         let lse = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
-        let got = v1(&q_values(&ql, &rl, QReadout::LogRatio, 0.5).unwrap().squeeze(0).unwrap());
-        for (k, g) in got.iter().enumerate() {
-            let want = 0.5 * ((k as f64 + 1.0) - lse + 3f64.ln());
+        let q = q_values(&ql, Some(&value), &rl, QReadout::Dueling, 0.5).unwrap();
+        for (k, g) in v1(&q.squeeze(0).unwrap()).iter().enumerate() {
+            let want = 0.7 + 0.5 * ((k as f64 + 1.0) - lse + 3f64.ln());
             assert!(close(*g as f64, want, 1e-6), "{k}: {g} vs {want}");
         }
-        // Q-network = ρ gives Q = 0 and the policy target ρ itself.
-        let same = q_values(&rl, &rl, QReadout::LogRatio, 0.01).unwrap();
+        assert!(q_values(&ql, None, &rl, QReadout::Dueling, 0.5).is_err(), "dueling without values");
+        // The soft value under ρ is the head's value, whatever the log-ratio part.
+        let soft = v1(&soft_value_under_reference(&q, &rl, 0.5).unwrap())[0] as f64;
+        assert!(close(soft, 0.7, 1e-6), "{soft}");
+        // By hand for a Q that is not of that form: β log Σ ρ e^{Q/β}, ρ uniform, Q = (1, 2, 3).
+        let want = 0.5 * ((2f64.exp() + 4f64.exp() + 6f64.exp()) / 3.0).ln();
+        assert!(close(v1(&soft_value_under_reference(&ql, &rl, 0.5).unwrap())[0] as f64, want, 1e-6));
+        // The policy target ∝ ρ·exp(Q/β) is π_Q, whatever V is.
+        let tgt = policy_target_logp(&q, &rl, QReadout::Dueling, 0.5).unwrap();
+        let d = (tgt - log_softmax(&ql).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "{d}");
+        // Q-network = ρ and V = 0 give Q = 0 and the policy target ρ itself.
+        let zero = Tensor::new(&[0.0f32], &Device::Cpu).unwrap();
+        let same = q_values(&rl, Some(&zero), &rl, QReadout::Dueling, 0.01).unwrap();
         assert!(v1(&same.abs().unwrap().sum(1).unwrap())[0] < 1e-7);
-        let tgt = policy_target_logp(&same, &rl, QReadout::LogRatio, 0.01).unwrap();
+        let tgt = policy_target_logp(&same, &rl, QReadout::Dueling, 0.01).unwrap();
         assert!(v1(&(tgt - &rl).unwrap().abs().unwrap().sum(1).unwrap())[0] < 1e-6);
+        assert!("log-ratio".parse::<QReadout>().unwrap_err().contains("dueling"));
+        assert_eq!("dueling".parse::<QReadout>().unwrap(), QReadout::Dueling);
     }
 
     /// Eq. 6 on a 2-step episode with 2-token actions, V = 2, written out by hand.
@@ -249,19 +284,19 @@ mod tests {
         }
 
         // Step 1: token 1 takes V(s0,w1) undiscounted; token 2 takes r0 + γ V(s1).
-        let step1 = bellman_targets(&[v[0] as f64], 0.5, Some(v[1] as f64), gamma, false);
+        let step1 = soft_bellman_targets(&[v[0] as f64], 0.5, Some(v[1] as f64), gamma, false);
         assert!(close(step1[0], v0, 1e-5));
         assert!(close(step1[1], 0.5 + gamma * v1_, 1e-5));
         // Step 2 ends the episode: no bootstrap at the last token.
-        let step2 = bellman_targets(&[v[2] as f64], 1.0, None, gamma, false);
+        let step2 = soft_bellman_targets(&[v[2] as f64], 1.0, None, gamma, false);
         assert!(close(step2[0], v2, 1e-5));
         assert_eq!(step2[1], 1.0);
         // ETPO(disc.): γ inside the action too; the last token is unchanged.
-        let disc = bellman_targets(&[v[0] as f64], 0.5, Some(v[1] as f64), gamma, true);
+        let disc = soft_bellman_targets(&[v[0] as f64], 0.5, Some(v[1] as f64), gamma, true);
         assert!(close(disc[0], gamma * v0, 1e-5));
         assert_eq!(disc[1], step1[1]);
         // A one-token action has only the last-token case.
-        assert_eq!(bellman_targets(&[], -1.0, Some(2.0), 0.5, false), vec![0.0]);
+        assert_eq!(soft_bellman_targets(&[], -1.0, Some(2.0), 0.5, false), vec![0.0]);
     }
 
     #[test]

@@ -7,12 +7,13 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::batch::{accumulate_grads, logit_rows, token_tensor, RowSpan};
+use super::batch::{accumulate_grads, hidden_rows, logit_rows, token_tensor, RowSpan};
 use super::checkpoint;
 use super::math;
 use super::{AdamW, EtpoConfig, TrainError, Transition};
 use crate::lora::LoraConfig;
 use crate::model::Llama;
+use crate::value_head::ValueHead;
 
 /// Adapter set of the policy π_φ (generate with this one).
 pub const POLICY: &str = "policy";
@@ -21,7 +22,7 @@ pub const Q: &str = "q";
 /// Adapter set of the target Q-network Q_θ̄ (Polyak average of Q_θ).
 pub const Q_TARGET: &str = "q_target";
 
-const FORMAT: &str = "etpo-checkpoint/1";
+const FORMAT: &str = "etpo-checkpoint/2";
 
 /// Wall-clock seconds of the phases of one update.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -58,13 +59,20 @@ pub struct UpdateMetrics {
     pub q_target_mean: f64,
     /// Mean Q of the taken tokens.
     pub q_taken_mean: f64,
-    /// Gradient norms before clipping.
+    /// Mean soft value `V(s)` of the batch's states (Eq. 6 bracket with the target network);
+    /// PPO-KL: its value head's mean `V(s)`.
+    #[serde(default)]
+    pub start_value_mean: f64,
+    /// Gradient norms before clipping (of the first epoch).
     pub q_grad_norm: f64,
     pub policy_grad_norm: f64,
     /// Action tokens in the batch.
     pub action_tokens: usize,
     /// Number of transitions.
     pub transitions: usize,
+    /// ETPO only: transitions replayed from the data buffer beside them.
+    #[serde(default)]
+    pub replayed: usize,
     /// PPO-KL only: fraction of action tokens whose ratio left the clip range (last epoch).
     pub clip_fraction: Option<f64>,
     /// PPO-KL only: mean per-token `log π_old − log π_new` over the taken tokens (last epoch).
@@ -81,22 +89,53 @@ pub struct UpdateMetrics {
 pub struct EtpoTrainer {
     cfg: EtpoConfig,
     q_opt: AdamW,
+    /// The Q-network's value head has its own optimiser (its own learning rate).
+    head_opt: AdamW,
     pi_opt: AdamW,
+    /// Value heads of Q_θ and Q̄ (read by [`math::QReadout::Dueling`]; kept at zero otherwise).
+    q_head: ValueHead,
+    q_target_head: ValueHead,
+    /// Algorithm 1's data buffer D: past transitions, oldest first, at most `replay_capacity`.
+    replay: std::collections::VecDeque<Transition>,
+    /// Seed of the replay sampler (the configuration's at creation; restored from checkpoints).
+    replay_seed: u64,
     updates: u64,
+}
+
+/// One soft Q-network: an adapter set of the model and its value head.
+#[derive(Clone, Copy)]
+struct QNet<'a> {
+    adapter: &'static str,
+    head: &'a ValueHead,
 }
 
 impl EtpoTrainer {
     /// Adds the three adapter sets to `model` (π and Q fresh with B = 0, so both start equal to
-    /// ρ; Q̄ a copy of Q) and builds the optimisers. Fails if any of the names exists already.
+    /// ρ; Q̄ a copy of Q), the Q-networks' value heads (at zero) and the optimisers. Fails if any
+    /// of the names exists already.
     pub fn new(model: &mut Llama, cfg: EtpoConfig) -> Result<EtpoTrainer, TrainError> {
         cfg.validate().map_err(TrainError::Config)?;
         let lora = lora_config(&cfg);
         model.add_adapter_seeded(POLICY, &lora, cfg.seed)?;
         model.add_adapter_seeded(Q, &lora, cfg.seed.wrapping_add(1))?;
         model.copy_adapter(Q, Q_TARGET)?;
+        let hidden = model.config().hidden_size;
+        let q_head = ValueHead::zeros(hidden, model.device())?;
+        let q_target_head = ValueHead::zeros(hidden, model.device())?;
         let q_opt = AdamW::new(named(model.adapter_vars(Q)), cfg.q_optim)?;
+        let head_opt = AdamW::new(named(q_head.vars()), cfg.value_head_optim)?;
         let pi_opt = AdamW::new(named(model.adapter_vars(POLICY)), cfg.policy_optim)?;
-        Ok(EtpoTrainer { cfg, q_opt, pi_opt, updates: 0 })
+        let replay = std::collections::VecDeque::new();
+        let replay_seed = cfg.seed;
+        Ok(EtpoTrainer { cfg, q_opt, head_opt, pi_opt, q_head, q_target_head, replay, replay_seed, updates: 0 })
+    }
+
+    fn q_net(&self) -> QNet<'_> {
+        QNet { adapter: Q, head: &self.q_head }
+    }
+
+    fn q_target_net(&self) -> QNet<'_> {
+        QNet { adapter: Q_TARGET, head: &self.q_target_head }
     }
 
     /// The configuration.
@@ -109,71 +148,155 @@ impl EtpoTrainer {
         self.updates
     }
 
-    /// One update of Algorithm 1 on `batch`: soft Bellman targets (Eq. 6) from π, Q̄ and ρ, one
-    /// gradient step of Q on the squared error, one step of π on the KL of Eq. 7 against the
-    /// (updated) Q-network, then the Polyak update of Q̄.
+    /// Transitions in the data buffer D.
+    pub fn replay_len(&self) -> usize {
+        self.replay.len()
+    }
+
+    /// One update of Algorithm 1 on `batch`, the newly collected transitions: the mini-batch is
+    /// `batch` plus `replay_sample` transitions drawn from the data buffer D of earlier ones
+    /// (soft Q-learning is off-policy: Eq. 6's targets use the current π whoever sampled the
+    /// action); soft Bellman targets (Eq. 6) from π, Q̄ and ρ; `q_epochs` gradient steps of Q on
+    /// the squared error against them; `policy_epochs` steps of π on the KL of Eq. 7 against the
+    /// (updated) Q-network; the Polyak update of Q̄; then `batch` joins D.
+    ///
+    /// `batch_reward`, `transitions` and `action_tokens` of the metrics describe `batch`; the
+    /// losses are over the whole mini-batch.
     pub fn update(&mut self, model: &Llama, batch: &[Transition]) -> Result<UpdateMetrics, TrainError> {
-        let (batch, spans, mut m) = prepare_update(batch)?;
-        let (batch, total_tokens) = (&batch, m.action_tokens);
+        validate_batch(batch)?;
+        let fresh = batch;
+        let mut minibatch = fresh.to_vec();
+        minibatch.extend(self.replay_sample());
+        let (batch, spans, mut m) = prepare_update(&minibatch)?;
+        let total_tokens = m.action_tokens;
+        let batch = &batch;
         let cfg = self.cfg.clone();
-        let (beta, readout) = (cfg.beta, cfg.q_readout);
         let mb = cfg.micro_batch;
 
         // ---- Targets (Eq. 6): soft values of every action context and of the next states.
         let start = Instant::now();
-        let phase = compute_targets(model, batch, &spans, &cfg)?;
+        let phase = compute_targets(model, batch, &spans, &cfg, self.q_target_net())?;
         let (targets, ref_logp) = (phase.targets, phase.ref_logp);
         m.kl = phase.kl_sum / total_tokens as f64;
         m.entropy = phase.entropy_sum / total_tokens as f64;
         m.q_target_mean = targets.iter().map(|&x| x as f64).sum::<f64>() / total_tokens as f64;
+        m.start_value_mean = phase.start_value_mean;
         m.times.targets_s = start.elapsed().as_secs_f64();
 
-        // ---- Q step: θ ← θ − α ∇ mean (q − q_targ)².
+        // ---- Q steps: θ ← θ − α ∇ mean (q − q_targ)², the targets held fixed.
         let start = Instant::now();
-        let q_vars = self.q_opt.vars().to_vec();
-        let mut grads: Vec<Option<Tensor>> = vec![None; q_vars.len()];
+        let q_vars: Vec<_> = self.q_opt.vars().iter().chain(self.head_opt.vars()).cloned().collect();
+        let n_adapter = self.q_opt.vars().len();
         let mut pre_step_q: Vec<Tensor> = Vec::new();
-        let (mut row0, mut q_taken_sum) = (0usize, 0f64);
-        for (ci, chunk) in spans.chunks(mb).enumerate() {
-            let rows: usize = chunk.iter().map(|s| s.len).sum();
-            let tokens = token_tensor(model, chunk_actions(&batch[ci * mb..ci * mb + chunk.len()]))?;
-            let tg = Tensor::from_slice(&targets[row0..row0 + rows], rows, model.device())?;
-            let (loss, q, taken) = q_loss_chunk(model, chunk, &tokens, &tg, &ref_logp[ci], &cfg)?;
-            let loss = (loss * (rows as f64 / total_tokens as f64))?;
-            m.q_loss += loss.to_scalar::<f32>()? as f64;
-            q_taken_sum += taken.sum_all()?.to_scalar::<f32>()? as f64;
-            accumulate_grads(&mut grads, &q_vars, &loss.backward()?)?;
-            if cfg.policy_uses_pre_step_q {
-                pre_step_q.push(q.detach());
+        for epoch in 0..cfg.q_epochs {
+            let mut grads: Vec<Option<Tensor>> = vec![None; q_vars.len()];
+            let (mut row0, mut q_taken_sum, mut loss_sum) = (0usize, 0f64, 0f64);
+            for (ci, chunk) in spans.chunks(mb).enumerate() {
+                let rows: usize = chunk.iter().map(|s| s.len).sum();
+                let tokens = token_tensor(model, chunk_actions(&batch[ci * mb..ci * mb + chunk.len()]))?;
+                let tg = Tensor::from_slice(&targets[row0..row0 + rows], rows, model.device())?;
+                let (loss, q, taken) = q_loss_chunk(model, chunk, &tokens, &tg, &ref_logp[ci], &cfg, self.q_net())?;
+                let loss = (loss * (rows as f64 / total_tokens as f64))?;
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                q_taken_sum += taken.sum_all()?.to_scalar::<f32>()? as f64;
+                accumulate_grads(&mut grads, &q_vars, &loss.backward()?)?;
+                if cfg.policy_uses_pre_step_q && epoch + 1 == cfg.q_epochs {
+                    pre_step_q.push(q.detach());
+                }
+                row0 += rows;
             }
-            row0 += rows;
+            let norm = self.q_opt.step(&grads[..n_adapter])?;
+            if cfg.q_readout == math::QReadout::Dueling {
+                self.head_opt.step(&grads[n_adapter..])?;
+            }
+            if epoch == 0 {
+                m.q_loss = loss_sum;
+                m.q_taken_mean = q_taken_sum / total_tokens as f64;
+                m.q_grad_norm = norm;
+            }
         }
-        m.q_taken_mean = q_taken_sum / total_tokens as f64;
-        m.q_grad_norm = self.q_opt.step(&grads)?;
         m.times.q_step_s = start.elapsed().as_secs_f64();
 
-        // ---- Policy step (Eq. 7): φ ← φ − α ∇ mean KL(π ‖ target(Q_θ)).
+        // ---- Policy steps (Eq. 7): φ ← φ − α ∇ mean KL(π ‖ target(Q_θ)).
         let start = Instant::now();
-        let pi_vars = self.pi_opt.vars().to_vec();
-        let mut grads: Vec<Option<Tensor>> = vec![None; pi_vars.len()];
+        let mut q_after: Vec<Tensor> = Vec::new();
         for (ci, chunk) in spans.chunks(mb).enumerate() {
-            let q = match pre_step_q.get(ci) {
+            q_after.push(match pre_step_q.get(ci) {
                 Some(q) => q.clone(),
-                None => math::q_values(&logit_rows(model, chunk, Some(Q), false, cfg.share_prefixes)?, &ref_logp[ci], readout, beta)?,
-            };
-            let loss = (policy_loss_chunk(model, chunk, &q, &ref_logp[ci], &cfg)? / total_tokens as f64)?;
-            m.policy_loss += loss.to_scalar::<f32>()? as f64;
-            accumulate_grads(&mut grads, &pi_vars, &loss.backward()?)?;
+                None => q_rows(model, chunk, self.q_net(), false, &ref_logp[ci], &cfg)?,
+            });
         }
-        m.policy_grad_norm = self.pi_opt.step(&grads)?;
+        let pi_vars = self.pi_opt.vars().to_vec();
+        for epoch in 0..cfg.policy_epochs {
+            let mut grads: Vec<Option<Tensor>> = vec![None; pi_vars.len()];
+            let mut loss_sum = 0f64;
+            for (ci, chunk) in spans.chunks(mb).enumerate() {
+                let loss = (policy_loss_chunk(model, chunk, &q_after[ci], &ref_logp[ci], &cfg)? / total_tokens as f64)?;
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                accumulate_grads(&mut grads, &pi_vars, &loss.backward()?)?;
+            }
+            let norm = self.pi_opt.step(&grads)?;
+            if epoch == 0 {
+                m.policy_loss = loss_sum;
+                m.policy_grad_norm = norm;
+            }
+        }
         m.times.policy_step_s = start.elapsed().as_secs_f64();
 
-        // ---- θ̄ ← λθ̄ + (1−λ)θ.
+        // ---- θ̄ ← λθ̄ + (1−λ)θ (adapter and value head).
         let start = Instant::now();
         model.polyak_update(Q_TARGET, Q, cfg.polyak)?;
+        self.q_target_head.polyak_from(&self.q_head, cfg.polyak)?;
         m.times.polyak_s = start.elapsed().as_secs_f64();
         self.updates += 1;
+        self.remember(fresh);
+        m.transitions = fresh.len();
+        m.action_tokens = fresh.iter().map(|t| t.action.len()).sum();
+        m.batch_reward = fresh.iter().map(|t| t.reward).sum::<f64>() / fresh.len() as f64;
+        m.replayed = minibatch.len() - fresh.len();
         Ok(m)
+    }
+
+    /// `replay_sample` transitions of D, without replacement, drawn by a generator seeded with
+    /// the trainer's seed and update count (so a resumed run draws the same ones).
+    fn replay_sample(&self) -> Vec<Transition> {
+        let n = self.cfg.replay_sample.min(self.replay.len());
+        let mut rng = SplitMix(self.replay_seed ^ self.updates.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut idx: Vec<usize> = (0..self.replay.len()).collect();
+        // Partial Fisher-Yates: the first n entries are the sample.
+        for i in 0..n {
+            let j = i + (rng.next() % (idx.len() - i) as u64) as usize;
+            idx.swap(i, j);
+        }
+        let mut chosen = idx[..n].to_vec();
+        chosen.sort_unstable();
+        chosen.into_iter().map(|i| self.replay[i].clone()).collect()
+    }
+
+    /// Adds `batch` to D, dropping the oldest transitions beyond `replay_capacity`.
+    fn remember(&mut self, batch: &[Transition]) {
+        if self.cfg.replay_capacity == 0 {
+            return;
+        }
+        self.replay.extend(batch.iter().cloned());
+        while self.replay.len() > self.cfg.replay_capacity {
+            self.replay.pop_front();
+        }
+    }
+
+    /// The soft value of each state, the bracket of Eq. 6 at its first-token row,
+    /// `V(s) = Σ_w π(w|s)·Q_θ(s, w) − β·KL(π‖ρ)(s)`, with the online Q-network Q_θ: what the
+    /// trainer believes the entropy-regularised return of π from `s` is.
+    pub fn state_values(&self, model: &Llama, states: &[Vec<u32>]) -> Result<Vec<f64>, TrainError> {
+        if states.iter().any(|s| s.is_empty()) {
+            return Err(TrainError::Batch("empty state".into()));
+        }
+        let spans: Vec<RowSpan> = states.iter().map(|s| RowSpan::state(s)).collect();
+        let mut out = Vec::with_capacity(states.len());
+        for chunk in spans.chunks(self.cfg.micro_batch) {
+            out.extend(soft_value_rows(model, chunk, &self.cfg, self.q_net())?.values);
+        }
+        Ok(out)
     }
 
     /// The per-token soft Bellman targets (Eq. 6) of each transition of `batch`, in batch order,
@@ -181,7 +304,7 @@ impl EtpoTrainer {
     pub fn targets(&self, model: &Llama, batch: &[Transition]) -> Result<Vec<Vec<f64>>, TrainError> {
         validate_batch(batch)?;
         let spans: Vec<RowSpan> = batch.iter().map(|t| RowSpan::action(&t.state, &t.action)).collect();
-        let flat = compute_targets(model, batch, &spans, &self.cfg)?.targets;
+        let flat = compute_targets(model, batch, &spans, &self.cfg, self.q_target_net())?.targets;
         let mut out = Vec::with_capacity(batch.len());
         let mut offset = 0;
         for t in batch {
@@ -199,14 +322,20 @@ impl EtpoTrainer {
         for name in [POLICY, Q, Q_TARGET] {
             tensors.extend(checkpoint::var_tensors(&format!("adapter.{name}"), &model.adapter_vars(name)));
         }
+        tensors.extend(checkpoint::var_tensors("value_head.q", &self.q_head.vars()));
+        tensors.extend(checkpoint::var_tensors("value_head.q_target", &self.q_target_head.vars()));
         tensors.extend(checkpoint::optim_tensors("optim.q", &self.q_opt));
+        tensors.extend(checkpoint::optim_tensors("optim.q_head", &self.head_opt));
         tensors.extend(checkpoint::optim_tensors("optim.policy", &self.pi_opt));
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert("config".to_string(), json(&self.cfg)?);
         meta.insert("updates".to_string(), self.updates.to_string());
         meta.insert("q_steps".to_string(), self.q_opt.steps().to_string());
+        meta.insert("q_head_steps".to_string(), self.head_opt.steps().to_string());
         meta.insert("policy_steps".to_string(), self.pi_opt.steps().to_string());
+        meta.insert("replay".to_string(), json(&self.replay)?);
+        meta.insert("replay_seed".to_string(), self.replay_seed.to_string());
         meta.insert("extra".to_string(), json(extra)?);
         checkpoint::write_atomic(path, &tensors, meta)
     }
@@ -220,12 +349,31 @@ impl EtpoTrainer {
         for name in [POLICY, Q, Q_TARGET] {
             checkpoint::restore_vars(path, &tensors, &format!("adapter.{name}"), &model.adapter_vars(name))?;
         }
+        checkpoint::restore_vars(path, &tensors, "value_head.q", &self.q_head.vars())?;
+        checkpoint::restore_vars(path, &tensors, "value_head.q_target", &self.q_target_head.vars())?;
         let q_steps: u64 = checkpoint::meta_json(path, &meta, "q_steps")?;
         let pi_steps: u64 = checkpoint::meta_json(path, &meta, "policy_steps")?;
         checkpoint::restore_optim(path, &tensors, "optim.q", &mut self.q_opt, q_steps)?;
+        let head_steps: u64 = checkpoint::meta_json(path, &meta, "q_head_steps")?;
+        checkpoint::restore_optim(path, &tensors, "optim.q_head", &mut self.head_opt, head_steps)?;
         checkpoint::restore_optim(path, &tensors, "optim.policy", &mut self.pi_opt, pi_steps)?;
         self.updates = checkpoint::meta_json(path, &meta, "updates")?;
+        self.replay = checkpoint::meta_json(path, &meta, "replay")?;
+        self.replay_seed = checkpoint::meta_json(path, &meta, "replay_seed")?;
         checkpoint::meta_json(path, &meta, "extra")
+    }
+}
+
+/// SplitMix64, the replay sampler's generator (small, seedable, no state to save).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     }
 }
 
@@ -301,7 +449,20 @@ pub(crate) fn validate_batch(batch: &[Transition]) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// The Q loss of one micro-batch (mean over its rows; gradients reach the Q adapter only),
+/// Q-values `[rows, V]` at the rows of `spans` from one Q-network, per the configured read-out
+/// (detached unless `track_grad`).
+fn q_rows(model: &Llama, spans: &[RowSpan], net: QNet<'_>, track_grad: bool, ref_logp: &Tensor, cfg: &EtpoConfig) -> Result<Tensor, TrainError> {
+    let hidden = hidden_rows(model, spans, Some(net.adapter), track_grad, cfg.share_prefixes)?;
+    let logits = model.logits(&hidden)?;
+    let value = match cfg.q_readout {
+        math::QReadout::Dueling => Some(net.head.values(&hidden)?),
+        math::QReadout::Logits => None,
+    };
+    let q = math::q_values(&logits, value.as_ref(), ref_logp, cfg.q_readout, cfg.beta)?;
+    Ok(if track_grad { q } else { q.detach() })
+}
+
+/// The Q loss of one micro-batch (mean over its rows; gradients reach the Q-network only),
 /// with the Q-values at the rows and those of the taken tokens.
 fn q_loss_chunk(
     model: &Llama,
@@ -310,9 +471,9 @@ fn q_loss_chunk(
     targets: &Tensor,
     ref_logp: &Tensor,
     cfg: &EtpoConfig,
+    net: QNet<'_>,
 ) -> Result<(Tensor, Tensor, Tensor), TrainError> {
-    let share = cfg.share_prefixes;
-    let q = math::q_values(&logit_rows(model, spans, Some(Q), true, share)?, ref_logp, cfg.q_readout, cfg.beta)?;
+    let q = q_rows(model, spans, net, true, ref_logp, cfg)?;
     let taken = math::taken_values(&q, tokens)?;
     Ok((math::q_loss(&taken, targets, cfg.huber_delta)?, q, taken))
 }
@@ -341,22 +502,24 @@ struct TargetPhase {
     /// Sums over action rows of KL(π‖ρ) and of π's entropy.
     kl_sum: f64,
     entropy_sum: f64,
+    /// Mean soft value `V(s)` (Eq. 6 bracket, target network) of the batch's states.
+    start_value_mean: f64,
 }
 
 /// The soft Bellman targets of Eq. 6 for `batch` (`spans` are its action spans): soft values of
-/// every action context from π, Q̄ and ρ, and of every next state.
-fn compute_targets(model: &Llama, batch: &[Transition], spans: &[RowSpan], cfg: &EtpoConfig) -> Result<TargetPhase, TrainError> {
-    let (beta, readout, mb) = (cfg.beta, cfg.q_readout, cfg.micro_batch);
+/// every action context from π, the target network `q_bar` and ρ, and of every next state.
+fn compute_targets(model: &Llama, batch: &[Transition], spans: &[RowSpan], cfg: &EtpoConfig, q_bar: QNet<'_>) -> Result<TargetPhase, TrainError> {
+    let mb = cfg.micro_batch;
     let total_tokens: usize = batch.iter().map(|t| t.action.len()).sum();
     let mut ref_logp: Vec<Tensor> = Vec::new();
     let mut row_values: Vec<f64> = Vec::with_capacity(total_tokens);
     let (mut kl_sum, mut entropy_sum) = (0f64, 0f64);
     for chunk in spans.chunks(mb) {
-        let (values, rlp, kl, ent) = soft_value_rows(model, chunk, beta, readout, cfg.share_prefixes)?;
-        row_values.extend(values);
-        kl_sum += kl;
-        entropy_sum += ent;
-        ref_logp.push(rlp);
+        let rows = soft_value_rows(model, chunk, cfg, q_bar)?;
+        row_values.extend(rows.values);
+        kl_sum += rows.kl_sum;
+        entropy_sum += rows.entropy_sum;
+        ref_logp.push(rows.ref_logp);
     }
     // V(s) of each batch state is the value of its first action row; next states that are not
     // batch states get their own forward passes.
@@ -366,6 +529,7 @@ fn compute_targets(model: &Llama, batch: &[Transition], spans: &[RowSpan], cfg: 
         state_value.entry(&t.state).or_insert(row_values[offset]);
         offset += t.action.len();
     }
+    let start_value_mean = state_value.values().sum::<f64>() / state_value.len() as f64;
     let mut extra: Vec<&[u32]> = Vec::new();
     for t in batch {
         if let Some(s) = &t.next_state {
@@ -377,7 +541,7 @@ fn compute_targets(model: &Llama, batch: &[Transition], spans: &[RowSpan], cfg: 
     let extra_spans: Vec<RowSpan> = extra.iter().map(|s| RowSpan::state(s)).collect();
     let mut extra_values = Vec::with_capacity(extra.len());
     for chunk in extra_spans.chunks(mb) {
-        extra_values.extend(soft_value_rows(model, chunk, beta, readout, cfg.share_prefixes)?.0);
+        extra_values.extend(soft_value_rows(model, chunk, cfg, q_bar)?.values);
     }
     for (s, v) in extra.iter().zip(extra_values) {
         state_value.insert(s, v);
@@ -388,30 +552,36 @@ fn compute_targets(model: &Llama, batch: &[Transition], spans: &[RowSpan], cfg: 
         let n = t.action.len();
         let inside = &row_values[offset + 1..offset + n];
         let next = t.next_state.as_ref().map(|s| state_value[s.as_slice()]);
-        let tg = math::bellman_targets(inside, t.reward, next, cfg.gamma, cfg.discount_inside_actions);
+        let tg = math::soft_bellman_targets(inside, t.reward, next, cfg.gamma, cfg.discount_inside_actions);
         targets.extend(tg.iter().map(|&x| x as f32));
         offset += n;
     }
-    Ok(TargetPhase { targets, ref_logp, kl_sum, entropy_sum })
+    Ok(TargetPhase { targets, ref_logp, kl_sum, entropy_sum, start_value_mean })
 }
 
-/// For one micro-batch of spans: the soft value (Eq. 6 bracket) of every row, ρ's log-probs at
-/// the rows (detached), and the sums of KL(π‖ρ) and of π's entropy over the rows.
-fn soft_value_rows(
-    model: &Llama,
-    spans: &[RowSpan],
-    beta: f64,
-    readout: math::QReadout,
-    share: bool,
-) -> Result<(Vec<f64>, Tensor, f64, f64), TrainError> {
-    let ref_lp = math::log_softmax(&logit_rows(model, spans, None, false, share)?)?;
+/// What [`soft_value_rows`] reads at the rows of one micro-batch.
+struct SoftValueRows {
+    /// The soft value (Eq. 6 bracket) of every row.
+    values: Vec<f64>,
+    /// ρ's log-probabilities at the rows (detached).
+    ref_logp: Tensor,
+    /// Sums over the rows of KL(π‖ρ) and of π's entropy.
+    kl_sum: f64,
+    entropy_sum: f64,
+}
+
+/// For one micro-batch of spans: `V(c) = Σ_w π(w|c)·Q(c, w) − β·KL(π‖ρ)(c)` at every row with
+/// the Q-network `net`, and what it was computed from.
+fn soft_value_rows(model: &Llama, spans: &[RowSpan], cfg: &EtpoConfig, net: QNet<'_>) -> Result<SoftValueRows, TrainError> {
+    let share = cfg.share_prefixes;
+    let ref_logp = math::log_softmax(&logit_rows(model, spans, None, false, share)?)?;
     let pol_lp = math::log_softmax(&logit_rows(model, spans, Some(POLICY), false, share)?)?;
-    let q_bar = math::q_values(&logit_rows(model, spans, Some(Q_TARGET), false, share)?, &ref_lp, readout, beta)?;
-    let values = math::soft_values(&pol_lp, &q_bar, &ref_lp, beta)?;
-    let kl = math::kl_rows(&pol_lp, &ref_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
-    let ent = math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let q = q_rows(model, spans, net, false, &ref_logp, cfg)?;
+    let values = math::soft_values(&pol_lp, &q, &ref_logp, cfg.beta)?;
+    let kl_sum = math::kl_rows(&pol_lp, &ref_logp)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let entropy_sum = math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
     let values = values.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
-    Ok((values, ref_lp, kl, ent))
+    Ok(SoftValueRows { values, ref_logp, kl_sum, entropy_sum })
 }
 
 #[cfg(test)]
@@ -442,14 +612,14 @@ mod tests {
     fn each_loss_reaches_only_its_own_adapter() {
         let mut model = tiny();
         let cfg = EtpoConfig { beta: 0.5, ..Default::default() };
-        let _t = EtpoTrainer::new(&mut model, cfg.clone()).unwrap();
+        let trainer = EtpoTrainer::new(&mut model, cfg.clone()).unwrap();
         let spans = vec![RowSpan::action(&[1, 2, 3], &[4, 5]), RowSpan::action(&[6], &[7, 8, 9])];
         let tokens = token_tensor(&model, vec![4, 5, 7, 8, 9]).unwrap();
         let targets = Tensor::new(&[1.0f32, -1.0, 0.5, 2.0, 0.0], &Device::Cpu).unwrap();
         let ref_lp = math::log_softmax(&logit_rows(&model, &spans, None, false, true).unwrap()).unwrap();
-        for readout in [math::QReadout::Logits, math::QReadout::LogRatio] {
+        for readout in [math::QReadout::Logits, math::QReadout::Dueling] {
             let cfg = EtpoConfig { q_readout: readout, ..cfg.clone() };
-            let (q_loss, q, _) = q_loss_chunk(&model, &spans, &tokens, &targets, &ref_lp, &cfg).unwrap();
+            let (q_loss, q, _) = q_loss_chunk(&model, &spans, &tokens, &targets, &ref_lp, &cfg, trainer.q_net()).unwrap();
             assert_eq!(touched(&model, &q_loss), vec![Q], "{readout}");
             // A Q that differs from ρ, so that the policy loss has a gradient.
             let q = (q + targets.unsqueeze(1).unwrap().broadcast_as((5, 12)).unwrap()).unwrap();

@@ -1,9 +1,10 @@
-//! Shared helpers of the ETPO / PPO-KL tests: a tiny random model, a sampler and a one-token
-//! reward task.
+//! Shared helpers of the ETPO / PPO-KL tests: a tiny random model, a sampler and the reward
+//! tasks: the decisive token last ([`batch`]), first ([`Task::FirstToken`]) or in an earlier step
+//! ([`Task::TwoStep`]).
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
-use trainer::etpo::Transition;
+use trainer::etpo::{AdamWConfig, EtpoConfig, Transition};
 use trainer::model::{Llama, LlamaConfig};
 
 /// A 2-layer model over a 16-token vocabulary. Its output projection is untied and scaled up
@@ -28,6 +29,21 @@ pub fn tiny_model(seed: u64) -> Llama {
     let mut w = random.weights().clone();
     w.lm_head = w.lm_head.map(|h| (h * 7.5).expect("scale the head"));
     Llama::new(cfg, w).expect("tiny model")
+}
+
+/// ETPO's shipped defaults with the learning rates of the tiny model (its adapters are rank 4
+/// over a 32-wide model, so they take larger steps than the defaults, which are set for
+/// SmolLM2-135M).
+pub fn tiny_etpo_config() -> EtpoConfig {
+    let lr = |lr: f64| AdamWConfig { lr, ..Default::default() };
+    EtpoConfig {
+        q_optim: lr(3e-3),
+        value_head_optim: lr(3e-2),
+        policy_optim: lr(1e-2),
+        lora_rank: 4,
+        lora_alpha: 8.0,
+        ..Default::default()
+    }
 }
 
 /// A small deterministic generator (SplitMix64) so that tests sample reproducibly.
@@ -114,4 +130,49 @@ pub fn adapter_values(model: &Llama, name: &str) -> Vec<Vec<f32>> {
 pub fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
+}
+
+/// A task of 2-token actions after [`PROMPT`] whose reward is decided by a token that is not the
+/// last thing the model writes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Task {
+    /// One step; reward 1 when the action's **first** token is [`GOOD`].
+    FirstToken,
+    /// Two steps; step 1 is unrewarded, step 2 (state: the prompt, step 1's action and
+    /// [`SEPARATOR`]) gets reward 1 when step 1's first token was [`GOOD`], whatever step 2 wrote.
+    TwoStep,
+}
+
+/// Ends step 1's action in the state of step 2.
+pub const SEPARATOR: u32 = 15;
+
+impl Task {
+    /// `n` transitions sampled from `adapter` (`n / 2` episodes for [`Task::TwoStep`]).
+    pub fn batch(self, model: &Llama, adapter: Option<&str>, n: usize, rng: &mut Rng) -> Vec<Transition> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let a1 = sample_action(model, &PROMPT, 2, adapter, rng);
+            let r = if a1[0] == GOOD { 1.0 } else { 0.0 };
+            match self {
+                Task::FirstToken => out.push(Transition { state: PROMPT.to_vec(), action: a1, reward: r, next_state: None }),
+                Task::TwoStep => {
+                    let s1 = self.second_state(&a1);
+                    let a2 = sample_action(model, &s1, 2, adapter, rng);
+                    out.push(Transition { state: PROMPT.to_vec(), action: a1, reward: 0.0, next_state: Some(s1.clone()) });
+                    out.push(Transition { state: s1, action: a2, reward: r, next_state: None });
+                }
+            }
+        }
+        out
+    }
+
+    /// The state of step 2 after step 1's action `a1`.
+    pub fn second_state(self, a1: &[u32]) -> Vec<u32> {
+        [PROMPT.as_slice(), a1, &[SEPARATOR]].concat()
+    }
+
+    /// The probability that the policy writes the decisive token: P(first token = GOOD | PROMPT).
+    pub fn p_good(self, model: &Llama, adapter: &str) -> f64 {
+        next_probs(model, &PROMPT, Some(adapter))[GOOD as usize] as f64
+    }
 }
