@@ -65,18 +65,26 @@ fn etpo_trains_a_tiny_model_and_writes_metrics_checkpoint_and_figure() {
     setup(tmp.path());
     let spec = balance_scale();
     let mut args = train_args("etpo", spec.to_str().unwrap(), "run", "4");
-    args.extend(["--update-every", "2", "--beta", "0.05", "--q-readout", "logits", "--disc"]);
+    args.extend(["--update-every", "2", "--beta", "0.05", "--q-readout", "logits", "--disc", "--set", "q_epochs=2"]);
     let out = etpo(&args, tmp.path());
     ok(&out);
     let dir = tmp.path().join("run");
     check_training_outputs(&dir, 2, 2);
-    assert_eq!(jsonl(&dir.join("steps.jsonl")).len(), 4);
+    let steps = jsonl(&dir.join("steps.jsonl"));
+    assert_eq!(steps.len(), 4);
+    // The reward before and after training: the first and last step (a quarter of 4).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (first, last) = (steps[0]["reward"].as_f64().unwrap(), steps[3]["reward"].as_f64().unwrap());
+    let line = format!("etpo balance_scale: mean reward {first:.3} over the first 1 steps of each seed -> {last:.3} over the last 1");
+    assert!(stdout.contains(&line), "{line:?} not in\n{stdout}");
+    assert!(stdout.contains("## First and last steps"), "{stdout}");
     let trainer = &config(&dir)["trainer"];
     assert_eq!(trainer["update_every"], 2);
     assert_eq!(trainer["hyper_parameters"]["beta"], 0.05);
     assert_eq!(trainer["hyper_parameters"]["q_readout"], "logits");
     assert_eq!(trainer["hyper_parameters"]["discount_inside_actions"], true);
     assert_eq!(trainer["hyper_parameters"]["gamma"], 0.99, "the paper's default");
+    assert_eq!(trainer["hyper_parameters"]["q_epochs"], 2, "--set reaches the trainer");
 }
 
 #[test]

@@ -324,6 +324,24 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         write_json(&dir.join("config.json"), &manifest)?;
     }
     print!("{}", summary::to_markdown(&stats, config.algo.name()));
+    if config.algo.trains() {
+        // Before and after training, in one line per spec: what a newcomer looks for.
+        for spec in &stats {
+            let w = spec.window_len();
+            if let (Some(first), Some(last)) = (spec.window(w, false), spec.window(w, true)) {
+                println!(
+                    "\n{} {}: mean reward {:.3} over the first {w} steps of each seed -> {:.3} over the last {w} \
+                     (runnable {:.0}% -> {:.0}%)",
+                    config.algo.name(),
+                    spec.spec,
+                    first.1,
+                    last.1,
+                    first.0 * 100.0,
+                    last.0 * 100.0
+                );
+            }
+        }
+    }
     println!("\nresults: {}", dir.display());
     let outcome = outcome?;
     if !outcome.interrupted {

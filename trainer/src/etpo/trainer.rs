@@ -391,9 +391,6 @@ pub(crate) fn json<T: Serialize + ?Sized>(v: &T) -> Result<String, TrainError> {
     serde_json::to_string(v).map_err(|e| TrainError::Config(format!("cannot serialise: {e}")))
 }
 
-/// The batch reordered so that transitions from the same state are adjacent (stable, in order
-/// of first appearance): micro-batches then share state prefixes. Losses are sums over
-/// transitions, so the order does not change the update.
 /// What both trainers do first: checks `batch`, groups it by state, and returns it with one row
 /// span per action and the metrics that follow from the batch alone.
 pub(crate) fn prepare_update(batch: &[Transition]) -> Result<(Vec<Transition>, Vec<RowSpan>, UpdateMetrics), TrainError> {
@@ -409,6 +406,9 @@ pub(crate) fn prepare_update(batch: &[Transition]) -> Result<(Vec<Transition>, V
     Ok((batch, spans, m))
 }
 
+/// The batch reordered so that transitions from the same state are adjacent (stable, in order
+/// of first appearance): micro-batches then share state prefixes. Losses are sums over
+/// transitions, so the order does not change the update.
 pub(crate) fn group_by_state(batch: &[Transition]) -> Vec<Transition> {
     let mut order: Vec<&[u32]> = Vec::new();
     for t in batch {
