@@ -464,7 +464,7 @@ fn the_format_documentation_example_is_a_valid_spec() {
         .unwrap();
     let s = spec(yaml);
     assert_eq!(s.training.algorithm, Some(Algorithm::Etpo));
-    assert_eq!(s.training.lr, Some(1.0e-4));
+    assert_eq!(s.training.lr, Some(3.0e-4));
     assert_eq!(s.dataset.max_samples, Some(125));
 }
 
