@@ -68,7 +68,7 @@ pub struct TrainFlags {
     #[arg(long, conflicts_with = "resume")]
     q_readout: Option<trainer::etpo::QReadout>,
     /// Environment steps (over all specs and seeds) per update (default: `training.batch_size`,
-    /// else 8). A final batch smaller than this is not trained on.
+    /// else 16). A final batch smaller than this is not trained on.
     #[arg(long, conflicts_with = "resume")]
     update_every: Option<usize>,
     /// Updates between checkpoints (default 1; a checkpoint is also written when the run stops).
@@ -506,8 +506,9 @@ fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, V
 /// The budget when neither `--steps` nor the spec's `training.steps` sets one.
 const DEFAULT_STEPS: u32 = 10;
 
-/// Environment steps per update when neither `--update-every` nor `training.batch_size` sets it.
-const DEFAULT_UPDATE_EVERY: usize = 8;
+/// Environment steps per update when neither `--update-every` nor `training.batch_size` sets it
+/// (16: the batch ETPO's defaults were chosen with, README "ETPO").
+const DEFAULT_UPDATE_EVERY: usize = 16;
 
 /// The trainer's keys of the specs' `training:` blocks, which must agree between the specs of a
 /// run (one model is trained on all of them).

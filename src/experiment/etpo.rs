@@ -108,7 +108,7 @@ struct ReplayRound {
 }
 
 enum Learner {
-    Etpo(EtpoTrainer),
+    Etpo(Box<EtpoTrainer>),
     PpoKl(PpoTrainer),
 }
 
@@ -178,7 +178,7 @@ impl Trained {
         }
         let model = &mut policy.model_mut().model;
         let (name, learner) = match config {
-            TrainerConfig::Etpo(cfg) => ("etpo", Learner::Etpo(EtpoTrainer::new(model, cfg).map_err(train_err)?)),
+            TrainerConfig::Etpo(cfg) => ("etpo", Learner::Etpo(Box::new(EtpoTrainer::new(model, cfg).map_err(train_err)?))),
             TrainerConfig::PpoKl(cfg) => ("ppo-kl", Learner::PpoKl(PpoTrainer::new(model, cfg).map_err(train_err)?)),
         };
         policy.set_adapter(Some(POLICY.to_string()));
