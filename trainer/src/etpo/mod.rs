@@ -1,9 +1,10 @@
 //! ETPO: entropy-regularised token-level policy optimisation (Wen et al. 2024).
 //!
-//! - [`math`]: the equations (soft Bellman targets of Eq. 6, the Q loss, the policy loss of
-//!   Eq. 7) as functions on tensors of logits.
+//! - [`math`]: the equations (soft Bellman targets of Eq. 6 in [`math::soft_bellman_targets`],
+//!   the Q read-outs, the Q loss, the policy loss of Eq. 7) as functions on tensors of logits.
 //! - [`EtpoTrainer`]: the networks (policy π, Q-network Q, target Q̄ as LoRA adapter sets over
-//!   one frozen base, ρ = the base without adapter), one update per batch of [`Transition`]s,
+//!   one frozen base, Q and Q̄ each with a value head, ρ = the base without adapter), one update
+//!   per batch of [`Transition`]s over it and a sample of Algorithm 1's data buffer,
 //!   checkpoints.
 //! - [`AdamW`]: the optimiser, with its state open for checkpoints.
 //! - [`eval`]: token log-likelihood / perplexity, to check that training left the LM intact.
