@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::etpo::batch::{accumulate_grads, hidden_rows, token_tensor, RowSpan};
@@ -215,8 +215,8 @@ impl PpoTrainer {
         model.add_adapter_seeded(POLICY, &lora, cfg.seed)?;
         let value_head = ValueHead::zeros(model.config().hidden_size, model.device())?;
         let pi_opt = AdamW::new(crate::etpo::trainer::named(model.adapter_vars(POLICY)), cfg.policy_optim)?;
-        let [w, b]: [Var; 2] = value_head.vars().try_into().map_err(|_| TrainError::Config("value head".into()))?;
-        let value_opt = AdamW::new(vec![("w".into(), w), ("b".into(), b)], cfg.value_optim)?;
+        let head_vars = ["w", "b"].into_iter().map(String::from).zip(value_head.vars()).collect();
+        let value_opt = AdamW::new(head_vars, cfg.value_optim)?;
         Ok(PpoTrainer { cfg, pi_opt, value_opt, value_head, updates: 0 })
     }
 

@@ -102,6 +102,7 @@ impl EtpoConfig {
         }
         if let Some(clip) = t.grad_clip {
             self.q_optim.max_grad_norm = Some(clip);
+            self.value_head_optim.max_grad_norm = Some(clip);
             self.policy_optim.max_grad_norm = Some(clip);
         }
         if let Some(v) = t.beta {
