@@ -3,8 +3,10 @@
 //! steps); the Q-network's soft value of the start state matches the learned policy's return.
 //! PPO-KL passes the first-token task too.
 //!
-//! `ETPO_SWEEP=1 cargo test -p etpo-trainer --test etpo_credit sweep -- --ignored --nocapture`
-//! prints learning curves for hyper-parameters given in `ETPO_SWEEP_SET` (`key=value;...`).
+//! `cargo test -p etpo-trainer --test etpo_credit sweep -- --ignored --nocapture` prints
+//! learning curves for the configurations in `ETPO_SWEEP_SET` (`key=value;...`, several joined
+//! by `|`), with `ETPO_SWEEP_SEEDS` (`11,13`), `ETPO_SWEEP_TASK` (`first` or `two`),
+//! `ETPO_SWEEP_UPDATES` (60) and `ETPO_SWEEP_DIAG` (the learned soft values of a few contexts).
 
 mod etpo_common;
 
