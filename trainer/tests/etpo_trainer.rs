@@ -94,7 +94,8 @@ fn a_very_large_beta_keeps_the_policy_at_the_reference() {
     let run = |beta: f64, lr: f64| {
         let mut model = tiny_model(7);
         let optim = AdamWConfig { lr, ..Default::default() };
-        let cfg = EtpoConfig { q_optim: optim, policy_optim: optim, ..config(QReadout::Dueling, beta) };
+        // No trust region: what is measured is where Eq. 7's target puts π.
+        let cfg = EtpoConfig { q_optim: optim, policy_optim: optim, policy_max_kl: None, ..config(QReadout::Dueling, beta) };
         let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
         let mut rng = Rng(5);
         for _ in 0..10 {
@@ -108,6 +109,55 @@ fn a_very_large_beta_keeps_the_policy_at_the_reference() {
     let (small, huge) = (run(0.01, 3e-3), run(1e4, 3e-3));
     assert!(huge < 0.03, "β = 1e4 moved π by {huge}");
     assert!(small > 0.3, "β = 0.01 should move π (moved {small})");
+}
+
+/// KL(p‖q) of two distributions.
+fn kl(p: &[f32], q: &[f32]) -> f64 {
+    p.iter().zip(q).map(|(&a, &b)| if a > 0.0 { a as f64 * (a as f64 / b as f64).ln() } else { 0.0 }).sum()
+}
+
+/// The mean over the batch's action rows of KL(π_before‖π_after), read with the model's own
+/// forward pass (not the trainer's batched one).
+fn step_kl(model: &trainer::model::Llama, batch: &[trainer::etpo::Transition], before: &[Vec<f32>]) -> f64 {
+    let rows = action_contexts(batch);
+    rows.iter().zip(before).map(|(ctx, b)| kl(b, &next_probs(model, ctx, Some(POLICY)))).sum::<f64>() / rows.len() as f64
+}
+
+fn action_contexts(batch: &[trainer::etpo::Transition]) -> Vec<Vec<u32>> {
+    batch.iter().flat_map(|t| (0..t.action.len()).map(|i| [t.state.as_slice(), &t.action[..i]].concat())).collect()
+}
+
+#[test]
+fn the_policy_step_stays_inside_its_trust_region() {
+    const MAX_KL: f64 = 0.002;
+    let optim = AdamWConfig { lr: 3e-2, ..Default::default() };
+    let cfg = |max_kl| EtpoConfig { policy_optim: optim, policy_max_kl: max_kl, replay_capacity: 0, replay_sample: 0, ..tiny_etpo_config() };
+    let (mut scaled, mut widest_free) = (0, 0f64);
+    for (max_kl, seed) in [(Some(MAX_KL), 3), (None, 3)] {
+        let mut model = tiny_model(7);
+        let mut trainer = EtpoTrainer::new(&mut model, cfg(max_kl)).unwrap();
+        let mut rng = Rng(seed);
+        for _ in 0..4 {
+            let b = Task::FirstToken.batch(&model, Some(POLICY), 16, &mut rng);
+            let before: Vec<Vec<f32>> = action_contexts(&b).iter().map(|c| next_probs(&model, c, Some(POLICY))).collect();
+            let m = trainer.update(&model, &b).unwrap();
+            let measured = step_kl(&model, &b, &before);
+            match max_kl {
+                Some(limit) => {
+                    let (kl, scale) = (m.policy_step_kl.unwrap(), m.policy_step_scale.unwrap());
+                    assert!((kl - measured).abs() <= 1e-4 + 0.02 * measured, "reported {kl}, measured {measured}");
+                    assert!(measured <= limit * 1.05, "step KL {measured} > {limit} (scale {scale})");
+                    scaled += usize::from(scale < 1.0);
+                }
+                None => {
+                    assert_eq!(m.policy_step_kl, None);
+                    widest_free = widest_free.max(measured);
+                }
+            }
+        }
+    }
+    assert!(widest_free > 3.0 * MAX_KL, "without a trust region the steps are wider ({widest_free})");
+    assert!(scaled >= 2, "the trust region cut {scaled} of 4 steps");
 }
 
 #[test]

@@ -43,6 +43,13 @@ pub struct EtpoConfig {
     pub q_epochs: usize,
     /// Gradient steps of the policy per update, against the same Q-values (Algorithm 1: 1).
     pub policy_epochs: usize,
+    /// Trust region of the policy step, in nats per action token: when the mean
+    /// KL(π_before‖π_after) over the mini-batch's action rows exceeds it, the adapter's change
+    /// is scaled back along its direction (a line search, as in TRPO) until it does not.
+    /// `None`: Eq. 7's steps as taken. Why: Adam moves every weight by about its learning rate
+    /// whatever the gradient's size, so one noisy update can move π further than any loss
+    /// term asks (README, "ETPO").
+    pub policy_max_kl: Option<f64>,
     /// Algorithm 1 updates φ against the Q-network after its step. With `true`, the Q-values
     /// read before the Q step are reused for the policy target (one forward pass less).
     pub policy_uses_pre_step_q: bool,
@@ -64,6 +71,9 @@ pub struct EtpoConfig {
 /// KL(π‖ρ) below 0.03 nats per token after 4 updates (README, "ETPO").
 pub const DEFAULT_LR: f64 = 2e-3;
 
+/// The policy step's default trust region ([`EtpoConfig::policy_max_kl`]).
+pub const DEFAULT_POLICY_MAX_KL: f64 = 0.02;
+
 impl Default for EtpoConfig {
     fn default() -> Self {
         let mut cfg = EtpoConfig {
@@ -81,6 +91,7 @@ impl Default for EtpoConfig {
             replay_sample: 32,
             q_epochs: 4,
             policy_epochs: 2,
+            policy_max_kl: Some(DEFAULT_POLICY_MAX_KL),
             policy_uses_pre_step_q: false,
             micro_batch: 4,
             share_prefixes: true,
@@ -155,6 +166,11 @@ impl EtpoConfig {
                 return Err(format!("huber_delta must be positive, got {d}"));
             }
         }
+        if let Some(d) = self.policy_max_kl {
+            if d.is_nan() || d <= 0.0 {
+                return Err(format!("policy_max_kl must be positive (or null for no trust region), got {d}"));
+            }
+        }
         if self.micro_batch == 0 || self.q_epochs == 0 || self.policy_epochs == 0 {
             return Err("micro_batch, q_epochs and policy_epochs must be at least 1".into());
         }
@@ -198,6 +214,7 @@ mod tests {
         assert_eq!(c.policy_optim.lr, 2e-3);
         assert!((c.q_optim.lr - 2e-3 / 3.0).abs() < 1e-15 && (c.value_head_optim.lr - 2e-2 / 3.0).abs() < 1e-15);
         assert_eq!(c.q_readout, QReadout::Dueling);
+        assert_eq!(c.policy_max_kl, Some(0.02));
         assert!(c.validate().is_ok());
     }
 
@@ -231,6 +248,9 @@ mod override_tests {
         assert!(c.set("beta", "high").unwrap_err().contains("beta=high"));
         assert!(c.set("gamma", "2").unwrap_err().contains("gamma"));
         assert!(c.set("beta.x", "1").is_err());
+        c.set("policy_max_kl", "null").unwrap();
+        assert_eq!(c.policy_max_kl, None);
+        assert!(c.set("policy_max_kl", "0").unwrap_err().contains("policy_max_kl must be positive"));
     }
 
     #[test]

@@ -73,6 +73,12 @@ pub struct UpdateMetrics {
     /// ETPO only: transitions replayed from the data buffer beside them.
     #[serde(default)]
     pub replayed: usize,
+    /// ETPO only: mean per-token KL(π_before‖π_after) over the mini-batch's action rows after
+    /// the policy step (and its trust region), and the fraction of the step kept (1: all).
+    #[serde(default)]
+    pub policy_step_kl: Option<f64>,
+    #[serde(default)]
+    pub policy_step_scale: Option<f64>,
     /// PPO-KL only: fraction of action tokens whose ratio left the clip range (last epoch).
     pub clip_fraction: Option<f64>,
     /// PPO-KL only: mean per-token `log π_old − log π_new` over the taken tokens (last epoch).
@@ -176,7 +182,7 @@ impl EtpoTrainer {
         // ---- Targets (Eq. 6): soft values of every action context and of the next states.
         let start = Instant::now();
         let phase = compute_targets(model, batch, &spans, &cfg, self.q_target_net())?;
-        let (targets, ref_logp) = (phase.targets, phase.ref_logp);
+        let (targets, ref_logp, policy_logp) = (phase.targets, phase.ref_logp, phase.policy_logp);
         m.kl = phase.kl_sum / total_tokens as f64;
         m.entropy = phase.entropy_sum / total_tokens as f64;
         m.q_target_mean = targets.iter().map(|&x| x as f64).sum::<f64>() / total_tokens as f64;
@@ -227,6 +233,10 @@ impl EtpoTrainer {
             });
         }
         let pi_vars = self.pi_opt.vars().to_vec();
+        let pi_before = match cfg.policy_max_kl {
+            Some(_) => pi_vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
         for epoch in 0..cfg.policy_epochs {
             let mut grads: Vec<Option<Tensor>> = vec![None; pi_vars.len()];
             let mut loss_sum = 0f64;
@@ -240,6 +250,11 @@ impl EtpoTrainer {
                 m.policy_loss = loss_sum;
                 m.policy_grad_norm = norm;
             }
+        }
+        if let Some(max_kl) = cfg.policy_max_kl {
+            let (kl, scale) = trust_region(model, &spans, &policy_logp, &pi_vars, &pi_before, max_kl, &cfg)?;
+            m.policy_step_kl = Some(kl / total_tokens as f64);
+            m.policy_step_scale = Some(scale);
         }
         m.times.policy_step_s = start.elapsed().as_secs_f64();
 
@@ -499,6 +514,8 @@ struct TargetPhase {
     targets: Vec<f32>,
     /// ρ's log-probabilities at the action rows, per micro-batch (detached).
     ref_logp: Vec<Tensor>,
+    /// π's, before the update, likewise.
+    policy_logp: Vec<Tensor>,
     /// Sums over action rows of KL(π‖ρ) and of π's entropy.
     kl_sum: f64,
     entropy_sum: f64,
@@ -511,7 +528,7 @@ struct TargetPhase {
 fn compute_targets(model: &Llama, batch: &[Transition], spans: &[RowSpan], cfg: &EtpoConfig, q_bar: QNet<'_>) -> Result<TargetPhase, TrainError> {
     let mb = cfg.micro_batch;
     let total_tokens: usize = batch.iter().map(|t| t.action.len()).sum();
-    let mut ref_logp: Vec<Tensor> = Vec::new();
+    let (mut ref_logp, mut policy_logp): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
     let mut row_values: Vec<f64> = Vec::with_capacity(total_tokens);
     let (mut kl_sum, mut entropy_sum) = (0f64, 0f64);
     for chunk in spans.chunks(mb) {
@@ -520,6 +537,7 @@ fn compute_targets(model: &Llama, batch: &[Transition], spans: &[RowSpan], cfg: 
         kl_sum += rows.kl_sum;
         entropy_sum += rows.entropy_sum;
         ref_logp.push(rows.ref_logp);
+        policy_logp.push(rows.policy_logp);
     }
     // V(s) of each batch state is the value of its first action row; next states that are not
     // batch states get their own forward passes.
@@ -556,15 +574,16 @@ fn compute_targets(model: &Llama, batch: &[Transition], spans: &[RowSpan], cfg: 
         targets.extend(tg.iter().map(|&x| x as f32));
         offset += n;
     }
-    Ok(TargetPhase { targets, ref_logp, kl_sum, entropy_sum, start_value_mean })
+    Ok(TargetPhase { targets, ref_logp, policy_logp, kl_sum, entropy_sum, start_value_mean })
 }
 
 /// What [`soft_value_rows`] reads at the rows of one micro-batch.
 struct SoftValueRows {
     /// The soft value (Eq. 6 bracket) of every row.
     values: Vec<f64>,
-    /// ρ's log-probabilities at the rows (detached).
+    /// ρ's and π's log-probabilities at the rows (detached).
     ref_logp: Tensor,
+    policy_logp: Tensor,
     /// Sums over the rows of KL(π‖ρ) and of π's entropy.
     kl_sum: f64,
     entropy_sum: f64,
@@ -581,7 +600,46 @@ fn soft_value_rows(model: &Llama, spans: &[RowSpan], cfg: &EtpoConfig, net: QNet
     let kl_sum = math::kl_rows(&pol_lp, &ref_logp)?.sum_all()?.to_scalar::<f32>()? as f64;
     let entropy_sum = math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
     let values = values.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
-    Ok(SoftValueRows { values, ref_logp, kl_sum, entropy_sum })
+    Ok(SoftValueRows { values, ref_logp, policy_logp: pol_lp, kl_sum, entropy_sum })
+}
+
+/// The policy step's trust region ([`EtpoConfig::policy_max_kl`]): while the summed per-token
+/// KL(π_before‖π_now) over the action rows exceeds `max_kl` per token, the adapter is moved
+/// back to `before + s·(after − before)`, `s` shrunk by the square root of the excess (KL
+/// grows about as s² for small steps). Returns the final KL sum and `s`.
+fn trust_region(
+    model: &Llama,
+    spans: &[RowSpan],
+    before_logp: &[Tensor],
+    vars: &[candle_core::Var],
+    before: &[Tensor],
+    max_kl: f64,
+    cfg: &EtpoConfig,
+) -> Result<(f64, f64), TrainError> {
+    let tokens: usize = spans.iter().map(|s| s.len).sum();
+    let after: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+    let step_kl = || -> Result<f64, TrainError> {
+        let mut sum = 0f64;
+        for (ci, chunk) in spans.chunks(cfg.micro_batch).enumerate() {
+            let now = math::log_softmax(&logit_rows(model, chunk, Some(POLICY), false, cfg.share_prefixes)?)?;
+            sum += math::kl_rows(&before_logp[ci], &now)?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        Ok(sum)
+    };
+    let mut kl = step_kl()?;
+    let mut scale = 1.0f64;
+    // The quadratic guess undershoots where KL grows faster than s²; a few rounds suffice.
+    for _ in 0..6 {
+        if kl <= max_kl * tokens as f64 {
+            break;
+        }
+        scale *= 0.95 * (max_kl * tokens as f64 / kl).sqrt();
+        for ((v, b), a) in vars.iter().zip(before).zip(&after) {
+            v.set(&(b + ((a - b)? * scale)?)?)?;
+        }
+        kl = step_kl()?;
+    }
+    Ok((kl, scale))
 }
 
 #[cfg(test)]
