@@ -8,11 +8,7 @@ fn repo() -> PathBuf {
 }
 
 fn etpo(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_etpo"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("cannot run the etpo binary")
+    Command::new(env!("CARGO_BIN_EXE_etpo")).args(args).current_dir(dir).output().expect("cannot run the etpo binary")
 }
 
 fn stdout(o: &Output) -> String {
@@ -57,22 +53,10 @@ reward:
 #[test]
 fn check_prints_every_error_of_the_first_bad_file_and_stops() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        repo().join("envs/tic_tac_toe.yaml"),
-        dir.path().join("a_good.yaml"),
-    )
-    .unwrap();
+    std::fs::copy(repo().join("envs/tic_tac_toe.yaml"), dir.path().join("a_good.yaml")).unwrap();
     std::fs::write(dir.path().join("b_broken.yaml"), BROKEN).unwrap();
     std::fs::write(dir.path().join("c_also_broken.yaml"), "name: [x]\n").unwrap();
-    let out = etpo(
-        dir.path(),
-        &[
-            "check",
-            "a_good.yaml",
-            "b_broken.yaml",
-            "c_also_broken.yaml",
-        ],
-    );
+    let out = etpo(dir.path(), &["check", "a_good.yaml", "b_broken.yaml", "c_also_broken.yaml"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stdout(&out), "ok: a_good.yaml\n");
     assert_eq!(
@@ -130,17 +114,9 @@ def build_model(x_train: np.ndarray, y_train: np.ndarray):
     assert!(text.ends_with(reflection), "{text}");
 
     // `--only s0` prints the exact text and nothing else.
-    let out = etpo(
-        &repo(),
-        &["show", "envs/paper/balance_scale.yaml", "--only", "s0"],
-    );
+    let out = etpo(&repo(), &["show", "envs/paper/balance_scale.yaml", "--only", "s0"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let s0_text = s0
-        .split_once("=====\n")
-        .unwrap()
-        .1
-        .strip_suffix("===== end =====\n")
-        .unwrap();
+    let s0_text = s0.split_once("=====\n").unwrap().1.strip_suffix("===== end =====\n").unwrap();
     assert_eq!(stdout(&out), s0_text);
 }
 
@@ -148,36 +124,18 @@ def build_model(x_train: np.ndarray, y_train: np.ndarray):
 fn show_uses_the_seed_and_a_given_action_and_error() {
     let dir = tempfile::tempdir().unwrap();
     let action = dir.path().join("action.txt");
-    std::fs::write(
-        &action,
-        " KNeighborsClassifier(n_neighbors=7)\nprint('more')\n",
-    )
-    .unwrap();
+    std::fs::write(&action, " KNeighborsClassifier(n_neighbors=7)\nprint('more')\n").unwrap();
     let spec = repo().join("envs/balance_scale.yaml");
     let out = etpo(
         dir.path(),
-        &[
-            "show",
-            spec.to_str().unwrap(),
-            "--seed",
-            "3",
-            "--action",
-            "action.txt",
-            "--error",
-            "ValueError: no",
-        ],
+        &["show", spec.to_str().unwrap(), "--seed", "3", "--action", "action.txt", "--error", "ValueError: no"],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(
-        text.contains(": seed 3, 62 training and 63 validation rows"),
-        "{text}"
-    );
+    assert!(text.contains(": seed 3, 62 training and 63 validation rows"), "{text}");
     assert!(text.contains("as extracted with `first_line` =====\n KNeighborsClassifier(n_neighbors=7)\n===== (no newline at the end) ====="), "{text}");
     assert!(
-        text.contains(
-            "\n    model = KNeighborsClassifier(n_neighbors=7)\n    model.fit(x_train, y_train)\n"
-        ),
+        text.contains("\n    model = KNeighborsClassifier(n_neighbors=7)\n    model.fit(x_train, y_train)\n"),
         "{text}"
     );
     assert!(text.contains("# A previous classifier for the last task failed with: ValueError: no\n"), "{text}");
@@ -193,10 +151,7 @@ fn schema_is_json_with_every_section() {
     for key in envspec::keys::TOP {
         assert!(props.contains_key(*key), "schema lacks `{key}`");
     }
-    assert_eq!(
-        schema["additionalProperties"],
-        serde_json::Value::Bool(false)
-    );
+    assert_eq!(schema["additionalProperties"], serde_json::Value::Bool(false));
 }
 
 /// A user copies the default spec, points it at their own CSV and changes the task text: no Rust
@@ -209,11 +164,7 @@ fn a_copied_and_modified_spec_works_without_rust_changes() {
     for i in 0..40 {
         let colour = ["red", "green", "blue"][i % 3];
         let label = if i % 2 == 0 { "yes" } else { "no" };
-        csv.push_str(&format!(
-            "{},{},{colour},{label}\n",
-            150 + i,
-            50 + (i * 7) % 30
-        ));
+        csv.push_str(&format!("{},{},{colour},{label}\n", 150 + i, 50 + (i * 7) % 30));
     }
     std::fs::write(dir.path().join("tables/people.csv"), csv).unwrap();
     let original = std::fs::read_to_string(repo().join("envs/balance_scale.yaml")).unwrap();
@@ -223,19 +174,13 @@ fn a_copied_and_modified_spec_works_without_rust_changes() {
             "description: Classification with a Balance Scale Weight & Distance Prediction Dataset",
             "description: Classification with a People Dataset",
         )
-        .replace(
-            "    builtin: balance_scale\n",
-            "    csv: tables/people.csv\n    target: label\n",
-        )
+        .replace("    builtin: balance_scale\n", "    csv: tables/people.csv\n    target: label\n")
         .replace("  max_samples: 125\n", "")
         .replace("max_steps: 5", "max_steps: 3");
     assert_ne!(original, modified);
     std::fs::create_dir(dir.path().join("specs")).unwrap();
-    std::fs::write(
-        dir.path().join("specs/people.yaml"),
-        modified.replace("tables/people.csv", "../tables/people.csv"),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("specs/people.yaml"), modified.replace("tables/people.csv", "../tables/people.csv"))
+        .unwrap();
 
     let out = etpo(dir.path(), &["check", "specs"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -248,9 +193,7 @@ fn a_copied_and_modified_spec_works_without_rust_changes() {
     assert!(text.contains("# Classification with a People Dataset\n# x_train has shape (20, 3); features: height, weight, colour; 2 classes: "), "{text}");
 
     // A typo in the copy is caught with its position.
-    let typo = modified
-        .replace("tables/people.csv", "../tables/people.csv")
-        .replace("target: label", "target: lable");
+    let typo = modified.replace("tables/people.csv", "../tables/people.csv").replace("target: label", "target: lable");
     let line = 1 + typo.lines().position(|l| l == "    target: lable").unwrap();
     std::fs::write(dir.path().join("specs/people.yaml"), &typo).unwrap();
     let out = etpo(dir.path(), &["check", "specs/people.yaml"]);
@@ -285,17 +228,7 @@ prompt:
         "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
     )
     .unwrap();
-    let out = etpo(
-        dir.path(),
-        &[
-            "show",
-            "chat.yaml",
-            "--chat-template",
-            "chatml.jinja",
-            "--error",
-            "boom",
-        ],
-    );
+    let out = etpo(dir.path(), &["show", "chat.yaml", "--chat-template", "chatml.jinja", "--error", "boom"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     let s0 = "<|im_start|>system
@@ -310,11 +243,7 @@ Classification with a Balance Scale Weight & Distance Prediction Dataset. Write 
     // Without a template the messages are listed by role.
     let out = etpo(dir.path(), &["show", "chat.yaml"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("[system]\nYou write scikit-learn code.\n[user]\n"),
-        "{}",
-        stdout(&out)
-    );
+    assert!(stdout(&out).contains("[system]\nYou write scikit-learn code.\n[user]\n"), "{}", stdout(&out));
 }
 
 /// `--tokens` counts with the embedded default model's tokenizer (needs `scripts/setup.sh

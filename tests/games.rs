@@ -100,7 +100,19 @@ fn shipped_games_are_solved_by_scripted_policies_with_progress_rewards() {
     );
     let envs = repo().join("envs/games");
     let out = etpo(
-        &["run", envs.to_str().unwrap(), "--policy", "scripted", "--actions", actions.to_str().unwrap(), "--seeds", "0", "--out", "run", "--no-progress"],
+        &[
+            "run",
+            envs.to_str().unwrap(),
+            "--policy",
+            "scripted",
+            "--actions",
+            actions.to_str().unwrap(),
+            "--seeds",
+            "0",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
         tmp.path(),
     );
     ok(&out);
@@ -137,10 +149,20 @@ fn show_renders_the_games_first_observation_and_a_step() {
         "# Guess the secret whole number from 1 to 100. After each guess you are told whether it is higher or lower.\nI am thinking of a whole number from 1 to 100. You have 10 guesses. Your guess:"
     );
     let next = ok(&etpo(&["show", guess.to_str().unwrap(), "--only", "reflection"], tmp.path()));
-    assert!(next.ends_with("You guessed 50. 50 is too high: the number is lower, from 1 to 49. 9 guesses left. Your guess:"), "{next}");
+    assert!(
+        next.ends_with(
+            "You guessed 50. 50 is too high: the number is lower, from 1 to 49. 9 guesses left. Your guess:"
+        ),
+        "{next}"
+    );
     let full = ok(&etpo(&["show", repo().join("envs/games/adventure.yaml").to_str().unwrap()], tmp.path()));
     assert!(full.contains("game adventure 0.1.0"), "{full}");
-    assert!(full.contains("You are in the library. Dusty shelves full of old books. A lamp lies here. A key lies here. Exits: south."), "{full}");
+    assert!(
+        full.contains(
+            "You are in the library. Dusty shelves full of old books. A lamp lies here. A key lies here. Exits: south."
+        ),
+        "{full}"
+    );
     let checked = ok(&etpo(&["check", repo().join("envs/games").to_str().unwrap()], tmp.path()));
     assert!(checked.contains("envs/games/wordle.yaml (game wordle 0.1.0)"), "{checked}");
     let schema: Value = serde_json::from_str(&ok(&etpo(&["schema"], tmp.path()))).unwrap();
@@ -157,10 +179,25 @@ fn the_step_limit_truncates_game_episodes_and_new_ones_start_fresh() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = write_spec(tmp.path(), "short", &games().join("guess.wasm"), "  seeds: [0]\nmax_steps: 2\n");
     write_actions(&tmp.path().join("actions"), &["50", "50", "50"]);
-    ok(&etpo(&["run", spec.to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--out", "run", "--no-progress"], tmp.path()));
+    ok(&etpo(
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--policy",
+            "scripted",
+            "--actions",
+            "actions",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
+        tmp.path(),
+    ));
     let r = steps(&tmp.path().join("run"));
-    let ends: Vec<(u64, u64, bool)> =
-        r.iter().map(|s| (s["episode"].as_u64().unwrap(), s["step"].as_u64().unwrap(), s["truncated"] == true)).collect();
+    let ends: Vec<(u64, u64, bool)> = r
+        .iter()
+        .map(|s| (s["episode"].as_u64().unwrap(), s["step"].as_u64().unwrap(), s["truncated"] == true))
+        .collect();
     assert_eq!(ends, [(0, 0, false), (0, 1, true), (1, 0, false)]);
     // A new episode is a new game: its first 50 earns the progress reward again.
     assert_close(&rewards(&r.iter().collect::<Vec<_>>()), &[0.051, 0.0, 0.051]);
@@ -170,13 +207,29 @@ fn the_step_limit_truncates_game_episodes_and_new_ones_start_fresh() {
 #[test]
 fn hostile_games_fail_with_clear_errors_and_the_run_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
-    let hostile = write_spec(tmp.path(), "hostile", &games().join("hostile.wasm"), "  seeds: [0]\n  fuel: 2000000\n  memory_mb: 16\n  observation_kb: 64\nmax_steps: 3\n");
+    let hostile = write_spec(
+        tmp.path(),
+        "hostile",
+        &games().join("hostile.wasm"),
+        "  seeds: [0]\n  fuel: 2000000\n  memory_mb: 16\n  observation_kb: 64\nmax_steps: 3\n",
+    );
     let guess = write_spec(tmp.path(), "guess", &games().join("guess.wasm"), "  seeds: [0]\n");
     let actions = tmp.path().join("actions");
     write_actions(&actions.join("hostile"), &["loop", "alloc", "trap", "nan", "long", "hello", "win"]);
     write_actions(&actions.join("guess"), &["36"]);
     let out = etpo(
-        &["run", hostile.to_str().unwrap(), guess.to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--out", "run", "--no-progress"],
+        &[
+            "run",
+            hostile.to_str().unwrap(),
+            guess.to_str().unwrap(),
+            "--policy",
+            "scripted",
+            "--actions",
+            "actions",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
         tmp.path(),
     );
     ok(&out);
@@ -185,15 +238,24 @@ fn hostile_games_fail_with_clear_errors_and_the_run_goes_on() {
     let module = games().join("hostile.wasm").canonicalize().unwrap();
     let errors: Vec<&str> = h.iter().map(|r| r["error"].as_str().unwrap()).collect();
     let prefix = format!("game `hostile` ({}): step() ", module.display());
-    assert_eq!(errors[0], format!("{prefix}ran out of fuel (2000000 units); it may loop forever (raise `game.fuel` if it is just slow)"));
+    assert_eq!(
+        errors[0],
+        format!("{prefix}ran out of fuel (2000000 units); it may loop forever (raise `game.fuel` if it is just slow)")
+    );
     assert_eq!(errors[1], format!("{prefix}went over its memory cap of 16 MiB"));
     assert!(errors[2].starts_with(&format!("{prefix}trapped: ")) && errors[2].contains("unreachable"), "{}", errors[2]);
     assert_eq!(errors[3], format!("{prefix}returned malformed output: the reward is NaN, not a finite number"));
-    assert_eq!(errors[4], format!("{prefix}returned malformed output: the observation is 1048576 bytes long; the limit is 65536"));
+    assert_eq!(
+        errors[4],
+        format!("{prefix}returned malformed output: the observation is 1048576 bytes long; the limit is 65536")
+    );
     // Each failure ended its episode with the failure reward; the next episode got a fresh
     // instance, which plays normally.
     for r in &h[..5] {
-        assert_eq!((r["ran"].as_bool(), r["truncated"].as_bool(), r["terminated"].as_bool()), (Some(false), Some(true), Some(false)));
+        assert_eq!(
+            (r["ran"].as_bool(), r["truncated"].as_bool(), r["terminated"].as_bool()),
+            (Some(false), Some(true), Some(false))
+        );
         assert_eq!(r["reward"], -1.0);
         assert_eq!(r["step"], 0);
     }
@@ -205,11 +267,29 @@ fn hostile_games_fail_with_clear_errors_and_the_run_goes_on() {
 
     // A game that fails where no reward can stand for it (reset) stops the run with an error
     // naming the spec and the game.
-    let out = etpo(&["run", hostile.to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--seeds", "13", "--out", "run13", "--no-progress"], tmp.path());
+    let out = etpo(
+        &[
+            "run",
+            hostile.to_str().unwrap(),
+            "--policy",
+            "scripted",
+            "--actions",
+            "actions",
+            "--seeds",
+            "13",
+            "--out",
+            "run13",
+            "--no-progress",
+        ],
+        tmp.path(),
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("hostile: game `hostile` ({}): reset() ran out of fuel (2000000 units)", module.display())),
+        stderr.contains(&format!(
+            "hostile: game `hostile` ({}): reset() ran out of fuel (2000000 units)",
+            module.display()
+        )),
         "{stderr}"
     );
 
@@ -220,7 +300,10 @@ fn hostile_games_fail_with_clear_errors_and_the_run_goes_on() {
     let out = etpo(&["check", spec.to_str().unwrap()], tmp.path());
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("junk: game `junk`") && stderr.contains("cannot load it: not a WebAssembly file"), "{stderr}");
+    assert!(
+        stderr.contains("junk: game `junk`") && stderr.contains("cannot load it: not a WebAssembly file"),
+        "{stderr}"
+    );
 }
 
 /// Only what can be compared across runs: everything but the timings.
@@ -237,7 +320,18 @@ fn a_game_run_resumes_by_replaying_the_episode() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = repo().join("envs/games/adventure.yaml");
     write_actions(&tmp.path().join("actions"), &["n", "take lamp", "take key", "s", "e", "d", "open chest"]);
-    let args = ["run", spec.to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--seeds", "0", "--no-progress", "--out"];
+    let args = [
+        "run",
+        spec.to_str().unwrap(),
+        "--policy",
+        "scripted",
+        "--actions",
+        "actions",
+        "--seeds",
+        "0",
+        "--no-progress",
+        "--out",
+    ];
     ok(&etpo(&[&args[..], &["reference"]].concat(), tmp.path()));
     let want: Vec<String> = steps(&tmp.path().join("reference")).iter().map(essence).collect();
     assert_eq!(want.len(), 7);
@@ -247,7 +341,8 @@ fn a_game_run_resumes_by_replaying_the_episode() {
     std::fs::create_dir(&cut).unwrap();
     std::fs::copy(tmp.path().join("reference/config.json"), cut.join("config.json")).unwrap();
     let text = std::fs::read_to_string(tmp.path().join("reference/steps.jsonl")).unwrap();
-    std::fs::write(cut.join("steps.jsonl"), text.lines().take(4).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    std::fs::write(cut.join("steps.jsonl"), text.lines().take(4).map(|l| format!("{l}\n")).collect::<String>())
+        .unwrap();
     ok(&etpo(&["run", "--resume", "cut", "--no-progress"], tmp.path()));
     let got: Vec<String> = steps(&cut).iter().map(essence).collect();
     // The same states (prompt hashes) and rewards: the replayed game is where it was.
@@ -285,9 +380,25 @@ fn a_new_game_builds_outside_the_workspace_and_runs_unchanged() {
     // Seed 0's number is 1 (the skeleton's rule: 1 + seed % 3): found at once; seed 1's (2) at
     // the second guess.
     write_actions(&dir.join("actions"), &["1", "2", "3"]);
-    ok(&etpo(&["run", "my-game.yaml", "--policy", "scripted", "--actions", "actions", "--seeds", "0,1", "--out", "run", "--no-progress"], &dir));
+    ok(&etpo(
+        &[
+            "run",
+            "my-game.yaml",
+            "--policy",
+            "scripted",
+            "--actions",
+            "actions",
+            "--seeds",
+            "0,1",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
+        &dir,
+    ));
     let records = steps(&dir.join("run"));
-    let seed = |s: u64| records.iter().filter(|r| r["seed"] == s).map(|r| r["reward"].as_f64().unwrap()).collect::<Vec<_>>();
+    let seed =
+        |s: u64| records.iter().filter(|r| r["seed"] == s).map(|r| r["reward"].as_f64().unwrap()).collect::<Vec<_>>();
     // Seed 0: 1 wins; then new episodes: 2 is wrong, 3 is wrong (the step limit is 3).
     assert_close(&seed(0), &[1.0, 0.0, 0.0]);
     assert_close(&seed(1), &[0.0, 1.0, 0.0]);
@@ -304,7 +415,21 @@ fn etpo_and_ppo_kl_train_on_games() {
     for (algo, specs) in [("etpo", vec![&guess, &adventure]), ("ppo-kl", vec![&guess])] {
         let mut args: Vec<&str> = vec!["run"];
         args.extend(specs.iter().map(|p| p.to_str().unwrap()));
-        args.extend(["--algo", algo, "--model", "tiny-model", "--steps", "4", "--seeds", "0", "--update-every", "2", "--out", algo, "--no-progress"]);
+        args.extend([
+            "--algo",
+            algo,
+            "--model",
+            "tiny-model",
+            "--steps",
+            "4",
+            "--seeds",
+            "0",
+            "--update-every",
+            "2",
+            "--out",
+            algo,
+            "--no-progress",
+        ]);
         ok(&etpo(&args, tmp.path()));
         let dir = tmp.path().join(algo);
         assert_eq!(steps(&dir).len(), 4 * specs.len(), "{algo}");

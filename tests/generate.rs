@@ -29,12 +29,7 @@ fn generate(args: &[&str], stdin: &str) -> Output {
 }
 
 fn completions(out: &Output) -> Vec<Value> {
-    assert!(
-        out.status.success(),
-        "etpo generate failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "etpo generate failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
@@ -46,7 +41,8 @@ fn greedy_completions_from_stdin_are_reproducible_and_bounded() {
     let model = default_model();
     let model = model.to_str().expect("a UTF-8 path");
     let prompt = "def add(a, b):\n";
-    let args = ["--model", model, "--prompt-file", "-", "--n", "2", "--temperature", "0", "--max-new-tokens", "6", "--json"];
+    let args =
+        ["--model", model, "--prompt-file", "-", "--n", "2", "--temperature", "0", "--max-new-tokens", "6", "--json"];
     let first = completions(&generate(&args, prompt));
     assert_eq!(first.len(), 2);
     for c in &first {
@@ -69,9 +65,15 @@ fn chat_mode_and_plain_text_output() {
     std::fs::write(&prompt, "Say hello.").expect("write the prompt");
     let out = generate(
         &[
-            "--model", model.to_str().expect("a UTF-8 path"),
-            "--prompt-file", prompt.to_str().expect("a UTF-8 path"),
-            "--chat", "--max-new-tokens", "4", "--seed", "3",
+            "--model",
+            model.to_str().expect("a UTF-8 path"),
+            "--prompt-file",
+            prompt.to_str().expect("a UTF-8 path"),
+            "--chat",
+            "--max-new-tokens",
+            "4",
+            "--seed",
+            "3",
         ],
         "",
     );

@@ -14,7 +14,11 @@ fn model() -> PathBuf {
 }
 
 fn etpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_etpo")).args(args).current_dir(repo()).output().expect("cannot run the etpo binary")
+    Command::new(env!("CARGO_BIN_EXE_etpo"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("cannot run the etpo binary")
 }
 
 fn json_lines(out: &Output) -> Vec<serde_json::Value> {
@@ -36,7 +40,18 @@ fn scores_the_shipped_samples_and_a_zero_adapter_changes_nothing() {
         loaded.model.save_adapter("zero", &adapter).unwrap();
     }
     let m = model_path.to_str().unwrap();
-    let out = etpo(&["perplexity", "--model", m, "--adapter", adapter.to_str().unwrap(), "--window", "128", "--json", CODE, PROSE]);
+    let out = etpo(&[
+        "perplexity",
+        "--model",
+        m,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--window",
+        "128",
+        "--json",
+        CODE,
+        PROSE,
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let rows = json_lines(&out);
     assert_eq!(rows.len(), 2);

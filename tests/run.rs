@@ -103,11 +103,29 @@ fn scripted_actions_get_the_rewards_plain_sklearn_gives_and_failures_reflect() {
     let tmp = tempfile::tempdir().unwrap();
     let actions = tmp.path().join("actions");
     // Raw generations: the spec keeps the first line of each.
-    write_actions(&actions, &["UndefinedClassifier()\n", "LogisticRegression(max_iter=1000)\nprint('ignored')", "GaussianNB()"]);
+    write_actions(
+        &actions,
+        &["UndefinedClassifier()\n", "LogisticRegression(max_iter=1000)\nprint('ignored')", "GaussianNB()"],
+    );
     let dir = run_dir(tmp.path());
     let out = etpo(
-        &["run", balance_scale().to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--steps", "3",
-          "--seeds", "0,1", "--workers", "1", "--out", "run", "--no-progress"],
+        &[
+            "run",
+            balance_scale().to_str().unwrap(),
+            "--policy",
+            "scripted",
+            "--actions",
+            "actions",
+            "--steps",
+            "3",
+            "--seeds",
+            "0,1",
+            "--workers",
+            "1",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
         tmp.path(),
     );
     ok(&out);
@@ -173,12 +191,28 @@ fn scripted_actions_get_the_rewards_plain_sklearn_gives_and_failures_reflect() {
 fn the_step_limit_truncates_and_a_new_episode_starts() {
     let tmp = tempfile::tempdir().unwrap();
     let max_steps = load(&balance_scale(), 0).spec.max_steps as usize;
-    let broken: Vec<&str> = (0..max_steps + 2).map(|i| if i % 2 == 0 { "NoSuchModel()" } else { "LogisticRegression(" }).collect();
+    let broken: Vec<&str> =
+        (0..max_steps + 2).map(|i| if i % 2 == 0 { "NoSuchModel()" } else { "LogisticRegression(" }).collect();
     write_actions(&tmp.path().join("actions"), &broken);
     let k = (max_steps + 2).to_string();
     let out = etpo(
-        &["run", balance_scale().to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--steps", &k,
-          "--seeds", "3", "--workers", "1", "--out", "run", "--no-progress"],
+        &[
+            "run",
+            balance_scale().to_str().unwrap(),
+            "--policy",
+            "scripted",
+            "--actions",
+            "actions",
+            "--steps",
+            &k,
+            "--seeds",
+            "3",
+            "--workers",
+            "1",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
         tmp.path(),
     );
     ok(&out);
@@ -214,8 +248,21 @@ fn slow_actions(n: usize) -> Vec<String> {
 
 /// The fields that must not depend on how the run was interrupted (timings may).
 fn essence(r: &Value) -> String {
-    let keys = ["spec", "seed", "episode", "step", "env_step", "prompt_sha256", "generation", "action", "reward", "ran",
-                "terminated", "truncated", "error"];
+    let keys = [
+        "spec",
+        "seed",
+        "episode",
+        "step",
+        "env_step",
+        "prompt_sha256",
+        "generation",
+        "action",
+        "reward",
+        "ran",
+        "terminated",
+        "truncated",
+        "error",
+    ];
     keys.iter().map(|k| field(r, k).to_string()).collect::<Vec<_>>().join("|")
 }
 
@@ -240,11 +287,26 @@ fn a_killed_run_resumes_without_repeating_or_losing_steps() {
     let actions = slow_actions(18);
     write_actions(&tmp.path().join("actions"), &actions.iter().map(String::as_str).collect::<Vec<_>>());
     let args = |out: &str| -> Vec<String> {
-        ["run", balance_scale().to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--steps", "18",
-         "--seeds", "0,1", "--workers", "2", "--out", out, "--no-progress"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "run",
+            balance_scale().to_str().unwrap(),
+            "--policy",
+            "scripted",
+            "--actions",
+            "actions",
+            "--steps",
+            "18",
+            "--seeds",
+            "0,1",
+            "--workers",
+            "2",
+            "--out",
+            out,
+            "--no-progress",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     // The reference: the same run, uninterrupted.
     let reference = etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp.path());
@@ -306,8 +368,23 @@ fn ctrl_c_stops_after_the_current_step_and_writes_the_summary() {
     write_actions(&tmp.path().join("actions"), &actions.iter().map(String::as_str).collect::<Vec<_>>());
     let dir = tmp.path().join("run");
     let mut child = Command::new(ETPO)
-        .args(["run", balance_scale().to_str().unwrap(), "--policy", "scripted", "--actions", "actions", "--steps", "30",
-               "--seeds", "0", "--workers", "1", "--out", "run", "--no-progress"])
+        .args([
+            "run",
+            balance_scale().to_str().unwrap(),
+            "--policy",
+            "scripted",
+            "--actions",
+            "actions",
+            "--steps",
+            "30",
+            "--seeds",
+            "0",
+            "--workers",
+            "1",
+            "--out",
+            "run",
+            "--no-progress",
+        ])
         .current_dir(tmp.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -321,7 +398,10 @@ fn ctrl_c_stops_after_the_current_step_and_writes_the_summary() {
     let n = steps(&dir).len();
     assert!(n < 30, "stopped early");
     let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
-    assert!(csv.lines().any(|l| l.starts_with(&format!("balance_scale,all,{n},"))), "summary of the {n} steps taken: {csv}");
+    assert!(
+        csv.lines().any(|l| l.starts_with(&format!("balance_scale,all,{n},"))),
+        "summary of the {n} steps taken: {csv}"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
 }
 
@@ -332,8 +412,23 @@ fn resume_refuses_a_changed_spec() {
     std::fs::copy(balance_scale(), &spec).unwrap();
     write_actions(&tmp.path().join("actions"), &["GaussianNB()"]);
     let out = etpo(
-        &["run", "bs.yaml", "--policy", "scripted", "--actions", "actions", "--steps", "1", "--seeds", "0",
-          "--workers", "1", "--out", "run", "--no-progress"],
+        &[
+            "run",
+            "bs.yaml",
+            "--policy",
+            "scripted",
+            "--actions",
+            "actions",
+            "--steps",
+            "1",
+            "--seeds",
+            "0",
+            "--workers",
+            "1",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
         tmp.path(),
     );
     ok(&out);
@@ -360,7 +455,21 @@ fn the_budget_and_sampling_come_from_the_spec_unless_given() {
     let model = tmp.path().join("tiny-model");
     write_tiny_model(&model);
     let out = etpo(
-        &["run", "bs.yaml", "--model", "tiny-model", "--seeds", "0", "--top-k", "0", "--workers", "1", "--out", "run", "--no-progress"],
+        &[
+            "run",
+            "bs.yaml",
+            "--model",
+            "tiny-model",
+            "--seeds",
+            "0",
+            "--top-k",
+            "0",
+            "--workers",
+            "1",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
         tmp.path(),
     );
     ok(&out);
@@ -377,8 +486,21 @@ fn a_tiny_model_runs_the_loop() {
     let model = tmp.path().join("tiny-model");
     write_tiny_model(&model);
     let out = etpo(
-        &["run", balance_scale().to_str().unwrap(), "--model", "tiny-model", "--steps", "3", "--seeds", "0,1",
-          "--workers", "1", "--out", "run", "--no-progress"],
+        &[
+            "run",
+            balance_scale().to_str().unwrap(),
+            "--model",
+            "tiny-model",
+            "--steps",
+            "3",
+            "--seeds",
+            "0,1",
+            "--workers",
+            "1",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
         tmp.path(),
     );
     ok(&out);
@@ -403,7 +525,9 @@ fn a_tiny_model_runs_the_loop() {
     }
     let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let files = config["model"].as_array().unwrap();
-    assert!(files.iter().any(|f| f["path"].as_str().unwrap().ends_with("model.safetensors") && f["sha256"].is_string()));
+    assert!(files
+        .iter()
+        .any(|f| f["path"].as_str().unwrap().ends_with("model.safetensors") && f["sha256"].is_string()));
 }
 
 /// Issue 11's check: the embedded default model, on the default Balance Scale spec, takes at
@@ -414,7 +538,17 @@ fn the_default_model_finds_a_runnable_action_on_balance_scale() {
     assert!(model.is_file(), "{} is missing: run `scripts/setup.sh model` first", model.display());
     let tmp = tempfile::tempdir().unwrap();
     let out = etpo(
-        &["run", balance_scale().to_str().unwrap(), "--steps", "8", "--seeds", "0,1,2", "--out", "run", "--no-progress"],
+        &[
+            "run",
+            balance_scale().to_str().unwrap(),
+            "--steps",
+            "8",
+            "--seeds",
+            "0,1,2",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
         tmp.path(),
     );
     ok(&out);
@@ -437,8 +571,23 @@ fn mean_of_splits_averages_the_auc_over_the_documented_splits() {
     std::fs::write(&spec, text.replace("evaluation: single_split", "evaluation: {mean_of_splits: 3}")).unwrap();
     write_actions(&tmp.path().join("actions"), &["LogisticRegression(max_iter=1000)"]);
     let out = etpo(
-        &["run", "bs3.yaml", "--policy", "scripted", "--actions", "actions", "--steps", "1", "--seeds", "4",
-          "--workers", "2", "--out", "run", "--no-progress"],
+        &[
+            "run",
+            "bs3.yaml",
+            "--policy",
+            "scripted",
+            "--actions",
+            "actions",
+            "--steps",
+            "1",
+            "--seeds",
+            "4",
+            "--workers",
+            "2",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
         tmp.path(),
     );
     ok(&out);
@@ -460,5 +609,9 @@ fn mean_of_splits_averages_the_auc_over_the_documented_splits() {
         .collect();
     let want = aucs.iter().sum::<f64>() / 3.0;
     assert!(aucs[0] != aucs[1] || aucs[1] != aucs[2], "three different splits");
-    assert!((num(&records[0], "reward") - want).abs() < 1e-9, "etpo {} vs sklearn {want} ({aucs:?})", num(&records[0], "reward"));
+    assert!(
+        (num(&records[0], "reward") - want).abs() < 1e-9,
+        "etpo {} vs sklearn {want} ({aucs:?})",
+        num(&records[0], "reward")
+    );
 }

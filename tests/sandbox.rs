@@ -67,7 +67,8 @@ fn exec(program: &str) -> Value {
     );
     let leftovers = sandbox_cgroups_of(pid);
     assert!(leftovers.is_empty(), "sandboxes left behind: {leftovers:?}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// The sandbox cgroups created by process `pid` that still exist (a cgroup can only be removed
@@ -87,9 +88,12 @@ fn sandbox_cgroups_of(pid: u32) -> Vec<PathBuf> {
         };
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         let prefix = format!("etpo-{pid}-");
-        found.extend(entries.flatten().map(|e| e.path()).filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix))
-        }));
+        found.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix))),
+        );
     }
     found
 }
@@ -161,9 +165,13 @@ fn generated_text_is_assembled_as_in_training() {
 fn resource_bombs_are_contained() {
     let fork_bomb = "import os\ndef build_model(x_train, y_train):\n    while True:\n        try:\n            os.fork()\n        except OSError:\n            pass\n";
     assert!(["Timeout", "Memory"].contains(&failed(&exec(fork_bomb)).0.as_str()));
-    let memory_bomb = "def build_model(x_train, y_train):\n    a = []\n    while True:\n        a.append(bytearray(100 << 20))\n";
+    let memory_bomb =
+        "def build_model(x_train, y_train):\n    a = []\n    while True:\n        a.append(bytearray(100 << 20))\n";
     let (kind, error) = failed(&exec(memory_bomb));
-    assert!(kind == "Memory" && error.starts_with("the program exceeded the memory limit of 512 MB"), "{kind}: {error}");
+    assert!(
+        kind == "Memory" && error.starts_with("the program exceeded the memory limit of 512 MB"),
+        "{kind}: {error}"
+    );
     let (kind, error) = failed(&exec("def build_model(x_train, y_train):\n    while True:\n        pass\n"));
     assert_eq!(kind, "Timeout");
     assert!(error.contains("limit of 3 s"), "{error}");
@@ -173,8 +181,12 @@ fn resource_bombs_are_contained() {
 
 #[test]
 fn waiting_and_ignoring_signals_hit_the_deadline() {
-    let (kind, error) = failed(&exec("import time\ndef build_model(x_train, y_train):\n    print('waiting')\n    time.sleep(60)\n"));
-    assert_eq!((kind.as_str(), error.as_str()), ("Timeout", "the program did not finish within the wall-clock limit of 3 s"));
+    let (kind, error) =
+        failed(&exec("import time\ndef build_model(x_train, y_train):\n    print('waiting')\n    time.sleep(60)\n"));
+    assert_eq!(
+        (kind.as_str(), error.as_str()),
+        ("Timeout", "the program did not finish within the wall-clock limit of 3 s")
+    );
     let sigterm = "import signal, time\ndef build_model(x_train, y_train):\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    time.sleep(60)\n";
     assert_eq!(failed(&exec(sigterm)).0, "Timeout");
 }
@@ -257,7 +269,11 @@ fn a_gigabyte_of_stdout_is_capped() {
     let report = exec(flood);
     assert!(failed(&report).1.ends_with("RuntimeError: printed"));
     let output = report["output"].as_str().unwrap();
-    assert!(output.len() <= 16 * 1024 + 64 && output.ends_with("[output truncated at 16 KB]"), "{} bytes", output.len());
+    assert!(
+        output.len() <= 16 * 1024 + 64 && output.ends_with("[output truncated at 16 KB]"),
+        "{} bytes",
+        output.len()
+    );
 }
 
 #[test]
@@ -266,11 +282,16 @@ fn broken_predict_proba_is_explained() {
         format!("import numpy as np, time\nclass M:\n    classes_ = np.array([0, 1, 2])\n    def predict_proba(self, x):\n        {body}\ndef build_model(x_train, y_train):\n    return M()\n")
     };
     let (kind, error) = failed(&exec(&model("raise ValueError('nope')")));
-    assert_eq!((kind.as_str(), error.as_str()), ("BadPredictions", "line 5: raise ValueError('nope')\npredict_proba(x_val) raised ValueError: nope"));
+    assert_eq!(
+        (kind.as_str(), error.as_str()),
+        ("BadPredictions", "line 5: raise ValueError('nope')\npredict_proba(x_val) raised ValueError: nope")
+    );
     assert_eq!(failed(&exec(&model("time.sleep(60)"))).0, "Timeout");
     assert!(failed(&exec(&model("return np.full((len(x), 3), np.nan)"))).1.contains("NaN"));
     assert!(failed(&exec(&model("return np.zeros(len(x))"))).1.contains("returned an array of shape"));
-    assert!(failed(&exec(&model("return np.full((len(x), 2), 0.5)"))).1.contains("2 columns but the model has 3 classes"));
+    assert!(failed(&exec(&model("return np.full((len(x), 2), 0.5)")))
+        .1
+        .contains("2 columns but the model has 3 classes"));
     let (kind, error) = failed(&exec("def build_model(x_train, y_train)\n    return 1\n"));
     assert_eq!(kind, "Syntax");
     assert!(error.starts_with("line 1: def build_model(x_train, y_train)\nSyntaxError"), "{error}");

@@ -29,8 +29,21 @@ fn setup(tmp: &Path) {
 
 fn train_args<'a>(algo: &'a str, spec: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
-        "run", spec, "--algo", algo, "--model", "tiny-model", "--steps", steps, "--seeds", "0", "--workers", "1",
-        "--out", out, "--no-progress",
+        "run",
+        spec,
+        "--algo",
+        algo,
+        "--model",
+        "tiny-model",
+        "--steps",
+        steps,
+        "--seeds",
+        "0",
+        "--workers",
+        "1",
+        "--out",
+        out,
+        "--no-progress",
     ]
 }
 
@@ -75,7 +88,9 @@ fn etpo_trains_a_tiny_model_and_writes_metrics_checkpoint_and_figure() {
     // The reward before and after training: the first and last step (a quarter of 4).
     let stdout = String::from_utf8_lossy(&out.stdout);
     let (first, last) = (steps[0]["reward"].as_f64().unwrap(), steps[3]["reward"].as_f64().unwrap());
-    let line = format!("etpo balance_scale: mean reward {first:.3} over the first 1 steps of each seed -> {last:.3} over the last 1");
+    let line = format!(
+        "etpo balance_scale: mean reward {first:.3} over the first 1 steps of each seed -> {last:.3} over the last 1"
+    );
     assert!(stdout.contains(&line), "{line:?} not in\n{stdout}");
     assert!(stdout.contains("## First and last steps"), "{stdout}");
     let trainer = &config(&dir)["trainer"];
@@ -138,7 +153,8 @@ fn compare_draws_etpo_and_ppo_kl_in_one_figure_with_a_table() {
         let metrics = jsonl(&tmp.path().join(algo).join("metrics.jsonl"));
         let rewards: Vec<f64> = metrics.iter().map(|m| m["batch_reward"].as_f64().unwrap()).collect();
         let mean = rewards.iter().sum::<f64>() / rewards.len() as f64;
-        let row = table.lines().find(|l| l.split_whitespace().next() == Some(algo)).unwrap_or_else(|| panic!("{table}"));
+        let row =
+            table.lines().find(|l| l.split_whitespace().next() == Some(algo)).unwrap_or_else(|| panic!("{table}"));
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cells[1], rewards.len().to_string(), "{row}");
         assert_eq!(cells[2], metrics.last().unwrap()["env_steps"].to_string(), "{row}");
@@ -148,7 +164,11 @@ fn compare_draws_etpo_and_ppo_kl_in_one_figure_with_a_table() {
     // A folder that is not a training run is a clear error.
     let out = etpo(&["compare", "etpo", "nowhere"], tmp.path());
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere: no metrics.jsonl"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nowhere: no metrics.jsonl"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -159,7 +179,8 @@ fn a_run_killed_between_recording_a_round_and_logging_it_resumes_exactly() {
     setup(tmp.path());
     let spec = balance_scale();
     let args = |out: &'static str| -> Vec<String> {
-        let mut a: Vec<String> = train_args("etpo", spec.to_str().unwrap(), out, "6").iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> =
+            train_args("etpo", spec.to_str().unwrap(), out, "6").iter().map(|s| s.to_string()).collect();
         a.extend(["--update-every", "1", "--lr", "0.01"].iter().map(|s| s.to_string()));
         a
     };
@@ -180,7 +201,11 @@ fn a_run_killed_between_recording_a_round_and_logging_it_resumes_exactly() {
 
     let out = etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path());
     ok(&out);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("dropping 1 recorded round(s)"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("dropping 1 recorded round(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(adapter(&dir), adapter(&tmp.path().join("reference")), "the adapters of the uninterrupted run");
     let s = |d: &Path| jsonl(&d.join("steps.jsonl")).iter().map(step_essence).collect::<Vec<_>>();
     assert_eq!(s(&dir), s(&tmp.path().join("reference")), "the same steps, each logged once");
@@ -224,7 +249,8 @@ fn a_training_run_killed_and_resumed_ends_with_the_adapters_of_an_uninterrupted_
     setup(tmp.path());
     let spec = balance_scale();
     let args = |out: &'static str| {
-        let mut a: Vec<String> = train_args("etpo", spec.to_str().unwrap(), out, "8").iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> =
+            train_args("etpo", spec.to_str().unwrap(), out, "8").iter().map(|s| s.to_string()).collect();
         a.extend(["--update-every", "2", "--lr", "0.01"].iter().map(|s| s.to_string()));
         a
     };

@@ -34,11 +34,7 @@ impl Extract {
 
     /// The spec name of the mode.
     pub fn name(self) -> &'static str {
-        Extract::NAMES
-            .iter()
-            .find(|(_, e)| *e == self)
-            .map(|(n, _)| *n)
-            .unwrap_or("raw")
+        Extract::NAMES.iter().find(|(_, e)| *e == self).map(|(n, _)| *n).unwrap_or("raw")
     }
 }
 
@@ -50,11 +46,9 @@ pub fn extract(generation: &str, mode: Extract, stop: &[String]) -> String {
     let text = cut_at_stop(generation, stop);
     match mode {
         Extract::Raw | Extract::Stop => text.to_string(),
-        Extract::FirstLine => text
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .map(|l| l.trim_end().to_string())
-            .unwrap_or_default(),
+        Extract::FirstLine => {
+            text.lines().find(|l| !l.trim().is_empty()).map(|l| l.trim_end().to_string()).unwrap_or_default()
+        }
         Extract::UntilUnindented => until_unindented(text),
         Extract::Fenced => fenced(text),
     }
@@ -62,11 +56,7 @@ pub fn extract(generation: &str, mode: Extract, stop: &[String]) -> String {
 
 /// The text before the earliest occurrence of any (non-empty) stop sequence.
 pub fn cut_at_stop<'a>(text: &'a str, stop: &[String]) -> &'a str {
-    let end = stop
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min();
+    let end = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min();
     &text[..end.unwrap_or(text.len())]
 }
 
@@ -95,18 +85,12 @@ fn fenced(text: &str) -> String {
         return trim_trailing_blank(&all);
     };
     let body = &lines[open + 1..];
-    let close = body
-        .iter()
-        .position(|l| l.trim() == "```")
-        .unwrap_or(body.len());
+    let close = body.iter().position(|l| l.trim() == "```").unwrap_or(body.len());
     trim_trailing_blank(&body[..close])
 }
 
 fn trim_trailing_blank(lines: &[&str]) -> String {
-    let end = lines
-        .iter()
-        .rposition(|l| !l.trim().is_empty())
-        .map_or(0, |i| i + 1);
+    let end = lines.iter().rposition(|l| !l.trim().is_empty()).map_or(0, |i| i + 1);
     let mut out = lines[..end].join("\n");
     out.truncate(out.trim_end().len());
     out
@@ -116,24 +100,18 @@ fn trim_trailing_blank(lines: &[&str]) -> String {
 /// blank lines become empty.
 pub fn dedent(text: &str) -> String {
     let prefix_len = |l: &str| l.len() - l.trim_start_matches([' ', '\t']).len();
-    let common: Option<&str> =
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .fold(None, |acc, l| {
-                let p = &l[..prefix_len(l)];
-                Some(match acc {
-                    None => p,
-                    Some(a) => {
-                        let n = a.bytes().zip(p.bytes()).take_while(|(x, y)| x == y).count();
-                        &a[..n]
-                    }
-                })
-            });
+    let common: Option<&str> = text.lines().filter(|l| !l.trim().is_empty()).fold(None, |acc, l| {
+        let p = &l[..prefix_len(l)];
+        Some(match acc {
+            None => p,
+            Some(a) => {
+                let n = a.bytes().zip(p.bytes()).take_while(|(x, y)| x == y).count();
+                &a[..n]
+            }
+        })
+    });
     let cut = common.map_or(0, str::len);
-    text.lines()
-        .map(|l| if l.trim().is_empty() { "" } else { &l[cut..] })
-        .collect::<Vec<_>>()
-        .join("\n")
+    text.lines().map(|l| if l.trim().is_empty() { "" } else { &l[cut..] }).collect::<Vec<_>>().join("\n")
 }
 
 /// Indent every line after the first by `indent` (the first line goes where the placeholder is).
@@ -199,19 +177,13 @@ mod tests {
 
     #[test]
     fn raw_keeps_everything() {
-        assert_eq!(
-            extract("a\nb STOP c", Extract::Raw, &stops(&["STOP"])),
-            "a\nb STOP c"
-        );
+        assert_eq!(extract("a\nb STOP c", Extract::Raw, &stops(&["STOP"])), "a\nb STOP c");
     }
 
     #[test]
     fn stop_sequences_cut_at_the_earliest() {
         let s = stops(&["\n\n", "def "]);
-        assert_eq!(
-            extract("x = 1\ndef f(): pass\n\nmore", Extract::Stop, &s),
-            "x = 1\n"
-        );
+        assert_eq!(extract("x = 1\ndef f(): pass\n\nmore", Extract::Stop, &s), "x = 1\n");
         assert_eq!(extract("no stop here", Extract::Stop, &s), "no stop here");
         assert_eq!(cut_at_stop("abc", &stops(&[""])), "abc");
     }
@@ -219,49 +191,29 @@ mod tests {
     #[test]
     fn first_line() {
         assert_eq!(
-            extract(
-                " RandomForestClassifier(n_estimators=50)  \nprint(1)",
-                Extract::FirstLine,
-                &[]
-            ),
+            extract(" RandomForestClassifier(n_estimators=50)  \nprint(1)", Extract::FirstLine, &[]),
             " RandomForestClassifier(n_estimators=50)"
         );
-        assert_eq!(
-            extract("\n\n  SVC()\nx", Extract::FirstLine, &[]),
-            "  SVC()"
-        );
+        assert_eq!(extract("\n\n  SVC()\nx", Extract::FirstLine, &[]), "  SVC()");
         assert_eq!(extract("", Extract::FirstLine, &[]), "");
         assert_eq!(
-            extract(
-                "LogisticRegression()<|im_end|>junk",
-                Extract::FirstLine,
-                &stops(&["<|im_end|>"])
-            ),
+            extract("LogisticRegression()<|im_end|>junk", Extract::FirstLine, &stops(&["<|im_end|>"])),
             "LogisticRegression()"
         );
     }
 
     #[test]
     fn until_unindented_stops_at_column_zero() {
-        let generation = "    from sklearn.svm import SVC\n\n    model = SVC()\n    return model\ndef other():\n    pass\n";
+        let generation =
+            "    from sklearn.svm import SVC\n\n    model = SVC()\n    return model\ndef other():\n    pass\n";
         assert_eq!(
             extract(generation, Extract::UntilUnindented, &[]),
             "    from sklearn.svm import SVC\n\n    model = SVC()\n    return model"
         );
         // A leading blank line is skipped; trailing blank lines go.
-        assert_eq!(
-            extract(
-                "\n    a = 1\n\n\n\"\"\"doc\"\"\"",
-                Extract::UntilUnindented,
-                &[]
-            ),
-            "    a = 1"
-        );
+        assert_eq!(extract("\n    a = 1\n\n\n\"\"\"doc\"\"\"", Extract::UntilUnindented, &[]), "    a = 1");
         // An unindented first line is kept with its indented block.
-        assert_eq!(
-            extract("if x:\n    y\nz\n", Extract::UntilUnindented, &[]),
-            "if x:\n    y"
-        );
+        assert_eq!(extract("if x:\n    y\nz\n", Extract::UntilUnindented, &[]), "if x:\n    y");
     }
 
     #[test]
@@ -280,31 +232,18 @@ mod tests {
 
     #[test]
     fn fenced_unterminated_runs_to_the_end() {
-        assert_eq!(
-            extract("Sure!\n```python\nx = 1\ny = 2\n\n", Extract::Fenced, &[]),
-            "x = 1\ny = 2"
-        );
+        assert_eq!(extract("Sure!\n```python\nx = 1\ny = 2\n\n", Extract::Fenced, &[]), "x = 1\ny = 2");
     }
 
     #[test]
     fn fenced_without_any_fence_takes_the_text() {
-        assert_eq!(
-            extract("\n\nmodel = SVC()\n\n", Extract::Fenced, &[]),
-            "model = SVC()"
-        );
+        assert_eq!(extract("\n\nmodel = SVC()\n\n", Extract::Fenced, &[]), "model = SVC()");
     }
 
     #[test]
     fn fenced_respects_stop_sequences() {
         let s = stops(&["<|im_end|>"]);
-        assert_eq!(
-            extract(
-                "```python\nx = 1\n```<|im_end|>```\ny\n```",
-                Extract::Fenced,
-                &s
-            ),
-            "x = 1"
-        );
+        assert_eq!(extract("```python\nx = 1\n```<|im_end|>```\ny\n```", Extract::Fenced, &s), "x = 1");
     }
 
     #[test]
@@ -317,29 +256,20 @@ mod tests {
 
     #[test]
     fn continuation_indent() {
-        assert_eq!(
-            indent_continuation("a\n\nb\n  c", "    "),
-            "a\n\n    b\n      c"
-        );
+        assert_eq!(indent_continuation("a\n\nb\n  c", "    "), "a\n\n    b\n      c");
         assert_eq!(indent_continuation("single", "    "), "single");
     }
 
     #[test]
     fn commented_filter() {
-        assert_eq!(
-            commented("def f():\n    return 1\n\nx"),
-            "# def f():\n#     return 1\n#\n# x"
-        );
+        assert_eq!(commented("def f():\n    return 1\n\nx"), "# def f():\n#     return 1\n#\n# x");
         assert_eq!(commented("a\n"), "# a\n");
     }
 
     #[test]
     fn placeholder_indentation() {
         assert_eq!(placeholder_indent("def f():\n    {{ action }}\n"), "    ");
-        assert_eq!(
-            placeholder_indent("def f():\n    model = {{action}}\n"),
-            "    "
-        );
+        assert_eq!(placeholder_indent("def f():\n    model = {{action}}\n"), "    ");
         assert_eq!(placeholder_indent("{{ actions }}\n  {{- action }}"), "  ");
         assert_eq!(placeholder_indent("{{ action }}"), "");
         assert_eq!(placeholder_indent("no placeholder"), "");

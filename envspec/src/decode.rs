@@ -4,12 +4,12 @@ use crate::action::Extract;
 use crate::data::{self, DataSource, DatasetSpec};
 use crate::diag::{did_you_mean, Diagnostic, SpecError};
 use crate::spec::{
-    ActionSpec, Algorithm, Evaluation, Example, ExecLimits, GameSpec, Kind, Metric, Multiclass,
-    PromptFormat, PromptSpec, RewardSpec, Spec, TrainingOverrides,
+    ActionSpec, Algorithm, Evaluation, Example, ExecLimits, GameSpec, Kind, Metric, Multiclass, PromptFormat,
+    PromptSpec, RewardSpec, Spec, TrainingOverrides,
 };
 use crate::template::{
-    self, GameContext, TaskContext, ASSEMBLE_VARIABLES, GAME_STEP_VARIABLES, GAME_VARIABLES,
-    REFLECTION_VARIABLES, TASK_VARIABLES,
+    self, GameContext, TaskContext, ASSEMBLE_VARIABLES, GAME_STEP_VARIABLES, GAME_VARIABLES, REFLECTION_VARIABLES,
+    TASK_VARIABLES,
 };
 use crate::yaml::{self, Node, Pos, Style, Typed, Value};
 use std::path::{Path, PathBuf};
@@ -33,14 +33,7 @@ pub mod keys {
     pub const DATASET: &[&str] = &["source", "train_fraction", "seeds", "max_samples"];
     pub const GAME: &[&str] = &["module", "seeds", "fuel", "memory_mb", "observation_kb"];
     pub const SOURCE: &[&str] = &["builtin", "csv", "arff", "target"];
-    pub const PROMPT: &[&str] = &[
-        "format",
-        "template",
-        "reflection",
-        "system",
-        "user",
-        "assistant",
-    ];
+    pub const PROMPT: &[&str] = &["format", "template", "reflection", "system", "user", "assistant"];
     pub const PROMPT_COMPLETION: &[&str] = &["format", "template", "reflection"];
     pub const PROMPT_CHAT: &[&str] = &["format", "system", "user", "assistant", "reflection"];
     pub const EXAMPLE: &[&str] = &["task", "action"];
@@ -77,20 +70,14 @@ pub enum KindName {
 /// The names of `kind:`.
 pub const KINDS: &[(&str, KindName)] = &[("sklearn", KindName::Sklearn), ("wasm", KindName::Wasm)];
 /// The names of `prompt.format:`.
-pub const FORMATS: &[(&str, PromptFormat)] = &[
-    ("completion", PromptFormat::Completion),
-    ("chat", PromptFormat::Chat),
-];
+pub const FORMATS: &[(&str, PromptFormat)] = &[("completion", PromptFormat::Completion), ("chat", PromptFormat::Chat)];
 /// The names of `reward.multiclass:`.
 pub const MULTICLASS: &[(&str, Multiclass)] = &[("ovo", Multiclass::Ovo), ("ovr", Multiclass::Ovr)];
 /// The names of `reward.metric:`.
 pub const METRICS: &[(&str, Metric)] = &[("roc_auc", Metric::RocAuc)];
 /// The names of `training.algorithm:`.
-pub const ALGORITHMS: &[(&str, Algorithm)] = &[
-    ("etpo", Algorithm::Etpo),
-    ("ppo_kl", Algorithm::PpoKl),
-    ("reflection", Algorithm::Reflection),
-];
+pub const ALGORITHMS: &[(&str, Algorithm)] =
+    &[("etpo", Algorithm::Etpo), ("ppo_kl", Algorithm::PpoKl), ("reflection", Algorithm::Reflection)];
 
 /// The default assembly for `kind: sklearn`: the action is the body of the paper's `build_model`.
 pub const DEFAULT_SKLEARN_ASSEMBLE: &str =
@@ -118,13 +105,7 @@ pub fn load_str(source: &str, path: &Path) -> Result<Spec, SpecError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut d = Decoder {
-        diags: Vec::new(),
-        base_dir,
-        templates: Vec::new(),
-        source_pos: None,
-        game: false,
-    };
+    let mut d = Decoder { diags: Vec::new(), base_dir, templates: Vec::new(), source_pos: None, game: false };
     let spec = match yaml::parse(source) {
         Err(e) => {
             d.diags.push(Diagnostic::at(e.pos, e.message));
@@ -147,10 +128,7 @@ pub fn load_str(source: &str, path: &Path) -> Result<Spec, SpecError> {
         Some(spec) if d.diags.is_empty() => Ok(spec),
         _ => {
             d.diags.sort_by_key(|x| x.pos);
-            Err(SpecError {
-                file: path.to_path_buf(),
-                diagnostics: d.diags,
-            })
+            Err(SpecError { file: path.to_path_buf(), diagnostics: d.diags })
         }
     }
 }
@@ -183,10 +161,7 @@ struct Section<'n> {
 
 impl<'n> Section<'n> {
     fn get(&self, key: &str) -> Option<&'n Node> {
-        self.pairs
-            .iter()
-            .find(|(k, _)| key_text(k) == Some(key))
-            .map(|(_, v)| v)
+        self.pairs.iter().find(|(k, _)| key_text(k) == Some(key)).map(|(_, v)| v)
     }
 
     /// The value, unless missing or null (`key:` with nothing, `~`).
@@ -195,10 +170,7 @@ impl<'n> Section<'n> {
     }
 
     fn key_pos(&self, key: &str) -> Option<Pos> {
-        self.pairs
-            .iter()
-            .find(|(k, _)| key_text(k) == Some(key))
-            .map(|(k, _)| k.pos)
+        self.pairs.iter().find(|(k, _)| key_text(k) == Some(key)).map(|(k, _)| k.pos)
     }
 
     fn field(&self, key: &str) -> String {
@@ -230,31 +202,16 @@ impl Decoder {
     }
 
     fn error_help(&mut self, pos: Pos, message: impl Into<String>, help: Option<String>) {
-        self.diags
-            .push(Diagnostic::at(pos, message).with_help(help));
+        self.diags.push(Diagnostic::at(pos, message).with_help(help));
     }
 
     /// Check that `node` is a mapping with only `allowed` keys.
-    fn section<'n>(
-        &mut self,
-        node: &'n Node,
-        path: &str,
-        pos: Pos,
-        allowed: &[&str],
-    ) -> Option<Section<'n>> {
+    fn section<'n>(&mut self, node: &'n Node, path: &str, pos: Pos, allowed: &[&str]) -> Option<Section<'n>> {
         let Value::Map(pairs) = &node.value else {
-            let what = if path.is_empty() {
-                "the spec".to_string()
-            } else {
-                format!("`{path}`")
-            };
+            let what = if path.is_empty() { "the spec".to_string() } else { format!("`{path}`") };
             self.error(
                 node.pos,
-                format!(
-                    "{what} must be a mapping (keys: {}), found {}",
-                    allowed.join(", "),
-                    node.describe()
-                ),
+                format!("{what} must be a mapping (keys: {}), found {}", allowed.join(", "), node.describe()),
             );
             return None;
         };
@@ -262,45 +219,24 @@ impl Decoder {
             match key_text(key) {
                 Some(k) if allowed.contains(&k) => {}
                 Some(k) => {
-                    let place = if path.is_empty() {
-                        "at the top level".to_string()
-                    } else {
-                        format!("in `{path}`")
-                    };
+                    let place = if path.is_empty() { "at the top level".to_string() } else { format!("in `{path}`") };
                     self.error_help(
                         key.pos,
-                        format!(
-                            "unknown key `{k}` {place}; expected one of: {}",
-                            allowed.join(", ")
-                        ),
+                        format!("unknown key `{k}` {place}; expected one of: {}", allowed.join(", ")),
                         did_you_mean(k, allowed.iter().copied()),
                     );
                 }
-                None => self.error(
-                    key.pos,
-                    format!("keys must be plain names, found {}", key.describe()),
-                ),
+                None => self.error(key.pos, format!("keys must be plain names, found {}", key.describe())),
             }
         }
-        Some(Section {
-            path: path.to_string(),
-            pos,
-            pairs,
-        })
+        Some(Section { path: path.to_string(), pos, pairs })
     }
 
     fn required<'n>(&mut self, sec: &Section<'n>, key: &str, what: &str) -> Option<&'n Node> {
         let node = sec.get(key);
         if node.is_none() {
-            let place = if sec.path.is_empty() {
-                "the spec".to_string()
-            } else {
-                format!("`{}`", sec.path)
-            };
-            self.error(
-                sec.pos,
-                format!("{place} is missing the required key `{key}` ({what})"),
-            );
+            let place = if sec.path.is_empty() { "the spec".to_string() } else { format!("`{}`", sec.path) };
+            self.error(sec.pos, format!("{place} is missing the required key `{key}` ({what})"));
         }
         node
     }
@@ -308,10 +244,7 @@ impl Decoder {
     fn string(&mut self, node: &Node, field: &str) -> Option<String> {
         match node.typed() {
             Some(Typed::Null) | None => {
-                self.error(
-                    node.pos,
-                    format!("`{field}` must be a string, found {}", node.describe()),
-                );
+                self.error(node.pos, format!("`{field}` must be a string, found {}", node.describe()));
                 None
             }
             Some(_) => Some(scalar_text(node)),
@@ -328,10 +261,7 @@ impl Decoder {
                 } else {
                     node.describe().to_string()
                 };
-                self.error(
-                    node.pos,
-                    format!("`{field}` must be a number, found {found}"),
-                );
+                self.error(node.pos, format!("`{field}` must be a number, found {found}"));
                 None
             }
         }
@@ -346,10 +276,7 @@ impl Decoder {
                 } else {
                     node.describe().to_string()
                 };
-                self.error(
-                    node.pos,
-                    format!("`{field}` must be an integer, found {found}"),
-                );
+                self.error(node.pos, format!("`{field}` must be an integer, found {found}"));
                 None
             }
         }
@@ -359,29 +286,17 @@ impl Decoder {
     fn int_at_least(&mut self, node: &Node, field: &str, min: u64, meaning: &str) -> Option<u64> {
         let v = self.integer(node, field)?;
         if v < min as i128 || v > u64::MAX as i128 {
-            self.error(
-                node.pos,
-                format!("`{field}` must be {meaning} (an integer >= {min}), found {v}"),
-            );
+            self.error(node.pos, format!("`{field}` must be {meaning} (an integer >= {min}), found {v}"));
             return None;
         }
         Some(v as u64)
     }
 
     /// A number satisfying `ok`, described by `meaning` when it does not.
-    fn float_where(
-        &mut self,
-        node: &Node,
-        field: &str,
-        ok: fn(f64) -> bool,
-        meaning: &str,
-    ) -> Option<f64> {
+    fn float_where(&mut self, node: &Node, field: &str, ok: fn(f64) -> bool, meaning: &str) -> Option<f64> {
         let v = self.number(node, field)?;
         if !ok(v) {
-            self.error(
-                node.pos,
-                format!("`{field}` must be {meaning}, found {}", scalar_text(node)),
-            );
+            self.error(node.pos, format!("`{field}` must be {meaning}, found {}", scalar_text(node)));
             return None;
         }
         Some(v)
@@ -395,10 +310,7 @@ impl Decoder {
         let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
         self.error_help(
             node.pos,
-            format!(
-                "unknown value `{text}` for `{field}`; expected one of: {}",
-                names.join(", ")
-            ),
+            format!("unknown value `{text}` for `{field}`; expected one of: {}", names.join(", ")),
             did_you_mean(&text, names.iter().copied()),
         );
         None
@@ -406,14 +318,11 @@ impl Decoder {
 
     fn spec(&mut self, root: &Node, path: &Path) -> Option<Spec> {
         let top = self.section(root, "", Pos { line: 1, col: 1 }, keys::TOP)?;
-        let name = self
-            .required(&top, "name", "a short identifier for this environment")
-            .and_then(|n| self.string(n, "name"));
+        let name =
+            self.required(&top, "name", "a short identifier for this environment").and_then(|n| self.string(n, "name"));
         if let (Some(name), Some(node)) = (&name, top.get("name")) {
-            let ok = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            let ok =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
             if !ok {
                 self.error(node.pos, format!("`name` must be a non-empty identifier of letters, digits, `_`, `-` or `.` (it names output folders), found `{name}`"));
             }
@@ -432,10 +341,7 @@ impl Decoder {
                 .required(&top, "game", "the game: `module: FILE.wasm`")
                 .and_then(|n| self.game_section(n, top.key_pos("game")));
             match game {
-                Some((game, seeds)) => (
-                    Some(Kind::Wasm(game)),
-                    Some(DatasetSpec { seeds, ..DatasetSpec::default() }),
-                ),
+                Some((game, seeds)) => (Some(Kind::Wasm(game)), Some(DatasetSpec { seeds, ..DatasetSpec::default() })),
                 None => (None, None),
             }
         } else {
@@ -459,18 +365,15 @@ impl Decoder {
         let reward = self.reward(&top);
         let max_steps = match top.opt("max_steps") {
             None => Some(DEFAULT_MAX_STEPS),
-            Some(node) => self
-                .int_at_least(node, "max_steps", 1, "the number of steps per episode")
-                .and_then(|v| match u32::try_from(v) {
+            Some(node) => self.int_at_least(node, "max_steps", 1, "the number of steps per episode").and_then(|v| {
+                match u32::try_from(v) {
                     Ok(v) => Some(v),
                     Err(_) => {
-                        self.error(
-                            node.pos,
-                            format!("`max_steps` must be at most {}, found {v}", u32::MAX),
-                        );
+                        self.error(node.pos, format!("`max_steps` must be at most {}, found {v}", u32::MAX));
                         None
                     }
-                }),
+                }
+            }),
         };
         let limits = self.limits(&top);
         let training = self.training(&top);
@@ -501,20 +404,14 @@ impl Decoder {
     fn dataset(&mut self, node: &Node, pos: Option<Pos>) -> Option<DatasetSpec> {
         let sec = self.section(node, "dataset", pos.unwrap_or(node.pos), keys::DATASET)?;
         let defaults = DatasetSpec::default();
-        let source = self.required(
-            &sec,
-            "source",
-            "`builtin: NAME`, or `csv: PATH` / `arff: PATH` with `target: COLUMN`",
-        );
+        let source =
+            self.required(&sec, "source", "`builtin: NAME`, or `csv: PATH` / `arff: PATH` with `target: COLUMN`");
         let source = source.and_then(|n| self.source(n, sec.key_pos("source")));
         let train_fraction = match sec.opt("train_fraction") {
             None => Some(defaults.train_fraction),
-            Some(n) => self.float_where(
-                n,
-                "dataset.train_fraction",
-                |v| v > 0.0 && v < 1.0,
-                "between 0 and 1 (exclusive)",
-            ),
+            Some(n) => {
+                self.float_where(n, "dataset.train_fraction", |v| v > 0.0 && v < 1.0, "between 0 and 1 (exclusive)")
+            }
         };
         let seeds = match sec.opt("seeds") {
             None => Some(defaults.seeds.clone()),
@@ -523,20 +420,10 @@ impl Decoder {
         let max_samples = match sec.opt("max_samples") {
             None => Some(None),
             Some(n) => self
-                .int_at_least(
-                    n,
-                    "dataset.max_samples",
-                    2,
-                    "the number of rows kept after the shuffle",
-                )
+                .int_at_least(n, "dataset.max_samples", 2, "the number of rows kept after the shuffle")
                 .map(|v| Some(v as usize)),
         };
-        Some(DatasetSpec {
-            source: source?,
-            train_fraction: train_fraction?,
-            seeds: seeds?,
-            max_samples: max_samples?,
-        })
+        Some(DatasetSpec { source: source?, train_fraction: train_fraction?, seeds: seeds?, max_samples: max_samples? })
     }
 
     fn seeds(&mut self, node: &Node) -> Option<Vec<u64>> {
@@ -545,13 +432,7 @@ impl Decoder {
 
     fn seeds_at(&mut self, node: &Node, field: &str) -> Option<Vec<u64>> {
         let Value::Seq(items) = &node.value else {
-            self.error(
-                node.pos,
-                format!(
-                    "`{field}` must be a list of integers, found {}",
-                    node.describe()
-                ),
-            );
+            self.error(node.pos, format!("`{field}` must be a list of integers, found {}", node.describe()));
             return None;
         };
         if items.is_empty() {
@@ -563,10 +444,7 @@ impl Decoder {
         for item in items {
             match self.int_at_least(item, field, 0, "a seed") {
                 Some(s) if seeds.contains(&s) => {
-                    self.error(
-                        item.pos,
-                        format!("seed {s} is listed twice in `{field}`"),
-                    );
+                    self.error(item.pos, format!("seed {s} is listed twice in `{field}`"));
                     ok = false;
                 }
                 Some(s) => seeds.push(s),
@@ -608,21 +486,18 @@ impl Decoder {
         };
         let fuel = positive(self, "fuel", GameSpec::DEFAULT_FUEL, "units of fuel per call");
         let memory_mb = positive(self, "memory_mb", GameSpec::DEFAULT_MEMORY_MB, "MiB of memory");
-        let observation_kb =
-            positive(self, "observation_kb", GameSpec::DEFAULT_OBSERVATION_KB, "KiB of text");
+        let observation_kb = positive(self, "observation_kb", GameSpec::DEFAULT_OBSERVATION_KB, "KiB of text");
         if let (Some(m), Some(n)) = (memory_mb, sec.opt("memory_mb")) {
             // wasm32 memories end at 4 GiB.
             if m > 4096 {
-                self.error(n.pos, format!("`game.memory_mb` must be at most 4096 (a 32-bit WebAssembly memory), found {m}"));
+                self.error(
+                    n.pos,
+                    format!("`game.memory_mb` must be at most 4096 (a 32-bit WebAssembly memory), found {m}"),
+                );
             }
         }
         Some((
-            GameSpec {
-                module: module?,
-                fuel: fuel?,
-                memory_mb: memory_mb?,
-                observation_kb: observation_kb?,
-            },
+            GameSpec { module: module?, fuel: fuel?, memory_mb: memory_mb?, observation_kb: observation_kb? },
             seeds?,
         ))
     }
@@ -630,10 +505,16 @@ impl Decoder {
     /// Sections and keys that only mean something for data tasks.
     fn not_for_games(&mut self, top: &Section<'_>) {
         if let Some(pos) = top.key_pos("dataset") {
-            self.error(pos, "`dataset` does not apply to `kind: wasm` (a game has no data); the reset seeds go in `game.seeds`");
+            self.error(
+                pos,
+                "`dataset` does not apply to `kind: wasm` (a game has no data); the reset seeds go in `game.seeds`",
+            );
         }
         if let Some(pos) = top.key_pos("limits") {
-            self.error(pos, "`limits` applies to `kind: sklearn` programs; a game's budgets are `game.fuel` and `game.memory_mb`");
+            self.error(
+                pos,
+                "`limits` applies to `kind: sklearn` programs; a game's budgets are `game.fuel` and `game.memory_mb`",
+            );
         }
         if let Some(Value::Map(pairs)) = top.get("reward").map(|n| &n.value) {
             for (key, _) in pairs {
@@ -646,20 +527,11 @@ impl Decoder {
 
     fn source(&mut self, node: &Node, pos: Option<Pos>) -> Option<DataSource> {
         self.source_pos = Some(node.pos);
-        let sec = self.section(
-            node,
-            "dataset.source",
-            pos.unwrap_or(node.pos),
-            keys::SOURCE,
-        )?;
-        let present: Vec<&str> = ["builtin", "csv", "arff"]
-            .into_iter()
-            .filter(|k| sec.get(k).is_some())
-            .collect();
+        let sec = self.section(node, "dataset.source", pos.unwrap_or(node.pos), keys::SOURCE)?;
+        let present: Vec<&str> = ["builtin", "csv", "arff"].into_iter().filter(|k| sec.get(k).is_some()).collect();
         if present.len() != 1 {
             let msg = if present.is_empty() {
-                "`dataset.source` needs one of `builtin: NAME`, `csv: PATH` or `arff: PATH`"
-                    .to_string()
+                "`dataset.source` needs one of `builtin: NAME`, `csv: PATH` or `arff: PATH`".to_string()
             } else {
                 format!(
                     "`dataset.source` needs exactly one of `builtin`, `csv` or `arff`, found {}",
@@ -672,17 +544,17 @@ impl Decoder {
         let target = sec.get("target");
         if present[0] == "builtin" {
             if let Some(t) = target {
-                self.error(t.pos, "`dataset.source.target` applies to `csv` and `arff` sources; a builtin data set knows its target");
+                self.error(
+                    t.pos,
+                    "`dataset.source.target` applies to `csv` and `arff` sources; a builtin data set knows its target",
+                );
             }
             let node = sec.get("builtin")?;
             let name = self.string(node, "dataset.source.builtin")?;
             if !data::BUILTINS.contains(&name.as_str()) {
                 self.error_help(
                     node.pos,
-                    format!(
-                        "unknown builtin data set `{name}`; expected one of: {}",
-                        data::BUILTINS.join(", ")
-                    ),
+                    format!("unknown builtin data set `{name}`; expected one of: {}", data::BUILTINS.join(", ")),
                     did_you_mean(&name, data::BUILTINS.iter().copied()),
                 );
                 return None;
@@ -694,7 +566,13 @@ impl Decoder {
         let file = self.string(file_node, &field);
         let target = match target {
             None => {
-                self.error(sec.pos, format!("`dataset.source` is missing the required key `target` (the class column of the {} file)", present[0]));
+                self.error(
+                    sec.pos,
+                    format!(
+                        "`dataset.source` is missing the required key `target` (the class column of the {} file)",
+                        present[0]
+                    ),
+                );
                 None
             }
             Some(t) => self.string(t, "dataset.source.target"),
@@ -705,10 +583,7 @@ impl Decoder {
             self.error_help(
                 file_node.pos,
                 format!("data file `{}` does not exist", resolved.display()),
-                Some(format!(
-                    "relative paths resolve against the spec's folder `{}`",
-                    self.base_dir.display()
-                )),
+                Some(format!("relative paths resolve against the spec's folder `{}`", self.base_dir.display())),
             );
             return None;
         }
@@ -719,15 +594,9 @@ impl Decoder {
         // Stored absolute, so that `data::load(source, any_dir)` finds the file.
         let resolved = std::path::absolute(&resolved).unwrap_or(resolved);
         Some(if present[0] == "csv" {
-            DataSource::Csv {
-                path: resolved,
-                target,
-            }
+            DataSource::Csv { path: resolved, target }
         } else {
-            DataSource::Arff {
-                path: resolved,
-                target,
-            }
+            DataSource::Arff { path: resolved, target }
         })
     }
 
@@ -737,22 +606,12 @@ impl Decoder {
         let Ok(text) = std::fs::read_to_string(path) else {
             return true;
         };
-        let header = text
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim_start_matches('\u{feff}');
-        let columns: Vec<&str> = header
-            .split(',')
-            .map(|c| c.trim().trim_matches('"'))
-            .collect();
+        let header = text.lines().next().unwrap_or("").trim_start_matches('\u{feff}');
+        let columns: Vec<&str> = header.split(',').map(|c| c.trim().trim_matches('"')).collect();
         if !columns.contains(&target) {
             self.error_help(
                 node.pos,
-                format!(
-                    "the data file has no column `{target}`; its columns are: {}",
-                    columns.join(", ")
-                ),
+                format!("the data file has no column `{target}`; its columns are: {}", columns.join(", ")),
                 did_you_mean(target, columns.iter().copied()),
             );
             return false;
@@ -764,10 +623,7 @@ impl Decoder {
         let Value::Seq(items) = &node.value else {
             self.error(
                 node.pos,
-                format!(
-                    "`examples` must be a list of `{{task, action}}` mappings, found {}",
-                    node.describe()
-                ),
+                format!("`examples` must be a list of `{{task, action}}` mappings, found {}", node.describe()),
             );
             return None;
         };
@@ -779,9 +635,8 @@ impl Decoder {
                 ok = false;
                 continue;
             };
-            let task = self
-                .required(&sec, "task", "the example's task text")
-                .and_then(|n| self.string(n, &sec.field("task")));
+            let task =
+                self.required(&sec, "task", "the example's task text").and_then(|n| self.string(n, &sec.field("task")));
             let action = self
                 .required(&sec, "action", "the action that solves it")
                 .and_then(|n| self.string(n, &sec.field("action")));
@@ -807,12 +662,7 @@ impl Decoder {
         }
     }
 
-    fn prompt(
-        &mut self,
-        node: &Node,
-        pos: Option<Pos>,
-        format: Option<PromptFormat>,
-    ) -> Option<PromptSpec> {
+    fn prompt(&mut self, node: &Node, pos: Option<Pos>, format: Option<PromptFormat>) -> Option<PromptSpec> {
         let sec = self.section(node, "prompt", pos.unwrap_or(node.pos), keys::PROMPT)?;
         let format = format?;
         let (allowed, name, other) = match format {
@@ -832,34 +682,24 @@ impl Decoder {
                 }
             }
         }
-        let template = |d: &mut Self,
-                        key: &str,
-                        what: &str,
-                        role: TemplateRole,
-                        required: bool|
-         -> Option<Option<String>> {
-            let node = if required {
-                d.required(&sec, key, what)?
-            } else {
-                match sec.opt(key) {
-                    Some(n) => n,
-                    None => return Some(None),
-                }
+        let template =
+            |d: &mut Self, key: &str, what: &str, role: TemplateRole, required: bool| -> Option<Option<String>> {
+                let node = if required {
+                    d.required(&sec, key, what)?
+                } else {
+                    match sec.opt(key) {
+                        Some(n) => n,
+                        None => return Some(None),
+                    }
+                };
+                let field = sec.field(key);
+                let text = d.string(node, &field)?;
+                d.templates.push((field, node.clone(), role));
+                Some(Some(text))
             };
-            let field = sec.field(key);
-            let text = d.string(node, &field)?;
-            d.templates.push((field, node.clone(), role));
-            Some(Some(text))
-        };
         if format == PromptFormat::Chat {
             let system = template(self, "system", "", TemplateRole::Initial, false);
-            let user = template(
-                self,
-                "user",
-                "the user message stating the task",
-                TemplateRole::Initial,
-                true,
-            );
+            let user = template(self, "user", "the user message stating the task", TemplateRole::Initial, true);
             let assistant = template(self, "assistant", "", TemplateRole::Reflection, false);
             let reflection = template(
                 self,
@@ -875,13 +715,7 @@ impl Decoder {
                 reflection: reflection??,
             })
         } else {
-            let initial = template(
-                self,
-                "template",
-                "the first state η(g)",
-                TemplateRole::Initial,
-                true,
-            );
+            let initial = template(self, "template", "the first state η(g)", TemplateRole::Initial, true);
             let reflection = template(
                 self,
                 "reflection",
@@ -889,10 +723,7 @@ impl Decoder {
                 TemplateRole::Reflection,
                 true,
             );
-            Some(PromptSpec::Completion {
-                template: initial??,
-                reflection: reflection??,
-            })
+            Some(PromptSpec::Completion { template: initial??, reflection: reflection?? })
         }
     }
 
@@ -905,22 +736,10 @@ impl Decoder {
         } else {
             Extract::UntilUnindented
         };
-        let default_assemble = if self.game {
-            DEFAULT_GAME_ASSEMBLE
-        } else {
-            DEFAULT_SKLEARN_ASSEMBLE
-        };
-        let default_tokens = if self.game {
-            DEFAULT_GAME_MAX_NEW_TOKENS
-        } else {
-            DEFAULT_MAX_NEW_TOKENS
-        };
+        let default_assemble = if self.game { DEFAULT_GAME_ASSEMBLE } else { DEFAULT_SKLEARN_ASSEMBLE };
+        let default_tokens = if self.game { DEFAULT_GAME_MAX_NEW_TOKENS } else { DEFAULT_MAX_NEW_TOKENS };
         let Some(node) = top.opt("action") else {
-            self.templates.push((
-                "action.assemble".into(),
-                synthetic(default_assemble),
-                TemplateRole::Assemble,
-            ));
+            self.templates.push(("action.assemble".into(), synthetic(default_assemble), TemplateRole::Assemble));
             return Some(ActionSpec {
                 extract: default_extract,
                 stop: Vec::new(),
@@ -928,12 +747,7 @@ impl Decoder {
                 assemble: default_assemble.to_string(),
             });
         };
-        let sec = self.section(
-            node,
-            "action",
-            top.key_pos("action").unwrap_or(node.pos),
-            keys::ACTION,
-        )?;
+        let sec = self.section(node, "action", top.key_pos("action").unwrap_or(node.pos), keys::ACTION)?;
         let extract = match sec.opt("extract") {
             None => Some(default_extract),
             Some(n) => self.choice(n, "action.extract", &Extract::NAMES),
@@ -945,10 +759,7 @@ impl Decoder {
         if let (Some(extract), Some(stop)) = (extract, &stop) {
             if extract == Extract::Stop && stop.is_empty() {
                 let pos = sec.opt("extract").map_or(sec.pos, |n| n.pos);
-                self.error(
-                    pos,
-                    "`action.extract: stop` needs at least one stop sequence in `action.stop`",
-                );
+                self.error(pos, "`action.extract: stop` needs at least one stop sequence in `action.stop`");
             }
             if extract == Extract::Fenced {
                 if let Some(Value::Seq(items)) = sec.opt("stop").map(|n| &n.value) {
@@ -962,48 +773,27 @@ impl Decoder {
         }
         let max_new_tokens = match sec.opt("max_new_tokens") {
             None => Some(default_tokens),
-            Some(n) => self
-                .int_at_least(n, "action.max_new_tokens", 1, "a number of tokens")
-                .map(|v| v as usize),
+            Some(n) => self.int_at_least(n, "action.max_new_tokens", 1, "a number of tokens").map(|v| v as usize),
         };
         let assemble = match sec.opt("assemble") {
             None => {
-                self.templates.push((
-                    "action.assemble".into(),
-                    synthetic(default_assemble),
-                    TemplateRole::Assemble,
-                ));
+                self.templates.push(("action.assemble".into(), synthetic(default_assemble), TemplateRole::Assemble));
                 Some(default_assemble.to_string())
             }
             Some(n) => {
                 let text = self.string(n, "action.assemble");
                 if text.is_some() {
-                    self.templates.push((
-                        "action.assemble".into(),
-                        n.clone(),
-                        TemplateRole::Assemble,
-                    ));
+                    self.templates.push(("action.assemble".into(), n.clone(), TemplateRole::Assemble));
                 }
                 text
             }
         };
-        Some(ActionSpec {
-            extract: extract?,
-            stop: stop?,
-            max_new_tokens: max_new_tokens?,
-            assemble: assemble?,
-        })
+        Some(ActionSpec { extract: extract?, stop: stop?, max_new_tokens: max_new_tokens?, assemble: assemble? })
     }
 
     fn string_list(&mut self, node: &Node, field: &str) -> Option<Vec<String>> {
         let Value::Seq(items) = &node.value else {
-            self.error(
-                node.pos,
-                format!(
-                    "`{field}` must be a list of strings, found {}",
-                    node.describe()
-                ),
-            );
+            self.error(node.pos, format!("`{field}` must be a list of strings, found {}", node.describe()));
             return None;
         };
         let mut out = Vec::new();
@@ -1031,12 +821,7 @@ impl Decoder {
         let Some(node) = top.opt("reward") else {
             return Some(reward);
         };
-        let sec = self.section(
-            node,
-            "reward",
-            top.key_pos("reward").unwrap_or(node.pos),
-            keys::REWARD,
-        )?;
+        let sec = self.section(node, "reward", top.key_pos("reward").unwrap_or(node.pos), keys::REWARD)?;
         let mut ok = true;
         if let Some(n) = sec.opt("metric") {
             match self.choice(n, "reward.metric", METRICS) {
@@ -1079,33 +864,18 @@ impl Decoder {
             }
             Value::Map(_) => {
                 let sec = self.section(node, "reward.evaluation", node.pos, keys::EVALUATION)?;
-                let n = self.required(
-                    &sec,
-                    "mean_of_splits",
-                    "the number of random splits to average",
-                )?;
-                let v = self.int_at_least(
-                    n,
-                    "reward.evaluation.mean_of_splits",
-                    1,
-                    "a number of splits",
-                )?;
+                let n = self.required(&sec, "mean_of_splits", "the number of random splits to average")?;
+                let v = self.int_at_least(n, "reward.evaluation.mean_of_splits", 1, "a number of splits")?;
                 match u32::try_from(v) {
                     Ok(v) => Some(Evaluation::MeanOfSplits(v)),
                     Err(_) => {
-                        self.error(
-                            n.pos,
-                            format!("`reward.evaluation.mean_of_splits` is too large: {v}"),
-                        );
+                        self.error(n.pos, format!("`reward.evaluation.mean_of_splits` is too large: {v}"));
                         None
                     }
                 }
             }
             Value::Seq(_) => {
-                self.error(
-                    node.pos,
-                    format!("`reward.evaluation` must be {EXPECTED}, found a list"),
-                );
+                self.error(node.pos, format!("`reward.evaluation` must be {EXPECTED}, found a list"));
                 None
             }
         }
@@ -1116,39 +886,21 @@ impl Decoder {
         let Some(node) = top.opt("limits") else {
             return Some(limits);
         };
-        let sec = self.section(
-            node,
-            "limits",
-            top.key_pos("limits").unwrap_or(node.pos),
-            keys::LIMITS,
-        )?;
+        let sec = self.section(node, "limits", top.key_pos("limits").unwrap_or(node.pos), keys::LIMITS)?;
         let mut ok = true;
         let positive = |v: f64| v > 0.0;
         for (key, slot) in [("wall_s", &mut limits.wall_s), ("cpu_s", &mut limits.cpu_s)] {
             if let Some(n) = sec.opt(key) {
-                match self.float_where(n, &sec.field(key), positive, "a positive number of seconds")
-                {
+                match self.float_where(n, &sec.field(key), positive, "a positive number of seconds") {
                     Some(v) => *slot = v,
                     None => ok = false,
                 }
             }
         }
         for (key, slot, unit) in [
-            (
-                "memory_mb",
-                &mut limits.memory_mb,
-                "a positive number of MiB",
-            ),
-            (
-                "output_kb",
-                &mut limits.output_kb,
-                "a positive number of KiB",
-            ),
-            (
-                "max_processes",
-                &mut limits.max_processes,
-                "a positive number of processes",
-            ),
+            ("memory_mb", &mut limits.memory_mb, "a positive number of MiB"),
+            ("output_kb", &mut limits.output_kb, "a positive number of KiB"),
+            ("max_processes", &mut limits.max_processes, "a positive number of processes"),
         ] {
             if let Some(n) = sec.opt(key) {
                 match self.int_at_least(n, &sec.field(key), 1, unit) {
@@ -1165,19 +917,13 @@ impl Decoder {
         let Some(node) = top.opt("training") else {
             return Some(t);
         };
-        let sec = self.section(
-            node,
-            "training",
-            top.key_pos("training").unwrap_or(node.pos),
-            keys::TRAINING,
-        )?;
+        let sec = self.section(node, "training", top.key_pos("training").unwrap_or(node.pos), keys::TRAINING)?;
         let before = self.diags.len();
         if let Some(n) = sec.opt("algorithm") {
             t.algorithm = self.choice(n, "training.algorithm", ALGORITHMS);
         }
         let count = |d: &mut Self, key: &str, meaning: &str| -> Option<u64> {
-            sec.opt(key)
-                .and_then(|n| d.int_at_least(n, &sec.field(key), 1, meaning))
+            sec.opt(key).and_then(|n| d.int_at_least(n, &sec.field(key), 1, meaning))
         };
         t.steps = count(self, "steps", "a number of environment steps");
         t.batch_size = count(self, "batch_size", "a number of actions").map(|v| v as usize);
@@ -1185,29 +931,13 @@ impl Decoder {
         t.lora_rank = count(self, "lora_rank", "a rank").map(|v| v as usize);
         t.epochs = count(self, "epochs", "a number of passes").map(|v| v as usize);
         let float = |d: &mut Self, key: &str, ok: fn(f64) -> bool, meaning: &str| -> Option<f64> {
-            sec.opt(key)
-                .and_then(|n| d.float_where(n, &sec.field(key), ok, meaning))
+            sec.opt(key).and_then(|n| d.float_where(n, &sec.field(key), ok, meaning))
         };
         t.lr = float(self, "lr", |v| v > 0.0, "a positive number");
         t.beta = float(self, "beta", |v| v >= 0.0, "a number >= 0");
-        t.gamma = float(
-            self,
-            "gamma",
-            |v| (0.0..=1.0).contains(&v),
-            "between 0 and 1",
-        );
-        t.polyak = float(
-            self,
-            "polyak",
-            |v| (0.0..=1.0).contains(&v),
-            "between 0 and 1",
-        );
-        t.temperature = float(
-            self,
-            "temperature",
-            |v| v >= 0.0,
-            "a number >= 0 (0 is greedy)",
-        );
+        t.gamma = float(self, "gamma", |v| (0.0..=1.0).contains(&v), "between 0 and 1");
+        t.polyak = float(self, "polyak", |v| (0.0..=1.0).contains(&v), "between 0 and 1");
+        t.temperature = float(self, "temperature", |v| v >= 0.0, "a number >= 0 (0 is greedy)");
         t.top_p = float(self, "top_p", |v| v > 0.0 && v <= 1.0, "in (0, 1]");
         t.lora_alpha = float(self, "lora_alpha", |v| v > 0.0, "a positive number");
         t.grad_clip = float(self, "grad_clip", |v| v > 0.0, "a positive number");
@@ -1255,10 +985,8 @@ impl Decoder {
             }
         }
         let templates = std::mem::take(&mut self.templates);
-        let sample_action =
-            "from sklearn.svm import SVC\nmodel = SVC()\nmodel.fit(x_train, y_train)\nreturn model";
-        let sample_program =
-            crate::spec::assemble(DEFAULT_SKLEARN_ASSEMBLE, sample_action).unwrap_or_default();
+        let sample_action = "from sklearn.svm import SVC\nmodel = SVC()\nmodel.fit(x_train, y_train)\nreturn model";
+        let sample_program = crate::spec::assemble(DEFAULT_SKLEARN_ASSEMBLE, sample_action).unwrap_or_default();
         let task = minijinja::Value::from_serialize(&ctx);
         let game = minijinja::Value::from_serialize(GameContext {
             name: ctx.name.clone(),
@@ -1271,11 +999,7 @@ impl Decoder {
             let (known, vars): (Vec<&str>, minijinja::Value) = match role {
                 TemplateRole::Initial if self.game => (GAME_VARIABLES.to_vec(), game.clone()),
                 TemplateRole::Reflection if self.game => (
-                    GAME_VARIABLES
-                        .iter()
-                        .chain(GAME_STEP_VARIABLES.iter())
-                        .copied()
-                        .collect(),
+                    GAME_VARIABLES.iter().chain(GAME_STEP_VARIABLES.iter()).copied().collect(),
                     minijinja::context! {
                         action => "go north",
                         program => "go north",
@@ -1285,11 +1009,7 @@ impl Decoder {
                 ),
                 TemplateRole::Initial => (TASK_VARIABLES.to_vec(), task.clone()),
                 TemplateRole::Reflection => (
-                    TASK_VARIABLES
-                        .iter()
-                        .chain(REFLECTION_VARIABLES.iter())
-                        .copied()
-                        .collect(),
+                    TASK_VARIABLES.iter().chain(REFLECTION_VARIABLES.iter()).copied().collect(),
                     minijinja::context! {
                         action => sample_action,
                         error => "AttributeError: predict_proba is not available when probability=False",
@@ -1297,22 +1017,13 @@ impl Decoder {
                         ..task.clone()
                     },
                 ),
-                TemplateRole::Assemble => {
-                    (ASSEMBLE_VARIABLES.to_vec(), minijinja::Value::UNDEFINED)
-                }
+                TemplateRole::Assemble => (ASSEMBLE_VARIABLES.to_vec(), minijinja::Value::UNDEFINED),
             };
             self.check_template(field, node, &known, vars, *role);
         }
     }
 
-    fn check_template(
-        &mut self,
-        field: &str,
-        node: &Node,
-        known: &[&str],
-        vars: minijinja::Value,
-        role: TemplateRole,
-    ) {
+    fn check_template(&mut self, field: &str, node: &Node, known: &[&str], vars: minijinja::Value, role: TemplateRole) {
         let Value::Scalar { text: source, .. } = &node.value else {
             return;
         };
@@ -1322,41 +1033,28 @@ impl Decoder {
             Ok(t) => t,
             Err(e) => {
                 let pos = self.error_pos(node, source, &e);
-                self.error(
-                    pos,
-                    format!(
-                        "template syntax error in `{field}`: {}",
-                        template::describe(&e)
-                    ),
-                );
+                self.error(pos, format!("template syntax error in `{field}`: {}", template::describe(&e)));
                 return;
             }
         };
         let used = compiled.undeclared_variables(false);
-        let mut unknown: Vec<&String> = used
-            .iter()
-            .filter(|v| !known.contains(&v.as_str()) && !globals.contains(v))
-            .collect();
+        let mut unknown: Vec<&String> =
+            used.iter().filter(|v| !known.contains(&v.as_str()) && !globals.contains(v)).collect();
         unknown.sort();
         for var in &unknown {
-            let pos =
-                find_variable(source, var).map_or(node.pos, |(l, c)| self.file_pos(node, l, c));
+            let pos = find_variable(source, var).map_or(node.pos, |(l, c)| self.file_pos(node, l, c));
             let help = did_you_mean(var, known.iter().copied())
                 .unwrap_or_else(|| format!("available variables: {}", known.join(", ")));
-            self.error_help(
-                pos,
-                format!("unknown template variable `{var}` in `{field}`"),
-                Some(help),
-            );
+            self.error_help(pos, format!("unknown template variable `{var}` in `{field}`"), Some(help));
         }
-        if role == TemplateRole::Assemble
-            && !used.contains("action")
-            && !used.contains("raw_action")
-        {
+        if role == TemplateRole::Assemble && !used.contains("action") && !used.contains("raw_action") {
             self.error_help(
                 node.pos,
                 "`action.assemble` never uses `{{ action }}`, so the model's action would never run",
-                Some("put `{{ action }}` where the action goes, e.g. the body of `def build_model(x_train, y_train):`".into()),
+                Some(
+                    "put `{{ action }}` where the action goes, e.g. the body of `def build_model(x_train, y_train):`"
+                        .into(),
+                ),
             );
         }
         if !unknown.is_empty() {
@@ -1369,13 +1067,7 @@ impl Decoder {
         };
         if let Err(e) = compiled.render(vars) {
             let pos = self.error_pos(node, source, &e);
-            self.error(
-                pos,
-                format!(
-                    "`{field}` fails to render against a sample task: {}",
-                    template::describe(&e)
-                ),
-            );
+            self.error(pos, format!("`{field}` fails to render against a sample task: {}", template::describe(&e)));
         }
     }
 
@@ -1393,25 +1085,16 @@ impl Decoder {
     /// Map a 1-based (line, column) inside a template to the spec file.
     fn file_pos(&self, node: &Node, line: usize, col: usize) -> Pos {
         match &node.value {
-            Value::Scalar {
-                text,
-                style: Style::Block,
-            } => {
+            Value::Scalar { text, style: Style::Block } => {
                 // The parser places a block scalar at its first non-blank content line, at the
                 // block's indentation; leading blank lines are part of the text.
                 let leading_blank = text.len() - text.trim_start_matches('\n').len();
                 let first = node.pos.line.saturating_sub(leading_blank).max(1);
-                Pos {
-                    line: first + line - 1,
-                    col: node.pos.col - 1 + col,
-                }
+                Pos { line: first + line - 1, col: node.pos.col - 1 + col }
             }
             Value::Scalar { style, .. } if line == 1 => {
                 let quote = usize::from(*style == Style::Quoted);
-                Pos {
-                    line: node.pos.line,
-                    col: node.pos.col + quote + col - 1,
-                }
+                Pos { line: node.pos.line, col: node.pos.col + quote + col - 1 }
             }
             _ => node.pos,
         }
@@ -1420,13 +1103,7 @@ impl Decoder {
 
 /// A node for a built-in template (no position in the file: diagnostics point at 1:1).
 fn synthetic(text: &str) -> Node {
-    Node {
-        pos: Pos { line: 1, col: 1 },
-        value: Value::Scalar {
-            text: text.to_string(),
-            style: Style::Quoted,
-        },
-    }
+    Node { pos: Pos { line: 1, col: 1 }, value: Value::Scalar { text: text.to_string(), style: Style::Quoted } }
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -1450,16 +1127,13 @@ fn find_variable(source: &str, name: &str) -> Option<(usize, usize)> {
                 continue;
             }
         };
-        let end = source[open + 2..]
-            .find(close)
-            .map_or(source.len(), |e| open + 2 + e);
+        let end = source[open + 2..].find(close).map_or(source.len(), |e| open + 2 + e);
         let tag = &source[open + 2..end];
         let mut from = 0;
         while let Some(at) = tag[from..].find(name).map(|a| a + from) {
             let before = tag[..at].chars().next_back();
             let after = tag[at + name.len()..].chars().next();
-            let ident =
-                |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.');
+            let ident = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.');
             if !ident(before) && !after.is_some_and(|c| c.is_alphanumeric() || c == '_') {
                 return Some(line_col(source, open + 2 + at));
             }

@@ -11,10 +11,7 @@ fn line_col_counts_characters() {
 #[test]
 fn find_variable_only_inside_tags() {
     assert_eq!(find_variable("shape {{ shape }}", "shape"), Some((1, 10)));
-    assert_eq!(
-        find_variable("a\n{% for x in shapes %}{{ shape }}", "shape"),
-        Some((2, 25))
-    );
+    assert_eq!(find_variable("a\n{% for x in shapes %}{{ shape }}", "shape"), Some((2, 25)));
     assert_eq!(find_variable("{{ x.shape }}", "shape"), None);
 }
 
@@ -45,10 +42,7 @@ fn the_base_spec_is_valid_and_has_the_defaults() {
     let s = spec(BASE);
     assert_eq!(s.name, "t");
     assert_eq!(s.kind, Kind::Sklearn);
-    assert_eq!(
-        s.dataset.source,
-        DataSource::Builtin("balance_scale".into())
-    );
+    assert_eq!(s.dataset.source, DataSource::Builtin("balance_scale".into()));
     assert_eq!(s.dataset.train_fraction, 0.5);
     assert_eq!(s.dataset.seeds, vec![0, 1, 2, 3, 4]);
     assert_eq!(s.dataset.max_samples, None);
@@ -82,13 +76,7 @@ training: {{algorithm: etpo, steps: 100, batch_size: 4, lr: 1e-4, beta: 0.1, gam
   temperature: 0.5, top_k: 50, top_p: 0.95, lora_rank: 8, lora_alpha: 16, epochs: 1, grad_clip: 1.0, clip_eps: 0.2}}
 "
     ));
-    assert_eq!(
-        s.examples,
-        vec![Example {
-            task: "iris".into(),
-            action: "SVC()".into()
-        }]
-    );
+    assert_eq!(s.examples, vec![Example { task: "iris".into(), action: "SVC()".into() }]);
     assert_eq!(s.action.extract, Extract::FirstLine);
     assert_eq!(s.action.stop, vec!["\n".to_string()]);
     assert_eq!(s.action.max_new_tokens, 32);
@@ -96,16 +84,7 @@ training: {{algorithm: etpo, steps: 100, batch_size: 4, lr: 1e-4, beta: 0.1, gam
     assert_eq!(s.reward.failure_reward, -0.5);
     assert_eq!(s.reward.evaluation, Evaluation::MeanOfSplits(5));
     assert_eq!(s.max_steps, 3);
-    assert_eq!(
-        s.limits,
-        ExecLimits {
-            wall_s: 1.5,
-            cpu_s: 2.0,
-            memory_mb: 512,
-            output_kb: 8,
-            max_processes: 4
-        }
-    );
+    assert_eq!(s.limits, ExecLimits { wall_s: 1.5, cpu_s: 2.0, memory_mb: 512, output_kb: 8, max_processes: 4 });
     assert_eq!(s.training.algorithm, Some(Algorithm::Etpo));
     assert_eq!(s.training.steps, Some(100));
     assert_eq!(s.training.lr, Some(1e-4));
@@ -276,29 +255,13 @@ fn data_sources() {
 fn data_files_resolve_against_the_spec_folder() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("data")).unwrap();
-    std::fs::write(
-        dir.path().join("data/t.csv"),
-        "a,b,label\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n",
-    )
-    .unwrap();
-    let src = BASE.replace(
-        "builtin: balance_scale",
-        "csv: data/t.csv\n    target: label",
-    );
+    std::fs::write(dir.path().join("data/t.csv"), "a,b,label\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n").unwrap();
+    let src = BASE.replace("builtin: balance_scale", "csv: data/t.csv\n    target: label");
     let path = dir.path().join("spec.yaml");
     let s = load_str(&src, &path).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        s.dataset.source,
-        DataSource::Csv {
-            path: dir.path().join("data/t.csv"),
-            target: "label".into()
-        }
-    );
+    assert_eq!(s.dataset.source, DataSource::Csv { path: dir.path().join("data/t.csv"), target: "label".into() });
     // A wrong target column is reported at `target:`, with a suggestion.
-    let bad = BASE.replace(
-        "builtin: balance_scale",
-        "csv: data/t.csv\n    target: lable",
-    );
+    let bad = BASE.replace("builtin: balance_scale", "csv: data/t.csv\n    target: lable");
     assert_eq!(
         load_str(&bad, &path).unwrap_err().to_string(),
         format!(
@@ -311,13 +274,7 @@ fn data_files_resolve_against_the_spec_folder() {
     let err = load_str(&src, &path).unwrap_err();
     assert_eq!(err.diagnostics.len(), 1);
     assert_eq!(err.diagnostics[0].pos, Some(Pos { line: 5, col: 5 }));
-    assert!(
-        err.diagnostics[0]
-            .message
-            .starts_with("cannot load the data set: "),
-        "{}",
-        err.diagnostics[0].message
-    );
+    assert!(err.diagnostics[0].message.starts_with("cannot load the data set: "), "{}", err.diagnostics[0].message);
 }
 
 #[test]
@@ -347,10 +304,7 @@ fn template_syntax_error_points_into_the_block() {
 
 #[test]
 fn unknown_template_variables() {
-    let src = BASE.replace(
-        "{{ description }} {{ shape }}",
-        "{{ description }} {{ shap }}",
-    );
+    let src = BASE.replace("{{ description }} {{ shape }}", "{{ description }} {{ shap }}");
     assert_eq!(
         errors(&src),
         "spec.yaml:7:35: error: unknown template variable `shap` in `prompt.template`\n  help: did you mean `shape`?"
@@ -400,15 +354,8 @@ fn stop_sequences_and_extraction() {
 fn all_errors_of_a_file_are_reported_in_order() {
     let src = "name: bad name\ndescriptin: x\ndataset:\n  source: {builtin: nope}\n  train_fraction: 2\nprompt:\n  template: \"{{ nme }}\"\n  reflection: ok\nmax_steps: -1\n";
     let err = load_str(src, Path::new("spec.yaml")).unwrap_err();
-    let lines: Vec<(usize, usize)> = err
-        .diagnostics
-        .iter()
-        .map(|d| d.pos.map(|p| (p.line, p.col)).unwrap())
-        .collect();
-    assert_eq!(
-        lines,
-        vec![(1, 1), (1, 7), (2, 1), (4, 21), (5, 19), (7, 17), (9, 12)]
-    );
+    let lines: Vec<(usize, usize)> = err.diagnostics.iter().map(|d| d.pos.map(|p| (p.line, p.col)).unwrap()).collect();
+    assert_eq!(lines, vec![(1, 1), (1, 7), (2, 1), (4, 21), (5, 19), (7, 17), (9, 12)]);
 }
 
 #[test]
@@ -431,10 +378,7 @@ fn chat_prompts_render_messages() {
         class_names: vec![],
         examples: vec![],
     };
-    let msg = |role: &str, content: &str| crate::ChatMessage {
-        role: role.into(),
-        content: content.into(),
-    };
+    let msg = |role: &str, content: &str| crate::ChatMessage { role: role.into(), content: content.into() };
     assert_eq!(
         s.render_initial(&ctx).unwrap(),
         crate::Prompt::Chat(vec![
@@ -455,13 +399,8 @@ fn chat_prompts_render_messages() {
 
 #[test]
 fn the_format_documentation_example_is_a_valid_spec() {
-    let doc =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("FORMAT.md")).unwrap();
-    let yaml = doc
-        .split("```yaml\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```\n").next())
-        .unwrap();
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("FORMAT.md")).unwrap();
+    let yaml = doc.split("```yaml\n").nth(1).and_then(|rest| rest.split("```\n").next()).unwrap();
     let s = spec(yaml);
     assert_eq!(s.training.algorithm, Some(Algorithm::Etpo));
     assert_eq!(s.training.lr, Some(3.0e-4));
@@ -512,7 +451,10 @@ fn a_game_spec_has_game_defaults_and_renders_observations() {
         s.render_game(&ctx, Some(("go north", 0.5))).unwrap(),
         crate::Prompt::Completion("go north -> A hall. (0.5, step 1)".into())
     );
-    let with_keys = src.replace("  module: g.wasm\n", "  module: g.wasm\n  seeds: [7, 9]\n  fuel: 1000\n  memory_mb: 2\n  observation_kb: 1\n");
+    let with_keys = src.replace(
+        "  module: g.wasm\n",
+        "  module: g.wasm\n  seeds: [7, 9]\n  fuel: 1000\n  memory_mb: 2\n  observation_kb: 1\n",
+    );
     let s = load_str(&with_keys, &dir.path().join("spec.yaml")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(s.dataset.seeds, vec![7, 9]);
     assert_eq!(s.kind.game().map(|g| (g.fuel, g.memory_mb, g.observation_kb)), Some((1000, 2, 1)));
@@ -538,7 +480,10 @@ spec.yaml:14:3: error: `reward.metric` applies to `kind: sklearn`; a game's rewa
         "spec.yaml:1:1: error: the spec is missing the required key `game` (the game: `module: FILE.wasm`)"
     );
     assert_eq!(
-        game_errors(d, &base.replace("  module: g.wasm\n", "  module: g.wasm\n  fuel: 0\n  seeds: [1, 1]\n  modul: x\n")),
+        game_errors(
+            d,
+            &base.replace("  module: g.wasm\n", "  module: g.wasm\n  fuel: 0\n  seeds: [1, 1]\n  modul: x\n")
+        ),
         "spec.yaml:6:9: error: `game.fuel` must be units of fuel per call (an integer >= 1), found 0
 spec.yaml:7:14: error: seed 1 is listed twice in `game.seeds`
 spec.yaml:8:3: error: unknown key `modul` in `game`; expected one of: module, seeds, fuel, memory_mb, observation_kb

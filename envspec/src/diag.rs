@@ -17,11 +17,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub(crate) fn at(pos: Pos, message: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            pos: Some(pos),
-            message: message.into(),
-            help: None,
-        }
+        Diagnostic { pos: Some(pos), message: message.into(), help: None }
     }
 
     pub(crate) fn with_help(mut self, help: Option<String>) -> Diagnostic {
@@ -42,14 +38,7 @@ pub struct SpecError {
 
 impl SpecError {
     pub(crate) fn whole_file(file: PathBuf, message: impl Into<String>) -> SpecError {
-        SpecError {
-            file,
-            diagnostics: vec![Diagnostic {
-                pos: None,
-                message: message.into(),
-                help: None,
-            }],
-        }
+        SpecError { file, diagnostics: vec![Diagnostic { pos: None, message: message.into(), help: None }] }
     }
 }
 
@@ -60,14 +49,7 @@ impl fmt::Display for SpecError {
                 writeln!(f)?;
             }
             match d.pos {
-                Some(p) => write!(
-                    f,
-                    "{}:{}:{}: error: {}",
-                    self.file.display(),
-                    p.line,
-                    p.col,
-                    d.message
-                )?,
+                Some(p) => write!(f, "{}:{}:{}: error: {}", self.file.display(), p.line, p.col, d.message)?,
                 None => write!(f, "{}: error: {}", self.file.display(), d.message)?,
             }
             if let Some(help) = &d.help {
@@ -79,10 +61,7 @@ impl fmt::Display for SpecError {
 }
 
 /// "did you mean `x`?" for the closest candidate, if one is close enough to be a likely typo.
-pub(crate) fn did_you_mean<'a>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<String> {
+pub(crate) fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
     let lower = word.to_lowercase();
     candidates
         .into_iter()
@@ -107,11 +86,7 @@ mod tests {
             diagnostics: vec![
                 Diagnostic::at(Pos { line: 3, col: 1 }, "unknown key `nmae`")
                     .with_help(Some("did you mean `name`?".into())),
-                Diagnostic {
-                    pos: None,
-                    message: "whole".into(),
-                    help: None,
-                },
+                Diagnostic { pos: None, message: "whole".into(), help: None },
             ],
         };
         assert_eq!(
@@ -122,14 +97,8 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        assert_eq!(
-            did_you_mean("nmae", ["name", "description"]),
-            Some("did you mean `name`?".into())
-        );
-        assert_eq!(
-            did_you_mean("max_step", ["max_steps", "limits"]),
-            Some("did you mean `max_steps`?".into())
-        );
+        assert_eq!(did_you_mean("nmae", ["name", "description"]), Some("did you mean `name`?".into()));
+        assert_eq!(did_you_mean("max_step", ["max_steps", "limits"]), Some("did you mean `max_steps`?".into()));
         assert_eq!(did_you_mean("zzz", ["name", "description"]), None);
     }
 }

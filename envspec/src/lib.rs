@@ -23,8 +23,8 @@ pub use spec::{
     PromptSpec, RewardSpec, Spec, TrainingOverrides,
 };
 pub use template::{
-    ChatMessage, ChatTemplate, GameContext, Prompt, RenderError, TaskContext, ASSEMBLE_VARIABLES, GAME_STEP_VARIABLES, GAME_VARIABLES,
-    REFLECTION_VARIABLES, TASK_VARIABLES,
+    ChatMessage, ChatTemplate, GameContext, Prompt, RenderError, TaskContext, ASSEMBLE_VARIABLES, GAME_STEP_VARIABLES,
+    GAME_VARIABLES, REFLECTION_VARIABLES, TASK_VARIABLES,
 };
 pub use yaml::Pos;
 
@@ -33,12 +33,8 @@ use std::path::{Path, PathBuf};
 /// Read, parse and validate a spec file: structure, types, values, data files (loaded once to
 /// check them) and every template (rendered against a sample task).
 pub fn load(path: &Path) -> Result<Spec, SpecError> {
-    let source = std::fs::read_to_string(path).map_err(|e| {
-        SpecError::whole_file(
-            path.to_path_buf(),
-            format!("cannot read the spec file: {e}"),
-        )
-    })?;
+    let source = std::fs::read_to_string(path)
+        .map_err(|e| SpecError::whole_file(path.to_path_buf(), format!("cannot read the spec file: {e}")))?;
     load_str(&source, path)
 }
 
@@ -49,9 +45,8 @@ pub fn find_specs(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SpecError> {
     let mut found = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let entries = std::fs::read_dir(path).map_err(|e| {
-                SpecError::whole_file(path.clone(), format!("cannot read the folder: {e}"))
-            })?;
+            let entries = std::fs::read_dir(path)
+                .map_err(|e| SpecError::whole_file(path.clone(), format!("cannot read the folder: {e}")))?;
             let mut specs: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
@@ -67,10 +62,7 @@ pub fn find_specs(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SpecError> {
         } else if path.is_file() {
             found.push(path.clone());
         } else {
-            return Err(SpecError::whole_file(
-                path.clone(),
-                "no such file or folder",
-            ));
+            return Err(SpecError::whole_file(path.clone(), "no such file or folder"));
         }
     }
     Ok(found)
@@ -92,12 +84,6 @@ mod tests {
         let found = find_specs(&[d.to_path_buf(), single.clone()]).unwrap();
         assert_eq!(found, vec![d.join("a.yml"), d.join("b.yaml"), single]);
         let err = find_specs(&[d.join("sub/missing.yaml")]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            format!(
-                "{}: error: no such file or folder",
-                d.join("sub/missing.yaml").display()
-            )
-        );
+        assert_eq!(err.to_string(), format!("{}: error: no such file or folder", d.join("sub/missing.yaml").display()));
     }
 }

@@ -16,13 +16,11 @@ pub fn schema() -> Value {
     let refl_vars = crate::template::REFLECTION_VARIABLES.join(", ");
     let game_vars = crate::template::GAME_VARIABLES.join(", ");
     let game_step_vars = crate::template::GAME_STEP_VARIABLES.join(", ");
-    let seq_int = |min: i64, description: &str| json!({ "type": "integer", "minimum": min, "description": description });
+    let seq_int =
+        |min: i64, description: &str| json!({ "type": "integer", "minimum": min, "description": description });
     let positive = |description: &str| json!({ "type": "number", "exclusiveMinimum": 0, "description": description });
     let builtins: Vec<&str> = crate::data::BUILTINS.to_vec();
-    let extract: Vec<&str> = crate::action::Extract::NAMES
-        .iter()
-        .map(|(n, _)| *n)
-        .collect();
+    let extract: Vec<&str> = crate::action::Extract::NAMES.iter().map(|(n, _)| *n).collect();
     let game = json!({
         "type": "object",
         "additionalProperties": false,
@@ -190,12 +188,7 @@ mod tests {
         for p in path {
             node = &node["properties"][p];
         }
-        let mut names: Vec<&str> = node["properties"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let mut names: Vec<&str> = node["properties"].as_object().unwrap().keys().map(String::as_str).collect();
         names.sort_unstable();
         names
     }
@@ -288,10 +281,7 @@ mod tests {
                 errors.push(format!("{path}: {n} out of range"));
             }
         }
-        if let (Some(props), Some(map)) = (
-            obj.get("properties").and_then(Value::as_object),
-            v.as_object(),
-        ) {
+        if let (Some(props), Some(map)) = (obj.get("properties").and_then(Value::as_object), v.as_object()) {
             for (k, val) in map {
                 match props.get(k) {
                     Some(s) => validate(s, val, &format!("{path}.{k}"), errors),
@@ -302,9 +292,7 @@ mod tests {
                 }
             }
         }
-        if let (Some(req), Some(map)) =
-            (obj.get("required").and_then(Value::as_array), v.as_object())
-        {
+        if let (Some(req), Some(map)) = (obj.get("required").and_then(Value::as_array), v.as_object()) {
             for r in req {
                 if !map.contains_key(r.as_str().unwrap()) {
                     errors.push(format!("{path}: missing {r}"));
@@ -337,11 +325,7 @@ mod tests {
             }
         }
         if let Some(cond) = obj.get("if") {
-            let branch = if passes(cond) {
-                obj.get("then")
-            } else {
-                obj.get("else")
-            };
+            let branch = if passes(cond) { obj.get("then") } else { obj.get("else") };
             if let Some(b) = branch {
                 validate(b, v, path, errors);
             }
@@ -376,27 +360,21 @@ mod tests {
     fn the_validator_rejects_what_the_loader_rejects() {
         let base = "name: x\ndescription: d\ndataset: {source: {builtin: balance_scale}}\n";
         assert!(check(&format!("{base}prompt: {{template: a, reflection: b}}\n")).is_empty());
-        assert!(!check(&format!(
-            "{base}prompt: {{template: a, reflection: b}}\nmax_step: 3\n"
-        ))
+        assert!(!check(&format!("{base}prompt: {{template: a, reflection: b}}\nmax_step: 3\n")).is_empty());
+        assert!(!check(&format!("{base}prompt: {{format: chat, template: a, reflection: b}}\n")).is_empty());
+        assert!(
+            !check(&format!("{base}prompt: {{template: a, reflection: b}}\nreward: {{multiclass: ovx}}\n")).is_empty()
+        );
+        assert!(!check(&format!("{base}prompt: {{template: a, reflection: b}}\nlimits: {{wall_s: -1}}\n")).is_empty());
+        assert!(!check(
+            "name: x\ndescription: d\ndataset: {source: {csv: a.csv}}\nprompt: {template: a, reflection: b}\n"
+        )
         .is_empty());
-        assert!(!check(&format!(
-            "{base}prompt: {{format: chat, template: a, reflection: b}}\n"
-        ))
-        .is_empty());
-        assert!(!check(&format!(
-            "{base}prompt: {{template: a, reflection: b}}\nreward: {{multiclass: ovx}}\n"
-        ))
-        .is_empty());
-        assert!(!check(&format!(
-            "{base}prompt: {{template: a, reflection: b}}\nlimits: {{wall_s: -1}}\n"
-        ))
-        .is_empty());
-        assert!(!check("name: x\ndescription: d\ndataset: {source: {csv: a.csv}}\nprompt: {template: a, reflection: b}\n").is_empty());
         let game = "name: x\ndescription: d\nkind: wasm\nprompt: {template: a, reflection: b}\n";
         assert!(check(&format!("{game}game: {{module: g.wasm}}\n")).is_empty());
         assert!(!check(game).is_empty(), "a game spec needs `game`");
-        assert!(!check(&format!("{game}game: {{module: g.wasm}}\ndataset: {{source: {{builtin: balance_scale}}}}\n")).is_empty());
+        assert!(!check(&format!("{game}game: {{module: g.wasm}}\ndataset: {{source: {{builtin: balance_scale}}}}\n"))
+            .is_empty());
         assert!(!check(&format!("{game}game: {{module: g.wasm}}\nreward: {{metric: roc_auc}}\n")).is_empty());
         assert!(check(&format!("{game}game: {{module: g.wasm}}\nreward: {{failure_reward: 0}}\n")).is_empty());
         assert!(!check(&format!("{base}prompt: {{template: a, reflection: b}}\ngame: {{module: g.wasm}}\n")).is_empty());

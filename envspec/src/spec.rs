@@ -200,13 +200,7 @@ pub struct ExecLimits {
 impl Default for ExecLimits {
     /// Enough for scikit-learn on small tables, small enough that a runaway program is cheap.
     fn default() -> Self {
-        ExecLimits {
-            wall_s: 30.0,
-            cpu_s: 30.0,
-            memory_mb: 2048,
-            output_kb: 64,
-            max_processes: 32,
-        }
+        ExecLimits { wall_s: 30.0, cpu_s: 30.0, memory_mb: 2048, output_kb: 64, max_processes: 32 }
     }
 }
 
@@ -295,16 +289,9 @@ impl Spec {
     }
 
     /// The state η(g, a, e) after the action `action` failed with `error`.
-    pub fn render_reflection(
-        &self,
-        ctx: &TaskContext,
-        action: &str,
-        error: &str,
-    ) -> Result<Prompt, RenderError> {
+    pub fn render_reflection(&self, ctx: &TaskContext, action: &str, error: &str) -> Result<Prompt, RenderError> {
         // A failed assembly cannot happen for a checked spec; show the raw action then.
-        let program = self
-            .assemble_program(action)
-            .unwrap_or_else(|_| action.to_string());
+        let program = self.assemble_program(action).unwrap_or_else(|_| action.to_string());
         let vars = minijinja::context! {
             action => action,
             error => error,
@@ -329,17 +316,11 @@ impl Spec {
     /// A game state: the prompt template for the first state (`last` is `None`), else the
     /// reflection template with the previous `action`, the text the game received (`program`)
     /// and its `reward`, so one game state after another is rendered like η(g, a, e).
-    pub fn render_game(
-        &self,
-        ctx: &GameContext,
-        last: Option<(&str, f64)>,
-    ) -> Result<Prompt, RenderError> {
+    pub fn render_game(&self, ctx: &GameContext, last: Option<(&str, f64)>) -> Result<Prompt, RenderError> {
         let Some((action, reward)) = last else {
             return self.render_first(minijinja::Value::from_serialize(ctx));
         };
-        let program = self
-            .assemble_program(action)
-            .unwrap_or_else(|_| action.to_string());
+        let program = self.assemble_program(action).unwrap_or_else(|_| action.to_string());
         let vars = minijinja::context! {
             action => action,
             program => program,
@@ -351,23 +332,15 @@ impl Spec {
 
     fn render_first(&self, vars: minijinja::Value) -> Result<Prompt, RenderError> {
         match &self.prompt {
-            PromptSpec::Completion { template, .. } => Ok(Prompt::Completion(template::render(
-                "prompt.template",
-                template,
-                vars,
-            )?)),
+            PromptSpec::Completion { template, .. } => {
+                Ok(Prompt::Completion(template::render("prompt.template", template, vars)?))
+            }
             PromptSpec::Chat { system, user, .. } => {
                 let mut messages = Vec::with_capacity(2);
                 if let Some(system) = system {
-                    messages.push(ChatMessage::new(
-                        "system",
-                        template::render("prompt.system", system, vars.clone())?,
-                    ));
+                    messages.push(ChatMessage::new("system", template::render("prompt.system", system, vars.clone())?));
                 }
-                messages.push(ChatMessage::new(
-                    "user",
-                    template::render("prompt.user", user, vars)?,
-                ));
+                messages.push(ChatMessage::new("user", template::render("prompt.user", user, vars)?));
                 Ok(Prompt::Chat(messages))
             }
         }
@@ -375,36 +348,20 @@ impl Spec {
 
     fn render_next(&self, vars: minijinja::Value) -> Result<Prompt, RenderError> {
         match &self.prompt {
-            PromptSpec::Completion { reflection, .. } => Ok(Prompt::Completion(template::render(
-                "prompt.reflection",
-                reflection,
-                vars,
-            )?)),
-            PromptSpec::Chat {
-                system,
-                user,
-                assistant,
-                reflection,
-            } => {
+            PromptSpec::Completion { reflection, .. } => {
+                Ok(Prompt::Completion(template::render("prompt.reflection", reflection, vars)?))
+            }
+            PromptSpec::Chat { system, user, assistant, reflection } => {
                 let mut messages = Vec::with_capacity(4);
                 if let Some(system) = system {
-                    messages.push(ChatMessage::new(
-                        "system",
-                        template::render("prompt.system", system, vars.clone())?,
-                    ));
+                    messages.push(ChatMessage::new("system", template::render("prompt.system", system, vars.clone())?));
                 }
-                messages.push(ChatMessage::new(
-                    "user",
-                    template::render("prompt.user", user, vars.clone())?,
-                ));
+                messages.push(ChatMessage::new("user", template::render("prompt.user", user, vars.clone())?));
                 messages.push(ChatMessage::new(
                     "assistant",
                     template::render("prompt.assistant", assistant, vars.clone())?,
                 ));
-                messages.push(ChatMessage::new(
-                    "user",
-                    template::render("prompt.reflection", reflection, vars)?,
-                ));
+                messages.push(ChatMessage::new("user", template::render("prompt.reflection", reflection, vars)?));
                 Ok(Prompt::Chat(messages))
             }
         }
@@ -445,11 +402,9 @@ mod tests {
             "import numpy as np\ndef build_model(x_train, y_train):\n    from sklearn.svm import SVC\n\n    model = SVC(probability=True)\n    model.fit(x_train, y_train)\n    return model\n"
         );
         // The same body written without indentation lands in the same place.
-        let flat = "from sklearn.svm import SVC\n\nmodel = SVC(probability=True)\nmodel.fit(x_train, y_train)\nreturn model";
-        assert_eq!(
-            assemble(BODY, flat).unwrap(),
-            assemble(BODY, action).unwrap()
-        );
+        let flat =
+            "from sklearn.svm import SVC\n\nmodel = SVC(probability=True)\nmodel.fit(x_train, y_train)\nreturn model";
+        assert_eq!(assemble(BODY, flat).unwrap(), assemble(BODY, action).unwrap());
     }
 
     #[test]
@@ -468,8 +423,7 @@ mod tests {
 
     #[test]
     fn assemble_module_action() {
-        let module =
-            "  import numpy as np\n  def build_model(x_train, y_train):\n      return None\n";
+        let module = "  import numpy as np\n  def build_model(x_train, y_train):\n      return None\n";
         assert_eq!(
             assemble("{{ action }}\n", module).unwrap(),
             "import numpy as np\ndef build_model(x_train, y_train):\n    return None\n"
@@ -478,10 +432,7 @@ mod tests {
 
     #[test]
     fn assemble_raw_action_is_untouched() {
-        assert_eq!(
-            assemble("{{ raw_action }}|{{ action }}", "  a\n  b").unwrap(),
-            "  a\n  b|a\nb"
-        );
+        assert_eq!(assemble("{{ raw_action }}|{{ action }}", "  a\n  b").unwrap(), "  a\n  b|a\nb");
     }
 
     #[test]
@@ -496,9 +447,7 @@ mod tests {
     }
 
     fn shipped(name: &str) -> Spec {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../envs")
-            .join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../envs").join(name);
         crate::load(&path).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -520,10 +469,7 @@ mod tests {
             "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n",
             "    \"\"\"Import modules, return a scikit model trained with x_train in shape (62, 4) and y_train.\"\"\"\n",
         );
-        assert_eq!(
-            spec.render_initial(&ctx).unwrap(),
-            Prompt::Completion(expected.to_string())
-        );
+        assert_eq!(spec.render_initial(&ctx).unwrap(), Prompt::Completion(expected.to_string()));
     }
 
     /// The paper's Figure 7 layout: the error, the failed function commented out, a fresh header.
@@ -547,10 +493,7 @@ mod tests {
             "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n",
             "    \"\"\"Fix the error in the previous function. \"\"\"\n",
         );
-        assert_eq!(
-            spec.render_reflection(&ctx, &action, error).unwrap(),
-            Prompt::Completion(expected.to_string())
-        );
+        assert_eq!(spec.render_reflection(&ctx, &action, error).unwrap(), Prompt::Completion(expected.to_string()));
         // The program that ran is the header with the body.
         assert_eq!(
             spec.assemble_program(&action).unwrap(),
@@ -562,26 +505,25 @@ mod tests {
     fn shaped_default_spec_ends_at_model_and_assembles_an_expression() {
         let spec = shipped("balance_scale.yaml");
         let ctx = spec.task_context(&first_split(&spec));
-        let Prompt::Completion(text) = spec.render_initial(&ctx).unwrap() else {
-            panic!("not completion")
-        };
+        let Prompt::Completion(text) = spec.render_initial(&ctx).unwrap() else { panic!("not completion") };
         assert!(text.ends_with("\n# x_train has shape (62, 4); features: left-weight, left-distance, right-weight, right-distance; 3 classes: L, B, R\nmodel ="), "{text}");
-        assert!(text.contains(
-            "model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=500))\n"
-        ));
-        let action = spec
-            .extract_action(" RandomForestClassifier(n_estimators=200)\n\n# Classification with");
+        assert!(text.contains("model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=500))\n"));
+        let action = spec.extract_action(" RandomForestClassifier(n_estimators=200)\n\n# Classification with");
         assert_eq!(action, " RandomForestClassifier(n_estimators=200)");
         let program = spec.assemble_program(&action).unwrap();
-        assert!(program.contains("\n    model = RandomForestClassifier(n_estimators=200)\n    model.fit(x_train, y_train)\n"), "{program}");
-        let Prompt::Completion(refl) = spec
-            .render_reflection(&ctx, &action, "ValueError: bad\nmore")
-            .unwrap()
-        else {
+        assert!(
+            program
+                .contains("\n    model = RandomForestClassifier(n_estimators=200)\n    model.fit(x_train, y_train)\n"),
+            "{program}"
+        );
+        let Prompt::Completion(refl) = spec.render_reflection(&ctx, &action, "ValueError: bad\nmore").unwrap() else {
             panic!()
         };
         // The error's last line comes first; the state then ends exactly like the first one.
-        assert!(refl.contains("make_pipeline.\n# A previous classifier for the last task failed with: more\n"), "{refl}");
+        assert!(
+            refl.contains("make_pipeline.\n# A previous classifier for the last task failed with: more\n"),
+            "{refl}"
+        );
         assert!(refl.ends_with("\n# x_train has shape (62, 4); features: left-weight, left-distance, right-weight, right-distance; 3 classes: L, B, R\nmodel ="), "{refl}");
         assert!(!refl.contains("RandomForestClassifier(n_estimators=200)"), "the failed line is not shown: {refl}");
     }

@@ -97,10 +97,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub(crate) fn new(role: &str, content: String) -> ChatMessage {
-        ChatMessage {
-            role: role.to_string(),
-            content,
-        }
+        ChatMessage { role: role.to_string(), content }
     }
 }
 
@@ -121,9 +118,7 @@ impl Prompt {
     pub fn to_text(&self, chat_template: Option<&ChatTemplate>) -> Result<String, RenderError> {
         match self {
             Prompt::Completion(text) => Ok(text.clone()),
-            Prompt::Chat(messages) => chat_template
-                .ok_or(RenderError::MissingChatTemplate)?
-                .render(messages, true),
+            Prompt::Chat(messages) => chat_template.ok_or(RenderError::MissingChatTemplate)?.render(messages, true),
         }
     }
 }
@@ -143,44 +138,22 @@ const CHAT: &str = "chat_template";
 
 impl ChatTemplate {
     /// Compile a chat template; fails on a Jinja syntax error.
-    pub fn new(
-        source: &str,
-        bos_token: &str,
-        eos_token: &str,
-    ) -> Result<ChatTemplate, RenderError> {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, RenderError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<Value, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template_owned(CHAT, source.to_string())
-            .map_err(|e| render_error("the chat template", &e))?;
-        Ok(ChatTemplate {
-            env,
-            bos_token: bos_token.to_string(),
-            eos_token: eos_token.to_string(),
-        })
+        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned(CHAT, source.to_string()).map_err(|e| render_error("the chat template", &e))?;
+        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
     /// Render `messages`; with `add_generation_prompt` the text ends where the assistant's answer
     /// begins.
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, RenderError> {
-        let template = self
-            .env
-            .get_template(CHAT)
-            .map_err(|e| render_error("the chat template", &e))?;
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, RenderError> {
+        let template = self.env.get_template(CHAT).map_err(|e| render_error("the chat template", &e))?;
         template
             .render(minijinja::context! {
                 messages => messages,
@@ -207,16 +180,11 @@ pub(crate) fn environment() -> Environment<'static> {
 
 /// Render one spec template against a context.
 pub(crate) fn render(what: &str, source: &str, ctx: Value) -> Result<String, RenderError> {
-    environment()
-        .render_str(source, ctx)
-        .map_err(|e| render_error(what, &e))
+    environment().render_str(source, ctx).map_err(|e| render_error(what, &e))
 }
 
 pub(crate) fn render_error(what: &str, e: &minijinja::Error) -> RenderError {
-    RenderError::Template {
-        what: what.to_string(),
-        message: describe(e),
-    }
+    RenderError::Template { what: what.to_string(), message: describe(e) }
 }
 
 /// A minijinja error as one line: the kind, then the detail.
@@ -251,12 +219,7 @@ mod tests {
             examples: vec![],
         };
         let json = serde_json::to_value(&ctx).unwrap();
-        let mut keys: Vec<&str> = json
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort_unstable();
         let mut expected = TASK_VARIABLES.to_vec();
         expected.sort_unstable();
@@ -274,24 +237,13 @@ mod tests {
     #[test]
     fn blocks_leave_no_blank_lines() {
         let ctx = minijinja::context! { xs => vec![1, 2] };
-        assert_eq!(
-            render(
-                "t",
-                "{% for x in xs %}\n  {{ x }}\n{% endfor %}\nend\n",
-                ctx
-            )
-            .unwrap(),
-            "  1\n  2\nend\n"
-        );
+        assert_eq!(render("t", "{% for x in xs %}\n  {{ x }}\n{% endfor %}\nend\n", ctx).unwrap(), "  1\n  2\nend\n");
     }
 
     #[test]
     fn python_methods_and_filters() {
         let ctx = minijinja::context! { s => "  hi  ", code => "a\nb" };
-        assert_eq!(
-            render("t", "{{ s.strip() }}|{{ code | commented }}", ctx).unwrap(),
-            "hi|# a\n# b"
-        );
+        assert_eq!(render("t", "{{ s.strip() }}|{{ code | commented }}", ctx).unwrap(), "hi|# a\n# b");
     }
 
     #[test]
@@ -301,13 +253,7 @@ mod tests {
 
     #[test]
     fn completion_prompt_text_is_itself() {
-        assert_eq!(
-            Prompt::Completion("abc".into()).to_text(None).unwrap(),
-            "abc"
-        );
-        assert_eq!(
-            Prompt::Chat(vec![]).to_text(None).unwrap_err(),
-            RenderError::MissingChatTemplate
-        );
+        assert_eq!(Prompt::Completion("abc".into()).to_text(None).unwrap(), "abc");
+        assert_eq!(Prompt::Chat(vec![]).to_text(None).unwrap_err(), RenderError::MissingChatTemplate);
     }
 }

@@ -17,10 +17,7 @@ pub struct Pos {
 
 impl Pos {
     fn from_span(span: &Span) -> Pos {
-        Pos {
-            line: span.start.line(),
-            col: span.start.col() + 1,
-        }
+        Pos { line: span.start.line(), col: span.start.col() + 1 }
     }
 }
 
@@ -65,10 +62,7 @@ impl Node {
     /// The scalar's type under the YAML 1.2 core schema; quoted and block scalars are strings.
     pub fn typed(&self) -> Option<Typed<'_>> {
         match &self.value {
-            Value::Scalar {
-                text,
-                style: Style::Plain,
-            } => Some(core_schema(text)),
+            Value::Scalar { text, style: Style::Plain } => Some(core_schema(text)),
             Value::Scalar { text, .. } => Some(Typed::Str(text)),
             _ => None,
         }
@@ -100,9 +94,7 @@ fn core_schema(text: &str) -> Typed<'_> {
         "" | "~" | "null" | "Null" | "NULL" => return Typed::Null,
         "true" | "True" | "TRUE" => return Typed::Bool(true),
         "false" | "False" | "FALSE" => return Typed::Bool(false),
-        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => {
-            return Typed::Float(f64::INFINITY)
-        }
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => return Typed::Float(f64::INFINITY),
         "-.inf" | "-.Inf" | "-.INF" => return Typed::Float(f64::NEG_INFINITY),
         ".nan" | ".NaN" | ".NAN" => return Typed::Float(f64::NAN),
         _ => {}
@@ -124,9 +116,7 @@ fn core_schema(text: &str) -> Typed<'_> {
     }
     // The core schema's float: digits with a '.' and/or an exponent (no "1_000", no "inf").
     let looks_float = !body.is_empty()
-        && body
-            .bytes()
-            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
+        && body.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
         && body.bytes().any(|b| b.is_ascii_digit());
     if looks_float {
         if let Ok(v) = text.parse::<f64>() {
@@ -153,10 +143,7 @@ pub fn parse(source: &str) -> Result<(Option<Node>, Vec<SyntaxError>), SyntaxErr
     let mut root: Option<Node> = None;
     for event in &mut parser {
         let (event, span) = event.map_err(|e| SyntaxError {
-            pos: Pos {
-                line: e.marker().line(),
-                col: e.marker().col() + 1,
-            },
+            pos: Pos { line: e.marker().line(), col: e.marker().col() + 1 },
             message: format!("invalid YAML: {}", e.info()),
         })?;
         let pos = Pos::from_span(&span);
@@ -166,9 +153,7 @@ pub fn parse(source: &str) -> Result<(Option<Node>, Vec<SyntaxError>), SyntaxErr
                 if documents > 1 {
                     return Err(SyntaxError {
                         pos,
-                        message:
-                            "a spec file holds exactly one YAML document; found a second `---`"
-                                .to_string(),
+                        message: "a spec file holds exactly one YAML document; found a second `---`".to_string(),
                     });
                 }
             }
@@ -178,23 +163,11 @@ pub fn parse(source: &str) -> Result<(Option<Node>, Vec<SyntaxError>), SyntaxErr
                     ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted => Style::Quoted,
                     ScalarStyle::Literal | ScalarStyle::Folded => Style::Block,
                 };
-                let node = Node {
-                    pos,
-                    value: Value::Scalar {
-                        text: text.into_owned(),
-                        style,
-                    },
-                };
+                let node = Node { pos, value: Value::Scalar { text: text.into_owned(), style } };
                 builder.finish(node, anchor, &mut root);
             }
-            Event::SequenceStart(anchor, _) => {
-                builder.stack.push((pos, anchor, Partial::Seq(Vec::new())))
-            }
-            Event::MappingStart(anchor, _) => {
-                builder
-                    .stack
-                    .push((pos, anchor, Partial::Map(Vec::new(), None)))
-            }
+            Event::SequenceStart(anchor, _) => builder.stack.push((pos, anchor, Partial::Seq(Vec::new()))),
+            Event::MappingStart(anchor, _) => builder.stack.push((pos, anchor, Partial::Map(Vec::new(), None))),
             Event::SequenceEnd | Event::MappingEnd => {
                 let Some((pos, anchor, partial)) = builder.stack.pop() else {
                     continue;
@@ -210,10 +183,7 @@ pub fn parse(source: &str) -> Result<(Option<Node>, Vec<SyntaxError>), SyntaxErr
                     .anchors
                     .get(&id)
                     .cloned()
-                    .ok_or_else(|| SyntaxError {
-                        pos,
-                        message: "alias to an unknown anchor".to_string(),
-                    })?;
+                    .ok_or_else(|| SyntaxError { pos, message: "alias to an unknown anchor".to_string() })?;
                 // The alias stands where it is written, for diagnostics about its use.
                 builder.finish(Node { pos, ..node }, 0, &mut root);
             }
@@ -249,8 +219,7 @@ impl Builder {
                 None => *pending = Some(node),
                 Some(key) => {
                     let key_text = scalar_text(&key);
-                    let first = key_text
-                        .and_then(|k| pairs.iter().find(|(p, _)| scalar_text(p) == Some(k)));
+                    let first = key_text.and_then(|k| pairs.iter().find(|(p, _)| scalar_text(p) == Some(k)));
                     if let (Some(k), Some((first, _))) = (key_text, first) {
                         self.duplicates.push(SyntaxError {
                             pos: key.pos,
@@ -286,14 +255,10 @@ mod tests {
     #[test]
     fn positions_are_one_based() {
         let node = root("a: 1\nb:\n  - x\n  - {c: d}\n");
-        let Value::Map(pairs) = &node.value else {
-            panic!("not a map")
-        };
+        let Value::Map(pairs) = &node.value else { panic!("not a map") };
         assert_eq!(pairs[0].0.pos, Pos { line: 1, col: 1 });
         assert_eq!(pairs[0].1.pos, Pos { line: 1, col: 4 });
-        let Value::Seq(items) = &pairs[1].1.value else {
-            panic!("not a seq")
-        };
+        let Value::Seq(items) = &pairs[1].1.value else { panic!("not a seq") };
         assert_eq!(items[0].pos, Pos { line: 3, col: 5 });
         assert_eq!(items[1].pos, Pos { line: 4, col: 5 });
     }
@@ -314,9 +279,7 @@ mod tests {
     #[test]
     fn quoted_numbers_are_strings() {
         let node = root("a: '12'\n");
-        let Value::Map(pairs) = &node.value else {
-            panic!("not a map")
-        };
+        let Value::Map(pairs) = &node.value else { panic!("not a map") };
         assert_eq!(pairs[0].1.typed(), Some(Typed::Str("12")));
     }
 
@@ -335,12 +298,8 @@ mod tests {
     #[test]
     fn aliases_resolve() {
         let node = root("a: &x [1, 2]\nb: *x\n");
-        let Value::Map(pairs) = &node.value else {
-            panic!("not a map")
-        };
-        let Value::Seq(items) = &pairs[1].1.value else {
-            panic!("alias not resolved")
-        };
+        let Value::Map(pairs) = &node.value else { panic!("not a map") };
+        let Value::Seq(items) = &pairs[1].1.value else { panic!("alias not resolved") };
         assert_eq!(items.len(), 2);
         assert_eq!(pairs[1].1.pos, Pos { line: 2, col: 4 });
     }

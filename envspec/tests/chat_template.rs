@@ -7,8 +7,7 @@ use envspec::{ChatMessage, ChatTemplate, Prompt};
 use serde_json::Value;
 
 fn fixture() -> Value {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates.json");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -37,18 +36,8 @@ fn renders_identically_to_transformers() {
         )
         .unwrap();
         for case in t["cases"].as_array().unwrap() {
-            let rendered = template
-                .render(
-                    &messages(case),
-                    case["add_generation_prompt"].as_bool().unwrap(),
-                )
-                .unwrap();
-            assert_eq!(
-                rendered,
-                case["text"].as_str().unwrap(),
-                "template {}",
-                t["name"]
-            );
+            let rendered = template.render(&messages(case), case["add_generation_prompt"].as_bool().unwrap()).unwrap();
+            assert_eq!(rendered, case["text"].as_str().unwrap(), "template {}", t["name"]);
         }
     }
 }
@@ -57,42 +46,19 @@ fn renders_identically_to_transformers() {
 fn chat_prompts_use_the_generation_prompt() {
     let fixture = fixture();
     let smollm2 = &fixture["templates"][0];
-    let template = ChatTemplate::new(
-        smollm2["source"].as_str().unwrap(),
-        "<|im_start|>",
-        "<|im_end|>",
-    )
-    .unwrap();
+    let template = ChatTemplate::new(smollm2["source"].as_str().unwrap(), "<|im_start|>", "<|im_end|>").unwrap();
     let case = &smollm2["cases"][0];
     assert_eq!(case["add_generation_prompt"], Value::Bool(true));
     let prompt = Prompt::Chat(messages(case));
-    assert_eq!(
-        prompt.to_text(Some(&template)).unwrap(),
-        case["text"].as_str().unwrap()
-    );
-    assert!(prompt
-        .to_text(Some(&template))
-        .unwrap()
-        .ends_with("<|im_start|>assistant\n"));
+    assert_eq!(prompt.to_text(Some(&template)).unwrap(), case["text"].as_str().unwrap());
+    assert!(prompt.to_text(Some(&template)).unwrap().ends_with("<|im_start|>assistant\n"));
 }
 
 #[test]
 fn template_errors_are_reported() {
     let err = ChatTemplate::new("{% for m in messages %}", "", "").unwrap_err();
-    assert!(
-        err.to_string()
-            .starts_with("cannot render the chat template: syntax error"),
-        "{err}"
-    );
-    let raising = ChatTemplate::new(
-        "{{ raise_exception('only user and assistant roles') }}",
-        "",
-        "",
-    )
-    .unwrap();
+    assert!(err.to_string().starts_with("cannot render the chat template: syntax error"), "{err}");
+    let raising = ChatTemplate::new("{{ raise_exception('only user and assistant roles') }}", "", "").unwrap();
     let err = raising.render(&[], true).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "cannot render the chat template: invalid operation: only user and assistant roles"
-    );
+    assert_eq!(err.to_string(), "cannot render the chat template: invalid operation: only user and assistant roles");
 }

@@ -129,11 +129,7 @@ fn configure(python: Option<PathBuf>, workers: Option<usize>) -> PyResult<()> {
 #[pyfunction]
 fn sandbox() -> (std::ffi::OsString, usize, bool) {
     let slot = host_slot();
-    (
-        slot.python.clone().into_os_string(),
-        slot.workers,
-        slot.used,
-    )
+    (slot.python.clone().into_os_string(), slot.workers, slot.used)
 }
 
 /// The spec files in `paths` (files as they are, folders' `*.yaml`/`*.yml` files), sorted.
@@ -146,9 +142,7 @@ fn find_specs(py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<Vec<std::ffi::OsS
 /// Loads and validates a spec; returns its description (see `spec_info`). Raises `SpecError`.
 #[pyfunction]
 fn check(py: Python<'_>, path: PathBuf) -> PyResult<Py<PyDict>> {
-    let spec = py
-        .detach(|| envspec::load(&path))
-        .map_err(|e| spec_error(py, &e))?;
+    let spec = py.detach(|| envspec::load(&path)).map_err(|e| spec_error(py, &e))?;
     spec_info(py, &spec)
 }
 
@@ -164,18 +158,14 @@ impl Task {
     /// this is the process's first task. Raises `SpecError` or `EnvError`.
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Task> {
-        let spec = py
-            .detach(|| envspec::load(&path))
-            .map_err(|e| spec_error(py, &e))?;
+        let spec = py.detach(|| envspec::load(&path)).map_err(|e| spec_error(py, &e))?;
         let host = host();
         let loaded = py.detach(|| runtime::env::Task::load(Arc::new(spec), &host));
         let mut slot = host_slot();
         match loaded {
             Ok(task) => {
                 slot.used = true;
-                Ok(Task {
-                    task: Arc::new(task),
-                })
+                Ok(Task { task: Arc::new(task) })
             }
             Err(e) => {
                 if !slot.used && slot.host.as_ref().is_some_and(|h| Arc::ptr_eq(h, &host)) {
@@ -205,24 +195,15 @@ impl Task {
         eos_token: &str,
     ) -> PyResult<Env> {
         let template = ChatTemplate::new(chat_template.unwrap_or(CHATML), bos_token, eos_token)
-            .map_err(|e| {
-                PyValueError::new_err(format!("the chat template does not compile: {e}"))
-            })?;
-        let env = py
-            .detach(|| self.task.env(seed))
-            .map_err(|e| EnvError::new_err(e.to_string()))?;
-        Ok(Env {
-            env: Mutex::new(env),
-            chat_template: template,
-            seed,
-        })
+            .map_err(|e| PyValueError::new_err(format!("the chat template does not compile: {e}")))?;
+        let env = py.detach(|| self.task.env(seed)).map_err(|e| EnvError::new_err(e.to_string()))?;
+        Ok(Env { env: Mutex::new(env), chat_template: template, seed })
     }
 }
 
 /// ChatML, the chat format of the default model (SmolLM2) and many others: used to show chat
 /// observations as text when no template is given.
-const CHATML: &str =
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
 {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
 /// One environment: [`runtime::env::Env`] with plain Python results.
@@ -241,12 +222,7 @@ impl Env {
 
     /// The observation's entries: `observation` (text), `messages` (list of {role, content} for
     /// chat prompts, else None) and `step`.
-    fn observation(
-        &self,
-        py: Python<'_>,
-        obs: &Observation,
-        out: &Bound<'_, PyDict>,
-    ) -> PyResult<()> {
+    fn observation(&self, py: Python<'_>, obs: &Observation, out: &Bound<'_, PyDict>) -> PyResult<()> {
         let (text, messages) = match &obs.prompt {
             Prompt::Completion(text) => (text.clone(), None),
             Prompt::Chat(messages) => {
@@ -274,9 +250,7 @@ impl Env {
 
     /// Starts an episode. Returns a dict: observation, messages, step.
     fn reset(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
-        let obs = py
-            .detach(|| self.lock().reset())
-            .map_err(|e| EnvError::new_err(e.to_string()))?;
+        let obs = py.detach(|| self.lock().reset()).map_err(|e| EnvError::new_err(e.to_string()))?;
         let out = PyDict::new(py);
         self.observation(py, &obs, &out)?;
         Ok(out.unbind())
@@ -286,9 +260,7 @@ impl Env {
     /// of it). Returns a dict: observation, messages, step, reward, terminated, truncated, action,
     /// error, ran, wall_s, cpu_s, peak_rss_mb.
     fn step(&self, py: Python<'_>, generation: &str) -> PyResult<Py<PyDict>> {
-        let result = py
-            .detach(|| self.lock().step(generation))
-            .map_err(|e| EnvError::new_err(e.to_string()))?;
+        let result = py.detach(|| self.lock().step(generation)).map_err(|e| EnvError::new_err(e.to_string()))?;
         let out = PyDict::new(py);
         self.observation(py, &result.observation, &out)?;
         out.set_item("reward", result.reward)?;
@@ -339,9 +311,7 @@ fn snake_case(value: &impl serde::Serialize) -> PyResult<String> {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(s)) => Ok(s),
         // A variant with data (`{"wasm": {...}}`): its name.
-        Ok(serde_json::Value::Object(map)) if map.len() == 1 => {
-            Ok(map.keys().next().cloned().unwrap_or_default())
-        }
+        Ok(serde_json::Value::Object(map)) if map.len() == 1 => Ok(map.keys().next().cloned().unwrap_or_default()),
         Ok(other) => Ok(other.to_string()),
         Err(e) => Err(PyRuntimeError::new_err(e.to_string())),
     }
@@ -357,14 +327,7 @@ fn spec_error(py: Python<'_>, e: &envspec::SpecError) -> PyErr {
     let diagnostics: Vec<Located> = e
         .diagnostics
         .iter()
-        .map(|d| {
-            (
-                d.pos.map(|p| p.line),
-                d.pos.map(|p| p.col),
-                d.message.clone(),
-                d.help.clone(),
-            )
-        })
+        .map(|d| (d.pos.map(|p| p.line), d.pos.map(|p| p.col), d.message.clone(), d.help.clone()))
         .collect();
     // Setting attributes on a fresh exception instance cannot fail short of memory exhaustion;
     // the message alone is still the whole report if it does.

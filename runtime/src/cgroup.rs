@@ -114,9 +114,7 @@ impl Cgroup {
             Layout::V1 { memory, pids } => vec![memory, pids],
             Layout::V2 { dir } => vec![dir],
         };
-        dirs.into_iter()
-            .filter_map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()).ok())
-            .collect()
+        dirs.into_iter().filter_map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()).ok()).collect()
     }
 }
 
@@ -169,7 +167,8 @@ fn own_dir(controller: &str) -> PathBuf {
         s.lines().find_map(|l| {
             let mut parts = l.splitn(3, ':');
             let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-            let matches = if controller.is_empty() { ctrls.is_empty() } else { ctrls.split(',').any(|c| c == controller) };
+            let matches =
+                if controller.is_empty() { ctrls.is_empty() } else { ctrls.split(',').any(|c| c == controller) };
             matches.then(|| path.trim_start_matches('/').to_string())
         })
     });

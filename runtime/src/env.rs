@@ -91,7 +91,8 @@ impl Task {
                 memory_bytes: g.memory_mb.saturating_mul(1 << 20),
                 max_observation_bytes: usize::try_from(g.observation_kb.saturating_mul(1 << 10)).unwrap_or(usize::MAX),
             };
-            let game = engine.load(&g.module, limits).map_err(|source| EnvError::Game { spec: spec.name.clone(), source })?;
+            let game =
+                engine.load(&g.module, limits).map_err(|source| EnvError::Game { spec: spec.name.clone(), source })?;
             return Ok(Task { spec, resources: TaskResources::Game(game) });
         }
         let dataset = envspec::data::load(&spec.dataset.source, spec.base_dir()).map_err(|e| EnvError::Spec {
@@ -173,7 +174,9 @@ pub enum EnvError {
     NotReset,
     #[error("step() called after the episode ended; call reset()")]
     EpisodeOver,
-    #[error("restore(): an episode state needs at least one step taken and fewer than max_steps ({max_steps}), got {steps}")]
+    #[error(
+        "restore(): an episode state needs at least one step taken and fewer than max_steps ({max_steps}), got {steps}"
+    )]
     BadRestore { steps: u32, max_steps: u32 },
     #[error("{spec}: {message}")]
     Spec { spec: String, message: String },
@@ -274,7 +277,8 @@ impl Env {
             Backend::Data(d) => self.spec.render_initial(&d.context),
             Backend::Game(g) => {
                 g.instance = None;
-                let mut instance = g.game.instantiate().map_err(|source| EnvError::Game { spec: self.spec.name.clone(), source })?;
+                let mut instance =
+                    g.game.instantiate().map_err(|source| EnvError::Game { spec: self.spec.name.clone(), source })?;
                 g.observation =
                     instance.reset(g.seed).map_err(|source| EnvError::Game { spec: self.spec.name.clone(), source })?;
                 g.instance = Some(instance);
@@ -327,7 +331,8 @@ impl Env {
         for (i, action) in actions.iter().enumerate() {
             let r = self.step(action)?;
             if r.terminated || r.truncated {
-                let end = if r.info.error.is_empty() { "ended".to_string() } else { format!("failed ({})", r.info.error) };
+                let end =
+                    if r.info.error.is_empty() { "ended".to_string() } else { format!("failed ({})", r.info.error) };
                 return Err(EnvError::Spec {
                     spec: self.spec.name.clone(),
                     message: format!("replaying the recorded actions: the game {end} at action {} of {}; was the game changed since they were recorded?", i + 1, actions.len()),
@@ -363,7 +368,8 @@ impl Env {
             let prompt = self.spec.render_initial(&d.context).map_err(|e| spec_err(&self.spec, e))?;
             Observation { prompt, step }
         } else {
-            let prompt = self.spec.render_reflection(&d.context, &action, &error).map_err(|e| spec_err(&self.spec, e))?;
+            let prompt =
+                self.spec.render_reflection(&d.context, &action, &error).map_err(|e| spec_err(&self.spec, e))?;
             Observation { prompt, step }
         };
         self.step = Some(step);
@@ -460,12 +466,20 @@ impl DataEnv {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(RuntimeError::Worker("an evaluation thread panicked".into()))))
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| Err(RuntimeError::Worker("an evaluation thread panicked".into())))
+                    })
                     .collect()
             })
         };
-        let mut scored =
-            Score { result: Ok(0.0), error_kind: None, wall_s: 0.0, cpu_s: 0.0, peak_rss_mb: 0.0, output: String::new() };
+        let mut scored = Score {
+            result: Ok(0.0),
+            error_kind: None,
+            wall_s: 0.0,
+            cpu_s: 0.0,
+            peak_rss_mb: 0.0,
+            output: String::new(),
+        };
         let mut aucs = Vec::with_capacity(outcomes.len());
         for (outcome, split) in outcomes.into_iter().zip(&self.splits) {
             let outcome = outcome.map_err(|source| EnvError::Runtime { spec: spec.name.clone(), source })?;

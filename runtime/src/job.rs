@@ -27,7 +27,13 @@ impl Default for Limits {
 impl From<&envspec::ExecLimits> for Limits {
     /// The limits a spec declares (`limits:`), field for field.
     fn from(l: &envspec::ExecLimits) -> Self {
-        Limits { wall_s: l.wall_s, cpu_s: l.cpu_s, memory_mb: l.memory_mb, output_kb: l.output_kb, max_processes: l.max_processes }
+        Limits {
+            wall_s: l.wall_s,
+            cpu_s: l.cpu_s,
+            memory_mb: l.memory_mb,
+            output_kb: l.output_kb,
+            max_processes: l.max_processes,
+        }
     }
 }
 

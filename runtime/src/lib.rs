@@ -17,16 +17,16 @@
 //! wasmtime with no imports, a memory cap and fuel per call: see [`wasm`]. [`env`](mod@env) gives both
 //! kinds of task the same Gymnasium-style environment.
 
-pub mod env;
-pub mod metrics;
-pub mod wasm;
 mod cgroup;
+pub mod env;
 mod error;
 mod job;
+pub mod metrics;
 mod pool;
 mod protocol;
 mod sandbox;
 mod seccomp;
+pub mod wasm;
 
 pub use error::RuntimeError;
 pub use job::{ActionError, ActionErrorKind, Job, Limits, Outcome};

@@ -38,33 +38,18 @@ pub enum MetricError {
     #[error("{labels} labels but {rows} rows of probabilities; expected one row per label")]
     LengthMismatch { labels: usize, rows: usize },
     #[error("probability row {row} has {found} columns; expected {expected} (one per class)")]
-    WrongColumns {
-        row: usize,
-        expected: usize,
-        found: usize,
-    },
+    WrongColumns { row: usize, expected: usize, found: usize },
     #[error("label {label} at row {row} is not a class index below {n_classes}")]
-    LabelOutOfRange {
-        row: usize,
-        label: usize,
-        n_classes: usize,
-    },
+    LabelOutOfRange { row: usize, label: usize, n_classes: usize },
     #[error("probability at row {row}, column {column} is {value}; expected a finite number")]
-    NonFinite {
-        row: usize,
-        column: usize,
-        value: f64,
-    },
+    NonFinite { row: usize, column: usize, value: f64 },
     #[error("only one class ({class}) is present in the true labels; ROC AUC is not defined in that case")]
     SingleClass { class: usize },
-    #[error("classes {missing:?} of {n_classes} do not occur in the true labels; multi-class ROC AUC needs every class")]
-    MissingClasses {
-        missing: Vec<usize>,
-        n_classes: usize,
-    },
     #[error(
-        "probability row {row} sums to {sum}, not 1; multi-class ROC AUC needs class probabilities"
+        "classes {missing:?} of {n_classes} do not occur in the true labels; multi-class ROC AUC needs every class"
     )]
+    MissingClasses { missing: Vec<usize>, n_classes: usize },
+    #[error("probability row {row} sums to {sum}, not 1; multi-class ROC AUC needs class probabilities")]
     NotProbabilities { row: usize, sum: f64 },
 }
 
@@ -94,9 +79,7 @@ pub fn roc_auc(
             let mut scores = Vec::with_capacity(n_classes * (n_classes - 1) / 2);
             for a in 0..n_classes {
                 for b in a + 1..n_classes {
-                    let rows: Vec<usize> = (0..y_true.len())
-                        .filter(|&i| y_true[i] == a || y_true[i] == b)
-                        .collect();
+                    let rows: Vec<usize> = (0..y_true.len()).filter(|&i| y_true[i] == a || y_true[i] == b).collect();
                     let is_a: Vec<bool> = rows.iter().map(|&i| y_true[i] == a).collect();
                     let is_b: Vec<bool> = is_a.iter().map(|&x| !x).collect();
                     let score_a: Vec<f64> = rows.iter().map(|&i| proba[i][a]).collect();
@@ -116,35 +99,20 @@ fn check(y_true: &[usize], proba: &[Vec<f64>], n_classes: usize) -> Result<(), M
         return Err(MetricError::TooFewClasses { n_classes });
     }
     if y_true.len() != proba.len() {
-        return Err(MetricError::LengthMismatch {
-            labels: y_true.len(),
-            rows: proba.len(),
-        });
+        return Err(MetricError::LengthMismatch { labels: y_true.len(), rows: proba.len() });
     }
     if y_true.is_empty() {
         return Err(MetricError::Empty);
     }
     for (row, (p, &label)) in proba.iter().zip(y_true).enumerate() {
         if p.len() != n_classes {
-            return Err(MetricError::WrongColumns {
-                row,
-                expected: n_classes,
-                found: p.len(),
-            });
+            return Err(MetricError::WrongColumns { row, expected: n_classes, found: p.len() });
         }
         if label >= n_classes {
-            return Err(MetricError::LabelOutOfRange {
-                row,
-                label,
-                n_classes,
-            });
+            return Err(MetricError::LabelOutOfRange { row, label, n_classes });
         }
         if let Some(column) = p.iter().position(|v| !v.is_finite()) {
-            return Err(MetricError::NonFinite {
-                row,
-                column,
-                value: p[column],
-            });
+            return Err(MetricError::NonFinite { row, column, value: p[column] });
         }
     }
     let mut present = vec![false; n_classes];
@@ -213,10 +181,7 @@ fn binary_auc(positive: &[bool], score: &[f64]) -> f64 {
     let (fp_total, tp_total) = (fps[fps.len() - 1], tps[tps.len() - 1]);
     let fpr: Vec<f64> = fps.iter().map(|f| f / fp_total).collect();
     let tpr: Vec<f64> = tps.iter().map(|t| t / tp_total).collect();
-    fpr.windows(2)
-        .zip(tpr.windows(2))
-        .map(|(x, y)| (x[1] - x[0]) * (y[1] + y[0]) / 2.0)
-        .sum()
+    fpr.windows(2).zip(tpr.windows(2)).map(|(x, y)| (x[1] - x[0]) * (y[1] + y[0]) / 2.0).sum()
 }
 
 #[cfg(test)]
@@ -242,12 +207,7 @@ mod tests {
     #[test]
     fn binary_uses_only_the_positive_column() {
         // Rows need not sum to 1 for two classes (sklearn only sees proba[:, 1]).
-        let proba = vec![
-            vec![7.0, 0.1],
-            vec![-3.0, 0.4],
-            vec![0.0, 0.35],
-            vec![0.0, 0.8],
-        ];
+        let proba = vec![vec![7.0, 0.1], vec![-3.0, 0.4], vec![0.0, 0.35], vec![0.0, 0.8]];
         assert_eq!(roc_auc(&[0, 0, 1, 1], &proba, 2, Multiclass::Ovr), Ok(0.75));
     }
 
@@ -302,59 +262,26 @@ mod tests {
             roc_auc(&[0, 1], &two(&[[0.5, 0.5]]), 2, Multiclass::Ovo),
             Err(MetricError::LengthMismatch { labels: 2, rows: 1 })
         );
-        assert_eq!(
-            roc_auc(&[], &[], 2, Multiclass::Ovo),
-            Err(MetricError::Empty)
-        );
+        assert_eq!(roc_auc(&[], &[], 2, Multiclass::Ovo), Err(MetricError::Empty));
         assert_eq!(
             roc_auc(&[0, 1], &[vec![0.5, 0.5], vec![1.0]], 2, Multiclass::Ovo),
-            Err(MetricError::WrongColumns {
-                row: 1,
-                expected: 2,
-                found: 1
-            })
+            Err(MetricError::WrongColumns { row: 1, expected: 2, found: 1 })
         );
         assert_eq!(
             roc_auc(&[0, 2], &two(&[[0.5, 0.5], [0.2, 0.8]]), 2, Multiclass::Ovo),
-            Err(MetricError::LabelOutOfRange {
-                row: 1,
-                label: 2,
-                n_classes: 2
-            })
+            Err(MetricError::LabelOutOfRange { row: 1, label: 2, n_classes: 2 })
         );
-        let nan = roc_auc(
-            &[0, 1],
-            &two(&[[0.5, 0.5], [f64::NAN, 0.8]]),
-            2,
-            Multiclass::Ovo,
-        );
-        assert!(
-            matches!(nan, Err(MetricError::NonFinite { row: 1, column: 0, value }) if value.is_nan())
-        );
+        let nan = roc_auc(&[0, 1], &two(&[[0.5, 0.5], [f64::NAN, 0.8]]), 2, Multiclass::Ovo);
+        assert!(matches!(nan, Err(MetricError::NonFinite { row: 1, column: 0, value }) if value.is_nan()));
         assert_eq!(
-            roc_auc(
-                &[0, 1],
-                &two(&[[0.5, f64::INFINITY], [0.2, 0.8]]),
-                2,
-                Multiclass::Ovo
-            ),
-            Err(MetricError::NonFinite {
-                row: 0,
-                column: 1,
-                value: f64::INFINITY
-            })
+            roc_auc(&[0, 1], &two(&[[0.5, f64::INFINITY], [0.2, 0.8]]), 2, Multiclass::Ovo),
+            Err(MetricError::NonFinite { row: 0, column: 1, value: f64::INFINITY })
         );
-        assert_eq!(
-            roc_auc(&[0], &[vec![1.0]], 1, Multiclass::Ovo),
-            Err(MetricError::TooFewClasses { n_classes: 1 })
-        );
+        assert_eq!(roc_auc(&[0], &[vec![1.0]], 1, Multiclass::Ovo), Err(MetricError::TooFewClasses { n_classes: 1 }));
         let p3 = vec![vec![0.2, 0.3, 0.5]; 3];
         assert_eq!(
             roc_auc(&[0, 2, 0], &p3, 3, Multiclass::Ovo),
-            Err(MetricError::MissingClasses {
-                missing: vec![1],
-                n_classes: 3
-            })
+            Err(MetricError::MissingClasses { missing: vec![1], n_classes: 3 })
         );
         let mut bad = p3.clone();
         bad[1] = vec![0.2, 0.3, 0.6];

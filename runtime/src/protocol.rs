@@ -46,7 +46,9 @@ pub(crate) fn encode(job: &Job) -> Result<Request, RuntimeError> {
     let l = &job.limits;
     for (name, v) in [("wall_s", l.wall_s), ("cpu_s", l.cpu_s)] {
         if !(v.is_finite() && v > 0.0 && v <= MAX_SECONDS) {
-            return Err(RuntimeError::InvalidJob(format!("limit {name} is {v}; expected seconds in (0, {MAX_SECONDS}]")));
+            return Err(RuntimeError::InvalidJob(format!(
+                "limit {name} is {v}; expected seconds in (0, {MAX_SECONDS}]"
+            )));
         }
     }
     if job.n_classes < 2 {
@@ -241,7 +243,12 @@ pub(crate) struct HostView {
 }
 
 /// Turns a worker's answer into an [`Outcome`], checking everything the (untrusted) child sent.
-pub(crate) fn decode(req: &Request, header: serde_json::Value, payload: &[u8], host: HostView) -> Result<Outcome, String> {
+pub(crate) fn decode(
+    req: &Request,
+    header: serde_json::Value,
+    payload: &[u8],
+    host: HostView,
+) -> Result<Outcome, String> {
     let r: Response = serde_json::from_value(header).map_err(|e| format!("bad response header: {e}"))?;
     let limits = &req.limits;
     let result = if r.ok {
@@ -278,10 +285,9 @@ fn failure(r: &Response, limits: &Limits, oom_killed: bool) -> ActionError {
         _ if signal == libc::SIGXCPU || (signal == libc::SIGKILL && r.cpu_s + 0.05 >= limits.cpu_s) => {
             ActionError::new(Kind::Timeout, cpu())
         }
-        _ if signal == libc::SIGXFSZ => ActionError::new(
-            Kind::Output,
-            "the program wrote a file larger than the sandbox allows".to_string(),
-        ),
+        _ if signal == libc::SIGXFSZ => {
+            ActionError::new(Kind::Output, "the program wrote a file larger than the sandbox allows".to_string())
+        }
         _ if signal != 0 => ActionError::new(
             Kind::Killed,
             format!("the program's process was killed by signal {} ({})", signal, signal_name(signal)),
@@ -327,9 +333,7 @@ fn probabilities(r: &Response, payload: &[u8], n_val: usize, n_classes: usize) -
         }
         None if cols == n_classes => (0..n_classes).collect(),
         None => {
-            return bad(format!(
-                "predict_proba(x_val) returned {cols} columns; expected {n_classes}, one per class"
-            ))
+            return bad(format!("predict_proba(x_val) returned {cols} columns; expected {n_classes}, one per class"))
         }
     };
     let mut out = vec![vec![0.0; n_classes]; rows];
@@ -351,7 +355,11 @@ fn probabilities(r: &Response, payload: &[u8], n_val: usize, n_classes: usize) -
 }
 
 fn fmt_secs(s: f64) -> String {
-    if s.fract() == 0.0 { format!("{s:.0}") } else { format!("{s}") }
+    if s.fract() == 0.0 {
+        format!("{s:.0}")
+    } else {
+        format!("{s}")
+    }
 }
 
 fn signal_name(sig: i32) -> &'static str {
@@ -413,14 +421,25 @@ mod tests {
     fn limits_are_named_in_plain_sentences() {
         let limits = Limits { wall_s: 3.0, cpu_s: 2.0, memory_mb: 256, ..Limits::default() };
         let r = Request { bytes: vec![], n_val: 1, n_classes: 2, limits };
-        let timeout = decode(&r, serde_json::json!({"ok": false, "kind": "Timeout"}), &[], HostView { oom_killed: false });
+        let timeout =
+            decode(&r, serde_json::json!({"ok": false, "kind": "Timeout"}), &[], HostView { oom_killed: false });
         assert_eq!(
             timeout.unwrap().result.unwrap_err().message,
             "the program did not finish within the wall-clock limit of 3 s"
         );
-        let oom = decode(&r, serde_json::json!({"ok": false, "kind": "Killed", "signal": 9}), &[], HostView { oom_killed: true });
+        let oom = decode(
+            &r,
+            serde_json::json!({"ok": false, "kind": "Killed", "signal": 9}),
+            &[],
+            HostView { oom_killed: true },
+        );
         assert_eq!(oom.unwrap().result.unwrap_err().message, "the program exceeded the memory limit of 256 MB");
-        let cpu = decode(&r, serde_json::json!({"ok": false, "kind": "Killed", "signal": 24, "cpu_s": 2.0}), &[], HostView { oom_killed: false });
+        let cpu = decode(
+            &r,
+            serde_json::json!({"ok": false, "kind": "Killed", "signal": 24, "cpu_s": 2.0}),
+            &[],
+            HostView { oom_killed: false },
+        );
         assert_eq!(cpu.unwrap().result.unwrap_err().message, "the program exceeded the CPU time limit of 2 s");
     }
 

@@ -80,11 +80,23 @@ const ENV: &[(&str, &str)] = &[
 enum Op {
     Mkdir(CString),
     Touch(CString),
-    Symlink { target: CString, link: CString },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
     /// Bind `src` on `dst`; then, if `remount` is set, remount the bind with those flags.
-    Bind { src: CString, dst: CString, remount: Option<libc::c_ulong> },
-    Tmpfs { dst: CString, data: CString },
-    Proc { dst: CString },
+    Bind {
+        src: CString,
+        dst: CString,
+        remount: Option<libc::c_ulong>,
+    },
+    Tmpfs {
+        dst: CString,
+        data: CString,
+    },
+    Proc {
+        dst: CString,
+    },
 }
 
 /// Everything the sandboxed child needs, prepared before the fork.
@@ -165,10 +177,9 @@ impl Launcher {
         unsafe {
             cmd.pre_exec(move || enter(&plan, &procs));
         }
-        let mut child = cmd.spawn().map_err(|e| RuntimeError::Sandbox(format!(
-            "starting `{}` in the sandbox failed: {e}",
-            self.python.display()
-        )))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            RuntimeError::Sandbox(format!("starting `{}` in the sandbox failed: {e}", self.python.display()))
+        })?;
         let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(RuntimeError::Sandbox("worker pipes missing".into()));
@@ -217,11 +228,8 @@ fn resolve(python: &Path) -> Result<PathBuf, RuntimeError> {
                 }
             }
         }
-    } else if let Some(found) = std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join(python))
-        .find(|p| p.is_file())
+    } else if let Some(found) =
+        std::env::var_os("PATH").iter().flat_map(std::env::split_paths).map(|d| d.join(python)).find(|p| p.is_file())
     {
         return Ok(found);
     }
@@ -290,9 +298,7 @@ fn locked_flags(path: &Path) -> libc::c_ulong {
 }
 
 fn plan(root: &Path, python_dirs: &[PathBuf], limits: &Limits) -> Result<Plan, RuntimeError> {
-    let under = |p: &Path| -> Result<CString, RuntimeError> {
-        cstr(root.join(p.strip_prefix("/").unwrap_or(p)))
-    };
+    let under = |p: &Path| -> Result<CString, RuntimeError> { cstr(root.join(p.strip_prefix("/").unwrap_or(p))) };
     let mut ops = Vec::new();
     let mut made: BTreeSet<PathBuf> = BTreeSet::new();
     // Creates `p` and its parents under the new root (each once).
@@ -307,7 +313,8 @@ fn plan(root: &Path, python_dirs: &[PathBuf], limits: &Limits) -> Result<Plan, R
         Ok(())
     };
     let ro_bind = |ops: &mut Vec<Op>, src: &Path| -> Result<(), RuntimeError> {
-        let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | locked_flags(src);
+        let flags =
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | locked_flags(src);
         ops.push(Op::Bind { src: cstr(src)?, dst: under(src)?, remount: Some(flags) });
         Ok(())
     };
@@ -492,7 +499,8 @@ fn enter(plan: &Plan, cgroup_procs: &[CString]) -> io::Result<()> {
             | libc::CLONE_NEWNET
             | libc::CLONE_NEWIPC
             | libc::CLONE_NEWUTS;
-        let pid = libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize);
+        let pid =
+            libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize);
         if pid < 0 {
             note(b"creating the namespaces (clone)");
             return Err(io::Error::last_os_error());
@@ -551,7 +559,10 @@ fn build_root(plan: &Plan) -> io::Result<()> {
     let tmpfs = Some(c"tmpfs");
     step(b"making mounts private", mount(NONE, c"/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE))?;
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    step(b"mounting the root tmpfs", mount(tmpfs, plan.root.as_c_str(), tmpfs, nosuid_nodev, Some(c"size=1m,mode=0755")))?;
+    step(
+        b"mounting the root tmpfs",
+        mount(tmpfs, plan.root.as_c_str(), tmpfs, nosuid_nodev, Some(c"size=1m,mode=0755")),
+    )?;
     for op in &plan.ops {
         match op {
             Op::Mkdir(p) => match mkdir(p.as_c_str(), Mode::from_bits_truncate(0o755)) {
@@ -560,14 +571,25 @@ fn build_root(plan: &Plan) -> io::Result<()> {
             },
             Op::Touch(p) => {
                 let flags = nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC;
-                let fd = step(b"creating a mount point file", nix::fcntl::open(p.as_c_str(), flags, Mode::from_bits_truncate(0o644)))?;
+                let fd = step(
+                    b"creating a mount point file",
+                    nix::fcntl::open(p.as_c_str(), flags, Mode::from_bits_truncate(0o644)),
+                )?;
                 drop(fd); // closes it: only the file is needed, as a mount point
             }
-            Op::Symlink { target, link } => step(b"symlink", symlinkat(target.as_c_str(), nix::fcntl::AT_FDCWD, link.as_c_str()))?,
+            Op::Symlink { target, link } => {
+                step(b"symlink", symlinkat(target.as_c_str(), nix::fcntl::AT_FDCWD, link.as_c_str()))?
+            }
             Op::Bind { src, dst, remount } => {
-                step(b"bind mount", mount(Some(src.as_c_str()), dst.as_c_str(), NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE))?;
+                step(
+                    b"bind mount",
+                    mount(Some(src.as_c_str()), dst.as_c_str(), NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE),
+                )?;
                 if let Some(flags) = remount {
-                    step(b"read-only remount", mount(NONE, dst.as_c_str(), NONE, MsFlags::from_bits_retain(*flags), NONE))?;
+                    step(
+                        b"read-only remount",
+                        mount(NONE, dst.as_c_str(), NONE, MsFlags::from_bits_retain(*flags), NONE),
+                    )?;
                 }
             }
             Op::Tmpfs { dst, data } => {

@@ -193,15 +193,27 @@ mod tests {
     fn refuses_inet_sockets_and_allows_unix_ones() {
         let f = Filter::new();
         let inet = in_filtered_child(&f, || unsafe {
-            if libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) >= 0 { 1 } else { errno() }
+            if libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) >= 0 {
+                1
+            } else {
+                errno()
+            }
         });
         assert_eq!(inet, libc::EACCES);
         let inet6 = in_filtered_child(&f, || unsafe {
-            if libc::socket(libc::AF_INET6, libc::SOCK_DGRAM, 0) >= 0 { 1 } else { errno() }
+            if libc::socket(libc::AF_INET6, libc::SOCK_DGRAM, 0) >= 0 {
+                1
+            } else {
+                errno()
+            }
         });
         assert_eq!(inet6, libc::EACCES);
         let unix = in_filtered_child(&f, || unsafe {
-            if libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) >= 0 { 0 } else { errno() }
+            if libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) >= 0 {
+                0
+            } else {
+                errno()
+            }
         });
         assert_eq!(unix, 0);
     }
@@ -209,23 +221,41 @@ mod tests {
     #[test]
     fn refuses_namespaces_ptrace_and_mount_but_allows_fork() {
         let f = Filter::new();
-        let ns = in_filtered_child(&f, || unsafe { if libc::unshare(libc::CLONE_NEWUSER) == 0 { 1 } else { errno() } });
+        let ns = in_filtered_child(&f, || unsafe {
+            if libc::unshare(libc::CLONE_NEWUSER) == 0 {
+                1
+            } else {
+                errno()
+            }
+        });
         assert_eq!(ns, libc::EPERM);
         let clone_ns = in_filtered_child(&f, || unsafe {
             let r = libc::syscall(libc::SYS_clone, (libc::CLONE_NEWNET | libc::SIGCHLD) as libc::c_ulong, 0, 0, 0, 0);
             if r == 0 {
                 libc::_exit(0);
             }
-            if r > 0 { 1 } else { errno() }
+            if r > 0 {
+                1
+            } else {
+                errno()
+            }
         });
         assert_eq!(clone_ns, libc::EPERM);
         let trace = in_filtered_child(&f, || unsafe {
-            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == 0 { 1 } else { errno() }
+            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == 0 {
+                1
+            } else {
+                errno()
+            }
         });
         assert_eq!(trace, libc::EPERM);
         let mount = in_filtered_child(&f, || unsafe {
             let r = libc::mount(c"none".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null());
-            if r == 0 { 1 } else { errno() }
+            if r == 0 {
+                1
+            } else {
+                errno()
+            }
         });
         assert_eq!(mount, libc::EPERM);
         let fork = in_filtered_child(&f, || unsafe {

@@ -157,7 +157,8 @@ impl GameEngine {
     /// type), checks that it imports nothing and exports [`INTERFACE`], and asks it its name.
     pub fn load(&self, module: &Path, limits: GameLimits) -> Result<Game, GameError> {
         let file_name = module.file_stem().map_or_else(|| "game".to_string(), |s| s.to_string_lossy().into_owned());
-        let load_err = |message: String| GameError::Load { game: file_name.clone(), module: module.to_path_buf(), message };
+        let load_err =
+            |message: String| GameError::Load { game: file_name.clone(), module: module.to_path_buf(), message };
         let bytes = std::fs::read(module).map_err(|e| load_err(format!("cannot read the file: {e}")))?;
         let component_bytes = to_component(&bytes).map_err(load_err)?;
         let component = Component::from_binary(&self.engine, &component_bytes)
@@ -175,7 +176,14 @@ impl GameEngine {
             .instantiate_pre(&component)
             .and_then(TextGamePre::new)
             .map_err(|e| load_err(format!("it does not implement {INTERFACE}: {e:#}")))?;
-        let mut game = Game { engine: self.engine.clone(), pre, name: file_name, version: String::new(), module: module.to_path_buf(), limits };
+        let mut game = Game {
+            engine: self.engine.clone(),
+            pre,
+            name: file_name,
+            version: String::new(),
+            module: module.to_path_buf(),
+            limits,
+        };
         let mut instance = game.instantiate()?;
         let info = instance.call(Call::Info, |g, s| g.etpo_game_game().call_info(s))?;
         check_text(&game, Call::Info, "name", &info.name, 64)?;
@@ -315,7 +323,9 @@ impl GameInstance {
                 message: "a previous call of this instance failed; start a new episode".into(),
             });
         }
-        self.store.set_fuel(self.game.limits.fuel).map_err(|e| self.game.load_err(format!("cannot set its fuel: {e:#}")))?;
+        self.store
+            .set_fuel(self.game.limits.fuel)
+            .map_err(|e| self.game.load_err(format!("cannot set its fuel: {e:#}")))?;
         match f(&self.bindings, &mut self.store) {
             Ok(v) => Ok(v),
             Err(e) => {
@@ -381,7 +391,10 @@ mod tests {
         let Err(e) = engine.load(&path, GameLimits::default()) else { panic!("an empty module loaded as a game") };
         let text = e.to_string();
         assert!(
-            text.starts_with(&format!("game `empty` ({}): cannot load it: it does not implement {INTERFACE}: ", path.display())),
+            text.starts_with(&format!(
+                "game `empty` ({}): cannot load it: it does not implement {INTERFACE}: ",
+                path.display()
+            )),
             "{text}"
         );
     }

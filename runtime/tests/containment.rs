@@ -152,8 +152,7 @@ fn normal_action_matches_plain_scikit_learn_and_its_reward() {
     assert_normal();
     let proba = run(NORMAL).result.unwrap();
     let ours = runtime::metrics::roc_auc(&data().y_val, &proba, 2, runtime::metrics::Multiclass::Ovo).unwrap();
-    let theirs =
-        runtime::metrics::roc_auc(&data().y_val, reference(), 2, runtime::metrics::Multiclass::Ovo).unwrap();
+    let theirs = runtime::metrics::roc_auc(&data().y_val, reference(), 2, runtime::metrics::Multiclass::Ovo).unwrap();
     assert!((ours - theirs).abs() < 1e-12, "{ours} vs {theirs}");
     assert!(ours > 0.6, "the toy problem has signal, got AUC {ours}");
 }
@@ -176,7 +175,10 @@ fn fork_bomb() {
 fn memory_bomb() {
     // A generous wall-clock limit: only the memory limit may stop it, also on a loaded machine.
     let limits = Limits { wall_s: 20.0, ..LIMITS };
-    let out = run_with("def build_model(x_train, y_train):\n    a = []\n    while True:\n        a.append(bytearray(100 << 20))\n", limits);
+    let out = run_with(
+        "def build_model(x_train, y_train):\n    a = []\n    while True:\n        a.append(bytearray(100 << 20))\n",
+        limits,
+    );
     let (kind, msg) = err(&out);
     assert_eq!(*kind, Kind::Memory, "{msg}");
     assert!(msg.starts_with("the program exceeded the memory limit of 512 MB"), "{msg}");
@@ -454,11 +456,14 @@ fn killing_its_parent_fails_harmlessly() {
 
 #[test]
 fn killing_itself_is_reported() {
-    contained("import os, signal\ndef build_model(x_train, y_train):\n    os.kill(os.getpid(), signal.SIGSEGV)\n", |o| {
-        let (kind, msg) = err(o);
-        assert_eq!(*kind, Kind::Killed);
-        assert!(msg.contains("SIGSEGV"), "{msg}");
-    });
+    contained(
+        "import os, signal\ndef build_model(x_train, y_train):\n    os.kill(os.getpid(), signal.SIGSEGV)\n",
+        |o| {
+            let (kind, msg) = err(o);
+            assert_eq!(*kind, Kind::Killed);
+            assert!(msg.contains("SIGSEGV"), "{msg}");
+        },
+    );
 }
 
 /// A model whose predict_proba body is `body` (x is x_val).
@@ -494,7 +499,10 @@ fn predict_proba_nan() {
 #[test]
 fn predict_proba_wrong_shapes() {
     contained(&model_with("return np.zeros(len(x))"), |o| {
-        assert_eq!(err(o), (&Kind::BadPredictions, "predict_proba(x_val) returned an array of shape (20,); expected (20, n_classes)"));
+        assert_eq!(
+            err(o),
+            (&Kind::BadPredictions, "predict_proba(x_val) returned an array of shape (20,); expected (20, n_classes)")
+        );
     });
     contained(&model_with("return np.full((3, 2), 0.5)"), |o| {
         assert_eq!(*err(o).0, Kind::BadPredictions);
@@ -534,7 +542,12 @@ fn syntax_errors_are_reported_without_running() {
 fn exceptions_name_the_line_and_hide_sandbox_paths() {
     contained(
         "import numpy as np\ndef build_model(x_train, y_train):\n    model = TreeClassifier()\n    return model\n",
-        |o| assert_eq!(err(o), (&Kind::Exception, "line 3: model = TreeClassifier()\nNameError: name 'TreeClassifier' is not defined")),
+        |o| {
+            assert_eq!(
+                err(o),
+                (&Kind::Exception, "line 3: model = TreeClassifier()\nNameError: name 'TreeClassifier' is not defined")
+            )
+        },
     );
     contained("import numpy as np\ndef build_model(x_train, y_train):\n    raise RuntimeError(np.__file__)\n", |o| {
         assert_eq!(err(o).1, "line 3: raise RuntimeError(np.__file__)\nRuntimeError: numpy/__init__.py");

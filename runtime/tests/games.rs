@@ -66,7 +66,10 @@ fn an_episode_and_its_replay_give_the_same_states() {
     assert_eq!(text(&s0.prompt), "I am thinking of a whole number from 1 to 100. You have 10 guesses. Your guess:");
     let a = env.step(" 50\nmore text").unwrap();
     assert_eq!(a.info.action, " 50");
-    assert_eq!(text(&a.observation.prompt), " 50|50 is too high: the number is lower, from 1 to 49. 9 guesses left. Your guess:");
+    assert_eq!(
+        text(&a.observation.prompt),
+        " 50|50 is too high: the number is lower, from 1 to 49. 9 guesses left. Your guess:"
+    );
     let b = env.step("25").unwrap();
     assert_eq!((b.observation.step, b.terminated, b.truncated), (2, false, false));
     assert!(b.info.ran && b.info.error.is_empty() && b.info.peak_rss_mb > 0.0);
@@ -117,5 +120,8 @@ fn after_a_game_fails_the_next_episode_starts_on_a_fresh_instance() {
     // A reset that fails is an error of the environment, naming the spec and the game.
     let mut looping = task.env(13).unwrap();
     let e = looping.reset().unwrap_err().to_string();
-    assert!(e.starts_with("hostile: game `hostile` (") && e.contains("): reset() ran out of fuel (1000000 units)"), "{e}");
+    assert!(
+        e.starts_with("hostile: game `hostile` (") && e.contains("): reset() ran out of fuel (1000000 units)"),
+        "{e}"
+    );
 }

@@ -22,9 +22,12 @@ fn sandbox_cgroups() -> BTreeSet<PathBuf> {
         };
         let Ok(entries) = std::fs::read_dir(base.join(path.trim_start_matches('/'))) else { continue };
         let prefix = format!("etpo-{}-", std::process::id());
-        dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix))
-        }));
+        dirs.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix))),
+        );
     }
     dirs
 }

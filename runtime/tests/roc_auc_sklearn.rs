@@ -53,12 +53,7 @@ fn sklearn(cases: &[Value]) -> Vec<Value> {
         .spawn()
         .expect("start the venv's python");
     let input = serde_json::to_vec(cases).expect("serialise cases");
-    child
-        .stdin
-        .take()
-        .expect("python stdin")
-        .write_all(&input)
-        .expect("write cases to python");
+    child.stdin.take().expect("python stdin").write_all(&input).expect("write cases to python");
     let output = child.wait_with_output().expect("wait for python");
     assert!(
         output.status.success(),
@@ -150,11 +145,7 @@ fn matches_sklearn_on_random_cases() {
             if n_classes == 2 && multi == Multiclass::Ovr {
                 continue;
             }
-            let name = if multi == Multiclass::Ovo {
-                "ovo"
-            } else {
-                "ovr"
-            };
+            let name = if multi == Multiclass::Ovo { "ovo" } else { "ovr" };
             ours.push(roc_auc(&y, &p, n_classes, multi).expect("valid case"));
             cases.push(json!({"y": y, "p": p, "multi": name}));
         }
@@ -163,16 +154,10 @@ fn matches_sklearn_on_random_cases() {
     assert_eq!(reference.len(), cases.len());
     let mut worst: f64 = 0.0;
     for (k, (got, want)) in ours.iter().zip(&reference).enumerate() {
-        let want = want["auc"]
-            .as_f64()
-            .unwrap_or_else(|| panic!("sklearn refused case {k}: {want}\n{}", cases[k]));
+        let want = want["auc"].as_f64().unwrap_or_else(|| panic!("sklearn refused case {k}: {want}\n{}", cases[k]));
         let diff = (got - want).abs();
         worst = worst.max(diff);
-        assert!(
-            diff < 1e-9,
-            "case {k}: ours {got}, sklearn {want} (|diff| = {diff:e})\n{}",
-            cases[k]
-        );
+        assert!(diff < 1e-9, "case {k}: ours {got}, sklearn {want} (|diff| = {diff:e})\n{}", cases[k]);
     }
     eprintln!("{} cases, largest |diff| {worst:e}", ours.len());
 }
@@ -181,39 +166,18 @@ fn matches_sklearn_on_random_cases() {
 fn refuses_what_sklearn_refuses() {
     let cases = [
         // One class present (binary and multi-class).
-        (
-            vec![1, 1, 1],
-            vec![vec![0.4, 0.6], vec![0.5, 0.5], vec![0.9, 0.1]],
-            "ovo",
-        ),
-        (
-            vec![2, 2],
-            vec![vec![0.2, 0.3, 0.5], vec![0.1, 0.1, 0.8]],
-            "ovo",
-        ),
+        (vec![1, 1, 1], vec![vec![0.4, 0.6], vec![0.5, 0.5], vec![0.9, 0.1]], "ovo"),
+        (vec![2, 2], vec![vec![0.2, 0.3, 0.5], vec![0.1, 0.1, 0.8]], "ovo"),
         // A class absent from y_true with three probability columns.
         (vec![0, 2, 0, 2], vec![vec![0.2, 0.3, 0.5]; 4], "ovr"),
         // Rows that are not probabilities.
         (vec![0, 1, 2], vec![vec![0.5, 0.5, 0.5]; 3], "ovo"),
     ];
-    let json_cases: Vec<Value> = cases
-        .iter()
-        .map(|(y, p, multi)| json!({"y": y, "p": p, "multi": multi}))
-        .collect();
+    let json_cases: Vec<Value> = cases.iter().map(|(y, p, multi)| json!({"y": y, "p": p, "multi": multi})).collect();
     for ((y, p, multi), answer) in cases.iter().zip(sklearn(&json_cases)) {
-        let multi = if *multi == "ovo" {
-            Multiclass::Ovo
-        } else {
-            Multiclass::Ovr
-        };
-        assert!(
-            answer.get("error").is_some(),
-            "sklearn accepted {y:?} {p:?}: {answer}"
-        );
+        let multi = if *multi == "ovo" { Multiclass::Ovo } else { Multiclass::Ovr };
+        assert!(answer.get("error").is_some(), "sklearn accepted {y:?} {p:?}: {answer}");
         let ours = roc_auc(y, p, p[0].len(), multi);
-        assert!(
-            ours.is_err(),
-            "we accepted {y:?} {p:?}: {ours:?}; sklearn said {answer}"
-        );
+        assert!(ours.is_err(), "we accepted {y:?} {p:?}: {ours:?}; sklearn said {answer}");
     }
 }

@@ -114,7 +114,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         measured += 1;
     }
     if measured == 0 {
-        anyhow::bail!("no game specs (kind: wasm) in {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        anyhow::bail!(
+            "no game specs (kind: wasm) in {}",
+            paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
     }
     println!("(steps/s excludes the resets between episodes; instantiate includes reset)");
     Ok(0)

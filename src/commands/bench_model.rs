@@ -137,11 +137,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let prompt_ids = gguf_tokenizer(&model_path)?.encode(PROMPT)?;
     // PyTorch first, in its own process: etpo's allocator keeps its peak memory mapped after the
     // training step, and the two peaks together would not fit a small machine.
-    let theirs = if args.no_reference {
-        None
-    } else {
-        Some(measure_torch(&args, &python, &model_path, &prompt_ids, &device)?)
-    };
+    let theirs =
+        if args.no_reference { None } else { Some(measure_torch(&args, &python, &model_path, &prompt_ids, &device)?) };
     let ours = measure_etpo(&args, &model_path, &device, &prompt_ids)?;
     print_table(&args, &ours, theirs.as_ref(), prompt_ids.len());
     let load_after = load_average();
@@ -210,8 +207,8 @@ fn gguf_tokenizer(path: &Path) -> anyhow::Result<trainer::Tokenizer> {
 
 fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u32]) -> anyhow::Result<Figures> {
     let t0 = Instant::now();
-    let loaded = trainer::load_model(model_path, device)
-        .with_context(|| format!("loading {}", model_path.display()))?;
+    let loaded =
+        trainer::load_model(model_path, device).with_context(|| format!("loading {}", model_path.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut model = loaded.model;
     let tok = loaded.tokenizer;
@@ -245,7 +242,13 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u
     }
 
     if args.only == Some(Part::Generate) {
-        return Ok(Figures { load_s, generate, train_step_s: None, train_seconds: Vec::new(), peak_rss_mb: peak_rss_mb() });
+        return Ok(Figures {
+            load_s,
+            generate,
+            train_step_s: None,
+            train_seconds: Vec::new(),
+            peak_rss_mb: peak_rss_mb(),
+        });
     }
     let lora = LoraConfig { rank: args.rank, alpha: 2.0 * args.rank as f64, ..LoraConfig::default() };
     model.add_adapter("bench", &lora)?;
@@ -332,7 +335,9 @@ fn measure_torch(
     let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
     let v: Value = serde_json::from_str(last)
         .with_context(|| format!("the PyTorch reference printed no JSON result; its output was:\n{stdout}"))?;
-    let f64s = |v: &Value| -> Vec<f64> { v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default() };
+    let f64s = |v: &Value| -> Vec<f64> {
+        v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default()
+    };
     let generate = v["generate"]
         .as_array()
         .context("reference result: `generate`")?

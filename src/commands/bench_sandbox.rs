@@ -54,7 +54,8 @@ const LIMITS: Limits = Limits { wall_s: 60.0, cpu_s: 60.0, memory_mb: 1024, outp
 
 /// A Balance-Scale-sized problem: 62 training rows, 63 validation rows, 4 features, 3 classes.
 fn job(program: &str) -> Job {
-    let row = |i: usize| vec![(i % 5 + 1) as f64, (i / 5 % 5 + 1) as f64, (i / 25 % 5 + 1) as f64, (i * 7 % 5 + 1) as f64];
+    let row =
+        |i: usize| vec![(i % 5 + 1) as f64, (i / 5 % 5 + 1) as f64, (i / 25 % 5 + 1) as f64, (i * 7 % 5 + 1) as f64];
     let label = |r: &[f64]| match (r[0] * r[1]).partial_cmp(&(r[2] * r[3])) {
         Some(std::cmp::Ordering::Greater) => 0,
         Some(std::cmp::Ordering::Less) => 2,
@@ -158,7 +159,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                         let mut l = Vec::new();
                         while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < args.jobs {
                             let t = Instant::now();
-                            pool.evaluate(&heavy)?.result.map_err(|e| anyhow::anyhow!("the CPU-bound action failed: {e}"))?;
+                            pool.evaluate(&heavy)?
+                                .result
+                                .map_err(|e| anyhow::anyhow!("the CPU-bound action failed: {e}"))?;
                             l.push(t.elapsed());
                         }
                         Ok(l)
@@ -185,7 +188,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let scale = rate_n / rate1;
     println!();
     println!("per-action time, trivial estimator (median)");
-    println!("  warm pool (fork from a warm worker)    {:9.2} ms   ({:.2} ms of it inside the worker, fork to result)", ms(warm_med), ms(inside_med));
+    println!(
+        "  warm pool (fork from a warm worker)    {:9.2} ms   ({:.2} ms of it inside the worker, fork to result)",
+        ms(warm_med),
+        ms(inside_med)
+    );
     println!("  cold start (new sandbox + python3)     {:9.2} ms", ms(cold_med));
     println!("  cold / warm                            {:9.1} x", ratio);
     println!();

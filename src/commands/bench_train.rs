@@ -122,7 +122,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Some(other) => bail!("--random: unknown shape `{other}` (known: codellama-7b)"),
         None => {
             let path = args.model.clone().unwrap_or_else(trainer::default_model_path);
-            let loaded = trainer::load_model(&path, &device).with_context(|| format!("loading the model {}", path.display()))?;
+            let loaded =
+                trainer::load_model(&path, &device).with_context(|| format!("loading the model {}", path.display()))?;
             (loaded.model, path.display().to_string())
         }
     };
@@ -157,7 +158,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     };
     reset_peak_rss();
     let t0 = Instant::now();
-    let completions = trainer::generate::generate_with(&model, &prompts, &gen_cfg, Some(POLICY), None, 0, &|_| Ok(String::new()))?;
+    let completions =
+        trainer::generate::generate_with(&model, &prompts, &gen_cfg, Some(POLICY), None, 0, &|_| Ok(String::new()))?;
     let gen_s = t0.elapsed().as_secs_f64();
     let gen_peak = peak_rss_mib();
     let generated: usize = completions.iter().map(|c| c.tokens.len()).sum();
@@ -180,7 +182,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         .collect();
 
     println!();
-    println!("{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}", "ETPO update (s)", "targets", "Q f+b", "pi f+b", "polyak", "total", "peak MiB");
+    println!(
+        "{:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "ETPO update (s)", "targets", "Q f+b", "pi f+b", "polyak", "total", "peak MiB"
+    );
     reset_peak_rss();
     let t0 = Instant::now();
     let shared = trainer.update(&model, &batch)?;
@@ -188,7 +193,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     print_row("shared state prefixes", &shared, shared_total, peak_rss_mib());
     if args.updates > 1 {
         println!();
-        println!("{:>6} {:>10} {:>12} {:>10} {:>10} {:>8}", "update", "Q loss", "policy loss", "KL(pi|rho)", "entropy", "time s");
+        println!(
+            "{:>6} {:>10} {:>12} {:>10} {:>10} {:>8}",
+            "update", "Q loss", "policy loss", "KL(pi|rho)", "entropy", "time s"
+        );
         let line = |i: usize, m: &UpdateMetrics, s: f64| {
             println!("{i:>6} {:>10.4} {:>12.4} {:>10.4} {:>10.4} {s:>8.1}", m.q_loss, m.policy_loss, m.kl, m.entropy)
         };

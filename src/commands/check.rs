@@ -27,7 +27,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             Ok(spec) if spec.kind.game().is_some() => {
                 match runtime::env::Task::load(std::sync::Arc::new(spec), &host) {
                     Ok(task) => {
-                        let game = task.game().map(|g| format!(" (game {} {})", g.name(), g.version())).unwrap_or_default();
+                        let game =
+                            task.game().map(|g| format!(" (game {} {})", g.name(), g.version())).unwrap_or_default();
                         println!("ok: {}{game}", file.display());
                     }
                     Err(err) => {
@@ -40,11 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             Err(err) => {
                 eprintln!("{err}");
                 let n = err.diagnostics.len();
-                eprintln!(
-                    "{}: {n} error{}",
-                    file.display(),
-                    if n == 1 { "" } else { "s" }
-                );
+                eprintln!("{}: {n} error{}", file.display(), if n == 1 { "" } else { "s" });
                 return Ok(1);
             }
         }

@@ -29,7 +29,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     for dir in &args.runs {
         let metrics = dir.join(METRICS);
         if !metrics.is_file() {
-            bail!("{}: no {METRICS} (is it the folder of a training run, `etpo run --algo etpo|ppo-kl`?)", dir.display());
+            bail!(
+                "{}: no {METRICS} (is it the folder of a training run, `etpo run --algo etpo|ppo-kl`?)",
+                dir.display()
+            );
         }
         let records = read_metrics(&metrics)?;
         if records.is_empty() {

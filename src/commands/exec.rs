@@ -126,9 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 
 /// Whether `text` is a whole program: it defines `build_model` at module level.
 fn defines_build_model(text: &str) -> bool {
-    text.lines().any(|l| {
-        l.strip_prefix("def build_model").is_some_and(|rest| rest.trim_start().starts_with('('))
-    })
+    text.lines().any(|l| l.strip_prefix("def build_model").is_some_and(|rest| rest.trim_start().starts_with('(')))
 }
 
 #[cfg(test)]

@@ -80,7 +80,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             format!("--chat: {} has no chat template (tokenizer.chat_template)", model_path.display())
         })?;
         let tok = &loaded.tokenizer;
-        let template = envspec::ChatTemplate::new(source, tok.bos_token().unwrap_or(""), tok.eos_token().unwrap_or(""))?;
+        let template =
+            envspec::ChatTemplate::new(source, tok.bos_token().unwrap_or(""), tok.eos_token().unwrap_or(""))?;
         template.render(&[envspec::ChatMessage { role: "user".into(), content: prompt }], true)?
     } else {
         prompt

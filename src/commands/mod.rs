@@ -2,9 +2,9 @@
 //! the `i32` being the process exit status.
 
 pub mod bench;
+pub mod bench_games;
 pub mod bench_model;
 pub mod bench_sandbox;
-pub mod bench_games;
 pub mod bench_train;
 pub mod check;
 pub mod compare;

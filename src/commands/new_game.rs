@@ -47,7 +47,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     println!("  cargo test                                                   # the rules, on this machine");
     println!("  cargo build --target wasm32-unknown-unknown --release        # -> target/wasm32-unknown-unknown/release/{lib}.wasm");
     println!("  etpo check {name}.yaml && etpo show {name}.yaml");
-    println!("  etpo run {name}.yaml --policy scripted --actions DIR          # or with the model: etpo run {name}.yaml");
+    println!(
+        "  etpo run {name}.yaml --policy scripted --actions DIR          # or with the model: etpo run {name}.yaml"
+    );
     Ok(0)
 }
 

@@ -51,7 +51,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     };
     if !args.json {
         match adapter {
-            Some(_) => println!("{:<40} {:>8} {:>10} {:>12} {:>8}", "file", "tokens", "base ppl", "adapter ppl", "ratio"),
+            Some(_) => {
+                println!("{:<40} {:>8} {:>10} {:>12} {:>8}", "file", "tokens", "base ppl", "adapter ppl", "ratio")
+            }
             None => println!("{:<40} {:>8} {:>10}", "file", "tokens", "ppl"),
         }
     }

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use etpo::experiment::{
-    self, hex, plot, read_steps, run_loop, summary, Algorithm, LlmPolicy, Observer, Policy, Reflection,
-    SamplingConfig, ScriptedPolicy, SpecStats, StepLog, StepRecord, Task, TrainSchedule, Trained, TrainerConfig,
+    self, hex, plot, read_steps, run_loop, summary, Algorithm, LlmPolicy, Observer, Policy, Reflection, SamplingConfig,
+    ScriptedPolicy, SpecStats, StepLog, StepRecord, Task, TrainSchedule, Trained, TrainerConfig,
 };
 
 /// The learning algorithm.
@@ -87,7 +87,11 @@ pub struct TrainFlags {
 }
 
 /// Applies `--set KEY=VALUE` overrides with `set` (the trainer configuration's own setter).
-fn apply_sets(sets: &[String], algo: &str, mut set: impl FnMut(&str, &str) -> Result<(), String>) -> anyhow::Result<()> {
+fn apply_sets(
+    sets: &[String],
+    algo: &str,
+    mut set: impl FnMut(&str, &str) -> Result<(), String>,
+) -> anyhow::Result<()> {
     for kv in sets {
         let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {kv}: expected KEY=VALUE"))?;
         set(k, v).map_err(|e| anyhow::anyhow!("--algo {algo}: --set {kv}: {e}"))?;
@@ -394,9 +398,7 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         specs.push((spec, entry));
     }
     let abs = |p: &Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
-        p.as_ref()
-            .map(|p| std::fs::canonicalize(p).with_context(|| format!("{}: not found", p.display())))
-            .transpose()
+        p.as_ref().map(|p| std::fs::canonicalize(p).with_context(|| format!("{}: not found", p.display()))).transpose()
     };
     let config = RunConfig {
         specs: specs.iter().map(|(_, e)| e.file.path.clone()).collect(),
@@ -425,8 +427,15 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         Some(describe_trainer(&trainer_config, &schedule))
     } else {
         let f = &config.train;
-        if f.beta.is_some() || f.gamma.is_some() || f.lr.is_some() || f.polyak.is_some() || f.q_readout.is_some()
-            || f.update_every.is_some() || f.checkpoint_every.is_some() || f.disc || !f.set.is_empty()
+        if f.beta.is_some()
+            || f.gamma.is_some()
+            || f.lr.is_some()
+            || f.polyak.is_some()
+            || f.q_readout.is_some()
+            || f.update_every.is_some()
+            || f.checkpoint_every.is_some()
+            || f.disc
+            || !f.set.is_empty()
         {
             bail!("training hyper-parameters (--beta, --gamma, --lr, ...) need --algo etpo or --algo ppo-kl");
         }
@@ -436,7 +445,10 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
     let sampling = sampling_config(&config);
     let specs: Vec<SpecEntry> = specs
         .into_iter()
-        .map(|(spec, entry)| SpecEntry { sampling: (config.policy == PolicyKind::Llm).then(|| sampling.resolve(&spec)), ..entry })
+        .map(|(spec, entry)| SpecEntry {
+            sampling: (config.policy == PolicyKind::Llm).then(|| sampling.resolve(&spec)),
+            ..entry
+        })
         .collect();
     let model = match config.policy {
         PolicyKind::Llm => model_digest(&config.model.clone().unwrap_or_else(trainer::default_model_path))?,
@@ -848,7 +860,8 @@ mod tests {
     fn hyper_parameters_come_from_the_command_line_then_the_specs_then_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("envs/balance_scale.yaml");
         let mut a = envspec::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        a.training = envspec::TrainingOverrides { beta: Some(0.2), gamma: Some(0.5), batch_size: Some(3), ..Default::default() };
+        a.training =
+            envspec::TrainingOverrides { beta: Some(0.2), gamma: Some(0.5), batch_size: Some(3), ..Default::default() };
         let mut b = a.clone();
         // Sampling keys may differ between specs; the trainer's may not.
         b.training.temperature = Some(0.9);
@@ -869,7 +882,11 @@ mod tests {
         let flags = TrainFlags { gamma: Some(1.5), ..Default::default() };
         assert!(train_config(&config(Algo::Etpo, flags), &[&a]).unwrap_err().to_string().contains("gamma"));
         // --set reaches every key of the trainer's configuration, last.
-        let flags = TrainFlags { set: vec!["q_epochs=3".into(), "q_optim.lr=0.002".into()], lr: Some(0.5), ..Default::default() };
+        let flags = TrainFlags {
+            set: vec!["q_epochs=3".into(), "q_optim.lr=0.002".into()],
+            lr: Some(0.5),
+            ..Default::default()
+        };
         let (t, _) = train_config(&config(Algo::Etpo, flags), &[&a]).unwrap();
         let TrainerConfig::Etpo(c) = t else { panic!("{t:?}") };
         assert_eq!((c.q_epochs, c.q_optim.lr, c.policy_optim.lr), (3, 0.002, 0.5), "--set wins over --lr");

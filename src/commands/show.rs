@@ -27,10 +27,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub action: Option<PathBuf>,
     /// The error message shown in the reflection state.
-    #[arg(
-        long,
-        default_value = "predict_proba is not available when probability=False"
-    )]
+    #[arg(long, default_value = "predict_proba is not available when probability=False")]
     pub error: String,
     /// Count the tokens of each state with the model's tokenizer (loads the model; for chat
     /// specs without --chat-template, the model's own chat template is used too).
@@ -66,11 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             return Ok(1);
         }
     };
-    let mut chat_template = args
-        .chat_template
-        .as_deref()
-        .map(read_chat_template)
-        .transpose()?;
+    let mut chat_template = args.chat_template.as_deref().map(read_chat_template).transpose()?;
     let tokenizer = match args.tokens {
         true => Some(load_tokenizer(args.model.as_deref(), &mut chat_template)?),
         false => None,
@@ -116,29 +109,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 
     let (raw_action, origin) = failed_action(&spec, args.action.as_deref())?;
     let action = spec.extract_action(&raw_action);
-    section(
-        &format!(
-            "a sample action ({origin}), as extracted with `{}`",
-            spec.action.extract.name()
-        ),
-        &action,
-        None,
-    );
-    section(
-        "the program it assembles to",
-        &spec.assemble_program(&action)?,
-        None,
-    );
+    section(&format!("a sample action ({origin}), as extracted with `{}`", spec.action.extract.name()), &action, None);
+    section("the program it assembles to", &spec.assemble_program(&action)?, None);
     let s1 = spec.render_reflection(&ctx, &action, &args.error)?;
-    print_state(
-        &format!(
-            "η(g, a, e), the state after that action failed with: {}",
-            args.error
-        ),
-        &s1,
-        chat,
-        tok,
-    )?;
+    print_state(&format!("η(g, a, e), the state after that action failed with: {}", args.error), &s1, chat, tok)?;
     Ok(0)
 }
 
@@ -209,18 +183,11 @@ fn show_game(
 fn failed_action(spec: &Spec, file: Option<&std::path::Path>) -> anyhow::Result<(String, String)> {
     Ok(match (file, spec.examples.first()) {
         (Some(path), _) => (
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the action file {}", path.display()))?,
+            std::fs::read_to_string(path).with_context(|| format!("reading the action file {}", path.display()))?,
             format!("from {}", path.display()),
         ),
-        (None, Some(example)) => (
-            example.action.clone(),
-            "the first worked example's action".to_string(),
-        ),
-        (None, None) => (
-            FIGURE_7_BODY.to_string(),
-            "the paper's Figure 7 body".to_string(),
-        ),
+        (None, Some(example)) => (example.action.clone(), "the first worked example's action".to_string()),
+        (None, None) => (FIGURE_7_BODY.to_string(), "the paper's Figure 7 body".to_string()),
     })
 }
 
@@ -255,13 +222,7 @@ fn print_state(
             for m in messages {
                 text.push_str(&format!("[{}]\n{}\n", m.role, m.content));
             }
-            section(
-                &format!(
-                    "{title} — chat messages (pass --chat-template FILE to see the exact text)"
-                ),
-                &text,
-                None,
-            );
+            section(&format!("{title} — chat messages (pass --chat-template FILE to see the exact text)"), &text, None);
         }
         _ => {
             let text = prompt.to_text(chat_template)?;
@@ -269,14 +230,7 @@ fn print_state(
                 Some(tok) => Some(tok.encode(&text).context("tokenizing the state")?.len()),
                 None => None,
             };
-            section(
-                title,
-                &text,
-                Some(Size {
-                    chars: text.chars().count(),
-                    tokens,
-                }),
-            );
+            section(title, &text, Some(Size { chars: text.chars().count(), tokens }));
         }
     }
     Ok(())
@@ -292,14 +246,8 @@ struct Size {
 /// Print a titled block with the text verbatim, and the size of what the model receives.
 fn section(title: &str, text: &str, size: Option<Size>) {
     let size = match size {
-        Some(Size {
-            chars,
-            tokens: Some(n),
-        }) => format!(" [{chars} characters, {n} tokens]"),
-        Some(Size {
-            chars,
-            tokens: None,
-        }) => {
+        Some(Size { chars, tokens: Some(n) }) => format!(" [{chars} characters, {n} tokens]"),
+        Some(Size { chars, tokens: None }) => {
             format!(" [{chars} characters; --tokens counts tokens]")
         }
         None => String::new(),
@@ -315,21 +263,16 @@ fn section(title: &str, text: &str, size: Option<Size>) {
 }
 
 fn read_chat_template(path: &std::path::Path) -> anyhow::Result<ChatTemplate> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let is_json = path.extension().is_some_and(|x| x == "json");
     let (source, bos, eos) = if is_json {
-        let config: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
         let token = |key: &str| -> String {
             match &config[key] {
                 serde_json::Value::String(s) => s.clone(),
                 // Older configs write {"content": "<s>", ...}.
-                serde_json::Value::Object(o) => o
-                    .get("content")
-                    .and_then(|c| c.as_str())
-                    .unwrap_or("")
-                    .to_string(),
+                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
                 _ => String::new(),
             }
         };
@@ -341,6 +284,5 @@ fn read_chat_template(path: &std::path::Path) -> anyhow::Result<ChatTemplate> {
     } else {
         (text, String::new(), String::new())
     };
-    ChatTemplate::new(&source, &bos, &eos)
-        .with_context(|| format!("compiling the chat template {}", path.display()))
+    ChatTemplate::new(&source, &bos, &eos).with_context(|| format!("compiling the chat template {}", path.display()))
 }

@@ -30,8 +30,8 @@ use trainer::etpo::{EtpoConfig, EtpoTrainer, TrainError, UpdateMetrics, POLICY};
 use trainer::ppo::{PpoConfig, PpoTrainer};
 
 use super::llm::LlmPolicy;
-use super::policy::Policy;
 use super::plot::{draw_legend, legend_mark, steps_chart};
+use super::policy::Policy;
 use super::record::StepRecord;
 use super::runner::{Algorithm, Task, Transition};
 use super::ExperimentError;
@@ -113,7 +113,11 @@ enum Learner {
 }
 
 impl Learner {
-    fn update(&mut self, model: &trainer::Llama, batch: &[trainer::etpo::Transition]) -> Result<UpdateMetrics, TrainError> {
+    fn update(
+        &mut self,
+        model: &trainer::Llama,
+        batch: &[trainer::etpo::Transition],
+    ) -> Result<UpdateMetrics, TrainError> {
         match self {
             Learner::Etpo(t) => t.update(model, batch),
             Learner::PpoKl(t) => t.update(model, batch),
@@ -172,13 +176,19 @@ fn train_err(e: impl std::fmt::Display) -> ExperimentError {
 
 impl Trained {
     /// Adds the trainer's adapter sets to the policy's model and samples with [`POLICY`] from now on.
-    pub fn new(mut policy: LlmPolicy, config: TrainerConfig, schedule: TrainSchedule) -> Result<Trained, ExperimentError> {
+    pub fn new(
+        mut policy: LlmPolicy,
+        config: TrainerConfig,
+        schedule: TrainSchedule,
+    ) -> Result<Trained, ExperimentError> {
         if schedule.update_every == 0 || schedule.checkpoint_every == 0 {
             return Err(train_err("update_every and checkpoint_every must be at least 1"));
         }
         let model = &mut policy.model_mut().model;
         let (name, learner) = match config {
-            TrainerConfig::Etpo(cfg) => ("etpo", Learner::Etpo(Box::new(EtpoTrainer::new(model, cfg).map_err(train_err)?))),
+            TrainerConfig::Etpo(cfg) => {
+                ("etpo", Learner::Etpo(Box::new(EtpoTrainer::new(model, cfg).map_err(train_err)?)))
+            }
             TrainerConfig::PpoKl(cfg) => ("ppo-kl", Learner::PpoKl(PpoTrainer::new(model, cfg).map_err(train_err)?)),
         };
         policy.set_adapter(Some(POLICY.to_string()));
@@ -212,11 +222,8 @@ impl Trained {
             if t.action.tokens.is_empty() {
                 continue;
             }
-            let next_state = if t.terminated || t.truncated {
-                None
-            } else {
-                Some(encode(&self.policy.render(&t.next)?)?)
-            };
+            let next_state =
+                if t.terminated || t.truncated { None } else { Some(encode(&self.policy.render(&t.next)?)?) };
             out.push(trainer::etpo::Transition {
                 state: encode(prompt)?,
                 action: t.action.tokens.clone(),
@@ -311,7 +318,10 @@ impl Algorithm for Trained {
         // them again, exactly as it did, since it resumes from the log.
         let keep = rounds.iter().take_while(|r| r.logged_before.is_none_or(|b| b + r.steps <= self.logged)).count();
         if keep < rounds.len() {
-            eprintln!("dropping {} recorded round(s) whose steps were never logged; they run again", rounds.len() - keep);
+            eprintln!(
+                "dropping {} recorded round(s) whose steps were never logged; they run again",
+                rounds.len() - keep
+            );
             rounds.truncate(keep);
             write_jsonl_atomic(&replay_path, &rounds)?;
         }
@@ -368,7 +378,8 @@ impl Algorithm for Trained {
             Some(file) => append_line(file, &path, &round)?,
             None => return Err(train_err("record() before start()")),
         }
-        if std::env::var(FAILPOINT_ENV).ok().as_deref() == Some(&format!("abort-after-recording-round:{}", round.round)) {
+        if std::env::var(FAILPOINT_ENV).ok().as_deref() == Some(&format!("abort-after-recording-round:{}", round.round))
+        {
             std::process::abort();
         }
         self.recorded = Some(round);
@@ -478,7 +489,9 @@ fn read_own_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ExperimentError> 
 /// The complete records of a run's `metrics.jsonl`, read only (the run may still be writing it).
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, ExperimentError> {
     read_jsonl(path, false).map_err(|e| match e {
-        ExperimentError::Resume { path, message } => ExperimentError::Io { path, source: std::io::Error::other(message) },
+        ExperimentError::Resume { path, message } => {
+            ExperimentError::Io { path, source: std::io::Error::other(message) }
+        }
         other => other,
     })
 }

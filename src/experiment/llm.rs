@@ -64,8 +64,8 @@ impl LlmPolicy {
     /// Loads a GGUF file or a Hugging Face folder on `device` (`cpu`, `cuda`, `cuda:N`).
     pub fn load(path: &Path, device: &str, sampling: SamplingConfig) -> Result<LlmPolicy, PolicyError> {
         let device = trainer::parse_device(device).map_err(|e| PolicyError::Model(e.to_string()))?;
-        let loaded = trainer::load_model(path, &device)
-            .map_err(|e| PolicyError::Model(format!("{}: {e}", path.display())))?;
+        let loaded =
+            trainer::load_model(path, &device).map_err(|e| PolicyError::Model(format!("{}: {e}", path.display())))?;
         LlmPolicy::new(loaded, sampling)
     }
 
@@ -192,7 +192,8 @@ mod tests {
         spec.training.top_k = Some(0);
         spec.training.top_p = Some(0.95);
         assert_eq!(none.resolve(&spec), Sampling { temperature: 0.9, top_k: None, top_p: Some(0.95) });
-        let cli = SamplingConfig { temperature: Some(0.2), top_k: Some(5), top_p: Some(0.5), ..SamplingConfig::default() };
+        let cli =
+            SamplingConfig { temperature: Some(0.2), top_k: Some(5), top_p: Some(0.5), ..SamplingConfig::default() };
         assert_eq!(cli.resolve(&spec), Sampling { temperature: 0.2, top_k: Some(5), top_p: Some(0.5) });
     }
 }

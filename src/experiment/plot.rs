@@ -48,7 +48,13 @@ fn panels(stats: &[SpecStats]) -> Vec<Panel> {
                 values.map(|v| (t as u32, v.iter().sum::<f64>() / v.len() as f64))
             })
             .collect();
-        out.push(Panel { title: format!("mean over {} specs", stats.len()), k, seeds: Vec::new(), seed_names: Vec::new(), mean });
+        out.push(Panel {
+            title: format!("mean over {} specs", stats.len()),
+            k,
+            seeds: Vec::new(),
+            seed_names: Vec::new(),
+            mean,
+        });
     }
     out
 }
@@ -61,7 +67,8 @@ fn draw(path: &Path, stats: &[SpecStats]) -> Result<(), Box<dyn std::error::Erro
     let root = BitMapBackend::new(path, (PANEL_W * cols as u32, PANEL_H * rows as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let areas = root.split_evenly((rows, cols));
-    let all: Vec<f64> = panels.iter().flat_map(|p| p.seeds.iter().flatten().copied().chain(p.mean.iter().map(|m| m.1))).collect();
+    let all: Vec<f64> =
+        panels.iter().flat_map(|p| p.seeds.iter().flatten().copied().chain(p.mean.iter().map(|m| m.1))).collect();
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
     let y_min = if lo.is_finite() { (lo - 0.05).min(0.5) } else { 0.0 };
     let y_max = 1.0_f64.max(all.iter().copied().fold(f64::NEG_INFINITY, f64::max) + 0.02);
@@ -100,7 +107,8 @@ pub(crate) fn steps_chart<'a, DB, XR>(
 where
     DB: DrawingBackend + 'a,
     XR: AsRangedCoord,
-    XR::CoordDescType: Ranged<FormatOption = DefaultFormatting> + ValueFormatter<<XR::CoordDescType as Ranged>::ValueType>,
+    XR::CoordDescType:
+        Ranged<FormatOption = DefaultFormatting> + ValueFormatter<<XR::CoordDescType as Ranged>::ValueType>,
     <XR::CoordDescType as Ranged>::ValueType: std::fmt::Debug,
 {
     let mut chart = ChartBuilder::on(area)
@@ -121,7 +129,9 @@ where
 }
 
 /// A legend entry's mark: a short line in the series' style.
-pub(crate) fn legend_mark<DB: DrawingBackend>(style: ShapeStyle) -> impl Fn((i32, i32)) -> DynElement<'static, DB, (i32, i32)> {
+pub(crate) fn legend_mark<DB: DrawingBackend>(
+    style: ShapeStyle,
+) -> impl Fn((i32, i32)) -> DynElement<'static, DB, (i32, i32)> {
     move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style).into_dyn()
 }
 

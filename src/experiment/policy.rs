@@ -77,10 +77,8 @@ pub fn prompt_sha256(prompt: &Prompt) -> String {
     match prompt {
         Prompt::Completion(text) => hasher.update(text.as_bytes()),
         Prompt::Chat(messages) => {
-            let json: Vec<serde_json::Value> = messages
-                .iter()
-                .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
-                .collect();
+            let json: Vec<serde_json::Value> =
+                messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
             hasher.update(serde_json::Value::Array(json).to_string().as_bytes());
         }
     }

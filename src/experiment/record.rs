@@ -52,11 +52,7 @@ pub struct StepLog {
 impl StepLog {
     /// Opens (creating if needed) `path` for appending.
     pub fn append(path: &Path) -> Result<StepLog, ExperimentError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| ExperimentError::io(path, e))?;
+        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| ExperimentError::io(path, e))?;
         Ok(StepLog { path: path.to_path_buf(), file })
     }
 
@@ -72,10 +68,10 @@ impl StepLog {
     pub fn write_all<'a>(&mut self, records: impl IntoIterator<Item = &'a StepRecord>) -> Result<(), ExperimentError> {
         let mut text = String::new();
         for record in records {
-            text.push_str(&serde_json::to_string(record).map_err(|e| ExperimentError::Io {
-                path: self.path.clone(),
-                source: std::io::Error::other(e),
-            })?);
+            text.push_str(
+                &serde_json::to_string(record)
+                    .map_err(|e| ExperimentError::Io { path: self.path.clone(), source: std::io::Error::other(e) })?,
+            );
             text.push('\n');
         }
         if text.is_empty() {

@@ -67,8 +67,8 @@ impl Policy for ScriptedPolicy {
             .map(|r| {
                 let files = self.files_for(&r.spec.name, &r.spec.path)?;
                 let Some(path) = files.get(r.env_step as usize - 1) else { return Ok(None) };
-                let generation = std::fs::read_to_string(path)
-                    .map_err(|e| PolicyError::Io { path: path.clone(), source: e })?;
+                let generation =
+                    std::fs::read_to_string(path).map_err(|e| PolicyError::Io { path: path.clone(), source: e })?;
                 Ok(Some(Action { generation, ..Action::default() }))
             })
             .collect()
@@ -88,7 +88,9 @@ mod tests {
         std::fs::create_dir(dir.path().join("iris")).unwrap();
         std::fs::write(dir.path().join("iris/1.py"), "c").unwrap();
         let p = ScriptedPolicy::new(dir.path()).unwrap();
-        let names = |v: Vec<PathBuf>| v.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>();
+        let names = |v: Vec<PathBuf>| {
+            v.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>()
+        };
         assert_eq!(names(p.files_for("other", Path::new("envs/other.yaml")).unwrap()), ["01.py", "02.py"]);
         assert_eq!(names(p.files_for("Iris data", Path::new("envs/iris.yaml")).unwrap()), ["1.py"]);
         assert!(ScriptedPolicy::new(&dir.path().join("01.py")).is_err());

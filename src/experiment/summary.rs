@@ -30,7 +30,16 @@ pub struct SeedStats {
 impl SeedStats {
     /// Empty statistics for `seed`.
     pub fn new(seed: u64) -> SeedStats {
-        SeedStats { seed, steps: 0, ran: 0, episodes: 0, reward_sum: 0.0, ran_reward_sum: 0.0, best_curve: Vec::new(), outcomes: Vec::new() }
+        SeedStats {
+            seed,
+            steps: 0,
+            ran: 0,
+            episodes: 0,
+            reward_sum: 0.0,
+            ran_reward_sum: 0.0,
+            best_curve: Vec::new(),
+            outcomes: Vec::new(),
+        }
     }
 
     /// Adds one step.
@@ -172,8 +181,8 @@ pub fn mean_std(values: &[f64]) -> Option<(f64, Option<f64>)> {
     }
     let n = values.len() as f64;
     let mean = values.iter().sum::<f64>() / n;
-    let std = (values.len() > 1)
-        .then(|| (values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (n - 1.0)).sqrt());
+    let std =
+        (values.len() > 1).then(|| (values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (n - 1.0)).sqrt());
     Some((mean, std))
 }
 
@@ -252,7 +261,8 @@ pub fn to_markdown(stats: &[SpecStats], algo: &str) -> String {
          rate = actions that ran (games: that the game played without failing) / actions taken; mean \
          reward counts failed actions with the spec's failure reward.\n"
     );
-    let _ = writeln!(out, "| Spec | k | {algo}: best reward | Runnable rate | Mean reward | Mean reward (ran) | Steps |");
+    let _ =
+        writeln!(out, "| Spec | k | {algo}: best reward | Runnable rate | Mean reward | Mean reward (ran) | Steps |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     for spec in stats {
         let best = match spec.best_mean_std() {
@@ -278,7 +288,10 @@ pub fn to_markdown(stats: &[SpecStats], algo: &str) -> String {
         "Runnable rate and mean reward over each seed's first and last w steps (w = a quarter of the \
          steps, at most 64): whether the policy improved during the run.\n"
     );
-    let _ = writeln!(out, "| Spec | w | First w: runnable | First w: mean reward | Last w: runnable | Last w: mean reward |");
+    let _ = writeln!(
+        out,
+        "| Spec | w | First w: runnable | First w: mean reward | Last w: runnable | Last w: mean reward |"
+    );
     let _ = writeln!(out, "|---|---|---|---|---|---|");
     for spec in stats {
         let w = spec.window_len();
@@ -295,7 +308,10 @@ pub fn to_markdown(stats: &[SpecStats], algo: &str) -> String {
         );
     }
     let _ = writeln!(out, "\n## Per seed\n");
-    let _ = writeln!(out, "| Spec | Seed | Steps | Episodes | Ran | Runnable rate | Mean reward | Mean reward (ran) | Best reward |");
+    let _ = writeln!(
+        out,
+        "| Spec | Seed | Steps | Episodes | Ran | Runnable rate | Mean reward | Mean reward (ran) | Best reward |"
+    );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     for spec in stats {
         for s in &spec.seeds {

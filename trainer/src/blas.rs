@@ -251,7 +251,22 @@ impl Blas {
             (self.sgemv)(ROW_MAJOR, trans, rows, cols, p.alpha, b, ldb, a, inc_a, p.beta, c, 1)
         } else {
             let (m, n) = (m as i32, n as i32);
-            (self.sgemm)(ROW_MAJOR, op(p.a_transposed), op(p.b_transposed), m, n, k, p.alpha, a, p.lda() as i32, b, ldb, p.beta, c, ldc as i32)
+            (self.sgemm)(
+                ROW_MAJOR,
+                op(p.a_transposed),
+                op(p.b_transposed),
+                m,
+                n,
+                k,
+                p.alpha,
+                a,
+                p.lda() as i32,
+                b,
+                ldb,
+                p.beta,
+                c,
+                ldc as i32,
+            )
         }
     }
 }
@@ -315,11 +330,19 @@ impl Product {
     }
 
     fn lda(&self) -> usize {
-        if self.a_transposed { self.m } else { self.k }
+        if self.a_transposed {
+            self.m
+        } else {
+            self.k
+        }
     }
 
     fn ldb(&self) -> usize {
-        if self.b_transposed { self.k } else { self.n }
+        if self.b_transposed {
+            self.k
+        } else {
+            self.n
+        }
     }
 
     fn check(&self, a: &[f32], b: &[f32], c_len: usize) {
@@ -351,9 +374,8 @@ mod tests {
         let mut c = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                c[i * n + j] = (0..k)
-                    .map(|l| a[i * k + l] * if b_transposed { b[j * k + l] } else { b[l * n + j] })
-                    .sum();
+                c[i * n + j] =
+                    (0..k).map(|l| a[i * k + l] * if b_transposed { b[j * k + l] } else { b[l * n + j] }).sum();
             }
         }
         c
@@ -361,7 +383,8 @@ mod tests {
 
     #[test]
     fn gemm_matches_the_definition() {
-        let blas = blas().expect("no BLAS library found: `scripts/setup.sh python` installs scipy-openblas32 into .venv");
+        let blas =
+            blas().expect("no BLAS library found: `scripts/setup.sh python` installs scipy-openblas32 into .venv");
         for &(m, n, k) in &[(1, 7, 5), (3, 4, 2), (6, 1, 9), (5, 3, 1)] {
             let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
@@ -381,7 +404,8 @@ mod tests {
     /// matrix-vector case; and a product into a new matrix.
     #[test]
     fn gemm_with_transposed_a_scale_and_accumulation_matches_the_definition() {
-        let blas = blas().expect("no BLAS library found: `scripts/setup.sh python` installs scipy-openblas32 into .venv");
+        let blas =
+            blas().expect("no BLAS library found: `scripts/setup.sh python` installs scipy-openblas32 into .venv");
         for &(m, n, k) in &[(1, 7, 5), (5, 3, 4), (70, 200, 40), (200, 70, 40)] {
             // a_stored is [k, m]; a = a_storedᵀ.
             let a_stored: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.29).sin()).collect();

@@ -85,10 +85,7 @@ pub fn generate(
 ) -> Result<Vec<Completion>> {
     let ids = prompts
         .iter()
-        .map(|p| {
-            tok.encode(p)
-                .map_err(|e| ModelError::Tokenizer(e.to_string()))
-        })
+        .map(|p| tok.encode(p).map_err(|e| ModelError::Tokenizer(e.to_string())))
         .collect::<Result<Vec<_>>>()?;
     generate_ids(model, tok, &ids, cfg, adapter)
 }
@@ -101,20 +98,9 @@ pub fn generate_ids(
     cfg: &GenerateConfig,
     adapter: Option<&str>,
 ) -> Result<Vec<Completion>> {
-    let decode = |ids: &[u32]| {
-        tok.decode(ids)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))
-    };
+    let decode = |ids: &[u32]| tok.decode(ids).map_err(|e| ModelError::Tokenizer(e.to_string()));
     let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
-    generate_with(
-        model,
-        prompts,
-        cfg,
-        adapter,
-        tok.eos_token_id(),
-        pad,
-        &decode,
-    )
+    generate_with(model, prompts, cfg, adapter, tok.eos_token_id(), pad, &decode)
 }
 
 /// The generation loop, with the tokenizer reduced to what it needs: the EOS id, a padding id
@@ -135,14 +121,10 @@ pub fn generate_with(
     let vocab = model.config().vocab_size;
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
-            return Err(ModelError::Invalid(format!(
-                "prompt {i} is empty (no tokens)"
-            )));
+            return Err(ModelError::Invalid(format!("prompt {i} is empty (no tokens)")));
         }
         if let Some(&bad) = p.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ModelError::Invalid(format!(
-                "prompt {i}: token id {bad} outside the vocabulary ({vocab})"
-            )));
+            return Err(ModelError::Invalid(format!("prompt {i}: token id {bad} outside the vocabulary ({vocab})")));
         }
     }
     let b = prompts.len();
@@ -158,9 +140,8 @@ pub fn generate_with(
     let ids = Tensor::from_vec(ids, (b, max_len), dev)?;
     let mask = Tensor::from_vec(mask, (b, max_len), dev)?;
 
-    let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
-        .map(|row| rand::rngs::StdRng::seed_from_u64(row_seed(cfg.seed, row)))
-        .collect();
+    let mut rngs: Vec<rand::rngs::StdRng> =
+        (0..b).map(|row| rand::rngs::StdRng::seed_from_u64(row_seed(cfg.seed, row))).collect();
     let mut out: Vec<Completion> = prompts
         .iter()
         .map(|p| Completion {
@@ -175,11 +156,7 @@ pub fn generate_with(
         return Ok(out);
     }
 
-    let opts = ForwardOptions {
-        adapter,
-        track_grad: false,
-        dropout_seed: None,
-    };
+    let opts = ForwardOptions { adapter, track_grad: false, dropout_seed: None };
     // On the CPU the 14 small LoRA products per block cost 5-15% of a decoding step (measured on
     // SmolLM2-135M, batch 8); folding the adapter into a copy of the weights removes them but
     // costs about as much as a few dozen steps, so it pays only for long generations. On a GPU
@@ -251,19 +228,14 @@ pub fn generate_with(
 
 fn validate(cfg: &GenerateConfig) -> Result<()> {
     if !(cfg.temperature >= 0.0 && cfg.temperature.is_finite()) {
-        return Err(ModelError::Invalid(format!(
-            "temperature must be >= 0, got {}",
-            cfg.temperature
-        )));
+        return Err(ModelError::Invalid(format!("temperature must be >= 0, got {}", cfg.temperature)));
     }
     if cfg.top_k == Some(0) {
         return Err(ModelError::Invalid("top_k must be at least 1".into()));
     }
     if let Some(p) = cfg.top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ModelError::Invalid(format!(
-                "top_p must be in (0, 1], got {p}"
-            )));
+            return Err(ModelError::Invalid(format!("top_p must be in (0, 1], got {p}")));
         }
     }
     if cfg.stop.iter().any(String::is_empty) {
@@ -274,10 +246,7 @@ fn validate(cfg: &GenerateConfig) -> Result<()> {
 
 /// splitmix64 of (seed, row): independent, well-mixed streams per row.
 fn row_seed(seed: u64, row: usize) -> u64 {
-    let mut z = seed
-        ^ (row as u64)
-            .wrapping_add(1)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut z = seed ^ (row as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -295,11 +264,7 @@ fn last_logits(model: &Llama, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
 pub fn sample(logits: &[f32], cfg: &GenerateConfig, rng: &mut impl Rng) -> (u32, f32) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_z = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-    let token = if cfg.temperature == 0.0 {
-        argmax(logits)
-    } else {
-        sample_tempered(logits, max, cfg, rng)
-    };
+    let token = if cfg.temperature == 0.0 { argmax(logits) } else { sample_tempered(logits, max, cfg, rng) };
     (token as u32, logits[token] - log_z)
 }
 
@@ -318,14 +283,9 @@ fn sample_tempered(logits: &[f32], max: f32, cfg: &GenerateConfig, rng: &mut imp
     // Candidates: tokens within e^-30 of the best after temperature (the rest cannot be drawn in
     // f32 and barely move a top-p boundary), then the top-k of those.
     let floor = -30.0 / inv_t;
-    let mut cand: Vec<(usize, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l - max >= floor)
-        .map(|(i, &l)| (i, (l - max) * inv_t))
-        .collect();
-    let by_logit_desc =
-        |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut cand: Vec<(usize, f32)> =
+        logits.iter().enumerate().filter(|(_, &l)| l - max >= floor).map(|(i, &l)| (i, (l - max) * inv_t)).collect();
+    let by_logit_desc = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if let Some(k) = cfg.top_k {
         if cand.len() > k {
             cand.select_nth_unstable_by(k - 1, by_logit_desc);
@@ -365,10 +325,7 @@ mod tests {
     use crate::LoraConfig;
 
     fn letters(ids: &[u32]) -> Result<String> {
-        Ok(ids
-            .iter()
-            .map(|&i| char::from(b'a' + (i % 26) as u8))
-            .collect())
+        Ok(ids.iter().map(|&i| char::from(b'a' + (i % 26) as u8)).collect())
     }
 
     fn prompts() -> Vec<Vec<u32>> {
@@ -382,11 +339,7 @@ mod tests {
     #[test]
     fn batched_greedy_equals_each_prompt_alone() {
         let m = tiny(21);
-        let cfg = GenerateConfig {
-            max_new_tokens: 12,
-            temperature: 0.0,
-            ..GenerateConfig::default()
-        };
+        let cfg = GenerateConfig { max_new_tokens: 12, temperature: 0.0, ..GenerateConfig::default() };
         let batched = run(&m, &prompts(), &cfg, None);
         for (p, b) in prompts().iter().zip(&batched) {
             let alone = run(&m, std::slice::from_ref(p), &cfg, None);
@@ -418,19 +371,9 @@ mod tests {
             for (p, c) in prompts().iter().zip(&out) {
                 assert_eq!(c.tokens.len(), n);
                 let full: Vec<u32> = p.iter().chain(&c.tokens).copied().collect();
-                let ids = Tensor::new(full.as_slice(), m.device())
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap();
-                let logits = m
-                    .forward(&ids, None, Some("pi"))
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap();
-                let lp = candle_nn::ops::log_softmax(&logits, 1)
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap();
+                let ids = Tensor::new(full.as_slice(), m.device()).unwrap().unsqueeze(0).unwrap();
+                let logits = m.forward(&ids, None, Some("pi")).unwrap().squeeze(0).unwrap();
+                let lp = candle_nn::ops::log_softmax(&logits, 1).unwrap().to_vec2::<f32>().unwrap();
                 for (j, (&tok, &got)) in c.tokens.iter().zip(&c.logprobs).enumerate() {
                     let want = lp[p.len() - 1 + j][tok as usize];
                     assert!((got - want).abs() < 1e-4, "token {j}: {got} vs {want}");
@@ -453,39 +396,11 @@ mod tests {
         let a = run(&m, &prompts(), &cfg, None);
         let b = run(&m, &prompts(), &cfg, None);
         assert_eq!(a, b);
-        let c = run(
-            &m,
-            &prompts(),
-            &GenerateConfig {
-                seed: 8,
-                ..cfg.clone()
-            },
-            None,
-        );
-        assert_ne!(
-            a.iter().map(|x| &x.tokens).collect::<Vec<_>>(),
-            c.iter().map(|x| &x.tokens).collect::<Vec<_>>()
-        );
+        let c = run(&m, &prompts(), &GenerateConfig { seed: 8, ..cfg.clone() }, None);
+        assert_ne!(a.iter().map(|x| &x.tokens).collect::<Vec<_>>(), c.iter().map(|x| &x.tokens).collect::<Vec<_>>());
         // top-k 1 is greedy whatever the temperature.
-        let k1 = run(
-            &m,
-            &prompts(),
-            &GenerateConfig {
-                top_k: Some(1),
-                top_p: None,
-                ..cfg.clone()
-            },
-            None,
-        );
-        let greedy = run(
-            &m,
-            &prompts(),
-            &GenerateConfig {
-                temperature: 0.0,
-                ..cfg
-            },
-            None,
-        );
+        let k1 = run(&m, &prompts(), &GenerateConfig { top_k: Some(1), top_p: None, ..cfg.clone() }, None);
+        let greedy = run(&m, &prompts(), &GenerateConfig { temperature: 0.0, ..cfg }, None);
         for (x, y) in k1.iter().zip(&greedy) {
             assert_eq!(x.tokens, y.tokens);
         }
@@ -494,26 +409,15 @@ mod tests {
     #[test]
     fn stop_strings_and_eos_end_completions() {
         let m = tiny(24);
-        let cfg = GenerateConfig {
-            max_new_tokens: 10,
-            temperature: 0.0,
-            ..GenerateConfig::default()
-        };
+        let cfg = GenerateConfig { max_new_tokens: 10, temperature: 0.0, ..GenerateConfig::default() };
         let free = run(&m, &prompts()[..1], &cfg, None).remove(0);
         assert_eq!(free.text, letters(&free.tokens).unwrap());
         // Stop on the text of tokens 3..5: the text is cut before it, generation stops at token 5.
         let stop = free.text[3..5].to_string();
         let first = free.text.find(&stop).unwrap();
-        let stopped = run(
-            &m,
-            &prompts()[..1],
-            &GenerateConfig {
-                stop: vec!["zzzz".into(), stop.clone()],
-                ..cfg.clone()
-            },
-            None,
-        )
-        .remove(0);
+        let stopped =
+            run(&m, &prompts()[..1], &GenerateConfig { stop: vec!["zzzz".into(), stop.clone()], ..cfg.clone() }, None)
+                .remove(0);
         assert_eq!(stopped.finish, FinishReason::Stop);
         assert_eq!(stopped.text, free.text[..first]);
         assert_eq!(stopped.tokens, free.tokens[..first + 2]);
@@ -541,12 +445,7 @@ mod tests {
         let log_z = logits.iter().map(|l| l.exp()).sum::<f32>().ln();
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let mut counts = [0usize; 4];
-        let cfg = GenerateConfig {
-            temperature: 1.0,
-            top_k: Some(3),
-            top_p: None,
-            ..GenerateConfig::default()
-        };
+        let cfg = GenerateConfig { temperature: 1.0, top_k: Some(3), top_p: None, ..GenerateConfig::default() };
         for _ in 0..20_000 {
             let (t, lp) = sample(&logits, &cfg, &mut rng);
             assert!((lp - (logits[t as usize] - log_z)).abs() < 1e-6);
@@ -560,19 +459,10 @@ mod tests {
             assert!((n as f64 / 20_000.0 - want).abs() < 0.015, "token {i}");
         }
         // top-p 0.5 keeps only the first token (its probability is 0.64).
-        let cfg = GenerateConfig {
-            temperature: 1.0,
-            top_k: None,
-            top_p: Some(0.5),
-            ..GenerateConfig::default()
-        };
+        let cfg = GenerateConfig { temperature: 1.0, top_k: None, top_p: Some(0.5), ..GenerateConfig::default() };
         assert!((0..100).all(|_| sample(&logits, &cfg, &mut rng).0 == 0));
         // A very low temperature is greedy in effect.
-        let cfg = GenerateConfig {
-            temperature: 1e-3,
-            top_k: None,
-            ..GenerateConfig::default()
-        };
+        let cfg = GenerateConfig { temperature: 1e-3, top_k: None, ..GenerateConfig::default() };
         assert!((0..100).all(|_| sample(&logits, &cfg, &mut rng).0 == 0));
     }
 
@@ -583,13 +473,8 @@ mod tests {
         assert!(generate_with(&m, &[vec![]], &cfg, None, None, 0, &letters).is_err());
         assert!(generate_with(&m, &[vec![300]], &cfg, None, None, 0, &letters).is_err());
         assert!(generate_with(&m, &[vec![1]], &cfg, Some("nope"), None, 0, &letters).is_err());
-        let bad = GenerateConfig {
-            top_p: Some(0.0),
-            ..GenerateConfig::default()
-        };
+        let bad = GenerateConfig { top_p: Some(0.0), ..GenerateConfig::default() };
         assert!(generate_with(&m, &[vec![1]], &bad, None, None, 0, &letters).is_err());
-        assert!(generate_with(&m, &[], &cfg, None, None, 0, &letters)
-            .unwrap()
-            .is_empty());
+        assert!(generate_with(&m, &[], &cfg, None, None, 0, &letters).unwrap().is_empty());
     }
 }

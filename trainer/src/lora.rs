@@ -39,13 +39,7 @@ pub struct LoraConfig {
 impl Default for LoraConfig {
     /// Rank 8, alpha 16, no dropout, all seven projections.
     fn default() -> Self {
-        LoraConfig {
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.0,
-            targets: Projection::ALL.to_vec(),
-            layers: None,
-        }
+        LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, targets: Projection::ALL.to_vec(), layers: None }
     }
 }
 
@@ -65,15 +59,10 @@ impl LoraConfig {
             return Err(ModelError::Config("LoRA rank must be positive".into()));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(ModelError::Config(format!(
-                "LoRA dropout must be in [0, 1), got {}",
-                self.dropout
-            )));
+            return Err(ModelError::Config(format!("LoRA dropout must be in [0, 1), got {}", self.dropout)));
         }
         if self.targets.is_empty() {
-            return Err(ModelError::Config(
-                "LoRA needs at least one target projection".into(),
-            ));
+            return Err(ModelError::Config("LoRA needs at least one target projection".into()));
         }
         Ok(())
     }
@@ -98,11 +87,7 @@ pub struct LoraAdapter {
 
 /// The PEFT tensor name of one factor.
 pub fn peft_tensor_name(layer: usize, p: Projection, factor: char) -> String {
-    format!(
-        "base_model.model.model.layers.{layer}.{}.{}.lora_{factor}.weight",
-        p.hf_parent(),
-        p.hf_name()
-    )
+    format!("base_model.model.model.layers.{layer}.{}.{}.lora_{factor}.weight", p.hf_parent(), p.hf_name())
 }
 
 /// The subset of PEFT's adapter_config.json that etpo reads and writes.
@@ -157,22 +142,14 @@ impl LoraAdapter {
                 }
                 let (i, o) = p.dims(model);
                 let bound = 1.0 / (i as f32).sqrt();
-                let a: Vec<f32> = (0..cfg.rank * i)
-                    .map(|_| rng.random_range(-bound..bound))
-                    .collect();
+                let a: Vec<f32> = (0..cfg.rank * i).map(|_| rng.random_range(-bound..bound)).collect();
                 let a = Tensor::from_vec(a, (cfg.rank, i), device)?;
                 let b = Tensor::zeros((o, cfg.rank), DType::F32, device)?;
-                slots[p as usize] = Some(LoraPair {
-                    a: Var::from_tensor(&a)?,
-                    b: Var::from_tensor(&b)?,
-                });
+                slots[p as usize] = Some(LoraPair { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
             }
             layers.push(slots);
         }
-        Ok(LoraAdapter {
-            cfg: cfg.clone(),
-            layers,
-        })
+        Ok(LoraAdapter { cfg: cfg.clone(), layers })
     }
 
     /// The configuration.
@@ -187,16 +164,12 @@ impl LoraAdapter {
 
     /// All trainable tensors, ordered by layer, projection, then A before B.
     pub fn vars(&self) -> Vec<Var> {
-        self.pairs()
-            .flat_map(|(_, _, pr)| [pr.a.clone(), pr.b.clone()])
-            .collect()
+        self.pairs().flat_map(|(_, _, pr)| [pr.a.clone(), pr.b.clone()]).collect()
     }
 
     fn pairs(&self) -> impl Iterator<Item = (usize, Projection, &LoraPair)> {
         self.layers.iter().enumerate().flat_map(|(li, slots)| {
-            Projection::ALL
-                .into_iter()
-                .filter_map(move |p| slots[p as usize].as_ref().map(|pr| (li, p, pr)))
+            Projection::ALL.into_iter().filter_map(move |p| slots[p as usize].as_ref().map(|pr| (li, p, pr)))
         })
     }
 
@@ -223,8 +196,7 @@ impl LoraAdapter {
         };
         let xin = match opts.dropout_seed {
             Some(seed) if self.cfg.dropout > 0.0 => {
-                let stream =
-                    seed ^ ((layer as u64) << 8 | p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let stream = seed ^ ((layer as u64) << 8 | p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 dropout(x, self.cfg.dropout, stream)?
             }
             _ => {
@@ -255,10 +227,7 @@ impl LoraAdapter {
             }
             layers.push(out);
         }
-        Ok(LoraAdapter {
-            cfg: self.cfg.clone(),
-            layers,
-        })
+        Ok(LoraAdapter { cfg: self.cfg.clone(), layers })
     }
 
     /// Overwrites every tensor with `src`'s values (same configuration required).
@@ -269,21 +238,18 @@ impl LoraAdapter {
     /// `self <- lambda * self + (1 - lambda) * src`, tensor by tensor.
     pub fn polyak_from(&self, src: &LoraAdapter, lambda: f64) -> Result<()> {
         if !(0.0..=1.0).contains(&lambda) {
-            return Err(ModelError::Invalid(format!(
-                "Polyak lambda must be in [0, 1], got {lambda}"
-            )));
+            return Err(ModelError::Invalid(format!("Polyak lambda must be in [0, 1], got {lambda}")));
         }
         self.zip_with(src, |d, s| {
-            let new = (d.as_detached_tensor().affine(lambda, 0.0)?
-                + s.as_detached_tensor().affine(1.0 - lambda, 0.0)?)?;
+            let new =
+                (d.as_detached_tensor().affine(lambda, 0.0)? + s.as_detached_tensor().affine(1.0 - lambda, 0.0)?)?;
             Ok(d.set(&new)?)
         })
     }
 
     fn zip_with(&self, src: &LoraAdapter, f: impl Fn(&Var, &Var) -> Result<()>) -> Result<()> {
         let (dv, sv) = (self.vars(), src.vars());
-        let same_shapes =
-            dv.len() == sv.len() && dv.iter().zip(&sv).all(|(a, b)| a.dims() == b.dims());
+        let same_shapes = dv.len() == sv.len() && dv.iter().zip(&sv).all(|(a, b)| a.dims() == b.dims());
         if self.cfg != src.cfg || self.layers.len() != src.layers.len() || !same_shapes {
             return Err(ModelError::Invalid("adapters of different shapes".into()));
         }
@@ -345,11 +311,7 @@ impl LoraAdapter {
             lora_alpha: self.cfg.alpha,
             lora_dropout: self.cfg.dropout,
             target_modules: serde_json::Value::Array(
-                self.cfg
-                    .targets
-                    .iter()
-                    .map(|p| serde_json::Value::String(p.hf_name().into()))
-                    .collect(),
+                self.cfg.targets.iter().map(|p| serde_json::Value::String(p.hf_name().into())).collect(),
             ),
             bias: Some("none".into()),
             fan_in_fan_out: false,
@@ -362,8 +324,8 @@ impl LoraAdapter {
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
         };
-        let json = serde_json::to_string_pretty(&cfg)
-            .map_err(|e| ModelError::Invalid(format!("adapter config: {e}")))?;
+        let json =
+            serde_json::to_string_pretty(&cfg).map_err(|e| ModelError::Invalid(format!("adapter config: {e}")))?;
         let path = dir.join(ADAPTER_CONFIG_FILE);
         let tmp = dir.join(format!(".{ADAPTER_CONFIG_FILE}.tmp"));
         std::fs::write(&tmp, json).map_err(|e| io_err(&tmp, e))?;
@@ -378,20 +340,14 @@ impl LoraAdapter {
         let (dir, weights) = if path.is_dir() {
             (path.to_path_buf(), path.join(ADAPTER_WEIGHTS_FILE))
         } else {
-            (
-                path.parent().map(Path::to_path_buf).unwrap_or_default(),
-                path.to_path_buf(),
-            )
+            (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
         };
         let cfg_path = dir.join(ADAPTER_CONFIG_FILE);
         let cfg_text = read_to_string(&cfg_path, "a PEFT adapter_config.json")?;
-        let pc: PeftConfig = serde_json::from_str(&cfg_text)
-            .map_err(|e| bad(&cfg_path, format!("not a PEFT LoRA config: {e}")))?;
+        let pc: PeftConfig =
+            serde_json::from_str(&cfg_text).map_err(|e| bad(&cfg_path, format!("not a PEFT LoRA config: {e}")))?;
         if pc.peft_type != "LORA" {
-            return Err(bad(
-                &cfg_path,
-                format!("peft_type {:?}; only LORA is supported", pc.peft_type),
-            ));
+            return Err(bad(&cfg_path, format!("peft_type {:?}; only LORA is supported", pc.peft_type)));
         }
         let unsupported = [
             ("use_rslora", pc.use_rslora),
@@ -400,16 +356,10 @@ impl LoraAdapter {
             ("lora_bias", pc.lora_bias),
             ("rank_pattern", !pc.rank_pattern.is_empty()),
             ("alpha_pattern", !pc.alpha_pattern.is_empty()),
-            (
-                "bias other than \"none\"",
-                pc.bias.as_deref().is_some_and(|b| b != "none"),
-            ),
+            ("bias other than \"none\"", pc.bias.as_deref().is_some_and(|b| b != "none")),
         ];
         if let Some((what, _)) = unsupported.iter().find(|(_, on)| *on) {
-            return Err(bad(
-                &cfg_path,
-                format!("{what} is not supported (plain LoRA only)"),
-            ));
+            return Err(bad(&cfg_path, format!("{what} is not supported (plain LoRA only)")));
         }
         let targets = match &pc.target_modules {
             serde_json::Value::Array(v) => v
@@ -426,35 +376,21 @@ impl LoraAdapter {
         };
         let layers = match &pc.layers_to_transform {
             None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::Number(n)) => {
-                Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize])
-            }
+            Some(serde_json::Value::Number(n)) => Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize]),
             Some(serde_json::Value::Array(v)) => Some(
                 v.iter()
                     .map(|x| {
-                        x.as_u64().map(|n| n as usize).ok_or_else(|| {
-                            bad(
-                                &cfg_path,
-                                format!("layers_to_transform: {x} is not a layer index"),
-                            )
-                        })
+                        x.as_u64()
+                            .map(|n| n as usize)
+                            .ok_or_else(|| bad(&cfg_path, format!("layers_to_transform: {x} is not a layer index")))
                     })
                     .collect::<Result<Vec<_>>>()?,
             ),
             Some(other) => {
-                return Err(bad(
-                    &cfg_path,
-                    format!("layers_to_transform must be an index or a list, got {other}"),
-                ))
+                return Err(bad(&cfg_path, format!("layers_to_transform must be an index or a list, got {other}")))
             }
         };
-        let cfg = LoraConfig {
-            rank: pc.r,
-            alpha: pc.lora_alpha,
-            dropout: pc.lora_dropout,
-            targets,
-            layers,
-        };
+        let cfg = LoraConfig { rank: pc.r, alpha: pc.lora_alpha, dropout: pc.lora_dropout, targets, layers };
         cfg.validate().map_err(|e| bad(&cfg_path, e.to_string()))?;
         check_layers(&cfg, model).map_err(|e| bad(&cfg_path, e.to_string()))?;
 
@@ -472,9 +408,7 @@ impl LoraAdapter {
             for &p in cfg.targets.iter().filter(|_| cfg.adapts_layer(li)) {
                 let mut take = |f: char| -> Result<Var> {
                     let name = peft_tensor_name(li, p, f);
-                    let t = tensors
-                        .remove(&name)
-                        .ok_or_else(|| bad(&weights, format!("missing tensor {name}")))?;
+                    let t = tensors.remove(&name).ok_or_else(|| bad(&weights, format!("missing tensor {name}")))?;
                     Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
                 };
                 let a = take('A')?;
@@ -493,20 +427,13 @@ impl LoraAdapter {
             ));
         }
         let adapter = LoraAdapter { cfg, layers };
-        adapter
-            .check_shapes(model)
-            .map_err(|e| bad(&weights, e.to_string()))?;
+        adapter.check_shapes(model).map_err(|e| bad(&weights, e.to_string()))?;
         Ok(adapter)
     }
 }
 
 fn check_layers(cfg: &LoraConfig, model: &LlamaConfig) -> Result<()> {
-    if let Some(&bad) = cfg
-        .layers
-        .iter()
-        .flatten()
-        .find(|&&l| l >= model.num_hidden_layers)
-    {
+    if let Some(&bad) = cfg.layers.iter().flatten().find(|&&l| l >= model.num_hidden_layers) {
         return Err(ModelError::Config(format!(
             "LoRA layer {bad} does not exist (the model has {} blocks)",
             model.num_hidden_layers
@@ -521,34 +448,25 @@ fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p) as f32;
     let n = x.elem_count();
-    let m: Vec<f32> = (0..n)
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-        .collect();
+    let m: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
     let m = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * m)?)
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> ModelError {
-    ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    ModelError::Io { path: path.to_path_buf(), source }
 }
 
 fn bad(path: &Path, message: String) -> ModelError {
-    ModelError::BadFile {
-        path: path.to_path_buf(),
-        message,
-    }
+    ModelError::BadFile { path: path.to_path_buf(), message }
 }
 
 fn read_to_string(path: &Path, expected: &str) -> Result<String> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(s),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ModelError::MissingFile {
-            path: PathBuf::from(path),
-            expected: expected.into(),
-        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ModelError::MissingFile { path: PathBuf::from(path), expected: expected.into() })
+        }
         Err(e) => Err(io_err(path, e)),
     }
 }
@@ -567,12 +485,8 @@ mod tests {
     #[test]
     fn fresh_adapter_follows_peft_initialisation() {
         let m = crate::model::LlamaConfig::tiny(300);
-        let cfg = LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            targets: vec![Projection::Q, Projection::Down],
-            ..LoraConfig::default()
-        };
+        let cfg =
+            LoraConfig { rank: 4, alpha: 8.0, targets: vec![Projection::Q, Projection::Down], ..LoraConfig::default() };
         let a = LoraAdapter::new(&m, &cfg, 3, &Device::Cpu).unwrap();
         assert_eq!(a.vars().len(), 2 * 2 * 2);
         let q = a.pair(0, Projection::Q).unwrap();
@@ -582,28 +496,13 @@ mod tests {
         assert_eq!(down.a.dims(), [4, 128]);
         let bound = 1.0 / 128f32.sqrt();
         let vals: Vec<f32> = down.a.flatten_all().unwrap().to_vec1().unwrap();
-        assert!(
-            vals.iter().all(|v| v.abs() <= bound) && vals.iter().any(|v| v.abs() > bound / 2.0)
-        );
-        assert!(down
-            .b
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .all(|&v| v == 0.0));
+        assert!(vals.iter().all(|v| v.abs() <= bound) && vals.iter().any(|v| v.abs() > bound / 2.0));
+        assert!(down.b.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|&v| v == 0.0));
         assert!(a.pair(0, Projection::K).is_none());
         assert_eq!(cfg.scale(), 2.0);
         // Same seed, same A.
         let b = LoraAdapter::new(&m, &cfg, 3, &Device::Cpu).unwrap();
-        assert_eq!(
-            max_abs_diff(
-                q.a.as_tensor(),
-                b.pair(0, Projection::Q).unwrap().a.as_tensor()
-            ),
-            0.0
-        );
+        assert_eq!(max_abs_diff(q.a.as_tensor(), b.pair(0, Projection::Q).unwrap().a.as_tensor()), 0.0);
     }
 
     #[test]
@@ -621,28 +520,21 @@ mod tests {
         let dir = scratch("roundtrip");
         m.save_adapter("pi", &dir).unwrap();
 
-        let tensors =
-            candle_core::safetensors::load(dir.join(ADAPTER_WEIGHTS_FILE), &Device::Cpu).unwrap();
+        let tensors = candle_core::safetensors::load(dir.join(ADAPTER_WEIGHTS_FILE), &Device::Cpu).unwrap();
         assert_eq!(tensors.len(), 2 * 3 * 2);
         let a = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
         assert_eq!(a.dims(), [4, 64]);
         let b = &tensors["base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight"];
         assert_eq!(b.dims(), [128, 4]);
-        assert!(
-            tensors.contains_key("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")
-        );
+        assert!(tensors.contains_key("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"));
         let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join(ADAPTER_CONFIG_FILE)).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join(ADAPTER_CONFIG_FILE)).unwrap()).unwrap();
         assert_eq!(json["peft_type"], "LORA");
         assert_eq!(json["task_type"], "CAUSAL_LM");
         assert_eq!(json["r"], 4);
         assert_eq!(json["lora_alpha"], 16.0);
         assert_eq!(json["lora_dropout"], 0.05);
-        assert_eq!(
-            json["target_modules"],
-            serde_json::json!(["q_proj", "v_proj", "gate_proj"])
-        );
+        assert_eq!(json["target_modules"], serde_json::json!(["q_proj", "v_proj", "gate_proj"]));
 
         m.load_adapter("copy", &dir).unwrap();
         assert_eq!(m.adapter("copy").unwrap().config(), &cfg);
@@ -651,23 +543,15 @@ mod tests {
         let y = m.forward(&ids, Some(&mask), Some("copy")).unwrap();
         assert_eq!(max_abs_diff(&x, &y), 0.0);
         // Loading by the safetensors file path works too; the loaded Vars are trainable.
-        m.load_adapter("copy2", &dir.join(ADAPTER_WEIGHTS_FILE))
-            .unwrap();
-        assert!(m
-            .adapter_vars("copy2")
-            .iter()
-            .all(|v| v.as_tensor().is_variable()));
+        m.load_adapter("copy2", &dir.join(ADAPTER_WEIGHTS_FILE)).unwrap();
+        assert!(m.adapter_vars("copy2").iter().all(|v| v.as_tensor().is_variable()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn adapters_on_some_layers_round_trip_as_layers_to_transform() {
         let mut m = tiny(14);
-        let cfg = LoraConfig {
-            rank: 2,
-            layers: Some(vec![1]),
-            ..LoraConfig::default()
-        };
+        let cfg = LoraConfig { rank: 2, layers: Some(vec![1]), ..LoraConfig::default() };
         m.add_adapter_seeded("pi", &cfg, 1).unwrap();
         assert_eq!(m.adapter_vars("pi").len(), 7 * 2);
         assert!(m.adapter("pi").unwrap().pair(0, Projection::Q).is_none());
@@ -675,8 +559,7 @@ mod tests {
         let dir = scratch("layers");
         m.save_adapter("pi", &dir).unwrap();
         let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join(ADAPTER_CONFIG_FILE)).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join(ADAPTER_CONFIG_FILE)).unwrap()).unwrap();
         assert_eq!(json["layers_to_transform"], serde_json::json!([1]));
         m.load_adapter("back", &dir).unwrap();
         let (ids, _) = batch(&[vec![1, 2, 3]]);
@@ -690,24 +573,9 @@ mod tests {
         m.load_adapter("back1", &dir).unwrap();
         assert_eq!(m.adapter("back1").unwrap().config().layers, Some(vec![1]));
         // Polyak and copies refuse adapters over other layers.
-        m.add_adapter(
-            "all",
-            &LoraConfig {
-                rank: 2,
-                ..LoraConfig::default()
-            },
-        )
-        .unwrap();
+        m.add_adapter("all", &LoraConfig { rank: 2, ..LoraConfig::default() }).unwrap();
         assert!(m.polyak_update("all", "pi", 0.5).is_err());
-        assert!(m
-            .add_adapter(
-                "bad",
-                &LoraConfig {
-                    layers: Some(vec![2]),
-                    ..LoraConfig::default()
-                }
-            )
-            .is_err());
+        assert!(m.add_adapter("bad", &LoraConfig { layers: Some(vec![2]), ..LoraConfig::default() }).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -723,20 +591,14 @@ mod tests {
         m.save_adapter("pi", &dir).unwrap();
         // A model with another shape rejects it.
         let mut other = crate::model::Llama::random(
-            crate::model::LlamaConfig {
-                num_hidden_layers: 1,
-                ..crate::model::LlamaConfig::tiny(300)
-            },
+            crate::model::LlamaConfig { num_hidden_layers: 1, ..crate::model::LlamaConfig::tiny(300) },
             1,
             &Device::Cpu,
             DType::F32,
         )
         .unwrap();
         let err = other.load_adapter("x", &dir).unwrap_err().to_string();
-        assert!(
-            err.contains("unexpected tensor base_model.model.model.layers.1"),
-            "{err}"
-        );
+        assert!(err.contains("unexpected tensor base_model.model.model.layers.1"), "{err}");
 
         std::fs::remove_file(dir.join(ADAPTER_WEIGHTS_FILE)).unwrap();
         let err = m.load_adapter("x", &dir).unwrap_err().to_string();
@@ -762,40 +624,21 @@ mod tests {
     #[test]
     fn dropout_is_seeded_and_scaled() {
         let x = Tensor::ones((50, 40), DType::F32, &Device::Cpu).unwrap();
-        let a: Vec<f32> = dropout(&x, 0.25, 9)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = dropout(&x, 0.25, 9)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let a: Vec<f32> = dropout(&x, 0.25, 9).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = dropout(&x, 0.25, 9).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(a, b);
         assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
         let dropped = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
         assert!((dropped - 0.25).abs() < 0.05, "{dropped}");
         // Training passes with a dropout seed differ from evaluation passes; without one they match.
         let mut m = tiny(13);
-        let cfg = LoraConfig {
-            dropout: 0.5,
-            ..LoraConfig::default()
-        };
+        let cfg = LoraConfig { dropout: 0.5, ..LoraConfig::default() };
         m.add_adapter("pi", &cfg).unwrap();
         randomize_b(&m, "pi", 1);
         let (ids, _) = batch(&[vec![1, 2, 3]]);
         let eval = m.forward(&ids, None, Some("pi")).unwrap();
-        let opts = ForwardOptions {
-            adapter: Some("pi"),
-            track_grad: true,
-            dropout_seed: Some(4),
-        };
-        let train = m
-            .logits(&m.forward_hidden(&ids, None, &opts).unwrap())
-            .unwrap();
+        let opts = ForwardOptions { adapter: Some("pi"), track_grad: true, dropout_seed: Some(4) };
+        let train = m.logits(&m.forward_hidden(&ids, None, &opts).unwrap()).unwrap();
         assert!(max_abs_diff(&eval, &train) > 1e-4);
     }
 }

@@ -16,8 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{LoraAdapter, LoraConfig};
-use crate::ops::{attention, rms_norm, rope, swiglu};
 pub use crate::ops::frozen_linear;
+use crate::ops::{attention, rms_norm, rope, swiglu};
 
 /// Errors of the model core: loading, configuration, adapters, generation.
 #[derive(Debug, thiserror::Error)]
@@ -162,10 +162,7 @@ impl LlamaConfig {
             )));
         }
         if !c.head_dim.is_multiple_of(2) {
-            return Err(ModelError::Config(format!(
-                "head_dim ({}) must be even",
-                c.head_dim
-            )));
+            return Err(ModelError::Config(format!("head_dim ({}) must be even", c.head_dim)));
         }
         if c.rope_theta.is_nan() || c.rope_theta <= 0.0 {
             return Err(ModelError::Config("rope_theta must be positive".into()));
@@ -180,11 +177,7 @@ impl LlamaConfig {
         let qd = c.num_attention_heads * c.head_dim;
         let kvd = c.num_key_value_heads * c.head_dim;
         let per_layer = 2 * h + h * qd + 2 * h * kvd + qd * h + 3 * h * c.intermediate_size;
-        let head = if c.tie_word_embeddings {
-            0
-        } else {
-            c.vocab_size * h
-        };
+        let head = if c.tie_word_embeddings { 0 } else { c.vocab_size * h };
         c.vocab_size * h + c.num_hidden_layers * per_layer + h + head
     }
 
@@ -192,10 +185,7 @@ impl LlamaConfig {
     pub fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
         let base = self.rope_theta as f32;
-        let mut inv: Vec<f32> = (0..d)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / d as f32))
-            .collect();
+        let mut inv: Vec<f32> = (0..d).step_by(2).map(|i| 1.0 / base.powf(i as f32 / d as f32)).collect();
         if let Some(s) = &self.rope_scaling {
             let old = s.original_max_position_embeddings as f32;
             let low_wavelen = old / s.low_freq_factor as f32;
@@ -404,12 +394,7 @@ impl KvCache {
         if rows.is_empty() {
             return Err(ModelError::Invalid("select_rows: no rows kept".into()));
         }
-        let dev = self
-            .layers
-            .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.device().clone());
+        let dev = self.layers.iter().flatten().next().map(|(k, _)| k.device().clone());
         if let Some(dev) = dev {
             let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
             for l in self.layers.iter_mut().flatten() {
@@ -504,31 +489,16 @@ impl Llama {
         }
         for (i, b) in w.blocks.iter().enumerate() {
             expect(&b.attn_norm, &[h], &format!("layer {i} input_layernorm"))?;
-            expect(
-                &b.mlp_norm,
-                &[h],
-                &format!("layer {i} post_attention_layernorm"),
-            )?;
+            expect(&b.mlp_norm, &[h], &format!("layer {i} post_attention_layernorm"))?;
             for p in Projection::ALL {
                 let (i_dim, o_dim) = p.dims(&cfg);
-                expect(
-                    &b.proj[p as usize],
-                    &[o_dim, i_dim],
-                    &format!("layer {i} {}", p.hf_name()),
-                )?;
+                expect(&b.proj[p as usize], &[o_dim, i_dim], &format!("layer {i} {}", p.hf_name()))?;
             }
         }
         let device = w.embed.device().clone();
         let dtype = w.embed.dtype();
         let inv_freq = cfg.inv_freq();
-        Ok(Llama {
-            cfg,
-            w,
-            inv_freq,
-            adapters: BTreeMap::new(),
-            device,
-            dtype,
-        })
+        Ok(Llama { cfg, w, inv_freq, adapters: BTreeMap::new(), device, dtype })
     }
 
     /// A randomly initialised model (normal weights with std 0.02, unit norms), for tests and
@@ -560,30 +530,16 @@ impl Llama {
                 let (i, o) = p.dims(&cfg);
                 proj.push(normal((o, i))?);
             }
-            let proj: [Tensor; 7] = proj
-                .try_into()
-                .map_err(|_| ModelError::Invalid("seven projections".into()))?;
+            let proj: [Tensor; 7] = proj.try_into().map_err(|_| ModelError::Invalid("seven projections".into()))?;
             blocks.push(BlockWeights {
                 attn_norm: Tensor::ones(h, dtype, device)?,
                 proj,
                 mlp_norm: Tensor::ones(h, dtype, device)?,
             });
         }
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(normal((cfg.vocab_size, h))?)
-        };
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(normal((cfg.vocab_size, h))?) };
         let norm = Tensor::ones(h, dtype, device)?;
-        Llama::new(
-            cfg,
-            LlamaWeights {
-                embed,
-                blocks,
-                norm,
-                lm_head,
-            },
-        )
+        Llama::new(cfg, LlamaWeights { embed, blocks, norm, lm_head })
     }
 
     /// The configuration.
@@ -617,11 +573,7 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         adapter: Option<&str>,
     ) -> Result<Tensor> {
-        let opts = ForwardOptions {
-            adapter,
-            track_grad: true,
-            dropout_seed: None,
-        };
+        let opts = ForwardOptions { adapter, track_grad: true, dropout_seed: None };
         let hidden = self.forward_hidden(input_ids, attention_mask, &opts)?;
         self.logits(&hidden)
     }
@@ -643,9 +595,7 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
         let dims = hidden.dims().to_vec();
-        let h = *dims
-            .last()
-            .ok_or_else(|| ModelError::Invalid("logits: scalar input".into()))?;
+        let h = *dims.last().ok_or_else(|| ModelError::Invalid("logits: scalar input".into()))?;
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x = hidden.reshape((n, h))?;
         let y = frozen_linear(&x, head)?.to_dtype(DType::F32)?;
@@ -681,17 +631,9 @@ impl Llama {
         merged: &MergedAdapter,
     ) -> Result<Tensor> {
         if merged.layers.len() != self.cfg.num_hidden_layers {
-            return Err(ModelError::Invalid(
-                "merged adapter made for another model".into(),
-            ));
+            return Err(ModelError::Invalid("merged adapter made for another model".into()));
         }
-        self.run(
-            input_ids,
-            attention_mask,
-            cache,
-            &ForwardOptions::default(),
-            Some(merged),
-        )
+        self.run(input_ids, attention_mask, cache, &ForwardOptions::default(), Some(merged))
     }
 
     /// Folds an adapter into copies of the weights it adapts: `W + (alpha / r) B A`, computed in
@@ -705,13 +647,8 @@ impl Llama {
             let mut slots: [Option<Tensor>; 7] = Default::default();
             for p in Projection::ALL {
                 if let Some(pair) = a.pair(li, p) {
-                    let delta = (pair
-                        .b
-                        .as_detached_tensor()
-                        .matmul(&pair.a.as_detached_tensor())?
-                        * scale)?;
-                    let w = (blk.proj[p as usize].to_dtype(DType::F32)? + delta)?
-                        .to_dtype(self.dtype)?;
+                    let delta = (pair.b.as_detached_tensor().matmul(&pair.a.as_detached_tensor())? * scale)?;
+                    let w = (blk.proj[p as usize].to_dtype(DType::F32)? + delta)?.to_dtype(self.dtype)?;
                     slots[p as usize] = Some(w);
                 }
             }
@@ -730,10 +667,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if b != cache.batch() {
-            return Err(ModelError::Invalid(format!(
-                "batch of {b} rows but the cache holds {}",
-                cache.batch()
-            )));
+            return Err(ModelError::Invalid(format!("batch of {b} rows but the cache holds {}", cache.batch())));
         }
         if t == 0 {
             return Err(ModelError::Invalid("forward on an empty sequence".into()));
@@ -756,11 +690,7 @@ impl Llama {
         };
         let adapter = match opts.adapter {
             None => None,
-            Some(name) => Some(
-                self.adapters
-                    .get(name)
-                    .ok_or_else(|| ModelError::UnknownAdapter(name.to_string()))?,
-            ),
+            Some(name) => Some(self.adapters.get(name).ok_or_else(|| ModelError::UnknownAdapter(name.to_string()))?),
         };
         let geo = self.geometry(cache, &new_mask)?;
 
@@ -866,21 +796,13 @@ impl Llama {
         lin: &dyn Fn(&Tensor, Projection) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let n_rep = nh / nkv;
         let q = lin(x, Projection::Q)?.reshape((b, t, nh, hd))?;
         let k = lin(x, Projection::K)?.reshape((b, t, nkv, hd))?;
         let v = lin(x, Projection::V)?.reshape((b, t, nkv, hd))?;
-        let q = rope(&q, &geo.cos, &geo.sin)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = rope(&k, &geo.cos, &geo.sin)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let q = rope(&q, &geo.cos, &geo.sin)?.transpose(1, 2)?.contiguous()?;
+        let k = rope(&k, &geo.cos, &geo.sin)?.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let tk = k.dim(2)?;
@@ -891,10 +813,7 @@ impl Llama {
         let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
         let mask = geo.mask.as_ref().map(|m| m.reshape((b, t, tk))).transpose()?;
         let out = attention(&q, &k, &v, mask.as_ref(), t)?; // [B, nkv, n_rep*T, D]
-        let out = out
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b * t, nh * hd))?;
+        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         lin(&out, Projection::O)
     }
 
@@ -928,16 +847,12 @@ impl Llama {
 
     /// Removes an adapter set, returning it.
     pub fn remove_adapter(&mut self, name: &str) -> Result<LoraAdapter> {
-        self.adapters
-            .remove(name)
-            .ok_or_else(|| ModelError::UnknownAdapter(name.to_string()))
+        self.adapters.remove(name).ok_or_else(|| ModelError::UnknownAdapter(name.to_string()))
     }
 
     /// The adapter set named `name`.
     pub fn adapter(&self, name: &str) -> Result<&LoraAdapter> {
-        self.adapters
-            .get(name)
-            .ok_or_else(|| ModelError::UnknownAdapter(name.to_string()))
+        self.adapters.get(name).ok_or_else(|| ModelError::UnknownAdapter(name.to_string()))
     }
 
     /// Names of the adapter sets, sorted.
@@ -948,10 +863,7 @@ impl Llama {
     /// The trainable tensors of one adapter set (empty when there is no such set), in a fixed
     /// order (layer, projection, A then B): give them to an optimiser.
     pub fn adapter_vars(&self, name: &str) -> Vec<candle_core::Var> {
-        self.adapters
-            .get(name)
-            .map(|a| a.vars())
-            .unwrap_or_default()
+        self.adapters.get(name).map(|a| a.vars()).unwrap_or_default()
     }
 
     /// Makes `to` an independent copy of `from` (created if absent; overwritten otherwise).
@@ -1009,9 +921,7 @@ pub(crate) mod tests {
         let mut mask = Vec::new();
         for r in rows {
             ids.extend(std::iter::repeat_n(7u32, t - r.len()).chain(r.iter().copied()));
-            mask.extend(
-                std::iter::repeat_n(0u32, t - r.len()).chain(std::iter::repeat_n(1, r.len())),
-            );
+            mask.extend(std::iter::repeat_n(0u32, t - r.len()).chain(std::iter::repeat_n(1, r.len())));
         }
         (
             Tensor::from_vec(ids, (rows.len(), t), &Device::Cpu).unwrap(),
@@ -1020,16 +930,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
     fn seq(n: usize, start: u32) -> Vec<u32> {
@@ -1054,20 +955,13 @@ pub(crate) mod tests {
     #[test]
     fn kv_cache_decoding_matches_full_forward() {
         let mut m = tiny(2);
-        m.add_adapter_seeded("p", &LoraConfig::default(), 5)
-            .unwrap();
+        m.add_adapter_seeded("p", &LoraConfig::default(), 5).unwrap();
         randomize_b(&m, "p", 6);
         let rows = vec![seq(8, 1), seq(6, 2)];
         let (ids, mask) = batch(&rows);
         for adapter in [None, Some("p")] {
-            let opts = ForwardOptions {
-                adapter,
-                track_grad: false,
-                dropout_seed: None,
-            };
-            let full = m
-                .logits(&m.forward_hidden(&ids, Some(&mask), &opts).unwrap())
-                .unwrap();
+            let opts = ForwardOptions { adapter, track_grad: false, dropout_seed: None };
+            let full = m.logits(&m.forward_hidden(&ids, Some(&mask), &opts).unwrap()).unwrap();
             // Prompt of 3 positions, then one token at a time, then a chunk of 2.
             let mut cache = KvCache::with_capacity(&m, 2, 2);
             let mut parts = Vec::new();
@@ -1097,35 +991,22 @@ pub(crate) mod tests {
     #[test]
     fn merged_adapter_decodes_like_the_unmerged_one() {
         let mut m = tiny(16);
-        let cfg = LoraConfig {
-            targets: vec![Projection::Q, Projection::K, Projection::Up],
-            ..LoraConfig::default()
-        };
+        let cfg = LoraConfig { targets: vec![Projection::Q, Projection::K, Projection::Up], ..LoraConfig::default() };
         m.add_adapter_seeded("pi", &cfg, 1).unwrap();
         randomize_b(&m, "pi", 2);
         let merged = m.merge_adapter("pi").unwrap();
         let (ids, mask) = batch(&[seq(5, 1), seq(3, 2)]);
-        let opts = ForwardOptions {
-            adapter: Some("pi"),
-            track_grad: false,
-            dropout_seed: None,
-        };
+        let opts = ForwardOptions { adapter: Some("pi"), track_grad: false, dropout_seed: None };
         let mut c1 = KvCache::with_capacity(&m, 2, 8);
         let mut c2 = KvCache::with_capacity(&m, 2, 8);
         let a = m.forward_step(&ids, Some(&mask), &mut c1, &opts).unwrap();
-        let b = m
-            .forward_step_merged(&ids, Some(&mask), &mut c2, &merged)
-            .unwrap();
+        let b = m.forward_step_merged(&ids, Some(&mask), &mut c2, &merged).unwrap();
         assert!(max_abs_diff(&a, &b) < 1e-4);
-        let base = m
-            .forward_hidden(&ids, Some(&mask), &ForwardOptions::default())
-            .unwrap();
+        let base = m.forward_hidden(&ids, Some(&mask), &ForwardOptions::default()).unwrap();
         assert!(max_abs_diff(&base, &b) > 1e-3, "the merge changed nothing");
         let next = Tensor::new(&[[9u32], [10]], &Device::Cpu).unwrap();
         let a = m.forward_step(&next, None, &mut c1, &opts).unwrap();
-        let b = m
-            .forward_step_merged(&next, None, &mut c2, &merged)
-            .unwrap();
+        let b = m.forward_step_merged(&next, None, &mut c2, &merged).unwrap();
         assert!(max_abs_diff(&a, &b) < 1e-4);
     }
 
@@ -1148,24 +1029,13 @@ pub(crate) mod tests {
     fn gradients_flow_through_a_cached_prefix() {
         // Prompt once, expanded to two continuations: the gradient equals that of two full passes.
         let mut m = tiny(14);
-        m.add_adapter_seeded("pi", &LoraConfig::default(), 1)
-            .unwrap();
+        m.add_adapter_seeded("pi", &LoraConfig::default(), 1).unwrap();
         randomize_b(&m, "pi", 2);
         let prompt = vec![4u32, 8, 15, 16];
         let conts = [vec![23u32, 42], vec![99u32, 7]];
-        let opts = ForwardOptions {
-            adapter: Some("pi"),
-            track_grad: true,
-            dropout_seed: None,
-        };
-        let loss_of = |logits: &Tensor| {
-            candle_nn::ops::log_softmax(logits, D::Minus1)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-        };
+        let opts = ForwardOptions { adapter: Some("pi"), track_grad: true, dropout_seed: None };
+        let loss_of =
+            |logits: &Tensor| candle_nn::ops::log_softmax(logits, D::Minus1).unwrap().sqr().unwrap().sum_all().unwrap();
 
         let mut cache = KvCache::new(&m, 1);
         let (p_ids, _) = batch(std::slice::from_ref(&prompt));
@@ -1175,27 +1045,14 @@ pub(crate) mod tests {
         let h = m.forward_step(&c_ids, None, &mut cache, &opts).unwrap();
         let shared = loss_of(&m.logits(&h).unwrap()).backward().unwrap();
 
-        let full: Vec<Vec<u32>> = conts
-            .iter()
-            .map(|c| prompt.iter().chain(c).copied().collect())
-            .collect();
+        let full: Vec<Vec<u32>> = conts.iter().map(|c| prompt.iter().chain(c).copied().collect()).collect();
         let (f_ids, _) = batch(&full);
-        let logits = m
-            .forward(&f_ids, None, Some("pi"))
-            .unwrap()
-            .narrow(1, 4, 2)
-            .unwrap();
+        let logits = m.forward(&f_ids, None, Some("pi")).unwrap().narrow(1, 4, 2).unwrap();
         let separate = loss_of(&logits).backward().unwrap();
         for v in m.adapter_vars("pi") {
             let a = shared.get(v.as_tensor()).unwrap();
             let b = separate.get(v.as_tensor()).unwrap();
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(max_abs_diff(a, b) <= 1e-4 * (1.0 + scale));
         }
     }
@@ -1205,11 +1062,8 @@ pub(crate) mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for v in m.adapter_vars(name).iter().skip(1).step_by(2) {
-            let r: Vec<f32> = (0..v.elem_count())
-                .map(|_| rng.random_range(-0.5f32..0.5))
-                .collect();
-            v.set(&Tensor::from_vec(r, v.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            let r: Vec<f32> = (0..v.elem_count()).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+            v.set(&Tensor::from_vec(r, v.shape(), &Device::Cpu).unwrap()).unwrap();
         }
     }
 
@@ -1226,14 +1080,8 @@ pub(crate) mod tests {
         // A nonzero update changes the logits, identically in the fused and differentiable paths.
         randomize_b(&m, "q", 1);
         let tracked = m.forward(&ids, Some(&mask), Some("q")).unwrap();
-        let opts = ForwardOptions {
-            adapter: Some("q"),
-            track_grad: false,
-            dropout_seed: None,
-        };
-        let fused = m
-            .logits(&m.forward_hidden(&ids, Some(&mask), &opts).unwrap())
-            .unwrap();
+        let opts = ForwardOptions { adapter: Some("q"), track_grad: false, dropout_seed: None };
+        let fused = m.logits(&m.forward_hidden(&ids, Some(&mask), &opts).unwrap()).unwrap();
         assert!(!fused.track_op());
         assert!(max_abs_diff(&base, &tracked) > 1e-3);
         assert!(max_abs_diff(&fused, &tracked) < 1e-4);
@@ -1242,71 +1090,35 @@ pub(crate) mod tests {
     #[test]
     fn gradients_reach_only_the_selected_adapter() {
         let mut m = tiny(5);
-        let cfg = LoraConfig {
-            targets: vec![Projection::Q, Projection::V, Projection::Down],
-            ..LoraConfig::default()
-        };
+        let cfg = LoraConfig { targets: vec![Projection::Q, Projection::V, Projection::Down], ..LoraConfig::default() };
         m.add_adapter_seeded("pi", &cfg, 1).unwrap();
         m.add_adapter_seeded("q", &cfg, 2).unwrap();
         randomize_b(&m, "pi", 3);
         let (ids, mask) = batch(&[seq(5, 2), seq(3, 4)]);
         let logits = m.forward(&ids, Some(&mask), Some("pi")).unwrap();
-        let loss = candle_nn::ops::log_softmax(&logits, D::Minus1)
-            .unwrap()
-            .mean_all()
-            .unwrap();
+        let loss = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
         let pi = m.adapter_vars("pi");
         assert_eq!(pi.len(), 2 * 3 * 2);
         for v in &pi {
-            let g = grads
-                .get(v.as_tensor())
-                .expect("every var of the selected adapter has a gradient");
-            let norm = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let g = grads.get(v.as_tensor()).expect("every var of the selected adapter has a gradient");
+            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(norm > 0.0, "zero gradient");
         }
         for v in m.adapter_vars("q") {
-            assert!(
-                grads.get(v.as_tensor()).is_none(),
-                "gradient reached another adapter"
-            );
+            assert!(grads.get(v.as_tensor()).is_none(), "gradient reached another adapter");
         }
         let w = m.weights();
-        let base = [
-            &w.embed,
-            &w.norm,
-            &w.blocks[0].proj[0],
-            &w.blocks[1].attn_norm,
-        ];
+        let base = [&w.embed, &w.norm, &w.blocks[0].proj[0], &w.blocks[1].attn_norm];
         for t in base {
             assert!(grads.get(t).is_none(), "gradient reached a base weight");
         }
         // With B = 0 (fresh adapter) A's gradient is exactly zero and B's is not.
         let logits = m.forward(&ids, Some(&mask), Some("q")).unwrap();
-        let grads = logits
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = logits.sqr().unwrap().mean_all().unwrap().backward().unwrap();
         let q = m.adapter_vars("q");
         let norm = |v: &candle_core::Var| {
-            grads
-                .get(v.as_tensor())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
+            grads.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
         };
         assert_eq!(norm(&q[0]), 0.0);
         assert!(norm(&q[1]) > 0.0);
@@ -1316,84 +1128,52 @@ pub(crate) mod tests {
     fn gradient_matches_finite_difference() {
         // The differentiable RMSNorm / softmax / rotary composition gives the true gradient.
         let mut m = tiny(6);
-        let cfg = LoraConfig {
-            targets: vec![Projection::K],
-            rank: 2,
-            ..LoraConfig::default()
-        };
+        let cfg = LoraConfig { targets: vec![Projection::K], rank: 2, ..LoraConfig::default() };
         m.add_adapter_seeded("a", &cfg, 1).unwrap();
         randomize_b(&m, "a", 2);
         let (ids, mask) = batch(&[seq(6, 1), seq(4, 3)]);
         let loss_of = |m: &Llama| -> Tensor {
             let l = m.forward(&ids, Some(&mask), Some("a")).unwrap();
-            candle_nn::ops::log_softmax(&l, D::Minus1)
-                .unwrap()
-                .narrow(2, 5, 1)
-                .unwrap()
-                .sum_all()
-                .unwrap()
+            candle_nn::ops::log_softmax(&l, D::Minus1).unwrap().narrow(2, 5, 1).unwrap().sum_all().unwrap()
         };
         let grads = loss_of(&m).backward().unwrap();
         let var = &m.adapter_vars("a")[0]; // layer 0, A of k_proj
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let orig = var.as_detached_tensor().copy().unwrap();
         let flat = orig.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let eps = 1e-2f32;
         for idx in [0usize, 17, 40] {
             let mut plus = flat.clone();
             plus[idx] += eps;
-            var.set(&Tensor::from_vec(plus, orig.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            var.set(&Tensor::from_vec(plus, orig.shape(), &Device::Cpu).unwrap()).unwrap();
             let lp = loss_of(&m).to_scalar::<f32>().unwrap();
             let mut minus = flat.clone();
             minus[idx] -= eps;
-            var.set(&Tensor::from_vec(minus, orig.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            var.set(&Tensor::from_vec(minus, orig.shape(), &Device::Cpu).unwrap()).unwrap();
             let lm = loss_of(&m).to_scalar::<f32>().unwrap();
             var.set(&orig).unwrap();
             let fd = (lp - lm) / (2.0 * eps);
-            assert!(
-                (fd - g[idx]).abs() < 2e-3 + 2e-2 * fd.abs(),
-                "index {idx}: analytic {} vs numeric {fd}",
-                g[idx]
-            );
+            assert!((fd - g[idx]).abs() < 2e-3 + 2e-2 * fd.abs(), "index {idx}: analytic {} vs numeric {fd}", g[idx]);
         }
     }
 
     #[test]
     fn polyak_update_follows_the_rule_exactly() {
         let mut m = tiny(7);
-        m.add_adapter_seeded("q", &LoraConfig::default(), 1)
-            .unwrap();
-        m.add_adapter_seeded("t", &LoraConfig::default(), 2)
-            .unwrap();
+        m.add_adapter_seeded("q", &LoraConfig::default(), 1).unwrap();
+        m.add_adapter_seeded("t", &LoraConfig::default(), 2).unwrap();
         randomize_b(&m, "q", 1);
-        let before_t: Vec<Vec<f32>> = m
-            .adapter_vars("t")
-            .iter()
-            .map(|v| v.flatten_all().unwrap().to_vec1().unwrap())
-            .collect();
-        let src: Vec<Vec<f32>> = m
-            .adapter_vars("q")
-            .iter()
-            .map(|v| v.flatten_all().unwrap().to_vec1().unwrap())
-            .collect();
+        let before_t: Vec<Vec<f32>> =
+            m.adapter_vars("t").iter().map(|v| v.flatten_all().unwrap().to_vec1().unwrap()).collect();
+        let src: Vec<Vec<f32>> =
+            m.adapter_vars("q").iter().map(|v| v.flatten_all().unwrap().to_vec1().unwrap()).collect();
         let lambda = 0.995;
         m.polyak_update("t", "q", lambda).unwrap();
         for ((v, t0), s) in m.adapter_vars("t").iter().zip(&before_t).zip(&src) {
             let got: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
             for ((g, a), b) in got.iter().zip(t0).zip(s) {
                 let want = a * lambda as f32 + b * (1.0 - lambda) as f32;
-                assert!(
-                    (g - want).abs() <= 1e-7 * (1.0 + want.abs()),
-                    "{g} vs {want}"
-                );
+                assert!((g - want).abs() <= 1e-7 * (1.0 + want.abs()), "{g} vs {want}");
             }
         }
         // lambda = 0 copies the source; the source is untouched.
@@ -1402,17 +1182,13 @@ pub(crate) mod tests {
             assert_eq!(&v.flatten_all().unwrap().to_vec1::<f32>().unwrap(), s);
         }
         assert!(m.polyak_update("t", "q", 1.5).is_err());
-        assert!(matches!(
-            m.polyak_update("t", "nope", 0.5),
-            Err(ModelError::UnknownAdapter(_))
-        ));
+        assert!(matches!(m.polyak_update("t", "nope", 0.5), Err(ModelError::UnknownAdapter(_))));
     }
 
     #[test]
     fn copied_adapter_is_independent() {
         let mut m = tiny(8);
-        m.add_adapter_seeded("q", &LoraConfig::default(), 1)
-            .unwrap();
+        m.add_adapter_seeded("q", &LoraConfig::default(), 1).unwrap();
         randomize_b(&m, "q", 1);
         m.copy_adapter("q", "target").unwrap();
         let (ids, _) = batch(&[seq(4, 1)]);
@@ -1427,11 +1203,7 @@ pub(crate) mod tests {
         let vars = m.adapter_vars("target");
         m.copy_adapter("q", "target").unwrap();
         let q_b = m.adapter_vars("q")[1].as_detached_tensor();
-        assert_eq!(
-            max_abs_diff(vars[1].as_tensor(), &q_b),
-            0.0,
-            "the old handle sees the copy"
-        );
+        assert_eq!(max_abs_diff(vars[1].as_tensor(), &q_b), 0.0, "the old handle sees the copy");
         let c = m.forward(&ids, None, Some("q")).unwrap();
         let d = m.forward(&ids, None, Some("target")).unwrap();
         assert_eq!(max_abs_diff(&c, &d), 0.0);
@@ -1439,10 +1211,7 @@ pub(crate) mod tests {
         assert_eq!(m.adapter_names(), vec!["target".to_string()]);
         assert!(m.forward(&ids, None, Some("q")).is_err());
         assert!(m.adapter_vars("q").is_empty());
-        assert!(matches!(
-            m.add_adapter("target", &LoraConfig::default()),
-            Err(ModelError::AdapterExists(_))
-        ));
+        assert!(matches!(m.add_adapter("target", &LoraConfig::default()), Err(ModelError::AdapterExists(_))));
     }
 
     #[test]
@@ -1457,9 +1226,7 @@ pub(crate) mod tests {
         for b in w.blocks.iter_mut() {
             for p in [Projection::K, Projection::V] {
                 let t = &b.proj[p as usize];
-                let heads: Vec<Tensor> = (0..4)
-                    .map(|h| t.narrow(0, (h / 2) * hd, hd).unwrap())
-                    .collect();
+                let heads: Vec<Tensor> = (0..4).map(|h| t.narrow(0, (h / 2) * hd, hd).unwrap()).collect();
                 b.proj[p as usize] = Tensor::cat(&heads, 0).unwrap();
             }
         }
@@ -1515,19 +1282,12 @@ pub(crate) mod tests {
         };
         let mut m16 = Llama::new(m32.config().clone(), w16).unwrap();
         assert_eq!(m16.dtype(), DType::BF16);
-        m16.add_adapter_seeded("pi", &LoraConfig::default(), 1)
-            .unwrap();
+        m16.add_adapter_seeded("pi", &LoraConfig::default(), 1).unwrap();
         randomize_b(&m16, "pi", 2);
         let (ids, mask) = batch(&[seq(6, 1), seq(3, 2)]);
         let logits = m16.forward(&ids, Some(&mask), Some("pi")).unwrap();
         assert_eq!(logits.dtype(), DType::F32);
-        let grads = logits
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = logits.sqr().unwrap().mean_all().unwrap().backward().unwrap();
         for v in m16.adapter_vars("pi") {
             assert_eq!(v.dtype(), DType::F32);
             assert_eq!(grads.get(v.as_tensor()).unwrap().dtype(), DType::F32);
@@ -1535,29 +1295,18 @@ pub(crate) mod tests {
         let base16 = m16.forward(&ids, Some(&mask), None).unwrap();
         let base32 = m32.forward(&ids, Some(&mask), None).unwrap();
         assert!(max_abs_diff(&base16, &base32) < 0.05);
-        let opts = ForwardOptions {
-            adapter: Some("pi"),
-            track_grad: false,
-            dropout_seed: None,
-        };
+        let opts = ForwardOptions { adapter: Some("pi"), track_grad: false, dropout_seed: None };
         let mut cache = KvCache::with_capacity(&m16, 2, 8);
-        m16.forward_step(&ids, Some(&mask), &mut cache, &opts)
-            .unwrap();
+        m16.forward_step(&ids, Some(&mask), &mut cache, &opts).unwrap();
         let next = Tensor::new(&[[3u32], [4]], &Device::Cpu).unwrap();
-        assert_eq!(
-            m16.forward_step(&next, None, &mut cache, &opts)
-                .unwrap()
-                .dims(),
-            [2, 1, 64]
-        );
+        assert_eq!(m16.forward_step(&next, None, &mut cache, &opts).unwrap().dims(), [2, 1, 64]);
     }
 
     #[test]
     fn inconsistent_weights_are_rejected() {
         let m = tiny(10);
         let mut w = m.weights().clone();
-        w.blocks[1].proj[Projection::Up as usize] =
-            Tensor::zeros((3, 64), DType::F32, &Device::Cpu).unwrap();
+        w.blocks[1].proj[Projection::Up as usize] = Tensor::zeros((3, 64), DType::F32, &Device::Cpu).unwrap();
         let err = Llama::new(m.config().clone(), w).unwrap_err().to_string();
         assert!(err.contains("layer 1 up_proj"), "{err}");
         let mut cfg = LlamaConfig::tiny(10);

@@ -115,7 +115,9 @@ impl CustomOp1 for FrozenLinear {
         }
         let (ws, wl) = self.w.storage_and_layout();
         let candle_core::Storage::Cuda(ws) = &*ws else {
-            return Err(candle_core::Error::Msg("frozen-linear: the input is on a CUDA device, the weight is not".into()));
+            return Err(candle_core::Error::Msg(
+                "frozen-linear: the input is on a CUDA device, the weight is not".into(),
+            ));
         };
         let y = storage.matmul(ws, (1, m, n, k), layout, &wl.transpose(0, 1)?)?;
         Ok((y, (m, n).into()))
@@ -148,11 +150,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
     let dt = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
-    let p = if x.track_op() {
-        candle_nn::ops::softmax(&xf, D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&xf)?
-    };
+    let p =
+        if x.track_op() { candle_nn::ops::softmax(&xf, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&xf)? };
     Ok(p.to_dtype(dt)?)
 }
 
@@ -284,10 +283,18 @@ const ROWS: usize = 256;
 /// Row-wise ops over the last dimension with fused f32 CPU kernels and closed-form backwards.
 enum RowOp {
     /// `x / sqrt(mean(x²) + eps) · alpha`, `alpha` frozen.
-    RmsNorm { alpha: Vec<f32>, eps: f32 },
+    RmsNorm {
+        alpha: Vec<f32>,
+        eps: f32,
+    },
     Softmax,
     /// Softmax of `x + mask`, `mask` `[B, T, Tk]` shared by the `heads` of `[B, heads, T, Tk]`.
-    MaskedSoftmax { mask: Vec<f32>, heads: usize, t: usize, tk: usize },
+    MaskedSoftmax {
+        mask: Vec<f32>,
+        heads: usize,
+        t: usize,
+        tk: usize,
+    },
     LogSoftmax,
 }
 
@@ -340,9 +347,7 @@ impl CustomOp1 for RowOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (start, end) = contiguous_range(layout, self.name())?;
-        let CpuStorage::F32(v) = storage else {
-            candle_core::bail!("{}: f32 input expected", self.name())
-        };
+        let CpuStorage::F32(v) = storage else { candle_core::bail!("{}: f32 input expected", self.name()) };
         let x = &v[start..end];
         let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut y = vec![0f32; x.len()];
@@ -361,7 +366,8 @@ impl CustomOp1 for RowOp {
                 let n = alpha.len();
                 let mut dx = vec![0f32; arg.elem_count()];
                 with_f32(&[arg, grad], |t| {
-                    let rows = dx.par_chunks_mut(n * ROWS).zip(t[0].par_chunks(n * ROWS).zip(t[1].par_chunks(n * ROWS)));
+                    let rows =
+                        dx.par_chunks_mut(n * ROWS).zip(t[0].par_chunks(n * ROWS).zip(t[1].par_chunks(n * ROWS)));
                     rows.for_each(|(dx, (x, g))| {
                         for ((dx, x), g) in dx.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)) {
                             let r = 1.0 / (kernels::dot(x, x) / n as f32 + eps).sqrt();
@@ -538,7 +544,8 @@ impl CustomOp3 for Attention {
         let mut out = vec![0f32; ql.shape().elem_count()];
         out.par_chunks_mut(rows * d).enumerate().for_each(|(bg, o)| {
             let bi = bg / g;
-            let (qi, ki, vi) = (&q[bg * rows * d..][..rows * d], &k[bg * tk * d..][..tk * d], &v[bg * tk * d..][..tk * d]);
+            let (qi, ki, vi) =
+                (&q[bg * rows * d..][..rows * d], &k[bg * tk * d..][..tk * d], &v[bg * tk * d..][..tk * d]);
             let mut p = Vec::new();
             for &blk in &blocks[bi] {
                 let (rs, l) = (blk.row0 * d..(blk.row0 + blk.rows) * d, blk.keys);
@@ -564,7 +571,8 @@ impl CustomOp3 for Attention {
         let (b, g, rows, d) = q.dims4()?;
         let tk = k.dim(2)?;
         let blocks: Vec<Vec<QueryBlock>> = (0..b).map(|bi| self.blocks(bi, rows, tk)).collect();
-        let (mut dq, mut dk, mut dv) = (vec![0f32; q.elem_count()], vec![0f32; k.elem_count()], vec![0f32; v.elem_count()]);
+        let (mut dq, mut dk, mut dv) =
+            (vec![0f32; q.elem_count()], vec![0f32; k.elem_count()], vec![0f32; v.elem_count()]);
         with_f32(&[q, k, v, grad], |x| {
             let (qv, kv, vv, go) = (x[0], x[1], x[2], x[3]);
             dq.par_chunks_mut(rows * d)
@@ -624,8 +632,16 @@ impl candle_core::CustomOp2 for SwiGlu {
         "swiglu"
     }
 
-    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (gs, us) else { candle_core::bail!("swiglu: f32 inputs expected") };
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (gs, us) else {
+            candle_core::bail!("swiglu: f32 inputs expected")
+        };
         let (g0, g1) = contiguous_range(gl, "swiglu")?;
         let (u0, u1) = contiguous_range(ul, "swiglu")?;
         let (g, u) = (&g[g0..g1], &u[u0..u1]);
@@ -636,7 +652,13 @@ impl candle_core::CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let n = gate.elem_count();
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
         with_f32(&[gate, up, grad], |x| {
@@ -725,7 +747,8 @@ impl CustomOp3 for LoraLinear {
         let (n, i) = x.dims2()?;
         let (r, o) = (a.dim(0)?, b.dim(0)?);
         let s = self.scale;
-        let (mut u, mut gu, mut da, mut db) = (vec![0f32; n * r], vec![0f32; n * r], vec![0f32; r * i], vec![0f32; o * r]);
+        let (mut u, mut gu, mut da, mut db) =
+            (vec![0f32; n * r], vec![0f32; n * r], vec![0f32; r * i], vec![0f32; o * r]);
         let dx = with_f32(&[x, a, b, grad, &self.w], |t| {
             let (x, a, b, g, w) = (t[0], t[1], t[2], t[3], t[4]);
             blas.gemm(&Product::new(n, r, i).b_t(), x, a, &mut u);
@@ -911,8 +934,10 @@ mod tests {
             let vars = |t: &Tensor| Var::from_tensor(t).unwrap();
             let (x1, a1, b1) = (vars(&x), vars(&a), vars(&b));
             let (x2, a2, b2) = (vars(&x), vars(&a), vars(&b));
-            let (xi1, xi2) = if x_tracked { (x1.as_tensor().clone(), x2.as_tensor().clone()) } else { (x.clone(), x.clone()) };
-            let fused = lora_linear(&xi1, &w, a1.as_tensor(), b1.as_tensor(), scale).unwrap().expect("fused on the CPU");
+            let (xi1, xi2) =
+                if x_tracked { (x1.as_tensor().clone(), x2.as_tensor().clone()) } else { (x.clone(), x.clone()) };
+            let fused =
+                lora_linear(&xi1, &w, a1.as_tensor(), b1.as_tensor(), scale).unwrap().expect("fused on the CPU");
             let base = frozen_linear(&xi2, &w).unwrap();
             let delta = (xi2.matmul(&a2.as_tensor().t().unwrap()).unwrap() * scale)
                 .unwrap()
@@ -943,7 +968,11 @@ mod tests {
         type F = Box<dyn Fn(&Tensor) -> Tensor>;
         let a2 = alpha.clone();
         let cases: Vec<(&str, F, F)> = vec![
-            ("softmax", Box::new(|t| softmax_last_dim(t).unwrap()), Box::new(|t| candle_nn::ops::softmax(t, D::Minus1).unwrap())),
+            (
+                "softmax",
+                Box::new(|t| softmax_last_dim(t).unwrap()),
+                Box::new(|t| candle_nn::ops::softmax(t, D::Minus1).unwrap()),
+            ),
             (
                 "log_softmax",
                 Box::new(|t| log_softmax(t).unwrap()),
@@ -980,7 +1009,9 @@ mod tests {
         let mask = mask.ge(0.5).unwrap().to_dtype(DType::F32).unwrap().affine(-1e30, 0.0).unwrap();
         let (v1, v2) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&x).unwrap());
         let y1 = masked_softmax(v1.as_tensor(), &mask).unwrap();
-        let y2 = candle_nn::ops::softmax(&v2.as_tensor().broadcast_add(&mask.unsqueeze(1).unwrap()).unwrap(), D::Minus1).unwrap();
+        let y2 =
+            candle_nn::ops::softmax(&v2.as_tensor().broadcast_add(&mask.unsqueeze(1).unwrap()).unwrap(), D::Minus1)
+                .unwrap();
         assert!(max_diff(&y1, &y2) < 1e-6);
         let w = Tensor::randn(0f32, 1.0, (b, h, t, tk), &Device::Cpu).unwrap();
         let g1 = (&y1 * &w).unwrap().sum_all().unwrap().backward().unwrap();

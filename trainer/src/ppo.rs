@@ -323,7 +323,13 @@ impl PpoTrainer {
 
     /// Log-probabilities of the sampling policy and ρ, the KL-shaped rewards, values and
     /// advantages.
-    fn rollout(&self, model: &Llama, batch: &[Transition], spans: &[RowSpan], m: &mut UpdateMetrics) -> Result<Rollout, TrainError> {
+    fn rollout(
+        &self,
+        model: &Llama,
+        batch: &[Transition],
+        spans: &[RowSpan],
+        m: &mut UpdateMetrics,
+    ) -> Result<Rollout, TrainError> {
         let cfg = &self.cfg;
         let mb = cfg.micro_batch;
         let mut old_logp = Vec::new();
@@ -335,7 +341,9 @@ impl PpoTrainer {
             let tokens = token_tensor(model, crate::etpo::trainer::chunk_actions(ts))?;
             let base_hidden = hidden_rows(model, chunk, None, false, cfg.share_prefixes)?;
             let ref_lp = math::log_softmax(&model.logits(&base_hidden)?.detach())?;
-            let pol_lp = math::log_softmax(&model.logits(&hidden_rows(model, chunk, Some(POLICY), false, cfg.share_prefixes)?)?.detach())?;
+            let pol_lp = math::log_softmax(
+                &model.logits(&hidden_rows(model, chunk, Some(POLICY), false, cfg.share_prefixes)?)?.detach(),
+            )?;
             kl_sum += math::kl_rows(&pol_lp, &ref_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
             ent_sum += math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
             let pol_taken = math::taken_values(&pol_lp, &tokens)?;

@@ -90,7 +90,8 @@ const TOKEN_TYPE_USER_DEFINED: u32 = 4;
 /// Llama 3's split pattern (from its `tokenizer.json`; digits in groups of up to three).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's split pattern (from its `tokenizer.json`; single digits).
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The byte-level pre-tokenizer pipelines this module reproduces, by llama.cpp `tokenizer.ggml.pre`
 /// name. Each is the pipeline of the corresponding model's Hugging Face `tokenizer.json`.
@@ -119,20 +120,14 @@ impl BytePre {
 
     fn pre_tokenizer(&self) -> Result<PreTokenizerWrapper, TokenizerError> {
         let split_then_bytes = |regex: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-            let split = Split::new(
-                SplitPattern::Regex(regex.to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(backend)?;
+            let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(backend)?;
             Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into())
         };
         Ok(match self {
-            BytePre::DigitsThenGpt2 => Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])
-            .into(),
+            BytePre::DigitsThenGpt2 => {
+                Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
+            }
             BytePre::Gpt2 => ByteLevel::new(false, true, true).into(),
             BytePre::Llama3 => split_then_bytes(LLAMA3_SPLIT)?,
             BytePre::Qwen2 => split_then_bytes(QWEN2_SPLIT)?,
@@ -167,32 +162,28 @@ fn meta_u32(ct: &gguf_file::Content, key: &str) -> Result<Option<u32>, Tokenizer
 fn meta_bool(ct: &gguf_file::Content, key: &str) -> Result<Option<bool>, TokenizerError> {
     match meta(ct, key) {
         None => Ok(None),
-        Some(v) => v.to_bool().map(Some).map_err(|_| TokenizerError::BadMetadata {
-            key: key.to_string(),
-            expected: "a boolean".to_string(),
-        }),
+        Some(v) => v
+            .to_bool()
+            .map(Some)
+            .map_err(|_| TokenizerError::BadMetadata { key: key.to_string(), expected: "a boolean".to_string() }),
     }
 }
 
 fn meta_string(ct: &gguf_file::Content, key: &str) -> Result<Option<String>, TokenizerError> {
     match meta(ct, key) {
         None => Ok(None),
-        Some(v) => v.to_string().map(|s| Some(s.clone())).map_err(|_| TokenizerError::BadMetadata {
-            key: key.to_string(),
-            expected: "a string".to_string(),
-        }),
+        Some(v) => v
+            .to_string()
+            .map(|s| Some(s.clone()))
+            .map_err(|_| TokenizerError::BadMetadata { key: key.to_string(), expected: "a string".to_string() }),
     }
 }
 
-fn meta_array<'a>(
-    ct: &'a gguf_file::Content,
-    key: &str,
-) -> Result<&'a [gguf_file::Value], TokenizerError> {
+fn meta_array<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a [gguf_file::Value], TokenizerError> {
     let v = meta(ct, key).ok_or_else(|| TokenizerError::MissingKey(key.to_string()))?;
-    v.to_vec().map(|v| v.as_slice()).map_err(|_| TokenizerError::BadMetadata {
-        key: key.to_string(),
-        expected: "an array".to_string(),
-    })
+    v.to_vec()
+        .map(|v| v.as_slice())
+        .map_err(|_| TokenizerError::BadMetadata { key: key.to_string(), expected: "an array".to_string() })
 }
 
 fn meta_strings(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>, TokenizerError> {
@@ -272,7 +263,10 @@ fn byte_level_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<to
 /// SentencePiece BPE as transformers' `LlamaTokenizer` rebuilds it from a GGUF: spaces become
 /// `▁` with one prepended to the first piece, unknown characters fall back to `<0xXX>` byte
 /// tokens, and decoding undoes both.
-fn sentencepiece_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<tokenizers::Tokenizer, TokenizerError> {
+fn sentencepiece_tokenizer(
+    ct: &gguf_file::Content,
+    tokens: &[String],
+) -> Result<tokenizers::Tokenizer, TokenizerError> {
     let merges = if meta(ct, "tokenizer.ggml.merges").is_some() {
         gguf_merges(ct)?
     } else {
@@ -294,12 +288,8 @@ fn sentencepiece_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result
         merges_from_scores(tokens, &scores)
     };
     let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .fuse_unk(true)
-        .byte_fallback(true)
-        .build()
-        .map_err(backend)?;
+    let bpe =
+        BPE::builder().vocab_and_merges(vocab, merges).fuse_unk(true).byte_fallback(true).build().map_err(backend)?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
     inner.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
     let decoders: Vec<DecoderWrapper> = vec![
@@ -367,13 +357,10 @@ impl Tokenizer {
             Some(_) => meta_array(ct, "tokenizer.ggml.token_type")?
                 .iter()
                 .map(|v| {
-                    v.to_i32()
-                        .map(|t| t as u32)
-                        .or_else(|_| v.to_u32())
-                        .map_err(|_| TokenizerError::BadMetadata {
-                            key: "tokenizer.ggml.token_type".to_string(),
-                            expected: "an array of integers".to_string(),
-                        })
+                    v.to_i32().map(|t| t as u32).or_else(|_| v.to_u32()).map_err(|_| TokenizerError::BadMetadata {
+                        key: "tokenizer.ggml.token_type".to_string(),
+                        expected: "an array of integers".to_string(),
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         };
@@ -446,10 +433,8 @@ impl Tokenizer {
             .collect();
         named.sort_unstable();
         named.dedup();
-        let named: Vec<AddedToken> = named
-            .into_iter()
-            .map(|t| AddedToken::from(t.to_string(), true).normalized(false))
-            .collect();
+        let named: Vec<AddedToken> =
+            named.into_iter().map(|t| AddedToken::from(t.to_string(), true).normalized(false)).collect();
         inner.add_special_tokens(named).map_err(backend)?;
 
         let add_bos = meta_bool(ct, "tokenizer.ggml.add_bos_token")?.unwrap_or(add_bos_default);
@@ -480,17 +465,13 @@ impl Tokenizer {
     /// template come from `tokenizer_config.json` (and `chat_template.jinja`) in the same folder
     /// when present; whether encoding adds BOS is whatever the file's post-processor does.
     pub fn from_file(tokenizer_json: &Path) -> Result<Tokenizer, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| TokenizerError::File {
-            path: tokenizer_json.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| TokenizerError::File { path: tokenizer_json.to_path_buf(), message: e.to_string() })?;
         let dir = tokenizer_json.parent().unwrap_or(Path::new("."));
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path).map_err(|e| TokenizerError::File {
-                path: config_path.clone(),
-                message: e.to_string(),
-            })?;
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| TokenizerError::File { path: config_path.clone(), message: e.to_string() })?;
             serde_json::from_str(&text).map_err(|e| TokenizerError::File {
                 path: config_path.clone(),
                 message: format!("not valid JSON: {e}"),
@@ -520,9 +501,10 @@ impl Tokenizer {
         };
         let chat_template = match configured {
             Some(t) => Some(t),
-            None if template_file.is_file() => Some(std::fs::read_to_string(&template_file).map_err(|e| {
-                TokenizerError::File { path: template_file.clone(), message: e.to_string() }
-            })?),
+            None if template_file.is_file() => Some(
+                std::fs::read_to_string(&template_file)
+                    .map_err(|e| TokenizerError::File { path: template_file.clone(), message: e.to_string() })?,
+            ),
             None => None,
         };
         // What the post-processor really does decides; an empty text shows it.
@@ -574,11 +556,7 @@ impl Tokenizer {
 
     /// Whether `id` is a special token (control token), which generation output usually hides.
     pub fn is_special(&self, id: u32) -> bool {
-        self.inner
-            .get_added_vocabulary()
-            .get_added_tokens_decoder()
-            .get(&id)
-            .is_some_and(|t| t.special)
+        self.inner.get_added_vocabulary().get_added_tokens_decoder().get(&id).is_some_and(|t| t.special)
     }
 
     /// End-of-sequence id; generation stops on it.
@@ -673,20 +651,14 @@ mod tests {
     fn splits(pre: BytePre, text: &str) -> Vec<String> {
         let mut s = PreTokenizedString::from(text);
         pre.pre_tokenizer().unwrap().pre_tokenize(&mut s).unwrap();
-        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
-            .into_iter()
-            .map(|(p, _, _)| p.to_string())
-            .collect()
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(p, _, _)| p.to_string()).collect()
     }
 
     #[test]
     fn smollm_splits_digits_one_by_one_without_prefix_space() {
         // "Ġ" is the byte-level spelling of a space, "Ċ" of a newline, "ĉ" of a tab. GPT-2's
         // pattern attaches only a literal space to a word, so the tab stands alone.
-        assert_eq!(
-            splits(BytePre::DigitsThenGpt2, "x = 123\n\tif"),
-            ["x", "Ġ=", "Ġ", "1", "2", "3", "Ċ", "ĉ", "if"]
-        );
+        assert_eq!(splits(BytePre::DigitsThenGpt2, "x = 123\n\tif"), ["x", "Ġ=", "Ġ", "1", "2", "3", "Ċ", "ĉ", "if"]);
         assert_eq!(splits(BytePre::DigitsThenGpt2, "def f"), ["def", "Ġf"]);
     }
 
@@ -730,14 +702,9 @@ mod tests {
             "tokenizer.ggml.tokens".to_string(),
             Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
         );
-        metadata.insert(
-            "tokenizer.ggml.token_type".to_string(),
-            Value::Array(types.into_iter().map(Value::I32).collect()),
-        );
-        metadata.insert(
-            "tokenizer.ggml.merges".to_string(),
-            Value::Array(vec![Value::String("Ġ a".into())]),
-        );
+        metadata
+            .insert("tokenizer.ggml.token_type".to_string(), Value::Array(types.into_iter().map(Value::I32).collect()));
+        metadata.insert("tokenizer.ggml.merges".to_string(), Value::Array(vec![Value::String("Ġ a".into())]));
         metadata.insert("tokenizer.ggml.bos_token_id".to_string(), Value::U32(0));
         metadata.insert("tokenizer.ggml.eos_token_id".to_string(), Value::U32(1));
         metadata.insert("tokenizer.ggml.add_bos_token".to_string(), Value::Bool(add_bos));

@@ -40,7 +40,8 @@ impl ValueHead {
     /// Polyak averaging `self ← λ·self + (1−λ)·src` (the target network's rule).
     pub fn polyak_from(&self, src: &ValueHead, lambda: f64) -> Result<()> {
         for (d, s) in [(&self.w, &src.w), (&self.b, &src.b)] {
-            let new = (d.as_detached_tensor().affine(lambda, 0.0)? + s.as_detached_tensor().affine(1.0 - lambda, 0.0)?)?;
+            let new =
+                (d.as_detached_tensor().affine(lambda, 0.0)? + s.as_detached_tensor().affine(1.0 - lambda, 0.0)?)?;
             d.set(&new)?;
         }
         Ok(())

@@ -29,7 +29,11 @@ fn to_device(model: &Llama, device: &Device) -> Llama {
         blocks: w
             .blocks
             .iter()
-            .map(|b| BlockWeights { attn_norm: mv(&b.attn_norm), proj: b.proj.clone().map(|p| mv(&p)), mlp_norm: mv(&b.mlp_norm) })
+            .map(|b| BlockWeights {
+                attn_norm: mv(&b.attn_norm),
+                proj: b.proj.clone().map(|p| mv(&p)),
+                mlp_norm: mv(&b.mlp_norm),
+            })
             .collect(),
         norm: mv(&w.norm),
         lm_head: w.lm_head.as_ref().map(mv),
@@ -55,9 +59,11 @@ fn greedy_generation_on_cuda_matches_the_cpu_and_ignores_padding() {
     let cfg = GenerateConfig { max_new_tokens: 24, temperature: 0.0, ..Default::default() };
     let batched = trainer::generate(&cuda.model, &cuda.tokenizer, &prompts, &cfg, None).expect("batched on the GPU");
     for (i, prompt) in prompts.iter().enumerate() {
-        let alone = trainer::generate(&cuda.model, &cuda.tokenizer, std::slice::from_ref(prompt), &cfg, None).expect("alone");
+        let alone =
+            trainer::generate(&cuda.model, &cuda.tokenizer, std::slice::from_ref(prompt), &cfg, None).expect("alone");
         assert_eq!(batched[i].tokens, alone[0].tokens, "{prompt:?}: batched with padding vs alone on the GPU");
-        let on_cpu = trainer::generate(&cpu.model, &cpu.tokenizer, std::slice::from_ref(prompt), &cfg, None).expect("on the CPU");
+        let on_cpu = trainer::generate(&cpu.model, &cpu.tokenizer, std::slice::from_ref(prompt), &cfg, None)
+            .expect("on the CPU");
         assert_eq!(alone[0].tokens, on_cpu[0].tokens, "{prompt:?}: GPU vs CPU");
         for (g, c) in alone[0].logprobs.iter().zip(&on_cpu[0].logprobs) {
             assert!((g - c).abs() < 1e-3, "{prompt:?}: log-probabilities {g} (GPU) vs {c} (CPU)");
@@ -66,7 +72,8 @@ fn greedy_generation_on_cuda_matches_the_cpu_and_ignores_padding() {
     // The production dtype: bf16 weights still generate, batched, to the full length or EOS.
     let bf16 = trainer::load_model(&path, &gpu()).expect("load in the GPU's default dtype");
     assert_eq!(bf16.model.dtype(), DType::BF16);
-    let out = trainer::generate(&bf16.model, &bf16.tokenizer, &prompts, &GenerateConfig::default(), None).expect("bf16");
+    let out =
+        trainer::generate(&bf16.model, &bf16.tokenizer, &prompts, &GenerateConfig::default(), None).expect("bf16");
     assert!(out.iter().all(|c| !c.tokens.is_empty() && c.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0)));
 }
 
@@ -101,7 +108,8 @@ fn lora_forward_and_gradients_on_cuda_match_the_cpu() {
         for frozen in w.blocks.iter().flat_map(|b| b.proj.iter()).chain(w.lm_head.iter()) {
             assert!(grads.get(frozen).is_none(), "a frozen weight got a gradient on {:?}", m.device());
         }
-        let g: Vec<Tensor> = m.adapter_vars("pi").iter().map(|v| grads.get(v.as_tensor()).expect("a gradient").clone()).collect();
+        let g: Vec<Tensor> =
+            m.adapter_vars("pi").iter().map(|v| grads.get(v.as_tensor()).expect("a gradient").clone()).collect();
         (logits, g)
     };
     let (l_cpu, g_cpu) = run(&on_cpu);
@@ -117,7 +125,15 @@ fn lora_forward_and_gradients_on_cuda_match_the_cpu() {
 #[test]
 fn etpo_updates_on_cuda_match_the_cpu() {
     let optim = AdamWConfig { lr: 3e-2, ..Default::default() };
-    let cfg = EtpoConfig { beta: 0.01, q_optim: optim, policy_optim: optim, lora_rank: 4, lora_alpha: 8.0, polyak: 0.8, ..Default::default() };
+    let cfg = EtpoConfig {
+        beta: 0.01,
+        q_optim: optim,
+        policy_optim: optim,
+        lora_rank: 4,
+        lora_alpha: 8.0,
+        polyak: 0.8,
+        ..Default::default()
+    };
     let mut on_cpu = tiny_model(7);
     let mut on_gpu = to_device(&on_cpu, &gpu());
     let mut t_cpu = EtpoTrainer::new(&mut on_cpu, cfg.clone()).unwrap();

@@ -34,7 +34,15 @@ fn train(task: Task, cfg: EtpoConfig, updates: usize, seed: u64) -> (Vec<f64>, E
         curve.push(task.p_good(&model, POLICY));
         if std::env::var("ETPO_TEST_VERBOSE").is_ok() {
             let r: f64 = b.iter().map(|t| t.reward).sum();
-            eprintln!("{i}: R={r} P(good)={:.3} q_loss={:.4} q_targ={:.4} q_taken={:.4} V(s)={:.4} kl={:.4}", curve[i + 1], m.q_loss, m.q_target_mean, m.q_taken_mean, m.start_value_mean, m.kl);
+            eprintln!(
+                "{i}: R={r} P(good)={:.3} q_loss={:.4} q_targ={:.4} q_taken={:.4} V(s)={:.4} kl={:.4}",
+                curve[i + 1],
+                m.q_loss,
+                m.q_target_mean,
+                m.q_taken_mean,
+                m.start_value_mean,
+                m.kl
+            );
         }
     }
     (curve, trainer, model)
@@ -79,16 +87,23 @@ fn the_soft_value_of_the_start_state_matches_the_learned_policys_return() {
         let (pi2, rho2) = (next_probs(&model, &ctx, Some(POLICY)), next_probs(&model, &ctx, None));
         for w2 in 0..16usize {
             let p = first_pi[w1 as usize] as f64 * pi2[w2] as f64;
-            let log_ratio = (first_pi[w1 as usize] as f64 / first_rho[w1 as usize] as f64).ln() + (pi2[w2] as f64 / rho2[w2] as f64).ln();
+            let log_ratio = (first_pi[w1 as usize] as f64 / first_rho[w1 as usize] as f64).ln()
+                + (pi2[w2] as f64 / rho2[w2] as f64).ln();
             let r = if w1 == GOOD { 1.0 } else { 0.0 };
             expected_reward += p * r;
             soft_return += p * (r - beta * log_ratio);
         }
     }
     let v = trainer.state_values(&model, &[PROMPT.to_vec()]).unwrap()[0];
-    eprintln!("P(good) {:.3} -> {:.3}; E[r] {expected_reward:.4}, soft return {soft_return:.4}, V(s0) {v:.4}", curve[0], curve[60]);
+    eprintln!(
+        "P(good) {:.3} -> {:.3}; E[r] {expected_reward:.4}, soft return {soft_return:.4}, V(s0) {v:.4}",
+        curve[0], curve[60]
+    );
     assert!(expected_reward > 0.5, "the policy should have learned the task first: E[r] = {expected_reward:.3}");
-    assert!((v - soft_return).abs() <= 0.2 * soft_return.abs(), "V(s0) = {v:.4} vs the policy's soft return {soft_return:.4}");
+    assert!(
+        (v - soft_return).abs() <= 0.2 * soft_return.abs(),
+        "V(s0) = {v:.4} vs the policy's soft return {soft_return:.4}"
+    );
 }
 
 #[test]
@@ -125,18 +140,28 @@ fn sweep() {
             _ => vec![Task::FirstToken, Task::TwoStep],
         };
         for &task in &tasks {
-            let seeds: Vec<u64> = std::env::var("ETPO_SWEEP_SEEDS").map(|s| s.split(',').map(|x| x.parse().unwrap()).collect()).unwrap_or(vec![11, 13]);
+            let seeds: Vec<u64> = std::env::var("ETPO_SWEEP_SEEDS")
+                .map(|s| s.split(',').map(|x| x.parse().unwrap()).collect())
+                .unwrap_or(vec![11, 13]);
             for seed in seeds {
                 let t0 = std::time::Instant::now();
                 let (curve, trainer, model) = train(task, cfg.clone(), updates, seed);
                 let pts: Vec<String> = curve.iter().step_by(10).map(|p| format!("{p:.2}")).collect();
-                eprintln!("[{set}] {task:?} seed {seed}: {} | reach0.5 {:?} ({:.1}s)", pts.join(" "), reached(&curve, 0.5), t0.elapsed().as_secs_f64());
+                eprintln!(
+                    "[{set}] {task:?} seed {seed}: {} | reach0.5 {:?} ({:.1}s)",
+                    pts.join(" "),
+                    reached(&curve, 0.5),
+                    t0.elapsed().as_secs_f64()
+                );
                 if std::env::var("ETPO_SWEEP_DIAG").is_ok() {
                     let ctx = |w: u32| [PROMPT.as_slice(), &[w]].concat();
                     let v1 = trainer.state_values(&model, &[ctx(GOOD), ctx(2), ctx(7)]).unwrap();
                     let s1 = |w: u32| task.second_state(&[w, 3]);
                     let v2 = trainer.state_values(&model, &[s1(GOOD), s1(2), s1(7), PROMPT.to_vec()]).unwrap();
-                    eprintln!("   V(s0,w1): good {:.3} bad {:.3} {:.3} | V(s1): good {:.3} bad {:.3} {:.3} | V(s0) {:.3}", v1[0], v1[1], v1[2], v2[0], v2[1], v2[2], v2[3]);
+                    eprintln!(
+                        "   V(s0,w1): good {:.3} bad {:.3} {:.3} | V(s1): good {:.3} bad {:.3} {:.3} | V(s0) {:.3}",
+                        v1[0], v1[1], v1[2], v2[0], v2[1], v2[2], v2[3]
+                    );
                 }
             }
         }

@@ -95,7 +95,8 @@ fn a_very_large_beta_keeps_the_policy_at_the_reference() {
         let mut model = tiny_model(7);
         let optim = AdamWConfig { lr, ..Default::default() };
         // No trust region: what is measured is where Eq. 7's target puts π.
-        let cfg = EtpoConfig { q_optim: optim, policy_optim: optim, policy_max_kl: None, ..config(QReadout::Dueling, beta) };
+        let cfg =
+            EtpoConfig { q_optim: optim, policy_optim: optim, policy_max_kl: None, ..config(QReadout::Dueling, beta) };
         let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
         let mut rng = Rng(5);
         for _ in 0..10 {
@@ -120,7 +121,8 @@ fn kl(p: &[f32], q: &[f32]) -> f64 {
 /// forward pass (not the trainer's batched one).
 fn step_kl(model: &trainer::model::Llama, batch: &[trainer::etpo::Transition], before: &[Vec<f32>]) -> f64 {
     let rows = action_contexts(batch);
-    rows.iter().zip(before).map(|(ctx, b)| kl(b, &next_probs(model, ctx, Some(POLICY)))).sum::<f64>() / rows.len() as f64
+    rows.iter().zip(before).map(|(ctx, b)| kl(b, &next_probs(model, ctx, Some(POLICY)))).sum::<f64>()
+        / rows.len() as f64
 }
 
 fn action_contexts(batch: &[trainer::etpo::Transition]) -> Vec<Vec<u32>> {
@@ -131,7 +133,13 @@ fn action_contexts(batch: &[trainer::etpo::Transition]) -> Vec<Vec<u32>> {
 fn the_policy_step_stays_inside_its_trust_region() {
     const MAX_KL: f64 = 0.002;
     let optim = AdamWConfig { lr: 3e-2, ..Default::default() };
-    let cfg = |max_kl| EtpoConfig { policy_optim: optim, policy_max_kl: max_kl, replay_capacity: 0, replay_sample: 0, ..tiny_etpo_config() };
+    let cfg = |max_kl| EtpoConfig {
+        policy_optim: optim,
+        policy_max_kl: max_kl,
+        replay_capacity: 0,
+        replay_sample: 0,
+        ..tiny_etpo_config()
+    };
     let (mut scaled, mut widest_free) = (0, 0f64);
     for (max_kl, seed) in [(Some(MAX_KL), 3), (None, 3)] {
         let mut model = tiny_model(7);
@@ -139,7 +147,8 @@ fn the_policy_step_stays_inside_its_trust_region() {
         let mut rng = Rng(seed);
         for _ in 0..4 {
             let b = Task::FirstToken.batch(&model, Some(POLICY), 16, &mut rng);
-            let before: Vec<Vec<f32>> = action_contexts(&b).iter().map(|c| next_probs(&model, c, Some(POLICY))).collect();
+            let before: Vec<Vec<f32>> =
+                action_contexts(&b).iter().map(|c| next_probs(&model, c, Some(POLICY))).collect();
             let m = trainer.update(&model, &b).unwrap();
             let measured = step_kl(&model, &b, &before);
             match max_kl {
@@ -174,7 +183,9 @@ fn the_target_moves_by_exactly_the_polyak_rule() {
         let expected: Vec<Vec<f32>> = target_before
             .iter()
             .zip(&q)
-            .map(|(t, q)| t.iter().zip(q).map(|(t, q)| (POLYAK * *t as f64 + (1.0 - POLYAK) * *q as f64) as f32).collect())
+            .map(|(t, q)| {
+                t.iter().zip(q).map(|(t, q)| (POLYAK * *t as f64 + (1.0 - POLYAK) * *q as f64) as f32).collect()
+            })
             .collect();
         let diff = max_diff(&adapter_values(&model, Q_TARGET), &expected);
         assert!(diff < 1e-7, "target off the Polyak rule by {diff}");
@@ -230,7 +241,13 @@ fn resume_from_a_checkpoint_gives_the_same_adapters() {
 #[test]
 fn the_data_buffer_is_replayed_and_bounded() {
     let mut model = tiny_model(3);
-    let cfg = EtpoConfig { replay_capacity: 20, replay_sample: 12, q_epochs: 1, policy_epochs: 1, ..config(QReadout::Dueling, 0.1) };
+    let cfg = EtpoConfig {
+        replay_capacity: 20,
+        replay_sample: 12,
+        q_epochs: 1,
+        policy_epochs: 1,
+        ..config(QReadout::Dueling, 0.1)
+    };
     let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
     let mut rng = Rng(4);
     let mut seen = Vec::new();
@@ -286,8 +303,10 @@ fn eq13_holds_on_the_tiny_model() {
     };
     let root = vec![PROMPT.to_vec()];
     let inner: Vec<Vec<u32>> = (0..v as u32).map(|w| [PROMPT.as_slice(), &[w]].concat()).collect();
-    let (pi0, rho0) = (math::log_softmax(&rows(&root, Some(POLICY))).unwrap(), math::log_softmax(&rows(&root, None)).unwrap());
-    let (pi1, rho1) = (math::log_softmax(&rows(&inner, Some(POLICY))).unwrap(), math::log_softmax(&rows(&inner, None)).unwrap());
+    let (pi0, rho0) =
+        (math::log_softmax(&rows(&root, Some(POLICY))).unwrap(), math::log_softmax(&rows(&root, None)).unwrap());
+    let (pi1, rho1) =
+        (math::log_softmax(&rows(&inner, Some(POLICY))).unwrap(), math::log_softmax(&rows(&inner, None)).unwrap());
     // Q(s, w1, w2) of every action: the Q-network's read-out at the contexts (s, w1).
     // (Any Q will do for the identity: the log-ratio part of the dueling read-out, value 0.)
     let zeros = Tensor::zeros(v, candle_core::DType::F32, &Device::Cpu).unwrap();
@@ -324,7 +343,8 @@ fn eq6_targets_of_a_two_step_episode_by_hand() {
     let model = tiny_model(5);
     let value = |model: &trainer::model::Llama, ctx: &[u32]| -> f64 {
         let ids = Tensor::new(ctx, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let z: Vec<f32> = model.forward(&ids, None, None).unwrap().squeeze(0).unwrap().get(ctx.len() - 1).unwrap().to_vec1().unwrap();
+        let z: Vec<f32> =
+            model.forward(&ids, None, None).unwrap().squeeze(0).unwrap().get(ctx.len() - 1).unwrap().to_vec1().unwrap();
         let p = next_probs(model, ctx, None);
         p.iter().zip(&z).map(|(p, z)| *p as f64 * *z as f64).sum()
     };
@@ -351,7 +371,10 @@ fn eq6_targets_of_a_two_step_episode_by_hand() {
             for (j, (g, w)) in g.iter().zip(want).enumerate() {
                 let last = j + 1 == want.len();
                 let w = if discount_inside && !last { gamma * w } else { *w };
-                assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "transition {i} token {j} (disc. {discount_inside}): {g} vs {w}");
+                assert!(
+                    (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "transition {i} token {j} (disc. {discount_inside}): {g} vs {w}"
+                );
             }
         }
     }

@@ -94,12 +94,8 @@ fn check_against_fixture(device: &Device, dtype: DType, tolerance: Option<f32>) 
         check("last row, reference top-k", &top, &floats(&case["last_top_values"]));
         check("first row", &first[..floats(&case["first_first"]).len()], &floats(&case["first_first"]));
 
-        let argmax = last
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i as u64)
-            .expect("non-empty row");
+        let argmax =
+            last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u64).expect("non-empty row");
         let want = case["last_argmax"].as_u64().expect("argmax");
         if tolerance.is_none() {
             assert_eq!(argmax, want, "{prompt:?}: argmax of the last row");
@@ -111,11 +107,15 @@ fn check_against_fixture(device: &Device, dtype: DType, tolerance: Option<f32>) 
         let mean = last.iter().map(|&v| f64::from(v)).sum::<f64>() / last.len() as f64;
         let max = last.iter().copied().fold(f32::MIN, f32::max);
         let min = last.iter().copied().fold(f32::MAX, f32::min);
-        check("last row, mean/min/max", &[mean as f32, min, max], &[
-            case["last_mean"].as_f64().expect("mean") as f32,
-            case["last_min"].as_f64().expect("min") as f32,
-            case["last_max"].as_f64().expect("max") as f32,
-        ]);
+        check(
+            "last row, mean/min/max",
+            &[mean as f32, min, max],
+            &[
+                case["last_mean"].as_f64().expect("mean") as f32,
+                case["last_min"].as_f64().expect("min") as f32,
+                case["last_max"].as_f64().expect("max") as f32,
+            ],
+        );
         eprintln!("{device:?} {dtype:?} {prompt:?}: {}", report.join(", "));
     }
 }

@@ -18,9 +18,8 @@ fn fixture(name: &str) -> Value {
 /// The default GGUF, checked against the file the fixtures were made from.
 fn default_gguf(expected_sha256: &str) -> PathBuf {
     let path = trainer::default_model_path();
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!("the default model {} is needed ({e}): run scripts/setup.sh model", path.display())
-    });
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("the default model {} is needed ({e}): run scripts/setup.sh model", path.display()));
     let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(digest, expected_sha256, "{} is not the GGUF the fixtures were made from", path.display());
     path
@@ -33,11 +32,7 @@ fn gguf_tokenizer(path: &Path) -> Tokenizer {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("an array of ids")
-        .iter()
-        .map(|x| x.as_u64().expect("an id") as u32)
-        .collect()
+    v.as_array().expect("an array of ids").iter().map(|x| x.as_u64().expect("an id") as u32).collect()
 }
 
 #[test]

@@ -14,31 +14,19 @@ use super::table::{self, ColumnKind, RawColumn};
 use super::{file_stem, DataError, Dataset};
 
 pub(super) fn load(path: &Path, target: &str) -> Result<Dataset, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
     parse(&text, path, target)
 }
 
 pub(super) fn parse(text: &str, path: &Path, target: &str) -> Result<Dataset, DataError> {
-    let err = |line: usize, message: String| DataError::Parse {
-        path: path.to_path_buf(),
-        line,
-        message,
-    };
+    let err = |line: usize, message: String| DataError::Parse { path: path.to_path_buf(), line, message };
     let mut relation: Option<String> = None;
     let mut columns: Vec<RawColumn> = Vec::new();
     let mut lines: Vec<usize> = Vec::new();
     let mut in_data = false;
     let mut data_line = 0;
 
-    for (index, raw) in text
-        .strip_prefix('\u{feff}')
-        .unwrap_or(text)
-        .lines()
-        .enumerate()
-    {
+    for (index, raw) in text.strip_prefix('\u{feff}').unwrap_or(text).lines().enumerate() {
         let line = index + 1;
         let content = raw.trim();
         if content.is_empty() || content.starts_with('%') {
@@ -52,11 +40,7 @@ pub(super) fn parse(text: &str, path: &Path, target: &str) -> Result<Dataset, Da
                 if fields.len() != columns.len() {
                     return Err(err(
                         line,
-                        format!(
-                            "expected {} values (one per attribute), found {}",
-                            columns.len(),
-                            fields.len()
-                        ),
+                        format!("expected {} values (one per attribute), found {}", columns.len(), fields.len()),
                     ));
                 }
                 fields
@@ -80,11 +64,7 @@ pub(super) fn parse(text: &str, path: &Path, target: &str) -> Result<Dataset, Da
                     return Err(err(line, format!("attribute `{name}` is declared twice")));
                 }
                 let kind = attribute_kind(rest.trim()).map_err(|m| err(line, m))?;
-                columns.push(RawColumn {
-                    name,
-                    kind,
-                    values: Vec::new(),
-                });
+                columns.push(RawColumn { name, kind, values: Vec::new() });
             }
             "@data" => {
                 in_data = true;
@@ -93,41 +73,26 @@ pub(super) fn parse(text: &str, path: &Path, target: &str) -> Result<Dataset, Da
             _ => {
                 return Err(err(
                     line,
-                    format!(
-                        "expected `@relation`, `@attribute` or `@data`, found `{}`",
-                        truncate(content)
-                    ),
+                    format!("expected `@relation`, `@attribute` or `@data`, found `{}`", truncate(content)),
                 ))
             }
         }
     }
 
     if !in_data {
-        return Err(DataError::Invalid {
-            path: path.to_path_buf(),
-            message: "no `@data` section".to_string(),
-        });
+        return Err(DataError::Invalid { path: path.to_path_buf(), message: "no `@data` section".to_string() });
     }
     if lines.is_empty() {
         return Err(err(data_line, "no data rows after `@data`".to_string()));
     }
-    let target_index = columns
-        .iter()
-        .position(|c| c.name == target)
-        .ok_or_else(|| DataError::Invalid {
-            path: path.to_path_buf(),
-            message: format!(
-                "no target attribute `{target}`; the attributes are: {}",
-                columns
-                    .iter()
-                    .map(|c| c.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        })?;
-    let name = relation
-        .filter(|r| !r.is_empty())
-        .unwrap_or_else(|| file_stem(path));
+    let target_index = columns.iter().position(|c| c.name == target).ok_or_else(|| DataError::Invalid {
+        path: path.to_path_buf(),
+        message: format!(
+            "no target attribute `{target}`; the attributes are: {}",
+            columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    })?;
+    let name = relation.filter(|r| !r.is_empty()).unwrap_or_else(|| file_stem(path));
     table::build(name, path, columns, &lines, target_index)
 }
 
@@ -166,14 +131,10 @@ fn take_token(s: &str) -> Result<(String, &str), String> {
                     out.push(c);
                 }
             }
-            Err(format!(
-                "a quoted name or value is never closed (missing `{q}`)"
-            ))
+            Err(format!("a quoted name or value is never closed (missing `{q}`)"))
         }
         Some(_) => {
-            let end = s
-                .find(|c: char| c.is_whitespace() || c == '{' || c == ',' || c == '}')
-                .unwrap_or(s.len());
+            let end = s.find(|c: char| c.is_whitespace() || c == '{' || c == ',' || c == '}').unwrap_or(s.len());
             Ok((s[..end].to_string(), &s[end..]))
         }
         None => Ok((String::new(), s)),
@@ -185,10 +146,7 @@ fn unquote(s: &str) -> Result<(String, bool), String> {
     if s.starts_with('\'') || s.starts_with('"') {
         let (token, rest) = take_token(s)?;
         if !rest.trim().is_empty() {
-            return Err(format!(
-                "unexpected `{}` after a quoted value",
-                truncate(rest.trim())
-            ));
+            return Err(format!("unexpected `{}` after a quoted value", truncate(rest.trim())));
         }
         Ok((token, true))
     } else {
@@ -198,10 +156,7 @@ fn unquote(s: &str) -> Result<(String, bool), String> {
 
 fn attribute_kind(s: &str) -> Result<ColumnKind, String> {
     if let Some(list) = s.strip_prefix('{') {
-        let inner = list
-            .trim_end()
-            .strip_suffix('}')
-            .ok_or("a nominal attribute's value list must end with `}`")?;
+        let inner = list.trim_end().strip_suffix('}').ok_or("a nominal attribute's value list must end with `}`")?;
         let values: Vec<String> = split_fields(inner)?
             .into_iter()
             .map(|v| v.ok_or("`?` cannot be a declared nominal value"))
@@ -212,13 +167,13 @@ fn attribute_kind(s: &str) -> Result<ColumnKind, String> {
     match word.to_ascii_lowercase().as_str() {
         "numeric" | "real" | "integer" => Ok(ColumnKind::Numeric),
         "string" => Ok(ColumnKind::Text),
-        "date" | "relational" => Err(format!(
-            "`{word}` attributes are not supported; convert the column to numeric or nominal"
-        )),
+        "date" | "relational" => {
+            Err(format!("`{word}` attributes are not supported; convert the column to numeric or nominal"))
+        }
         "" => Err("an @attribute needs a type (numeric, string or {values})".to_string()),
-        other => Err(format!(
-            "unknown attribute type `{other}`; expected numeric, real, integer, string or {{values}}"
-        )),
+        other => {
+            Err(format!("unknown attribute type `{other}`; expected numeric, real, integer, string or {{values}}"))
+        }
     }
 }
 
@@ -233,11 +188,7 @@ fn split_fields(s: &str) -> Result<Vec<Option<String>>, String> {
         } else {
             let end = rest.find(',').unwrap_or(rest.len());
             let raw = rest[..end].trim();
-            let value = if raw == "?" || raw.is_empty() {
-                None
-            } else {
-                Some(raw.to_string())
-            };
+            let value = if raw == "?" || raw.is_empty() { None } else { Some(raw.to_string()) };
             (value, &rest[end..])
         };
         out.push(value);
@@ -255,10 +206,8 @@ fn split_fields(s: &str) -> Result<Vec<Option<String>>, String> {
 
 /// A sparse row `{i v, j w}`: absent numeric values are 0, absent nominal values the first one.
 fn sparse_row(s: &str, columns: &[RawColumn]) -> Result<Vec<Option<String>>, String> {
-    let inner = s
-        .strip_prefix('{')
-        .and_then(|r| r.trim_end().strip_suffix('}'))
-        .ok_or("a sparse row must end with `}`")?;
+    let inner =
+        s.strip_prefix('{').and_then(|r| r.trim_end().strip_suffix('}')).ok_or("a sparse row must end with `}`")?;
     let mut values: Vec<Option<String>> = columns
         .iter()
         .map(|c| match &c.kind {
@@ -271,12 +220,9 @@ fn sparse_row(s: &str, columns: &[RawColumn]) -> Result<Vec<Option<String>>, Str
     }
     for pair in split_sparse_pairs(inner)? {
         let (index, value) = pair;
-        let slot = values.get_mut(index).ok_or_else(|| {
-            format!(
-                "sparse index {index} is out of range ({} attributes)",
-                columns.len()
-            )
-        })?;
+        let slot = values
+            .get_mut(index)
+            .ok_or_else(|| format!("sparse index {index} is out of range ({} attributes)", columns.len()))?;
         *slot = value;
     }
     Ok(values)
@@ -287,9 +233,8 @@ fn split_sparse_pairs(inner: &str) -> Result<Vec<(usize, Option<String>)>, Strin
     let mut rest = inner.trim_start();
     loop {
         let (index, after) = split_keyword(rest);
-        let index: usize = index
-            .parse()
-            .map_err(|_| format!("expected an attribute index in a sparse row, found `{index}`"))?;
+        let index: usize =
+            index.parse().map_err(|_| format!("expected an attribute index in a sparse row, found `{index}`"))?;
         let after = after.trim_start();
         let (value, after) = if after.starts_with('\'') || after.starts_with('"') {
             let (token, after) = take_token(after)?;
@@ -297,14 +242,7 @@ fn split_sparse_pairs(inner: &str) -> Result<Vec<(usize, Option<String>)>, Strin
         } else {
             let end = after.find(',').unwrap_or(after.len());
             let raw = after[..end].trim();
-            (
-                if raw == "?" || raw.is_empty() {
-                    None
-                } else {
-                    Some(raw.to_string())
-                },
-                &after[end..],
-            )
+            (if raw == "?" || raw.is_empty() { None } else { Some(raw.to_string()) }, &after[end..])
         };
         out.push((index, value));
         match after.strip_prefix(',') {
@@ -347,21 +285,13 @@ mod tests {
         assert_eq!(d.y, vec![1, 0, 0, 1]);
         // outlook: declared codes, the gap takes the most frequent (all tie: the smallest, sunny);
         // temperature: median of 85, 70, 64 = 70; note: sorted codes `a, b`=0, c=1, gap -> c.
-        assert_eq!(
-            d.x,
-            vec![
-                vec![0.0, 85.0, 0.0],
-                vec![1.0, 70.0, 1.0],
-                vec![2.0, 70.0, 1.0],
-                vec![0.0, 64.0, 1.0],
-            ]
-        );
-        assert!(d.notes.contains(
-            &"column `temperature`: 1 missing values imputed with the column median 70".to_string()
-        ));
-        assert!(d.notes.contains(
-            &"column `outlook`: categorical, encoded sunny=0, overcast=1, rainy day=2".to_string()
-        ));
+        assert_eq!(d.x, vec![vec![0.0, 85.0, 0.0], vec![1.0, 70.0, 1.0], vec![2.0, 70.0, 1.0], vec![0.0, 64.0, 1.0],]);
+        assert!(d
+            .notes
+            .contains(&"column `temperature`: 1 missing values imputed with the column median 70".to_string()));
+        assert!(d
+            .notes
+            .contains(&"column `outlook`: categorical, encoded sunny=0, overcast=1, rainy day=2".to_string()));
     }
 
     #[test]
@@ -407,23 +337,43 @@ mod tests {
     #[test]
     fn errors_name_the_line() {
         let cases = [
-            ("@relation r\n@attribute a numeric\n@attribute c {x,y}\n@data\n1,x\n2\n", "d.arff:6: error: expected 2 values (one per attribute), found 1"),
-            ("@relation r\n@attribute a numeric\n@attribute c {x,y}\n@data\nabc,x\n2,y\n", "d.arff:5: error: `abc` in numeric attribute `a` is not a finite number"),
-            ("@relation r\n@attribute a numeric\n@attribute c {x,y}\n@data\n1,x\n2,w\n", "d.arff:6: error: value `w` of `c` is not one of its declared values {x,y}"),
-            ("@relation r\n@attribute d date\n", "d.arff:2: error: `date` attributes are not supported; convert the column to numeric or nominal"),
-            ("@relation r\n@attribute a blob\n", "d.arff:2: error: unknown attribute type `blob`; expected numeric, real, integer, string or {values}"),
+            (
+                "@relation r\n@attribute a numeric\n@attribute c {x,y}\n@data\n1,x\n2\n",
+                "d.arff:6: error: expected 2 values (one per attribute), found 1",
+            ),
+            (
+                "@relation r\n@attribute a numeric\n@attribute c {x,y}\n@data\nabc,x\n2,y\n",
+                "d.arff:5: error: `abc` in numeric attribute `a` is not a finite number",
+            ),
+            (
+                "@relation r\n@attribute a numeric\n@attribute c {x,y}\n@data\n1,x\n2,w\n",
+                "d.arff:6: error: value `w` of `c` is not one of its declared values {x,y}",
+            ),
+            (
+                "@relation r\n@attribute d date\n",
+                "d.arff:2: error: `date` attributes are not supported; convert the column to numeric or nominal",
+            ),
+            (
+                "@relation r\n@attribute a blob\n",
+                "d.arff:2: error: unknown attribute type `blob`; expected numeric, real, integer, string or {values}",
+            ),
             ("@relation r\nhello\n", "d.arff:2: error: expected `@relation`, `@attribute` or `@data`, found `hello`"),
             ("@relation r\n@attribute a numeric\n@attribute c {x,y}\n", "d.arff: error: no `@data` section"),
-            ("@relation r\n@attribute a numeric\n@attribute c {x,y}\n@data\n", "d.arff:4: error: no data rows after `@data`"),
-            ("@relation r\n@attribute a numeric\n@attribute c {x,y}\n@data\n1,x\n", "d.arff: error: no target attribute `class`; the attributes are: a, c"),
-            ("@relation r\n@attribute 'a numeric\n", "d.arff:2: error: a quoted name or value is never closed (missing `'`)"),
+            (
+                "@relation r\n@attribute a numeric\n@attribute c {x,y}\n@data\n",
+                "d.arff:4: error: no data rows after `@data`",
+            ),
+            (
+                "@relation r\n@attribute a numeric\n@attribute c {x,y}\n@data\n1,x\n",
+                "d.arff: error: no target attribute `class`; the attributes are: a, c",
+            ),
+            (
+                "@relation r\n@attribute 'a numeric\n",
+                "d.arff:2: error: a quoted name or value is never closed (missing `'`)",
+            ),
         ];
         for (text, expected) in cases {
-            let target = if expected.contains("`class`") {
-                "class"
-            } else {
-                "c"
-            };
+            let target = if expected.contains("`class`") { "class" } else { "c" };
             let err = parse_str(text, target).unwrap_err();
             assert_eq!(err.to_string(), expected);
         }

@@ -29,9 +29,7 @@ pub(super) fn generate(name: &str) -> Result<Dataset, DataError> {
     match name {
         "balance_scale" => Ok(balance_scale()),
         "tic_tac_toe" => Ok(tic_tac_toe()),
-        _ => Err(DataError::UnknownBuiltin {
-            name: name.to_string(),
-        }),
+        _ => Err(DataError::UnknownBuiltin { name: name.to_string() }),
     }
 }
 
@@ -55,21 +53,11 @@ fn balance_scale() -> Dataset {
     }
     Dataset {
         name: "balance_scale".to_string(),
-        feature_names: [
-            "left-weight",
-            "left-distance",
-            "right-weight",
-            "right-distance",
-        ]
-        .map(String::from)
-        .to_vec(),
+        feature_names: ["left-weight", "left-distance", "right-weight", "right-distance"].map(String::from).to_vec(),
         class_names: ["L", "B", "R"].map(String::from).to_vec(),
         x,
         y,
-        notes: vec![
-            "generated: all 625 combinations of the four attributes in 1..=5 (UCI Balance Scale)"
-                .to_string(),
-        ],
+        notes: vec!["generated: all 625 combinations of the four attributes in 1..=5 (UCI Balance Scale)".to_string()],
     }
 }
 
@@ -78,21 +66,10 @@ const BLANK: u8 = 0;
 const O: u8 = 1;
 const X: u8 = 2;
 
-const LINES: [[usize; 3]; 8] = [
-    [0, 1, 2],
-    [3, 4, 5],
-    [6, 7, 8],
-    [0, 3, 6],
-    [1, 4, 7],
-    [2, 5, 8],
-    [0, 4, 8],
-    [2, 4, 6],
-];
+const LINES: [[usize; 3]; 8] = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 3, 6], [1, 4, 7], [2, 5, 8], [0, 4, 8], [2, 4, 6]];
 
 fn wins(board: &[u8; 9], player: u8) -> bool {
-    LINES
-        .iter()
-        .any(|line| line.iter().all(|&square| board[square] == player))
+    LINES.iter().any(|line| line.iter().all(|&square| board[square] == player))
 }
 
 /// Whether `board` is where a game (x first, stop at a win or a full board) can end, and if so
@@ -146,8 +123,7 @@ fn tic_tac_toe() -> Dataset {
         x,
         y,
         notes: vec![
-            "generated: all 958 legal end boards (UCI Tic-Tac-Toe Endgame); positive = x won"
-                .to_string(),
+            "generated: all 958 legal end boards (UCI Tic-Tac-Toe Endgame); positive = x won".to_string(),
             "squares encoded b (blank)=0, o=1, x=2".to_string(),
         ],
     }
@@ -178,11 +154,7 @@ mod tests {
         assert_eq!(d.feature_names.len(), 9);
         // Among the negatives: 16 draws (full boards) and 316 o wins.
         let full = |r: &Vec<f64>| r.iter().all(|&s| s != 0.0);
-        let draws =
-            d.x.iter()
-                .zip(&d.y)
-                .filter(|(r, &c)| c == 0 && full(r))
-                .count();
+        let draws = d.x.iter().zip(&d.y).filter(|(r, &c)| c == 0 && full(r)).count();
         assert_eq!(draws, 16);
     }
 
@@ -215,9 +187,6 @@ mod tests {
     #[test]
     fn unknown_builtin_names_the_known_ones() {
         let err = generate("iris").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "unknown builtin data set `iris`; expected one of: balance_scale, tic_tac_toe"
-        );
+        assert_eq!(err.to_string(), "unknown builtin data set `iris`; expected one of: balance_scale, tic_tac_toe");
     }
 }

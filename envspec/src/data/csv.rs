@@ -11,10 +11,7 @@ use super::table::{self, ColumnKind, RawColumn};
 use super::{file_stem, DataError, Dataset};
 
 pub(super) fn load(path: &Path, target: &str) -> Result<Dataset, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
     parse(&text, path, target)
 }
 
@@ -25,70 +22,40 @@ struct Record {
 }
 
 pub(super) fn parse(text: &str, path: &Path, target: &str) -> Result<Dataset, DataError> {
-    let err = |line: usize, message: String| DataError::Parse {
-        path: path.to_path_buf(),
-        line,
-        message,
-    };
+    let err = |line: usize, message: String| DataError::Parse { path: path.to_path_buf(), line, message };
     let mut records = records(text.strip_prefix('\u{feff}').unwrap_or(text), path)?.into_iter();
-    let header = records
-        .next()
-        .ok_or_else(|| err(1, "the file is empty; expected a header row".to_string()))?;
+    let header = records.next().ok_or_else(|| err(1, "the file is empty; expected a header row".to_string()))?;
     let names: Vec<String> = header.fields.into_iter().map(|(name, _)| name).collect();
     for (i, name) in names.iter().enumerate() {
         if names[..i].contains(name) {
-            return Err(err(
-                header.line,
-                format!("column `{name}` appears twice in the header"),
-            ));
+            return Err(err(header.line, format!("column `{name}` appears twice in the header")));
         }
     }
     let target_index = names.iter().position(|n| n == target).ok_or_else(|| {
-        err(
-            header.line,
-            format!(
-                "no target column `{target}` in the header; the columns are: {}",
-                names.join(", ")
-            ),
-        )
+        err(header.line, format!("no target column `{target}` in the header; the columns are: {}", names.join(", ")))
     })?;
 
     let mut columns: Vec<RawColumn> = names
         .iter()
-        .map(|name| RawColumn {
-            name: name.clone(),
-            kind: ColumnKind::Infer,
-            values: Vec::new(),
-        })
+        .map(|name| RawColumn { name: name.clone(), kind: ColumnKind::Infer, values: Vec::new() })
         .collect();
     let mut lines = Vec::new();
     for record in records {
         if record.fields.len() != names.len() {
             return Err(err(
                 record.line,
-                format!(
-                    "expected {} fields as in the header, found {}",
-                    names.len(),
-                    record.fields.len()
-                ),
+                format!("expected {} fields as in the header, found {}", names.len(), record.fields.len()),
             ));
         }
         for (column, (value, quoted)) in columns.iter_mut().zip(record.fields) {
             // A quoted empty string is still no value; a quoted "NA" is the text NA.
-            let missing = if quoted {
-                value.is_empty()
-            } else {
-                table::is_missing_csv(&value)
-            };
+            let missing = if quoted { value.is_empty() } else { table::is_missing_csv(&value) };
             column.values.push(if missing { None } else { Some(value) });
         }
         lines.push(record.line);
     }
     if lines.is_empty() {
-        return Err(err(
-            header.line,
-            "no data rows after the header".to_string(),
-        ));
+        return Err(err(header.line, "no data rows after the header".to_string()));
     }
     table::build(file_stem(path), path, columns, &lines, target_index)
 }
@@ -121,10 +88,7 @@ fn records(text: &str, path: &Path) -> Result<Vec<Record>, DataError> {
             match chars.next() {
                 None => {
                     fields.push(finish(field, quoted));
-                    out.push(Record {
-                        line: start,
-                        fields,
-                    });
+                    out.push(Record { line: start, fields });
                     return Ok(out);
                 }
                 Some('\n') => {
@@ -147,8 +111,7 @@ fn records(text: &str, path: &Path) -> Result<Vec<Record>, DataError> {
                                 return Err(DataError::Parse {
                                     path: path.to_path_buf(),
                                     line: open_line,
-                                    message: "a quoted field is never closed (missing `\"`)"
-                                        .to_string(),
+                                    message: "a quoted field is never closed (missing `\"`)".to_string(),
                                 })
                             }
                             Some('"') if chars.peek() == Some(&'"') => {
@@ -184,10 +147,7 @@ fn records(text: &str, path: &Path) -> Result<Vec<Record>, DataError> {
                 Some(c) => field.push(c),
             }
         }
-        out.push(Record {
-            line: start,
-            fields,
-        });
+        out.push(Record { line: start, fields });
     }
 }
 
@@ -221,15 +181,7 @@ mod tests {
         assert_eq!(d.y, vec![1, 0, 1, 0]);
         // age median of 30, 50, 20 is 30; colour codes blue=0, red=1, the gap gets red (2 of 3);
         // score median of 1.5, 2.5, 4.0 is 2.5.
-        assert_eq!(
-            d.x,
-            vec![
-                vec![30.0, 1.0, 1.5],
-                vec![30.0, 0.0, 2.5],
-                vec![50.0, 1.0, 2.5],
-                vec![20.0, 1.0, 4.0],
-            ]
-        );
+        assert_eq!(d.x, vec![vec![30.0, 1.0, 1.5], vec![30.0, 0.0, 2.5], vec![50.0, 1.0, 2.5], vec![20.0, 1.0, 4.0],]);
         assert_eq!(
             d.notes,
             vec![
@@ -248,61 +200,33 @@ mod tests {
         assert_eq!(d.feature_names, vec!["a", "b, with comma"]);
         assert_eq!(d.x, vec![vec![1.0, 2.0], vec![0.0, 3.0]]);
         assert_eq!(d.y, vec![0, 1]);
-        assert!(
-            d.notes
-                .iter()
-                .any(|n| n.contains("multi\nline=0, x \"1\"=1")),
-            "{:?}",
-            d.notes
-        );
+        assert!(d.notes.iter().any(|n| n.contains("multi\nline=0, x \"1\"=1")), "{:?}", d.notes);
     }
 
     #[test]
     fn errors_name_the_line() {
         let err = parse_str("a,b,t\n1,2,x\n\n3,4\n", "t").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "d.csv:4: error: expected 3 fields as in the header, found 2"
-        );
+        assert_eq!(err.to_string(), "d.csv:4: error: expected 3 fields as in the header, found 2");
         let err = parse_str("a,b\n1,2\n", "label").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "d.csv:1: error: no target column `label` in the header; the columns are: a, b"
-        );
+        assert_eq!(err.to_string(), "d.csv:1: error: no target column `label` in the header; the columns are: a, b");
         let err = parse_str("a,t\n\"1,x\n", "t").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "d.csv:2: error: a quoted field is never closed (missing `\"`)"
-        );
+        assert_eq!(err.to_string(), "d.csv:2: error: a quoted field is never closed (missing `\"`)");
         let err = parse_str("a,t\n\"1\"2,x\n", "t").unwrap_err();
         assert_eq!(
             err.to_string(),
             "d.csv:2: error: unexpected `2` after a closing quote; expected `,` or the end of the line"
         );
         let err = parse_str("", "t").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "d.csv:1: error: the file is empty; expected a header row"
-        );
+        assert_eq!(err.to_string(), "d.csv:1: error: the file is empty; expected a header row");
         let err = parse_str("a,t\n", "t").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "d.csv:1: error: no data rows after the header"
-        );
+        assert_eq!(err.to_string(), "d.csv:1: error: no data rows after the header");
         let err = parse_str("a,a,t\n1,2,x\n", "t").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "d.csv:1: error: column `a` appears twice in the header"
-        );
+        assert_eq!(err.to_string(), "d.csv:1: error: column `a` appears twice in the header");
     }
 
     #[test]
     fn a_missing_file_is_an_io_error_naming_it() {
         let err = load(Path::new("/nonexistent/dir/x.csv"), "t").unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("/nonexistent/dir/x.csv: error: cannot read the data file:"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("/nonexistent/dir/x.csv: error: cannot read the data file:"), "{err}");
     }
 }

@@ -152,11 +152,7 @@ pub enum DataError {
         source: std::io::Error,
     },
     #[error("{}:{line}: error: {message}", path.display())]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    Parse { path: PathBuf, line: usize, message: String },
     #[error("{}: error: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
     #[error("unknown builtin data set `{name}`; expected one of: {}", BUILTINS.join(", "))]
@@ -188,9 +184,7 @@ pub fn load(source: &DataSource, base_dir: &Path) -> Result<Dataset, DataError> 
 
 /// The short name of a data file: its stem.
 fn file_stem(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
 }
 
 #[cfg(test)]
@@ -199,16 +193,11 @@ mod tests {
 
     /// The repository's `envs/` folder (the shipped CSVs live in `envs/data/`).
     fn envs_dir() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("envs")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("envs")
     }
 
     fn csv(file: &str, target: &str) -> DataSource {
-        DataSource::Csv {
-            path: PathBuf::from("data").join(file),
-            target: target.to_string(),
-        }
+        DataSource::Csv { path: PathBuf::from("data").join(file), target: target.to_string() }
     }
 
     #[test]
@@ -218,20 +207,14 @@ mod tests {
         assert_eq!((d.x.len(), d.feature_names.len()), (699, 9));
         assert_eq!(d.class_names, vec!["benign", "malignant"]);
         assert_eq!(d.class_counts(), vec![458, 241]);
-        assert_eq!(
-            d.notes,
-            vec!["column `Bare_Nuclei`: 16 missing values imputed with the column median 1"]
-        );
+        assert_eq!(d.notes, vec!["column `Bare_Nuclei`: 16 missing values imputed with the column median 1"]);
         assert!(d.x.iter().flatten().all(|v| (1.0..=10.0).contains(v)));
     }
 
     #[test]
     fn diabetes_is_mass_pima_with_532_complete_rows() {
         let d = load(&csv("diabetes.csv", "type"), &envs_dir()).unwrap();
-        assert_eq!(
-            d.feature_names,
-            vec!["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
-        );
+        assert_eq!(d.feature_names, vec!["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]);
         assert_eq!(d.class_names, vec!["No", "Yes"]);
         assert_eq!(d.class_counts(), vec![355, 177]);
         assert!(d.notes.is_empty(), "{:?}", d.notes);
@@ -270,13 +253,7 @@ mod tests {
         let first: Vec<Vec<f64>> = s.x_train[..3].to_vec();
         let mut order: Vec<usize> = (0..625).collect();
         SplitMix64::new(0).shuffle(&mut order);
-        assert_eq!(
-            first,
-            order[..3]
-                .iter()
-                .map(|&i| d.x[i].clone())
-                .collect::<Vec<_>>()
-        );
+        assert_eq!(first, order[..3].iter().map(|&i| d.x[i].clone()).collect::<Vec<_>>());
         // Computed independently (a Python transcription of SplitMix64 + Fisher–Yates).
         assert_eq!(&order[..5], &[192, 443, 337, 363, 423]);
     }
@@ -284,10 +261,6 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_the_base_dir() {
         let err = load(&csv("nope.csv", "t"), Path::new("/spec/dir")).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("/spec/dir/data/nope.csv: error:"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("/spec/dir/data/nope.csv: error:"), "{err}");
     }
 }

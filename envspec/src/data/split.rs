@@ -2,12 +2,7 @@
 
 use super::{Dataset, Split, SplitMix64};
 
-pub(super) fn split(
-    data: &Dataset,
-    seed: u64,
-    max_samples: Option<usize>,
-    train_fraction: f64,
-) -> Split {
+pub(super) fn split(data: &Dataset, seed: u64, max_samples: Option<usize>, train_fraction: f64) -> Split {
     let total = data.y.len();
     let mut order: Vec<usize> = (0..total).collect();
     SplitMix64::new(seed).shuffle(&mut order);
@@ -17,10 +12,7 @@ pub(super) fn split(
     repair(&mut order, &data.y, data.n_classes(), n_train, n);
 
     let rows = |range: &[usize]| -> (Vec<Vec<f64>>, Vec<usize>) {
-        range
-            .iter()
-            .map(|&i| (data.x[i].clone(), data.y[i]))
-            .unzip()
+        range.iter().map(|&i| (data.x[i].clone(), data.y[i])).unzip()
     };
     let (x_train, y_train) = rows(&order[..n_train]);
     let (x_val, y_val) = rows(&order[n_train..n]);
@@ -58,15 +50,9 @@ fn repair(order: &mut [usize], y: &[usize], n_classes: usize, n_train: usize, n:
                 continue;
             }
             let other = sides[1 - s];
-            let donor_range = if count(order, other, class) >= 2 {
-                other
-            } else {
-                (n, order.len())
-            };
+            let donor_range = if count(order, other, class) >= 2 { other } else { (n, order.len()) };
             let donor = (donor_range.0..donor_range.1).find(|&p| y[order[p]] == class);
-            let victim = (side.0..side.1)
-                .rev()
-                .find(|&p| count(order, side, y[order[p]]) >= 2);
+            let victim = (side.0..side.1).rev().find(|&p| count(order, side, y[order[p]]) >= 2);
             if let (Some(donor), Some(victim)) = (donor, victim) {
                 order.swap(donor, victim);
             }
@@ -134,12 +120,7 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, d.split(5, Some(40), 0.5));
         assert_eq!((a.x_train.len(), a.x_val.len()), (20, 20));
-        let mut ids: Vec<usize> = a
-            .x_train
-            .iter()
-            .chain(&a.x_val)
-            .map(|r| r[0] as usize)
-            .collect();
+        let mut ids: Vec<usize> = a.x_train.iter().chain(&a.x_val).map(|r| r[0] as usize).collect();
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), 40);
@@ -166,14 +147,8 @@ mod tests {
         let d = dataset(y, 2);
         for seed in 0..50 {
             let s = d.split(seed, Some(20), 0.5);
-            assert!(
-                s.y_train.contains(&1) && s.y_val.contains(&1),
-                "seed {seed}"
-            );
-            assert!(
-                s.y_train.contains(&0) && s.y_val.contains(&0),
-                "seed {seed}"
-            );
+            assert!(s.y_train.contains(&1) && s.y_val.contains(&1), "seed {seed}");
+            assert!(s.y_train.contains(&0) && s.y_val.contains(&0), "seed {seed}");
         }
     }
 }

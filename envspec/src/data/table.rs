@@ -63,12 +63,8 @@ fn median(values: &mut [f64]) -> f64 {
 /// Show a list of categories compactly in a note.
 fn show_codes(categories: &[String]) -> String {
     const SHOWN: usize = 8;
-    let mut parts: Vec<String> = categories
-        .iter()
-        .take(SHOWN)
-        .enumerate()
-        .map(|(code, name)| format!("{name}={code}"))
-        .collect();
+    let mut parts: Vec<String> =
+        categories.iter().take(SHOWN).enumerate().map(|(code, name)| format!("{name}={code}")).collect();
     if categories.len() > SHOWN {
         parts.push(format!("... ({} categories)", categories.len()));
     }
@@ -84,29 +80,18 @@ pub(super) fn build(
     lines: &[usize],
     target: usize,
 ) -> Result<Dataset, DataError> {
-    let invalid = |message: String| DataError::Invalid {
-        path: path.to_path_buf(),
-        message,
-    };
+    let invalid = |message: String| DataError::Invalid { path: path.to_path_buf(), message };
     let mut notes = Vec::new();
     let target_col = &columns[target];
 
     // Rows without a label cannot be used for classification.
-    let keep: Vec<usize> = (0..lines.len())
-        .filter(|&r| target_col.values[r].is_some())
-        .collect();
+    let keep: Vec<usize> = (0..lines.len()).filter(|&r| target_col.values[r].is_some()).collect();
     let dropped = lines.len() - keep.len();
     if dropped > 0 {
-        notes.push(format!(
-            "{dropped} rows without a value for the target `{}` were dropped",
-            target_col.name
-        ));
+        notes.push(format!("{dropped} rows without a value for the target `{}` were dropped", target_col.name));
     }
     if keep.is_empty() {
-        return Err(invalid(format!(
-            "no rows with a value for the target column `{}`",
-            target_col.name
-        )));
+        return Err(invalid(format!("no rows with a value for the target column `{}`", target_col.name)));
     }
 
     let (class_names, y) = encode_target(path, target_col, &keep, lines)?;
@@ -129,30 +114,15 @@ pub(super) fn build(
                 feature_names.push(column.name.clone());
                 feature_columns.push(values);
             }
-            None => notes.push(format!(
-                "column `{}` has no values and was dropped",
-                column.name
-            )),
+            None => notes.push(format!("column `{}` has no values and was dropped", column.name)),
         }
     }
     if feature_columns.is_empty() {
-        return Err(invalid(format!(
-            "no feature columns besides the target `{}`",
-            target_col.name
-        )));
+        return Err(invalid(format!("no feature columns besides the target `{}`", target_col.name)));
     }
 
-    let x = (0..keep.len())
-        .map(|r| feature_columns.iter().map(|col| col[r]).collect())
-        .collect();
-    Ok(Dataset {
-        name,
-        feature_names,
-        class_names,
-        x,
-        y,
-        notes,
-    })
+    let x = (0..keep.len()).map(|r| feature_columns.iter().map(|col| col[r]).collect()).collect();
+    Ok(Dataset { name, feature_names, class_names, x, y, notes })
 }
 
 /// Class names and per-row class indices for the kept rows (all of which have a label).
@@ -162,10 +132,7 @@ fn encode_target(
     keep: &[usize],
     lines: &[usize],
 ) -> Result<(Vec<String>, Vec<usize>), DataError> {
-    let labels: Vec<&str> = keep
-        .iter()
-        .map(|&r| column.values[r].as_deref().unwrap_or_default())
-        .collect();
+    let labels: Vec<&str> = keep.iter().map(|&r| column.values[r].as_deref().unwrap_or_default()).collect();
     let class_names: Vec<String> = match &column.kind {
         ColumnKind::Nominal(declared) => {
             // Declared order, keeping only classes that occur: an absent class would make every
@@ -183,11 +150,7 @@ fn encode_target(
                     });
                 }
             }
-            declared
-                .iter()
-                .filter(|d| labels.contains(&d.as_str()))
-                .cloned()
-                .collect()
+            declared.iter().filter(|d| labels.contains(&d.as_str())).cloned().collect()
         }
         _ => {
             let numeric: Option<Vec<f64>> = labels.iter().map(|l| parse_number(l)).collect();
@@ -207,10 +170,7 @@ fn encode_target(
                         names[class].get_or_insert(label);
                         y.push(class);
                     }
-                    let names = names
-                        .into_iter()
-                        .map(|n| n.unwrap_or_default().to_string())
-                        .collect();
+                    let names = names.into_iter().map(|n| n.unwrap_or_default().to_string()).collect();
                     return Ok((names, y));
                 }
                 None => {
@@ -222,11 +182,7 @@ fn encode_target(
             }
         }
     };
-    let index: HashMap<&str, usize> = class_names
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.as_str(), i))
-        .collect();
+    let index: HashMap<&str, usize> = class_names.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
     let y = labels.iter().map(|l| index[l]).collect();
     Ok((class_names, y))
 }
@@ -255,10 +211,7 @@ fn encode_feature(
                     Some(s) => Some(parse_number(s).ok_or_else(|| DataError::Parse {
                         path: path.to_path_buf(),
                         line: lines[keep[i]],
-                        message: format!(
-                            "`{s}` in numeric attribute `{}` is not a finite number",
-                            column.name
-                        ),
+                        message: format!("`{s}` in numeric attribute `{}` is not a finite number", column.name),
                     })?),
                 });
             }
@@ -283,9 +236,7 @@ fn encode_feature(
                 column.name
             ));
         }
-        return Ok(Some(
-            values.into_iter().map(|v| v.unwrap_or(fill)).collect(),
-        ));
+        return Ok(Some(values.into_iter().map(|v| v.unwrap_or(fill)).collect()));
     }
 
     // Categorical: codes in declared order (ARFF nominal) or sorted order.
@@ -298,11 +249,7 @@ fn encode_feature(
             distinct
         }
     };
-    let index: HashMap<&str, usize> = categories
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.as_str(), i))
-        .collect();
+    let index: HashMap<&str, usize> = categories.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
     let mut codes = Vec::with_capacity(cells.len());
     for (i, cell) in cells.iter().enumerate() {
         codes.push(match cell {
@@ -318,44 +265,22 @@ fn encode_feature(
             })?),
         });
     }
-    notes.push(format!(
-        "column `{}`: categorical, encoded {}",
-        column.name,
-        show_codes(&categories)
-    ));
+    notes.push(format!("column `{}`: categorical, encoded {}", column.name, show_codes(&categories)));
     if n_missing > 0 {
         let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
         for code in codes.iter().flatten() {
             *counts.entry(*code).or_default() += 1;
         }
         // Most frequent code; BTreeMap order makes the smallest code win ties.
-        let mode = counts
-            .iter()
-            .fold(
-                (0, 0),
-                |best, (&code, &count)| {
-                    if count > best.1 {
-                        (code, count)
-                    } else {
-                        best
-                    }
-                },
-            )
-            .0;
+        let mode =
+            counts.iter().fold((0, 0), |best, (&code, &count)| if count > best.1 { (code, count) } else { best }).0;
         notes.push(format!(
             "column `{}`: {n_missing} missing values imputed with the most frequent value `{}`",
             column.name, categories[mode]
         ));
-        return Ok(Some(
-            codes
-                .into_iter()
-                .map(|c| c.unwrap_or(mode) as f64)
-                .collect(),
-        ));
+        return Ok(Some(codes.into_iter().map(|c| c.unwrap_or(mode) as f64).collect()));
     }
-    Ok(Some(
-        codes.into_iter().map(|c| c.unwrap_or(0) as f64).collect(),
-    ))
+    Ok(Some(codes.into_iter().map(|c| c.unwrap_or(0) as f64).collect()))
 }
 
 #[cfg(test)]
@@ -363,11 +288,7 @@ mod tests {
     use super::*;
 
     fn col(name: &str, kind: ColumnKind, values: &[Option<&str>]) -> RawColumn {
-        RawColumn {
-            name: name.to_string(),
-            kind,
-            values: values.iter().map(|v| v.map(str::to_string)).collect(),
-        }
+        RawColumn { name: name.to_string(), kind, values: values.iter().map(|v| v.map(str::to_string)).collect() }
     }
 
     #[test]
@@ -380,16 +301,8 @@ mod tests {
     #[test]
     fn numeric_target_classes_sort_numerically_and_merge_spellings() {
         let columns = vec![
-            col(
-                "a",
-                ColumnKind::Infer,
-                &[Some("1"), Some("2"), Some("3"), Some("4")],
-            ),
-            col(
-                "t",
-                ColumnKind::Infer,
-                &[Some("10"), Some("2"), Some("2.0"), Some("10")],
-            ),
+            col("a", ColumnKind::Infer, &[Some("1"), Some("2"), Some("3"), Some("4")]),
+            col("t", ColumnKind::Infer, &[Some("10"), Some("2"), Some("2.0"), Some("10")]),
         ];
         let d = build("t".into(), Path::new("f.csv"), columns, &[2, 3, 4, 5], 1).unwrap();
         assert_eq!(d.class_names, vec!["2", "10"]);
@@ -399,28 +312,14 @@ mod tests {
     #[test]
     fn categorical_missing_gets_the_mode_smallest_on_ties() {
         let columns = vec![
-            col(
-                "c",
-                ColumnKind::Infer,
-                &[Some("z"), Some("y"), None, Some("z"), Some("y")],
-            ),
-            col(
-                "t",
-                ColumnKind::Infer,
-                &[Some("a"), Some("b"), Some("a"), Some("b"), Some("a")],
-            ),
+            col("c", ColumnKind::Infer, &[Some("z"), Some("y"), None, Some("z"), Some("y")]),
+            col("t", ColumnKind::Infer, &[Some("a"), Some("b"), Some("a"), Some("b"), Some("a")]),
         ];
         let d = build("t".into(), Path::new("f.csv"), columns, &[2, 3, 4, 5, 6], 1).unwrap();
         // y=0, z=1; both occur twice, so the smaller code (y) fills the gap.
         let codes: Vec<f64> = d.x.iter().map(|r| r[0]).collect();
         assert_eq!(codes, vec![1.0, 0.0, 0.0, 1.0, 0.0]);
-        assert!(
-            d.notes
-                .iter()
-                .any(|n| n.contains("most frequent value `y`")),
-            "{:?}",
-            d.notes
-        );
+        assert!(d.notes.iter().any(|n| n.contains("most frequent value `y`")), "{:?}", d.notes);
     }
 
     #[test]

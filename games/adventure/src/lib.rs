@@ -156,11 +156,17 @@ impl Adventure {
     /// Plays one command.
     pub fn play(&mut self, action: &str) -> Outcome {
         if self.over {
-            return Outcome { observation: "The game is over.".into(), reward: 0.0, terminated: true, truncated: false };
+            return Outcome {
+                observation: "The game is over.".into(),
+                reward: 0.0,
+                terminated: true,
+                truncated: false,
+            };
         }
         self.moves += 1;
         let command = action.trim().to_ascii_lowercase();
-        let words: Vec<&str> = command.split_whitespace().filter(|w| !matches!(*w, "the" | "a" | "an" | "to")).collect();
+        let words: Vec<&str> =
+            command.split_whitespace().filter(|w| !matches!(*w, "the" | "a" | "an" | "to")).collect();
         let (text, reward, terminated) = match words.as_slice() {
             [] => ("Type a command: look, go DIRECTION, take ITEM, open chest, inventory.".to_string(), 0.0, false),
             ["look"] | ["l"] => (self.describe(), 0.0, false),
@@ -168,8 +174,18 @@ impl Adventure {
             ["go", d] | ["walk", d] => self.go(d),
             [d] if direction(d).is_some() => self.go(d),
             ["take", what] | ["get", what] | ["pick", "up", what] => self.take(what),
-            ["open", "chest"] | ["unlock", "chest"] | ["open", "chest", "with", "key"] | ["unlock", "chest", "with", "key"] => self.open(),
-            _ => (format!("I do not understand \"{}\". Commands: look, go DIRECTION, take ITEM, open chest, inventory.", action.trim()), 0.0, false),
+            ["open", "chest"]
+            | ["unlock", "chest"]
+            | ["open", "chest", "with", "key"]
+            | ["unlock", "chest", "with", "key"] => self.open(),
+            _ => (
+                format!(
+                    "I do not understand \"{}\". Commands: look, go DIRECTION, take ITEM, open chest, inventory.",
+                    action.trim()
+                ),
+                0.0,
+                false,
+            ),
         };
         if terminated {
             self.over = true;
@@ -177,7 +193,12 @@ impl Adventure {
         }
         if self.moves >= MAX_MOVES {
             self.over = true;
-            return Outcome { observation: format!("{text}\nYou are out of time."), reward, terminated: false, truncated: true };
+            return Outcome {
+                observation: format!("{text}\nYou are out of time."),
+                reward,
+                terminated: false,
+                truncated: true,
+            };
         }
         Outcome { observation: text, reward, terminated: false, truncated: false }
     }
@@ -260,7 +281,12 @@ impl text_game::TextGame for Adventure {
 
     fn step(&mut self, action: &str) -> text_game::Step {
         let o = self.play(action);
-        text_game::Step { observation: o.observation, reward: o.reward, terminated: o.terminated, truncated: o.truncated }
+        text_game::Step {
+            observation: o.observation,
+            reward: o.reward,
+            terminated: o.terminated,
+            truncated: o.truncated,
+        }
     }
 }
 
@@ -282,7 +308,8 @@ mod tests {
     }
 
     /// The walkthroughs for a key in the garden and in the library (seed 0).
-    pub const WALK_GARDEN: &[&str] = &["go north", "take lamp", "go south", "go south", "take key", "go north", "go east", "go down", "open chest"];
+    pub const WALK_GARDEN: &[&str] =
+        &["go north", "take lamp", "go south", "go south", "take key", "go north", "go east", "go down", "open chest"];
     pub const WALK_LIBRARY: &[&str] = &["n", "take lamp", "take key", "s", "e", "d", "open chest"];
 
     #[test]
@@ -333,7 +360,10 @@ mod tests {
         // (the key lies in the library for seed 0, not in the hall)
         assert!(g.play("LOOK").observation.starts_with("You are in the hall."));
         assert!(g.play("go west").observation.starts_with("You cannot go west from here."));
-        assert_eq!(g.play("go sideways").observation, "\"sideways\" is not a direction (north, south, east, west, up, down).");
+        assert_eq!(
+            g.play("go sideways").observation,
+            "\"sideways\" is not a direction (north, south, east, west, up, down)."
+        );
         assert_eq!(g.play("take the key").observation, "There is no key here.");
         assert!(g.play("sing").observation.starts_with("I do not understand \"sing\"."));
         assert_eq!(g.play("i").observation, "You carry nothing.");

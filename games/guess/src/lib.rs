@@ -225,7 +225,11 @@ mod tests {
                     won = o.reward == 1.0;
                     break;
                 }
-                if o.observation.contains("higher") { lo = mid + 1 } else { hi = mid - 1 }
+                if o.observation.contains("higher") {
+                    lo = mid + 1
+                } else {
+                    hi = mid - 1
+                }
             }
             assert!(won, "seed {seed}");
             assert!(total - 1.0 < PROGRESS);

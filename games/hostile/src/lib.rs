@@ -68,7 +68,12 @@ mod component {
         }
 
         fn step(action: String) -> StepResult {
-            let normal = |observation: String, reward: f64, terminated: bool| StepResult { observation, reward, terminated, truncated: false };
+            let normal = |observation: String, reward: f64, terminated: bool| StepResult {
+                observation,
+                reward,
+                terminated,
+                truncated: false,
+            };
             match behaviour(&action) {
                 Behaviour::Loop => spin(),
                 Behaviour::Alloc => {

@@ -9,12 +9,11 @@
 
 /// The secret words (common English words, all distinct).
 pub const WORDS: &[&str] = &[
-    "apple", "beach", "brain", "bread", "brick", "chair", "chest", "cloud", "crane", "dance",
-    "dream", "drink", "earth", "field", "flame", "fruit", "ghost", "glass", "grape", "green",
-    "heart", "horse", "house", "jelly", "knife", "lemon", "light", "money", "mouse", "music",
-    "night", "ocean", "paint", "paper", "party", "piano", "plant", "plate", "queen", "radio",
-    "river", "robot", "shirt", "shoes", "smile", "snake", "space", "spoon", "stone", "storm",
-    "sugar", "table", "tiger", "toast", "train", "truck", "water", "whale", "world", "zebra",
+    "apple", "beach", "brain", "bread", "brick", "chair", "chest", "cloud", "crane", "dance", "dream", "drink",
+    "earth", "field", "flame", "fruit", "ghost", "glass", "grape", "green", "heart", "horse", "house", "jelly",
+    "knife", "lemon", "light", "money", "mouse", "music", "night", "ocean", "paint", "paper", "party", "piano",
+    "plant", "plate", "queen", "radio", "river", "robot", "shirt", "shoes", "smile", "snake", "space", "spoon",
+    "stone", "storm", "sugar", "table", "tiger", "toast", "train", "truck", "water", "whale", "world", "zebra",
 ];
 
 /// Guesses per game.
@@ -57,7 +56,14 @@ pub fn score(secret: &[u8; 5], guess: &[u8; 5]) -> [Mark; 5] {
 
 /// The marks as text, e.g. `GY--G`.
 pub fn marks_text(marks: &[Mark; 5]) -> String {
-    marks.iter().map(|m| match m { Mark::Green => 'G', Mark::Yellow => 'Y', Mark::Gray => '-' }).collect()
+    marks
+        .iter()
+        .map(|m| match m {
+            Mark::Green => 'G',
+            Mark::Yellow => 'Y',
+            Mark::Gray => '-',
+        })
+        .collect()
 }
 
 /// What a step produced.
@@ -109,11 +115,8 @@ impl Wordle {
         if self.over {
             return Outcome { observation: "The game is over.".into(), reward: 0.0, terminated: true };
         }
-        let word: String = action
-            .split(|c: char| !c.is_ascii_alphabetic())
-            .find(|w| !w.is_empty())
-            .unwrap_or("")
-            .to_ascii_lowercase();
+        let word: String =
+            action.split(|c: char| !c.is_ascii_alphabetic()).find(|w| !w.is_empty()).unwrap_or("").to_ascii_lowercase();
         if word.len() != 5 {
             return Outcome {
                 observation: format!("{}Write a word of exactly five letters. Your guess:", self.board()),
@@ -150,18 +153,19 @@ impl Wordle {
                 terminated: true,
             };
         }
-        Outcome {
-            observation: format!("{}{left} guesses left. Your guess:", self.board()),
-            reward,
-            terminated: false,
-        }
+        Outcome { observation: format!("{}{left} guesses left. Your guess:", self.board()), reward, terminated: false }
     }
 
     /// The guesses so far with their marks, one per line, and the letters known to be absent.
     fn board(&self) -> String {
         let mut out = String::new();
         for (i, (g, m)) in self.history.iter().enumerate() {
-            out.push_str(&format!("{}. {} {}\n", i + 1, String::from_utf8_lossy(g).to_ascii_uppercase(), marks_text(m)));
+            out.push_str(&format!(
+                "{}. {} {}\n",
+                i + 1,
+                String::from_utf8_lossy(g).to_ascii_uppercase(),
+                marks_text(m)
+            ));
         }
         let mut absent: Vec<char> = Vec::new();
         for (g, _) in &self.history {

@@ -70,7 +70,7 @@ pub(crate) fn hidden_rows(
     let prefix_hidden = model.forward_step(&ids, Some(&mask), &mut cache, &opts)?;
     let h = prefix_hidden.dim(2)?;
     let last_rows = prefix_hidden.narrow(1, tp - 1, 1)?.squeeze(1)?; // [k, H]
-    // The rest of each span (the action tokens whose rows are needed), right-padded.
+                                                                     // The rest of each span (the action tokens whose rows are needed), right-padded.
     let b = spans.len();
     let rests: Vec<&[u32]> = spans.iter().map(|s| &s.tokens[s.start + 1..s.start + s.len]).collect();
     let ta = rests.iter().map(|r| r.len()).max().unwrap_or(0);
@@ -193,7 +193,8 @@ mod tests {
     /// Each span alone, unpadded.
     fn one_by_one(model: &Llama, spans: &[RowSpan], adapter: Option<&str>) -> Tensor {
         let opts = ForwardOptions { adapter, track_grad: false, dropout_seed: None };
-        let rows: Vec<Tensor> = spans.iter().map(|s| padded_hidden_rows(model, std::slice::from_ref(s), &opts).unwrap()).collect();
+        let rows: Vec<Tensor> =
+            spans.iter().map(|s| padded_hidden_rows(model, std::slice::from_ref(s), &opts).unwrap()).collect();
         Tensor::cat(&rows, 0).unwrap()
     }
 

@@ -15,7 +15,11 @@ fn err(path: &Path, message: impl Into<String>) -> TrainError {
 }
 
 /// Writes `tensors` and string `metadata` to `path` atomically.
-pub fn write_atomic(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String, String>) -> Result<(), TrainError> {
+pub fn write_atomic(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<(), TrainError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -67,7 +71,12 @@ pub fn meta<'a>(path: &Path, metadata: &'a HashMap<String, String>, key: &str) -
 
 /// Refuses a checkpoint whose `format` entry is not `expected` (one written by another trainer);
 /// `what` names the expected kind in the message, e.g. "an ETPO trainer checkpoint".
-pub fn check_format(path: &Path, metadata: &HashMap<String, String>, expected: &str, what: &str) -> Result<(), TrainError> {
+pub fn check_format(
+    path: &Path,
+    metadata: &HashMap<String, String>,
+    expected: &str,
+    what: &str,
+) -> Result<(), TrainError> {
     let format = meta(path, metadata, "format")?;
     if format != expected {
         return Err(err(path, format!("format `{format}`, expected `{expected}` ({what})")));
@@ -76,7 +85,11 @@ pub fn check_format(path: &Path, metadata: &HashMap<String, String>, expected: &
 }
 
 /// A required metadata entry parsed as JSON.
-pub fn meta_json<T: serde::de::DeserializeOwned>(path: &Path, metadata: &HashMap<String, String>, key: &str) -> Result<T, TrainError> {
+pub fn meta_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    metadata: &HashMap<String, String>,
+    key: &str,
+) -> Result<T, TrainError> {
     serde_json::from_str(meta(path, metadata, key)?).map_err(|e| err(path, format!("metadata `{key}`: {e}")))
 }
 
@@ -86,10 +99,21 @@ pub fn var_tensors(prefix: &str, vars: &[Var]) -> Vec<(String, Tensor)> {
 }
 
 /// Sets `vars` from the tensors saved by [`var_tensors`], checking count and shapes.
-pub fn restore_vars(path: &Path, tensors: &HashMap<String, Tensor>, prefix: &str, vars: &[Var]) -> Result<(), TrainError> {
-    let saved = tensors.keys().filter(|k| k.strip_prefix(prefix).is_some_and(|r| r.starts_with('.') && r[1..].parse::<usize>().is_ok())).count();
+pub fn restore_vars(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    vars: &[Var],
+) -> Result<(), TrainError> {
+    let saved = tensors
+        .keys()
+        .filter(|k| k.strip_prefix(prefix).is_some_and(|r| r.starts_with('.') && r[1..].parse::<usize>().is_ok()))
+        .count();
     if saved != vars.len() {
-        return Err(err(path, format!("`{prefix}` has {saved} tensors, the model expects {} (different LoRA configuration?)", vars.len())));
+        return Err(err(
+            path,
+            format!("`{prefix}` has {saved} tensors, the model expects {} (different LoRA configuration?)", vars.len()),
+        ));
     }
     for (i, v) in vars.iter().enumerate() {
         let key = format!("{prefix}.{i}");
@@ -108,10 +132,18 @@ pub fn optim_tensors(prefix: &str, opt: &super::AdamW) -> Vec<(String, Tensor)> 
 }
 
 /// Restores optimiser moments saved by [`optim_tensors`].
-pub fn restore_optim(path: &Path, tensors: &HashMap<String, Tensor>, prefix: &str, opt: &mut super::AdamW, steps: u64) -> Result<(), TrainError> {
+pub fn restore_optim(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    opt: &mut super::AdamW,
+    steps: u64,
+) -> Result<(), TrainError> {
     let own: HashMap<String, Tensor> = tensors
         .iter()
-        .filter_map(|(k, t)| k.strip_prefix(prefix).and_then(|r| r.strip_prefix('.')).map(|r| (r.to_string(), t.clone())))
+        .filter_map(|(k, t)| {
+            k.strip_prefix(prefix).and_then(|r| r.strip_prefix('.')).map(|r| (r.to_string(), t.clone()))
+        })
         .collect();
     opt.load_state(&own, steps).map_err(|m| err(path, m))
 }

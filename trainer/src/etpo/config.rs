@@ -177,7 +177,11 @@ impl EtpoConfig {
         if self.lora_rank == 0 {
             return Err("lora_rank must be at least 1".into());
         }
-        for (key, o) in [("q_optim", &self.q_optim), ("value_head_optim", &self.value_head_optim), ("policy_optim", &self.policy_optim)] {
+        for (key, o) in [
+            ("q_optim", &self.q_optim),
+            ("value_head_optim", &self.value_head_optim),
+            ("policy_optim", &self.policy_optim),
+        ] {
             if o.lr.is_nan() || o.lr <= 0.0 {
                 return Err(format!("{key}.lr must be positive, got {}", o.lr));
             }
@@ -195,7 +199,8 @@ pub fn set_key<T: Serialize + serde::de::DeserializeOwned>(cfg: &T, key: &str, v
     let mut node = &mut root;
     let parts: Vec<&str> = key.split('.').collect();
     for (i, part) in parts.iter().enumerate() {
-        let obj = node.as_object_mut().ok_or_else(|| format!("`{}` is not a group of settings", parts[..i].join(".")))?;
+        let obj =
+            node.as_object_mut().ok_or_else(|| format!("`{}` is not a group of settings", parts[..i].join(".")))?;
         node = obj.get_mut(*part).ok_or_else(|| format!("unknown setting `{key}`"))?;
     }
     *node = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));

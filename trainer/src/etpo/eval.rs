@@ -51,7 +51,8 @@ pub fn negative_log_likelihood(
         let n = targets.len();
         let targets = Tensor::from_vec(targets, n, model.device())?;
         let logp = math::log_softmax(&logit_rows(model, chunk, adapter, false, false)?)?;
-        out.sum -= math::taken_values(&logp, &targets)?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        out.sum -=
+            math::taken_values(&logp, &targets)?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         out.tokens += n;
     }
     Ok(out)

@@ -54,9 +54,11 @@ impl std::str::FromStr for QReadout {
         match s {
             "logits" => Ok(QReadout::Logits),
             "dueling" => Ok(QReadout::Dueling),
-            "log-ratio" => Err("the `log-ratio` Q read-out was removed: its soft value is pinned at 0, so rewards never \
+            "log-ratio" => {
+                Err("the `log-ratio` Q read-out was removed: its soft value is pinned at 0, so rewards never \
                  reached tokens before an action's last; use `dueling` (its value head makes the soft value free)"
-                .into()),
+                    .into())
+            }
             other => Err(format!("unknown Q read-out `{other}` (expected `dueling` or `logits`)")),
         }
     }
@@ -75,11 +77,19 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
 /// `ref_logp` is ρ's log-softmax at the same rows; `value` holds the Q-network's value head
 /// `V_ψ(c)` at the rows (`[N]`), which [`QReadout::Dueling`] needs and [`QReadout::Logits`]
 /// ignores.
-pub fn q_values(q_logits: &Tensor, value: Option<&Tensor>, ref_logp: &Tensor, readout: QReadout, beta: f64) -> Result<Tensor> {
+pub fn q_values(
+    q_logits: &Tensor,
+    value: Option<&Tensor>,
+    ref_logp: &Tensor,
+    readout: QReadout,
+    beta: f64,
+) -> Result<Tensor> {
     match readout {
         QReadout::Logits => q_logits.to_dtype(DType::F32),
         QReadout::Dueling => {
-            let value = value.ok_or_else(|| candle_core::Error::Msg("the dueling Q read-out needs the value head's values".into()))?;
+            let value = value.ok_or_else(|| {
+                candle_core::Error::Msg("the dueling Q read-out needs the value head's values".into())
+            })?;
             ((log_softmax(q_logits)? - ref_logp)? * beta)?.broadcast_add(&value.to_dtype(DType::F32)?.unsqueeze(1)?)
         }
     }
@@ -222,7 +232,10 @@ mod tests {
     fn q_readouts() {
         let ql = t(&[&[1.0, 2.0, 3.0]]);
         let rl = log_softmax(&t(&[&[0.0, 0.0, 0.0]])).unwrap();
-        assert_eq!(v1(&q_values(&ql, None, &rl, QReadout::Logits, 0.5).unwrap().squeeze(0).unwrap()), vec![1.0, 2.0, 3.0]);
+        assert_eq!(
+            v1(&q_values(&ql, None, &rl, QReadout::Logits, 0.5).unwrap().squeeze(0).unwrap()),
+            vec![1.0, 2.0, 3.0]
+        );
         // Dueling: V + β (log softmax(1,2,3) − log(1/3)), V = 0.7.
         let value = Tensor::new(&[0.7f32], &Device::Cpu).unwrap();
         let lse = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
@@ -240,7 +253,8 @@ mod tests {
         assert!(close(v1(&soft_value_under_reference(&ql, &rl, 0.5).unwrap())[0] as f64, want, 1e-6));
         // The policy target ∝ ρ·exp(Q/β) is π_Q, whatever V is.
         let tgt = policy_target_logp(&q, &rl, QReadout::Dueling, 0.5).unwrap();
-        let d = (tgt - log_softmax(&ql).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d =
+            (tgt - log_softmax(&ql).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-5, "{d}");
         // Q-network = ρ and V = 0 give Q = 0 and the policy target ρ itself.
         let zero = Tensor::new(&[0.0f32], &Device::Cpu).unwrap();

@@ -115,7 +115,11 @@ impl AdamW {
                 let key = format!("{name}.{suffix}");
                 let t = tensors.get(&key).ok_or_else(|| format!("optimiser state `{key}` is missing"))?;
                 if t.shape() != slot.shape() {
-                    return Err(format!("optimiser state `{key}` has shape {:?}, expected {:?}", t.shape(), slot.shape()));
+                    return Err(format!(
+                        "optimiser state `{key}` has shape {:?}, expected {:?}",
+                        t.shape(),
+                        slot.shape()
+                    ));
                 }
                 *slot = t.to_dtype(DType::F32).and_then(|t| t.to_device(slot.device())).map_err(|e| e.to_string())?;
             }

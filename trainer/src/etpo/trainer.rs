@@ -408,7 +408,9 @@ pub(crate) fn json<T: Serialize + ?Sized>(v: &T) -> Result<String, TrainError> {
 
 /// What both trainers do first: checks `batch`, groups it by state, and returns it with one row
 /// span per action and the metrics that follow from the batch alone.
-pub(crate) fn prepare_update(batch: &[Transition]) -> Result<(Vec<Transition>, Vec<RowSpan>, UpdateMetrics), TrainError> {
+pub(crate) fn prepare_update(
+    batch: &[Transition],
+) -> Result<(Vec<Transition>, Vec<RowSpan>, UpdateMetrics), TrainError> {
     validate_batch(batch)?;
     let batch = group_by_state(batch);
     let spans: Vec<RowSpan> = batch.iter().map(|t| RowSpan::action(&t.state, &t.action)).collect();
@@ -466,7 +468,14 @@ pub(crate) fn validate_batch(batch: &[Transition]) -> Result<(), TrainError> {
 
 /// Q-values `[rows, V]` at the rows of `spans` from one Q-network, per the configured read-out
 /// (detached unless `track_grad`).
-fn q_rows(model: &Llama, spans: &[RowSpan], net: QNet<'_>, track_grad: bool, ref_logp: &Tensor, cfg: &EtpoConfig) -> Result<Tensor, TrainError> {
+fn q_rows(
+    model: &Llama,
+    spans: &[RowSpan],
+    net: QNet<'_>,
+    track_grad: bool,
+    ref_logp: &Tensor,
+    cfg: &EtpoConfig,
+) -> Result<Tensor, TrainError> {
     let hidden = hidden_rows(model, spans, Some(net.adapter), track_grad, cfg.share_prefixes)?;
     let logits = model.logits(&hidden)?;
     let value = match cfg.q_readout {
@@ -525,7 +534,13 @@ struct TargetPhase {
 
 /// The soft Bellman targets of Eq. 6 for `batch` (`spans` are its action spans): soft values of
 /// every action context from π, the target network `q_bar` and ρ, and of every next state.
-fn compute_targets(model: &Llama, batch: &[Transition], spans: &[RowSpan], cfg: &EtpoConfig, q_bar: QNet<'_>) -> Result<TargetPhase, TrainError> {
+fn compute_targets(
+    model: &Llama,
+    batch: &[Transition],
+    spans: &[RowSpan],
+    cfg: &EtpoConfig,
+    q_bar: QNet<'_>,
+) -> Result<TargetPhase, TrainError> {
     let mb = cfg.micro_batch;
     let total_tokens: usize = batch.iter().map(|t| t.action.len()).sum();
     let (mut ref_logp, mut policy_logp): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
@@ -591,7 +606,12 @@ struct SoftValueRows {
 
 /// For one micro-batch of spans: `V(c) = Σ_w π(w|c)·Q(c, w) − β·KL(π‖ρ)(c)` at every row with
 /// the Q-network `net`, and what it was computed from.
-fn soft_value_rows(model: &Llama, spans: &[RowSpan], cfg: &EtpoConfig, net: QNet<'_>) -> Result<SoftValueRows, TrainError> {
+fn soft_value_rows(
+    model: &Llama,
+    spans: &[RowSpan],
+    cfg: &EtpoConfig,
+    net: QNet<'_>,
+) -> Result<SoftValueRows, TrainError> {
     let share = cfg.share_prefixes;
     let ref_logp = math::log_softmax(&logit_rows(model, spans, None, false, share)?)?;
     let pol_lp = math::log_softmax(&logit_rows(model, spans, Some(POLICY), false, share)?)?;
@@ -660,7 +680,9 @@ mod tests {
             .into_iter()
             .filter(|name| {
                 model.adapter_vars(name).iter().any(|v| {
-                    grads.get(v.as_tensor()).is_some_and(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+                    grads
+                        .get(v.as_tensor())
+                        .is_some_and(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
                 })
             })
             .collect()
@@ -677,7 +699,8 @@ mod tests {
         let ref_lp = math::log_softmax(&logit_rows(&model, &spans, None, false, true).unwrap()).unwrap();
         for readout in [math::QReadout::Logits, math::QReadout::Dueling] {
             let cfg = EtpoConfig { q_readout: readout, ..cfg.clone() };
-            let (q_loss, q, _) = q_loss_chunk(&model, &spans, &tokens, &targets, &ref_lp, &cfg, trainer.q_net()).unwrap();
+            let (q_loss, q, _) =
+                q_loss_chunk(&model, &spans, &tokens, &targets, &ref_lp, &cfg, trainer.q_net()).unwrap();
             assert_eq!(touched(&model, &q_loss), vec![Q], "{readout}");
             // A Q that differs from ρ, so that the policy loss has a gradient.
             let q = (q + targets.unsqueeze(1).unwrap().broadcast_as((5, 12)).unwrap()).unwrap();

@@ -154,11 +154,18 @@ impl Task {
             let a1 = sample_action(model, &PROMPT, 2, adapter, rng);
             let r = if a1[0] == GOOD { 1.0 } else { 0.0 };
             match self {
-                Task::FirstToken => out.push(Transition { state: PROMPT.to_vec(), action: a1, reward: r, next_state: None }),
+                Task::FirstToken => {
+                    out.push(Transition { state: PROMPT.to_vec(), action: a1, reward: r, next_state: None })
+                }
                 Task::TwoStep => {
                     let s1 = self.second_state(&a1);
                     let a2 = sample_action(model, &s1, 2, adapter, rng);
-                    out.push(Transition { state: PROMPT.to_vec(), action: a1, reward: 0.0, next_state: Some(s1.clone()) });
+                    out.push(Transition {
+                        state: PROMPT.to_vec(),
+                        action: a1,
+                        reward: 0.0,
+                        next_state: Some(s1.clone()),
+                    });
                     out.push(Transition { state: s1, action: a2, reward: r, next_state: None });
                 }
             }
