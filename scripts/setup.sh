@@ -15,10 +15,11 @@
 #     resolves the features of python/ alone and would compile them all again), and puts it
 #     beside the sources in python/etpo/ (import with PYTHONPATH=python). Both rebuild every time:
 #     cargo makes that quick when nothing changed;
+#   - `lint` (run by `make test`): rustfmt and clippy, added with rustup if missing;
 #   - optionally (`ref`, not part of the default), a reference environment (.venv-ref) with PyTorch,
 #     transformers, gguf and peft, used only to regenerate the trainer's test fixtures
 #     (trainer/tests/fixtures/make_fixtures.py) and by `etpo bench model`; never by the tests.
-# Usage: scripts/setup.sh [python] [model] [games] [pybind] [pybind-dev] [ref]   (no argument: python, model and games)
+# Usage: scripts/setup.sh [python] [model] [games] [lint] [pybind] [pybind-dev] [ref]   (no argument: python, model and games)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 what="${*:-python model games}"
@@ -74,6 +75,17 @@ setup_games() {
     # --target-dir: the specs point into games/target, whatever CARGO_TARGET_DIR says.
     cargo build --quiet --manifest-path "$root/games/Cargo.toml" --target-dir "$root/games/target" \
         --target wasm32-unknown-unknown --release
+}
+
+setup_lint() {
+    local have
+    have="$(rustup component list --installed 2>/dev/null || true)"
+    for c in rustfmt clippy; do
+        if ! grep -q "^$c" <<<"$have"; then
+            echo "setup: adding the rustup component $c" >&2
+            rustup component add "$c"
+        fi
+    done
 }
 
 setup_pytools() {
@@ -143,7 +155,8 @@ for w in $what; do
         pybind) setup_pybind ;;
         pybind-dev) setup_pybind_dev ;;
         games) setup_games ;;
+        lint) setup_lint ;;
         ref) setup_ref ;;
-        *) echo "setup: unknown part '$w' (python, model, games, pybind, pybind-dev, ref)" >&2; exit 2 ;;
+        *) echo "setup: unknown part '$w' (python, model, games, lint, pybind, pybind-dev, ref)" >&2; exit 2 ;;
     esac
 done

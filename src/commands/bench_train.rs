@@ -109,7 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if args.actions == 0 || args.states == 0 || args.action_tokens == 0 || args.prompt_tokens == 0 {
         bail!("--actions, --states, --action-tokens and --prompt-tokens must be positive");
     }
-    if args.actions % args.states != 0 {
+    if !args.actions.is_multiple_of(args.states) {
         bail!("--actions ({}) must be a multiple of --states ({})", args.actions, args.states);
     }
     let device = trainer::parse_device(&args.device)?;

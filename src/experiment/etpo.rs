@@ -109,7 +109,7 @@ struct ReplayRound {
 
 enum Learner {
     Etpo(Box<EtpoTrainer>),
-    PpoKl(PpoTrainer),
+    PpoKl(Box<PpoTrainer>),
 }
 
 impl Learner {
@@ -189,7 +189,9 @@ impl Trained {
             TrainerConfig::Etpo(cfg) => {
                 ("etpo", Learner::Etpo(Box::new(EtpoTrainer::new(model, cfg).map_err(train_err)?)))
             }
-            TrainerConfig::PpoKl(cfg) => ("ppo-kl", Learner::PpoKl(PpoTrainer::new(model, cfg).map_err(train_err)?)),
+            TrainerConfig::PpoKl(cfg) => {
+                ("ppo-kl", Learner::PpoKl(Box::new(PpoTrainer::new(model, cfg).map_err(train_err)?)))
+            }
         };
         policy.set_adapter(Some(POLICY.to_string()));
         Ok(Trained {

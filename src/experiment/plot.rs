@@ -95,6 +95,9 @@ fn draw(path: &Path, stats: &[SpecStats]) -> Result<(), Box<dyn std::error::Erro
     Ok(())
 }
 
+/// A chart with x coordinates `X` and a float y-axis.
+pub(crate) type StepsChart<'a, DB, X> = ChartContext<'a, DB, Cartesian2d<X, RangedCoordf64>>;
+
 /// A chart in the style of the run's figures: a title, environment steps on the x-axis, and y
 /// labels with one decimal.
 pub(crate) fn steps_chart<'a, DB, XR>(
@@ -103,7 +106,7 @@ pub(crate) fn steps_chart<'a, DB, XR>(
     x: XR,
     y: std::ops::Range<f64>,
     y_desc: &str,
-) -> Result<ChartContext<'a, DB, Cartesian2d<XR::CoordDescType, RangedCoordf64>>, DrawingAreaErrorKind<DB::ErrorType>>
+) -> Result<StepsChart<'a, DB, XR::CoordDescType>, DrawingAreaErrorKind<DB::ErrorType>>
 where
     DB: DrawingBackend + 'a,
     XR: AsRangedCoord,

@@ -186,7 +186,8 @@ impl Blas {
         let (dim, align) = if by_rows { (m, 8) } else { (n, 16) };
         let parts = if m * n * k < (1 << 18) { 1 } else { threads().min(dim.div_ceil(align)) };
         if parts == 1 {
-            self.raw(p, m, n, a.as_ptr(), b.as_ptr(), c, n);
+            // SAFETY: the caller's contract covers the whole product.
+            unsafe { self.raw(p, m, n, a.as_ptr(), b.as_ptr(), c, n) };
             return;
         }
         let chunk = dim.div_ceil(parts).next_multiple_of(align).min(dim);
@@ -248,25 +249,29 @@ impl Blas {
             // a stored transposed is strided by lda.
             let (trans, rows, cols) = if p.b_transposed { (NO_TRANS, n as i32, k) } else { (TRANS, k, n as i32) };
             let inc_a = if p.a_transposed { p.lda() as i32 } else { 1 };
-            (self.sgemv)(ROW_MAJOR, trans, rows, cols, p.alpha, b, ldb, a, inc_a, p.beta, c, 1)
+            // SAFETY: the pointers hold what the product reads and writes (this function's contract).
+            unsafe { (self.sgemv)(ROW_MAJOR, trans, rows, cols, p.alpha, b, ldb, a, inc_a, p.beta, c, 1) }
         } else {
             let (m, n) = (m as i32, n as i32);
-            (self.sgemm)(
-                ROW_MAJOR,
-                op(p.a_transposed),
-                op(p.b_transposed),
-                m,
-                n,
-                k,
-                p.alpha,
-                a,
-                p.lda() as i32,
-                b,
-                ldb,
-                p.beta,
-                c,
-                ldc as i32,
-            )
+            // SAFETY: as above.
+            unsafe {
+                (self.sgemm)(
+                    ROW_MAJOR,
+                    op(p.a_transposed),
+                    op(p.b_transposed),
+                    m,
+                    n,
+                    k,
+                    p.alpha,
+                    a,
+                    p.lda() as i32,
+                    b,
+                    ldb,
+                    p.beta,
+                    c,
+                    ldc as i32,
+                )
+            }
         }
     }
 }
