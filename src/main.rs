@@ -35,7 +35,8 @@ enum Command {
     /// Write the skeleton of a new text game (a Rust crate that builds into a WebAssembly
     /// component for `kind: wasm` specs).
     NewGame(commands::new_game::Args),
-    /// Benchmarks that print ratios measured side by side in one run.
+    /// Benchmarks: ratios against a baseline measured side by side in one run (sandbox, model),
+    /// absolute costs (train, games).
     #[command(subcommand)]
     Bench(commands::bench::Bench),
 }

@@ -481,6 +481,49 @@ fn the_budget_and_sampling_come_from_the_spec_unless_given() {
 }
 
 #[test]
+fn the_algorithm_comes_from_the_spec_unless_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(balance_scale()).unwrap();
+    let pinned = |name: &str, algorithm: &str| {
+        let body = text.replacen("name: balance_scale", &format!("name: {name}"), 1);
+        assert_ne!(body, text, "the spec is named balance_scale");
+        std::fs::write(
+            tmp.path().join(format!("{name}.yaml")),
+            format!("{body}\ntraining:\n  steps: 2\n  algorithm: {algorithm}\n"),
+        )
+        .unwrap();
+    };
+    pinned("a", "ppo-kl");
+    pinned("b", "etpo");
+    write_tiny_model(&tmp.path().join("tiny-model"));
+    let run = |specs: &[&str], extra: &[&str], out: &str| {
+        let mut args = vec!["run"];
+        args.extend(specs);
+        args.extend(["--model", "tiny-model", "--seeds", "0", "--workers", "1", "--no-progress", "--out", out]);
+        args.extend(extra);
+        etpo(&args, tmp.path())
+    };
+    let algo_of = |out: &str| -> Value {
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join(out).join("config.json")).unwrap()).unwrap();
+        config["config"]["algo"].clone()
+    };
+    ok(&run(&["a.yaml"], &[], "pinned"));
+    assert_eq!(algo_of("pinned"), "ppo-kl", "the spec's training.algorithm is used");
+    assert!(
+        tmp.path().join("pinned/metrics.jsonl").exists() || tmp.path().join("pinned/checkpoint.safetensors").exists(),
+        "PPO-KL trained"
+    );
+    ok(&run(&["a.yaml", "b.yaml"], &["--algo", "reflection"], "given"));
+    assert_eq!(algo_of("given"), "reflection", "--algo wins over the specs");
+    let out = run(&["a.yaml", "b.yaml"], &[], "mixed");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a.yaml pins training.algorithm ppo-kl but") && err.contains("b.yaml pins etpo"), "{err}");
+    assert!(!tmp.path().join("mixed").exists(), "nothing is written");
+}
+
+#[test]
 fn a_tiny_model_runs_the_loop() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("tiny-model");

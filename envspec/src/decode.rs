@@ -77,7 +77,7 @@ pub const MULTICLASS: &[(&str, Multiclass)] = &[("ovo", Multiclass::Ovo), ("ovr"
 pub const METRICS: &[(&str, Metric)] = &[("roc_auc", Metric::RocAuc)];
 /// The names of `training.algorithm:`.
 pub const ALGORITHMS: &[(&str, Algorithm)] =
-    &[("etpo", Algorithm::Etpo), ("ppo_kl", Algorithm::PpoKl), ("reflection", Algorithm::Reflection)];
+    &[("etpo", Algorithm::Etpo), ("ppo-kl", Algorithm::PpoKl), ("reflection", Algorithm::Reflection)];
 
 /// The default assembly for `kind: sklearn`: the action is the body of the paper's `build_model`.
 pub const DEFAULT_SKLEARN_ASSEMBLE: &str =

@@ -213,9 +213,10 @@ pub struct Example {
     pub action: String,
 }
 
-/// Training algorithms a spec can pin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// The algorithms of `etpo run --algo`, which a spec can pin with `training.algorithm`.
+/// Names (CLI, spec, run folders): `etpo`, `ppo-kl`, `reflection` ([`crate::ALGORITHMS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Algorithm {
     /// Entropy-regularized token-level policy optimization (the paper).
     Etpo,
@@ -225,10 +226,26 @@ pub enum Algorithm {
     Reflection,
 }
 
+impl Algorithm {
+    /// Its name, as `--algo` and `training.algorithm` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Etpo => "etpo",
+            Algorithm::PpoKl => "ppo-kl",
+            Algorithm::Reflection => "reflection",
+        }
+    }
+
+    /// Whether it trains the model (ETPO, PPO-KL) or only samples from it (Reflection).
+    pub fn trains(self) -> bool {
+        matches!(self, Algorithm::Etpo | Algorithm::PpoKl)
+    }
+}
+
 /// Optional hyper-parameters; `None` leaves the trainer's default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TrainingOverrides {
-    /// Which algorithm trains.
+    /// The algorithm `etpo run` uses for this spec when `--algo` is not given.
     pub algorithm: Option<Algorithm>,
     /// Environment steps (actions) in total per seed, k in the paper.
     pub steps: Option<u64>,

@@ -1,5 +1,5 @@
-//! `etpo bench ...`: each benchmark measures etpo against its baseline side by side in one run
-//! and prints the ratios.
+//! `etpo bench ...`: `sandbox` and `model` measure etpo against a baseline side by side in one
+//! run and print the ratios; `train` and `games` print absolute costs (with the CPU model).
 
 use clap::Subcommand;
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
-use etpo::experiment::etpo::{batch_reward_png, read_metrics, MetricsRecord, METRICS, RUNNING_MEAN_UPDATES};
+use etpo::experiment::trained::{batch_reward_png, read_metrics, MetricsRecord, METRICS, RUNNING_MEAN_UPDATES};
 
 #[derive(clap::Args)]
 pub struct Args {

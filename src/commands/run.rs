@@ -8,39 +8,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use envspec::Algorithm;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use etpo::experiment::{
-    self, hex, plot, read_steps, run_loop, summary, Algorithm, LlmPolicy, Observer, Policy, Reflection, SamplingConfig,
-    ScriptedPolicy, SpecStats, StepLog, StepRecord, Task, TrainSchedule, Trained, TrainerConfig,
+    self, hex, plot, read_steps, run_loop, summary, Agent, LlmPolicy, Observer, Policy, Reflection, SamplingConfig,
+    ScriptedPolicy, SpecRun, SpecStats, StepLog, StepRecord, TrainSchedule, Trained, TrainerConfig,
 };
 
-/// The learning algorithm.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Algo {
-    /// The paper's Reflection baseline: no training, best reward found within k steps.
-    Reflection,
-    /// ETPO: token-level soft Q-learning and policy optimisation (trains LoRA adapters).
-    Etpo,
-    /// The paper's PPO-KL baseline: action-level PPO with a KL penalty in the reward.
-    PpoKl,
-}
-
-impl Algo {
-    fn name(self) -> &'static str {
-        match self {
-            Algo::Reflection => "reflection",
-            Algo::Etpo => "etpo",
-            Algo::PpoKl => "ppo-kl",
-        }
-    }
-
-    fn trains(self) -> bool {
-        matches!(self, Algo::Etpo | Algo::PpoKl)
-    }
+/// `--algo`'s parser: the names of [`envspec::ALGORITHMS`].
+fn algorithm_arg() -> impl clap::builder::TypedValueParser<Value = Algorithm> {
+    use clap::builder::TypedValueParser as _;
+    let names: Vec<&'static str> = envspec::ALGORITHMS.iter().map(|(n, _)| *n).collect();
+    clap::builder::PossibleValuesParser::new(names).try_map(|name| {
+        envspec::ALGORITHMS.iter().find(|(n, _)| *n == name).map(|(_, a)| *a).ok_or(format!("unknown algorithm {name}"))
+    })
 }
 
 /// Hyper-parameters of `--algo etpo` and `--algo ppo-kl`. Each is also read from the specs'
@@ -114,9 +98,10 @@ pub struct Args {
     /// Spec files, or folders whose *.yaml / *.yml files are all run.
     #[arg(required_unless_present = "resume", conflicts_with = "resume")]
     paths: Vec<PathBuf>,
-    /// The algorithm.
-    #[arg(long, value_enum, default_value = "reflection", conflicts_with = "resume")]
-    algo: Algo,
+    /// The algorithm: reflection (no training), etpo or ppo-kl (default: the specs'
+    /// `training.algorithm`, else reflection).
+    #[arg(long, value_parser = algorithm_arg(), conflicts_with = "resume")]
+    algo: Option<Algorithm>,
     /// Environment steps per spec and seed, the paper's k (default: the spec's
     /// `training.steps`, else 10).
     #[arg(long, conflicts_with = "resume")]
@@ -176,7 +161,7 @@ pub struct Args {
 struct RunConfig {
     /// Absolute spec paths, in run order.
     specs: Vec<PathBuf>,
-    algo: Algo,
+    algo: Algorithm,
     /// As given on the command line; each spec's resolved budget is in `specs[].steps`.
     steps: Option<u32>,
     seeds: Option<Vec<u64>>,
@@ -271,7 +256,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         let spec = Arc::new(spec);
         let env = runtime::env::Task::load(spec.clone(), &host)
             .with_context(|| format!("{}: preparing the environment", entry.file.path.display()))?;
-        tasks.push(Task { spec, env, seeds: entry.seeds.clone(), steps: entry.steps });
+        tasks.push(SpecRun { spec, env, seeds: entry.seeds.clone(), steps: entry.steps });
     }
 
     let load_llm = || -> anyhow::Result<LlmPolicy> {
@@ -279,7 +264,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         eprintln!("loading {} on {}", model.display(), config.device);
         Ok(LlmPolicy::load(&model, &config.device, sampling_config(&config))?)
     };
-    let mut algorithm: Box<dyn Algorithm> = if config.algo.trains() {
+    let mut agent: Box<dyn Agent> = if config.algo.trains() {
         let specs: Vec<&envspec::Spec> = tasks.iter().map(|t| t.spec.as_ref()).collect();
         let (trainer_config, schedule) = train_config(&config, &specs)?;
         Box::new(Trained::new(load_llm()?, trainer_config, schedule)?)
@@ -312,7 +297,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let mut bars = Bars::new(&resumed_stats, args.no_progress);
     let steps_path = dir.join("steps.jsonl");
     let mut log = StepLog::append(&steps_path)?;
-    let outcome = run_loop(&tasks, algorithm.as_mut(), &dir, &mut log, &previous, &mut bars, &stop);
+    let outcome = run_loop(&tasks, agent.as_mut(), &dir, &mut log, &previous, &mut bars, &stop);
     bars.finish();
 
     // Summaries come from the log itself, so they are right also after an error or Ctrl-C.
@@ -402,7 +387,7 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
     };
     let config = RunConfig {
         specs: specs.iter().map(|(_, e)| e.file.path.clone()).collect(),
-        algo: args.algo,
+        algo: resolve_algorithm(args.algo, &specs)?,
         steps: args.steps,
         seeds: args.seeds.clone(),
         policy: args.policy,
@@ -466,7 +451,7 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
             }
             dir.clone()
         }
-        None => unique_dir(&Path::new("runs").join(format!("{}-{}", utc_timestamp(now, false), args.algo.name()))),
+        None => unique_dir(&Path::new("runs").join(format!("{}-{}", utc_timestamp(now, false), config.algo.name()))),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let manifest = Manifest {
@@ -518,6 +503,30 @@ fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, V
 /// The budget when neither `--steps` nor the spec's `training.steps` sets one.
 const DEFAULT_STEPS: u32 = 10;
 
+/// The run's algorithm: `--algo`, else the one the specs pin with `training.algorithm` (they
+/// must agree), else Reflection.
+fn resolve_algorithm(cli: Option<Algorithm>, specs: &[(envspec::Spec, SpecEntry)]) -> anyhow::Result<Algorithm> {
+    if let Some(a) = cli {
+        return Ok(a);
+    }
+    let mut pinned: Option<(Algorithm, &Path)> = None;
+    for (spec, entry) in specs {
+        let Some(a) = spec.training.algorithm else { continue };
+        match pinned {
+            Some((b, first)) if b != a => bail!(
+                "{} pins training.algorithm {} but {} pins {}; one run has one algorithm: choose it with --algo",
+                first.display(),
+                b.name(),
+                entry.file.path.display(),
+                a.name()
+            ),
+            Some(_) => {}
+            None => pinned = Some((a, &entry.file.path)),
+        }
+    }
+    Ok(pinned.map_or(Algorithm::Reflection, |(a, _)| a))
+}
+
 /// Environment steps per update when neither `--update-every` nor `training.batch_size` sets it
 /// (16: the batch ETPO's defaults were chosen with, README "ETPO").
 const DEFAULT_UPDATE_EVERY: usize = 16;
@@ -562,7 +571,7 @@ fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<
     let t = training_block(specs)?;
     let f = &config.train;
     let trainer_config = match config.algo {
-        Algo::Etpo => {
+        Algorithm::Etpo => {
             let mut c = trainer::etpo::EtpoConfig::default();
             c.apply_spec(&t);
             c.beta = f.beta.unwrap_or(c.beta);
@@ -579,7 +588,7 @@ fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<
             c.validate().map_err(|e| anyhow::anyhow!("--algo etpo: {e}"))?;
             TrainerConfig::Etpo(c)
         }
-        Algo::PpoKl => {
+        Algorithm::PpoKl => {
             if f.polyak.is_some() || f.q_readout.is_some() || f.disc {
                 bail!("--polyak, --q-readout and --disc are ETPO's; --algo ppo-kl has no Q-network");
             }
@@ -595,7 +604,7 @@ fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<
             c.validate().map_err(|e| anyhow::anyhow!("--algo ppo-kl: {e}"))?;
             TrainerConfig::PpoKl(c)
         }
-        Algo::Reflection => bail!("--algo reflection does not train"),
+        Algorithm::Reflection => bail!("--algo reflection does not train"),
     };
     let schedule = TrainSchedule {
         update_every: f.update_every.or(t.batch_size).unwrap_or(DEFAULT_UPDATE_EVERY),
@@ -836,7 +845,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
 
-    fn config(algo: Algo, train: TrainFlags) -> RunConfig {
+    fn config(algo: Algorithm, train: TrainFlags) -> RunConfig {
         RunConfig {
             specs: Vec::new(),
             algo,
@@ -866,37 +875,37 @@ mod tests {
         // Sampling keys may differ between specs; the trainer's may not.
         b.training.temperature = Some(0.9);
         let flags = TrainFlags { beta: Some(0.05), disc: true, ..Default::default() };
-        let (t, schedule) = train_config(&config(Algo::Etpo, flags), &[&a, &b]).unwrap();
+        let (t, schedule) = train_config(&config(Algorithm::Etpo, flags), &[&a, &b]).unwrap();
         let TrainerConfig::Etpo(c) = t else { panic!("{t:?}") };
         assert_eq!((c.beta, c.gamma, c.polyak, c.seed), (0.05, 0.5, 0.5, 7));
         assert!(c.discount_inside_actions);
         assert_eq!((schedule.update_every, schedule.checkpoint_every), (3, 1));
 
-        let (_, schedule) = train_config(&config(Algo::PpoKl, TrainFlags::default()), &[]).unwrap();
+        let (_, schedule) = train_config(&config(Algorithm::PpoKl, TrainFlags::default()), &[]).unwrap();
         assert_eq!(schedule.update_every, DEFAULT_UPDATE_EVERY);
         b.training.beta = Some(0.3);
-        let e = train_config(&config(Algo::Etpo, TrainFlags::default()), &[&a, &b]).unwrap_err();
+        let e = train_config(&config(Algorithm::Etpo, TrainFlags::default()), &[&a, &b]).unwrap_err();
         assert!(e.to_string().contains("different training hyper-parameters"), "{e}");
         let flags = TrainFlags { q_readout: Some(trainer::etpo::QReadout::Logits), ..Default::default() };
-        assert!(train_config(&config(Algo::PpoKl, flags), &[&a]).unwrap_err().to_string().contains("--q-readout"));
+        assert!(train_config(&config(Algorithm::PpoKl, flags), &[&a]).unwrap_err().to_string().contains("--q-readout"));
         let flags = TrainFlags { gamma: Some(1.5), ..Default::default() };
-        assert!(train_config(&config(Algo::Etpo, flags), &[&a]).unwrap_err().to_string().contains("gamma"));
+        assert!(train_config(&config(Algorithm::Etpo, flags), &[&a]).unwrap_err().to_string().contains("gamma"));
         // --set reaches every key of the trainer's configuration, last.
         let flags = TrainFlags {
             set: vec!["q_epochs=3".into(), "q_optim.lr=0.002".into()],
             lr: Some(0.5),
             ..Default::default()
         };
-        let (t, _) = train_config(&config(Algo::Etpo, flags), &[&a]).unwrap();
+        let (t, _) = train_config(&config(Algorithm::Etpo, flags), &[&a]).unwrap();
         let TrainerConfig::Etpo(c) = t else { panic!("{t:?}") };
         assert_eq!((c.q_epochs, c.q_optim.lr, c.policy_optim.lr), (3, 0.002, 0.5), "--set wins over --lr");
         let flags = TrainFlags { set: vec!["gae_lambda=0.5".into()], ..Default::default() };
-        let (t, _) = train_config(&config(Algo::PpoKl, flags), &[&a]).unwrap();
+        let (t, _) = train_config(&config(Algorithm::PpoKl, flags), &[&a]).unwrap();
         let TrainerConfig::PpoKl(c) = t else { panic!("{t:?}") };
         assert_eq!(c.gae_lambda, 0.5);
         for bad in ["q_epoch=3", "q_epochs", "q_epochs=0"] {
             let flags = TrainFlags { set: vec![bad.into()], ..Default::default() };
-            let e = train_config(&config(Algo::Etpo, flags), &[&a]).unwrap_err().to_string();
+            let e = train_config(&config(Algorithm::Etpo, flags), &[&a]).unwrap_err().to_string();
             assert!(e.contains("--set") || e.contains("q_epochs"), "{bad}: {e}");
         }
     }

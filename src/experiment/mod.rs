@@ -9,7 +9,7 @@
 //! - [`run_loop`] drives one `runtime::env::Env` per spec and seed: each round the policy acts
 //!   for every environment with budget left, the environments evaluate in parallel threads over
 //!   one shared worker pool, each step is appended to `steps.jsonl` and flushed, and the
-//!   [`Algorithm`] sees the round's [`Transition`]s. Episodes restart after they end until the
+//!   [`Agent`] sees the round's [`FinishedStep`]s. Episodes restart after they end until the
 //!   budget k is used.
 //! - [`Trained`] is the ETPO / PPO-KL algorithm: it trains the model's policy adapter on the
 //!   rounds' transitions and keeps `metrics.jsonl`, `batch_reward.png`, checkpoints and replay data.
@@ -19,7 +19,6 @@
 
 use std::path::{Path, PathBuf};
 
-pub mod etpo;
 pub mod llm;
 pub mod plot;
 pub mod policy;
@@ -27,14 +26,15 @@ pub mod record;
 pub mod runner;
 pub mod scripted;
 pub mod summary;
+pub mod trained;
 
-pub use etpo::{MetricsRecord, TrainSchedule, Trained, TrainerConfig};
 pub use llm::{LlmPolicy, Sampling, SamplingConfig, DEFAULT_TEMPERATURE, DEFAULT_TOP_K};
 pub use policy::{hex, prompt_sha256, ActRequest, Action, Policy, PolicyError};
 pub use record::{read_steps, StepLog, StepRecord};
-pub use runner::{run_loop, Algorithm, LoopOutcome, Observer, Quiet, Reflection, Task, Transition};
+pub use runner::{run_loop, Agent, FinishedStep, LoopOutcome, Observer, Quiet, Reflection, SpecRun};
 pub use scripted::ScriptedPolicy;
 pub use summary::{SeedStats, SpecStats};
+pub use trained::{MetricsRecord, TrainSchedule, Trained, TrainerConfig};
 
 /// Errors of the experiment loop and its outputs.
 #[derive(Debug, thiserror::Error)]

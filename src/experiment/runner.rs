@@ -1,7 +1,7 @@
 //! The run loop: every spec × seed is an environment slot; each round, the policy acts for every
 //! slot that still has budget (one batch, so a model batches its generation), the environments
 //! evaluate those actions in parallel threads (sharing one worker pool), the steps are logged in
-//! slot order, and the algorithm sees the finished transitions and may update the policy before
+//! slot order, and the agent sees the finished transitions and may update the policy before
 //! the next round.
 
 use std::collections::HashMap;
@@ -18,7 +18,7 @@ use super::summary::SpecStats;
 use super::ExperimentError;
 
 /// One spec made ready to run, the seeds to run it on and its budget.
-pub struct Task {
+pub struct SpecRun {
     pub spec: Arc<Spec>,
     pub env: runtime::env::Task,
     pub seeds: Vec<u64>,
@@ -26,9 +26,9 @@ pub struct Task {
     pub steps: u32,
 }
 
-/// One finished environment step, as an algorithm sees it.
+/// One finished environment step, as an agent sees it.
 #[derive(Debug, Clone)]
-pub struct Transition {
+pub struct FinishedStep {
     /// Index of the task (spec) in the run.
     pub task: usize,
     pub seed: u64,
@@ -47,30 +47,30 @@ pub struct Transition {
     pub info: StepInfo,
 }
 
-/// An algorithm: owns the policy and may learn from each round's transitions.
+/// An agent: owns the policy and its learning algorithm and may learn from each round's transitions.
 ///
-/// The loop calls [`start`](Algorithm::start) once, then per round `policy().act(...)` for every
-/// waiting environment and [`learn`](Algorithm::learn) with the round's finished transitions, and
-/// [`finish`](Algorithm::finish) once at the end (budget used, Ctrl-C, or an error).
-pub trait Algorithm {
+/// The loop calls [`start`](Agent::start) once, then per round `policy().act(...)` for every
+/// waiting environment and [`learn`](Agent::learn) with the round's finished transitions, and
+/// [`finish`](Agent::finish) once at the end (budget used, Ctrl-C, or an error).
+pub trait Agent {
     /// Its name, as given to `--algo`.
     fn name(&self) -> &str;
     /// The policy acting now.
     fn policy(&mut self) -> &mut dyn Policy;
     /// Before the first round: the run's tasks, its folder (for checkpoints and metrics) and the
-    /// steps already logged when resuming (an algorithm restores its checkpoint here).
-    fn start(&mut self, _tasks: &[Task], _run_dir: &Path, _previous: &[StepRecord]) -> Result<(), ExperimentError> {
+    /// steps already logged when resuming (a training agent restores its checkpoint here).
+    fn start(&mut self, _tasks: &[SpecRun], _run_dir: &Path, _previous: &[StepRecord]) -> Result<(), ExperimentError> {
         Ok(())
     }
-    /// Called with a round's transitions (slot order) before its steps are logged: an algorithm
+    /// Called with a round's transitions (slot order) before its steps are logged: an agent
     /// that must replay them on resume records them here, so that a logged step is always
     /// recorded too (the loop logs a round's steps in one write after this returns).
-    fn record(&mut self, _batch: &[Transition]) -> Result<(), ExperimentError> {
+    fn record(&mut self, _batch: &[FinishedStep]) -> Result<(), ExperimentError> {
         Ok(())
     }
     /// Called after each round, once its steps are logged, with its transitions (slot order).
     /// May update the policy.
-    fn learn(&mut self, batch: &[Transition]) -> Result<(), ExperimentError>;
+    fn learn(&mut self, batch: &[FinishedStep]) -> Result<(), ExperimentError>;
     /// After the last round (also after Ctrl-C or an error): write a final checkpoint.
     fn finish(&mut self, _run_dir: &Path) -> Result<(), ExperimentError> {
         Ok(())
@@ -83,14 +83,14 @@ pub struct Reflection<P: Policy> {
     pub policy: P,
 }
 
-impl<P: Policy> Algorithm for Reflection<P> {
+impl<P: Policy> Agent for Reflection<P> {
     fn name(&self) -> &str {
         "reflection"
     }
     fn policy(&mut self) -> &mut dyn Policy {
         &mut self.policy
     }
-    fn learn(&mut self, _batch: &[Transition]) -> Result<(), ExperimentError> {
+    fn learn(&mut self, _batch: &[FinishedStep]) -> Result<(), ExperimentError> {
         Ok(())
     }
 }
@@ -139,17 +139,17 @@ struct Slot {
 /// (checked between rounds: the round in flight is finished and logged first).
 #[allow(clippy::too_many_arguments)]
 pub fn run_loop(
-    tasks: &[Task],
-    algorithm: &mut dyn Algorithm,
+    tasks: &[SpecRun],
+    agent: &mut dyn Agent,
     run_dir: &Path,
     log: &mut StepLog,
     previous: &[StepRecord],
     observer: &mut dyn Observer,
     stop: &AtomicBool,
 ) -> Result<LoopOutcome, ExperimentError> {
-    algorithm.start(tasks, run_dir, previous)?;
-    let result = rounds(tasks, algorithm, log, previous, observer, stop);
-    let finished = algorithm.finish(run_dir);
+    agent.start(tasks, run_dir, previous)?;
+    let result = rounds(tasks, agent, log, previous, observer, stop);
+    let finished = agent.finish(run_dir);
     let outcome = result?;
     finished?;
     Ok(outcome)
@@ -157,8 +157,8 @@ pub fn run_loop(
 
 #[allow(clippy::too_many_arguments)]
 fn rounds(
-    tasks: &[Task],
-    algorithm: &mut dyn Algorithm,
+    tasks: &[SpecRun],
+    agent: &mut dyn Agent,
     log: &mut StepLog,
     previous: &[StepRecord],
     observer: &mut dyn Observer,
@@ -219,7 +219,7 @@ fn rounds(
                 }
             })
             .collect();
-        let actions = algorithm.policy().act(&requests)?;
+        let actions = agent.policy().act(&requests)?;
         drop(requests);
         if actions.len() != active.len() {
             return Err(ExperimentError::Policy(super::PolicyError::Config(format!(
@@ -256,8 +256,8 @@ fn rounds(
 
         // Log every step that finished, in slot order; an infrastructure fault in one
         // environment ends the run after the others' steps of this round are safely logged.
-        // The algorithm records the round first, then the round's steps go to the log in one
-        // write, so a kill never leaves logged steps that the algorithm did not record.
+        // The agent records the round first, then the round's steps go to the log in one
+        // write, so a kill never leaves logged steps that the agent did not record.
         let mut batch = Vec::with_capacity(results.len());
         let mut logged = Vec::with_capacity(results.len());
         let mut fault: Option<ExperimentError> = None;
@@ -296,7 +296,7 @@ fn rounds(
             };
             logged.push((slot.task, slot.seed_index, record));
             let ended = result.terminated || result.truncated;
-            batch.push(Transition {
+            batch.push(FinishedStep {
                 task: slot.task,
                 seed: slot.seed,
                 episode,
@@ -314,7 +314,7 @@ fn rounds(
             }
         }
         if fault.is_none() {
-            algorithm.record(&batch)?;
+            agent.record(&batch)?;
         }
         log.write_all(logged.iter().map(|(_, _, record)| record))?;
         for (task, seed_index, record) in &logged {
@@ -325,7 +325,7 @@ fn rounds(
         if let Some(e) = fault {
             return Err(e);
         }
-        algorithm.learn(&batch)?;
+        agent.learn(&batch)?;
     }
 }
 
@@ -335,7 +335,7 @@ fn rounds(
 /// (time limits, randomised estimators), and the log must stay the truth. A game's episode is
 /// replayed instead (`Env::replay`): a game is deterministic given its seed and actions.
 fn restore(
-    tasks: &[Task],
+    tasks: &[SpecRun],
     slots: &mut [Slot],
     stats: &mut [SpecStats],
     previous: &[StepRecord],

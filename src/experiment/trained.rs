@@ -1,4 +1,4 @@
-//! The learning algorithms of `etpo run`: ETPO and the PPO-KL baseline, as [`Algorithm`]s that
+//! The learning algorithms of `etpo run`: ETPO and the PPO-KL baseline, as [`Agent`]s that
 //! own the language-model policy and a trainer from `trainer` (the equations live there; this
 //! module turns the run loop's steps into token-level transitions, schedules updates, and keeps
 //! the run folder's training files).
@@ -33,7 +33,7 @@ use super::llm::LlmPolicy;
 use super::plot::{draw_legend, legend_mark, steps_chart};
 use super::policy::Policy;
 use super::record::StepRecord;
-use super::runner::{Algorithm, Task, Transition};
+use super::runner::{Agent, FinishedStep, SpecRun};
 use super::ExperimentError;
 
 /// The checkpoint file in the run folder.
@@ -143,7 +143,7 @@ impl Learner {
     }
 }
 
-/// ETPO or PPO-KL over a language-model policy, as an [`Algorithm`] of the run loop. The policy
+/// ETPO or PPO-KL over a language-model policy, as an [`Agent`] of the run loop. The policy
 /// samples with the trained [`POLICY`] adapter set (equal to the base model before the first
 /// update).
 pub struct Trained {
@@ -215,7 +215,7 @@ impl Trained {
     /// given, encoded as generation encoded it; the action is the sampled token ids; the next
     /// state is left out when the episode ended (terminated or truncated: nothing to bootstrap).
     /// Steps without a prompt text or tokens (an empty generation) are not trainable.
-    fn tokenize(&self, batch: &[Transition]) -> Result<Vec<trainer::etpo::Transition>, ExperimentError> {
+    fn tokenize(&self, batch: &[FinishedStep]) -> Result<Vec<trainer::etpo::Transition>, ExperimentError> {
         let tok = &self.policy.model().tokenizer;
         let encode = |text: &str| tok.encode(text).map_err(|e| train_err(format!("encoding a state: {e}")));
         let mut out = Vec::with_capacity(batch.len());
@@ -288,7 +288,7 @@ impl Trained {
     }
 }
 
-impl Algorithm for Trained {
+impl Agent for Trained {
     fn name(&self) -> &str {
         self.name
     }
@@ -298,7 +298,7 @@ impl Algorithm for Trained {
     }
 
     /// Restores the checkpoint (if any) and replays the recorded rounds beyond it.
-    fn start(&mut self, _tasks: &[Task], run_dir: &Path, previous: &[StepRecord]) -> Result<(), ExperimentError> {
+    fn start(&mut self, _tasks: &[SpecRun], run_dir: &Path, previous: &[StepRecord]) -> Result<(), ExperimentError> {
         self.run_dir = run_dir.to_path_buf();
         let checkpoint = run_dir.join(CHECKPOINT);
         if checkpoint.exists() {
@@ -365,7 +365,7 @@ impl Algorithm for Trained {
 
     /// Appends the round to `replay.jsonl` before its steps are logged and long before it is
     /// trained on, so a resumed run can replay it.
-    fn record(&mut self, batch: &[Transition]) -> Result<(), ExperimentError> {
+    fn record(&mut self, batch: &[FinishedStep]) -> Result<(), ExperimentError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -388,7 +388,7 @@ impl Algorithm for Trained {
         Ok(())
     }
 
-    fn learn(&mut self, batch: &[Transition]) -> Result<(), ExperimentError> {
+    fn learn(&mut self, batch: &[FinishedStep]) -> Result<(), ExperimentError> {
         self.logged += batch.len() as u64;
         match self.recorded.take() {
             Some(round) => self.process(round),
