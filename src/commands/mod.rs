@@ -1,11 +1,7 @@
-//! One file per subcommand. Each exposes `Args` (clap) and `run(Args) -> anyhow::Result<i32>`,
+//! One file per subcommand (the benchmarks: one folder, `bench/`). Each exposes `Args` (clap) and `run(Args) -> anyhow::Result<i32>`,
 //! the `i32` being the process exit status.
 
 pub mod bench;
-pub mod bench_games;
-pub mod bench_model;
-pub mod bench_sandbox;
-pub mod bench_train;
 pub mod check;
 pub mod compare;
 pub mod exec;

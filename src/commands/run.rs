@@ -2,7 +2,6 @@
 //! steps per spec and seed, and writes a run folder a user can read, plot and resume:
 //! `config.json`, `steps.jsonl`, `summary.csv`, `summary.md`, `best_reward.png`.
 
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,10 +10,10 @@ use anyhow::{bail, Context};
 use envspec::Algorithm;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use etpo::experiment::provenance::{digest, folder_digests, git_commit, python_versions, utc_timestamp, FileDigest};
 use etpo::experiment::{
-    self, hex, plot, read_steps, run_loop, summary, Agent, LlmPolicy, Observer, Policy, Reflection, SamplingConfig,
+    self, plot, read_steps, run_loop, summary, Agent, LlmPolicy, Observer, Policy, Reflection, SamplingConfig,
     ScriptedPolicy, SpecRun, SpecStats, StepLog, StepRecord, TrainSchedule, Trained, TrainerConfig,
 };
 
@@ -180,14 +179,6 @@ struct RunConfig {
     train: TrainFlags,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct FileDigest {
-    path: PathBuf,
-    size_bytes: u64,
-    /// Left out for files over `HASH_LIMIT` bytes (a 7B checkpoint would take a minute to hash).
-    sha256: Option<String>,
-}
-
 /// `config.json`.
 #[derive(Debug, Serialize, Deserialize)]
 struct Manifest {
@@ -230,8 +221,6 @@ struct ResumeEntry {
     command_line: Vec<String>,
     steps_before: usize,
 }
-
-const HASH_LIMIT: u64 = 4 << 30;
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     let (dir, mut manifest, previous) = match &args.resume {
@@ -440,7 +429,7 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         PolicyKind::Scripted => Vec::new(),
     };
     let actions = match &config.actions {
-        Some(dir) if config.policy == PolicyKind::Scripted => action_digests(dir)?,
+        Some(dir) if config.policy == PolicyKind::Scripted => folder_digests(dir)?,
         _ => Vec::new(),
     };
     let now = std::time::SystemTime::now();
@@ -738,26 +727,6 @@ fn unique_dir(base: &Path) -> PathBuf {
     dir
 }
 
-fn digest(path: &Path) -> anyhow::Result<FileDigest> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
-    let sha256 = if meta.len() <= HASH_LIMIT {
-        let mut file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        Some(hex(&hasher.finalize()))
-    } else {
-        None
-    };
-    Ok(FileDigest { path: path.to_path_buf(), size_bytes: meta.len(), sha256 })
-}
-
 /// A GGUF file, or every file of a Hugging Face folder.
 fn model_digest(path: &Path) -> anyhow::Result<Vec<FileDigest>> {
     if !path.exists() {
@@ -767,78 +736,9 @@ fn model_digest(path: &Path) -> anyhow::Result<Vec<FileDigest>> {
         );
     }
     if path.is_dir() {
-        return action_digests(path);
+        return Ok(folder_digests(path)?);
     }
     Ok(vec![digest(path)?])
-}
-
-fn action_digests(dir: &Path) -> anyhow::Result<Vec<FileDigest>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).with_context(|| format!("{}", d.display()))? {
-            let path = entry?.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(digest(&path)?);
-            }
-        }
-    }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
-}
-
-/// Python's and numpy / scipy / scikit-learn's versions, or `None` if the interpreter cannot tell.
-fn python_versions(python: &Path) -> Option<serde_json::Value> {
-    let script = "import json, sys, numpy, scipy, sklearn; print(json.dumps({'python': sys.version.split()[0], \
-                  'numpy': numpy.__version__, 'scipy': scipy.__version__, 'scikit-learn': sklearn.__version__}))";
-    let out = std::process::Command::new(python).args(["-c", script]).env("OPENBLAS_NUM_THREADS", "1").output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-fn git_commit() -> Option<String> {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let out = std::process::Command::new("git").args(["-C", dir, "rev-parse", "HEAD"]).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let commit = String::from_utf8(out.stdout).ok()?.trim().to_string();
-    let dirty = std::process::Command::new("git")
-        .args(["-C", dir, "status", "--porcelain", "--untracked-files=no"])
-        .output()
-        .ok()
-        .is_some_and(|o| !o.stdout.is_empty());
-    Some(if dirty { format!("{commit}-dirty") } else { commit })
-}
-
-/// UTC time as `20261125-114501` (folder names) or `2026-11-25T11:45:01Z` (`iso`).
-fn utc_timestamp(t: std::time::SystemTime, iso: bool) -> String {
-    let secs = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let s = secs % 86_400;
-    let (hh, mm, ss) = (s / 3600, s % 3600 / 60, s % 60);
-    if iso {
-        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
-    } else {
-        format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}")
-    }
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]
@@ -908,16 +808,5 @@ mod tests {
             let e = train_config(&config(Algorithm::Etpo, flags), &[&a]).unwrap_err().to_string();
             assert!(e.contains("--set") || e.contains("q_epochs"), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        // 2000-03-01 is day 11017; 2024-02-29 is day 19782.
-        assert_eq!(civil_from_days(11_017), (2000, 3, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(19_782 * 86_400 + 3_723);
-        assert_eq!(utc_timestamp(t, false), "20240229-010203");
-        assert_eq!(utc_timestamp(t, true), "2024-02-29T01:02:03Z");
     }
 }

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 pub mod llm;
 pub mod plot;
 pub mod policy;
+pub mod provenance;
 pub mod record;
 pub mod runner;
 pub mod scripted;

@@ -65,7 +65,7 @@ enum Part {
 }
 
 /// The PyTorch side of the benchmark.
-const TORCH_REFERENCE: &str = include_str!("../../trainer/benches/torch_reference.py");
+const TORCH_REFERENCE: &str = include_str!("../../../trainer/benches/torch_reference.py");
 
 /// The sampling every figure uses: the paper's temperature 0.5 and top-k 50.
 const TEMPERATURE: f64 = 0.5;
