@@ -15,7 +15,7 @@ mod template;
 mod yaml;
 
 pub use action::{commented, dedent, extract, Extract};
-pub use decode::{keys, load_str, ALGORITHMS, DEFAULT_SKLEARN_ASSEMBLE};
+pub use decode::{keys, load_str, DEFAULT_SKLEARN_ASSEMBLE};
 pub use diag::{Diagnostic, SpecError};
 pub use schema::schema;
 pub use spec::{

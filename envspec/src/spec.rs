@@ -118,6 +118,12 @@ pub enum PromptFormat {
     Chat,
 }
 
+impl PromptFormat {
+    /// The names of `prompt.format:`.
+    pub const NAMES: &'static [(&'static str, PromptFormat)] =
+        &[("completion", PromptFormat::Completion), ("chat", PromptFormat::Chat)];
+}
+
 impl PromptSpec {
     /// Which format this is.
     pub fn format(&self) -> PromptFormat {
@@ -162,6 +168,11 @@ pub enum Metric {
     RocAuc,
 }
 
+impl Metric {
+    /// The names of `reward.metric:`.
+    pub const NAMES: &'static [(&'static str, Metric)] = &[("roc_auc", Metric::RocAuc)];
+}
+
 /// Multi-class ROC AUC averaging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -170,6 +181,11 @@ pub enum Multiclass {
     Ovo,
     /// Macro average of one-vs-rest AUCs.
     Ovr,
+}
+
+impl Multiclass {
+    /// The names of `reward.multiclass:`.
+    pub const NAMES: &'static [(&'static str, Multiclass)] = &[("ovo", Multiclass::Ovo), ("ovr", Multiclass::Ovr)];
 }
 
 /// What one evaluation of a program scores.
@@ -214,7 +230,7 @@ pub struct Example {
 }
 
 /// The algorithms of `etpo run --algo`, which a spec can pin with `training.algorithm`.
-/// Names (CLI, spec, run folders): `etpo`, `ppo-kl`, `reflection` ([`crate::ALGORITHMS`]).
+/// Names (CLI, spec, run folders): `etpo`, `ppo-kl`, `reflection` ([`Algorithm::NAMES`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Algorithm {
@@ -227,13 +243,13 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// The names of `--algo` and `training.algorithm:`.
+    pub const NAMES: &'static [(&'static str, Algorithm)] =
+        &[("etpo", Algorithm::Etpo), ("ppo-kl", Algorithm::PpoKl), ("reflection", Algorithm::Reflection)];
+
     /// Its name, as `--algo` and `training.algorithm` spell it.
     pub fn name(self) -> &'static str {
-        match self {
-            Algorithm::Etpo => "etpo",
-            Algorithm::PpoKl => "ppo-kl",
-            Algorithm::Reflection => "reflection",
-        }
+        Algorithm::NAMES.iter().find(|(_, a)| *a == self).map_or("reflection", |(n, _)| n)
     }
 
     /// Whether it trains the model (ETPO, PPO-KL) or only samples from it (Reflection).

@@ -17,12 +17,12 @@ use etpo::experiment::{
     ScriptedPolicy, SpecRun, SpecStats, StepLog, StepRecord, TrainSchedule, Trained, TrainerConfig,
 };
 
-/// `--algo`'s parser: the names of [`envspec::ALGORITHMS`].
+/// `--algo`'s parser: the names of [`Algorithm::NAMES`].
 fn algorithm_arg() -> impl clap::builder::TypedValueParser<Value = Algorithm> {
     use clap::builder::TypedValueParser as _;
-    let names: Vec<&'static str> = envspec::ALGORITHMS.iter().map(|(n, _)| *n).collect();
+    let names: Vec<&'static str> = Algorithm::NAMES.iter().map(|(n, _)| *n).collect();
     clap::builder::PossibleValuesParser::new(names).try_map(|name| {
-        envspec::ALGORITHMS.iter().find(|(n, _)| *n == name).map(|(_, a)| *a).ok_or(format!("unknown algorithm {name}"))
+        Algorithm::NAMES.iter().find(|(n, _)| *n == name).map(|(_, a)| *a).ok_or(format!("unknown algorithm {name}"))
     })
 }
 

@@ -1,6 +1,10 @@
 //! Every spec error class, with its exact message and position.
 
+use super::templates::{find_variable, line_col};
 use super::*;
+use crate::action::Extract;
+use crate::data::DataSource;
+use crate::spec::{Algorithm, Evaluation, Example, ExecLimits, Kind, Multiclass, TrainingOverrides};
 
 #[test]
 fn line_col_counts_characters() {
