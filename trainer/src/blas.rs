@@ -57,7 +57,6 @@ const TRANS: i32 = 112;
 pub struct Blas {
     sgemm: Sgemm,
     sgemv: Sgemv,
-    path: PathBuf,
     // Keeps the function pointers valid for the life of the process.
     _lib: libloading::Library,
 }
@@ -125,12 +124,7 @@ impl Blas {
         if let Ok(set) = unsafe { lib.get::<SetThreads>(set_threads.as_bytes()) } {
             unsafe { set(1) };
         }
-        Some(Blas { sgemm, sgemv, path: path.to_path_buf(), _lib: lib })
-    }
-
-    /// The library in use.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Some(Blas { sgemm, sgemv, _lib: lib })
     }
 
     /// `c = alpha · op(a) · op(b) + beta · c` (see [`Product`]), split over candle's thread pool

@@ -1,10 +1,11 @@
 //! etpo trainer: the language-model core (a Llama-family model in candle with named LoRA
 //! adapter sets, loading, tokenizer, batched generation) and the ETPO / PPO-KL trainers.
 
-pub mod blas;
+mod blas;
+mod error;
 pub mod etpo;
 pub mod generate;
-pub mod kernels;
+mod kernels;
 pub mod load;
 pub mod lora;
 pub mod model;

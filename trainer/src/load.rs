@@ -11,6 +11,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
+use crate::error::bad;
 use crate::model::{BlockWeights, Llama, Llama3RopeScaling, LlamaConfig, LlamaWeights, ModelError, Projection, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -150,7 +151,7 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedMod
         return Err(bad(path, "not a GGUF file (no GGUF magic); expected a .gguf model file or a Hugging Face folder"));
     }
     file.rewind().map_err(|e| ModelError::Io { path: path.into(), source: e })?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| bad(path, &format!("cannot parse GGUF: {e}")))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| bad(path, format!("cannot parse GGUF: {e}")))?;
     let cfg = gguf_config(path, &content)?;
 
     let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
@@ -161,11 +162,11 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedMod
 
     let mut get = |name: &str| -> Result<Tensor> {
         if !content.tensor_infos.contains_key(name) {
-            return Err(bad(path, &format!("missing tensor {name}")));
+            return Err(bad(path, format!("missing tensor {name}")));
         }
         let q = content
             .tensor(&mut file, name, &Device::Cpu)
-            .map_err(|e| bad(path, &format!("cannot read tensor {name}: {e}")))?;
+            .map_err(|e| bad(path, format!("cannot read tensor {name}: {e}")))?;
         Ok(q.dequantize(&Device::Cpu)?)
     };
     let to_dev = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
@@ -200,8 +201,8 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedMod
     cfg.tie_word_embeddings = lm_head.is_none();
     cfg.vocab_size = embed.dim(0)?;
     let model = Llama::new(cfg.clone(), LlamaWeights { embed, blocks, norm, lm_head })
-        .map_err(|e| bad(path, &e.to_string()))?;
-    let tokenizer = Tokenizer::from_gguf(&content).map_err(|e| bad(path, &format!("tokenizer: {e}")))?;
+        .map_err(|e| bad(path, e.to_string()))?;
+    let tokenizer = Tokenizer::from_gguf(&content).map_err(|e| bad(path, format!("tokenizer: {e}")))?;
     let chat_template = tokenizer.chat_template().map(str::to_string);
     let name = content.metadata.get("general.name").and_then(|v| v.to_string().ok()).cloned();
     let info = ModelInfo {
@@ -227,16 +228,16 @@ pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<LlamaCon
     if arch != "llama" {
         return Err(bad(
             path,
-            &format!("architecture {arch:?} is not supported; expected a llama-family model (\"llama\")"),
+            format!("architecture {arch:?} is not supported; expected a llama-family model (\"llama\")"),
         ));
     }
     let int = |key: &str| -> Result<usize> {
-        let v = md.get(key).ok_or_else(|| bad(path, &format!("GGUF metadata has no {key}")))?;
+        let v = md.get(key).ok_or_else(|| bad(path, format!("GGUF metadata has no {key}")))?;
         v.to_u64()
             .or_else(|_| v.to_u32().map(u64::from))
             .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
             .map(|x| x as usize)
-            .map_err(|_| bad(path, &format!("GGUF metadata {key} is not an integer")))
+            .map_err(|_| bad(path, format!("GGUF metadata {key} is not an integer")))
     };
     let float =
         |key: &str| -> Option<f64> { md.get(key).and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()) };
@@ -265,10 +266,10 @@ pub fn gguf_config(path: &Path, content: &gguf_file::Content) -> Result<LlamaCon
     };
     if let Some(t) = md.get("llama.rope.scaling.type").and_then(|v| v.to_string().ok()) {
         if t != "none" {
-            return Err(bad(path, &format!("rope scaling {t:?} in GGUF metadata is not supported")));
+            return Err(bad(path, format!("rope scaling {t:?} in GGUF metadata is not supported")));
         }
     }
-    cfg.validate().map_err(|e| bad(path, &e.to_string()))?;
+    cfg.validate().map_err(|e| bad(path, e.to_string()))?;
     Ok(cfg)
 }
 
@@ -389,7 +390,7 @@ pub fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<Loade
     // SAFETY: the files are memory-mapped read-only and only read while loading; etpo never
     // writes to model folders, and the tensors are copied out before the maps are dropped.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&shards) }
-        .map_err(|e| bad(dir, &format!("cannot read safetensors weights: {e}")))?;
+        .map_err(|e| bad(dir, format!("cannot read safetensors weights: {e}")))?;
     let mut source_types: std::collections::BTreeMap<String, usize> = Default::default();
     for (_, view) in st.tensors() {
         *source_types.entry(format!("{:?}", view.dtype())).or_default() += 1;
@@ -397,7 +398,7 @@ pub fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<Loade
     let get = |name: &str| -> Result<Tensor> {
         let t = st
             .load(name, &Device::Cpu)
-            .map_err(|_| bad(dir, &format!("missing tensor {name} in the safetensors weights")))?;
+            .map_err(|_| bad(dir, format!("missing tensor {name} in the safetensors weights")))?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     };
     let embed = get("model.embed_tokens.weight")?;
@@ -418,7 +419,7 @@ pub fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<Loade
         });
     }
     let model =
-        Llama::new(cfg.clone(), LlamaWeights { embed, blocks, norm, lm_head }).map_err(|e| bad(dir, &e.to_string()))?;
+        Llama::new(cfg.clone(), LlamaWeights { embed, blocks, norm, lm_head }).map_err(|e| bad(dir, e.to_string()))?;
 
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.is_file() {
@@ -427,7 +428,7 @@ pub fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<Loade
             expected: "the model's tokenizer.json (Hugging Face `tokenizers` format)".into(),
         });
     }
-    let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| bad(&tok_path, &e.to_string()))?;
+    let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| bad(&tok_path, e.to_string()))?;
     let chat_template = tokenizer.chat_template().map(str::to_string);
     let info = ModelInfo {
         path: dir.to_path_buf(),
@@ -464,7 +465,7 @@ fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
         });
     }
     let text = std::fs::read_to_string(&index).map_err(|e| ModelError::Io { path: index.clone(), source: e })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&index, &format!("not valid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&index, format!("not valid JSON: {e}")))?;
     let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad(&index, "no weight_map object"))?;
     let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
     files.sort();
@@ -481,10 +482,6 @@ fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
         out.push(p);
     }
     Ok(out)
-}
-
-fn bad(path: &Path, message: &str) -> ModelError {
-    ModelError::BadFile { path: path.to_path_buf(), message: message.to_string() }
 }
 
 #[cfg(test)]
