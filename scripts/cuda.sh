@@ -5,8 +5,9 @@
 #   scripts/cuda.sh toolkit   # CUDA 13.0 compiler and libraries from PyPI into .venv-cuda
 #   scripts/cuda.sh build     # toolkit, then `cargo build --features cuda --bin etpo`;
 #                             # copies the binary to target/cuda/etpo
-#   scripts/cuda.sh test-build  # toolkit, then the trainer's GPU tests (trainer/tests/cuda.rs,
-#                             # logits_parity.rs) without running them, copied to target/cuda/tests/
+#   scripts/cuda.sh test-build  # toolkit, then the trainer's integration tests without running them,
+#                             # copied to target/cuda/tests/integration (the GPU cases:
+#                             # `target/cuda/tests/integration cuda:: logits_parity::`)
 #   scripts/cuda.sh env       # prints the exports a hand-run cargo command needs
 #
 # Why each step (see also the README's GPU section):
@@ -89,7 +90,7 @@ test_build() {
     toolkit
     eval "$(print_env)"
     mkdir -p "$root/target/cuda/tests"
-    (cd "$root" && cargo test -p etpo-trainer --features cuda --test cuda --test logits_parity --no-run \
+    (cd "$root" && cargo test -p etpo-trainer --features cuda --test integration --no-run \
         --message-format=json) |
         python3 -c '
 import json, shutil, sys, os

@@ -1,4 +1,4 @@
-"""Hostile actions from Python are contained as from the command line (tests/sandbox.rs), and the
+"""Hostile actions from Python are contained as from the command line (tests/cli/sandbox.rs), and the
 environment keeps working; environments stepped from two threads evaluate in parallel."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 //! A worker that dies for reasons outside the program (here: killed from the host) is replaced,
 //! and the evaluation that found it dead is retried, not reported as the program's failure.
 //!
-//! Needs the project venv and root (to see the sandbox cgroups and signal the sandbox).
+//! Needs the project venv and root (to see the sandbox cgroups and signal the sandbox). A test
+//! binary of its own: its pool must be the only one of the process.
 
 use runtime::{Job, Limits, Pool, PoolConfig};
 use std::collections::BTreeSet;

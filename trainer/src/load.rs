@@ -200,8 +200,8 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedMod
     let mut cfg = cfg;
     cfg.tie_word_embeddings = lm_head.is_none();
     cfg.vocab_size = embed.dim(0)?;
-    let model = Llama::new(cfg.clone(), LlamaWeights { embed, blocks, norm, lm_head })
-        .map_err(|e| bad(path, e.to_string()))?;
+    let model =
+        Llama::new(cfg.clone(), LlamaWeights { embed, blocks, norm, lm_head }).map_err(|e| bad(path, e.to_string()))?;
     let tokenizer = Tokenizer::from_gguf(&content).map_err(|e| bad(path, format!("tokenizer: {e}")))?;
     let chat_template = tokenizer.chat_template().map(str::to_string);
     let name = content.metadata.get("general.name").and_then(|v| v.to_string().ok()).cloned();

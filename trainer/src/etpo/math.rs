@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 /// The paper initialises Q with ρ and leaves the read-out open. The default is
 /// [`QReadout::Dueling`], the only reading under which the soft value of a context can move
 /// (and so carry a reward to the tokens before the last and to the step before);
-/// `trainer/tests/etpo_credit.rs` measures the difference (README, "ETPO").
+/// `trainer/tests/integration/etpo_credit.rs` measures the difference (README, "ETPO").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum QReadout {

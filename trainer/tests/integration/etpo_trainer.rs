@@ -2,9 +2,7 @@
 //! decided by an action's last token (and its sign-flipped twin), and exact resume from a
 //! checkpoint. Rewards decided before the last token are `etpo_credit.rs`'s.
 
-mod etpo_common;
-
-use etpo_common::*;
+use crate::etpo_common::*;
 use trainer::etpo::{AdamWConfig, EtpoConfig, EtpoTrainer, QReadout, POLICY, Q, Q_TARGET};
 
 const POLYAK: f64 = 0.8;

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-mod common;
-use common::{balance_scale, ok, steps, venv_python, write_tiny_model, ETPO};
+use crate::common::{balance_scale, ok, steps, venv_python, write_tiny_model, ETPO};
 
 fn etpo(args: &[&str], cwd: &Path) -> Output {
     venv_python();

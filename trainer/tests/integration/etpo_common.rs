@@ -1,7 +1,6 @@
 //! Shared helpers of the ETPO / PPO-KL tests: a tiny random model, a sampler and the reward
 //! tasks: the decisive token last ([`batch`]), first ([`Task::FirstToken`]) or in an earlier step
 //! ([`Task::TwoStep`]).
-#![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
 use trainer::etpo::{AdamWConfig, EtpoConfig, Transition};

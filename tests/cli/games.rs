@@ -7,9 +7,7 @@
 //! The games are built by `scripts/setup.sh games`; these tests run the same cargo command (a
 //! no-op when they are up to date), so they also work right after a change to a game.
 
-mod common;
-
-use common::{ok, repo, steps, ETPO};
+use crate::common::{ok, repo, steps, ETPO};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -409,7 +407,7 @@ fn a_new_game_builds_outside_the_workspace_and_runs_unchanged() {
 #[test]
 fn etpo_and_ppo_kl_train_on_games() {
     let tmp = tempfile::tempdir().unwrap();
-    common::write_tiny_model(&tmp.path().join("tiny-model"));
+    crate::common::write_tiny_model(&tmp.path().join("tiny-model"));
     let guess = repo().join("envs/games/guess.yaml");
     let adventure = repo().join("envs/games/adventure.yaml");
     for (algo, specs) in [("etpo", vec![&guess, &adventure]), ("ppo-kl", vec![&guess])] {

@@ -8,10 +8,8 @@
 //! `ETPO_CACHE=... target/cuda/tests/cuda`.
 #![cfg(feature = "cuda")]
 
-mod etpo_common;
-
+use crate::etpo_common::*;
 use candle_core::{DType, Device, Tensor};
-use etpo_common::*;
 use trainer::etpo::{AdamWConfig, EtpoConfig, EtpoTrainer, POLICY};
 use trainer::model::{BlockWeights, Llama, LlamaWeights};
 use trainer::{GenerateConfig, LoraConfig};

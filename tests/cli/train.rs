@@ -3,9 +3,7 @@
 //! fail (reward -1), which still trains. They need the project's Python environment
 //! (`scripts/setup.sh python`).
 
-mod common;
-
-use common::{balance_scale, jsonl, ok, venv_python, ETPO};
+use crate::common::{balance_scale, jsonl, ok, venv_python, ETPO};
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -24,7 +22,7 @@ fn config(dir: &Path) -> Value {
 
 /// A tiny model in `tmp/tiny-model` and the arguments of a short training run into `tmp/<out>`.
 fn setup(tmp: &Path) {
-    common::write_tiny_model(&tmp.join("tiny-model"));
+    crate::common::write_tiny_model(&tmp.join("tiny-model"));
 }
 
 fn train_args<'a>(algo: &'a str, spec: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {

@@ -8,7 +8,7 @@ fn repo() -> PathBuf {
 }
 
 fn etpo(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_etpo")).args(args).current_dir(dir).output().expect("cannot run the etpo binary")
+    Command::new(crate::common::ETPO).args(args).current_dir(dir).output().expect("cannot run the etpo binary")
 }
 
 fn stdout(o: &Output) -> String {

@@ -8,9 +8,7 @@
 //! by `|`), with `ETPO_SWEEP_SEEDS` (`11,13`), `ETPO_SWEEP_TASK` (`first` or `two`),
 //! `ETPO_SWEEP_UPDATES` (60) and `ETPO_SWEEP_DIAG` (the learned soft values of a few contexts).
 
-mod etpo_common;
-
-use etpo_common::*;
+use crate::etpo_common::*;
 use trainer::etpo::{AdamWConfig, EtpoConfig, EtpoTrainer, POLICY};
 use trainer::ppo::{PpoConfig, PpoTrainer};
 

@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-const ETPO: &str = env!("CARGO_BIN_EXE_etpo");
+use crate::common::ETPO;
 
 fn default_model() -> std::path::PathBuf {
     let path = trainer::default_model_path();

@@ -1,9 +1,7 @@
 //! PPO-KL on a tiny random model: learning a one-token reward (and its sign-flipped twin),
 //! the KL-shaped reward, and exact resume from a checkpoint.
 
-mod etpo_common;
-
-use etpo_common::*;
+use crate::etpo_common::*;
 use trainer::etpo::{AdamWConfig, POLICY};
 use trainer::ppo::{PpoConfig, PpoTrainer};
 

@@ -14,11 +14,7 @@ fn model() -> PathBuf {
 }
 
 fn etpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_etpo"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .expect("cannot run the etpo binary")
+    Command::new(crate::common::ETPO).args(args).current_dir(repo()).output().expect("cannot run the etpo binary")
 }
 
 fn json_lines(out: &Output) -> Vec<serde_json::Value> {
