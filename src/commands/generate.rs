@@ -1,6 +1,7 @@
 //! `etpo generate`: sample completions of a model for one prompt, to see what a model writes for a
 //! spec (`etpo show` prints the exact prompt text; pipe it in with `--prompt-file -`).
 
+use crate::commands::model_args::{AdapterArg, ModelArgs};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,9 +11,8 @@ use trainer::{FinishReason, GenerateConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF file or Hugging Face folder [default: the embedded SmolLM2-135M-Instruct GGUF]
-    #[arg(long, value_name = "PATH")]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// File with the prompt text, sent as is (`-` reads standard input)
     #[arg(long, value_name = "FILE")]
     prompt_file: PathBuf,
@@ -41,12 +41,8 @@ pub struct Args {
     /// Seed of the sampling streams: the same seed gives the same completions
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// A LoRA adapter folder (PEFT layout, as `etpo run` saves them) to apply
-    #[arg(long, value_name = "DIR")]
-    adapter: Option<PathBuf>,
-    /// cpu, cuda or cuda:N
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    adapter: AdapterArg,
     /// One JSON object per completion (text, tokens, logprobs, finish) instead of text
     #[arg(long)]
     json: bool,
@@ -57,22 +53,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         bail!("--n must be at least 1");
     }
     let prompt = read_prompt(&args.prompt_file)?;
-    let device = trainer::parse_device(&args.device)?;
-    let model_path = args.model.clone().unwrap_or_else(trainer::default_model_path);
+    let model_path = args.model.path();
 
     let started = Instant::now();
-    let mut loaded = trainer::load_model(&model_path, &device)
-        .with_context(|| format!("loading the model {}", model_path.display()))?;
-    let adapter = match &args.adapter {
-        Some(dir) => {
-            loaded
-                .model
-                .load_adapter("generate", dir)
-                .with_context(|| format!("loading the adapter {}", dir.display()))?;
-            Some("generate")
-        }
-        None => None,
-    };
+    let mut loaded = args.model.load()?;
+    let adapter = args.adapter.apply(&mut loaded.model, "generate")?;
     eprintln!("loaded {} in {:.1} s", model_path.display(), started.elapsed().as_secs_f64());
 
     let text = if args.chat {

@@ -6,6 +6,7 @@ pub mod check;
 pub mod compare;
 pub mod exec;
 pub mod generate;
+pub mod model_args;
 pub mod new_game;
 pub mod perplexity;
 pub mod run;

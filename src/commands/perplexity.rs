@@ -1,6 +1,7 @@
 //! `etpo perplexity`: perplexity of a model, and of the model with a trained adapter, on text
 //! files (the paper's Table 3 check that RL training left the language model intact).
 
+use crate::commands::model_args::{AdapterArg, ModelArgs};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -11,21 +12,17 @@ pub struct Args {
     /// Text files to score
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
-    /// GGUF file or Hugging Face folder [default: the embedded SmolLM2-135M-Instruct GGUF]
-    #[arg(long, value_name = "PATH")]
-    model: Option<PathBuf>,
-    /// A LoRA adapter folder (PEFT layout, as `etpo run` saves them): reported beside the base
-    #[arg(long, value_name = "DIR")]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// With `--adapter`, the adapter's perplexity is reported beside the base model's.
+    #[command(flatten)]
+    adapter: AdapterArg,
     /// Tokens per evaluation window (windows do not overlap; each starts without context)
     #[arg(long, default_value_t = 512)]
     window: usize,
     /// Windows per forward pass
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    /// cpu, cuda or cuda:N
-    #[arg(long, default_value = "cpu")]
-    device: String,
     /// One JSON object per file instead of a table
     #[arg(long)]
     json: bool,
@@ -35,20 +32,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if args.window < 2 {
         bail!("--window must be at least 2 tokens");
     }
-    let device = trainer::parse_device(&args.device)?;
-    let model_path = args.model.clone().unwrap_or_else(trainer::default_model_path);
-    let mut loaded = trainer::load_model(&model_path, &device)
-        .with_context(|| format!("loading the model {}", model_path.display()))?;
-    let adapter = match &args.adapter {
-        Some(dir) => {
-            loaded
-                .model
-                .load_adapter("perplexity", dir)
-                .with_context(|| format!("loading the adapter {}", dir.display()))?;
-            Some("perplexity")
-        }
-        None => None,
-    };
+    let mut loaded = args.model.load()?;
+    let adapter = args.adapter.apply(&mut loaded.model, "perplexity")?;
     if !args.json {
         match adapter {
             Some(_) => {

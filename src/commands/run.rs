@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use envspec::Algorithm;
+
+use crate::commands::model_args::ModelArgs;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -108,12 +110,9 @@ pub struct Args {
     /// Comma-separated data split seeds (default: each spec's `dataset.seeds`).
     #[arg(long, value_delimiter = ',', conflicts_with = "resume")]
     seeds: Option<Vec<u64>>,
-    /// Model: a GGUF file or a Hugging Face folder (default: the embedded default model).
-    #[arg(long, conflicts_with = "resume")]
-    model: Option<PathBuf>,
-    /// Device for the model: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// The model (`--model` cannot change on `--resume`; `--device` may).
+    #[command(flatten)]
+    model: ModelArgs,
     /// The run folder to create (default: runs/<UTC timestamp>-<algo>).
     #[arg(long, conflicts_with = "resume")]
     out: Option<PathBuf>,
@@ -121,7 +120,7 @@ pub struct Args {
     /// `--workers` may differ). Every recorded step is kept and none is repeated: a half-written
     /// last line of steps.jsonl is dropped, and an episode that was in progress continues from
     /// the reflection state rebuilt from its recorded last action and error (nothing is re-run).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "model")]
     resume: Option<PathBuf>,
     /// Where actions come from.
     #[arg(long, value_enum, default_value = "llm", conflicts_with = "resume")]
@@ -381,8 +380,8 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         seeds: args.seeds.clone(),
         policy: args.policy,
         actions: abs(&args.actions)?,
-        model: abs(&args.model)?,
-        device: args.device.clone(),
+        model: abs(&args.model.path)?,
+        device: args.model.device.clone(),
         workers: args.workers,
         temperature: args.temperature,
         top_k: args.top_k,
@@ -484,7 +483,7 @@ fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, V
     if let Some(workers) = args.workers {
         manifest.config.workers = Some(workers);
     }
-    manifest.config.device = args.device.clone();
+    manifest.config.device = args.model.device.clone();
     let previous = read_steps(&dir.join("steps.jsonl"))?;
     Ok((dir.to_path_buf(), manifest, previous))
 }

@@ -5,6 +5,7 @@
 //! as ids, and the training batch is a fixed formula both implement. Generation is forced to the
 //! full number of new tokens on both sides (EOS ignored), so tokens/s compare like with like.
 
+use crate::commands::model_args::ModelArgs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,12 +20,9 @@ use trainer::{GenerateConfig, LoraConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF file [default: the embedded SmolLM2-135M-Instruct GGUF]
-    #[arg(long, value_name = "PATH")]
-    model: Option<PathBuf>,
-    /// cpu, cuda or cuda:N (f32 on CPU, bf16 on CUDA, on both sides)
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// The model (a GGUF file) and device (f32 on CPU, bf16 on CUDA, on both sides).
+    #[command(flatten)]
+    model: ModelArgs,
     /// Timed runs per figure (after one warm-up run); the median is reported
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -109,11 +107,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if args.repeats == 0 || args.batches.is_empty() || args.batches.contains(&0) || args.train_len < 2 {
         bail!("--repeats, --batches and --train-batch must be positive and --train-len at least 2");
     }
-    let model_path = args.model.clone().unwrap_or_else(trainer::default_model_path);
+    let model_path = args.model.path();
     if !model_path.is_file() {
         bail!("{} is not a GGUF file (the default model is fetched by `scripts/setup.sh model`)", model_path.display());
     }
-    let device = trainer::parse_device(&args.device)?;
+    let device = trainer::parse_device(&args.model.device)?;
     let python = reference_python(&args);
     if !args.no_reference && !python.is_file() {
         bail!(
@@ -127,7 +125,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     println!(
         "etpo bench model: {} on {} ({}), {threads} threads; median of {} runs after a warm-up",
         model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into_owned()),
-        args.device,
+        args.model.device,
         if device.is_cuda() { "bf16" } else { "f32" },
         args.repeats,
     );
@@ -151,7 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 
     if let Some(path) = &args.json {
         let doc = serde_json::json!({
-            "model": model_path, "device": args.device, "threads": threads, "repeats": args.repeats,
+            "model": model_path, "device": args.model.device, "threads": threads, "repeats": args.repeats,
             "new_tokens": args.new_tokens, "temperature": TEMPERATURE, "top_k": TOP_K,
             "train_batch": args.train_batch, "train_len": args.train_len, "rank": args.rank,
             "prompt_tokens": prompt_ids.len(), "etpo": ours, "torch": theirs,
@@ -309,7 +307,7 @@ fn measure_torch(
         .arg(model_path)
         .arg("--prompt-ids")
         .arg(ids_file.path())
-        .args(["--device", &args.device])
+        .args(["--device", &args.model.device])
         .args(["--dtype", if device.is_cuda() { "bfloat16" } else { "float32" }])
         .args(["--batches", &batches.join(",")])
         .args(["--new-tokens", &args.new_tokens.to_string()])

@@ -3,7 +3,7 @@
 //! with and without running shared state prompts once, side by side in one run, plus peak
 //! memory.
 
-use std::path::PathBuf;
+use crate::commands::model_args::ModelArgs;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -14,9 +14,8 @@ use trainer::GenerateConfig;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// GGUF file or Hugging Face folder [default: the embedded SmolLM2-135M-Instruct GGUF]
-    #[arg(long, value_name = "PATH")]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Instead of a model file, random weights of this shape: `codellama-7b` (for GPUs without
     /// a checkpoint at hand)
     #[arg(long, value_name = "SHAPE", conflicts_with = "model")]
@@ -47,9 +46,6 @@ pub struct Args {
     /// (repeatable; keys as in a spec's training block and `EtpoConfig`)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// cpu, cuda or cuda:N
-    #[arg(long, default_value = "cpu")]
-    device: String,
 }
 
 /// Peak resident memory of this process since the last reset, in MiB (Linux; `None` elsewhere).
@@ -112,7 +108,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if !args.actions.is_multiple_of(args.states) {
         bail!("--actions ({}) must be a multiple of --states ({})", args.actions, args.states);
     }
-    let device = trainer::parse_device(&args.device)?;
+    let device = trainer::parse_device(&args.model.device)?;
     let started = Instant::now();
     let (mut model, label) = match &args.random {
         Some(shape) if shape == "codellama-7b" => {
@@ -121,14 +117,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
         Some(other) => bail!("--random: unknown shape `{other}` (known: codellama-7b)"),
         None => {
-            let path = args.model.clone().unwrap_or_else(trainer::default_model_path);
+            let path = args.model.path();
             let loaded =
                 trainer::load_model(&path, &device).with_context(|| format!("loading the model {}", path.display()))?;
             (loaded.model, path.display().to_string())
         }
     };
     let vocab = model.config().vocab_size;
-    println!("model: {label}, loaded in {:.1} s; device {}", started.elapsed().as_secs_f64(), args.device);
+    println!("model: {label}, loaded in {:.1} s; device {}", started.elapsed().as_secs_f64(), args.model.device);
     println!(
         "batch: {} actions of {} tokens from {} states of {} tokens, micro-batch {}",
         args.actions, args.action_tokens, args.states, args.prompt_tokens, args.micro_batch
