@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use envspec::{Prompt, Spec};
-use runtime::env::{Env, Observation, StepInfo};
+use runtime::env::{Env, EnvError, Observation, StepInfo, StepResult};
 
 use super::policy::{prompt_sha256, ActRequest, Action, Policy};
 use super::record::{StepLog, StepRecord};
@@ -155,7 +155,6 @@ pub fn run_loop(
     Ok(outcome)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn rounds(
     tasks: &[SpecRun],
     agent: &mut dyn Agent,
@@ -165,16 +164,47 @@ fn rounds(
     stop: &AtomicBool,
 ) -> Result<LoopOutcome, ExperimentError> {
     let mut stats: Vec<SpecStats> = tasks.iter().map(|t| SpecStats::new(&t.spec.name, &t.seeds, t.steps)).collect();
+    let mut slots = make_slots(tasks)?;
+    restore(tasks, &mut slots, &mut stats, previous)?;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(LoopOutcome { stats, interrupted: slots.iter().any(|s| !s.exhausted && s.used < s.budget) });
+        }
+        let active = start_episodes(&mut slots)?;
+        if active.is_empty() {
+            return Ok(LoopOutcome { stats, interrupted: false });
+        }
+        let work = ask_policy(tasks, &mut slots, &active, agent)?;
+        let round = finish_round(tasks, evaluate(&mut slots, work));
+        // The agent records the round first, then the round's steps go to the log in one
+        // write, so a kill never leaves logged steps that the agent did not record.
+        if round.fault.is_none() {
+            agent.record(&round.batch)?;
+        }
+        log.write_all(round.logged.iter().map(|(_, _, record)| record))?;
+        for (task, seed_index, record) in &round.logged {
+            let spec_stats = &mut stats[*task];
+            spec_stats.seeds[*seed_index].push(record);
+            observer.on_step(*task, record, spec_stats);
+        }
+        if let Some(e) = round.fault {
+            return Err(e);
+        }
+        agent.learn(&round.batch)?;
+    }
+}
+
+/// One environment slot per task and seed, before any step.
+fn make_slots(tasks: &[SpecRun]) -> Result<Vec<Slot>, ExperimentError> {
     let mut slots = Vec::new();
     for (ti, task) in tasks.iter().enumerate() {
         for (si, &seed) in task.seeds.iter().enumerate() {
-            let env = task.env.env(seed)?;
             slots.push(Slot {
                 task: ti,
                 seed_index: si,
                 seed,
                 budget: task.steps,
-                env,
+                env: task.env.env(seed)?,
                 used: 0,
                 next_episode: 0,
                 current: None,
@@ -182,151 +212,158 @@ fn rounds(
             });
         }
     }
-    restore(tasks, &mut slots, &mut stats, previous)?;
+    Ok(slots)
+}
 
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            return Ok(LoopOutcome { stats, interrupted: slots.iter().any(|s| !s.exhausted && s.used < s.budget) });
+/// Starts an episode in every slot with budget left and none running; returns the slots that
+/// act this round.
+fn start_episodes(slots: &mut [Slot]) -> Result<Vec<usize>, ExperimentError> {
+    let mut active = Vec::new();
+    for (i, slot) in slots.iter_mut().enumerate() {
+        if slot.exhausted || slot.used >= slot.budget {
+            continue;
         }
-        // Start episodes where needed, then ask the policy for every waiting slot at once.
-        let mut active: Vec<usize> = Vec::new();
-        for (i, slot) in slots.iter_mut().enumerate() {
-            if slot.exhausted || slot.used >= slot.budget {
-                continue;
+        if slot.current.is_none() {
+            let obs = slot.env.reset()?;
+            slot.current = Some((slot.next_episode, obs));
+            slot.next_episode += 1;
+        }
+        active.push(i);
+    }
+    Ok(active)
+}
+
+/// Asks the policy for every active slot at once (one batch, so a model batches its
+/// generation). A slot the policy has no action for is marked exhausted.
+fn ask_policy(
+    tasks: &[SpecRun],
+    slots: &mut [Slot],
+    active: &[usize],
+    agent: &mut dyn Agent,
+) -> Result<Vec<(usize, Action)>, ExperimentError> {
+    let requests: Vec<ActRequest<'_>> = active
+        .iter()
+        .map(|&i| {
+            let slot = &slots[i];
+            let (episode, obs) = slot.current.as_ref().expect("active slots have an observation");
+            ActRequest {
+                spec: &tasks[slot.task].spec,
+                seed: slot.seed,
+                episode: *episode,
+                step: obs.step,
+                env_step: slot.used + 1,
+                prompt: &obs.prompt,
             }
-            if slot.current.is_none() {
-                let obs = slot.env.reset()?;
-                slot.current = Some((slot.next_episode, obs));
-                slot.next_episode += 1;
-            }
-            active.push(i);
+        })
+        .collect();
+    let actions = agent.policy().act(&requests)?;
+    drop(requests);
+    if actions.len() != active.len() {
+        return Err(ExperimentError::Policy(super::PolicyError::Config(format!(
+            "the policy answered {} of {} requests",
+            actions.len(),
+            active.len()
+        ))));
+    }
+    let mut work = Vec::new();
+    for (&i, action) in active.iter().zip(actions) {
+        match action {
+            Some(a) => work.push((i, a)),
+            None => slots[i].exhausted = true,
         }
-        if active.is_empty() {
-            return Ok(LoopOutcome { stats, interrupted: false });
-        }
-        let requests: Vec<ActRequest<'_>> = active
-            .iter()
-            .map(|&i| {
-                let slot = &slots[i];
-                let (episode, obs) = slot.current.as_ref().expect("active slots have an observation");
-                ActRequest {
-                    spec: &tasks[slot.task].spec,
-                    seed: slot.seed,
-                    episode: *episode,
-                    step: obs.step,
-                    env_step: slot.used + 1,
-                    prompt: &obs.prompt,
-                }
+    }
+    Ok(work)
+}
+
+/// What one slot's step returned, or its thread's panic.
+type Evaluated<'s> = std::thread::Result<(&'s mut Slot, Action, Result<StepResult, EnvError>)>;
+
+/// Steps the environments in parallel threads: each blocks on the shared worker pool, which
+/// bounds the number of programs running at once. Results come back in `work`'s order.
+fn evaluate(slots: &mut [Slot], work: Vec<(usize, Action)>) -> Vec<Evaluated<'_>> {
+    let mut by_index: HashMap<usize, &mut Slot> = slots.iter_mut().enumerate().collect();
+    let jobs: Vec<(&mut Slot, Action)> =
+        work.into_iter().map(|(i, a)| (by_index.remove(&i).expect("each slot acts once per round"), a)).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|(slot, action)| {
+                scope.spawn(move || {
+                    let result = slot.env.step(&action.generation);
+                    (slot, action, result)
+                })
             })
             .collect();
-        let actions = agent.policy().act(&requests)?;
-        drop(requests);
-        if actions.len() != active.len() {
-            return Err(ExperimentError::Policy(super::PolicyError::Config(format!(
-                "the policy answered {} of {} requests",
-                actions.len(),
-                active.len()
-            ))));
-        }
-        let mut work: Vec<(usize, Action)> = Vec::new();
-        for (&i, action) in active.iter().zip(actions) {
-            match action {
-                Some(a) => work.push((i, a)),
-                None => slots[i].exhausted = true,
-            }
-        }
+        handles.into_iter().map(|h| h.join()).collect()
+    })
+}
 
-        // Evaluate in parallel: each environment blocks on the shared pool, which bounds the
-        // number of programs running at once.
-        let mut by_index: HashMap<usize, &mut Slot> = slots.iter_mut().enumerate().collect();
-        let jobs: Vec<(&mut Slot, Action)> =
-            work.into_iter().map(|(i, a)| (by_index.remove(&i).expect("each slot acts once per round"), a)).collect();
-        let results = std::thread::scope(|scope| {
-            let handles: Vec<_> = jobs
-                .into_iter()
-                .map(|(slot, action)| {
-                    scope.spawn(move || {
-                        let result = slot.env.step(&action.generation);
-                        (slot, action, result)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+/// A round's finished steps: what the agent sees, what the log gets (with the task and seed
+/// index each belongs to), and the first infrastructure fault, if any.
+struct Round {
+    batch: Vec<FinishedStep>,
+    logged: Vec<(usize, usize, StepRecord)>,
+    fault: Option<ExperimentError>,
+}
+
+/// Turns every step that finished into its log record and its [`FinishedStep`], in slot order,
+/// and advances the slots; an infrastructure fault in one environment is kept (the run ends
+/// after the others' steps of this round are safely logged).
+fn finish_round(tasks: &[SpecRun], results: Vec<Evaluated<'_>>) -> Round {
+    let mut round = Round { batch: Vec::with_capacity(results.len()), logged: Vec::new(), fault: None };
+    for joined in results {
+        let (slot, action, result) = match joined {
+            Ok((slot, action, Ok(result))) => (slot, action, result),
+            Ok((_, _, Err(e))) => {
+                round.fault.get_or_insert(e.into());
+                continue;
+            }
+            Err(_) => {
+                round.fault.get_or_insert(ExperimentError::Internal("an evaluation thread panicked".into()));
+                continue;
+            }
+        };
+        let (episode, obs) = slot.current.take().expect("a slot that acted has an observation");
+        slot.used += 1;
+        let record = StepRecord {
+            spec: tasks[slot.task].spec.name.clone(),
+            seed: slot.seed,
+            episode,
+            step: obs.step,
+            env_step: slot.used,
+            prompt_sha256: prompt_sha256(&obs.prompt),
+            generation: action.generation.clone(),
+            action: result.info.action.clone(),
+            reward: result.reward,
+            ran: result.info.ran,
+            terminated: result.terminated,
+            truncated: result.truncated,
+            error: result.info.error.clone(),
+            wall_s: result.info.wall_s,
+            cpu_s: result.info.cpu_s,
+            peak_rss_mb: result.info.peak_rss_mb,
+            gen_s: action.gen_s,
+        };
+        round.logged.push((slot.task, slot.seed_index, record));
+        let ended = result.terminated || result.truncated;
+        round.batch.push(FinishedStep {
+            task: slot.task,
+            seed: slot.seed,
+            episode,
+            step: obs.step,
+            prompt: obs.prompt,
+            action,
+            reward: result.reward,
+            terminated: result.terminated,
+            truncated: result.truncated,
+            next: result.observation.prompt.clone(),
+            info: result.info,
         });
-
-        // Log every step that finished, in slot order; an infrastructure fault in one
-        // environment ends the run after the others' steps of this round are safely logged.
-        // The agent records the round first, then the round's steps go to the log in one
-        // write, so a kill never leaves logged steps that the agent did not record.
-        let mut batch = Vec::with_capacity(results.len());
-        let mut logged = Vec::with_capacity(results.len());
-        let mut fault: Option<ExperimentError> = None;
-        for joined in results {
-            let (slot, action, result) = match joined {
-                Ok((slot, action, Ok(result))) => (slot, action, result),
-                Ok((_, _, Err(e))) => {
-                    fault.get_or_insert(e.into());
-                    continue;
-                }
-                Err(_) => {
-                    fault.get_or_insert(ExperimentError::Internal("an evaluation thread panicked".into()));
-                    continue;
-                }
-            };
-            let (episode, obs) = slot.current.take().expect("a slot that acted has an observation");
-            slot.used += 1;
-            let record = StepRecord {
-                spec: tasks[slot.task].spec.name.clone(),
-                seed: slot.seed,
-                episode,
-                step: obs.step,
-                env_step: slot.used,
-                prompt_sha256: prompt_sha256(&obs.prompt),
-                generation: action.generation.clone(),
-                action: result.info.action.clone(),
-                reward: result.reward,
-                ran: result.info.ran,
-                terminated: result.terminated,
-                truncated: result.truncated,
-                error: result.info.error.clone(),
-                wall_s: result.info.wall_s,
-                cpu_s: result.info.cpu_s,
-                peak_rss_mb: result.info.peak_rss_mb,
-                gen_s: action.gen_s,
-            };
-            logged.push((slot.task, slot.seed_index, record));
-            let ended = result.terminated || result.truncated;
-            batch.push(FinishedStep {
-                task: slot.task,
-                seed: slot.seed,
-                episode,
-                step: obs.step,
-                prompt: obs.prompt,
-                action,
-                reward: result.reward,
-                terminated: result.terminated,
-                truncated: result.truncated,
-                next: result.observation.prompt.clone(),
-                info: result.info,
-            });
-            if !ended {
-                slot.current = Some((episode, result.observation));
-            }
+        if !ended {
+            slot.current = Some((episode, result.observation));
         }
-        if fault.is_none() {
-            agent.record(&batch)?;
-        }
-        log.write_all(logged.iter().map(|(_, _, record)| record))?;
-        for (task, seed_index, record) in &logged {
-            let spec_stats = &mut stats[*task];
-            spec_stats.seeds[*seed_index].push(record);
-            observer.on_step(*task, record, spec_stats);
-        }
-        if let Some(e) = fault {
-            return Err(e);
-        }
-        agent.learn(&batch)?;
     }
+    round
 }
 
 /// Rebuilds the slots from the steps already logged. Finished episodes need nothing; an episode
