@@ -293,6 +293,30 @@ pub struct TrainingOverrides {
     pub clip_eps: Option<f64>,
 }
 
+impl TrainingOverrides {
+    /// Each key of `self`, else `fallback`'s: how a command line's values go over a spec's
+    /// (`etpo run` resolves the trainer's hyper-parameters this way, in one place).
+    pub fn or(&self, fallback: &TrainingOverrides) -> TrainingOverrides {
+        TrainingOverrides {
+            algorithm: self.algorithm.or(fallback.algorithm),
+            steps: self.steps.or(fallback.steps),
+            batch_size: self.batch_size.or(fallback.batch_size),
+            lr: self.lr.or(fallback.lr),
+            beta: self.beta.or(fallback.beta),
+            gamma: self.gamma.or(fallback.gamma),
+            polyak: self.polyak.or(fallback.polyak),
+            temperature: self.temperature.or(fallback.temperature),
+            top_k: self.top_k.or(fallback.top_k),
+            top_p: self.top_p.or(fallback.top_p),
+            lora_rank: self.lora_rank.or(fallback.lora_rank),
+            lora_alpha: self.lora_alpha.or(fallback.lora_alpha),
+            epochs: self.epochs.or(fallback.epochs),
+            grad_clip: self.grad_clip.or(fallback.grad_clip),
+            clip_eps: self.clip_eps.or(fallback.clip_eps),
+        }
+    }
+}
+
 impl Spec {
     /// The folder relative paths of this spec resolve against.
     pub fn base_dir(&self) -> &Path {
@@ -559,5 +583,21 @@ mod tests {
         );
         assert!(refl.ends_with("\n# x_train has shape (62, 4); features: left-weight, left-distance, right-weight, right-distance; 3 classes: L, B, R\nmodel ="), "{refl}");
         assert!(!refl.contains("RandomForestClassifier(n_estimators=200)"), "the failed line is not shown: {refl}");
+    }
+
+    #[test]
+    fn the_first_block_wins_key_by_key() {
+        let cli = TrainingOverrides { lr: Some(1e-3), beta: Some(0.2), ..Default::default() };
+        let spec = TrainingOverrides {
+            lr: Some(3e-4),
+            gamma: Some(0.9),
+            algorithm: Some(Algorithm::Etpo),
+            ..Default::default()
+        };
+        let t = cli.or(&spec);
+        assert_eq!(
+            (t.lr, t.beta, t.gamma, t.algorithm, t.polyak),
+            (Some(1e-3), Some(0.2), Some(0.9), Some(Algorithm::Etpo), None)
+        );
     }
 }

@@ -553,22 +553,24 @@ fn training_block(specs: &[&envspec::Spec]) -> anyhow::Result<envspec::TrainingO
     Ok(block)
 }
 
-/// The trainer's hyper-parameters: its defaults, then the specs' `training:` block, then the
-/// command line.
+/// The trainer's hyper-parameters, resolved in this one place: the command line's flags over the
+/// specs' `training:` block over the trainer's defaults; then `--set KEY=VALUE` over all of them.
 fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<(TrainerConfig, TrainSchedule)> {
-    let t = training_block(specs)?;
     let f = &config.train;
+    let flags = envspec::TrainingOverrides {
+        lr: f.lr,
+        beta: f.beta,
+        gamma: f.gamma,
+        polyak: f.polyak,
+        batch_size: f.update_every,
+        ..Default::default()
+    };
+    let t = flags.or(&training_block(specs)?);
     let trainer_config = match config.algo {
         Algorithm::Etpo => {
             let mut c = trainer::etpo::EtpoConfig::default();
             c.apply_spec(&t);
-            c.beta = f.beta.unwrap_or(c.beta);
-            c.gamma = f.gamma.unwrap_or(c.gamma);
-            c.polyak = f.polyak.unwrap_or(c.polyak);
             c.q_readout = f.q_readout.unwrap_or(c.q_readout);
-            if let Some(lr) = f.lr {
-                c.set_lr(lr);
-            }
             c.discount_inside_actions = f.disc;
             c.single_step = f.one_step;
             c.seed = config.sampling_seed;
@@ -582,11 +584,6 @@ fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<
             }
             let mut c = trainer::ppo::PpoConfig::default();
             c.apply_spec(&t);
-            c.beta = f.beta.unwrap_or(c.beta);
-            c.gamma = f.gamma.unwrap_or(c.gamma);
-            if let Some(lr) = f.lr {
-                c.policy_optim.lr = lr;
-            }
             c.seed = config.sampling_seed;
             apply_sets(&f.set, "ppo-kl", |k, v| c.set(k, v))?;
             c.validate().map_err(|e| anyhow::anyhow!("--algo ppo-kl: {e}"))?;
@@ -595,7 +592,7 @@ fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<
         Algorithm::Reflection => bail!("--algo reflection does not train"),
     };
     let schedule = TrainSchedule {
-        update_every: f.update_every.or(t.batch_size).unwrap_or(DEFAULT_UPDATE_EVERY),
+        update_every: t.batch_size.unwrap_or(DEFAULT_UPDATE_EVERY),
         checkpoint_every: f.checkpoint_every.unwrap_or(1),
     };
     if schedule.update_every == 0 || schedule.checkpoint_every == 0 {
