@@ -150,7 +150,7 @@ pub fn schema() -> Value {
                 "additionalProperties": false,
                 "description": "Optional hyper-parameters; anything left out keeps the trainer's default.",
                 "properties": {
-                    "algorithm": { "enum": ["etpo", "ppo-kl", "reflection"] },
+                    "algorithm": { "enum": ["etpo", "ppo-kl", "grpo", "reflection"] },
                     "steps": seq_int(1, "Environment steps per seed (k)."),
                     "batch_size": seq_int(1, "Actions per update."),
                     "lr": positive("Learning rate."),

@@ -240,12 +240,18 @@ pub enum Algorithm {
     PpoKl,
     /// No training: sampling with reflection states only (the paper's baseline).
     Reflection,
+    /// Group-relative policy optimisation (DeepSeekMath), the usual LLM-RL baseline.
+    Grpo,
 }
 
 impl Algorithm {
     /// The names of `--algo` and `training.algorithm:`.
-    pub const NAMES: &'static [(&'static str, Algorithm)] =
-        &[("etpo", Algorithm::Etpo), ("ppo-kl", Algorithm::PpoKl), ("reflection", Algorithm::Reflection)];
+    pub const NAMES: &'static [(&'static str, Algorithm)] = &[
+        ("etpo", Algorithm::Etpo),
+        ("ppo-kl", Algorithm::PpoKl),
+        ("grpo", Algorithm::Grpo),
+        ("reflection", Algorithm::Reflection),
+    ];
 
     /// Its name, as `--algo` and `training.algorithm` spell it.
     pub fn name(self) -> &'static str {
@@ -254,7 +260,7 @@ impl Algorithm {
 
     /// Whether it trains the model (ETPO, PPO-KL) or only samples from it (Reflection).
     pub fn trains(self) -> bool {
-        matches!(self, Algorithm::Etpo | Algorithm::PpoKl)
+        matches!(self, Algorithm::Etpo | Algorithm::PpoKl | Algorithm::Grpo)
     }
 }
 

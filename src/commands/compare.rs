@@ -8,7 +8,7 @@ use etpo::experiment::trained::{batch_reward_png, read_metrics, MetricsRecord, M
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Run folders of `etpo run --algo etpo|ppo-kl` (each with a metrics.jsonl)
+    /// Run folders of `etpo run --algo etpo|ppo-kl|grpo` (each with a metrics.jsonl)
     #[arg(required = true, value_name = "RUN_DIR")]
     runs: Vec<PathBuf>,
     /// The figure to write
@@ -30,7 +30,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         let metrics = dir.join(METRICS);
         if !metrics.is_file() {
             bail!(
-                "{}: no {METRICS} (is it the folder of a training run, `etpo run --algo etpo|ppo-kl`?)",
+                "{}: no {METRICS} (is it the folder of a training run, `etpo run --algo etpo|ppo-kl|grpo`?)",
                 dir.display()
             );
         }

@@ -99,7 +99,7 @@ pub struct Args {
     /// Spec files, or folders whose *.yaml / *.yml files are all run.
     #[arg(required_unless_present = "resume", conflicts_with = "resume")]
     paths: Vec<PathBuf>,
-    /// The algorithm: reflection (no training), etpo or ppo-kl (default: the specs'
+    /// The algorithm: reflection (no training), etpo, ppo-kl or grpo (default: the specs'
     /// `training.algorithm`, else reflection).
     #[arg(long, value_parser = algorithm_arg(), conflicts_with = "resume")]
     algo: Option<Algorithm>,
@@ -410,7 +410,9 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
             || f.disc
             || !f.set.is_empty()
         {
-            bail!("training hyper-parameters (--beta, --gamma, --lr, ...) need --algo etpo or --algo ppo-kl");
+            bail!(
+                "training hyper-parameters (--beta, --gamma, --lr, ...) need a training --algo (etpo, ppo-kl or grpo)"
+            );
         }
         None
     };
@@ -589,6 +591,17 @@ fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<
             c.validate().map_err(|e| anyhow::anyhow!("--algo ppo-kl: {e}"))?;
             TrainerConfig::PpoKl(c)
         }
+        Algorithm::Grpo => {
+            if f.polyak.is_some() || f.q_readout.is_some() || f.disc {
+                bail!("--polyak, --q-readout and --disc are ETPO's; --algo grpo has no Q-network");
+            }
+            let mut c = trainer::grpo::GrpoConfig::default();
+            c.apply_spec(&t);
+            c.seed = config.sampling_seed;
+            apply_sets(&f.set, "grpo", |k, v| c.set(k, v))?;
+            c.validate().map_err(|e| anyhow::anyhow!("--algo grpo: {e}"))?;
+            TrainerConfig::Grpo(c)
+        }
         Algorithm::Reflection => bail!("--algo reflection does not train"),
     };
     let schedule = TrainSchedule {
@@ -606,6 +619,7 @@ fn describe_trainer(trainer: &TrainerConfig, schedule: &TrainSchedule) -> serde_
     let hyper = match trainer {
         TrainerConfig::Etpo(c) => serde_json::to_value(c),
         TrainerConfig::PpoKl(c) => serde_json::to_value(c),
+        TrainerConfig::Grpo(c) => serde_json::to_value(c),
     }
     .unwrap_or(serde_json::Value::Null);
     serde_json::json!({

@@ -11,7 +11,7 @@
 //!   one shared worker pool, each step is appended to `steps.jsonl` and flushed, and the
 //!   [`Agent`] sees the round's [`FinishedStep`]s. Episodes restart after they end until the
 //!   budget k is used.
-//! - [`Trained`] is the ETPO / PPO-KL algorithm: it trains the model's policy adapter on the
+//! - [`Trained`] is the ETPO / PPO-KL / GRPO agent: it trains the model's policy adapter on the
 //!   rounds' transitions and keeps `metrics.jsonl`, `batch_reward.png`, checkpoints and replay data.
 //! - Resuming: the log is the truth. Steps in it are never re-run; a half-written last line is
 //!   dropped; an episode in progress continues from the reflection state rebuilt from its last

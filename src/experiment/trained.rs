@@ -27,6 +27,7 @@ use std::time::Instant;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use trainer::etpo::{EtpoConfig, EtpoTrainer, TrainError, UpdateMetrics, POLICY};
+use trainer::grpo::{GrpoConfig, GrpoTrainer};
 use trainer::ppo::{PpoConfig, PpoTrainer};
 
 use super::llm::LlmPolicy;
@@ -52,6 +53,7 @@ pub const ADAPTER_DIR: &str = "adapter";
 pub enum TrainerConfig {
     Etpo(EtpoConfig),
     PpoKl(PpoConfig),
+    Grpo(GrpoConfig),
 }
 
 /// The schedule of a training run.
@@ -110,6 +112,7 @@ struct ReplayRound {
 enum Learner {
     Etpo(Box<EtpoTrainer>),
     PpoKl(Box<PpoTrainer>),
+    Grpo(Box<GrpoTrainer>),
 }
 
 impl Learner {
@@ -121,29 +124,33 @@ impl Learner {
         match self {
             Learner::Etpo(t) => t.update(model, batch),
             Learner::PpoKl(t) => t.update(model, batch),
+            Learner::Grpo(t) => t.update(model, batch),
         }
     }
     fn updates(&self) -> u64 {
         match self {
             Learner::Etpo(t) => t.updates(),
             Learner::PpoKl(t) => t.updates(),
+            Learner::Grpo(t) => t.updates(),
         }
     }
     fn save(&self, model: &trainer::Llama, path: &Path, extra: &serde_json::Value) -> Result<(), TrainError> {
         match self {
             Learner::Etpo(t) => t.save_checkpoint(model, path, extra),
             Learner::PpoKl(t) => t.save_checkpoint(model, path, extra),
+            Learner::Grpo(t) => t.save_checkpoint(model, path, extra),
         }
     }
     fn load(&mut self, model: &trainer::Llama, path: &Path) -> Result<serde_json::Value, TrainError> {
         match self {
             Learner::Etpo(t) => t.load_checkpoint(model, path),
             Learner::PpoKl(t) => t.load_checkpoint(model, path),
+            Learner::Grpo(t) => t.load_checkpoint(model, path),
         }
     }
 }
 
-/// ETPO or PPO-KL over a language-model policy, as an [`Agent`] of the run loop. The policy
+/// ETPO, PPO-KL or GRPO over a language-model policy, as an [`Agent`] of the run loop. The policy
 /// samples with the trained [`POLICY`] adapter set (equal to the base model before the first
 /// update).
 pub struct Trained {
@@ -188,6 +195,9 @@ impl Trained {
         let (name, learner) = match config {
             TrainerConfig::Etpo(cfg) => {
                 ("etpo", Learner::Etpo(Box::new(EtpoTrainer::new(model, cfg).map_err(train_err)?)))
+            }
+            TrainerConfig::Grpo(cfg) => {
+                ("grpo", Learner::Grpo(Box::new(GrpoTrainer::new(model, cfg).map_err(train_err)?)))
             }
             TrainerConfig::PpoKl(cfg) => {
                 ("ppo-kl", Learner::PpoKl(Box::new(PpoTrainer::new(model, cfg).map_err(train_err)?)))

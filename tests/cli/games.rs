@@ -403,14 +403,14 @@ fn a_new_game_builds_outside_the_workspace_and_runs_unchanged() {
 }
 
 /// The training algorithms run on game states unchanged: a tiny random model (noise actions)
-/// trained with ETPO on a completion game and a chat game, and with PPO-KL.
+/// trained with ETPO on a completion game and a chat game, and with PPO-KL and GRPO.
 #[test]
-fn etpo_and_ppo_kl_train_on_games() {
+fn etpo_ppo_kl_and_grpo_train_on_games() {
     let tmp = tempfile::tempdir().unwrap();
     crate::common::write_tiny_model(&tmp.path().join("tiny-model"));
     let guess = repo().join("envs/games/guess.yaml");
     let adventure = repo().join("envs/games/adventure.yaml");
-    for (algo, specs) in [("etpo", vec![&guess, &adventure]), ("ppo-kl", vec![&guess])] {
+    for (algo, specs) in [("etpo", vec![&guess, &adventure]), ("ppo-kl", vec![&guess]), ("grpo", vec![&guess])] {
         let mut args: Vec<&str> = vec!["run"];
         args.extend(specs.iter().map(|p| p.to_str().unwrap()));
         args.extend([

@@ -1,4 +1,4 @@
-//! End-to-end tests of `etpo run --algo etpo` and `--algo ppo-kl`: a tiny random model trained
+//! End-to-end tests of `etpo run --algo etpo`, `--algo ppo-kl` and `--algo grpo`: a tiny random model trained
 //! on the default Balance Scale spec through the CLI binary. Its actions are noise and nearly all
 //! fail (reward -1), which still trains. They need the project's Python environment
 //! (`scripts/setup.sh python`).
@@ -130,6 +130,29 @@ fn ppo_kl_trains_with_hyper_parameters_from_the_spec_unless_given() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--polyak"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!tmp.path().join("bad").exists());
+}
+
+#[test]
+fn grpo_trains_through_the_cli_with_its_own_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path());
+    let spec = balance_scale();
+    let mut args = train_args("grpo", spec.to_str().unwrap(), "run", "4");
+    args.extend(["--update-every", "2", "--beta", "0.02", "--set", "scale_rewards=false", "--set", "epochs=1"]);
+    ok(&etpo(&args, tmp.path()));
+    let dir = tmp.path().join("run");
+    check_training_outputs(&dir, 2, 2);
+    let trainer = &config(&dir)["trainer"];
+    assert_eq!(config(&dir)["config"]["algo"], "grpo");
+    assert_eq!(trainer["hyper_parameters"]["beta"], 0.02);
+    assert_eq!(trainer["hyper_parameters"]["scale_rewards"], false, "--set reaches the trainer");
+    assert_eq!(trainer["hyper_parameters"]["epochs"], 1);
+    // An ETPO-only key is refused with the name of the key.
+    let mut args = train_args("grpo", spec.to_str().unwrap(), "bad", "2");
+    args.extend(["--set", "q_epochs=2"]);
+    let out = etpo(&args, tmp.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("q_epochs"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

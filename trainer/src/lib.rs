@@ -1,10 +1,11 @@
 //! etpo trainer: the language-model core (a Llama-family model in candle with named LoRA
-//! adapter sets, loading, tokenizer, batched generation) and the ETPO / PPO-KL trainers.
+//! adapter sets, loading, tokenizer, batched generation) and the ETPO / PPO-KL / GRPO trainers.
 
 mod blas;
 mod error;
 pub mod etpo;
 pub mod generate;
+pub mod grpo;
 mod kernels;
 pub mod load;
 pub mod lora;

@@ -10,6 +10,7 @@ mod default_model;
 mod etpo_credit;
 mod etpo_ppo;
 mod etpo_trainer;
+mod grpo;
 mod logits_parity;
 mod peft_parity;
 mod tokenizer_parity;
