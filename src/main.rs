@@ -26,6 +26,9 @@ enum Command {
     Exec(commands::exec::Args),
     /// Run (and train on) every spec found in the given files and folders.
     Run(commands::run::Args),
+    /// The paper's protocol in one command: every spec × algorithm × seed with one budget, then
+    /// Table 2 and Figures 3 and 4 in one results folder; resumable.
+    Experiment(commands::experiment::Args),
     /// Print completions of a model for a prompt.
     Generate(commands::generate::Args),
     /// Perplexity of a model (optionally with an adapter) on text files.
@@ -51,6 +54,7 @@ fn main() {
         Command::Schema(args) => commands::schema::run(args),
         Command::Exec(args) => commands::exec::run(args),
         Command::Run(args) => commands::run::run(args),
+        Command::Experiment(args) => commands::experiment::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
         Command::Compare(args) => commands::compare::run(args),

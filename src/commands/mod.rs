@@ -5,6 +5,7 @@ pub mod bench;
 pub mod check;
 pub mod compare;
 pub mod exec;
+pub mod experiment;
 pub mod generate;
 pub mod model_args;
 pub mod new_game;

@@ -95,6 +95,38 @@ fn draw(path: &Path, stats: &[SpecStats]) -> Result<(), Box<dyn std::error::Erro
     Ok(())
 }
 
+/// One line per labelled curve of `(step, value)` points (the best reward against steps of
+/// several algorithms: `etpo experiment`'s Figure 3).
+pub fn curves_png(path: &Path, title: &str, curves: &[(String, Vec<(u32, f64)>)]) -> Result<(), ExperimentError> {
+    draw_curves(path, title, curves)
+        .map_err(|e| ExperimentError::Plot { path: path.to_path_buf(), message: e.to_string() })
+}
+
+fn draw_curves(
+    path: &Path,
+    title: &str,
+    curves: &[(String, Vec<(u32, f64)>)],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = BitMapBackend::new(path, (PANEL_W * 3 / 2, PANEL_H * 3 / 2)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let k = curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.0)).max().unwrap_or(1).max(2);
+    let values: Vec<f64> = curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.1)).collect();
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let y_min = if lo.is_finite() { (lo - 0.05).min(0.5) } else { 0.0 };
+    let y_max = 1.0_f64.max(values.iter().copied().fold(f64::NEG_INFINITY, f64::max) + 0.02);
+    let mut chart = steps_chart(&root, title, 1u32..k, y_min..y_max, "best reward")?;
+    for (i, (label, points)) in curves.iter().enumerate() {
+        let color = Palette99::pick(i);
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))?
+            .label(label.clone())
+            .legend(legend_mark(color.stroke_width(2)));
+    }
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
+    root.present()?;
+    Ok(())
+}
+
 /// A chart with x coordinates `X` and a float y-axis.
 pub(crate) type StepsChart<'a, DB, X> = ChartContext<'a, DB, Cartesian2d<X, RangedCoordf64>>;
 

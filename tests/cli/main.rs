@@ -5,6 +5,7 @@
 mod common;
 
 mod cli_spec;
+mod experiment;
 mod games;
 mod generate;
 mod perplexity;

@@ -1,0 +1,303 @@
+//! `etpo experiment`: the paper's protocol in one command. Every spec × algorithm × seed is one
+//! `etpo run` with the same budget in environment steps (each seed its own run, so a trained
+//! model sees one seed's data), in a folder of its own under `DIR/runs/`; then the results
+//! folder gets the paper's Table 2 (best reward within k, mean ± std over seeds, the best
+//! marked), Figure 3 (best reward against steps, one line per algorithm) and Figure 4 (batch
+//! reward per update of the training algorithms), per spec, and `results.csv` / `results.md`.
+//!
+//! Killed at any moment and started again with the same command, it skips the runs that used
+//! their budget, resumes (`etpo run --resume`) the one that was cut, and starts the others: no
+//! run is repeated or lost.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use envspec::Algorithm;
+use etpo::experiment::summary::{mean_std, stats_from_records, write_atomic, SpecStats};
+use etpo::experiment::trained::{batch_reward_png, read_metrics, MetricsRecord, METRICS};
+use etpo::experiment::{plot, read_steps};
+
+use crate::commands::model_args::ModelArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Spec files, or folders whose *.yaml / *.yml files are all run.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// The algorithms to compare (reflection, etpo, ppo-kl, grpo).
+    #[arg(long, value_delimiter = ',', default_value = "reflection,etpo,ppo-kl,grpo")]
+    algos: Vec<String>,
+    /// Data split seeds; each is a run of its own.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    seeds: Vec<u64>,
+    /// Environment steps per run, the paper's k (default: the spec's `training.steps`, else 10).
+    #[arg(long)]
+    steps: Option<u32>,
+    /// The results folder (created, or continued when it exists).
+    #[arg(long, default_value = "experiment")]
+    out: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Passed to the training runs: environment steps per update.
+    #[arg(long)]
+    update_every: Option<usize>,
+    /// Passed to the training runs: `--set KEY=VALUE` (repeatable; keys one trainer lacks are
+    /// an error of that run).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Sandbox workers per run (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+/// One run of the grid.
+struct Cell {
+    spec: PathBuf,
+    name: String,
+    algo: Algorithm,
+    seed: u64,
+    dir: PathBuf,
+    steps: u32,
+}
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    let algos = parse_algos(&args.algos)?;
+    if args.seeds.is_empty() {
+        bail!("--seeds is empty");
+    }
+    let specs = envspec::find_specs(&args.paths).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if specs.is_empty() {
+        bail!("no spec files (*.yaml, *.yml) found");
+    }
+    let mut cells = Vec::new();
+    let mut names: Vec<(String, u32)> = Vec::new();
+    for path in &specs {
+        let spec = envspec::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if names.iter().any(|(n, _)| *n == spec.name) {
+            bail!("{}: a second spec named {:?}; spec names must be unique", path.display(), spec.name);
+        }
+        let steps = match args.steps.map(u64::from).or(spec.training.steps).unwrap_or(10) {
+            0 => bail!("{}: the step budget must be at least 1", path.display()),
+            n => u32::try_from(n).with_context(|| format!("{}: {n} steps is too many", path.display()))?,
+        };
+        names.push((spec.name.clone(), steps));
+        for &algo in &algos {
+            for &seed in &args.seeds {
+                let dir = args.out.join("runs").join(&spec.name).join(algo.name()).join(format!("seed{seed}"));
+                cells.push(Cell { spec: path.clone(), name: spec.name.clone(), algo, seed, dir, steps });
+            }
+        }
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    write_config(&args, &algos)?;
+
+    let exe = std::env::current_exe().context("locating the etpo binary")?;
+    for (i, cell) in cells.iter().enumerate() {
+        let logged = read_steps(&cell.dir.join("steps.jsonl"))?.len();
+        let label = format!("[{}/{}] {} {} seed {}", i + 1, cells.len(), cell.name, cell.algo.name(), cell.seed);
+        let mut cmd = Command::new(&exe);
+        if logged >= cell.steps as usize {
+            eprintln!("{label}: done ({logged} steps)");
+            continue;
+        } else if cell.dir.join("config.json").is_file() {
+            eprintln!("{label}: resuming after {logged} steps");
+            cmd.args(["run", "--resume"]).arg(&cell.dir).args(["--device", &args.model.device]);
+        } else {
+            eprintln!("{label}: starting");
+            cmd.arg("run").arg(&cell.spec).args(["--algo", cell.algo.name()]);
+            cmd.args(["--seeds", &cell.seed.to_string(), "--steps", &cell.steps.to_string()]);
+            cmd.arg("--out").arg(&cell.dir).args(["--device", &args.model.device]);
+            if let Some(m) = &args.model.path {
+                cmd.arg("--model").arg(m);
+            }
+            if cell.algo.trains() {
+                if let Some(n) = args.update_every {
+                    cmd.args(["--update-every", &n.to_string()]);
+                }
+                for kv in &args.set {
+                    cmd.args(["--set", kv]);
+                }
+            }
+        }
+        if let Some(w) = args.workers {
+            cmd.args(["--workers", &w.to_string()]);
+        }
+        if let Some(parent) = cell.dir.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let status = cmd.stdout(std::process::Stdio::null()).status().context("starting etpo run")?;
+        if !status.success() {
+            bail!(
+                "{label} failed ({status}); its folder is {}; run the same command again to resume",
+                cell.dir.display()
+            );
+        }
+    }
+    report(&args.out, &names, &algos, &args.seeds, &cells)?;
+    Ok(0)
+}
+
+fn parse_algos(names: &[String]) -> anyhow::Result<Vec<Algorithm>> {
+    let mut out = Vec::new();
+    for n in names {
+        let Some((_, a)) = Algorithm::NAMES.iter().find(|(name, _)| *name == n.as_str()) else {
+            let known: Vec<&str> = Algorithm::NAMES.iter().map(|(n, _)| *n).collect();
+            bail!("--algos: unknown algorithm {n:?}; expected some of: {}", known.join(", "));
+        };
+        if out.contains(a) {
+            bail!("--algos names {n} twice");
+        }
+        out.push(*a);
+    }
+    if out.is_empty() {
+        bail!("--algos is empty");
+    }
+    Ok(out)
+}
+
+/// `config.json` of the results folder: the command line and the grid.
+fn write_config(args: &Args, algos: &[Algorithm]) -> anyhow::Result<()> {
+    let config = serde_json::json!({
+        "command_line": std::env::args().collect::<Vec<_>>(),
+        "paths": args.paths,
+        "algos": algos.iter().map(|a| a.name()).collect::<Vec<_>>(),
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "model": args.model.path,
+        "device": args.model.device,
+        "update_every": args.update_every,
+        "set": args.set,
+    });
+    write_atomic(&args.out.join("config.json"), format!("{:#}\n", config).as_bytes())?;
+    Ok(())
+}
+
+/// The statistics of one spec and algorithm over its seeds' runs.
+fn stats_of(cells: &[&Cell], name: &str, seeds: &[u64], steps: u32) -> anyhow::Result<SpecStats> {
+    let mut records = Vec::new();
+    for cell in cells {
+        records.extend(read_steps(&cell.dir.join("steps.jsonl"))?);
+    }
+    Ok(stats_from_records(&[(name.to_string(), seeds.to_vec(), steps)], &records).remove(0))
+}
+
+fn cell_text(v: Option<(f64, Option<f64>)>) -> String {
+    match v {
+        None => "–".into(),
+        Some((m, Some(s))) => format!("{m:.4} ± {s:.4}"),
+        Some((m, None)) => format!("{m:.4}"),
+    }
+}
+
+/// `results.csv`, `results.md` and the figures.
+fn report(
+    out: &Path,
+    names: &[(String, u32)],
+    algos: &[Algorithm],
+    seeds: &[u64],
+    cells: &[Cell],
+) -> anyhow::Result<()> {
+    let mut csv = String::from(
+        "spec,algo,seed,steps,best_reward,runnable_rate,mean_reward,first_quarter_reward,last_quarter_reward,run\n",
+    );
+    let mut md = format!(
+        "# etpo experiment\n\n`{}`\n\n## Table 2: best reward within k (mean ± std over seeds {})\n\nThe best reward is selected on the split that scores it, as in the paper: an optimistic score.\n\n| spec | k |",
+        std::env::args().collect::<Vec<_>>().join(" "),
+        seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+    );
+    for a in algos {
+        md.push_str(&format!(" {} |", a.name()));
+    }
+    md.push_str("\n|---|---|");
+    md.push_str(&"---|".repeat(algos.len()));
+    let mut late = format!(
+        "\n\n## Mean reward over the last quarter of each run's steps (mean ± std over seeds)\n\nWhat a policy does once trained, every action counted (a failed one is the spec's failure reward).\n\n| spec |{}\n|---|{}",
+        algos.iter().map(|a| format!(" {} |", a.name())).collect::<String>(),
+        "---|".repeat(algos.len())
+    );
+    for (name, steps) in names {
+        let mut best_row = Vec::new();
+        let mut late_row = Vec::new();
+        let mut curves: Vec<(String, Vec<(u32, f64)>)> = Vec::new();
+        let mut training: Vec<(String, Vec<MetricsRecord>)> = Vec::new();
+        for &algo in algos {
+            let mine: Vec<&Cell> = cells.iter().filter(|c| c.name == *name && c.algo == algo).collect();
+            let stats = stats_of(&mine, name, seeds, *steps)?;
+            let window = stats.window_len();
+            let mut lates = Vec::new();
+            for (cell, seed) in mine.iter().zip(&stats.seeds) {
+                let first = seed_window(&stats, seed.seed, window, false);
+                let last = seed_window(&stats, seed.seed, window, true);
+                if let Some(l) = last {
+                    lates.push(l);
+                }
+                let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
+                csv.push_str(&format!(
+                    "{name},{},{},{},{},{},{},{},{},{}\n",
+                    algo.name(),
+                    seed.seed,
+                    seed.steps,
+                    f(seed.best()),
+                    f(seed.runnable_rate()),
+                    f(seed.mean_reward()),
+                    f(first),
+                    f(last),
+                    cell.dir.display()
+                ));
+                if algo.trains() {
+                    let metrics = cell.dir.join(METRICS);
+                    if metrics.is_file() {
+                        training.push((format!("{} seed {}", algo.name(), seed.seed), read_metrics(&metrics)?));
+                    }
+                }
+            }
+            best_row.push(stats.best_mean_std());
+            late_row.push(mean_std(&lates));
+            curves.push((
+                algo.name().to_string(),
+                (1..=*steps as usize).filter_map(|t| stats.mean_best_at(t).map(|v| (t as u32, v))).collect(),
+            ));
+        }
+        let top = best_row.iter().flatten().map(|(m, _)| *m).fold(f64::NEG_INFINITY, f64::max);
+        md.push_str(&format!("\n| {name} | {steps} |"));
+        for v in &best_row {
+            let text = cell_text(*v);
+            md.push_str(&match v {
+                Some((m, _)) if *m == top => format!(" **{text}** |"),
+                _ => format!(" {text} |"),
+            });
+        }
+        late.push_str(&format!("\n| {name} |"));
+        for v in &late_row {
+            late.push_str(&format!(" {} |", cell_text(*v)));
+        }
+        let fig3 = out.join(format!("{name}_best_reward.png"));
+        if let Err(e) = plot::curves_png(&fig3, &format!("{name}: best reward within k (mean over seeds)"), &curves) {
+            eprintln!("warning: {e}");
+        }
+        training.retain(|(_, m)| !m.is_empty());
+        if !training.is_empty() {
+            if let Err(e) = batch_reward_png(&out.join(format!("{name}_batch_reward.png")), &training) {
+                eprintln!("warning: {e}");
+            }
+        }
+    }
+    md.push_str(&late);
+    md.push_str("\n\nFigures: `<spec>_best_reward.png` (Figure 3), `<spec>_batch_reward.png` (Figure 4); every run's folder is under `runs/`.\n");
+    write_atomic(&out.join("results.csv"), csv.as_bytes())?;
+    write_atomic(&out.join("results.md"), md.as_bytes())?;
+    print!("{md}");
+    eprintln!("wrote {}", out.join("results.md").display());
+    Ok(())
+}
+
+/// The mean reward of one seed's first or last `len` steps.
+fn seed_window(stats: &SpecStats, seed: u64, len: usize, late: bool) -> Option<f64> {
+    let s = stats.seeds.iter().find(|s| s.seed == seed)?;
+    if s.outcomes.len() < len || len == 0 {
+        return None;
+    }
+    let picked = if late { &s.outcomes[s.outcomes.len() - len..] } else { &s.outcomes[..len] };
+    Some(picked.iter().map(|(r, _)| r).sum::<f64>() / len as f64)
+}

@@ -1,0 +1,95 @@
+//! `etpo experiment`: a grid of specs × algorithms × seeds run as separate `etpo run`s, with the
+//! paper's Table 2 and figures in one folder, and a second invocation that skips finished runs.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::common::{balance_scale, ok, steps, venv_python, ETPO};
+
+fn etpo(args: &[&str], cwd: &Path) -> Output {
+    venv_python();
+    Command::new(ETPO).args(args).current_dir(cwd).output().expect("the etpo binary runs")
+}
+
+const ARGS: [&str; 15] = [
+    "experiment",
+    "bs.yaml",
+    "--algos",
+    "reflection,grpo",
+    "--seeds",
+    "0,1",
+    "--steps",
+    "4",
+    "--update-every",
+    "2",
+    "--model",
+    "tiny-model",
+    "--workers",
+    "1",
+    "--out",
+];
+
+#[test]
+fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(balance_scale(), tmp.path().join("bs.yaml")).unwrap();
+    crate::common::write_tiny_model(&tmp.path().join("tiny-model"));
+    let mut args = ARGS.to_vec();
+    args.push("exp");
+    let out = etpo(&args, tmp.path());
+    let stdout = ok(&out);
+    let exp = tmp.path().join("exp");
+
+    // One run per algorithm and seed, each with the whole budget and its own seed only.
+    let csv = std::fs::read_to_string(exp.join("results.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 4, "{csv}");
+    let mut best_by_algo: std::collections::HashMap<&str, Vec<f64>> = Default::default();
+    for row in &rows {
+        let (algo, seed) = (row[1], row[2]);
+        let dir = exp.join("runs/balance_scale").join(algo).join(format!("seed{seed}"));
+        let records = steps(&dir);
+        assert_eq!(records.len(), 4, "{algo} seed {seed}");
+        assert!(
+            records.iter().all(|r| r["seed"].as_u64().map(|s| s.to_string()).as_deref() == Some(seed)),
+            "{algo} seed {seed}: only its own seed"
+        );
+        // The best reward is the run's own, read independently from its step log.
+        let best = records.iter().map(|r| r["reward"].as_f64().unwrap()).fold(f64::NEG_INFINITY, f64::max);
+        assert_eq!(row[4], format!("{best:.4}"), "{row:?}");
+        best_by_algo.entry(algo).or_default().push(best);
+        if algo == "grpo" {
+            assert!(dir.join("metrics.jsonl").is_file(), "the GRPO run trained");
+        }
+    }
+    // Table 2: mean ± std over the seeds, one column per algorithm.
+    let md = std::fs::read_to_string(exp.join("results.md")).unwrap();
+    assert!(md.contains("| spec | k | reflection | grpo |"), "{md}");
+    for (algo, bests) in &best_by_algo {
+        let mean = bests.iter().sum::<f64>() / 2.0;
+        let std = ((bests[0] - mean).powi(2) + (bests[1] - mean).powi(2)).sqrt();
+        assert!(md.contains(&format!("{mean:.4} ± {std:.4}")), "{algo}: {mean:.4} ± {std:.4} not in\n{md}");
+    }
+    assert!(stdout.contains("Table 2"), "{stdout}");
+    for fig in ["balance_scale_best_reward.png", "balance_scale_batch_reward.png"] {
+        assert_eq!(&std::fs::read(exp.join(fig)).unwrap()[1..4], b"PNG", "{fig}");
+    }
+
+    // Again: finished runs are not touched; a missing one is run.
+    let kept = exp.join("runs/balance_scale/reflection/seed0/steps.jsonl");
+    let before = std::fs::read(&kept).unwrap();
+    std::fs::remove_dir_all(exp.join("runs/balance_scale/grpo/seed1")).unwrap();
+    let out = etpo(&args, tmp.path());
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches(": done (4 steps)").count(), 3, "{err}");
+    assert!(err.contains("[4/4] balance_scale grpo seed 1: starting"), "{err}");
+    assert_eq!(std::fs::read(&kept).unwrap(), before, "a finished run is not repeated");
+    assert_eq!(steps(&exp.join("runs/balance_scale/grpo/seed1")).len(), 4);
+
+    // An unknown algorithm is refused before anything runs.
+    let out = etpo(&["experiment", "bs.yaml", "--algos", "etpo,dpo", "--out", "bad"], tmp.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown algorithm \"dpo\""));
+    assert!(!tmp.path().join("bad").exists());
+}
