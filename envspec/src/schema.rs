@@ -73,6 +73,7 @@ pub fn schema() -> Value {
                         ]
                     },
                     "train_fraction": { "type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "default": 0.5 },
+                    "test_fraction": { "type": "number", "minimum": 0, "exclusiveMaximum": 0.5, "default": 0 },
                     "seeds": { "type": "array", "items": { "type": "integer", "minimum": 0 }, "minItems": 1, "uniqueItems": true, "default": [0, 1, 2, 3, 4] },
                     "max_samples": seq_int(2, "Rows kept after the shuffle (CAAFE's subsampling).")
                 }

@@ -244,10 +244,7 @@ impl Env {
             Evaluation::SingleSplit => 1,
             Evaluation::MeanOfSplits(n) => n.max(1) as usize,
         };
-        let splits = split_seeds(seed, n_splits)
-            .into_iter()
-            .map(|s| dataset.split(s, ds.max_samples, ds.train_fraction))
-            .collect::<Vec<_>>();
+        let splits = split_seeds(seed, n_splits).into_iter().map(|s| dataset.split_for(ds, s)).collect::<Vec<_>>();
         let context = spec.task_context(&splits[0]);
         let multiclass = match spec.reward.multiclass {
             envspec::Multiclass::Ovo => Multiclass::Ovo,
@@ -449,20 +446,40 @@ impl Env {
                 message: "a game has no program to score; play it with reset() and step()".into(),
             });
         };
-        d.score_program(&self.spec, program)
+        d.score_program(&self.spec, program, Part::Validation)
+    }
+
+    /// Scores an assembled program on the held-out test part of the spec's splits
+    /// (`dataset.test_fraction`), as [`Env::score_program`] does on the validation rows: the
+    /// sandbox gets the training rows and the test features, never a label of the test part.
+    /// `None` when the spec holds out no test part (or is a game).
+    pub fn score_on_test(&self, program: &str) -> Result<Option<Score>, EnvError> {
+        match &self.backend {
+            Backend::Data(d) if d.splits.iter().all(|s| !s.y_test.is_empty()) => {
+                d.score_program(&self.spec, program, Part::Test).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 }
 
+/// Which held-out rows a program is scored on.
+#[derive(Clone, Copy)]
+enum Part {
+    Validation,
+    Test,
+}
+
 impl DataEnv {
-    fn score_program(&self, spec: &Spec, program: &str) -> Result<Score, EnvError> {
+    fn score_program(&self, spec: &Spec, program: &str, part: Part) -> Result<Score, EnvError> {
         let outcomes: Vec<Result<crate::Outcome, RuntimeError>> = if self.splits.len() == 1 {
-            vec![self.pool.evaluate(&self.job(program, &self.splits[0]))]
+            vec![self.pool.evaluate(&self.job(program, &self.splits[0], part))]
         } else {
             std::thread::scope(|scope| {
                 let handles: Vec<_> = self
                     .splits
                     .iter()
-                    .map(|split| scope.spawn(move || self.pool.evaluate(&self.job(program, split))))
+                    .map(|split| scope.spawn(move || self.pool.evaluate(&self.job(program, split, part))))
                     .collect();
                 handles
                     .into_iter()
@@ -493,7 +510,7 @@ impl DataEnv {
                 continue;
             }
             match outcome.result {
-                Ok(proba) => match roc_auc(&split.y_val, &proba, split.n_classes(), self.multiclass) {
+                Ok(proba) => match roc_auc(part.labels(split), &proba, split.n_classes(), self.multiclass) {
                     Ok(auc) => aucs.push(auc),
                     Err(e) => scored.result = Err(format!("the predictions could not be scored: {e}")),
                 },
@@ -509,14 +526,30 @@ impl DataEnv {
         Ok(scored)
     }
 
-    fn job(&self, program: &str, split: &Split) -> Job {
+    fn job(&self, program: &str, split: &Split, part: Part) -> Job {
         Job {
             program: program.to_string(),
             x_train: split.x_train.clone(),
             y_train: split.y_train.clone(),
-            x_val: split.x_val.clone(),
+            x_val: part.features(split).to_vec(),
             n_classes: split.n_classes(),
             limits: self.limits,
+        }
+    }
+}
+
+impl Part {
+    fn features(self, split: &Split) -> &[Vec<f64>] {
+        match self {
+            Part::Validation => &split.x_val,
+            Part::Test => &split.x_test,
+        }
+    }
+
+    fn labels(self, split: &Split) -> &[usize] {
+        match self {
+            Part::Validation => &split.y_val,
+            Part::Test => &split.y_test,
         }
     }
 }

@@ -291,7 +291,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     // Summaries come from the log itself, so they are right also after an error or Ctrl-C.
     let records = read_steps(&steps_path)?;
     let stats = summary::stats_from_records(&names, &records);
-    write_summaries(&dir, &stats, config.algo.name())?;
+    let tests = experiment::held_out::score_best_on_test(&tasks, &records)?;
+    write_summaries(&dir, &stats, &tests, config.algo.name())?;
     if args.resume.is_some() {
         manifest.resumed.push(ResumeEntry {
             at_utc: utc_timestamp(std::time::SystemTime::now(), true),
@@ -300,7 +301,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         });
         write_json(&dir.join("config.json"), &manifest)?;
     }
-    print!("{}", summary::to_markdown(&stats, config.algo.name()));
+    print!("{}{}", summary::to_markdown(&stats, config.algo.name()), experiment::held_out::to_markdown(&tests));
     if config.algo.trains() {
         // Before and after training, in one line per spec: what a newcomer looks for.
         for spec in &stats {
@@ -639,9 +640,19 @@ fn sampling_config(config: &RunConfig) -> SamplingConfig {
     }
 }
 
-fn write_summaries(dir: &Path, stats: &[SpecStats], algo: &str) -> anyhow::Result<()> {
+fn write_summaries(
+    dir: &Path,
+    stats: &[SpecStats],
+    tests: &[experiment::held_out::TestScore],
+    algo: &str,
+) -> anyhow::Result<()> {
+    use experiment::held_out;
     summary::write_atomic(&dir.join("summary.csv"), summary::to_csv(stats).as_bytes())?;
-    summary::write_atomic(&dir.join("summary.md"), summary::to_markdown(stats, algo).as_bytes())?;
+    let md = summary::to_markdown(stats, algo) + &held_out::to_markdown(tests);
+    summary::write_atomic(&dir.join("summary.md"), md.as_bytes())?;
+    if !tests.is_empty() {
+        summary::write_atomic(&dir.join("test.csv"), held_out::to_csv(tests).as_bytes())?;
+    }
     // A figure that cannot be drawn (no usable font, say) must not cost the run its tables.
     if let Err(e) = plot::best_reward_png(&dir.join("best_reward.png"), stats) {
         eprintln!("warning: {e}");

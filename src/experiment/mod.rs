@@ -19,6 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod held_out;
 pub mod llm;
 pub mod plot;
 pub mod policy;

@@ -474,9 +474,59 @@ fn the_budget_and_sampling_come_from_the_spec_unless_given() {
     ok(&out);
     let dir = run_dir(tmp.path());
     assert_eq!(steps(&dir).len(), 2, "training.steps is the budget");
+    assert!(!dir.join("test.csv").exists(), "no test part, no test score");
     let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["specs"][0]["steps"], 2);
     assert_eq!(config["specs"][0]["sampling"], serde_json::json!({"temperature": 0.8, "top_k": null, "top_p": null}));
+}
+
+/// With `dataset.test_fraction`, the action of each seed's best validation reward is scored once
+/// on the held-out test rows, equal to plain scikit-learn fitted on the training rows; the
+/// validation rewards are those of the shrunken validation part.
+#[test]
+fn the_best_action_is_scored_once_on_the_held_out_test_part() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(balance_scale()).unwrap();
+    let with_test = text.replacen("dataset:\n", "dataset:\n  test_fraction: 0.25\n", 1);
+    assert_ne!(with_test, text, "the spec has a dataset section");
+    let spec_path = tmp.path().join("bs.yaml");
+    std::fs::write(&spec_path, with_test).unwrap();
+    write_actions(&tmp.path().join("actions"), &["GaussianNB()", "LogisticRegression(max_iter=1000)", "Broken("]);
+    let out = etpo(
+        &["run", "bs.yaml", "--policy", "scripted", "--actions", "actions", "--steps", "3", "--seeds", "0,1"]
+            .into_iter()
+            .chain(["--workers", "1", "--out", "run", "--no-progress"])
+            .collect::<Vec<_>>(),
+        tmp.path(),
+    );
+    let stdout = ok(&out);
+    let dir = run_dir(tmp.path());
+    let records = steps(&dir);
+    let spec = envspec::load(&spec_path).unwrap();
+    let dataset = envspec::data::load(&spec.dataset.source, spec.path.parent().unwrap()).unwrap();
+    let imports = "from sklearn.linear_model import LogisticRegression\nfrom sklearn.naive_bayes import GaussianNB";
+    let csv = std::fs::read_to_string(dir.join("test.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 2, "{csv}");
+    for (seed, row) in [0u64, 1].into_iter().zip(&rows) {
+        let split = dataset.split_for(&spec.dataset, seed);
+        assert!(!split.y_test.is_empty() && split.x_val.len() + split.x_test.len() == split.x_train.len() + 1);
+        let r = records_of(&records, seed);
+        // Rewards are on the validation rows only.
+        let nb = sklearn_auc(&split, imports, "GaussianNB()", "ovo");
+        let lr = sklearn_auc(&split, imports, "LogisticRegression(max_iter=1000)", "ovo");
+        assert!((num(r[0], "reward") - nb).abs() < 1e-9 && (num(r[1], "reward") - lr).abs() < 1e-9);
+        let (best, estimator) = if lr > nb { (lr, "LogisticRegression(max_iter=1000)") } else { (nb, "GaussianNB()") };
+        // The test score: the same estimator, fitted on the training rows, scored on the test rows.
+        let test_split =
+            envspec::data::Split { x_val: split.x_test.clone(), y_val: split.y_test.clone(), ..split.clone() };
+        let test = sklearn_auc(&test_split, imports, estimator, "ovo");
+        assert_eq!((row[0], row[1]), ("balance_scale", seed.to_string().as_str()));
+        assert_eq!(row[3], format!("{best:.4}"), "{row:?}");
+        assert_eq!(row[4], format!("{test:.4}"), "{row:?}");
+        assert_eq!(row[5], format!("{:.4}", best - test), "{row:?}");
+    }
+    assert!(stdout.contains("## Held-out test score of the best action"), "{stdout}");
 }
 
 #[test]

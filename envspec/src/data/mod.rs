@@ -54,6 +54,11 @@ pub struct DatasetSpec {
     pub seeds: Vec<u64>,
     /// Keep only this many rows after the shuffle (CAAFE's subsampling; `None` keeps all).
     pub max_samples: Option<usize>,
+    /// Fraction of the kept rows held out as a test part (0: none, the paper's protocol). The
+    /// action with the best validation reward is scored once on it at the end of a run; the
+    /// model and the rewards never see it.
+    #[serde(default)]
+    pub test_fraction: f64,
 }
 
 impl Default for DatasetSpec {
@@ -63,6 +68,7 @@ impl Default for DatasetSpec {
             train_fraction: 0.5,
             seeds: (0..5).collect(),
             max_samples: None,
+            test_fraction: 0.0,
         }
     }
 }
@@ -120,7 +126,26 @@ impl Dataset {
     /// Both sides keep the shuffled order. Balance Scale with `max_samples = Some(125)` and
     /// `0.5` gives 62 training rows, the paper's `(62, 4)`.
     pub fn split(&self, seed: u64, max_samples: Option<usize>, train_fraction: f64) -> Split {
-        split::split(self, seed, max_samples, train_fraction)
+        split::split(self, seed, max_samples, train_fraction, 0.0)
+    }
+
+    /// [`Dataset::split`] with a test part: the last `floor(n * test_fraction)` kept rows are
+    /// held out (`x_test`, `y_test`), the validation rows are those between, and the repair of
+    /// step 4 covers the test part as a third side. With `test_fraction = 0` it is exactly
+    /// [`Dataset::split`].
+    pub fn split_with_test(
+        &self,
+        seed: u64,
+        max_samples: Option<usize>,
+        train_fraction: f64,
+        test_fraction: f64,
+    ) -> Split {
+        split::split(self, seed, max_samples, train_fraction, test_fraction)
+    }
+
+    /// The split a spec's `dataset:` section names for `seed`.
+    pub fn split_for(&self, spec: &DatasetSpec, seed: u64) -> Split {
+        self.split_with_test(seed, spec.max_samples, spec.train_fraction, spec.test_fraction)
     }
 }
 
@@ -131,6 +156,9 @@ pub struct Split {
     pub y_train: Vec<usize>,
     pub x_val: Vec<Vec<f64>>,
     pub y_val: Vec<usize>,
+    /// The held-out test part (empty unless the spec asks for one).
+    pub x_test: Vec<Vec<f64>>,
+    pub y_test: Vec<usize>,
     pub feature_names: Vec<String>,
     pub class_names: Vec<String>,
 }

@@ -35,7 +35,7 @@ pub mod keys {
         "limits",
         "training",
     ];
-    pub const DATASET: &[&str] = &["source", "train_fraction", "seeds", "max_samples"];
+    pub const DATASET: &[&str] = &["source", "train_fraction", "test_fraction", "seeds", "max_samples"];
     pub const GAME: &[&str] = &["module", "seeds", "fuel", "memory_mb", "observation_kb"];
     pub const SOURCE: &[&str] = &["builtin", "csv", "arff", "target"];
     pub const PROMPT: &[&str] = &["format", "template", "reflection", "system", "user", "assistant"];

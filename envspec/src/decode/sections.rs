@@ -116,6 +116,16 @@ impl Decoder {
                 self.float_where(n, "dataset.train_fraction", |v| v > 0.0 && v < 1.0, "between 0 and 1 (exclusive)")
             }
         };
+        let test_fraction = match sec.opt("test_fraction") {
+            None => Some(defaults.test_fraction),
+            Some(n) => self.float_where(n, "dataset.test_fraction", |v| (0.0..0.5).contains(&v), "in [0, 0.5)"),
+        };
+        if let (Some(train), Some(test)) = (train_fraction, test_fraction) {
+            if train + test >= 1.0 {
+                let pos = sec.key_pos("test_fraction").unwrap_or(sec.pos);
+                self.error(pos, format!("dataset.train_fraction ({train}) and dataset.test_fraction ({test}) leave no rows to validate on; their sum must be below 1"));
+            }
+        }
         let seeds = match sec.opt("seeds") {
             None => Some(defaults.seeds.clone()),
             Some(n) => self.seeds(n),
@@ -126,7 +136,13 @@ impl Decoder {
                 .int_at_least(n, "dataset.max_samples", 2, "the number of rows kept after the shuffle")
                 .map(|v| Some(v as usize)),
         };
-        Some(DatasetSpec { source: source?, train_fraction: train_fraction?, seeds: seeds?, max_samples: max_samples? })
+        Some(DatasetSpec {
+            source: source?,
+            train_fraction: train_fraction?,
+            test_fraction: test_fraction?,
+            seeds: seeds?,
+            max_samples: max_samples?,
+        })
     }
 
     pub(super) fn seeds(&mut self, node: &Node) -> Option<Vec<u64>> {

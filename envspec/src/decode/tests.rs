@@ -126,7 +126,7 @@ fn unknown_keys_with_suggestions() {
     );
     assert_eq!(
         errors(&BASE.replace("  source:", "  seed: [1]\n  source:")),
-        "spec.yaml:4:3: error: unknown key `seed` in `dataset`; expected one of: source, train_fraction, seeds, max_samples\n  help: did you mean `seeds`?"
+        "spec.yaml:4:3: error: unknown key `seed` in `dataset`; expected one of: source, train_fraction, test_fraction, seeds, max_samples\n  help: did you mean `seeds`?"
     );
     assert_eq!(
         errors(&format!("{BASE}training: {{zzz: 1}}\n")),
@@ -188,6 +188,14 @@ fn bad_values() {
     assert_eq!(
         errors(&BASE.replace("  source:", "  train_fraction: 1.0\n  source:")),
         "spec.yaml:4:19: error: `dataset.train_fraction` must be between 0 and 1 (exclusive), found 1.0"
+    );
+    assert_eq!(
+        errors(&BASE.replace("  source:", "  test_fraction: 0.5\n  source:")),
+        "spec.yaml:4:18: error: `dataset.test_fraction` must be in [0, 0.5), found 0.5"
+    );
+    assert_eq!(
+        errors(&BASE.replace("  source:", "  train_fraction: 0.7\n  test_fraction: 0.3\n  source:")),
+        "spec.yaml:5:3: error: dataset.train_fraction (0.7) and dataset.test_fraction (0.3) leave no rows to validate on; their sum must be below 1"
     );
     assert_eq!(
         errors(&BASE.replace("  source:", "  max_samples: 1\n  source:")),
