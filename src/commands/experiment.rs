@@ -199,7 +199,7 @@ fn report(
     cells: &[Cell],
 ) -> anyhow::Result<()> {
     let mut csv = String::from(
-        "spec,algo,seed,steps,best_reward,runnable_rate,mean_reward,first_quarter_reward,last_quarter_reward,run\n",
+        "spec,algo,seed,steps,best_reward,runnable_rate,mean_reward,first_quarter_reward,last_quarter_reward,test_of_best,run\n",
     );
     let mut md = format!(
         "# etpo experiment\n\n`{}`\n\n## Table 2: best reward within k (mean ± std over seeds {})\n\nThe best reward is selected on the split that scores it, as in the paper: an optimistic score.\n\n| spec | k |",
@@ -216,9 +216,16 @@ fn report(
         algos.iter().map(|a| format!(" {} |", a.name())).collect::<String>(),
         "---|".repeat(algos.len())
     );
+    let mut held_out = format!(
+        "\n\n## Held-out test score of the best action (mean ± std over seeds)\n\nThe action of each run's best validation reward, scored once on the spec's test part (`dataset.test_fraction`).\n\n| spec |{}\n|---|{}",
+        algos.iter().map(|a| format!(" {} |", a.name())).collect::<String>(),
+        "---|".repeat(algos.len())
+    );
+    let mut any_test = false;
     for (name, steps) in names {
         let mut best_row = Vec::new();
         let mut late_row = Vec::new();
+        let mut test_row = Vec::new();
         let mut curves: Vec<(String, Vec<(u32, f64)>)> = Vec::new();
         let mut training: Vec<(String, Vec<MetricsRecord>)> = Vec::new();
         for &algo in algos {
@@ -226,7 +233,10 @@ fn report(
             let stats = stats_of(&mine, name, seeds, *steps)?;
             let window = stats.window_len();
             let mut lates = Vec::new();
+            let mut tests = Vec::new();
             for (cell, seed) in mine.iter().zip(&stats.seeds) {
+                let test = test_of_best(&cell.dir, seed.seed);
+                tests.extend(test);
                 let first = seed_window(&stats, seed.seed, window, false);
                 let last = seed_window(&stats, seed.seed, window, true);
                 if let Some(l) = last {
@@ -234,7 +244,7 @@ fn report(
                 }
                 let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
                 csv.push_str(&format!(
-                    "{name},{},{},{},{},{},{},{},{},{}\n",
+                    "{name},{},{},{},{},{},{},{},{},{},{}\n",
                     algo.name(),
                     seed.seed,
                     seed.steps,
@@ -243,6 +253,7 @@ fn report(
                     f(seed.mean_reward()),
                     f(first),
                     f(last),
+                    f(test),
                     cell.dir.display()
                 ));
                 if algo.trains() {
@@ -254,6 +265,8 @@ fn report(
             }
             best_row.push(stats.best_mean_std());
             late_row.push(mean_std(&lates));
+            any_test |= !tests.is_empty();
+            test_row.push(mean_std(&tests));
             curves.push((
                 algo.name().to_string(),
                 (1..=*steps as usize).filter_map(|t| stats.mean_best_at(t).map(|v| (t as u32, v))).collect(),
@@ -272,6 +285,10 @@ fn report(
         for v in &late_row {
             late.push_str(&format!(" {} |", cell_text(*v)));
         }
+        held_out.push_str(&format!("\n| {name} |"));
+        for v in &test_row {
+            held_out.push_str(&format!(" {} |", cell_text(*v)));
+        }
         let fig3 = out.join(format!("{name}_best_reward.png"));
         if let Err(e) = plot::curves_png(&fig3, &format!("{name}: best reward within k (mean over seeds)"), &curves) {
             eprintln!("warning: {e}");
@@ -284,12 +301,24 @@ fn report(
         }
     }
     md.push_str(&late);
+    if any_test {
+        md.push_str(&held_out);
+    }
     md.push_str("\n\nFigures: `<spec>_best_reward.png` (Figure 3), `<spec>_batch_reward.png` (Figure 4); every run's folder is under `runs/`.\n");
     write_atomic(&out.join("results.csv"), csv.as_bytes())?;
     write_atomic(&out.join("results.md"), md.as_bytes())?;
     print!("{md}");
     eprintln!("wrote {}", out.join("results.md").display());
     Ok(())
+}
+
+/// A run's `test.csv` score for `seed` (written when its spec holds out a test part).
+fn test_of_best(run: &Path, seed: u64) -> Option<f64> {
+    let text = std::fs::read_to_string(run.join("test.csv")).ok()?;
+    let seed = seed.to_string();
+    let row =
+        text.lines().skip(1).map(|l| l.split(',').collect::<Vec<_>>()).find(|c| c.get(1) == Some(&seed.as_str()))?;
+    row.get(4)?.parse().ok()
 }
 
 /// The mean reward of one seed's first or last `len` steps.

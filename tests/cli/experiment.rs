@@ -32,7 +32,10 @@ const ARGS: [&str; 15] = [
 #[test]
 fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(balance_scale(), tmp.path().join("bs.yaml")).unwrap();
+    // With a held-out test part, so that the honest score is in the results too.
+    let text =
+        std::fs::read_to_string(balance_scale()).unwrap().replacen("dataset:\n", "dataset:\n  test_fraction: 0.2\n", 1);
+    std::fs::write(tmp.path().join("bs.yaml"), text).unwrap();
     crate::common::write_tiny_model(&tmp.path().join("tiny-model"));
     let mut args = ARGS.to_vec();
     args.push("exp");
@@ -58,6 +61,12 @@ fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
         let best = records.iter().map(|r| r["reward"].as_f64().unwrap()).fold(f64::NEG_INFINITY, f64::max);
         assert_eq!(row[4], format!("{best:.4}"), "{row:?}");
         best_by_algo.entry(algo).or_default().push(best);
+        // The test score of the best action, as the run wrote it: the tiny model's noise never
+        // runs, so there is no best action and no score (`run::` tests the score itself).
+        match std::fs::read_to_string(dir.join("test.csv")) {
+            Ok(t) => assert_eq!(row[9], t.lines().nth(1).unwrap().split(',').nth(4).unwrap(), "{row:?}"),
+            Err(_) => assert_eq!(row[9], "", "no score without an action that ran: {row:?}"),
+        }
         if algo == "grpo" {
             assert!(dir.join("metrics.jsonl").is_file(), "the GRPO run trained");
         }
@@ -71,6 +80,8 @@ fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
         assert!(md.contains(&format!("{mean:.4} ± {std:.4}")), "{algo}: {mean:.4} ± {std:.4} not in\n{md}");
     }
     assert!(stdout.contains("Table 2"), "{stdout}");
+    let any_ran = rows.iter().any(|r| !r[4].is_empty() && r[4] != "-1.0000");
+    assert_eq!(md.contains("## Held-out test score of the best action"), any_ran, "{md}");
     for fig in ["balance_scale_best_reward.png", "balance_scale_batch_reward.png"] {
         assert_eq!(&std::fs::read(exp.join(fig)).unwrap()[1..4], b"PNG", "{fig}");
     }
