@@ -13,6 +13,7 @@ use crate::commands::model_args::ModelArgs;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use etpo::experiment::lock::RunLock;
 use etpo::experiment::provenance::{digest, folder_digests, git_commit, python_versions, utc_timestamp, FileDigest};
 use etpo::experiment::{
     self, plot, read_steps, run_loop, summary, Agent, LlmPolicy, Observer, Policy, Reflection, SamplingConfig,
@@ -222,7 +223,8 @@ struct ResumeEntry {
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
-    let (dir, mut manifest, previous) = match &args.resume {
+    // `_lock` is held to the end: one process per run folder.
+    let (dir, mut manifest, previous, _lock) = match &args.resume {
         Some(dir) => open_resumed(dir, &args)?,
         None => create_run(&args)?,
     };
@@ -340,7 +342,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 }
 
 /// A new run: resolve the specs, create the folder, write `config.json`.
-fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>)> {
+fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>, RunLock)> {
     let found = envspec::find_specs(&args.paths).map_err(|e| anyhow::anyhow!("{e}"))?;
     if found.is_empty() {
         bail!("no spec files (*.yaml, *.yml) found in {}", join_paths(&args.paths));
@@ -445,6 +447,7 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         None => unique_dir(&Path::new("runs").join(format!("{}-{}", utc_timestamp(now, false), config.algo.name()))),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let lock = RunLock::acquire(&dir)?;
     let manifest = Manifest {
         etpo_version: env!("CARGO_PKG_VERSION").to_string(),
         git_commit: git_commit(),
@@ -460,14 +463,15 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         trainer,
     };
     write_json(&dir.join("config.json"), &manifest)?;
-    Ok((dir, manifest, Vec::new()))
+    Ok((dir, manifest, Vec::new(), lock))
 }
 
 /// An existing run: its recorded configuration, checked against the spec files as they are now,
 /// and the steps it has already taken.
-fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>)> {
+fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>, RunLock)> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: not a run folder", dir.display()))?;
+    let lock = RunLock::acquire(dir)?;
     let mut manifest: Manifest =
         serde_json::from_str(&text).with_context(|| format!("{}: not an etpo run configuration", path.display()))?;
     for spec in &manifest.specs {
@@ -488,7 +492,7 @@ fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, V
     }
     manifest.config.device = args.model.device.clone();
     let previous = read_steps(&dir.join("steps.jsonl"))?;
-    Ok((dir.to_path_buf(), manifest, previous))
+    Ok((dir.to_path_buf(), manifest, previous, lock))
 }
 
 /// The budget when neither `--steps` nor the spec's `training.steps` sets one.

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 pub mod held_out;
 pub mod llm;
+pub mod lock;
 pub mod plot;
 pub mod policy;
 pub mod provenance;
@@ -55,6 +56,8 @@ pub enum ExperimentError {
     Algorithm(String),
     #[error("{0}")]
     Internal(String),
+    #[error("{} is in use by another etpo process{}; wait for it to end (or stop it), then --resume", dir.display(), pid.map_or(String::new(), |p| format!(" (pid {p})")))]
+    Locked { dir: PathBuf, pid: Option<u32> },
 }
 
 impl ExperimentError {

@@ -320,7 +320,14 @@ fn a_killed_run_resumes_without_repeating_or_losing_steps() {
         .spawn()
         .unwrap();
     wait_for_lines(&dir.join("steps.jsonl"), 9, &mut child);
-    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    // A second process on the live run fails at once, naming the holder, and changes nothing.
+    let logged = std::fs::read_to_string(dir.join("steps.jsonl")).unwrap().lines().count();
+    let second = etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path());
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains(&format!("is in use by another etpo process (pid {})", child.id())), "{err}");
+    assert!(std::fs::read_to_string(dir.join("steps.jsonl")).unwrap().lines().count() >= logged);
+    child.kill().unwrap(); // SIGKILL: no chance to clean up; the kernel releases the lock
     child.wait().unwrap();
     let before = std::fs::read_to_string(dir.join("steps.jsonl")).unwrap().lines().count();
     assert!(before < 36, "the run was killed before it finished ({before} steps)");
