@@ -253,6 +253,11 @@ impl Algorithm {
         ("reflection", Algorithm::Reflection),
     ];
 
+    /// The algorithm `--algo` and `training.algorithm` call `name`.
+    pub fn from_name(name: &str) -> Option<Algorithm> {
+        Algorithm::NAMES.iter().find(|(n, _)| *n == name).map(|(_, a)| *a)
+    }
+
     /// Its name, as `--algo` and `training.algorithm` spell it.
     pub fn name(self) -> &'static str {
         Algorithm::NAMES.iter().find(|(_, a)| *a == self).map_or("reflection", |(n, _)| n)

@@ -141,14 +141,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 fn parse_algos(names: &[String]) -> anyhow::Result<Vec<Algorithm>> {
     let mut out = Vec::new();
     for n in names {
-        let Some((_, a)) = Algorithm::NAMES.iter().find(|(name, _)| *name == n.as_str()) else {
+        let Some(a) = Algorithm::from_name(n) else {
             let known: Vec<&str> = Algorithm::NAMES.iter().map(|(n, _)| *n).collect();
             bail!("--algos: unknown algorithm {n:?}; expected some of: {}", known.join(", "));
         };
-        if out.contains(a) {
+        if out.contains(&a) {
             bail!("--algos names {n} twice");
         }
-        out.push(*a);
+        out.push(a);
     }
     if out.is_empty() {
         bail!("--algos is empty");
@@ -323,10 +323,6 @@ fn test_of_best(run: &Path, seed: u64) -> Option<f64> {
 
 /// The mean reward of one seed's first or last `len` steps.
 fn seed_window(stats: &SpecStats, seed: u64, len: usize, late: bool) -> Option<f64> {
-    let s = stats.seeds.iter().find(|s| s.seed == seed)?;
-    if s.outcomes.len() < len || len == 0 {
-        return None;
-    }
-    let picked = if late { &s.outcomes[s.outcomes.len() - len..] } else { &s.outcomes[..len] };
+    let picked = stats.seeds.iter().find(|s| s.seed == seed)?.window(len, late)?;
     Some(picked.iter().map(|(r, _)| r).sum::<f64>() / len as f64)
 }

@@ -24,9 +24,8 @@ use etpo::experiment::{
 fn algorithm_arg() -> impl clap::builder::TypedValueParser<Value = Algorithm> {
     use clap::builder::TypedValueParser as _;
     let names: Vec<&'static str> = Algorithm::NAMES.iter().map(|(n, _)| *n).collect();
-    clap::builder::PossibleValuesParser::new(names).try_map(|name| {
-        Algorithm::NAMES.iter().find(|(n, _)| *n == name).map(|(_, a)| *a).ok_or(format!("unknown algorithm {name}"))
-    })
+    clap::builder::PossibleValuesParser::new(names)
+        .try_map(|name| Algorithm::from_name(&name).ok_or(format!("unknown algorithm {name}")))
 }
 
 /// Hyper-parameters of `--algo etpo` and `--algo ppo-kl`. Each is also read from the specs'

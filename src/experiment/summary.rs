@@ -58,6 +58,16 @@ impl SeedStats {
         self.outcomes.push((record.reward, record.ran));
     }
 
+    /// The outcomes of the first (`late = false`) or last `len` steps; `None` when `len` is 0
+    /// or more than the steps taken.
+    pub fn window(&self, len: usize, late: bool) -> Option<&[(f64, bool)]> {
+        let o = &self.outcomes;
+        if len == 0 || o.len() < len {
+            return None;
+        }
+        Some(if late { &o[o.len() - len..] } else { &o[..len] })
+    }
+
     /// Best reward found, `None` before the first step.
     pub fn best(&self) -> Option<f64> {
         self.best_curve.last().copied()
@@ -142,8 +152,7 @@ impl SpecStats {
         }
         let mut picked = Vec::new();
         for s in &self.seeds {
-            let o = &s.outcomes;
-            picked.extend_from_slice(if late { &o[o.len() - len..] } else { &o[..len] });
+            picked.extend_from_slice(s.window(len, late)?);
         }
         let n = picked.len() as f64;
         let ran = picked.iter().filter(|(_, ran)| *ran).count() as f64;
