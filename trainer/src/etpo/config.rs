@@ -19,6 +19,11 @@ pub struct EtpoConfig {
     /// (default 0.5: a reward must cross one bootstrap per token position and per step, and
     /// runs have tens of updates, not the paper's thousands).
     pub polyak: f64,
+    /// Trace of the targets inside an action ([`super::math::tree_backup_targets`]): 0 is
+    /// Eq. 6 as written (a reward moves one token back per update); up to 1 carries what
+    /// followed each token taken back along the action in one update, cut at each token by π's
+    /// probability of it (tree backup), so replayed actions keep unbiased targets.
+    pub trace_lambda: f64,
     /// How Q-values are read out of the Q-network.
     pub q_readout: QReadout,
     /// ETPO(disc.) ablation (Appendix G): discount by γ inside actions too.
@@ -80,6 +85,7 @@ impl Default for EtpoConfig {
             beta: 0.1,
             gamma: 0.99,
             polyak: 0.5,
+            trace_lambda: 0.0,
             q_readout: QReadout::default(),
             discount_inside_actions: false,
             single_step: false,
@@ -160,6 +166,9 @@ impl EtpoConfig {
         }
         if !(0.0..=1.0).contains(&self.polyak) {
             return Err(format!("polyak must be in [0, 1], got {}", self.polyak));
+        }
+        if !(0.0..=1.0).contains(&self.trace_lambda) {
+            return Err(format!("trace_lambda must be in [0, 1], got {}", self.trace_lambda));
         }
         if let Some(d) = self.huber_delta {
             if d.is_nan() || d <= 0.0 {

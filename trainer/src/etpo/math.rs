@@ -145,6 +145,35 @@ pub fn soft_bellman_targets(
     targets
 }
 
+/// Eq. 6's targets of one action carried back along the tokens taken, with tree-backup traces
+/// (TB(λ), Precup et al. 2000): for `j = n−1 .. 1`,
+///
+/// `q_targ(j) ← q_targ(j) + f·λ·π(w^{j+1}|c_{j+1})·(q_targ(j+1) − Q̄(c_{j+1}, w^{j+1}))`
+///
+/// where `one_step` are the targets of [`soft_bellman_targets`] (updated in place, last first),
+/// `taken_q[j]` and `taken_prob[j]` are Q̄ and π at row `j+1` for the token taken there (row 0,
+/// the state's, is unused), and `f` is γ with `discount_inside`, else 1.
+///
+/// Why: Eq. 6 moves a reward one token back per update (each target bootstraps from the next
+/// position's soft value), so in a 30-token action it reaches the decisive token only after 30
+/// updates, while the value head's shared level runs ahead of the lagging targets and the
+/// difference lands in the log-ratios of the tokens taken. The trace replaces the expected
+/// value at `c_{j+1}` by what followed the token actually taken, weighted by π's probability of
+/// it: through near-certain tokens the return passes whole; at a branch it is cut to the
+/// expectation, so the target stays unbiased for any sampler (replayed actions included).
+/// `λ = 0` is Eq. 6 as written.
+pub fn tree_backup_targets(one_step: &mut [f64], taken_q: &[f64], taken_prob: &[f64], lambda: f64, f: f64) {
+    let n = one_step.len();
+    debug_assert!(taken_q.len() == n && taken_prob.len() == n);
+    if lambda == 0.0 {
+        return;
+    }
+    for j in (0..n.saturating_sub(1)).rev() {
+        let trace = f * lambda * taken_prob[j + 1];
+        one_step[j] += trace * (one_step[j + 1] - taken_q[j + 1]);
+    }
+}
+
 /// `Q(context_j, w^{j+1})`: the Q-value of the token taken at each row. `tokens` is `[N]` u32.
 pub fn taken_values(q: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     q.gather(&tokens.unsqueeze(1)?, 1)?.squeeze(1)
@@ -311,6 +340,31 @@ mod tests {
         assert_eq!(disc[1], step1[1]);
         // A one-token action has only the last-token case.
         assert_eq!(soft_bellman_targets(&[], -1.0, Some(2.0), 0.5, false), vec![0.0]);
+    }
+
+    #[test]
+    fn tree_backup_carries_what_followed_the_taken_token() {
+        // Three tokens; Eq. 6 gives [V(c1), V(c2), r] = [0.2, 0.4, 1.0].
+        let one = [0.2, 0.4, 1.0];
+        let q = [9.0, 0.5, 0.7]; // Q̄ of the taken token at rows 1, 2 (row 0 unused)
+        let p = [9.0, 0.5, 1.0]; // π of it
+                                 // λ = 0: Eq. 6 unchanged.
+        let mut t = one;
+        tree_backup_targets(&mut t, &q, &p, 0.0, 1.0);
+        assert_eq!(t, one);
+        // λ = 1, f = 1: y2 = 0.4 + 1·1.0·(1.0 − 0.7) = 0.7; y1 = 0.2 + 1·0.5·(0.7 − 0.5) = 0.3.
+        let mut t = one;
+        tree_backup_targets(&mut t, &q, &p, 1.0, 1.0);
+        assert!(close(t[1], 0.7, 1e-12) && close(t[0], 0.3, 1e-12) && t[2] == 1.0, "{t:?}");
+        // λ = 0.5, f = 0.9: y2 = 0.4 + 0.45·0.3 = 0.535; y1 = 0.2 + 0.45·0.5·(0.535 − 0.5).
+        let mut t = one;
+        tree_backup_targets(&mut t, &q, &p, 0.5, 0.9);
+        assert!(close(t[1], 0.535, 1e-12), "{t:?}");
+        assert!(close(t[0], 0.2 + 0.225 * 0.035, 1e-12), "{t:?}");
+        // One token: nothing to carry.
+        let mut t = [1.5];
+        tree_backup_targets(&mut t, &[0.0], &[1.0], 1.0, 1.0);
+        assert_eq!(t, [1.5]);
     }
 
     #[test]

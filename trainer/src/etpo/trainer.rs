@@ -63,6 +63,11 @@ pub struct UpdateMetrics {
     /// PPO-KL: its value head's mean `V(s)`.
     #[serde(default)]
     pub start_value_mean: f64,
+    /// ETPO only: mean over action rows of the target network's advantage of the token taken,
+    /// `Q̄(c, w) − β·log E_ρ[exp(Q̄(c,·)/β)]` (dueling: `β·log(π_Q̄(w|c)/ρ(w|c))`). Negative
+    /// means the Q-network has come to prefer tokens the policy does not take.
+    #[serde(default)]
+    pub q_taken_log_ratio_mean: Option<f64>,
     /// Gradient norms before clipping (of the first epoch).
     pub q_grad_norm: f64,
     pub policy_grad_norm: f64,
@@ -187,6 +192,7 @@ impl EtpoTrainer {
         m.entropy = phase.entropy_sum / total_tokens as f64;
         m.q_target_mean = targets.iter().map(|&x| x as f64).sum::<f64>() / total_tokens as f64;
         m.start_value_mean = phase.start_value_mean;
+        m.q_taken_log_ratio_mean = Some(phase.taken_log_ratio_mean);
         m.times.targets_s = start.elapsed().as_secs_f64();
 
         // ---- Q steps: θ ← θ − α ∇ mean (q − q_targ)², the targets held fixed.
@@ -309,7 +315,7 @@ impl EtpoTrainer {
         let spans: Vec<RowSpan> = states.iter().map(|s| RowSpan::state(s)).collect();
         let mut out = Vec::with_capacity(states.len());
         for chunk in spans.chunks(self.cfg.micro_batch) {
-            out.extend(soft_value_rows(model, chunk, &self.cfg, self.q_net())?.values);
+            out.extend(soft_value_rows(model, chunk, &self.cfg, self.q_net(), None)?.values);
         }
         Ok(out)
     }
@@ -530,6 +536,9 @@ struct TargetPhase {
     entropy_sum: f64,
     /// Mean soft value `V(s)` (Eq. 6 bracket, target network) of the batch's states.
     start_value_mean: f64,
+    /// Mean over action rows of `Q̄(c, w) − β·log E_ρ[exp(Q̄(c,·)/β)]` for the token taken
+    /// (with the dueling read-out, `β·log(π_Q̄(w|c)/ρ(w|c))`).
+    taken_log_ratio_mean: f64,
 }
 
 /// The soft Bellman targets of Eq. 6 for `batch` (`spans` are its action spans): soft values of
@@ -546,9 +555,16 @@ fn compute_targets(
     let (mut ref_logp, mut policy_logp): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
     let mut row_values: Vec<f64> = Vec::with_capacity(total_tokens);
     let (mut kl_sum, mut entropy_sum) = (0f64, 0f64);
-    for chunk in spans.chunks(mb) {
-        let rows = soft_value_rows(model, chunk, cfg, q_bar)?;
+    let (mut taken_q, mut taken_prob): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    let mut log_ratio_sum = 0f64;
+    for (ci, chunk) in spans.chunks(mb).enumerate() {
+        let tokens = token_tensor(model, chunk_actions(&batch[ci * mb..ci * mb + chunk.len()]))?;
+        let rows = soft_value_rows(model, chunk, cfg, q_bar, Some(&tokens))?;
         row_values.extend(rows.values);
+        let taken = rows.taken.expect("tokens were given");
+        taken_q.extend(taken.q);
+        taken_prob.extend(taken.prob);
+        log_ratio_sum += taken.log_ratio_sum;
         kl_sum += rows.kl_sum;
         entropy_sum += rows.entropy_sum;
         ref_logp.push(rows.ref_logp);
@@ -574,7 +590,7 @@ fn compute_targets(
     let extra_spans: Vec<RowSpan> = extra.iter().map(|s| RowSpan::state(s)).collect();
     let mut extra_values = Vec::with_capacity(extra.len());
     for chunk in extra_spans.chunks(mb) {
-        extra_values.extend(soft_value_rows(model, chunk, cfg, q_bar)?.values);
+        extra_values.extend(soft_value_rows(model, chunk, cfg, q_bar, None)?.values);
     }
     for (s, v) in extra.iter().zip(extra_values) {
         state_value.insert(s, v);
@@ -585,11 +601,15 @@ fn compute_targets(
         let n = t.action.len();
         let inside = &row_values[offset + 1..offset + n];
         let next = t.next_state.as_ref().map(|s| state_value[s.as_slice()]);
-        let tg = math::soft_bellman_targets(inside, t.reward, next, cfg.gamma, cfg.discount_inside_actions);
+        let mut tg = math::soft_bellman_targets(inside, t.reward, next, cfg.gamma, cfg.discount_inside_actions);
+        let f = if cfg.discount_inside_actions { cfg.gamma } else { 1.0 };
+        let rows = offset..offset + n;
+        math::tree_backup_targets(&mut tg, &taken_q[rows.clone()], &taken_prob[rows], cfg.trace_lambda, f);
         targets.extend(tg.iter().map(|&x| x as f32));
         offset += n;
     }
-    Ok(TargetPhase { targets, ref_logp, policy_logp, kl_sum, entropy_sum, start_value_mean })
+    let taken_log_ratio_mean = log_ratio_sum / total_tokens as f64;
+    Ok(TargetPhase { targets, ref_logp, policy_logp, kl_sum, entropy_sum, start_value_mean, taken_log_ratio_mean })
 }
 
 /// What [`soft_value_rows`] reads at the rows of one micro-batch.
@@ -602,6 +622,16 @@ struct SoftValueRows {
     /// Sums over the rows of KL(π‖ρ) and of π's entropy.
     kl_sum: f64,
     entropy_sum: f64,
+    /// At action rows, what the token taken there reads.
+    taken: Option<TakenRows>,
+}
+
+/// Per action row, for the token taken: `Q̄(c, w)`, `π(w|c)`, and the sum over the rows of its
+/// advantage over the soft value under ρ (see [`TargetPhase::taken_log_ratio_mean`]).
+struct TakenRows {
+    q: Vec<f64>,
+    prob: Vec<f64>,
+    log_ratio_sum: f64,
 }
 
 /// For one micro-batch of spans: `V(c) = Σ_w π(w|c)·Q(c, w) − β·KL(π‖ρ)(c)` at every row with
@@ -611,6 +641,7 @@ fn soft_value_rows(
     spans: &[RowSpan],
     cfg: &EtpoConfig,
     net: QNet<'_>,
+    tokens: Option<&Tensor>,
 ) -> Result<SoftValueRows, TrainError> {
     let share = cfg.share_prefixes;
     let ref_logp = math::log_softmax(&logit_rows(model, spans, None, false, share)?)?;
@@ -620,7 +651,20 @@ fn soft_value_rows(
     let kl_sum = math::kl_rows(&pol_lp, &ref_logp)?.sum_all()?.to_scalar::<f32>()? as f64;
     let entropy_sum = math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
     let values = values.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
-    Ok(SoftValueRows { values, ref_logp, policy_logp: pol_lp, kl_sum, entropy_sum })
+    let taken = match tokens {
+        None => None,
+        Some(tokens) => {
+            let q_taken = math::taken_values(&q, tokens)?;
+            let prob = math::taken_values(&pol_lp, tokens)?.exp()?;
+            let advantage = (&q_taken - math::soft_value_under_reference(&q, &ref_logp, cfg.beta)?)?;
+            let to_f64 = |t: &Tensor| -> Result<Vec<f64>, TrainError> {
+                Ok(t.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
+            };
+            let log_ratio_sum = advantage.sum_all()?.to_scalar::<f32>()? as f64;
+            Some(TakenRows { q: to_f64(&q_taken)?, prob: to_f64(&prob)?, log_ratio_sum })
+        }
+    };
+    Ok(SoftValueRows { values, ref_logp, policy_logp: pol_lp, kl_sum, entropy_sum, taken })
 }
 
 /// The policy step's trust region ([`EtpoConfig::policy_max_kl`]): while the summed per-token
