@@ -23,8 +23,8 @@ pub use spec::{
     PromptSpec, RewardSpec, Spec, TrainingOverrides,
 };
 pub use template::{
-    ChatMessage, ChatTemplate, GameContext, Prompt, RenderError, TaskContext, ASSEMBLE_VARIABLES, GAME_STEP_VARIABLES,
-    GAME_VARIABLES, REFLECTION_VARIABLES, TASK_VARIABLES,
+    ChatMessage, ChatTemplate, GameContext, History, Prompt, RenderError, TaskContext, Turn, ASSEMBLE_VARIABLES,
+    GAME_STEP_VARIABLES, GAME_VARIABLES, HISTORY_VARIABLES, REFLECTION_VARIABLES, TASK_VARIABLES,
 };
 pub use yaml::Pos;
 

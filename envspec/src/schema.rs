@@ -12,7 +12,12 @@ fn template(description: &str) -> Value {
 
 /// The JSON Schema (draft 2020-12) of an etpo spec file.
 pub fn schema() -> Value {
-    let task_vars = crate::template::TASK_VARIABLES.join(", ");
+    let task_vars = crate::template::TASK_VARIABLES
+        .iter()
+        .chain(&crate::template::HISTORY_VARIABLES)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
     let refl_vars = crate::template::REFLECTION_VARIABLES.join(", ");
     let game_vars = crate::template::GAME_VARIABLES.join(", ");
     let game_step_vars = crate::template::GAME_STEP_VARIABLES.join(", ");
@@ -75,8 +80,11 @@ pub fn schema() -> Value {
                     "train_fraction": { "type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "default": 0.5 },
                     "test_fraction": { "type": "number", "minimum": 0, "exclusiveMaximum": 0.5, "default": 0 },
                     "seeds": { "type": "array", "items": { "type": "integer", "minimum": 0 }, "minItems": 1, "uniqueItems": true, "default": [0, 1, 2, 3, 4] },
-                    "max_samples": seq_int(2, "Rows kept after the shuffle (CAAFE's subsampling).")
-                }
+                    "max_samples": seq_int(2, "Rows kept after the shuffle (CAAFE's subsampling)."),
+                    "drop": { "type": "array", "items": { "type": "string", "minLength": 1 }, "uniqueItems": true, "description": "Columns of the data file that are not features (ids, names); the others stay, in file order. Not the target; not with `features`." },
+                    "features": { "type": "array", "items": { "type": "string", "minLength": 1 }, "minItems": 1, "uniqueItems": true, "description": "The only columns that are features, in this order (x_train's columns, `feature_names`). Not the target; not with `drop`." }
+                },
+                "not": { "required": ["drop", "features"] }
             },
             "examples": {
                 "type": "array",
@@ -97,11 +105,13 @@ pub fn schema() -> Value {
                     "reflection": template(&format!("The state after a failed action (completion: the whole text; chat: the last user message). Variables: {task_vars}, {refl_vars}.")),
                     "system": template("chat: optional system message."),
                     "user": template("chat: the user message stating the task."),
-                    "assistant": template("chat: the assistant turn replaying the failed action in the reflection state; default a ```python fenced block of {{ action }}.")
+                    "assistant": template("chat: the assistant turn replaying the failed action in the reflection state; default a ```python fenced block of {{ action }}."),
+                    "turns": { "enum": ["last", "all"], "default": "last", "description": "chat: a later state replays the last step (`last`) or every step of the episode's history, one assistant and one user message each (`all`)." },
+                    "max_tokens": { "type": "integer", "minimum": 1, "description": "The longest a state may be, in tokens of the model: the oldest turns of `history` are left out first (`history_omitted` counts them); a state that does not fit without history is an error." }
                 },
                 "if": { "properties": { "format": { "const": "chat" } }, "required": ["format"] },
                 "then": { "required": ["user", "reflection"], "not": { "required": ["template"] } },
-                "else": { "required": ["template", "reflection"], "not": { "anyOf": [{ "required": ["system"] }, { "required": ["user"] }, { "required": ["assistant"] }] } }
+                "else": { "required": ["template", "reflection"], "not": { "anyOf": [{ "required": ["system"] }, { "required": ["user"] }, { "required": ["assistant"] }, { "required": ["turns"] }] } }
             },
             "action": {
                 "type": "object",
@@ -371,6 +381,10 @@ mod tests {
             "name: x\ndescription: d\ndataset: {source: {csv: a.csv}}\nprompt: {template: a, reflection: b}\n"
         )
         .is_empty());
+        let both = "name: x\ndescription: d\ndataset: {source: {builtin: balance_scale}, drop: [a], features: [b]}\nprompt: {template: a, reflection: b}\n";
+        assert!(!check(both).is_empty(), "`drop` and `features` exclude each other");
+        assert!(check(&both.replace(", features: [b]", "")).is_empty());
+        assert!(check(&both.replace("drop: [a], ", "")).is_empty());
         let game = "name: x\ndescription: d\nkind: wasm\nprompt: {template: a, reflection: b}\n";
         assert!(check(&format!("{game}game: {{module: g.wasm}}\n")).is_empty());
         assert!(!check(game).is_empty(), "a game spec needs `game`");

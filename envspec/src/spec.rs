@@ -2,7 +2,7 @@
 
 use crate::action::{self, Extract};
 use crate::data;
-use crate::template::{self, ChatMessage, GameContext, Prompt, RenderError, TaskContext};
+use crate::template::{self, ChatMessage, GameContext, History, Prompt, RenderError, TaskContext};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +23,10 @@ pub struct Spec {
     pub dataset: data::DatasetSpec,
     /// How states are shown to the model.
     pub prompt: PromptSpec,
+    /// `prompt.max_tokens`: the longest a state may be, in tokens of the model's tokenizer. A
+    /// state over it drops the oldest turns of its history first; one that does not fit even
+    /// without history is an error.
+    pub prompt_max_tokens: Option<usize>,
     /// How an action is cut out of the generation and turned into a program.
     pub action: ActionSpec,
     /// How a program is scored.
@@ -96,9 +100,13 @@ pub enum PromptSpec {
         reflection: String,
     },
     /// Chat messages rendered with the model's chat template. The first state is
-    /// `[system?, user]`; the reflection state is `[system?, user, assistant, reflection]` where
-    /// `assistant` replays the failed action and `reflection` is a user message with the error.
+    /// `[system?, user]`; a later state is `[system?, user, assistant, reflection]` where
+    /// `assistant` replays the last action and `reflection` is a user message with its error
+    /// (games: the game's answer), or with `turns: all` one `assistant`, `reflection` pair per
+    /// step of the episode's history.
     Chat {
+        /// Which steps a later state replays as turns.
+        turns: ChatTurns,
         /// Optional system message.
         system: Option<String>,
         /// The user message stating the task.
@@ -108,6 +116,23 @@ pub enum PromptSpec {
         /// The user message after the failure.
         reflection: String,
     },
+}
+
+/// Which steps a chat state replays (`prompt.turns:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatTurns {
+    /// The last step only: `[system?, user, assistant, reflection]`.
+    #[default]
+    Last,
+    /// Every step of the history (within `prompt.max_tokens`), one `assistant`, `reflection`
+    /// pair each, oldest first: the model sees the episode as a conversation.
+    All,
+}
+
+impl ChatTurns {
+    /// The names of `prompt.turns:`.
+    pub const NAMES: &'static [(&'static str, ChatTurns)] = &[("last", ChatTurns::Last), ("all", ChatTurns::All)];
 }
 
 /// The prompt formats' spec names.
@@ -353,20 +378,29 @@ impl Spec {
 
     /// The first state η(g).
     pub fn render_initial(&self, ctx: &TaskContext) -> Result<Prompt, RenderError> {
-        self.render_first(minijinja::Value::from_serialize(ctx))
+        self.render_first(
+            minijinja::context! { ..History::default().variables(), ..minijinja::Value::from_serialize(ctx) },
+        )
     }
 
-    /// The state η(g, a, e) after the action `action` failed with `error`.
-    pub fn render_reflection(&self, ctx: &TaskContext, action: &str, error: &str) -> Result<Prompt, RenderError> {
-        // A failed assembly cannot happen for a checked spec; show the raw action then.
-        let program = self.assemble_program(action).unwrap_or_else(|_| action.to_string());
-        let vars = minijinja::context! {
-            action => action,
-            error => error,
-            program => program,
-            ..minijinja::Value::from_serialize(ctx)
+    /// The state η(g, a, e) after the action `action` failed with `error`; `history` is the
+    /// episode so far (its last turn is this action), shown by templates that use `history`
+    /// and, with chat `turns: all`, as one turn per step.
+    pub fn render_reflection(
+        &self,
+        ctx: &TaskContext,
+        action: &str,
+        error: &str,
+        history: History<'_>,
+    ) -> Result<Prompt, RenderError> {
+        let task = minijinja::context! { ..history.variables(), ..minijinja::Value::from_serialize(ctx) };
+        let turn_vars = |action: &str, error: &str| {
+            // A failed assembly cannot happen for a checked spec; show the raw action then.
+            let program = self.assemble_program(action).unwrap_or_else(|_| action.to_string());
+            minijinja::context! { action => action, error => error, program => program, ..task.clone() }
         };
-        self.render_next(vars)
+        let turns = history.turns.iter().map(|t| turn_vars(&t.action, &t.error)).collect();
+        self.render_next(turn_vars(action, error), turns, task.clone())
     }
 
     /// The template variables of a game state (`kind: wasm`): the game's latest `observation`
@@ -384,18 +418,34 @@ impl Spec {
     /// A game state: the prompt template for the first state (`last` is `None`), else the
     /// reflection template with the previous `action`, the text the game received (`program`)
     /// and its `reward`, so one game state after another is rendered like η(g, a, e).
-    pub fn render_game(&self, ctx: &GameContext, last: Option<(&str, f64)>) -> Result<Prompt, RenderError> {
+    ///
+    /// `history` is the episode so far (its last turn is `last`); with chat `turns: all` each of
+    /// its turns is rendered with the observation and step it had.
+    pub fn render_game(
+        &self,
+        ctx: &GameContext,
+        last: Option<(&str, f64)>,
+        history: History<'_>,
+    ) -> Result<Prompt, RenderError> {
+        let game_vars =
+            |ctx: &GameContext| minijinja::context! { ..history.variables(), ..minijinja::Value::from_serialize(ctx) };
         let Some((action, reward)) = last else {
-            return self.render_first(minijinja::Value::from_serialize(ctx));
+            return self.render_first(game_vars(ctx));
         };
-        let program = self.assemble_program(action).unwrap_or_else(|_| action.to_string());
-        let vars = minijinja::context! {
-            action => action,
-            program => program,
-            reward => reward,
-            ..minijinja::Value::from_serialize(ctx)
+        let turn_vars = |ctx: &GameContext, action: &str, reward: f64| {
+            let program = self.assemble_program(action).unwrap_or_else(|_| action.to_string());
+            minijinja::context! { action => action, program => program, reward => reward, ..game_vars(ctx) }
         };
-        self.render_next(vars)
+        let turns = history
+            .turns
+            .iter()
+            .map(|t| {
+                let at = GameContext { observation: t.observation.clone(), step: t.step + 1, ..ctx.clone() };
+                turn_vars(&at, &t.action, t.reward)
+            })
+            .collect();
+        let first = GameContext { step: 0, observation: history.first_observation.to_string(), ..ctx.clone() };
+        self.render_next(turn_vars(ctx, action, reward), turns, game_vars(&first))
     }
 
     fn render_first(&self, vars: minijinja::Value) -> Result<Prompt, RenderError> {
@@ -414,22 +464,35 @@ impl Spec {
         }
     }
 
-    fn render_next(&self, vars: minijinja::Value) -> Result<Prompt, RenderError> {
+    /// A state after the first: `last` holds the variables of the latest step; with chat
+    /// `turns: all`, `turns` holds those of every step kept in the history (oldest first) and
+    /// `first` those the opening user message is rendered with.
+    fn render_next(
+        &self,
+        last: minijinja::Value,
+        turns: Vec<minijinja::Value>,
+        first: minijinja::Value,
+    ) -> Result<Prompt, RenderError> {
         match &self.prompt {
             PromptSpec::Completion { reflection, .. } => {
-                Ok(Prompt::Completion(template::render("prompt.reflection", reflection, vars)?))
+                Ok(Prompt::Completion(template::render("prompt.reflection", reflection, last)?))
             }
-            PromptSpec::Chat { system, user, assistant, reflection } => {
-                let mut messages = Vec::with_capacity(4);
+            PromptSpec::Chat { turns: mode, system, user, assistant, reflection } => {
+                let (opening, replayed) = match mode {
+                    ChatTurns::Last => (last.clone(), vec![last]),
+                    ChatTurns::All => (first, turns),
+                };
+                let mut messages = Vec::with_capacity(2 + 2 * replayed.len());
                 if let Some(system) = system {
-                    messages.push(ChatMessage::new("system", template::render("prompt.system", system, vars.clone())?));
+                    messages
+                        .push(ChatMessage::new("system", template::render("prompt.system", system, opening.clone())?));
                 }
-                messages.push(ChatMessage::new("user", template::render("prompt.user", user, vars.clone())?));
-                messages.push(ChatMessage::new(
-                    "assistant",
-                    template::render("prompt.assistant", assistant, vars.clone())?,
-                ));
-                messages.push(ChatMessage::new("user", template::render("prompt.reflection", reflection, vars)?));
+                messages.push(ChatMessage::new("user", template::render("prompt.user", user, opening)?));
+                for vars in replayed {
+                    let said = template::render("prompt.assistant", assistant, vars.clone())?;
+                    messages.push(ChatMessage::new("assistant", said));
+                    messages.push(ChatMessage::new("user", template::render("prompt.reflection", reflection, vars)?));
+                }
                 Ok(Prompt::Chat(messages))
             }
         }
@@ -561,7 +624,10 @@ mod tests {
             "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n",
             "    \"\"\"Fix the error in the previous function. \"\"\"\n",
         );
-        assert_eq!(spec.render_reflection(&ctx, &action, error).unwrap(), Prompt::Completion(expected.to_string()));
+        assert_eq!(
+            spec.render_reflection(&ctx, &action, error, Default::default()).unwrap(),
+            Prompt::Completion(expected.to_string())
+        );
         // The program that ran is the header with the body.
         assert_eq!(
             spec.assemble_program(&action).unwrap(),
@@ -584,7 +650,9 @@ mod tests {
                 .contains("\n    model = RandomForestClassifier(n_estimators=200)\n    model.fit(x_train, y_train)\n"),
             "{program}"
         );
-        let Prompt::Completion(refl) = spec.render_reflection(&ctx, &action, "ValueError: bad\nmore").unwrap() else {
+        let Prompt::Completion(refl) =
+            spec.render_reflection(&ctx, &action, "ValueError: bad\nmore", Default::default()).unwrap()
+        else {
             panic!()
         };
         // The error's last line comes first; the state then ends exactly like the first one.

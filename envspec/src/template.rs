@@ -33,6 +33,11 @@ pub const GAME_VARIABLES: [&str; 5] = ["name", "description", "examples", "obser
 /// previous action, the text the game received for it, and the reward it earned.
 pub const GAME_STEP_VARIABLES: [&str; 3] = ["action", "program", "reward"];
 
+/// The variables of every prompt template (data tasks and games, first state and later ones):
+/// `history`, the episode so far (a list of [`Turn`]s, oldest first, empty in the first state),
+/// and `history_omitted`, how many older turns were left out to fit `prompt.max_tokens`.
+pub const HISTORY_VARIABLES: [&str; 2] = ["history", "history_omitted"];
+
 /// The variables of the assembly template: `action` (dedented, continuation lines indented to the
 /// placeholder's line) and `raw_action` (exactly as extracted).
 pub const ASSEMBLE_VARIABLES: [&str; 2] = ["action", "raw_action"];
@@ -77,6 +82,54 @@ pub struct GameContext {
     pub step: u32,
 }
 
+/// One step of an episode, as prompt templates see it in `history`.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Turn {
+    /// Steps taken before this one (0 for the episode's first action).
+    pub step: u32,
+    /// The action cut out of the generation.
+    pub action: String,
+    /// The reward it earned.
+    pub reward: f64,
+    /// Data tasks: why the action failed (empty when it ran). Games: why the game failed, if it did.
+    pub error: String,
+    /// Games: what the game answered. Data tasks: empty.
+    pub observation: String,
+}
+
+/// The episode so far, as a state shows it: the turns kept (oldest first) and how many turns
+/// before them were left out to fit the spec's `prompt.max_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct History<'a> {
+    pub turns: &'a [Turn],
+    pub omitted: usize,
+    /// Games: the episode's first observation (what the opening message of a chat state with
+    /// `turns: all` shows); empty for data tasks.
+    pub first_observation: &'a str,
+}
+
+impl<'a> History<'a> {
+    /// All of `turns`, none left out.
+    pub fn all(turns: &'a [Turn]) -> History<'a> {
+        History { turns, omitted: 0, first_observation: "" }
+    }
+
+    /// `turns` without the oldest `omitted` (at most all of them).
+    pub fn without_oldest(turns: &'a [Turn], omitted: usize) -> History<'a> {
+        let omitted = omitted.min(turns.len());
+        History { turns: &turns[omitted..], omitted, first_observation: "" }
+    }
+
+    /// The same, for a game episode that began with `observation`.
+    pub fn starting_with(self, observation: &'a str) -> History<'a> {
+        History { first_observation: observation, ..self }
+    }
+
+    pub(crate) fn variables(&self) -> Value {
+        minijinja::context! { history => self.turns, history_omitted => self.omitted }
+    }
+}
+
 /// A prompt: plain text for completion, or chat messages for the model's chat template.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum Prompt {
@@ -119,6 +172,17 @@ impl Prompt {
         match self {
             Prompt::Completion(text) => Ok(text.clone()),
             Prompt::Chat(messages) => chat_template.ok_or(RenderError::MissingChatTemplate)?.render(messages, true),
+        }
+    }
+
+    /// Bytes of the prompt's text (chat: of the messages' contents, plus 16 per message for
+    /// the chat template's markup). Byte-level BPE tokenizers (Llama 3, SmolLM2, GPT-2) make at
+    /// most one token per byte, so for completion prompts this bounds the token count from
+    /// above; it is what a state's length is measured in when no tokenizer is at hand.
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Prompt::Completion(text) => text.len(),
+            Prompt::Chat(messages) => messages.iter().map(|m| m.content.len() + 16).sum(),
         }
     }
 }

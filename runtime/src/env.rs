@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use envspec::data::{Dataset, Split, SplitMix64};
-use envspec::{Evaluation, Prompt, Spec, TaskContext};
+use envspec::{Evaluation, History, Prompt, RenderError, Spec, TaskContext, Turn};
 
 use crate::metrics::{roc_auc, Multiclass};
 use crate::wasm::{Game, GameEngine, GameError, GameInstance, GameLimits};
@@ -68,11 +68,18 @@ impl Host {
     }
 }
 
+/// Counts the tokens of a state as the policy's model will see it (its tokenizer, and for chat
+/// prompts its chat template), for the spec's `prompt.max_tokens`. Without one, a state is
+/// measured in bytes ([`Prompt::byte_len`]), which bounds the tokens of byte-level BPE models
+/// from above.
+pub type TokenCounter = Arc<dyn Fn(&Prompt) -> Result<usize, String> + Send + Sync>;
+
 /// A spec made ready to run: its data set loaded once (or its game compiled once) and shared by
 /// the environments of every seed. [`Task::env`] makes one environment per seed.
 pub struct Task {
     spec: Arc<Spec>,
     resources: TaskResources,
+    token_counter: Option<TokenCounter>,
 }
 
 enum TaskResources {
@@ -93,14 +100,19 @@ impl Task {
             };
             let game =
                 engine.load(&g.module, limits).map_err(|source| EnvError::Game { spec: spec.name.clone(), source })?;
-            return Ok(Task { spec, resources: TaskResources::Game(game) });
+            return Ok(Task { spec, resources: TaskResources::Game(game), token_counter: None });
         }
-        let dataset = envspec::data::load(&spec.dataset.source, spec.base_dir()).map_err(|e| EnvError::Spec {
+        let dataset = envspec::data::load_for(&spec.dataset, spec.base_dir()).map_err(|e| EnvError::Spec {
             spec: spec.name.clone(),
             message: format!("{}: cannot load the data set: {e}", spec.path.display()),
         })?;
         let pool = host.pool().map_err(|source| EnvError::Runtime { spec: spec.name.clone(), source })?;
-        Ok(Task { spec, resources: TaskResources::Data { dataset: Arc::new(dataset), pool } })
+        Ok(Task { spec, resources: TaskResources::Data { dataset: Arc::new(dataset), pool }, token_counter: None })
+    }
+
+    /// How the environments made from now on measure a state against `prompt.max_tokens`.
+    pub fn set_token_counter(&mut self, counter: TokenCounter) {
+        self.token_counter = Some(counter);
     }
 
     /// The spec this task runs.
@@ -119,10 +131,12 @@ impl Task {
     /// The environment for one seed (for data tasks, the seed picks the train/validation split;
     /// for games, it is the reset seed).
     pub fn env(&self, seed: u64) -> Result<Env, EnvError> {
-        match &self.resources {
-            TaskResources::Data { dataset, pool } => Env::new(self.spec.clone(), dataset.clone(), seed, pool.clone()),
-            TaskResources::Game(game) => Ok(Env::game(self.spec.clone(), game.clone(), seed)),
-        }
+        let mut env = match &self.resources {
+            TaskResources::Data { dataset, pool } => Env::new(self.spec.clone(), dataset.clone(), seed, pool.clone())?,
+            TaskResources::Game(game) => Env::game(self.spec.clone(), game.clone(), seed),
+        };
+        env.token_counter = self.token_counter.clone();
+        Ok(env)
     }
 }
 
@@ -205,6 +219,9 @@ pub struct Env {
     /// Steps taken in the current episode; `None` before the first reset.
     step: Option<u32>,
     done: bool,
+    /// The current episode's steps, shown to templates as `history`.
+    history: Vec<Turn>,
+    token_counter: Option<TokenCounter>,
 }
 
 // One per environment, never in bulk: the variants' sizes do not matter.
@@ -230,8 +247,9 @@ struct GameEnv {
     seed: u64,
     /// The running episode's instance; `None` before reset and after the game failed.
     instance: Option<GameInstance>,
-    /// The game's latest observation.
+    /// The game's latest observation, and its first of the episode.
     observation: String,
+    first_observation: String,
 }
 
 impl Env {
@@ -252,13 +270,20 @@ impl Env {
         };
         let limits = Limits::from(&spec.limits);
         let data = DataEnv { pool, splits, context, multiclass, limits };
-        Ok(Env { spec, backend: Backend::Data(data), step: None, done: false })
+        Ok(Env {
+            spec,
+            backend: Backend::Data(data),
+            step: None,
+            done: false,
+            history: Vec::new(),
+            token_counter: None,
+        })
     }
 
     /// An environment for a text game (`kind: wasm`) and one reset seed.
     fn game(spec: Arc<Spec>, game: Game, seed: u64) -> Env {
-        let game = GameEnv { game, seed, instance: None, observation: String::new() };
-        Env { spec, backend: Backend::Game(game), step: None, done: false }
+        let game = GameEnv { game, seed, instance: None, observation: String::new(), first_observation: String::new() };
+        Env { spec, backend: Backend::Game(game), step: None, done: false, history: Vec::new(), token_counter: None }
     }
 
     /// The spec this environment runs.
@@ -266,43 +291,92 @@ impl Env {
         &self.spec
     }
 
+    /// How this environment measures a state against `prompt.max_tokens` (see [`TokenCounter`]).
+    pub fn set_token_counter(&mut self, counter: TokenCounter) {
+        self.token_counter = Some(counter);
+    }
+
+    /// The steps of the current episode so far, oldest first.
+    pub fn history(&self) -> &[Turn] {
+        &self.history
+    }
+
+    /// A state rendered with as much of the episode's history as `prompt.max_tokens` allows:
+    /// the oldest turns are left out first. `after` (steps taken) names the state in the error
+    /// when it does not fit even without history.
+    fn fit(&self, after: u32, render: impl Fn(History<'_>) -> Result<Prompt, RenderError>) -> Result<Prompt, EnvError> {
+        let Some(budget) = self.spec.prompt_max_tokens else {
+            return render(History::all(&self.history)).map_err(|e| spec_err(&self.spec, e));
+        };
+        let mut length = 0;
+        for omitted in 0..=self.history.len() {
+            let prompt =
+                render(History::without_oldest(&self.history, omitted)).map_err(|e| spec_err(&self.spec, e))?;
+            length = match &self.token_counter {
+                Some(count) => count(&prompt).map_err(|message| EnvError::Spec {
+                    spec: self.spec.name.clone(),
+                    message: format!("counting the tokens of a state: {message}"),
+                })?,
+                None => prompt.byte_len(),
+            };
+            if length <= budget {
+                return Ok(prompt);
+            }
+        }
+        let unit = if self.token_counter.is_some() { "tokens" } else { "bytes (no tokenizer given)" };
+        let without = if self.history.is_empty() { "" } else { " even without its history" };
+        Err(EnvError::Spec {
+            spec: self.spec.name.clone(),
+            message: format!(
+                "{}: the state after step {after} is {length} {unit}{without}, over prompt.max_tokens = {budget}; raise it or shorten the templates",
+                self.spec.path.display()
+            ),
+        })
+    }
+
     /// Starts an episode: the first state η(g). Every episode of an environment starts from the
     /// same state (the split is fixed by the seed; a game is reset with the seed on a fresh
     /// instance).
     pub fn reset(&mut self) -> Result<Observation, EnvError> {
-        let prompt = match &mut self.backend {
-            Backend::Data(d) => self.spec.render_initial(&d.context),
-            Backend::Game(g) => {
-                g.instance = None;
-                let mut instance =
-                    g.game.instantiate().map_err(|source| EnvError::Game { spec: self.spec.name.clone(), source })?;
-                g.observation =
-                    instance.reset(g.seed).map_err(|source| EnvError::Game { spec: self.spec.name.clone(), source })?;
-                g.instance = Some(instance);
-                self.spec.render_game(&self.spec.game_context(&g.observation, 0), None)
-            }
+        self.history.clear();
+        if let Backend::Game(g) = &mut self.backend {
+            g.instance = None;
+            let mut instance =
+                g.game.instantiate().map_err(|source| EnvError::Game { spec: self.spec.name.clone(), source })?;
+            g.observation =
+                instance.reset(g.seed).map_err(|source| EnvError::Game { spec: self.spec.name.clone(), source })?;
+            g.instance = Some(instance);
+            g.first_observation = g.observation.clone();
         }
-        .map_err(|e| spec_err(&self.spec, e))?;
+        let prompt = match &self.backend {
+            Backend::Data(d) => self.fit(0, |_| self.spec.render_initial(&d.context))?,
+            Backend::Game(g) => {
+                let ctx = self.spec.game_context(&g.observation, 0);
+                self.fit(0, |h| self.spec.render_game(&ctx, None, h))?
+            }
+        };
         self.step = Some(0);
         self.done = false;
         Ok(Observation { prompt, step: 0 })
     }
 
-    /// Puts the environment back into an episode that had taken `steps` steps, the last one
-    /// failing with `error` on `action` (for resuming a run from its log without running the
-    /// recorded actions again). Returns that reflection state. Data tasks only: a game's state
-    /// is rebuilt by [`Env::replay`].
-    pub fn restore(&mut self, steps: u32, action: &str, error: &str) -> Result<Observation, EnvError> {
-        if steps == 0 || steps >= self.spec.max_steps {
+    /// Puts the environment back into an episode whose steps were `turns` (oldest first, as
+    /// logged; the last one failed), for resuming a run from its log without running the
+    /// recorded actions again. Returns that reflection state, with the same history as when
+    /// the episode ran. Data tasks only: a game's state is rebuilt by [`Env::replay`].
+    pub fn restore(&mut self, turns: &[Turn]) -> Result<Observation, EnvError> {
+        let steps = u32::try_from(turns.len()).unwrap_or(u32::MAX);
+        let Some(last) = turns.last().filter(|_| steps < self.spec.max_steps) else {
             return Err(EnvError::BadRestore { steps, max_steps: self.spec.max_steps });
-        }
+        };
         let Backend::Data(d) = &self.backend else {
             return Err(EnvError::WrongKind {
                 spec: self.spec.name.clone(),
                 message: "a game's state cannot be restored from the last action alone; replay the episode's actions (Env::replay)".into(),
             });
         };
-        let prompt = self.spec.render_reflection(&d.context, action, error).map_err(|e| spec_err(&self.spec, e))?;
+        self.history = turns.to_vec();
+        let prompt = self.fit(steps, |h| self.spec.render_reflection(&d.context, &last.action, &last.error, h))?;
         self.step = Some(steps);
         self.done = false;
         Ok(Observation { prompt, step: steps })
@@ -352,21 +426,23 @@ impl Env {
         let action = self.spec.extract_action(generation);
         let program = self.spec.assemble_program(&action).map_err(|e| spec_err(&self.spec, e))?;
         let scored = self.score_program(&program)?;
-        let Backend::Data(d) = &self.backend else { unreachable!("games returned above") };
         let step = taken + 1;
         let (terminated, truncated) = episode_end(scored.result.is_ok(), step, self.spec.max_steps);
         let (reward, error) = match scored.result {
             Ok(auc) => (auc, String::new()),
             Err(message) => (self.spec.reward.failure_reward, message),
         };
+        let turn =
+            Turn { step: taken, action: action.clone(), reward, error: error.clone(), observation: String::new() };
+        self.history.push(turn);
+        let Backend::Data(d) = &self.backend else { unreachable!("games returned above") };
         let observation = if terminated {
             // Gymnasium still returns a final observation after the end; there is no next state
             // in the paper's MDP, so this is the start state (never bootstrapped from).
             let prompt = self.spec.render_initial(&d.context).map_err(|e| spec_err(&self.spec, e))?;
             Observation { prompt, step }
         } else {
-            let prompt =
-                self.spec.render_reflection(&d.context, &action, &error).map_err(|e| spec_err(&self.spec, e))?;
+            let prompt = self.fit(step, |h| self.spec.render_reflection(&d.context, &action, &error, h))?;
             Observation { prompt, step }
         };
         self.step = Some(step);
@@ -415,7 +491,12 @@ impl Env {
             }
         };
         let ctx = self.spec.game_context(&g.observation, step);
-        let prompt = self.spec.render_game(&ctx, Some((&action, reward))).map_err(|e| spec_err(&self.spec, e))?;
+        let observation = g.observation.clone();
+        self.history.push(Turn { step: taken, action: action.clone(), reward, error: error.clone(), observation });
+        let Backend::Game(g) = &self.backend else { unreachable!("called for games only") };
+        let first = g.first_observation.as_str();
+        let prompt =
+            self.fit(step, |h| self.spec.render_game(&ctx, Some((&action, reward)), h.starting_with(first)))?;
         self.step = Some(step);
         self.done = terminated || truncated;
         Ok(StepResult {

@@ -50,7 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     };
 
     let base_dir = spec.path.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    let dataset = envspec::data::load(&spec.dataset.source, &base_dir)
+    let dataset = envspec::data::load_for(&spec.dataset, &base_dir)
         .map_err(|e| anyhow::anyhow!("{}: cannot load the data set: {e}", spec.path.display()))?;
     let seed = args.seed.or_else(|| spec.dataset.seeds.first().copied()).unwrap_or(0);
     let limits = Limits::from(&spec.limits);

@@ -248,22 +248,28 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         tasks.push(SpecRun { spec, env, seeds: entry.seeds.clone(), steps: entry.steps });
     }
 
-    let load_llm = || -> anyhow::Result<LlmPolicy> {
+    // A model policy also measures states against `prompt.max_tokens` in its own tokens.
+    let load_llm = |tasks: &mut Vec<SpecRun>| -> anyhow::Result<LlmPolicy> {
         let model = config.model.clone().unwrap_or_else(trainer::default_model_path);
         eprintln!("loading {} on {}", model.display(), config.device);
-        Ok(LlmPolicy::load(&model, &config.device, sampling_config(&config))?)
+        let policy = LlmPolicy::load(&model, &config.device, sampling_config(&config))?;
+        let counter = policy.token_counter();
+        for task in tasks.iter_mut() {
+            task.env.set_token_counter(counter.clone());
+        }
+        Ok(policy)
     };
     let mut agent: Box<dyn Agent> = if config.algo.trains() {
         let specs: Vec<&envspec::Spec> = tasks.iter().map(|t| t.spec.as_ref()).collect();
         let (trainer_config, schedule) = train_config(&config, &specs)?;
-        Box::new(Trained::new(load_llm()?, trainer_config, schedule)?)
+        Box::new(Trained::new(load_llm(&mut tasks)?, trainer_config, schedule)?)
     } else {
         let policy: Box<dyn Policy> = match config.policy {
             PolicyKind::Scripted => {
                 let dir = config.actions.as_deref().context("--policy scripted needs --actions DIR")?;
                 Box::new(ScriptedPolicy::new(dir)?)
             }
-            PolicyKind::Llm => Box::new(load_llm()?),
+            PolicyKind::Llm => Box::new(load_llm(&mut tasks)?),
         };
         Box::new(Reflection { policy })
     };

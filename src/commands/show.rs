@@ -1,6 +1,8 @@
 //! `etpo show SPEC`: print exactly what the model sees — the first state s0 = η(g) for one seed's
 //! split, a sample failed action with the program it assembles to, and the reflection state
 //! η(g, a, e) after it — so a spec author can read the prompts before running anything.
+//! Before the states it reports how the data were read: each feature column numeric or
+//! categorical (with its codes) and the missing values filled, and the columns left out.
 //!
 //! For a text game (`kind: wasm`) it runs the game: the first state is the game's first
 //! observation for the seed in the prompt template, then a sample action is played and the next
@@ -72,7 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if spec.kind.game().is_some() {
         return show_game(&args, spec, seed, chat_template.as_ref(), tokenizer.as_ref());
     }
-    let data = envspec::data::load(&spec.dataset.source, spec.base_dir())
+    let data = envspec::data::load_for(&spec.dataset, spec.base_dir())
         .with_context(|| format!("loading the data of {}", args.spec.display()))?;
     let split = data.split(seed, spec.dataset.max_samples, spec.dataset.train_fraction);
     let ctx = spec.task_context(&split);
@@ -82,7 +84,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             Only::S0 => spec.render_initial(&ctx)?,
             Only::Reflection => {
                 let (raw, _) = failed_action(&spec, args.action.as_deref())?;
-                spec.render_reflection(&ctx, &spec.extract_action(&raw), &args.error)?
+                let action = spec.extract_action(&raw);
+                let turn = failed_turn(&spec, &action, &args.error);
+                spec.render_reflection(&ctx, &action, &args.error, envspec::History::all(&turn))?
             }
         };
         print!("{}", prompt.to_text(chat_template.as_ref())?);
@@ -98,9 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         ctx.shape,
         ctx.n_classes
     );
-    for note in &data.notes {
-        println!("data note: {note}");
-    }
+    print_columns(&data);
 
     let s0 = spec.render_initial(&ctx)?;
     let chat = chat_template.as_ref();
@@ -111,9 +113,16 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let action = spec.extract_action(&raw_action);
     section(&format!("a sample action ({origin}), as extracted with `{}`", spec.action.extract.name()), &action, None);
     section("the program it assembles to", &spec.assemble_program(&action)?, None);
-    let s1 = spec.render_reflection(&ctx, &action, &args.error)?;
+    let turn = failed_turn(&spec, &action, &args.error);
+    let s1 = spec.render_reflection(&ctx, &action, &args.error, envspec::History::all(&turn))?;
     print_state(&format!("η(g, a, e), the state after that action failed with: {}", args.error), &s1, chat, tok)?;
     Ok(0)
+}
+
+/// The history of the state after one failed action: that action.
+fn failed_turn(spec: &envspec::Spec, action: &str, error: &str) -> [envspec::Turn; 1] {
+    let reward = spec.reward.failure_reward;
+    [envspec::Turn { step: 0, action: action.into(), reward, error: error.into(), observation: String::new() }]
 }
 
 /// `etpo show` for a game: reset it with `seed`, play one sample action, show both states.
@@ -176,6 +185,21 @@ fn show_game(
         tok,
     )?;
     Ok(0)
+}
+
+/// How each column was read, one line each: `column `age`: numeric, 2 missing values filled with
+/// the column median 30`, `dropped column `Name`: listed in dataset.drop`, then the data set's
+/// notes (rows dropped, how a builtin is generated).
+fn print_columns(data: &envspec::data::Dataset) {
+    for column in &data.columns {
+        println!("column {column}");
+    }
+    for dropped in &data.dropped {
+        println!("dropped column `{}`: {}", dropped.name, dropped.reason.describe());
+    }
+    for note in &data.notes {
+        println!("data note: {note}");
+    }
 }
 
 /// The failed action to show and where it came from: the `--action` file, else the first worked

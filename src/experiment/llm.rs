@@ -97,6 +97,16 @@ impl LlmPolicy {
         self.adapter = adapter;
     }
 
+    /// Counts a state's tokens as this model will see it (chat template, then tokenizer), for
+    /// specs' `prompt.max_tokens`.
+    pub fn token_counter(&self) -> runtime::env::TokenCounter {
+        let (tokenizer, chat) = (self.loaded.tokenizer.clone(), self.chat.clone());
+        std::sync::Arc::new(move |prompt: &Prompt| {
+            let text = prompt.to_text(chat.as_ref()).map_err(|e| e.to_string())?;
+            Ok(tokenizer.encode(&text).map_err(|e| e.to_string())?.len())
+        })
+    }
+
     /// The exact text the model is given for a state.
     pub fn render(&self, prompt: &Prompt) -> Result<String, PolicyError> {
         prompt.to_text(self.chat.as_ref()).map_err(|e| PolicyError::Render(e.to_string()))

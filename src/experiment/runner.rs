@@ -431,7 +431,19 @@ fn restore(
                 .collect();
             slot.env.replay(&actions)?
         } else {
-            slot.env.restore(record.step + 1, &record.action, &record.error)?
+            // The episode's turns, as the states showed them when it ran.
+            let turns: Vec<envspec::Turn> = previous
+                .iter()
+                .filter(|r| r.spec == record.spec && r.seed == record.seed && r.episode == record.episode)
+                .map(|r| envspec::Turn {
+                    step: r.step,
+                    action: r.action.clone(),
+                    reward: r.reward,
+                    error: r.error.clone(),
+                    observation: String::new(),
+                })
+                .collect();
+            slot.env.restore(&turns)?
         };
         slot.current = Some((record.episode, obs));
     }

@@ -204,6 +204,91 @@ fn a_copied_and_modified_spec_works_without_rust_changes() {
     );
 }
 
+/// Ten passengers: an id, the label, a class, a name (text), a sex and an age with one gap.
+const PASSENGERS: &str = "PassengerId,Survived,Pclass,Name,Sex,Age
+1,0,3,\"Braund, Mr. Owen\",male,22
+2,1,1,\"Cumings, Mrs. John\",female,38
+3,1,3,\"Heikkinen, Miss. Laina\",female,26
+4,1,1,\"Futrelle, Mrs. Jacques\",female,35
+5,0,3,\"Allen, Mr. William\",male,35
+6,0,3,\"Moran, Mr. James\",male,
+7,0,1,\"McCarthy, Mr. Timothy\",male,54
+8,0,3,\"Palsson, Master. Gosta\",male,2
+9,1,3,\"Johnson, Mrs. Oscar\",female,27
+10,1,2,\"Nasser, Mrs. Nicholas\",female,14
+";
+
+/// A spec on `passengers.csv` whose `dataset:` ends with `selection` (line 7).
+fn passengers_spec(selection: &str) -> String {
+    format!(
+        "name: passengers
+description: Classification with a Passenger List
+dataset:
+  source:
+    csv: passengers.csv
+    target: Survived
+{selection}
+prompt:
+  template: \"# x_train has shape {{{{ shape }}}}; features: {{{{ feature_names | join(', ') }}}}\\nmodel =\"
+  reflection: \"{{{{ error }}}}\"
+"
+    )
+}
+
+/// `dataset.drop` and `dataset.features`: a misspelt column fails `etpo check` at its entry, and
+/// `etpo show` reports how each kept column was read and which were left out.
+#[test]
+fn column_selection_in_check_and_show() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("passengers.csv"), PASSENGERS).unwrap();
+    std::fs::write(dir.path().join("bad.yaml"), passengers_spec("  drop: [PassengerId, Nmae]")).unwrap();
+    let out = etpo(dir.path(), &["check", "bad.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert_eq!(
+        stderr(&out),
+        "bad.yaml:7:23: error: unknown column `Nmae` in `dataset.drop`; the columns are: PassengerId, Pclass, Name, Sex, Age
+  help: did you mean `Name`?
+bad.yaml: 1 error
+"
+    );
+
+    std::fs::write(dir.path().join("drop.yaml"), passengers_spec("  drop: [Name, PassengerId]")).unwrap();
+    let out = etpo(dir.path(), &["check", "drop.yaml"]);
+    assert_eq!((out.status.code(), stdout(&out)), (Some(0), "ok: drop.yaml\n".to_string()), "{}", stderr(&out));
+    let out = etpo(dir.path(), &["show", "drop.yaml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let report =
+        "spec passengers (drop.yaml): seed 0, 5 training and 5 validation rows, x_train shape (5, 3), 2 classes
+column `Pclass`: numeric
+column `Sex`: categorical, 2 codes (female=0, male=1)
+column `Age`: numeric, 1 missing value filled with the column median 27
+dropped column `PassengerId`: listed in dataset.drop
+dropped column `Name`: listed in dataset.drop
+";
+    assert!(text.starts_with(report), "{text}");
+    assert!(text.contains("# x_train has shape (5, 3); features: Pclass, Sex, Age\nmodel ="), "{text}");
+
+    // `features` keeps the listed columns in the listed order.
+    std::fs::write(dir.path().join("features.yaml"), passengers_spec("  features: [Age, Sex]")).unwrap();
+    let out = etpo(dir.path(), &["show", "features.yaml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(
+            "x_train shape (5, 2), 2 classes
+column `Age`: numeric, 1 missing value filled with the column median 27
+column `Sex`: categorical, 2 codes (female=0, male=1)
+dropped column `PassengerId`: not listed in dataset.features
+dropped column `Pclass`: not listed in dataset.features
+dropped column `Name`: not listed in dataset.features
+"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("features: Age, Sex\nmodel ="), "{text}");
+}
+
 /// A chat-format spec shown through a chat template file gives the exact text the model reads.
 #[test]
 fn show_renders_chat_specs_with_a_chat_template() {

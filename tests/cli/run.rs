@@ -32,7 +32,7 @@ struct Loaded {
 
 fn load(spec_path: &Path, seed: u64) -> Loaded {
     let spec = envspec::load(spec_path).unwrap_or_else(|e| panic!("{e}"));
-    let dataset = envspec::data::load(&spec.dataset.source, spec.path.parent().unwrap()).unwrap();
+    let dataset = envspec::data::load_for(&spec.dataset, spec.path.parent().unwrap()).unwrap();
     let split = dataset.split(seed, spec.dataset.max_samples, spec.dataset.train_fraction);
     Loaded { spec, split }
 }
@@ -148,7 +148,15 @@ fn scripted_actions_get_the_rewards_plain_sklearn_gives_and_failures_reflect() {
         assert_eq!(text(r[0], "prompt_sha256"), sha256_hex(&initial));
 
         // Step 2 answers the reflection state, which shows that error.
-        let reflection = l.spec.render_reflection(&ctx, "UndefinedClassifier()", error).unwrap();
+        let failed = [envspec::Turn {
+            step: 0,
+            action: "UndefinedClassifier()".into(),
+            reward: l.spec.reward.failure_reward,
+            error: error.into(),
+            observation: String::new(),
+        }];
+        let history = envspec::History::all(&failed);
+        let reflection = l.spec.render_reflection(&ctx, "UndefinedClassifier()", error, history).unwrap();
         assert_eq!(text(r[1], "prompt_sha256"), sha256_hex(&reflection));
         assert!(reflection.to_text(None).unwrap().contains("UndefinedClassifier"));
         assert_eq!((field(r[1], "episode").as_u64(), field(r[1], "step").as_u64()), (Some(0), Some(1)));
@@ -285,10 +293,22 @@ fn a_killed_run_resumes_without_repeating_or_losing_steps() {
     let tmp = tempfile::tempdir().unwrap();
     let actions = slow_actions(18);
     write_actions(&tmp.path().join("actions"), &actions.iter().map(String::as_str).collect::<Vec<_>>());
+    // Balance Scale whose reflection state lists every failure of the episode so far: the
+    // resumed run's states (their sha256 is in each step's essence) must have the same history.
+    let shipped = std::fs::read_to_string(balance_scale()).unwrap();
+    let failure_line =
+        "    # A previous classifier for the last task failed with: {{ error.strip().splitlines()[-1] }}\n";
+    assert!(shipped.contains(failure_line));
+    let with_history = shipped.replace(
+        failure_line,
+        "    {% for t in history %}\n    # Attempt {{ t.step + 1 }}, `{{ t.action }}`, failed with: {{ t.error.strip().splitlines()[-1] }}\n    {% endfor %}\n",
+    );
+    let spec = tmp.path().join("balance_scale.yaml");
+    std::fs::write(&spec, with_history).unwrap();
     let args = |out: &str| -> Vec<String> {
         [
             "run",
-            balance_scale().to_str().unwrap(),
+            spec.to_str().unwrap(),
             "--policy",
             "scripted",
             "--actions",
@@ -510,7 +530,7 @@ fn the_best_action_is_scored_once_on_the_held_out_test_part() {
     let dir = run_dir(tmp.path());
     let records = steps(&dir);
     let spec = envspec::load(&spec_path).unwrap();
-    let dataset = envspec::data::load(&spec.dataset.source, spec.path.parent().unwrap()).unwrap();
+    let dataset = envspec::data::load_for(&spec.dataset, spec.path.parent().unwrap()).unwrap();
     let imports = "from sklearn.linear_model import LogisticRegression\nfrom sklearn.naive_bayes import GaussianNB";
     let csv = std::fs::read_to_string(dir.join("test.csv")).unwrap();
     let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
@@ -695,7 +715,7 @@ fn mean_of_splits_averages_the_auc_over_the_documented_splits() {
 
     // Env::new: the seed's own split, then two split seeds drawn from SplitMix64::new(seed).
     let l = load(&spec, 4);
-    let dataset = envspec::data::load(&l.spec.dataset.source, l.spec.path.parent().unwrap()).unwrap();
+    let dataset = envspec::data::load_for(&l.spec.dataset, l.spec.path.parent().unwrap()).unwrap();
     let mut rng = envspec::data::SplitMix64::new(4);
     let seeds = [4, rng.next_u64(), rng.next_u64()];
     let imports = "from sklearn.linear_model import LogisticRegression";

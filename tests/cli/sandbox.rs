@@ -114,7 +114,7 @@ def build_model(x_train, y_train):
 /// seed-0 split, computed by scikit-learn itself on the host.
 fn sklearn_reward() -> f64 {
     let spec = envspec::load(spec()).unwrap();
-    let data = envspec::data::load(&spec.dataset.source, spec.path.parent().unwrap()).unwrap();
+    let data = envspec::data::load_for(&spec.dataset, spec.path.parent().unwrap()).unwrap();
     let split = data.split(0, spec.dataset.max_samples, spec.dataset.train_fraction);
     let input = serde_json::json!({"x_train": split.x_train, "y_train": split.y_train, "x_val": split.x_val, "y_val": split.y_val});
     let script = "import json, sys\nimport numpy as np\nfrom sklearn.ensemble import RandomForestClassifier\n\

@@ -10,15 +10,39 @@
 
 use std::path::Path;
 
+use super::select::ColumnSelection;
 use super::table::{self, ColumnKind, RawColumn};
 use super::{file_stem, DataError, Dataset};
 
-pub(super) fn load(path: &Path, target: &str) -> Result<Dataset, DataError> {
+pub(super) fn load(path: &Path, target: &str, selection: &ColumnSelection) -> Result<Dataset, DataError> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    parse(&text, path, target)
+    parse(&text, path, target, selection)
 }
 
-pub(super) fn parse(text: &str, path: &Path, target: &str) -> Result<Dataset, DataError> {
+/// The names of the file's `@attribute`s, read up to `@data` (other header lines are checked
+/// when the file is loaded).
+pub(super) fn column_names(path: &Path) -> Result<Vec<String>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    let mut names = Vec::new();
+    for (index, raw) in text.strip_prefix('\u{feff}').unwrap_or(&text).lines().enumerate() {
+        let (keyword, rest) = split_keyword(raw.trim());
+        match keyword.to_ascii_lowercase().as_str() {
+            "@attribute" => {
+                let (name, _) = take_token(rest.trim()).map_err(|message| DataError::Parse {
+                    path: path.to_path_buf(),
+                    line: index + 1,
+                    message,
+                })?;
+                names.push(name);
+            }
+            "@data" => break,
+            _ => {}
+        }
+    }
+    Ok(names)
+}
+
+pub(super) fn parse(text: &str, path: &Path, target: &str, selection: &ColumnSelection) -> Result<Dataset, DataError> {
     let err = |line: usize, message: String| DataError::Parse { path: path.to_path_buf(), line, message };
     let mut relation: Option<String> = None;
     let mut columns: Vec<RawColumn> = Vec::new();
@@ -93,7 +117,7 @@ pub(super) fn parse(text: &str, path: &Path, target: &str) -> Result<Dataset, Da
         ),
     })?;
     let name = relation.filter(|r| !r.is_empty()).unwrap_or_else(|| file_stem(path));
-    table::build(name, path, columns, &lines, target_index)
+    table::build(name, path, columns, &lines, target_index, selection)
 }
 
 fn truncate(s: &str) -> String {
@@ -257,8 +281,24 @@ fn split_sparse_pairs(inner: &str) -> Result<Vec<(usize, Option<String>)>, Strin
 mod tests {
     use super::*;
 
+    #[test]
+    fn features_of_an_arff_file_and_its_attribute_names() {
+        let features = ColumnSelection::Features(vec!["note".into(), "outlook".into()]);
+        let d = parse(SMALL, Path::new("d.arff"), "play", &features).unwrap();
+        assert_eq!(d.feature_names, vec!["note", "outlook"]);
+        assert_eq!(d.x[0], vec![0.0, 0.0]);
+        assert_eq!(d.dropped.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), vec!["temperature"]);
+        let err = parse(SMALL, Path::new("d.arff"), "play", &ColumnSelection::Features(vec!["play".into()]));
+        assert!(err.unwrap_err().to_string().contains("`play` in `dataset.features` is the target column"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.arff");
+        std::fs::write(&path, SMALL).unwrap();
+        assert_eq!(column_names(&path).unwrap(), vec!["outlook", "temperature", "note", "play"]);
+    }
+
     fn parse_str(text: &str, target: &str) -> Result<Dataset, DataError> {
-        parse(text, Path::new("d.arff"), target)
+        parse(text, Path::new("d.arff"), target, &ColumnSelection::All)
     }
 
     const SMALL: &str = "% A test file\n\
@@ -286,12 +326,15 @@ mod tests {
         // outlook: declared codes, the gap takes the most frequent (all tie: the smallest, sunny);
         // temperature: median of 85, 70, 64 = 70; note: sorted codes `a, b`=0, c=1, gap -> c.
         assert_eq!(d.x, vec![vec![0.0, 85.0, 0.0], vec![1.0, 70.0, 1.0], vec![2.0, 70.0, 1.0], vec![0.0, 64.0, 1.0],]);
-        assert!(d
-            .notes
-            .contains(&"column `temperature`: 1 missing values imputed with the column median 70".to_string()));
-        assert!(d
-            .notes
-            .contains(&"column `outlook`: categorical, encoded sunny=0, overcast=1, rainy day=2".to_string()));
+        let report: Vec<String> = d.columns.iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            report,
+            vec![
+                "`outlook`: categorical, 3 codes (sunny=0, overcast=1, rainy day=2), 1 missing value filled with the most frequent value `sunny`",
+                "`temperature`: numeric, 1 missing value filled with the column median 70",
+                "`note`: categorical, 2 codes (a, b=0, c=1), 1 missing value filled with the most frequent value `c`",
+            ]
+        );
     }
 
     #[test]

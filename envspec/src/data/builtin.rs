@@ -13,6 +13,8 @@
 //!   the CSV and ARFF loaders give these letters (sorted order; OpenML's nominal order), and
 //!   the classes are `negative, positive`.
 
+use super::select::{self, ColumnSelection};
+use super::table::{ColumnEncoding, ColumnReport};
 use super::{DataError, Dataset};
 
 /// Names accepted by [`DataSource::Builtin`](super::DataSource::Builtin):
@@ -33,6 +35,23 @@ pub(super) fn generate(name: &str) -> Result<Dataset, DataError> {
     }
 }
 
+/// Keep the feature columns `selection` names, in its order (a builtin has no target column).
+pub(super) fn select(data: Dataset, selection: &ColumnSelection) -> Result<Dataset, DataError> {
+    if *selection == ColumnSelection::All {
+        return Ok(data);
+    }
+    let selected = select::resolve(selection, &data.feature_names, None)
+        .map_err(|p| DataError::InvalidBuiltin { name: data.name.clone(), message: select::describe(&p) })?;
+    let keep = &selected.features;
+    Ok(Dataset {
+        feature_names: keep.iter().map(|&i| data.feature_names[i].clone()).collect(),
+        x: data.x.iter().map(|row| keep.iter().map(|&i| row[i]).collect()).collect(),
+        columns: keep.iter().map(|&i| data.columns[i].clone()).collect(),
+        dropped: selected.dropped,
+        ..data
+    })
+}
+
 fn balance_scale() -> Dataset {
     let mut x = Vec::with_capacity(625);
     let mut y = Vec::with_capacity(625);
@@ -51,13 +70,17 @@ fn balance_scale() -> Dataset {
             }
         }
     }
+    let feature_names: Vec<String> =
+        ["left-weight", "left-distance", "right-weight", "right-distance"].map(String::from).to_vec();
     Dataset {
         name: "balance_scale".to_string(),
-        feature_names: ["left-weight", "left-distance", "right-weight", "right-distance"].map(String::from).to_vec(),
+        columns: feature_names.iter().map(|n| ColumnReport::numeric(n)).collect(),
+        feature_names,
         class_names: ["L", "B", "R"].map(String::from).to_vec(),
         x,
         y,
         notes: vec!["generated: all 625 combinations of the four attributes in 1..=5 (UCI Balance Scale)".to_string()],
+        dropped: Vec::new(),
     }
 }
 
@@ -104,28 +127,33 @@ fn tic_tac_toe() -> Dataset {
             y.push(usize::from(x_won));
         }
     }
+    let feature_names: Vec<String> = [
+        "top-left-square",
+        "top-middle-square",
+        "top-right-square",
+        "middle-left-square",
+        "middle-middle-square",
+        "middle-right-square",
+        "bottom-left-square",
+        "bottom-middle-square",
+        "bottom-right-square",
+    ]
+    .map(String::from)
+    .to_vec();
+    // Blank, o, x: the codes BLANK, O and X.
+    let squares = ColumnEncoding::Categorical { categories: ["b", "o", "x"].map(String::from).to_vec() };
     Dataset {
         name: "tic_tac_toe".to_string(),
-        feature_names: [
-            "top-left-square",
-            "top-middle-square",
-            "top-right-square",
-            "middle-left-square",
-            "middle-middle-square",
-            "middle-right-square",
-            "bottom-left-square",
-            "bottom-middle-square",
-            "bottom-right-square",
-        ]
-        .map(String::from)
-        .to_vec(),
+        columns: feature_names
+            .iter()
+            .map(|n| ColumnReport { kind: squares.clone(), ..ColumnReport::numeric(n) })
+            .collect(),
+        feature_names,
         class_names: ["negative", "positive"].map(String::from).to_vec(),
         x,
         y,
-        notes: vec![
-            "generated: all 958 legal end boards (UCI Tic-Tac-Toe Endgame); positive = x won".to_string(),
-            "squares encoded b (blank)=0, o=1, x=2".to_string(),
-        ],
+        notes: vec!["generated: all 958 legal end boards (UCI Tic-Tac-Toe Endgame); positive = x won".to_string()],
+        dropped: Vec::new(),
     }
 }
 
@@ -182,6 +210,29 @@ mod tests {
         assert_eq!(end_state(&b("xo.......")), None);
         assert_eq!(end_state(&b("xxxoo.o..")), None);
         assert_eq!(end_state(&b("xxxooo...")), None);
+    }
+
+    #[test]
+    fn a_selection_picks_and_orders_the_features() {
+        let d = select(
+            generate("balance_scale").unwrap(),
+            &ColumnSelection::Features(vec!["right-distance".into(), "left-weight".into()]),
+        )
+        .unwrap();
+        assert_eq!(d.feature_names, vec!["right-distance", "left-weight"]);
+        assert_eq!(d.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), d.feature_names);
+        assert_eq!(d.x[1], vec![2.0, 1.0]);
+        assert_eq!(d.dropped.len(), 2);
+        let d =
+            select(generate("tic_tac_toe").unwrap(), &ColumnSelection::Drop(vec!["top-left-square".into()])).unwrap();
+        assert_eq!(d.feature_names.len(), 8);
+        assert_eq!(d.columns[0].to_string(), "`top-middle-square`: categorical, 3 codes (b=0, o=1, x=2)");
+        let err =
+            select(generate("balance_scale").unwrap(), &ColumnSelection::Drop(vec!["left-wieght".into()])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "builtin data set `balance_scale`: error: unknown column `left-wieght` in `dataset.drop`; the columns are: left-weight, left-distance, right-weight, right-distance (did you mean `left-weight`?)"
+        );
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! A spec names where its data come from ([`DataSource`]): a built-in generator (the UCI Balance
 //! Scale and Tic-Tac-Toe Endgame sets, generated exactly as their documentation defines them), a
 //! CSV file with a named target column, or an OpenML-style ARFF file. [`load`] turns any of them
-//! into a [`Dataset`]: numeric features, integer class labels, and `notes` saying how the raw data
-//! were transformed (categorical codes, imputed missing values). [`Dataset::split`] makes the
-//! per-seed train/validation split the paper's protocol evaluates on.
+//! into a [`Dataset`]: numeric features, integer class labels, a [`ColumnReport`] per feature
+//! saying how it was read (numeric or categorical codes, imputed missing values) and `notes` on
+//! the rows. [`load_for`] keeps only the feature columns a spec selects (`dataset.drop` or
+//! `dataset.features`, a [`ColumnSelection`]). [`Dataset::split`] makes the per-seed
+//! train/validation split the paper's protocol evaluates on.
 //!
 //! Everything here is deterministic and platform independent: the same spec and seed give the
 //! same rows, in the same order, on every machine and with every version of the dependencies.
@@ -14,6 +16,7 @@ mod arff;
 mod builtin;
 mod csv;
 mod rng;
+mod select;
 mod split;
 mod table;
 
@@ -21,6 +24,9 @@ use std::path::{Path, PathBuf};
 
 pub use builtin::BUILTINS;
 pub use rng::SplitMix64;
+pub(crate) use select::check as check_selection;
+pub use select::{ColumnSelection, DropReason, DroppedColumn};
+pub use table::{ColumnEncoding, ColumnReport, FillValue};
 
 /// Where a data set comes from, as written in a spec.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -59,6 +65,10 @@ pub struct DatasetSpec {
     /// model and the rewards never see it.
     #[serde(default)]
     pub test_fraction: f64,
+    /// The feature columns kept (`dataset.drop` / `dataset.features`; default all). Applied by
+    /// [`load_for`].
+    #[serde(default)]
+    pub columns: ColumnSelection,
 }
 
 impl Default for DatasetSpec {
@@ -69,6 +79,7 @@ impl Default for DatasetSpec {
             seeds: (0..5).collect(),
             max_samples: None,
             test_fraction: 0.0,
+            columns: ColumnSelection::All,
         }
     }
 }
@@ -78,7 +89,7 @@ impl Default for DatasetSpec {
 pub struct Dataset {
     /// A short name (the builtin's name or the file stem).
     pub name: String,
-    /// One name per feature column, in column order.
+    /// One name per feature column, in column order (the file's order, or `dataset.features`').
     pub feature_names: Vec<String>,
     /// Class labels as written in the source; `y` indexes into this list.
     pub class_names: Vec<String>,
@@ -86,8 +97,14 @@ pub struct Dataset {
     pub x: Vec<Vec<f64>>,
     /// Class index per row, `< class_names.len()`; every class occurs at least once.
     pub y: Vec<usize>,
-    /// Human-readable remarks on how the raw data were encoded (categorical codes, imputation).
+    /// Human-readable remarks on the data set as a whole (rows dropped, how a builtin is
+    /// generated); how each column was read is in `columns`.
     pub notes: Vec<String>,
+    /// How each feature column was read, one per entry of `feature_names`, in the same order.
+    pub columns: Vec<ColumnReport>,
+    /// The source's non-target columns that are not features, each with why: those the spec
+    /// leaves out (in file order), then those without any value.
+    pub dropped: Vec<DroppedColumn>,
 }
 
 impl Dataset {
@@ -185,11 +202,17 @@ pub enum DataError {
     Invalid { path: PathBuf, message: String },
     #[error("unknown builtin data set `{name}`; expected one of: {}", BUILTINS.join(", "))]
     UnknownBuiltin { name: String },
+    /// A column selection that does not fit a builtin's features.
+    #[error("builtin data set `{name}`: error: {message}")]
+    InvalidBuiltin { name: String, message: String },
 }
 
-/// Load a data set. Relative file paths resolve against `base_dir` (the spec's folder).
+/// Load a data set with every column of the source. Relative file paths resolve against
+/// `base_dir` (the spec's folder). A spec's data are loaded with [`load_for`], which applies its
+/// column selection.
 ///
-/// How files become numbers (each step is recorded in [`Dataset::notes`]):
+/// How files become numbers (each column's encoding is recorded in [`Dataset::columns`], rows
+/// dropped in [`Dataset::notes`]):
 /// - a missing cell is empty, `?`, `NA`, `N/A`, `NaN` or `nan` in a CSV (quoted `"NA"` is text),
 ///   `?` or empty in an ARFF file;
 /// - a column whose present cells are all finite numbers is numeric; its missing cells get the
@@ -203,10 +226,31 @@ pub enum DataError {
 ///
 /// The builtins are described in [`BUILTINS`].
 pub fn load(source: &DataSource, base_dir: &Path) -> Result<Dataset, DataError> {
+    load_selected(source, &ColumnSelection::All, base_dir)
+}
+
+/// Load the data a spec's `dataset:` section names, with only the feature columns it selects
+/// (`spec.columns`), in its order; the columns left out are never encoded. A selection that
+/// names a column the source lacks, or the target, is an error.
+pub fn load_for(spec: &DatasetSpec, base_dir: &Path) -> Result<Dataset, DataError> {
+    load_selected(&spec.source, &spec.columns, base_dir)
+}
+
+fn load_selected(source: &DataSource, columns: &ColumnSelection, base_dir: &Path) -> Result<Dataset, DataError> {
     match source {
-        DataSource::Builtin(name) => builtin::generate(name),
-        DataSource::Csv { path, target } => csv::load(&base_dir.join(path), target),
-        DataSource::Arff { path, target } => arff::load(&base_dir.join(path), target),
+        DataSource::Builtin(name) => builtin::select(builtin::generate(name)?, columns),
+        DataSource::Csv { path, target } => csv::load(&base_dir.join(path), target, columns),
+        DataSource::Arff { path, target } => arff::load(&base_dir.join(path), target, columns),
+    }
+}
+
+/// The names of every column of the source, the target's included (a builtin's feature names),
+/// read from the file's header without loading the rows.
+pub(crate) fn column_names(source: &DataSource, base_dir: &Path) -> Result<Vec<String>, DataError> {
+    match source {
+        DataSource::Builtin(name) => Ok(builtin::generate(name)?.feature_names),
+        DataSource::Csv { path, .. } => csv::column_names(&base_dir.join(path)),
+        DataSource::Arff { path, .. } => arff::column_names(&base_dir.join(path)),
     }
 }
 
@@ -235,7 +279,10 @@ mod tests {
         assert_eq!((d.x.len(), d.feature_names.len()), (699, 9));
         assert_eq!(d.class_names, vec!["benign", "malignant"]);
         assert_eq!(d.class_counts(), vec![458, 241]);
-        assert_eq!(d.notes, vec!["column `Bare_Nuclei`: 16 missing values imputed with the column median 1"]);
+        assert!(d.notes.is_empty(), "{:?}", d.notes);
+        let filled: Vec<String> = d.columns.iter().filter(|c| c.missing_filled > 0).map(|c| c.to_string()).collect();
+        assert_eq!(filled, vec!["`Bare_Nuclei`: numeric, 16 missing values filled with the column median 1"]);
+        assert!(d.columns.iter().all(|c| c.kind == ColumnEncoding::Numeric));
         assert!(d.x.iter().flatten().all(|v| (1.0..=10.0).contains(v)));
     }
 
@@ -245,7 +292,7 @@ mod tests {
         assert_eq!(d.feature_names, vec!["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]);
         assert_eq!(d.class_names, vec!["No", "Yes"]);
         assert_eq!(d.class_counts(), vec![355, 177]);
-        assert!(d.notes.is_empty(), "{:?}", d.notes);
+        assert!(d.notes.is_empty() && d.dropped.is_empty(), "{:?}", d.notes);
         // First row of Pima.tr.
         assert_eq!(d.x[0], vec![5.0, 86.0, 68.0, 28.0, 30.2, 0.364, 24.0]);
     }

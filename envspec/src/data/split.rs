@@ -85,6 +85,8 @@ mod tests {
             x: (0..y.len()).map(|i| vec![i as f64]).collect(),
             y,
             notes: vec![],
+            columns: vec![crate::data::ColumnReport::numeric("i")],
+            dropped: vec![],
         }
     }
 

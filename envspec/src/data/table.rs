@@ -11,12 +11,80 @@
 //!   order for an ARFF nominal target, else in sorted order; rows without a label are dropped;
 //! - a feature column with no value at all is dropped.
 //!
-//! Every such transformation is written to [`Dataset::notes`].
+//! Only the columns the spec selects ([`ColumnSelection`]) are encoded. How each feature column
+//! was read is reported in [`Dataset::columns`], the columns left out in [`Dataset::dropped`],
+//! and rows dropped in [`Dataset::notes`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::path::Path;
 
+use super::select::{self, ColumnSelection, DropReason, DroppedColumn};
 use super::{DataError, Dataset};
+
+/// How one feature column of a data set was read from its source.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ColumnReport {
+    /// The column's name, as in [`Dataset::feature_names`].
+    pub name: String,
+    /// Numeric, or categorical with its codes.
+    pub kind: ColumnEncoding,
+    /// How many missing cells (among the rows kept) were filled with `fill_value`.
+    pub missing_filled: usize,
+    /// What the missing cells got; `Some` exactly when `missing_filled > 0`.
+    pub fill_value: Option<FillValue>,
+}
+
+/// How a column's values became numbers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnEncoding {
+    /// The values are the numbers written.
+    Numeric,
+    /// Each value is replaced by its code: its index in `categories`.
+    Categorical { categories: Vec<String> },
+}
+
+/// What a column's missing cells were filled with.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FillValue {
+    /// The median of the column's present values (numeric columns).
+    Median(f64),
+    /// The most frequent category, the smallest code on ties (categorical columns).
+    MostFrequent(String),
+}
+
+impl ColumnReport {
+    /// A numeric column without missing values.
+    pub(super) fn numeric(name: &str) -> ColumnReport {
+        ColumnReport { name: name.to_string(), kind: ColumnEncoding::Numeric, missing_filled: 0, fill_value: None }
+    }
+}
+
+impl fmt::Display for ColumnReport {
+    /// For example `` `age`: numeric, 1 missing value filled with the column median 30 `` or
+    /// `` `colour`: categorical, 2 codes (blue=0, red=1) ``.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ColumnEncoding::Numeric => write!(f, "`{}`: numeric", self.name)?,
+            ColumnEncoding::Categorical { categories } => {
+                write!(f, "`{}`: categorical, {} codes ({})", self.name, categories.len(), show_codes(categories))?
+            }
+        }
+        if let Some(fill) = &self.fill_value {
+            let n = self.missing_filled;
+            let s = if n == 1 { "" } else { "s" };
+            match fill {
+                FillValue::Median(v) => write!(f, ", {n} missing value{s} filled with the column median {v}")?,
+                FillValue::MostFrequent(c) => {
+                    write!(f, ", {n} missing value{s} filled with the most frequent value `{c}`")?
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 /// How a raw column's values are to be read.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,18 +139,22 @@ fn show_codes(categories: &[String]) -> String {
     parts.join(", ")
 }
 
-/// Build the data set. `lines[i]` is the source line of row `i` (for error messages), and
-/// `target` indexes `columns`.
+/// Build the data set from the columns `selection` keeps. `lines[i]` is the source line of row
+/// `i` (for error messages), and `target` indexes `columns`.
 pub(super) fn build(
     name: String,
     path: &Path,
     columns: Vec<RawColumn>,
     lines: &[usize],
     target: usize,
+    selection: &ColumnSelection,
 ) -> Result<Dataset, DataError> {
     let invalid = |message: String| DataError::Invalid { path: path.to_path_buf(), message };
     let mut notes = Vec::new();
     let target_col = &columns[target];
+    let names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+    let selected =
+        select::resolve(selection, &names, Some(&target_col.name)).map_err(|p| invalid(select::describe(&p)))?;
 
     // Rows without a label cannot be used for classification.
     let keep: Vec<usize> = (0..lines.len()).filter(|&r| target_col.values[r].is_some()).collect();
@@ -105,24 +177,26 @@ pub(super) fn build(
 
     let mut feature_names = Vec::new();
     let mut feature_columns: Vec<Vec<f64>> = Vec::new();
-    for (index, column) in columns.iter().enumerate() {
-        if index == target {
-            continue;
-        }
-        match encode_feature(path, column, &keep, lines, &mut notes)? {
-            Some(values) => {
+    let mut reports = Vec::new();
+    let mut dropped = selected.dropped;
+    for &index in &selected.features {
+        let column = &columns[index];
+        match encode_feature(path, column, &keep, lines)? {
+            Some((values, report)) => {
                 feature_names.push(column.name.clone());
                 feature_columns.push(values);
+                reports.push(report);
             }
-            None => notes.push(format!("column `{}` has no values and was dropped", column.name)),
+            None => dropped.push(DroppedColumn { name: column.name.clone(), reason: DropReason::NoValues }),
         }
     }
     if feature_columns.is_empty() {
-        return Err(invalid(format!("no feature columns besides the target `{}`", target_col.name)));
+        let kept = if *selection == ColumnSelection::All { "" } else { " among the selected columns" };
+        return Err(invalid(format!("no feature columns with values{kept} besides the target `{}`", target_col.name)));
     }
 
     let x = (0..keep.len()).map(|r| feature_columns.iter().map(|col| col[r]).collect()).collect();
-    Ok(Dataset { name, feature_names, class_names, x, y, notes })
+    Ok(Dataset { name, feature_names, class_names, x, y, notes, columns: reports, dropped })
 }
 
 /// Class names and per-row class indices for the kept rows (all of which have a label).
@@ -187,15 +261,14 @@ fn encode_target(
     Ok((class_names, y))
 }
 
-/// The numeric values of one feature column over the kept rows, missing cells imputed; `None`
-/// when the column has no value at all.
+/// The numeric values of one feature column over the kept rows, missing cells imputed, and how
+/// they were read; `None` when the column has no value at all.
 fn encode_feature(
     path: &Path,
     column: &RawColumn,
     keep: &[usize],
     lines: &[usize],
-    notes: &mut Vec<String>,
-) -> Result<Option<Vec<f64>>, DataError> {
+) -> Result<Option<(Vec<f64>, ColumnReport)>, DataError> {
     let cells: Vec<Option<&str>> = keep.iter().map(|&r| column.values[r].as_deref()).collect();
     let n_missing = cells.iter().filter(|c| c.is_none()).count();
     if n_missing == cells.len() {
@@ -230,13 +303,12 @@ fn encode_feature(
     if let Some(values) = numeric {
         let mut present: Vec<f64> = values.iter().flatten().copied().collect();
         let fill = median(&mut present);
-        if n_missing > 0 {
-            notes.push(format!(
-                "column `{}`: {n_missing} missing values imputed with the column median {fill}",
-                column.name
-            ));
-        }
-        return Ok(Some(values.into_iter().map(|v| v.unwrap_or(fill)).collect()));
+        let report = ColumnReport {
+            missing_filled: n_missing,
+            fill_value: (n_missing > 0).then_some(FillValue::Median(fill)),
+            ..ColumnReport::numeric(&column.name)
+        };
+        return Ok(Some((values.into_iter().map(|v| v.unwrap_or(fill)).collect(), report)));
     }
 
     // Categorical: codes in declared order (ARFF nominal) or sorted order.
@@ -265,22 +337,26 @@ fn encode_feature(
             })?),
         });
     }
-    notes.push(format!("column `{}`: categorical, encoded {}", column.name, show_codes(&categories)));
-    if n_missing > 0 {
+    // Missing cells get the most frequent code; BTreeMap order makes the smallest code win ties.
+    let (fill_code, fill_value) = if n_missing > 0 {
         let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
         for code in codes.iter().flatten() {
             *counts.entry(*code).or_default() += 1;
         }
-        // Most frequent code; BTreeMap order makes the smallest code win ties.
         let mode =
             counts.iter().fold((0, 0), |best, (&code, &count)| if count > best.1 { (code, count) } else { best }).0;
-        notes.push(format!(
-            "column `{}`: {n_missing} missing values imputed with the most frequent value `{}`",
-            column.name, categories[mode]
-        ));
-        return Ok(Some(codes.into_iter().map(|c| c.unwrap_or(mode) as f64).collect()));
-    }
-    Ok(Some(codes.into_iter().map(|c| c.unwrap_or(0) as f64).collect()))
+        (mode, Some(FillValue::MostFrequent(categories[mode].clone())))
+    } else {
+        (0, None)
+    };
+    let values = codes.into_iter().map(|c| c.unwrap_or(fill_code) as f64).collect();
+    let report = ColumnReport {
+        name: column.name.clone(),
+        kind: ColumnEncoding::Categorical { categories },
+        missing_filled: n_missing,
+        fill_value,
+    };
+    Ok(Some((values, report)))
 }
 
 #[cfg(test)]
@@ -304,7 +380,7 @@ mod tests {
             col("a", ColumnKind::Infer, &[Some("1"), Some("2"), Some("3"), Some("4")]),
             col("t", ColumnKind::Infer, &[Some("10"), Some("2"), Some("2.0"), Some("10")]),
         ];
-        let d = build("t".into(), Path::new("f.csv"), columns, &[2, 3, 4, 5], 1).unwrap();
+        let d = build("t".into(), Path::new("f.csv"), columns, &[2, 3, 4, 5], 1, &ColumnSelection::All).unwrap();
         assert_eq!(d.class_names, vec!["2", "10"]);
         assert_eq!(d.y, vec![1, 0, 0, 1]);
     }
@@ -315,11 +391,23 @@ mod tests {
             col("c", ColumnKind::Infer, &[Some("z"), Some("y"), None, Some("z"), Some("y")]),
             col("t", ColumnKind::Infer, &[Some("a"), Some("b"), Some("a"), Some("b"), Some("a")]),
         ];
-        let d = build("t".into(), Path::new("f.csv"), columns, &[2, 3, 4, 5, 6], 1).unwrap();
+        let d = build("t".into(), Path::new("f.csv"), columns, &[2, 3, 4, 5, 6], 1, &ColumnSelection::All).unwrap();
         // y=0, z=1; both occur twice, so the smaller code (y) fills the gap.
         let codes: Vec<f64> = d.x.iter().map(|r| r[0]).collect();
         assert_eq!(codes, vec![1.0, 0.0, 0.0, 1.0, 0.0]);
-        assert!(d.notes.iter().any(|n| n.contains("most frequent value `y`")), "{:?}", d.notes);
+        assert_eq!(
+            d.columns,
+            vec![ColumnReport {
+                name: "c".into(),
+                kind: ColumnEncoding::Categorical { categories: vec!["y".into(), "z".into()] },
+                missing_filled: 1,
+                fill_value: Some(FillValue::MostFrequent("y".into())),
+            }]
+        );
+        assert_eq!(
+            d.columns[0].to_string(),
+            "`c`: categorical, 2 codes (y=0, z=1), 1 missing value filled with the most frequent value `y`"
+        );
     }
 
     #[test]
@@ -329,12 +417,14 @@ mod tests {
             col("v", ColumnKind::Infer, &[Some("1"), Some("2"), Some("3")]),
             col("t", ColumnKind::Infer, &[Some("p"), None, Some("n")]),
         ];
-        let d = build("t".into(), Path::new("f.csv"), columns, &[2, 3, 4], 2).unwrap();
+        let d = build("t".into(), Path::new("f.csv"), columns, &[2, 3, 4], 2, &ColumnSelection::All).unwrap();
         assert_eq!(d.feature_names, vec!["v"]);
         assert_eq!(d.x, vec![vec![1.0], vec![3.0]]);
         assert_eq!(d.class_names, vec!["n", "p"]);
         assert_eq!(d.y, vec![1, 0]);
-        assert_eq!(d.notes.len(), 2, "{:?}", d.notes);
+        assert_eq!(d.notes, vec!["1 rows without a value for the target `t` were dropped"]);
+        assert_eq!(d.dropped, vec![DroppedColumn { name: "empty".into(), reason: DropReason::NoValues }]);
+        assert_eq!(d.columns, vec![ColumnReport::numeric("v")]);
     }
 
     #[test]
@@ -343,7 +433,7 @@ mod tests {
             col("v", ColumnKind::Infer, &[Some("1"), Some("2")]),
             col("t", ColumnKind::Infer, &[Some("p"), Some("p")]),
         ];
-        let err = build("t".into(), Path::new("f.csv"), columns, &[2, 3], 1).unwrap_err();
+        let err = build("t".into(), Path::new("f.csv"), columns, &[2, 3], 1, &ColumnSelection::All).unwrap_err();
         assert_eq!(
             err.to_string(),
             "f.csv: error: the target column `t` has only one class (p); classification needs at least two"

@@ -35,12 +35,14 @@ pub mod keys {
         "limits",
         "training",
     ];
-    pub const DATASET: &[&str] = &["source", "train_fraction", "test_fraction", "seeds", "max_samples"];
+    pub const DATASET: &[&str] =
+        &["source", "train_fraction", "test_fraction", "seeds", "max_samples", "drop", "features"];
     pub const GAME: &[&str] = &["module", "seeds", "fuel", "memory_mb", "observation_kb"];
     pub const SOURCE: &[&str] = &["builtin", "csv", "arff", "target"];
-    pub const PROMPT: &[&str] = &["format", "template", "reflection", "system", "user", "assistant"];
-    pub const PROMPT_COMPLETION: &[&str] = &["format", "template", "reflection"];
-    pub const PROMPT_CHAT: &[&str] = &["format", "system", "user", "assistant", "reflection"];
+    pub const PROMPT: &[&str] =
+        &["format", "template", "reflection", "system", "user", "assistant", "turns", "max_tokens"];
+    pub const PROMPT_COMPLETION: &[&str] = &["format", "template", "reflection", "max_tokens"];
+    pub const PROMPT_CHAT: &[&str] = &["format", "system", "user", "assistant", "reflection", "turns", "max_tokens"];
     pub const EXAMPLE: &[&str] = &["task", "action"];
     pub const ACTION: &[&str] = &["extract", "stop", "max_new_tokens", "assemble"];
     pub const REWARD: &[&str] = &["metric", "multiclass", "failure_reward", "evaluation"];

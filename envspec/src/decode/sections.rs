@@ -4,8 +4,8 @@ use crate::action::Extract;
 use crate::data::{self, DataSource, DatasetSpec};
 use crate::diag::did_you_mean;
 use crate::spec::{
-    ActionSpec, Algorithm, Evaluation, Example, ExecLimits, GameSpec, Kind, Metric, Multiclass, PromptFormat,
-    PromptSpec, RewardSpec, Spec, TrainingOverrides,
+    ActionSpec, Algorithm, ChatTurns, Evaluation, Example, ExecLimits, GameSpec, Kind, Metric, Multiclass,
+    PromptFormat, PromptSpec, RewardSpec, Spec, TrainingOverrides,
 };
 use crate::yaml::{Node, Pos, Value};
 use std::path::Path;
@@ -65,6 +65,10 @@ impl Decoder {
         let prompt = self
             .required(&top, "prompt", "the templates of the states")
             .and_then(|n| self.prompt(n, top.key_pos("prompt"), format));
+        let (prompt, prompt_max_tokens) = match prompt {
+            Some((p, m)) => (Some(p), Some(m)),
+            None => (None, None),
+        };
         let reward = self.reward(&top);
         let max_steps = match top.opt("max_steps") {
             None => Some(DEFAULT_MAX_STEPS),
@@ -95,6 +99,7 @@ impl Decoder {
             kind: kind?,
             dataset: dataset?,
             prompt: prompt?,
+            prompt_max_tokens: prompt_max_tokens?,
             action: action?,
             reward: reward?,
             max_steps: max_steps?,
@@ -136,13 +141,69 @@ impl Decoder {
                 .int_at_least(n, "dataset.max_samples", 2, "the number of rows kept after the shuffle")
                 .map(|v| Some(v as usize)),
         };
+        let columns = self.column_selection(&sec, source.as_ref());
         Some(DatasetSpec {
             source: source?,
             train_fraction: train_fraction?,
             test_fraction: test_fraction?,
             seeds: seeds?,
             max_samples: max_samples?,
+            columns: columns?,
         })
+    }
+
+    /// `dataset.drop` or `dataset.features` (at most one of them). Each entry is checked against
+    /// the source's columns (a file's header, a builtin's features) and a problem is reported at
+    /// the entry, with a suggestion for a misspelt name.
+    pub(super) fn column_selection(
+        &mut self,
+        sec: &Section<'_>,
+        source: Option<&DataSource>,
+    ) -> Option<data::ColumnSelection> {
+        let (key, node) = match (sec.opt("drop"), sec.opt("features")) {
+            (None, None) => return Some(data::ColumnSelection::All),
+            (Some(_), Some(_)) => {
+                let pos = sec.key_pos("drop").max(sec.key_pos("features")).unwrap_or(sec.pos);
+                self.error_help(
+                    pos,
+                    "`dataset.drop` and `dataset.features` cannot both be given",
+                    Some("list the columns to leave out in `drop`, or the columns to keep in `features`".into()),
+                );
+                return None;
+            }
+            (Some(n), None) => ("drop", n),
+            (None, Some(n)) => ("features", n),
+        };
+        let entries = self.string_list(node, &sec.field(key))?;
+        let selection = match key {
+            "drop" => data::ColumnSelection::Drop(entries),
+            _ => data::ColumnSelection::Features(entries),
+        };
+        // A source that is wrong, or a file that cannot be read, is reported elsewhere.
+        let Some(source) = source else {
+            return Some(selection);
+        };
+        let Ok(columns) = data::column_names(source, &self.base_dir) else {
+            return Some(selection);
+        };
+        let target = match source {
+            DataSource::Builtin(_) => None,
+            DataSource::Csv { target, .. } | DataSource::Arff { target, .. } => Some(target.as_str()),
+        };
+        let problems = data::check_selection(&selection, &columns, target);
+        if problems.is_empty() {
+            return Some(selection);
+        }
+        let items: &[Node] = match &node.value {
+            Value::Seq(items) => items,
+            _ => &[],
+        };
+        let key_pos = sec.key_pos(key).unwrap_or(node.pos);
+        for problem in problems {
+            let pos = problem.entry.and_then(|i| items.get(i)).map_or(key_pos, |item| item.pos);
+            self.error_help(pos, problem.message, problem.help);
+        }
+        None
     }
 
     pub(super) fn seeds(&mut self, node: &Node) -> Option<Vec<u64>> {
@@ -381,7 +442,13 @@ impl Decoder {
         }
     }
 
-    pub(super) fn prompt(&mut self, node: &Node, pos: Option<Pos>, format: Option<PromptFormat>) -> Option<PromptSpec> {
+    /// The `prompt:` section and its `max_tokens`.
+    pub(super) fn prompt(
+        &mut self,
+        node: &Node,
+        pos: Option<Pos>,
+        format: Option<PromptFormat>,
+    ) -> Option<(PromptSpec, Option<usize>)> {
         let sec = self.section(node, "prompt", pos.unwrap_or(node.pos), keys::PROMPT)?;
         let format = format?;
         let (allowed, name, other) = match format {
@@ -416,7 +483,18 @@ impl Decoder {
                 d.templates.push((field, node.clone(), role));
                 Some(Some(text))
             };
-        if format == PromptFormat::Chat {
+        let max_tokens = match sec.opt("max_tokens") {
+            None => Some(None),
+            Some(node) if node.is_null() => Some(None),
+            Some(node) => self
+                .int_at_least(node, "prompt.max_tokens", 1, "the longest a state may be, in tokens")
+                .map(|v| Some(usize::try_from(v).unwrap_or(usize::MAX))),
+        };
+        let turns = match sec.opt("turns") {
+            None => Some(ChatTurns::default()),
+            Some(node) => self.choice(node, "prompt.turns", ChatTurns::NAMES),
+        };
+        let spec = if format == PromptFormat::Chat {
             let system = template(self, "system", "", TemplateRole::Initial, false);
             let user = template(self, "user", "the user message stating the task", TemplateRole::Initial, true);
             let assistant = template(self, "assistant", "", TemplateRole::Reflection, false);
@@ -428,6 +506,7 @@ impl Decoder {
                 true,
             );
             Some(PromptSpec::Chat {
+                turns: turns?,
                 system: system?,
                 user: user??,
                 assistant: assistant?.unwrap_or_else(|| DEFAULT_CHAT_ASSISTANT.to_string()),
@@ -443,6 +522,37 @@ impl Decoder {
                 true,
             );
             Some(PromptSpec::Completion { template: initial??, reflection: reflection?? })
+        }?;
+        let max_tokens = max_tokens?;
+        if max_tokens.is_some() {
+            self.check_history_is_counted(&sec, &spec);
+        }
+        Some((spec, max_tokens))
+    }
+
+    /// With `prompt.max_tokens`, the oldest turns of a state's history may be left out; a state
+    /// that shows the history must then say how many were (`history_omitted`), or the model
+    /// would take a cut episode for a whole one.
+    fn check_history_is_counted(&mut self, sec: &Section<'_>, spec: &PromptSpec) {
+        let (shows_history, sources): (bool, Vec<&str>) = match spec {
+            PromptSpec::Completion { template, reflection } => {
+                let sources = vec![template.as_str(), reflection.as_str()];
+                (sources.iter().any(|s| uses_variable(s, "history")), sources)
+            }
+            PromptSpec::Chat { turns, system, user, assistant, reflection } => {
+                let mut sources = vec![user.as_str(), assistant.as_str(), reflection.as_str()];
+                sources.extend(system.as_deref());
+                let shows = *turns == ChatTurns::All || sources.iter().any(|s| uses_variable(s, "history"));
+                (shows, sources)
+            }
+        };
+        if shows_history && !sources.iter().any(|s| uses_variable(s, "history_omitted")) {
+            let pos = sec.key_pos("max_tokens").unwrap_or(sec.pos);
+            self.error_help(
+                pos,
+                "with `prompt.max_tokens`, old turns of the history can be left out, and no template says how many",
+                Some("show `history_omitted` in a template, e.g. `{% if history_omitted %}({{ history_omitted }} earlier turns left out){% endif %}`".into()),
+            );
         }
     }
 
@@ -663,4 +773,11 @@ impl Decoder {
         t.clip_eps = float(self, "clip_eps", |v| v > 0.0, "a positive number");
         (self.diags.len() == before).then_some(t)
     }
+}
+
+/// Whether the template `source` reads `var` (false when it does not compile: that is
+/// reported where the template is checked).
+fn uses_variable(source: &str, var: &str) -> bool {
+    let env = crate::template::environment();
+    env.template_from_str(source).is_ok_and(|t| t.undeclared_variables(false).contains(var))
 }

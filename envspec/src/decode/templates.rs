@@ -5,8 +5,8 @@ use crate::data::{self, DatasetSpec};
 use crate::diag::did_you_mean;
 use crate::spec::Example;
 use crate::template::{
-    self, GameContext, TaskContext, ASSEMBLE_VARIABLES, GAME_STEP_VARIABLES, GAME_VARIABLES, REFLECTION_VARIABLES,
-    TASK_VARIABLES,
+    self, GameContext, History, TaskContext, Turn, ASSEMBLE_VARIABLES, GAME_STEP_VARIABLES, GAME_VARIABLES,
+    HISTORY_VARIABLES, REFLECTION_VARIABLES, TASK_VARIABLES,
 };
 use crate::yaml::{Node, Pos, Style, Value};
 
@@ -35,7 +35,7 @@ impl Decoder {
             examples: examples.map(<[Example]>::to_vec).unwrap_or_default(),
         };
         if let Some(ds) = dataset {
-            match data::load(&ds.source, &self.base_dir) {
+            match data::load_for(ds, &self.base_dir) {
                 Ok(data) => {
                     let split = data.split(ds.seeds[0], ds.max_samples, ds.train_fraction);
                     ctx.n_train = split.x_train.len();
@@ -63,8 +63,29 @@ impl Decoder {
             observation: "You are in a small room. Exits: north.".into(),
             step: 1,
         });
+        // A history of two turns, one left out before them: templates that loop over it, index
+        // it or test it are exercised.
+        let turns = [
+            Turn {
+                step: 1,
+                action: "go north".into(),
+                reward: 0.0,
+                error: String::new(),
+                observation: "A hall.".into(),
+            },
+            Turn {
+                step: 2,
+                action: sample_action.into(),
+                reward: -1.0,
+                error: "AttributeError: predict_proba is not available".into(),
+                observation: "You are in a small room. Exits: north.".into(),
+            },
+        ];
+        let history = History::without_oldest(&turns, 1).variables();
+        let (task, game) =
+            (minijinja::context! { ..history.clone(), ..task }, minijinja::context! { ..history, ..game });
         for (field, node, role) in &templates {
-            let (known, vars): (Vec<&str>, minijinja::Value) = match role {
+            let (mut known, vars): (Vec<&str>, minijinja::Value) = match role {
                 TemplateRole::Initial if self.game => (GAME_VARIABLES.to_vec(), game.clone()),
                 TemplateRole::Reflection if self.game => (
                     GAME_VARIABLES.iter().chain(GAME_STEP_VARIABLES.iter()).copied().collect(),
@@ -87,6 +108,9 @@ impl Decoder {
                 ),
                 TemplateRole::Assemble => (ASSEMBLE_VARIABLES.to_vec(), minijinja::Value::UNDEFINED),
             };
+            if *role != TemplateRole::Assemble {
+                known.extend(HISTORY_VARIABLES);
+            }
             self.check_template(field, node, &known, vars, *role);
         }
     }

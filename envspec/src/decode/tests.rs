@@ -126,7 +126,7 @@ fn unknown_keys_with_suggestions() {
     );
     assert_eq!(
         errors(&BASE.replace("  source:", "  seed: [1]\n  source:")),
-        "spec.yaml:4:3: error: unknown key `seed` in `dataset`; expected one of: source, train_fraction, test_fraction, seeds, max_samples\n  help: did you mean `seeds`?"
+        "spec.yaml:4:3: error: unknown key `seed` in `dataset`; expected one of: source, train_fraction, test_fraction, seeds, max_samples, drop, features\n  help: did you mean `seeds`?"
     );
     assert_eq!(
         errors(&format!("{BASE}training: {{zzz: 1}}\n")),
@@ -289,16 +289,109 @@ fn data_files_resolve_against_the_spec_folder() {
     assert!(err.diagnostics[0].message.starts_with("cannot load the data set: "), "{}", err.diagnostics[0].message);
 }
 
+/// A small passenger list: an id, the label, a class, a name, an age with a gap.
+const PASSENGERS: &str = "PassengerId,Survived,Pclass,Name,Age
+1,0,3,\"Braund, Mr. Owen\",22
+2,1,1,\"Cumings, Mrs. John\",38
+3,1,3,\"Heikkinen, Miss. Laina\",
+4,0,1,\"Futrelle, Mr. Jacques\",35
+5,0,3,\"Allen, Mr. William\",35
+6,1,2,\"Moran, Mr. James\",27
+";
+
+/// BASE on `p.csv` (target `Survived`) with `selection` added to `dataset:` from line 7 on.
+fn passengers_spec(dir: &Path, selection: &str) -> (String, PathBuf) {
+    std::fs::write(dir.join("p.csv"), PASSENGERS).unwrap();
+    let src = BASE.replace("builtin: balance_scale", &format!("csv: p.csv\n    target: Survived\n{selection}"));
+    (src, dir.join("spec.yaml"))
+}
+
+#[test]
+fn drop_and_features_select_the_columns_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, path) = passengers_spec(dir.path(), "  drop: [Name, PassengerId]");
+    let s = load_str(&src, &path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.dataset.columns, crate::data::ColumnSelection::Drop(vec!["Name".into(), "PassengerId".into()]));
+    let d = crate::data::load_for(&s.dataset, dir.path()).unwrap();
+    // `drop` keeps the file's order.
+    assert_eq!(d.feature_names, vec!["Pclass", "Age"]);
+    let split = d.split_for(&s.dataset, 0);
+    let ctx = s.task_context(&split);
+    assert_eq!((ctx.feature_names.clone(), ctx.n_features), (vec!["Pclass".to_string(), "Age".to_string()], 2));
+    assert_eq!(ctx.shape, "(3, 2)");
+    assert!(split.x_train.iter().chain(&split.x_val).all(|row| row.len() == 2));
+
+    // `features` keeps its own order, in block style too.
+    let (src, path) = passengers_spec(dir.path(), "  features:\n    - Age\n    - Name\n    - Pclass");
+    let s = load_str(&src, &path).unwrap_or_else(|e| panic!("{e}"));
+    let d = crate::data::load_for(&s.dataset, dir.path()).unwrap();
+    assert_eq!(d.feature_names, vec!["Age", "Name", "Pclass"]);
+    assert_eq!(
+        d.dropped,
+        vec![crate::data::DroppedColumn { name: "PassengerId".into(), reason: crate::data::DropReason::NotSelected }]
+    );
+    let split = d.split_for(&s.dataset, 1);
+    assert_eq!(s.task_context(&split).feature_names, vec!["Age", "Name", "Pclass"]);
+
+    // A builtin's features.
+    let s = spec(
+        &BASE.replace("builtin: balance_scale", "builtin: balance_scale\n  features: [right-weight, left-weight]"),
+    );
+    let d = crate::data::load_for(&s.dataset, Path::new(".")).unwrap();
+    assert_eq!(d.feature_names, vec!["right-weight", "left-weight"]);
+}
+
+#[test]
+fn column_selection_errors_point_at_the_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let errs = |selection: &str| {
+        let (src, path) = passengers_spec(dir.path(), selection);
+        match load_str(&src, &path) {
+            Ok(_) => panic!("expected errors for:\n{src}"),
+            Err(e) => e.to_string().replace(&format!("{}:", path.display()), "spec.yaml:"),
+        }
+    };
+    assert_eq!(
+        errs("  drop: [PassengerId, Nmae]"),
+        "spec.yaml:7:23: error: unknown column `Nmae` in `dataset.drop`; the columns are: PassengerId, Pclass, Name, Age\n  help: did you mean `Name`?"
+    );
+    assert_eq!(
+        errs("  features:\n    - Age\n    - Survived\n    - Age"),
+        "spec.yaml:9:7: error: `Survived` in `dataset.features` is the target column; it cannot be a feature (it is what the model predicts)\nspec.yaml:10:7: error: column `Age` is listed twice in `dataset.features`"
+    );
+    assert_eq!(
+        errs("  drop: [Survived]"),
+        "spec.yaml:7:10: error: `Survived` in `dataset.drop` is the target column; it cannot be dropped (it is what the model predicts)"
+    );
+    assert_eq!(
+        errs("  drop: [PassengerId, Pclass, Name, Age]"),
+        "spec.yaml:7:3: error: `dataset.drop` drops every feature column (PassengerId, Pclass, Name, Age); keep at least one"
+    );
+    assert_eq!(
+        errs("  features: []"),
+        "spec.yaml:7:3: error: `dataset.features` must list at least one column; the columns are: PassengerId, Pclass, Name, Age"
+    );
+    assert_eq!(
+        errs("  drop: [Name]\n  features: [Age]"),
+        "spec.yaml:8:3: error: `dataset.drop` and `dataset.features` cannot both be given\n  help: list the columns to leave out in `drop`, or the columns to keep in `features`"
+    );
+    assert_eq!(errs("  drop: Name"), "spec.yaml:7:9: error: `dataset.drop` must be a list of strings, found a string");
+    assert_eq!(
+        errors(&BASE.replace("builtin: balance_scale", "builtin: balance_scale\n  features: [left-wieght]")),
+        "spec.yaml:6:14: error: unknown column `left-wieght` in `dataset.features`; the columns are: left-weight, left-distance, right-weight, right-distance\n  help: did you mean `left-weight`?"
+    );
+}
+
 #[test]
 fn format_specific_prompt_keys() {
     assert_eq!(
         errors(&BASE.replace("prompt:\n", "prompt:\n  user: hi\n")),
-        "spec.yaml:7:3: error: `prompt.user` belongs to format `chat`; format `completion` uses: format, template, reflection"
+        "spec.yaml:7:3: error: `prompt.user` belongs to format `chat`; format `completion` uses: format, template, reflection, max_tokens"
     );
     let chat = BASE.replace("prompt:\n", "prompt:\n  format: chat\n");
     assert_eq!(
         errors(&chat),
-        "spec.yaml:6:1: error: `prompt` is missing the required key `user` (the user message stating the task)\nspec.yaml:8:3: error: `prompt.template` belongs to format `completion`; format `chat` uses: format, system, user, assistant, reflection"
+        "spec.yaml:6:1: error: `prompt` is missing the required key `user` (the user message stating the task)\nspec.yaml:8:3: error: `prompt.template` belongs to format `completion`; format `chat` uses: format, system, user, assistant, reflection, turns, max_tokens"
     );
 }
 
@@ -325,7 +418,7 @@ fn unknown_template_variables() {
     let src = BASE.replace("{{ description }} {{ shape }}", "{{ action }}");
     assert_eq!(
         errors(&src),
-        "spec.yaml:7:17: error: unknown template variable `action` in `prompt.template`\n  help: available variables: name, description, n_train, n_val, n_features, shape, feature_names, n_classes, class_names, examples"
+        "spec.yaml:7:17: error: unknown template variable `action` in `prompt.template`\n  help: available variables: name, description, n_train, n_val, n_features, shape, feature_names, n_classes, class_names, examples, history, history_omitted"
     );
 }
 
@@ -399,7 +492,7 @@ fn chat_prompts_render_messages() {
         ])
     );
     assert_eq!(
-        s.render_reflection(&ctx, "return SVC()", "boom").unwrap(),
+        s.render_reflection(&ctx, "return SVC()", "boom", Default::default()).unwrap(),
         crate::Prompt::Chat(vec![
             msg("system", "You write scikit-learn code."),
             msg("user", "a task, x_train (62, 4)"),
@@ -457,10 +550,13 @@ fn a_game_spec_has_game_defaults_and_renders_observations() {
     // The action a game receives is the first line, trimmed.
     assert_eq!(s.assemble_program(&s.extract_action("  go north \nand more")).unwrap(), "go north");
     let ctx = s.game_context("A room.", 0);
-    assert_eq!(s.render_game(&ctx, None).unwrap(), crate::Prompt::Completion("a game: A room.".into()));
+    assert_eq!(
+        s.render_game(&ctx, None, Default::default()).unwrap(),
+        crate::Prompt::Completion("a game: A room.".into())
+    );
     let ctx = s.game_context("A hall.", 1);
     assert_eq!(
-        s.render_game(&ctx, Some(("go north", 0.5))).unwrap(),
+        s.render_game(&ctx, Some(("go north", 0.5)), Default::default()).unwrap(),
         crate::Prompt::Completion("go north -> A hall. (0.5, step 1)".into())
     );
     let with_keys = src.replace(
@@ -504,10 +600,123 @@ spec.yaml:8:3: error: unknown key `modul` in `game`; expected one of: module, se
     // Data-task variables do not exist in a game's templates, and vice versa.
     assert_eq!(
         game_errors(d, &base.replace("{{ observation }}\"\n  reflection", "{{ shape }}\"\n  reflection")),
-        "spec.yaml:7:36: error: unknown template variable `shape` in `prompt.template`\n  help: available variables: name, description, examples, observation, step"
+        "spec.yaml:7:36: error: unknown template variable `shape` in `prompt.template`\n  help: available variables: name, description, examples, observation, step, history, history_omitted"
     );
     assert_eq!(
         errors(&format!("{BASE}game:\n  module: g.wasm\n")),
         "spec.yaml:9:1: error: `game` applies to `kind: wasm` specs; add `kind: wasm` or remove this section"
+    );
+}
+
+fn turn(step: u32, action: &str, reward: f64, error: &str, observation: &str) -> crate::Turn {
+    crate::Turn { step, action: action.into(), reward, error: error.into(), observation: observation.into() }
+}
+
+#[test]
+fn completion_states_show_the_history_and_what_was_left_out() {
+    let src = "name: t
+description: a task
+dataset:
+  source:
+    builtin: balance_scale
+prompt:
+  max_tokens: 100
+  template: \"{{ description }}\"
+  reflection: \"{% if history_omitted %}({{ history_omitted }} left out) {% endif %}{% for t in history %}[{{ t.step }} {{ t.action }} {{ t.reward }} {{ t.error }}]{% endfor %} now: {{ error }}\"
+";
+    let s = spec(src);
+    assert_eq!(s.prompt_max_tokens, Some(100));
+    let ctx = crate::TaskContext {
+        name: "t".into(),
+        description: "d".into(),
+        n_train: 1,
+        n_val: 1,
+        n_features: 1,
+        shape: "(1, 1)".into(),
+        feature_names: vec!["x".into()],
+        n_classes: 2,
+        class_names: vec!["a".into(), "b".into()],
+        examples: vec![],
+    };
+    let turns = [turn(0, "A()", -1.0, "E1", ""), turn(1, "B()", -1.0, "E2", "")];
+    let all = s.render_reflection(&ctx, "B()", "E2", crate::History::all(&turns)).unwrap();
+    assert_eq!(all, crate::Prompt::Completion("[0 A() -1.0 E1][1 B() -1.0 E2] now: E2".into()));
+    let cut = s.render_reflection(&ctx, "B()", "E2", crate::History::without_oldest(&turns, 1)).unwrap();
+    assert_eq!(cut, crate::Prompt::Completion("(1 left out) [1 B() -1.0 E2] now: E2".into()));
+    // The first state has an empty history.
+    assert_eq!(s.render_initial(&ctx).unwrap(), crate::Prompt::Completion("d".into()));
+}
+
+#[test]
+fn chat_turns_all_replays_every_step_with_its_own_observation() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("g.wasm"), b"\0asm").unwrap();
+    let src = "name: g
+description: a game
+kind: wasm
+game:
+  module: g.wasm
+prompt:
+  format: chat
+  turns: all
+  max_tokens: 50
+  system: play
+  user: \"{{ description }}{% if history_omitted %} ({{ history_omitted }} earlier turns left out){% endif %}: {{ observation }}\"
+  assistant: \"{{ action }}\"
+  reflection: \"{{ observation }} ({{ reward }}, step {{ step }})\"
+";
+    let s = load_str(src, &dir.path().join("spec.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let turns = [turn(0, "go north", 0.0, "", "A hall."), turn(1, "take lamp", 0.2, "", "Taken.")];
+    let ctx = s.game_context("Taken.", 2);
+    let history = crate::History::all(&turns).starting_with("The hall.");
+    let crate::Prompt::Chat(m) = s.render_game(&ctx, Some(("take lamp", 0.2)), history).unwrap() else {
+        panic!("not chat")
+    };
+    let got: Vec<(&str, &str)> = m.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("system", "play"),
+            ("user", "a game: The hall."),
+            ("assistant", "go north"),
+            ("user", "A hall. (0.0, step 1)"),
+            ("assistant", "take lamp"),
+            ("user", "Taken. (0.2, step 2)"),
+        ]
+    );
+    let cut = s.render_game(&ctx, Some(("take lamp", 0.2)), crate::History::without_oldest(&turns, 1)).unwrap();
+    let crate::Prompt::Chat(m) = cut else { panic!("not chat") };
+    assert_eq!(m.len(), 4);
+    assert_eq!(m[1].content, "a game (1 earlier turns left out): ");
+    assert_eq!(m[2].content, "take lamp");
+    // `turns: last` (the default) keeps the four-message layout.
+    let last = load_str(&src.replace("  turns: all\n", ""), &dir.path().join("spec.yaml")).unwrap();
+    let crate::Prompt::Chat(m) = last.render_game(&ctx, Some(("take lamp", 0.2)), crate::History::all(&turns)).unwrap()
+    else {
+        panic!("not chat")
+    };
+    assert_eq!(
+        m.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(),
+        ["play", "a game: Taken.", "take lamp", "Taken. (0.2, step 2)"]
+    );
+}
+
+#[test]
+fn history_and_budget_errors() {
+    // A budget with a template that shows the history but not how much of it was left out.
+    let src = BASE.replace("  reflection: \"{{ error }}\"\n", "  reflection: \"{{ history }}\"\n  max_tokens: 10\n");
+    assert_eq!(
+        errors(&src),
+        "spec.yaml:9:3: error: with `prompt.max_tokens`, old turns of the history can be left out, and no template says how many\n  help: show `history_omitted` in a template, e.g. `{% if history_omitted %}({{ history_omitted }} earlier turns left out){% endif %}`"
+    );
+    // Without the history in the state, a budget only bounds the length.
+    assert_eq!(spec(&format!("{BASE}  max_tokens: 10\n")).prompt_max_tokens, Some(10));
+    assert_eq!(
+        errors(&format!("{BASE}  max_tokens: 0\n")),
+        "spec.yaml:9:15: error: `prompt.max_tokens` must be the longest a state may be, in tokens (an integer >= 1), found 0"
+    );
+    assert_eq!(
+        errors(&format!("{BASE}  turns: all\n")),
+        "spec.yaml:9:3: error: `prompt.turns` belongs to format `chat`; format `completion` uses: format, template, reflection, max_tokens"
     );
 }

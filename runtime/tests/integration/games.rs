@@ -97,7 +97,9 @@ fn what_only_data_tasks_have_is_refused() {
     env.reset().unwrap();
     assert_eq!(env.n_splits(), 0);
     assert!(matches!(env.score_program("50"), Err(EnvError::WrongKind { .. })));
-    let e = env.restore(1, "50", "").unwrap_err().to_string();
+    let turn =
+        envspec::Turn { step: 0, action: "50".into(), reward: 0.0, error: String::new(), observation: String::new() };
+    let e = env.restore(&[turn]).unwrap_err().to_string();
     assert!(e.starts_with("guess: a game's state cannot be restored from the last action alone"), "{e}");
 }
 

@@ -7,4 +7,5 @@
 
 mod containment;
 mod games;
+mod history;
 mod roc_auc_sklearn;
