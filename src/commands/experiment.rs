@@ -25,7 +25,8 @@ pub struct Args {
     /// Spec files, or folders whose *.yaml / *.yml files are all run.
     #[arg(required = true)]
     paths: Vec<PathBuf>,
-    /// The algorithms to compare (reflection, etpo, ppo-kl, grpo).
+    /// The algorithms to compare (reflection, etpo, ppo-kl, grpo, and ETPO's ablations of the
+    /// paper's Appendix G: etpo-disc, discounted inside actions; etpo-1step, episodes of one step).
     #[arg(long, value_delimiter = ',', default_value = "reflection,etpo,ppo-kl,grpo")]
     algos: Vec<String>,
     /// Data split seeds; each is a run of its own.
@@ -51,11 +52,38 @@ pub struct Args {
     workers: Option<usize>,
 }
 
+/// One column of the comparison: an algorithm, or one of ETPO's ablations (the paper's
+/// Appendix G), which is `etpo run --algo etpo` with a flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Arm {
+    name: &'static str,
+    algo: Algorithm,
+    flag: Option<&'static str>,
+}
+
+const ABLATIONS: [Arm; 2] = [
+    Arm { name: "etpo-disc", algo: Algorithm::Etpo, flag: Some("--disc") },
+    Arm { name: "etpo-1step", algo: Algorithm::Etpo, flag: Some("--one-step") },
+];
+
+impl Arm {
+    fn from_name(name: &str) -> Option<Arm> {
+        match Algorithm::from_name(name) {
+            Some(algo) => Some(Arm { name: algo.name(), algo, flag: None }),
+            None => ABLATIONS.iter().find(|a| a.name == name).copied(),
+        }
+    }
+
+    fn trains(self) -> bool {
+        self.algo.trains()
+    }
+}
+
 /// One run of the grid.
 struct Cell {
     spec: PathBuf,
     name: String,
-    algo: Algorithm,
+    algo: Arm,
     seed: u64,
     dir: PathBuf,
     steps: u32,
@@ -84,7 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         names.push((spec.name.clone(), steps));
         for &algo in &algos {
             for &seed in &args.seeds {
-                let dir = args.out.join("runs").join(&spec.name).join(algo.name()).join(format!("seed{seed}"));
+                let dir = args.out.join("runs").join(&spec.name).join(algo.name).join(format!("seed{seed}"));
                 cells.push(Cell { spec: path.clone(), name: spec.name.clone(), algo, seed, dir, steps });
             }
         }
@@ -95,7 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("locating the etpo binary")?;
     for (i, cell) in cells.iter().enumerate() {
         let logged = read_steps(&cell.dir.join("steps.jsonl"))?.len();
-        let label = format!("[{}/{}] {} {} seed {}", i + 1, cells.len(), cell.name, cell.algo.name(), cell.seed);
+        let label = format!("[{}/{}] {} {} seed {}", i + 1, cells.len(), cell.name, cell.algo.name, cell.seed);
         let mut cmd = Command::new(&exe);
         if logged >= cell.steps as usize {
             eprintln!("{label}: done ({logged} steps)");
@@ -105,7 +133,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             cmd.args(["run", "--resume"]).arg(&cell.dir).args(["--device", &args.model.device]);
         } else {
             eprintln!("{label}: starting");
-            cmd.arg("run").arg(&cell.spec).args(["--algo", cell.algo.name()]);
+            cmd.arg("run").arg(&cell.spec).args(["--algo", cell.algo.algo.name()]);
+            cmd.args(cell.algo.flag);
             cmd.args(["--seeds", &cell.seed.to_string(), "--steps", &cell.steps.to_string()]);
             cmd.arg("--out").arg(&cell.dir).args(["--device", &args.model.device]);
             if let Some(m) = &args.model.path {
@@ -138,11 +167,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn parse_algos(names: &[String]) -> anyhow::Result<Vec<Algorithm>> {
+fn parse_algos(names: &[String]) -> anyhow::Result<Vec<Arm>> {
     let mut out = Vec::new();
     for n in names {
-        let Some(a) = Algorithm::from_name(n) else {
-            let known: Vec<&str> = Algorithm::NAMES.iter().map(|(n, _)| *n).collect();
+        let Some(a) = Arm::from_name(n) else {
+            let known: Vec<&str> =
+                Algorithm::NAMES.iter().map(|(n, _)| *n).chain(ABLATIONS.iter().map(|a| a.name)).collect();
             bail!("--algos: unknown algorithm {n:?}; expected some of: {}", known.join(", "));
         };
         if out.contains(&a) {
@@ -157,11 +187,11 @@ fn parse_algos(names: &[String]) -> anyhow::Result<Vec<Algorithm>> {
 }
 
 /// `config.json` of the results folder: the command line and the grid.
-fn write_config(args: &Args, algos: &[Algorithm]) -> anyhow::Result<()> {
+fn write_config(args: &Args, algos: &[Arm]) -> anyhow::Result<()> {
     let config = serde_json::json!({
         "command_line": std::env::args().collect::<Vec<_>>(),
         "paths": args.paths,
-        "algos": algos.iter().map(|a| a.name()).collect::<Vec<_>>(),
+        "algos": algos.iter().map(|a| a.name).collect::<Vec<_>>(),
         "seeds": args.seeds,
         "steps": args.steps,
         "model": args.model.path,
@@ -191,13 +221,7 @@ fn cell_text(v: Option<(f64, Option<f64>)>) -> String {
 }
 
 /// `results.csv`, `results.md` and the figures.
-fn report(
-    out: &Path,
-    names: &[(String, u32)],
-    algos: &[Algorithm],
-    seeds: &[u64],
-    cells: &[Cell],
-) -> anyhow::Result<()> {
+fn report(out: &Path, names: &[(String, u32)], algos: &[Arm], seeds: &[u64], cells: &[Cell]) -> anyhow::Result<()> {
     let mut csv = String::from(
         "spec,algo,seed,steps,best_reward,runnable_rate,mean_reward,first_quarter_reward,last_quarter_reward,test_of_best,run\n",
     );
@@ -207,18 +231,18 @@ fn report(
         seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
     );
     for a in algos {
-        md.push_str(&format!(" {} |", a.name()));
+        md.push_str(&format!(" {} |", a.name));
     }
     md.push_str("\n|---|---|");
     md.push_str(&"---|".repeat(algos.len()));
     let mut late = format!(
         "\n\n## Mean reward over the last quarter of each run's steps (mean ± std over seeds)\n\nWhat a policy does once trained, every action counted (a failed one is the spec's failure reward).\n\n| spec |{}\n|---|{}",
-        algos.iter().map(|a| format!(" {} |", a.name())).collect::<String>(),
+        algos.iter().map(|a| format!(" {} |", a.name)).collect::<String>(),
         "---|".repeat(algos.len())
     );
     let mut held_out = format!(
         "\n\n## Held-out test score of the best action (mean ± std over seeds)\n\nThe action of each run's best validation reward, scored once on the spec's test part (`dataset.test_fraction`).\n\n| spec |{}\n|---|{}",
-        algos.iter().map(|a| format!(" {} |", a.name())).collect::<String>(),
+        algos.iter().map(|a| format!(" {} |", a.name)).collect::<String>(),
         "---|".repeat(algos.len())
     );
     let mut any_test = false;
@@ -245,7 +269,7 @@ fn report(
                 let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
                 csv.push_str(&format!(
                     "{name},{},{},{},{},{},{},{},{},{},{}\n",
-                    algo.name(),
+                    algo.name,
                     seed.seed,
                     seed.steps,
                     f(seed.best()),
@@ -259,7 +283,7 @@ fn report(
                 if algo.trains() {
                     let metrics = cell.dir.join(METRICS);
                     if metrics.is_file() {
-                        training.push((format!("{} seed {}", algo.name(), seed.seed), read_metrics(&metrics)?));
+                        training.push((format!("{} seed {}", algo.name, seed.seed), read_metrics(&metrics)?));
                     }
                 }
             }
@@ -268,7 +292,7 @@ fn report(
             any_test |= !tests.is_empty();
             test_row.push(mean_std(&tests));
             curves.push((
-                algo.name().to_string(),
+                algo.name.to_string(),
                 (1..=*steps as usize).filter_map(|t| stats.mean_best_at(t).map(|v| (t as u32, v))).collect(),
             ));
         }
@@ -303,6 +327,17 @@ fn report(
     md.push_str(&late);
     if any_test {
         md.push_str(&held_out);
+    }
+    let spec_names: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
+    if let Some(table) = etpo::experiment::paper::markdown(&spec_names) {
+        md.push_str(
+            "
+
+## The paper's Table 2 for the same data sets
+
+",
+        );
+        md.push_str(&table);
     }
     md.push_str("\n\nFigures: `<spec>_best_reward.png` (Figure 3), `<spec>_batch_reward.png` (Figure 4); every run's folder is under `runs/`.\n");
     write_atomic(&out.join("results.csv"), csv.as_bytes())?;

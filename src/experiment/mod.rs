@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 pub mod held_out;
 pub mod llm;
 pub mod lock;
+pub mod paper;
 pub mod plot;
 pub mod policy;
 pub mod provenance;

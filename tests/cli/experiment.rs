@@ -98,9 +98,37 @@ fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
     assert_eq!(std::fs::read(&kept).unwrap(), before, "a finished run is not repeated");
     assert_eq!(steps(&exp.join("runs/balance_scale/grpo/seed1")).len(), 4);
 
+    // The paper's Table 2 for the same data set, beside ours.
+    assert!(md.contains("## The paper's Table 2 for the same data sets"), "{md}");
+    assert!(
+        md.contains("| balance_scale | 0.8833 ± 0.043 | 0.8833 ± 0.043 | 0.8833 ± 0.043 | 0.9289 ± 0.038 |"),
+        "{md}"
+    );
+
+    // An ablation of Appendix G is a column of its own: `etpo run --algo etpo` with its flag.
+    let out = etpo(
+        &["experiment", "bs.yaml", "--algos", "etpo-1step", "--seeds", "0", "--steps", "2", "--update-every", "2"]
+            .into_iter()
+            .chain(["--model", "tiny-model", "--workers", "1", "--out", "ablation"])
+            .collect::<Vec<_>>(),
+        tmp.path(),
+    );
+    ok(&out);
+    let run = tmp.path().join("ablation/runs/balance_scale/etpo-1step/seed0");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["config"]["algo"], "etpo", "{config}");
+    assert_eq!(config["config"]["train"]["one_step"], true, "{config}");
+    let records = steps(&run);
+    assert!(records.iter().all(|r| r["step"] == 0), "episodes of one step");
+    let md = std::fs::read_to_string(tmp.path().join("ablation/results.md")).unwrap();
+    assert!(md.contains("| spec | k | etpo-1step |"), "{md}");
+
     // An unknown algorithm is refused before anything runs.
     let out = etpo(&["experiment", "bs.yaml", "--algos", "etpo,dpo", "--out", "bad"], tmp.path());
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown algorithm \"dpo\""));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(
+        "unknown algorithm \"dpo\"; expected some of: etpo, ppo-kl, grpo, reflection, etpo-disc, etpo-1step"
+    ));
     assert!(!tmp.path().join("bad").exists());
 }
