@@ -35,6 +35,9 @@ enum Command {
     Perplexity(commands::perplexity::Args),
     /// Draw the batch reward of several training runs in one figure (ETPO against PPO-KL).
     Compare(commands::compare::Args),
+    /// Serve specs' environments and the sandbox over HTTP (Gymnasium-style episodes, and
+    /// SandboxFusion's /run_code).
+    Serve(commands::serve::Args),
     /// Write the skeleton of a new text game (a Rust crate that builds into a WebAssembly
     /// component for `kind: wasm` specs).
     NewGame(commands::new_game::Args),
@@ -58,6 +61,7 @@ fn main() {
         Command::Generate(args) => commands::generate::run(args),
         Command::Perplexity(args) => commands::perplexity::run(args),
         Command::Compare(args) => commands::compare::run(args),
+        Command::Serve(args) => commands::serve::run(args),
         Command::NewGame(args) => commands::new_game::run(args),
         Command::Bench(bench) => commands::bench::run(bench),
     };

@@ -9,6 +9,7 @@ mod action;
 pub mod data;
 mod decode;
 mod diag;
+pub mod plain;
 mod schema;
 mod spec;
 mod template;

@@ -3,7 +3,9 @@
 #
 # The worker imports numpy and scikit-learn once (and runs the usual estimators once, to fill
 # lazy caches), then serves jobs forever. Before each job it forks a spare child that waits for
-# the job on a pipe, so the fork is off the critical path. The child compiles and runs the
+# the job on a pipe, so the fork is off the critical path; while it waits, the spare rehearses a
+# trivial action (`rehearse`), so that the pages every action writes are copied (copy-on-write
+# after the fork) before the job arrives rather than on its path. The child compiles and runs the
 # untrusted program, calls build_model(x_train, y_train) and predict_proba(x_val), and writes the
 # raw probabilities back; the worker replies to the host as soon as that result is complete (or
 # the child dies, or the wall-clock deadline passes), then kills every process left and empties
@@ -80,6 +82,18 @@ PATH_RE = re.compile(r"(?:/[^\s'\"():,]+)*/(?:site-packages|dist-packages|lib/py
 MAX_MESSAGE = 1500
 # Largest probability matrix sent back (the host accepts 64 MiB).
 MAX_RESULT = 64 << 20
+# Whether each child forked ahead rehearses a trivial action while it waits (see `rehearse`);
+# set by the host (runtime/src/sandbox.rs, `Tuning` in pool.rs).
+REHEARSE = os.environ.get("ETPO_REHEARSE", "1") != "0"
+
+# Timestamps of one action for `etpo bench sandbox`'s breakdown (runtime/src/pool.rs,
+# `Pool::evaluate_traced`): CLOCK_MONOTONIC in nanoseconds, the clock the host reads too (the
+# sandbox has no time namespace). Diagnostics only: the host decides nothing on them.
+now = time.monotonic_ns
+
+
+def minor_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def read_exact(fd, n):
@@ -102,11 +116,10 @@ def write_all(fd, data):
 
 
 def send(fd, header, payload=b""):
+    """One frame in one write where the pipe has room: the reader wakes once, not per part."""
     header["payload"] = len(payload)
     head = json.dumps(header).encode()
-    write_all(fd, struct.pack("<I", len(head)) + head)
-    if payload:
-        write_all(fd, payload)
+    write_all(fd, b"".join((struct.pack("<I", len(head)), head, payload)))
 
 
 def recv(fd):
@@ -146,7 +159,7 @@ def kind_of(exc):
     return "Memory" if isinstance(exc, MemoryError) else "Exception"
 
 
-def prepare_child():
+def prepare_child(job_r):
     """Job-independent setup of a spare child, done while it waits for its job. Returns the
     private writable memory it holds, the base of the memory limit."""
     _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
@@ -155,6 +168,8 @@ def prepare_child():
             f.write("1000")
     except OSError:
         pass
+    if REHEARSE and not select.select([job_r], [], [], 0)[0]:
+        rehearse()
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -165,10 +180,30 @@ def prepare_child():
     return 0
 
 
-def child(job, payload, result_w, base_data):
+def child(job, payload, result_w, base_data, trace):
     """Runs in the forked child: everything here may be sabotaged by the user code, so the host
     trusts nothing it sends back beyond its format."""
-    limits = job["limits"]
+    set_limits(job["limits"], base_data)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def finish(header, data=b""):
+        trace["c_done"] = now()
+        trace["c_faults"] = minor_faults() - trace.pop("faults0")
+        send(result_w, dict(usage(), **header, trace=trace), data)
+        sys.stdout.flush()
+        # Wait to be killed rather than exit: tearing this process down (unmapping all it shares
+        # with the worker) takes milliseconds of CPU, which would compete with the worker's reply;
+        # the worker kills it right after replying. Bounded, so that a result the worker cannot
+        # take as complete (a program that wrote a frame of its own first) ends with the exit.
+        time.sleep(1.0)
+        os._exit(0)
+
+    run_job(job, payload, trace, finish)
+    os._exit(70)  # not reached: run_job ends in finish
+
+
+def set_limits(limits, base_data):
+    """The job's own limits on this child (lowered only, never raised)."""
     mem = int(limits["memory_mb"]) << 20
     if mem > 0:
         # RLIMIT_DATA counts private writable memory (heap, numpy buffers, thread stacks) but not
@@ -182,8 +217,11 @@ def child(job, payload, result_w, base_data):
         # Counted per user in the sandbox's user namespace: the worker is one of them. (Outside a
         # sandbox the count would include the host user's other processes: left alone there.)
         _lower(resource.RLIMIT_NPROC, procs + 1)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
+
+def run_job(job, payload, trace, finish):
+    """Runs the job's program on its data and ends in `finish(header, data)` with the result or
+    the failure (the header's ok, kind, message or rows, cols, classes; data the probabilities)."""
     nt, nf, nv = job["n_train"], job["n_features"], job["n_val"]
     a = nt * nf * 8
     b = a + nt * 8
@@ -191,11 +229,10 @@ def child(job, payload, result_w, base_data):
     y_train = np.frombuffer(payload, dtype="<i8", count=nt, offset=a).copy()
     x_val = np.frombuffer(payload, dtype="<f8", count=nv * nf, offset=b).reshape(nv, nf).copy()
     del payload
+    trace["c_ready"] = now()
 
     def fail(kind, message):
-        send(result_w, dict(usage(), ok=False, kind=kind, message=message))
-        sys.stdout.flush()
-        os._exit(0)
+        finish(dict(ok=False, kind=kind, message=message))
 
     src = job["program"]
     lines = src.splitlines()
@@ -230,6 +267,7 @@ def child(job, payload, result_w, base_data):
         fail("Exception", describe(e, lines, None) or "the program called exit()")
     except BaseException as e:
         fail(kind_of(e), describe(e, lines))
+    trace["c_built"] = now()
 
     if not callable(getattr(model, "predict_proba", None)):
         fail("BadPredictions", clean(
@@ -252,10 +290,54 @@ def child(job, payload, result_w, base_data):
         fail("BadPredictions", "predict_proba(x_val) returned an array of shape %s; expected "
              "(%d, n_classes)" % (tuple(proba.shape), nv))
     data = np.ascontiguousarray(proba, dtype="<f8").tobytes()
-    send(result_w, dict(usage(), ok=True, rows=int(proba.shape[0]), cols=int(proba.shape[1]),
-                        classes=classes), data)
-    sys.stdout.flush()
-    os._exit(0)
+    finish(dict(ok=True, rows=int(proba.shape[0]), cols=int(proba.shape[1]), classes=classes), data)
+
+
+class Rehearsed(BaseException):
+    """Ends a rehearsal where a job would send its result."""
+
+
+def rehearsal_frame():
+    """The request of the rehearsal: a trivial program on a small made-up problem."""
+    rows = [[float(i % 5), float(i % 3), float(i % 7), float(i % 2)] for i in range(24)]
+    x = np.array(rows, dtype="<f8")
+    y = np.arange(24, dtype="<i8") % 3
+    header = {"program": "from sklearn.dummy import DummyClassifier\n"
+                         "def build_model(x_train, y_train):\n"
+                         "    return DummyClassifier(strategy='prior').fit(x_train, y_train)\n",
+              "n_train": 24, "n_features": 4, "n_val": 24, "n_classes": 3,
+              "limits": {"wall_s": 1.0, "cpu_s": 1.0, "memory_mb": 64, "output_kb": 1,
+                         "max_processes": 1}}
+    payload = x.tobytes() + y.tobytes() + x.tobytes()
+    header["payload"] = len(payload)
+    head = json.dumps(header).encode()
+    return struct.pack("<I", len(head)) + head + payload
+
+
+def rehearse():
+    """Runs the rehearsal through the same steps as a job (decode, arrays, compile, build_model,
+    the fitted check, predict_proba, encoding the result) without sending anything. Every page
+    those steps write is shared with the worker after the fork and is copied on its first write
+    (a page fault each): taken here, while the child waits, instead of on the job's path. Only
+    trusted code runs, before any job; numpy's global random state is put back, and the
+    estimator warns about nothing (the worker ran it in warm_up already)."""
+    state = np.random.get_state()
+    try:
+        (n,) = struct.unpack("<I", REHEARSAL[:4])
+        job = json.loads(REHEARSAL[4:4 + n])
+        payload = bytearray(REHEARSAL[4 + n:])
+
+        def finish(header, data=b""):
+            json.dumps(dict(usage(), **header, trace={"c_done": now()})).encode()
+            raise Rehearsed
+
+        run_job(job, payload, {}, finish)
+    except Exception:
+        pass  # a rehearsal that fails has still done most of its work
+    except Rehearsed:
+        pass
+    finally:
+        np.random.set_state(state)
 
 
 def usage():
@@ -339,13 +421,16 @@ class Spare:
                 os.dup2(out_w, 1)
                 os.dup2(out_w, 2)
                 os.close(out_w)
-                base_data = prepare_child()
+                base_data = prepare_child(job_r)
+                faults = minor_faults()  # a forked child's count starts at zero
+                trace = {"c_prepared": now(), "c_prep_faults": faults, "faults0": faults}
                 try:
                     job, payload = recv(job_r)
                 except EOFError:
                     os._exit(0)
+                trace["c_job"] = now()
                 os.close(job_r)
-                child(job, payload, res_w, base_data)
+                child(job, payload, res_w, base_data, trace)
             finally:
                 os._exit(70)
         for fd in (job_r, res_w, out_w):
@@ -372,6 +457,8 @@ def frame_complete(buf):
 RESULT_KEYS = {"ok": bool, "kind": str, "message": str, "rows": int, "cols": int, "classes": list,
                "cpu_s": (int, float), "peak_rss_mb": (int, float)}
 KINDS = ("Syntax", "Exception", "Memory", "BadPredictions")
+# The child's timestamps and counts passed on in the trace (non-negative integers only).
+CHILD_TRACE = ("c_prepared", "c_prep_faults", "c_job", "c_ready", "c_built", "c_done", "c_faults")
 
 
 def sanitize(child_head, header):
@@ -394,6 +481,9 @@ def sanitize(child_head, header):
     for key in ("rows", "cols"):
         if key in out and not 0 <= out[key] < (1 << 40):
             out.pop(key)
+    trace = child_head.get("trace")
+    if isinstance(trace, dict):
+        out["trace"] = {k: v for k, v in trace.items() if k in CHILD_TRACE and type(v) is int and 0 <= v < (1 << 63)}
     out.setdefault("ok", False)
     if not out["ok"]:
         out.setdefault("kind", "Exception")
@@ -401,7 +491,11 @@ def sanitize(child_head, header):
     return out
 
 
-def serve_one(sp, raw, job):
+# Durations (ns) of the worker's work after its last reply, reported with the next one.
+after_reply = {}
+
+
+def serve_one(sp, raw, job, trace):
     limits = job["limits"]
     cap = int(limits["output_kb"]) * 1024
     wall = float(limits["wall_s"])
@@ -413,6 +507,7 @@ def serve_one(sp, raw, job):
         pass  # the child died before its job: reported below as an exit
     os.close(sp.job_w)
     del raw
+    trace["w_job"] = now()
     pid, res_r, out_r = sp.pid, sp.res_r, sp.out_r
     output = bytearray()
     result = bytearray()
@@ -458,6 +553,7 @@ def serve_one(sp, raw, job):
                 if fd == res_r and frame_complete(result):
                     complete = True
     wall_s = time.monotonic() - start
+    trace["w_result"] = now()
     # What was printed before the result (or the exit) is in the pipe already; later writers
     # (left-behind processes) may go on for ever, so read only what is there.
     for fd in (out_r, res_r):
@@ -508,19 +604,24 @@ def serve_one(sp, raw, job):
                       % os.WEXITSTATUS(status))
     if status is not None and os.WIFSIGNALED(status) and not header.get("ok"):
         header["signal"] = os.WTERMSIG(status)
+    header["trace"] = dict(header.pop("trace", {}), **trace, **after_reply, w_reply=now())
     send(CTRL_OUT, header, body)
     # Clean up after replying: the host is not kept waiting for the teardown.
+    t0 = now()
     if complete:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         os.wait4(pid, 0)
+    t1 = now()
     kill_all(pid)
     for fd in (res_r, out_r, sp.pidfd):
         os.close(fd)
+    t2 = now()
     for scratch in SCRATCH:
         wipe(scratch)
+    after_reply.update(a_reap=t1 - t0, a_kill_all=t2 - t1, a_wipe=now() - t2)
 
 
 def warm_up():
@@ -546,6 +647,9 @@ def warm_up():
             pass
 
 
+REHEARSAL = rehearsal_frame()
+
+
 def main():
     try:
         warm_up()
@@ -557,7 +661,10 @@ def main():
     gc.freeze()
     send(CTRL_OUT, {"ready": True, "pid": os.getpid(), "python": sys.version.split()[0]})
     while True:
+        t0 = now()
         spare = Spare()
+        idle = now()
+        after_reply["a_fork"] = idle - t0
         try:
             (n,) = struct.unpack("<I", bytes(read_exact(CTRL_IN, 4)))
             head = read_exact(CTRL_IN, n)
@@ -567,7 +674,7 @@ def main():
             os._exit(0)  # the host closed the channel: nothing to finish
         raw = bytes(struct.pack("<I", n) + head + payload)
         del head, payload
-        serve_one(spare, raw, job)
+        serve_one(spare, raw, job, {"w_idle": idle, "w_req": now()})
 
 
 main()

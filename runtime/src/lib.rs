@@ -26,8 +26,10 @@ mod pool;
 mod protocol;
 mod sandbox;
 mod seccomp;
+mod trace;
 pub mod wasm;
 
 pub use error::RuntimeError;
 pub use job::{ActionError, ActionErrorKind, Job, Limits, Outcome};
-pub use pool::{default_python, Pool, PoolConfig};
+pub use pool::{default_python, Pool, PoolConfig, Tuning};
+pub use trace::{monotonic_ns, ActionTrace};

@@ -3,6 +3,7 @@
 use crate::job::{ActionError, ActionErrorKind, Job, Limits, Outcome};
 use crate::protocol::{self, HostView, ReadError, Request};
 use crate::sandbox::{Launcher, Sandbox};
+use crate::trace::{self, monotonic_ns, ActionTrace};
 use crate::RuntimeError;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
@@ -32,6 +33,25 @@ impl Default for PoolConfig {
             python: default_python(),
             limits: Limits::default(),
         }
+    }
+}
+
+/// Settings of a [`Pool`] that trade CPU time for latency. [`Pool::new`] uses the defaults;
+/// [`Pool::with_tuning`] takes others (`etpo bench sandbox` compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Tuning {
+    /// Each child forked ahead for the next job runs a trivial action through the job's steps
+    /// while it waits (skipped when the job is already there), so that the pages every action
+    /// writes are copied after the fork before the job arrives instead of on its path: about 600
+    /// page faults, 2.5 ms of a trivial action on a busy 2-core Xeon. Costs about as much CPU,
+    /// spent while the worker is otherwise idle. Default: on.
+    pub rehearse: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning { rehearse: true }
     }
 }
 
@@ -75,8 +95,13 @@ struct Worker {
 impl Pool {
     /// Starts `cfg.workers` sandboxed workers and waits until each has imported its libraries.
     pub fn new(cfg: PoolConfig) -> Result<Pool, RuntimeError> {
+        Pool::with_tuning(cfg, Tuning::default())
+    }
+
+    /// [`Pool::new`] with other [`Tuning`].
+    pub fn with_tuning(cfg: PoolConfig, tuning: Tuning) -> Result<Pool, RuntimeError> {
         let size = cfg.workers.max(1);
-        let launcher = Launcher::new(&cfg.python, cfg.limits)?;
+        let launcher = Launcher::new(&cfg.python, cfg.limits, tuning.rehearse)?;
         // Start all, then wait for all: the imports run in parallel.
         let started: Vec<Sandbox> = (0..size).map(|_| launcher.start()).collect::<Result<_, _>>()?;
         let mut idle = Vec::with_capacity(size);
@@ -98,14 +123,23 @@ impl Pool {
     /// the job retried once on the fresh worker. If that fresh worker breaks too, the program is
     /// to blame and the outcome is a [`ActionErrorKind::Killed`] error.
     pub fn evaluate(&self, job: &Job) -> Result<Outcome, RuntimeError> {
+        self.evaluate_traced(job).map(|(outcome, _)| outcome)
+    }
+
+    /// [`Pool::evaluate`], also returning where the time went (for `etpo bench sandbox`). The
+    /// trace is of the last attempt when the job had to be retried.
+    pub fn evaluate_traced(&self, job: &Job) -> Result<(Outcome, ActionTrace), RuntimeError> {
+        let mut trace = ActionTrace { start: monotonic_ns(), ..ActionTrace::default() };
         let req = protocol::encode(job)?;
+        trace.encoded = monotonic_ns();
         let mut worker = self.checkout()?;
         let mut fresh = false;
         loop {
-            let fault = match worker.run(&req) {
+            let fault = match worker.run(&req, &mut trace) {
                 Ok(outcome) => {
                     self.checkin(worker);
-                    return Ok(outcome);
+                    trace.end = monotonic_ns();
+                    return Ok((outcome, trace));
                 }
                 Err(fault) => fault,
             };
@@ -116,7 +150,8 @@ impl Pool {
                     Ok(w) => self.checkin(w),
                     Err(_) => self.forget_worker(),
                 }
-                return Ok(Outcome {
+                trace.end = monotonic_ns();
+                let outcome = Outcome {
                     result: Err(ActionError::new(
                         ActionErrorKind::Killed,
                         "the program brought down the sandbox it ran in",
@@ -125,7 +160,8 @@ impl Pool {
                     cpu_s: 0.0,
                     peak_rss_mb: 0.0,
                     output: String::new(),
-                });
+                };
+                return Ok((outcome, trace));
             }
             worker = match replacement {
                 Ok(w) => w,
@@ -198,8 +234,9 @@ impl Worker {
         }
     }
 
-    /// Runs one job; `Err` means the worker is broken (and must be dropped).
-    fn run(&mut self, req: &Request) -> Result<Outcome, String> {
+    /// Runs one job, filling in the trace's stamps from `ready` on; `Err` means the worker is
+    /// broken (and must be dropped).
+    fn run(&mut self, req: &Request, trace: &mut ActionTrace) -> Result<Outcome, String> {
         let limits = &req.limits;
         if let Some(cg) = self.sandbox.cgroup() {
             let memory_mb = limits.memory_mb;
@@ -211,12 +248,17 @@ impl Worker {
         let ooms_before = self.sandbox.cgroup().map_or(0, |cg| cg.oom_kills());
         let deadline = Instant::now() + Duration::from_secs_f64(limits.wall_s.max(0.0)) + HOST_GRACE;
         let input = self.sandbox.worker_input().ok_or("the worker is shutting down")?;
+        trace.ready = monotonic_ns();
         protocol::write_request(input, req, deadline).map_err(|e| format!("sending the job: {e}"))?;
+        trace.sent = monotonic_ns();
         let (header, payload) = protocol::read_frame(self.sandbox.worker_output(), deadline).map_err(|e| match e {
             ReadError::Closed => format!("{e}; stderr: {}", self.sandbox.stderr_tail()),
             e => e.to_string(),
         })?;
+        trace.received = monotonic_ns();
         let oom_killed = self.sandbox.cgroup().is_some_and(|cg| cg.oom_kills() > ooms_before);
+        trace.checked = monotonic_ns();
+        trace.worker = trace::from_header(&header);
         protocol::decode(req, header, &payload, HostView { oom_killed })
     }
 }

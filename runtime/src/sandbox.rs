@@ -122,6 +122,8 @@ struct Plan {
 pub(crate) struct Launcher {
     python: PathBuf,
     limits: Limits,
+    /// Whether each child forked ahead rehearses a trivial action (`Tuning::rehearse`).
+    rehearse: bool,
     plan: Arc<Plan>,
     root: tempfile::TempDir,
     use_cgroups: bool,
@@ -129,7 +131,7 @@ pub(crate) struct Launcher {
 
 impl Launcher {
     /// Asks the interpreter where it lives and prepares the sandbox plan.
-    pub(crate) fn new(python: &Path, limits: Limits) -> Result<Launcher, RuntimeError> {
+    pub(crate) fn new(python: &Path, limits: Limits, rehearse: bool) -> Result<Launcher, RuntimeError> {
         let python = resolve(python)?;
         let dirs = python_dirs(&python)?;
         sweep_stale_roots();
@@ -145,7 +147,7 @@ impl Launcher {
                 false
             }
         };
-        Ok(Launcher { python, limits, plan, root, use_cgroups })
+        Ok(Launcher { python, limits, rehearse, plan, root, use_cgroups })
     }
 
     pub(crate) fn limits(&self) -> Limits {
@@ -171,6 +173,7 @@ impl Launcher {
         let plan = self.plan.clone();
         let mut cmd = Command::new(&self.python);
         cmd.arg("-I").arg("-c").arg(HARNESS).env_clear().envs(ENV.iter().copied());
+        cmd.env("ETPO_REHEARSE", if self.rehearse { "1" } else { "0" });
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // SAFETY: the hook runs between fork and exec and only makes system calls on data
         // prepared before the fork (see `enter`).

@@ -17,27 +17,34 @@ use envspec::Algorithm;
 use etpo::experiment::summary::{mean_std, stats_from_records, write_atomic, SpecStats};
 use etpo::experiment::trained::{batch_reward_png, read_metrics, MetricsRecord, METRICS};
 use etpo::experiment::{plot, read_steps};
+use serde::Serialize;
 
 use crate::commands::model_args::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Spec files, or folders whose *.yaml / *.yml files are all run.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "grid")]
     paths: Vec<PathBuf>,
+    /// The grid from a YAML file: any of `specs` (paths relative to the file), `algos`,
+    /// `seeds`, `steps`, `update_every`, `set` (a mapping), `model`, `workers`, `out`; options
+    /// given on the command line take precedence.
+    #[arg(long, value_name = "FILE")]
+    grid: Option<PathBuf>,
     /// The algorithms to compare (reflection, etpo, ppo-kl, grpo, and ETPO's ablations of the
-    /// paper's Appendix G: etpo-disc, discounted inside actions; etpo-1step, episodes of one step).
-    #[arg(long, value_delimiter = ',', default_value = "reflection,etpo,ppo-kl,grpo")]
-    algos: Vec<String>,
-    /// Data split seeds; each is a run of its own.
-    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
-    seeds: Vec<u64>,
+    /// paper's Appendix G: etpo-disc, discounted inside actions; etpo-1step, episodes of one
+    /// step) [default: reflection,etpo,ppo-kl,grpo]
+    #[arg(long, value_delimiter = ',')]
+    algos: Option<Vec<String>>,
+    /// Data split seeds; each is a run of its own [default: 0,1,2]
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
     /// Environment steps per run, the paper's k (default: the spec's `training.steps`, else 10).
     #[arg(long)]
     steps: Option<u32>,
-    /// The results folder (created, or continued when it exists).
-    #[arg(long, default_value = "experiment")]
-    out: PathBuf,
+    /// The results folder, created or continued when it exists [default: experiment]
+    #[arg(long)]
+    out: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
     /// Passed to the training runs: environment steps per update.
@@ -50,6 +57,116 @@ pub struct Args {
     /// Sandbox workers per run (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+}
+
+/// The grid, resolved: the command line's values over the grid file's over the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct Grid {
+    paths: Vec<PathBuf>,
+    algos: Vec<String>,
+    seeds: Vec<u64>,
+    steps: Option<u32>,
+    out: PathBuf,
+    model: Option<PathBuf>,
+    device: String,
+    update_every: Option<usize>,
+    set: Vec<String>,
+    workers: Option<usize>,
+    /// The grid file, if any.
+    grid: Option<PathBuf>,
+}
+
+/// The keys of a grid file.
+const GRID_KEYS: [&str; 9] = ["specs", "algos", "seeds", "steps", "update_every", "set", "model", "workers", "out"];
+
+impl Grid {
+    fn resolve(args: Args) -> anyhow::Result<Grid> {
+        let mut grid = Grid {
+            paths: args.paths,
+            algos: args.algos.unwrap_or_default(),
+            seeds: args.seeds.unwrap_or_default(),
+            steps: args.steps,
+            out: args.out.unwrap_or_default(),
+            model: args.model.path,
+            device: args.model.device,
+            update_every: args.update_every,
+            set: args.set,
+            workers: args.workers,
+            grid: args.grid.clone(),
+        };
+        if let Some(file) = &args.grid {
+            grid.fill_from(file)?;
+        }
+        if grid.algos.is_empty() {
+            grid.algos = ["reflection", "etpo", "ppo-kl", "grpo"].map(String::from).to_vec();
+        }
+        if grid.seeds.is_empty() {
+            grid.seeds = vec![0, 1, 2];
+        }
+        if grid.out.as_os_str().is_empty() {
+            grid.out = PathBuf::from("experiment");
+        }
+        Ok(grid)
+    }
+
+    /// Fills what the command line left unset from the grid file `file`.
+    fn fill_from(&mut self, file: &Path) -> anyhow::Result<()> {
+        let entries = envspec::plain::read_mapping(file, &GRID_KEYS).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let base = file.parent().unwrap_or(Path::new(""));
+        for e in entries {
+            let at = format!("{}:{}:{}", file.display(), e.pos.line, e.pos.col);
+            let bad = |what: &str| anyhow::anyhow!("{at}: error: `{}` must be {what}, found {}", e.key, e.value);
+            let paths = |v: &serde_json::Value| -> Option<Vec<PathBuf>> {
+                v.as_array()?.iter().map(|p| p.as_str().map(|p| base.join(p))).collect()
+            };
+            match e.key.as_str() {
+                "specs" if self.paths.is_empty() => {
+                    self.paths = paths(&e.value).ok_or_else(|| bad("a list of spec files or folders"))?
+                }
+                "algos" if self.algos.is_empty() => {
+                    self.algos =
+                        serde_json::from_value(e.value.clone()).map_err(|_| bad("a list of algorithm names"))?
+                }
+                "seeds" if self.seeds.is_empty() => {
+                    self.seeds = serde_json::from_value(e.value.clone()).map_err(|_| bad("a list of seeds"))?
+                }
+                "steps" if self.steps.is_none() => {
+                    self.steps = Some(serde_json::from_value(e.value.clone()).map_err(|_| bad("a number of steps"))?)
+                }
+                "update_every" if self.update_every.is_none() => {
+                    self.update_every =
+                        Some(serde_json::from_value(e.value.clone()).map_err(|_| bad("a number of steps"))?)
+                }
+                "workers" if self.workers.is_none() => {
+                    self.workers = Some(serde_json::from_value(e.value.clone()).map_err(|_| bad("a number"))?)
+                }
+                "model" if self.model.is_none() => {
+                    self.model = Some(base.join(e.value.as_str().ok_or_else(|| bad("a path"))?))
+                }
+                "out" if self.out.as_os_str().is_empty() => {
+                    self.out = base.join(e.value.as_str().ok_or_else(|| bad("a path"))?)
+                }
+                "set" => {
+                    // The command line's --set come after the file's, so they win.
+                    let map = e.value.as_object().ok_or_else(|| bad("a mapping of hyper-parameters"))?;
+                    let mut from_file: Vec<String> = map
+                        .iter()
+                        .map(|(k, v)| match v {
+                            serde_json::Value::String(s) => format!("{k}={s}"),
+                            v => format!("{k}={v}"),
+                        })
+                        .collect();
+                    from_file.append(&mut self.set);
+                    self.set = from_file;
+                }
+                _ => {} // given on the command line
+            }
+        }
+        if self.paths.is_empty() {
+            bail!("{}: no specs: give `specs:` in the file or spec paths on the command line", file.display());
+        }
+        Ok(())
+    }
 }
 
 /// One column of the comparison: an algorithm, or one of ETPO's ablations (the paper's
@@ -90,6 +207,7 @@ struct Cell {
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
+    let args = Grid::resolve(args)?;
     let algos = parse_algos(&args.algos)?;
     if args.seeds.is_empty() {
         bail!("--seeds is empty");
@@ -130,14 +248,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             continue;
         } else if cell.dir.join("config.json").is_file() {
             eprintln!("{label}: resuming after {logged} steps");
-            cmd.args(["run", "--resume"]).arg(&cell.dir).args(["--device", &args.model.device]);
+            cmd.args(["run", "--resume"]).arg(&cell.dir).args(["--device", &args.device]);
         } else {
             eprintln!("{label}: starting");
             cmd.arg("run").arg(&cell.spec).args(["--algo", cell.algo.algo.name()]);
             cmd.args(cell.algo.flag);
             cmd.args(["--seeds", &cell.seed.to_string(), "--steps", &cell.steps.to_string()]);
-            cmd.arg("--out").arg(&cell.dir).args(["--device", &args.model.device]);
-            if let Some(m) = &args.model.path {
+            cmd.arg("--out").arg(&cell.dir).args(["--device", &args.device]);
+            if let Some(m) = &args.model {
                 cmd.arg("--model").arg(m);
             }
             if cell.algo.trains() {
@@ -187,15 +305,16 @@ fn parse_algos(names: &[String]) -> anyhow::Result<Vec<Arm>> {
 }
 
 /// `config.json` of the results folder: the command line and the grid.
-fn write_config(args: &Args, algos: &[Arm]) -> anyhow::Result<()> {
+fn write_config(args: &Grid, algos: &[Arm]) -> anyhow::Result<()> {
     let config = serde_json::json!({
         "command_line": std::env::args().collect::<Vec<_>>(),
         "paths": args.paths,
         "algos": algos.iter().map(|a| a.name).collect::<Vec<_>>(),
         "seeds": args.seeds,
         "steps": args.steps,
-        "model": args.model.path,
-        "device": args.model.device,
+        "model": args.model,
+        "device": args.device,
+        "grid": args.grid,
         "update_every": args.update_every,
         "set": args.set,
     });
@@ -360,4 +479,49 @@ fn test_of_best(run: &Path, seed: u64) -> Option<f64> {
 fn seed_window(stats: &SpecStats, seed: u64, len: usize, late: bool) -> Option<f64> {
     let picked = stats.seeds.iter().find(|s| s.seed == seed)?.window(len, late)?;
     Some(picked.iter().map(|(r, _)| r).sum::<f64>() / len as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(cli: &[&str]) -> Args {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("experiment").chain(cli.iter().copied()))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .args
+    }
+
+    #[test]
+    fn a_grid_file_fills_what_the_command_line_leaves_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("grid.yaml");
+        std::fs::write(
+            &file,
+            "specs: [envs/a.yaml, envs]\nalgos: [reflection, etpo-disc]\nseeds: [3, 4]\nsteps: 64\nupdate_every: 16\nset:\n  beta: 0.3\n  q_readout: logits\nout: results\n",
+        )
+        .unwrap();
+        let grid = file.to_str().unwrap();
+        let g = Grid::resolve(args(&["--grid", grid, "--seeds", "7", "--set", "beta=0.5"])).unwrap();
+        assert_eq!(g.paths, [dir.path().join("envs/a.yaml"), dir.path().join("envs")]);
+        assert_eq!(g.algos, ["reflection", "etpo-disc"]);
+        assert_eq!(g.seeds, [7], "the command line wins");
+        assert_eq!((g.steps, g.update_every), (Some(64), Some(16)));
+        assert_eq!(g.set, ["beta=0.3", "q_readout=logits", "beta=0.5"], "the command line's --set comes last and wins");
+        assert_eq!(g.out, dir.path().join("results"));
+        // Without a file: the defaults.
+        let g = Grid::resolve(args(&["envs/x.yaml"])).unwrap();
+        assert_eq!((g.algos.len(), g.seeds.clone(), g.out.clone()), (4, vec![0, 1, 2], PathBuf::from("experiment")));
+        // A bad value is placed in the file.
+        std::fs::write(&file, "specs: [a.yaml]\nseeds: zero\n").unwrap();
+        let e = Grid::resolve(args(&["--grid", grid])).unwrap_err().to_string();
+        assert_eq!(e, format!("{grid}:2:8: error: `seeds` must be a list of seeds, found \"zero\""));
+        std::fs::write(&file, "seeds: [1]\n").unwrap();
+        let e = Grid::resolve(args(&["--grid", grid])).unwrap_err().to_string();
+        assert!(e.ends_with("no specs: give `specs:` in the file or spec paths on the command line"), "{e}");
+    }
 }

@@ -12,4 +12,5 @@ pub mod new_game;
 pub mod perplexity;
 pub mod run;
 pub mod schema;
+pub mod serve;
 pub mod show;

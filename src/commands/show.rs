@@ -76,7 +76,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     }
     let data = envspec::data::load_for(&spec.dataset, spec.base_dir())
         .with_context(|| format!("loading the data of {}", args.spec.display()))?;
-    let split = data.split(seed, spec.dataset.max_samples, spec.dataset.train_fraction);
+    let split = data.split_for(&spec.dataset, seed);
     let ctx = spec.task_context(&split);
 
     if let Some(only) = args.only {

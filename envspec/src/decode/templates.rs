@@ -37,7 +37,7 @@ impl Decoder {
         if let Some(ds) = dataset {
             match data::load_for(ds, &self.base_dir) {
                 Ok(data) => {
-                    let split = data.split(ds.seeds[0], ds.max_samples, ds.train_fraction);
+                    let split = data.split_for(ds, ds.seeds[0]);
                     ctx.n_train = split.x_train.len();
                     ctx.n_val = split.x_val.len();
                     ctx.n_features = split.feature_names.len();

@@ -21,6 +21,36 @@ pub enum Bench {
     Games(self::games::Args),
 }
 
+/// The CPU's model name and the vector extensions that matter for our kernels, e.g.
+/// "Intel(R) Xeon(R) Processor (avx2 avx512f amx)", from /proc/cpuinfo.
+pub(crate) fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let name = field("model name").unwrap_or_else(|| "unknown CPU".into());
+    let flags = field("flags").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let ext: Vec<&str> = [("avx2", "avx2"), ("avx512f", "avx512f"), ("amx_tile", "amx")]
+        .into_iter()
+        .filter(|(flag, _)| has(flag))
+        .map(|(_, label)| label)
+        .collect();
+    if ext.is_empty() {
+        name
+    } else {
+        format!("{name} ({})", ext.join(" "))
+    }
+}
+
+/// The 1-minute load average.
+pub(crate) fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
 pub fn run(bench: Bench) -> anyhow::Result<i32> {
     match bench {
         Bench::Sandbox(args) => self::sandbox::run(args),

@@ -5,6 +5,7 @@
 //! as ids, and the training batch is a fixed formula both implement. Generation is forced to the
 //! full number of new tokens on both sides (EOS ignored), so tokens/s compare like with like.
 
+use super::load_average;
 use crate::commands::model_args::ModelArgs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -272,10 +273,6 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u
 }
 
 /// The machine's 1-minute load average (other work competing for the cores).
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
-}
-
 /// This process's peak resident memory (VmHWM), in MB.
 fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -31,6 +31,11 @@ pub struct EtpoConfig {
     /// ETPO(1-step) ablation (Appendix G): episodes of one step. The run loop honours this by
     /// forcing `max_steps = 1`; the trainer itself does not need it.
     pub single_step: bool,
+    /// Weight α of the conservative term added to the Q loss ([`super::math::conservative_term`],
+    /// CQL with ρ as the prior: `α·(β·log E_ρ[exp(Q/β)] − Q(taken))`, with the dueling read-out
+    /// `−α·β·log(π_Q(w|c)/ρ(w|c))`): it keeps the tokens never taken from being valued above
+    /// the ones that were (0: off, Eq. 6's squared error alone).
+    pub conservative: f64,
     /// Huber threshold δ for the Q loss (`None`: plain squared error, as in Algorithm 1).
     pub huber_delta: Option<f64>,
     /// Optimiser of the Q-network's adapter.
@@ -89,6 +94,7 @@ impl Default for EtpoConfig {
             q_readout: QReadout::default(),
             discount_inside_actions: false,
             single_step: false,
+            conservative: 0.0,
             huber_delta: None,
             q_optim: AdamWConfig::default(),
             value_head_optim: AdamWConfig::default(),
@@ -169,6 +175,9 @@ impl EtpoConfig {
         }
         if !(0.0..=1.0).contains(&self.trace_lambda) {
             return Err(format!("trace_lambda must be in [0, 1], got {}", self.trace_lambda));
+        }
+        if !(self.conservative >= 0.0 && self.conservative.is_finite()) {
+            return Err(format!("conservative must be a number >= 0, got {}", self.conservative));
         }
         if let Some(d) = self.huber_delta {
             if d.is_nan() || d <= 0.0 {

@@ -174,6 +174,20 @@ pub fn tree_backup_targets(one_step: &mut [f64], taken_q: &[f64], taken_prob: &[
     }
 }
 
+/// The conservative term of the Q loss (CQL, Kumar et al. 2020, with ρ as the prior over
+/// tokens), per row: `β·log E_{w~ρ}[exp(Q(c,w)/β)] − Q(c, w_taken)`, the soft value of the
+/// context under ρ minus the value of the token taken. Minimising it lowers every token's value
+/// relative to the ones the data hold. With the dueling read-out it is exactly
+/// `−β·log(π_Q(w_taken|c)/ρ(w_taken|c))`.
+///
+/// Why: only taken tokens get targets. When a taken token's value falls (its action failed),
+/// the Q-network's distribution π_Q, and the policy that follows it, move that mass onto every
+/// token never tried, valued by nothing but the context's level: on Balance Scale the policy's
+/// entropy rose above ρ's and the actions became invented keyword arguments (README, "ETPO").
+pub fn conservative_term(q: &Tensor, q_taken: &Tensor, ref_logp: &Tensor, beta: f64) -> Result<Tensor> {
+    soft_value_under_reference(q, ref_logp, beta)? - q_taken
+}
+
 /// `Q(context_j, w^{j+1})`: the Q-value of the token taken at each row. `tokens` is `[N]` u32.
 pub fn taken_values(q: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     q.gather(&tokens.unsqueeze(1)?, 1)?.squeeze(1)
@@ -340,6 +354,21 @@ mod tests {
         assert_eq!(disc[1], step1[1]);
         // A one-token action has only the last-token case.
         assert_eq!(soft_bellman_targets(&[], -1.0, Some(2.0), 0.5, false), vec![0.0]);
+    }
+
+    #[test]
+    fn conservative_term_is_minus_beta_log_ratio_under_dueling() {
+        // One row, vocabulary 3: ρ = (0.5, 0.25, 0.25), π_Q = (0.2, 0.6, 0.2), V = 0.4, β = 0.1.
+        let beta = 0.1f64;
+        let rho = [0.5f64, 0.25, 0.25];
+        let pq = [0.2f64, 0.6, 0.2];
+        let q: Vec<f32> = (0..3).map(|i| (0.4 + beta * (pq[i] / rho[i]).ln()) as f32).collect();
+        let q = Tensor::from_vec(q, (1, 3), &Device::Cpu).unwrap();
+        let ref_logp = Tensor::from_vec(rho.map(|r| r.ln() as f32).to_vec(), (1, 3), &Device::Cpu).unwrap();
+        let taken = taken_values(&q, &Tensor::new(&[1u32], &Device::Cpu).unwrap()).unwrap();
+        let c = conservative_term(&q, &taken, &ref_logp, beta).unwrap().to_vec1::<f32>().unwrap();
+        let want = -beta * (0.6f64 / 0.25).ln();
+        assert!(close(c[0] as f64, want, 1e-5), "{c:?} vs {want}");
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub struct PhaseTimes {
 /// steps.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct UpdateMetrics {
-    /// Mean squared (or Huber) error of Q on the taken tokens.
+    /// Mean squared (or Huber) error of Q on the taken tokens, plus the conservative term when
+    /// `conservative` is set.
     pub q_loss: f64,
     /// Mean per-token KL(π ‖ target of Eq. 7).
     pub policy_loss: f64,
@@ -505,7 +506,12 @@ fn q_loss_chunk(
 ) -> Result<(Tensor, Tensor, Tensor), TrainError> {
     let q = q_rows(model, spans, net, true, ref_logp, cfg)?;
     let taken = math::taken_values(&q, tokens)?;
-    Ok((math::q_loss(&taken, targets, cfg.huber_delta)?, q, taken))
+    let mut loss = math::q_loss(&taken, targets, cfg.huber_delta)?;
+    if cfg.conservative > 0.0 {
+        let term = math::conservative_term(&q, &taken, ref_logp, cfg.beta)?.mean_all()?;
+        loss = (loss + (term * cfg.conservative)?)?;
+    }
+    Ok((loss, q, taken))
 }
 
 /// The summed per-token policy loss (Eq. 7) of one micro-batch against the Q-values `q`
