@@ -361,3 +361,25 @@ prompt:
     );
     assert!(stdout(&out).contains(&expected), "{}", stdout(&out));
 }
+
+#[test]
+fn check_measures_the_first_state_against_the_token_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::common::write_tiny_model(&dir.path().join("tiny-model"));
+    let shipped = std::fs::read_to_string(repo().join("envs/balance_scale.yaml")).unwrap();
+    let with_budget = |n: usize| shipped.replacen("prompt:\n", &format!("prompt:\n  max_tokens: {n}\n"), 1);
+    std::fs::write(dir.path().join("small.yaml"), with_budget(100)).unwrap();
+    let out = etpo(dir.path(), &["check", "small.yaml", "--model", "tiny-model"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.starts_with("small.yaml: error: the first state (seed 0) is "), "{err}");
+    assert!(err.trim_end().ends_with(" tokens, over prompt.max_tokens = 100"), "{err}");
+    // The tiny model's tokenizer is one token per byte: the count is the state's length.
+    let tokens: usize = err.split(" is ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(tokens > 1000, "{err}");
+    std::fs::write(dir.path().join("roomy.yaml"), with_budget(tokens)).unwrap();
+    let out = etpo(dir.path(), &["check", "roomy.yaml", "--model", "tiny-model"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(dir.path().join("tight.yaml"), with_budget(tokens - 1)).unwrap();
+    assert!(!etpo(dir.path(), &["check", "tight.yaml", "--model", "tiny-model"]).status.success());
+}
