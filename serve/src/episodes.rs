@@ -67,9 +67,9 @@ impl Episodes {
 }
 
 /// Runs the idle sweep until the server's state is dropped.
-pub(crate) fn spawn_sweeper(state: Weak<State>, idle: Duration) {
+pub(crate) fn spawn_sweeper(runtime: &tokio::runtime::Handle, state: Weak<State>, idle: Duration) {
     let period = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -163,23 +163,22 @@ pub(crate) async fn step(
     AxumState(state): AxumState<Arc<State>>,
     JsonBody(req): JsonBody<StepRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let episode = state.episodes.get(&req.episode_id)?;
-    let id = req.episode_id;
+    let StepRequest { episode_id: id, action } = req;
+    let episode = state.episodes.get(&id)?;
     if let Some(how) = *episode.over.lock().unwrap_or_else(|e| e.into_inner()) {
         return Err(ApiError::EpisodeOver { id, how });
     }
     episode.touch();
     let ep = episode.clone();
-    let busy_id = id.clone();
     let result: StepResult = state
         .blocking(move || {
-            let mut env = ep.env.try_lock().map_err(|_| ApiError::EpisodeBusy(busy_id.clone()))?;
+            let Ok(mut env) = ep.env.try_lock() else { return Err(ApiError::EpisodeBusy(id)) };
             let mut over = ep.over.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(how) = *over {
-                return Err(ApiError::EpisodeOver { id: busy_id, how });
+                return Err(ApiError::EpisodeOver { id, how });
             }
-            let result = match env.step(&req.action) {
-                Err(EnvError::EpisodeOver) => return Err(ApiError::EpisodeOver { id: busy_id, how: "over" }),
+            let result = match env.step(&action) {
+                Err(EnvError::EpisodeOver) => return Err(ApiError::EpisodeOver { id, how: "over" }),
                 r => r.map_err(env_error)?,
             };
             if result.terminated || result.truncated {

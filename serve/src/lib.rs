@@ -40,7 +40,7 @@ use axum::{Json, Router};
 use envspec::ChatTemplate;
 use runtime::env::{Host, Task};
 
-pub use run_code::{RunCodeLimits, GRACE_S};
+pub use run_code::RunCodeLimits;
 
 /// How the server runs. `Default` gives the command's defaults.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,6 +150,8 @@ const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.cont
 /// ends when the router is dropped.
 pub fn router(config: &Config, host: Arc<Host>, tasks: Vec<Arc<Task>>) -> Result<Router, ServeError> {
     config.validate()?;
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|_| ServeError::Config("router() must be called inside a Tokio runtime".into()))?;
     let mut by_name = BTreeMap::new();
     for task in tasks {
         let name = task.spec().name.clone();
@@ -167,7 +169,7 @@ pub fn router(config: &Config, host: Arc<Host>, tasks: Vec<Arc<Task>>) -> Result
         metrics: metrics::Metrics::default(),
         chatml,
     });
-    episodes::spawn_sweeper(Arc::downgrade(&state), config.idle_timeout);
+    episodes::spawn_sweeper(&runtime, Arc::downgrade(&state), config.idle_timeout);
     Ok(Router::new()
         .route("/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
         .route("/specs", get(episodes::specs))

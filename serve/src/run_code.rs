@@ -32,7 +32,7 @@ use crate::State;
 const RUNNER: &str = include_str!("run_code.py");
 /// Seconds the sandbox job may run beyond the request's `run_timeout` (writing and fetching
 /// files, reporting); only a runner that hangs ever uses them.
-pub const GRACE_S: f64 = 5.0;
+const GRACE_S: f64 = 5.0;
 /// Output of the job beyond the result line (warnings of the runner's process), bytes.
 const OUTPUT_SLACK: usize = 64 << 10;
 
@@ -387,6 +387,18 @@ mod tests {
     fn no_result_line() {
         let r = interpret(&outcome("junk".into(), Ok(vec![])), "M:", 1.0);
         assert_eq!((r.status, r.run_result.unwrap().status), ("SandboxError", "Error"));
+    }
+
+    #[test]
+    fn a_runner_stopped_by_the_sandbox_deadline_is_a_time_out() {
+        let stopped = runtime::ActionError { kind: ActionErrorKind::Timeout, message: "wall".into() };
+        let r = interpret(&outcome(String::new(), Err(stopped)), "M:", 2.0);
+        let run = r.run_result.unwrap();
+        assert_eq!((r.status, run.status, run.return_code), ("Failed", "TimeLimitExceeded", None));
+        let killed = runtime::ActionError { kind: ActionErrorKind::Killed, message: "signal 9".into() };
+        let r = interpret(&outcome(String::new(), Err(killed)), "M:", 2.0);
+        assert_eq!(r.status, "SandboxError");
+        assert!(r.message.contains("signal 9"), "{}", r.message);
     }
 
     #[test]

@@ -35,9 +35,12 @@ fn build_games() {
     });
 }
 
-/// One host (sandbox pool and game engine) and one set of loaded tasks for every test server.
+/// One host (sandbox pool and game engine) and one set of loaded tasks for every test server:
+/// the shipped `guess`, `adventure` (chat) and `balance_scale` specs, and `guess_late`, the guess
+/// game with seeds [7, 3] (its first seed is not 0).
 fn shared() -> &'static (Arc<Host>, Vec<Arc<Task>>) {
     static SHARED: OnceLock<(Arc<Host>, Vec<Arc<Task>>)> = OnceLock::new();
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     SHARED.get_or_init(|| {
         build_games();
         let python = runtime::default_python();
@@ -47,11 +50,26 @@ fn shared() -> &'static (Arc<Host>, Vec<Arc<Task>>) {
             python.display()
         );
         let host = Arc::new(Host::new(runtime::PoolConfig { workers: 2, python, limits: runtime::Limits::default() }));
-        let tasks = ["envs/games/guess.yaml", "envs/games/adventure.yaml", "envs/balance_scale.yaml"]
+        let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap());
+        let late = dir.path().join("guess_late.yaml");
+        let shipped = std::fs::read_to_string(root().join("envs/games/guess.yaml")).unwrap();
+        let module = root().join("games/target/wasm32-unknown-unknown/release/guess.wasm");
+        let text = shipped
+            .replace("name: guess\n", "name: guess_late\n")
+            .replace("seeds: [0, 1, 2, 3, 4]", "seeds: [7, 3]")
+            .replace("../../games/target/wasm32-unknown-unknown/release/guess.wasm", &module.display().to_string());
+        std::fs::write(&late, text).unwrap();
+        let paths = [
+            root().join("envs/games/guess.yaml"),
+            root().join("envs/games/adventure.yaml"),
+            root().join("envs/balance_scale.yaml"),
+            late,
+        ];
+        let tasks = paths
             .iter()
             .map(|p| {
-                let spec = envspec::load(&root().join(p)).unwrap_or_else(|e| panic!("{e}"));
-                Arc::new(Task::load(Arc::new(spec), &host).unwrap_or_else(|e| panic!("{p}: {e}")))
+                let spec = envspec::load(p).unwrap_or_else(|e| panic!("{e}"));
+                Arc::new(Task::load(Arc::new(spec), &host).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
             })
             .collect();
         (host, tasks)

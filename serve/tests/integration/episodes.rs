@@ -94,8 +94,66 @@ fn a_guess_episode_to_the_end_with_the_games_rewards() {
 #[test]
 fn the_seed_defaults_to_the_specs_first() {
     let s = TestServer::default_on_loopback();
-    let r = s.post("/reset", &json!({"spec": "guess"})).json();
-    assert_eq!(r["info"]["split_seed"], 0);
+    let r = s.post("/reset", &json!({"spec": "guess_late"})).json();
+    assert_eq!(r["info"]["split_seed"], 7, "{r}");
+    // The same game as an explicit seed 7, not seed 0.
+    let play = |body: serde_json::Value| {
+        let id = s.post("/reset", &body).json()["episode_id"].clone();
+        s.post("/step", &json!({"episode_id": id, "action": "50"})).json()["observation"].clone()
+    };
+    let default = play(json!({"spec": "guess_late"}));
+    assert_eq!(default, play(json!({"spec": "guess_late", "seed": 7})));
+    assert_ne!(play(json!({"spec": "guess", "seed": 0})), play(json!({"spec": "guess", "seed": 7})));
+}
+
+/// Plays a guess episode by binary search; returns the number of guesses.
+fn play_guess(s: &TestServer, seed: u64) -> u32 {
+    let r = s.post("/reset", &json!({"spec": "guess", "seed": seed}));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let id = r.json()["episode_id"].clone();
+    let (mut lo, mut hi, mut steps) = (1u32, 100u32, 0);
+    loop {
+        let out = s.post("/step", &json!({"episode_id": id, "action": ((lo + hi) / 2).to_string()}));
+        assert_eq!(out.status, 200, "{}", out.text);
+        let out = out.json();
+        steps += 1;
+        if out["terminated"] == true {
+            assert_eq!(out["reward"], 1.0, "{out}");
+            assert_eq!(s.post("/close", &json!({"episode_id": id})).status, 200);
+            return steps;
+        }
+        (lo, hi) = range(out["observation"].as_str().unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn concurrent_episodes_share_one_pool() {
+    let s = std::sync::Arc::new(TestServer::default_on_loopback());
+    let games: Vec<_> = (0..6u64)
+        .map(|seed| {
+            let s = s.clone();
+            std::thread::spawn(move || play_guess(&s, seed))
+        })
+        .collect();
+    let programs: Vec<_> = (0..3u64)
+        .map(|seed| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let id = s.post("/reset", &json!({"spec": "balance_scale", "seed": seed})).json()["episode_id"].clone();
+                let out = s.post("/step", &json!({"episode_id": id, "action": " GaussianNB()"})).json();
+                assert_eq!(out["terminated"], true, "{out}");
+                out["reward"].as_f64().unwrap()
+            })
+        })
+        .collect();
+    for g in games {
+        assert!((1..=7).contains(&g.join().unwrap()));
+    }
+    for p in programs {
+        assert!(p.join().unwrap() > 0.5);
+    }
+    let metrics = s.get("/metrics").text;
+    assert!(metrics.contains("etpo_serve_episodes_open 3\n"), "{metrics}");
 }
 
 #[test]
@@ -145,8 +203,8 @@ fn unknown_spec_and_episode_are_404() {
     let r = s.post("/reset", &json!({"spec": "../envs/balance_scale.yaml"}));
     assert_eq!(r.status, 404);
     let body = r.json();
-    assert_eq!(body["specs"], json!(["adventure", "balance_scale", "guess"]));
-    assert!(body["error"].as_str().unwrap().contains("serves: adventure, balance_scale, guess"), "{body}");
+    assert_eq!(body["specs"], json!(["adventure", "balance_scale", "guess", "guess_late"]));
+    assert!(body["error"].as_str().unwrap().contains("serves: adventure, balance_scale, guess, guess_late"), "{body}");
     let r = s.post("/step", &json!({"episode_id": "0123", "action": "50"}));
     assert_eq!(r.status, 404);
     assert!(r.json()["error"].is_string());
@@ -173,10 +231,10 @@ fn bad_json_is_400() {
 
 #[test]
 fn idle_episodes_expire() {
-    let s = TestServer::start(serve::Config { idle_timeout: Duration::from_millis(300), ..config() });
+    let s = TestServer::start(serve::Config { idle_timeout: Duration::from_secs(1), ..config() });
     let id = s.post("/reset", &json!({"spec": "guess"})).json()["episode_id"].clone();
     assert_eq!(s.post("/step", &json!({"episode_id": id, "action": "50"})).status, 200);
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_secs(3));
     assert_eq!(s.post("/step", &json!({"episode_id": id, "action": "25"})).status, 404);
     let metrics = s.get("/metrics").text;
     assert!(metrics.contains("etpo_serve_episodes_expired_total 1\n"), "{metrics}");
