@@ -7,6 +7,7 @@
 
     etpo.register("envs/")                       # gymnasium.make("etpo/balance_scale-v0")
     etpo.check("my_spec.yaml")                   # raises etpo.SpecError("file:line:col: error: ...")
+    etpo.remote.make("http://127.0.0.1:8765", "balance_scale")   # the same over `etpo serve`
 
 Actions run in the same hardened sandbox worker pool as the `etpo` command line; see `EtpoEnv`
 for the semantics and `configure` for the pool's settings.
@@ -18,7 +19,7 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from . import _etpo
+from . import _etpo, remote
 from ._etpo import EnvError, SpecError
 from .env import EtpoEnv, PromptText, make
 from .registration import register
@@ -38,6 +39,7 @@ __all__ = [
     "find_specs",
     "make",
     "register",
+    "remote",
     "sandbox",
 ]
 
