@@ -8,7 +8,9 @@
 #   - the shipped text games (`games`): the Rust crates in games/ compiled to WebAssembly
 #     (target wasm32-unknown-unknown, added with rustup if missing) into
 #     games/target/wasm32-unknown-unknown/release/*.wasm, where envs/games/*.yaml point;
-#   - optionally, the Python bindings (python/), with gymnasium, pytest and maturin in .venv:
+#   - optionally, the Python bindings (python/), with gymnasium, pytest and maturin in .venv (and
+#     Ray, pinned, for python/tests/test_ray.py and `etpo.ray`; the package itself needs it only
+#     as the optional extra `etpo[ray]`):
 #     `pybind` builds the `etpo` wheel with maturin and installs it into .venv, as a user would;
 #     `pybind-dev` (run by `make test`) builds the native module with cargo, with the features of
 #     the whole workspace, so that it shares every compiled dependency with `cargo test` (maturin
@@ -90,10 +92,10 @@ setup_lint() {
 
 setup_pytools() {
     setup_python
-    if ! "$VENV/bin/python" -c "import gymnasium, pytest, maturin" 2>/dev/null; then
-        echo "setup: installing gymnasium, pytest and maturin into $VENV" >&2
+    if ! "$VENV/bin/python" -c "import gymnasium, pytest, maturin, ray" 2>/dev/null; then
+        echo "setup: installing gymnasium, pytest, maturin and ray into $VENV" >&2
         "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-            "gymnasium>=1.0,<2" "pytest>=8" "maturin>=1.9.4,<2"
+            "gymnasium>=1.0,<2" "pytest>=8" "maturin>=1.9.4,<2" "ray==2.60.0"
     fi
 }
 

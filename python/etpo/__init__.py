@@ -8,6 +8,7 @@
     etpo.register("envs/")                       # gymnasium.make("etpo/balance_scale-v0")
     etpo.check("my_spec.yaml")                   # raises etpo.SpecError("file:line:col: error: ...")
     etpo.remote.make("http://127.0.0.1:8765", "balance_scale")   # the same over `etpo serve`
+    etpo.ray.rollouts("/abs/envs/games/guess.yaml", policy, n_workers=4)   # on a Ray cluster (optional: etpo[ray])
 
 Actions run in the same hardened sandbox worker pool as the `etpo` command line; see `EtpoEnv`
 for the semantics and `configure` for the pool's settings.
@@ -42,6 +43,15 @@ __all__ = [
     "remote",
     "sandbox",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # `etpo.ray` is imported on first use: Ray is optional, and `import etpo` never imports it.
+    if name == "ray":
+        import importlib
+
+        return importlib.import_module(".ray", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -6,12 +6,13 @@
 # the job on a pipe, so the fork is off the critical path; while it waits, the spare rehearses a
 # trivial action (`rehearse`), so that the pages every action writes are copied (copy-on-write
 # after the fork) before the job arrives rather than on its path. The child compiles and runs the
-# untrusted program, calls build_model(x_train, y_train) and predict_proba(x_val), and writes the
-# raw probabilities back; the worker replies to the host as soon as that result is complete (or
-# the child dies, or the wall-clock deadline passes), then kills every process left and empties
-# the scratch directories. The worker itself never runs user code. Inside the sandbox it is PID 1
-# of its own PID namespace, so the user code cannot signal it, and kill(-1, SIGKILL) removes every
-# process a job left behind (double forks and setsid included).
+# untrusted program, calls build_model(x_train, y_train) and predict_proba(x_val), writes the raw
+# probabilities back and waits to be killed; the worker replies to the host as soon as that result
+# is complete (or the child dies, or the wall-clock deadline passes), then kills every process left
+# and empties the scratch directories. The worker itself never runs user code. Inside the sandbox
+# it is PID 1 of its own PID namespace, so the user code cannot signal it, and kill(-1, SIGKILL)
+# removes every process a job left behind (double forks and setsid included). The next spare is
+# forked only after that: no process of a job ever coexists with the child of the next.
 #
 # Wire format, both directions: u32 little-endian header length, a JSON header, then the binary
 # payload whose byte length is header["payload"]. Requests carry x_train (f64), y_train (i64) and
@@ -159,25 +160,27 @@ def kind_of(exc):
     return "Memory" if isinstance(exc, MemoryError) else "Exception"
 
 
-def prepare_child(job_r):
+def prepare_child(job_r, rehearse_first):
     """Job-independent setup of a spare child, done while it waits for its job. Returns the
-    private writable memory it holds, the base of the memory limit."""
+    private writable memory it holds, the base of the memory limit, and whether it rehearsed (only
+    if `rehearse_first` and its job has not come yet: a job that waits would wait longer)."""
     _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:  # the child dies first on memory pressure
             f.write("1000")
     except OSError:
         pass
-    if REHEARSE and not select.select([job_r], [], [], 0)[0]:
+    rehearsed = rehearse_first and not select.select([job_r], [], [], 0)[0]
+    if rehearsed:
         rehearse()
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmData:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024, rehearsed
     except (OSError, ValueError):
         pass
-    return 0
+    return 0, rehearsed
 
 
 def child(job, payload, result_w, base_data, trace):
@@ -305,9 +308,7 @@ def rehearsal_frame():
     header = {"program": "from sklearn.dummy import DummyClassifier\n"
                          "def build_model(x_train, y_train):\n"
                          "    return DummyClassifier(strategy='prior').fit(x_train, y_train)\n",
-              "n_train": 24, "n_features": 4, "n_val": 24, "n_classes": 3,
-              "limits": {"wall_s": 1.0, "cpu_s": 1.0, "memory_mb": 64, "output_kb": 1,
-                         "max_processes": 1}}
+              "n_train": 24, "n_features": 4, "n_val": 24, "n_classes": 3}
     payload = x.tobytes() + y.tobytes() + x.tobytes()
     header["payload"] = len(payload)
     head = json.dumps(header).encode()
@@ -408,6 +409,9 @@ class Spare:
     path of the next job."""
 
     def __init__(self):
+        # The host's next request may be there already (actions queued): then the child forked
+        # now would only delay it by rehearsing.
+        rehearse_first = REHEARSE and not select.select([CTRL_IN], [], [], 0)[0]
         job_r, self.job_w = os.pipe()
         self.res_r, res_w = os.pipe()
         self.out_r, out_w = os.pipe()
@@ -421,9 +425,10 @@ class Spare:
                 os.dup2(out_w, 1)
                 os.dup2(out_w, 2)
                 os.close(out_w)
-                base_data = prepare_child(job_r)
+                base_data, rehearsed = prepare_child(job_r, rehearse_first)
                 faults = minor_faults()  # a forked child's count starts at zero
-                trace = {"c_prepared": now(), "c_prep_faults": faults, "faults0": faults}
+                trace = {"c_prepared": now(), "c_prep_faults": faults, "faults0": faults,
+                         "c_rehearsed": int(rehearsed)}
                 try:
                     job, payload = recv(job_r)
                 except EOFError:
@@ -458,7 +463,8 @@ RESULT_KEYS = {"ok": bool, "kind": str, "message": str, "rows": int, "cols": int
                "cpu_s": (int, float), "peak_rss_mb": (int, float)}
 KINDS = ("Syntax", "Exception", "Memory", "BadPredictions")
 # The child's timestamps and counts passed on in the trace (non-negative integers only).
-CHILD_TRACE = ("c_prepared", "c_prep_faults", "c_job", "c_ready", "c_built", "c_done", "c_faults")
+CHILD_TRACE = ("c_prepared", "c_prep_faults", "c_rehearsed", "c_job", "c_ready", "c_built",
+               "c_done", "c_faults")
 
 
 def sanitize(child_head, header):
@@ -483,7 +489,8 @@ def sanitize(child_head, header):
             out.pop(key)
     trace = child_head.get("trace")
     if isinstance(trace, dict):
-        out["trace"] = {k: v for k, v in trace.items() if k in CHILD_TRACE and type(v) is int and 0 <= v < (1 << 63)}
+        out["trace"] = {k: v for k, v in trace.items()
+                        if k in CHILD_TRACE and type(v) is int and 0 <= v < (1 << 63)}
     out.setdefault("ok", False)
     if not out["ok"]:
         out.setdefault("kind", "Exception")

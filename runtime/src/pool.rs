@@ -44,8 +44,9 @@ pub struct Tuning {
     /// Each child forked ahead for the next job runs a trivial action through the job's steps
     /// while it waits (skipped when the job is already there), so that the pages every action
     /// writes are copied after the fork before the job arrives instead of on its path: about 600
-    /// page faults, 2.5 ms of a trivial action on a busy 2-core Xeon. Costs about as much CPU,
-    /// spent while the worker is otherwise idle. Default: on.
+    /// page faults, 2 ms of a trivial action's wall time on a busy 2-core Xeon. Costs about
+    /// 1.2 ms more CPU per action (the rehearsal's own work and pages the job would not have
+    /// written), spent while the worker waits. Default: on.
     pub rehearse: bool,
 }
 

@@ -33,7 +33,8 @@ pub fn monotonic_ns() -> u64 {
 ///   received and decoded), `c_ready` (limits set, arrays built), `c_built` (`build_model`
 ///   returned a fitted model), `c_done` (`predict_proba` done, result encoded);
 /// - counts: `c_prep_faults` (minor page faults of the child before its job), `c_faults` (minor
-///   page faults while running it: copy-on-write after the fork shows here);
+///   page faults while running it: copy-on-write after the fork shows here), `c_rehearsed` (1 if
+///   the child rehearsed a trivial action before its job, see `Tuning::rehearse`);
 /// - durations (ns) of the worker's work after its previous reply, which delays a request sent
 ///   right after that reply: `a_reap` (killing and reaping the previous child), `a_kill_all`
 ///   (everything else the previous job left), `a_wipe` (emptying the scratch directories),
@@ -84,4 +85,34 @@ pub(crate) fn from_header(header: &serde_json::Value) -> BTreeMap<String, u64> {
         .and_then(|t| t.as_object())
         .map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_u64()?))).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_non_negative_integers_are_taken_from_the_reply() {
+        let header =
+            serde_json::json!({"trace": {"w_req": 5, "c_job": -1, "c_ready": 2.5, "c_built": "7", "c_done": 9}});
+        let got = from_header(&header);
+        assert_eq!(got, BTreeMap::from([("w_req".to_string(), 5), ("c_done".to_string(), 9)]));
+        assert!(from_header(&serde_json::json!({"trace": [1, 2]})).is_empty());
+        assert!(from_header(&serde_json::json!({})).is_empty());
+    }
+
+    #[test]
+    fn spans_need_both_stamps_in_order() {
+        let t = ActionTrace {
+            start: 10,
+            end: 50,
+            worker: BTreeMap::from([("w_req".to_string(), 20), ("w_result".to_string(), 15)]),
+            ..ActionTrace::default()
+        };
+        assert_eq!(t.span("start", "end"), Some(40));
+        assert_eq!(t.span("start", "w_req"), Some(10));
+        assert_eq!(t.span("w_req", "w_result"), None, "reversed");
+        assert_eq!(t.span("start", "c_job"), None, "missing");
+        assert!(monotonic_ns() > 0);
+    }
 }

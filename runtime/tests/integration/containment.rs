@@ -593,3 +593,94 @@ def build_model(x_train, y_train):
     assert!(out.result.is_err(), "a forged frame must not count as predictions");
     assert_normal();
 }
+
+#[test]
+fn a_forged_frame_that_never_completes_ends_with_the_child() {
+    // A frame header promising more payload than ever comes: the worker cannot take the result as
+    // complete and waits for the child to end, which it does soon after sending its own result
+    // (it waits to be killed only briefly): an ordinary failure, well before the wall-clock limit.
+    let program = "\
+import json, os, struct
+from sklearn.linear_model import LogisticRegression
+def build_model(x_train, y_train):
+    for fd in range(3, 64):
+        try:
+            if os.readlink('/proc/self/fd/%d' % fd).startswith('pipe:') and fd != 0:
+                head = json.dumps({'ok': True, 'payload': 10 ** 7}).encode()
+                os.write(fd, struct.pack('<I', len(head)) + head)
+        except OSError:
+            pass
+    return LogisticRegression().fit(x_train, y_train)
+";
+    let out = run(program);
+    let (kind, msg) = err(&out);
+    assert_eq!(*kind, Kind::Exception, "{msg}");
+    assert!(msg.contains("corrupted the channel"), "{msg}");
+    assert_normal();
+}
+
+/// The same program on a pool whose children rehearse before their job (the default) and on one
+/// whose children do not sees the same state: the rehearsal leaves none behind. Checked on
+/// numpy's global random generator, which a rehearsal drawing from it would move: its position in
+/// the Mersenne Twister state counts the draws since it was seeded (the seed itself differs from
+/// worker to worker).
+#[test]
+fn the_rehearsal_before_a_job_is_invisible_to_the_program() {
+    let program = "\
+import numpy as np
+class Seen:
+    def __init__(self):
+        _, _, pos, has_gauss, _ = np.random.get_state()
+        self.row = [float(pos), float(has_gauss)]
+        self.classes_ = np.array([0, 1])
+    def predict_proba(self, x):
+        return np.tile(self.row, (len(x), 1))
+def build_model(x_train, y_train):
+    return Seen()
+";
+    let mut tuning = runtime::Tuning::default();
+    assert!(tuning.rehearse, "children rehearse by default");
+    tuning.rehearse = false;
+    let plain = Pool::with_tuning(PoolConfig { workers: 1, python: python(), limits: LIMITS }, tuning).unwrap();
+    let (without, trace) = plain.evaluate_traced(&job(program, LIMITS)).unwrap();
+    assert_eq!(trace.get("c_rehearsed"), Some(0), "{trace:?}");
+    // A child skips its rehearsal when its job is already there: give it the time to rehearse.
+    let with = (0..20)
+        .find_map(|i| {
+            std::thread::sleep(Duration::from_millis(100 * i));
+            let (out, trace) = pool().evaluate_traced(&job(program, LIMITS)).unwrap();
+            (trace.get("c_rehearsed") == Some(1)).then_some(out)
+        })
+        .expect("a child rehearsed before its job");
+    assert_eq!(with.result.unwrap(), without.result.unwrap());
+}
+
+/// The stamps of one action, from the host, the worker and the child, read one clock: they come
+/// in the order of the action's steps.
+#[test]
+fn an_action_trace_is_in_the_order_of_its_steps() {
+    let (out, t) = pool().evaluate_traced(&job(NORMAL, LIMITS)).unwrap();
+    assert_reference(&out);
+    let at = |name: &str| match name {
+        "start" => t.start,
+        "encoded" => t.encoded,
+        "ready" => t.ready,
+        "sent" => t.sent,
+        "received" => t.received,
+        "checked" => t.checked,
+        "end" => t.end,
+        other => t.get(other).unwrap_or_else(|| panic!("no stamp {other} in {t:?}")),
+    };
+    let order = [
+        "start", "encoded", "ready", "w_req", "c_job", "c_ready", "c_built", "c_done", "w_result", "w_reply",
+        "received", "checked", "end",
+    ];
+    for pair in order.windows(2) {
+        assert!(at(pair[0]) <= at(pair[1]), "{} after {} in {t:?}", pair[0], pair[1]);
+    }
+    assert!(at("ready") <= at("sent") && at("sent") <= at("received"), "{t:?}");
+    assert!(at("w_idle") <= at("w_req") && at("c_prepared") <= at("c_job"), "{t:?}");
+    for count in ["c_faults", "c_prep_faults", "a_fork"] {
+        assert!(t.get(count).is_some(), "no {count} in {t:?}");
+    }
+}

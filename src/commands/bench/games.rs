@@ -37,7 +37,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let paths = if args.paths.is_empty() { vec![PathBuf::from("envs/games")] } else { args.paths.clone() };
     let files = envspec::find_specs(&paths).map_err(|e| anyhow::anyhow!("{e}"))?;
     let host = Host::new(runtime::PoolConfig::default());
-    println!("etpo bench games: {} episodes and {} steps per game, seed {}", args.episodes, args.steps, args.seed);
+    println!(
+        "etpo bench games: {} episodes and {} steps per game, seed {}; {}",
+        args.episodes,
+        args.steps,
+        args.seed,
+        super::cpu_model()
+    );
     println!(
         "{:<12} {:>11} {:>14} {:>13} {:>12} {:>10} {:>11}",
         "game", "compile ms", "instantiate µs", "game step µs", "env step µs", "steps/s", "fuel/step"

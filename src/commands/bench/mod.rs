@@ -1,5 +1,6 @@
 //! `etpo bench ...`: `sandbox` and `model` measure etpo against a baseline side by side in one
-//! run and print the ratios; `train` and `games` print absolute costs (with the CPU model).
+//! run and print the ratios; `train` and `games` print absolute costs. Each prints the CPU it ran
+//! on ([`cpu_model`]).
 
 use clap::Subcommand;
 
@@ -46,7 +47,7 @@ pub(crate) fn cpu_model() -> String {
     }
 }
 
-/// The 1-minute load average.
+/// The machine's 1-minute load average (other work competing for the cores).
 pub(crate) fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }

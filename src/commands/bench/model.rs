@@ -124,10 +124,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "etpo bench model: {} on {} ({}), {threads} threads; median of {} runs after a warm-up",
+        "etpo bench model: {} on {} ({}), {threads} threads of {}; median of {} runs after a warm-up",
         model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into_owned()),
         args.model.device,
         if device.is_cuda() { "bf16" } else { "f32" },
+        super::cpu_model(),
         args.repeats,
     );
 
@@ -272,7 +273,6 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u
     Ok(Figures { load_s, generate, train_step_s: Some(train_step_s), train_seconds, peak_rss_mb: peak_rss_mb() })
 }
 
-/// The machine's 1-minute load average (other work competing for the cores).
 /// This process's peak resident memory (VmHWM), in MB.
 fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -124,7 +124,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
     };
     let vocab = model.config().vocab_size;
-    println!("model: {label}, loaded in {:.1} s; device {}", started.elapsed().as_secs_f64(), args.model.device);
+    println!(
+        "model: {label}, loaded in {:.1} s; device {}; CPU {}",
+        started.elapsed().as_secs_f64(),
+        args.model.device,
+        super::cpu_model()
+    );
     println!(
         "batch: {} actions of {} tokens from {} states of {} tokens, micro-batch {}",
         args.actions, args.action_tokens, args.states, args.prompt_tokens, args.micro_batch

@@ -93,8 +93,15 @@ fn a_very_large_beta_keeps_the_policy_at_the_reference() {
         let mut model = tiny_model(7);
         let optim = AdamWConfig { lr, ..Default::default() };
         // No trust region: what is measured is where Eq. 7's target puts π.
-        let cfg =
-            EtpoConfig { q_optim: optim, policy_optim: optim, policy_max_kl: None, ..config(QReadout::Dueling, beta) };
+        let cfg = EtpoConfig {
+            q_optim: optim,
+            policy_optim: optim,
+            policy_max_kl: None,
+            // Eq. 6 and Eq. 7 as written: one-step targets, the squared error alone.
+            trace_lambda: 0.0,
+            conservative: 0.0,
+            ..config(QReadout::Dueling, beta)
+        };
         let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
         let mut rng = Rng(5);
         for _ in 0..10 {
@@ -360,7 +367,12 @@ fn eq6_targets_of_a_two_step_episode_by_hand() {
         vec![v(&cat(&s0, &[5])), -1.0 + gamma * v(&s2)],
     ];
     for discount_inside in [false, true] {
-        let cfg = EtpoConfig { gamma, discount_inside_actions: discount_inside, ..config(QReadout::Logits, 0.01) };
+        let cfg = EtpoConfig {
+            gamma,
+            discount_inside_actions: discount_inside,
+            trace_lambda: 0.0,
+            ..config(QReadout::Logits, 0.01)
+        };
         let mut m = tiny_model(5);
         let trainer = EtpoTrainer::new(&mut m, cfg).unwrap();
         let got = trainer.targets(&m, &batch).unwrap();
@@ -376,4 +388,27 @@ fn eq6_targets_of_a_two_step_episode_by_hand() {
             }
         }
     }
+
+    // Tree-backup traces (trace_lambda = 1): each target inside an action adds π's probability
+    // of the next token taken times (that token's target − Q̄ of it), back from the last token.
+    // At the start Q̄ = z and π = ρ.
+    let logit = |ctx: &[u32], w: u32| -> f64 {
+        let ids = Tensor::new(ctx, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let z: Vec<f32> =
+            model.forward(&ids, None, None).unwrap().squeeze(0).unwrap().get(ctx.len() - 1).unwrap().to_vec1().unwrap();
+        z[w as usize] as f64
+    };
+    let prob = |ctx: &[u32], w: u32| next_probs(&model, ctx, None)[w as usize] as f64;
+    let (c1, c2) = (cat(&s0, &[4]), cat(&s0, &[4, 7]));
+    let y2 = plain[0][2];
+    let y1 = v(&c2) + prob(&c2, 2) * (y2 - logit(&c2, 2));
+    let y0 = v(&c1) + prob(&c1, 7) * (y1 - logit(&c1, 7));
+    let cfg = EtpoConfig { gamma, trace_lambda: 1.0, ..config(QReadout::Logits, 0.01) };
+    let mut m = tiny_model(5);
+    let trainer = EtpoTrainer::new(&mut m, cfg).unwrap();
+    let got = trainer.targets(&m, &batch).unwrap();
+    for (g, w) in got[0].iter().zip([y0, y1, y2]) {
+        assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "with traces: {:?} vs {:?}", got[0], [y0, y1, y2]);
+    }
+    assert_eq!(got[1], vec![1.0]);
 }
