@@ -83,11 +83,41 @@ pub(crate) fn spawn_sweeper(runtime: &tokio::runtime::Handle, state: Weak<State>
 
 /// `GET /specs`: the served specs.
 pub(crate) async fn specs(AxumState(state): AxumState<Arc<State>>) -> Json<Value> {
-    Json(Value::Array(state.tasks.values().map(|t| describe(t.spec())).collect()))
+    let describe = |t: &Arc<runtime::env::Task>| {
+        let digests = state.digests.get(&t.spec().name).cloned().unwrap_or_default();
+        describe(t.spec(), &digests)
+    };
+    Json(Value::Array(state.tasks.values().map(describe).collect()))
+}
+
+/// The sha256 (hex) of a served spec's file and of the file it reads (its data file or its game
+/// module; `None` for a built-in data set or a file that cannot be read), so that a client can
+/// tell whether the server runs the same version of a spec as its own copy.
+#[derive(Clone, Default)]
+pub(crate) struct SpecDigests {
+    spec: Option<String>,
+    data: Option<String>,
+}
+
+impl SpecDigests {
+    /// Hashes the files of `spec` as they are now (called once, when the server is built).
+    pub(crate) fn of(spec: &Spec) -> SpecDigests {
+        let data = match spec.kind.game() {
+            Some(game) => Some(game.module.clone()),
+            None => spec.dataset.source.path().map(|p| spec.base_dir().join(p)),
+        };
+        SpecDigests { spec: file_sha256(&spec.path), data: data.and_then(|p| file_sha256(&p)) }
+    }
+}
+
+fn file_sha256(path: &std::path::Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).ok()?;
+    Some(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// What a client needs to know about a spec (no file paths).
-fn describe(spec: &Spec) -> Value {
+fn describe(spec: &Spec, digests: &SpecDigests) -> Value {
     json!({
         "name": spec.name,
         "description": spec.description,
@@ -96,6 +126,8 @@ fn describe(spec: &Spec) -> Value {
         "seeds": spec.dataset.seeds,
         "prompt_format": spelling(&spec.prompt.format()),
         "failure_reward": spec.reward.failure_reward,
+        "sha256": digests.spec,
+        "data_sha256": digests.data,
     })
 }
 

@@ -6,7 +6,7 @@
 //! | endpoint | does |
 //! |---|---|
 //! | `GET /health` | `{"status": "ok"}` |
-//! | `GET /specs` | the served specs: name, description, kind, max_steps, seeds, prompt_format, failure_reward |
+//! | `GET /specs` | the served specs: name, description, kind, max_steps, seeds, prompt_format, failure_reward, sha256 (of the spec file), data_sha256 (of its data file or game module) |
 //! | `POST /reset {"spec", "seed"?}` | opens an episode: `{"episode_id", "observation", "messages"?, "info"}` |
 //! | `POST /step {"episode_id", "action"}` | `{"observation", "messages"?, "reward", "terminated", "truncated", "info"}`, `info` as the Python binding's `EtpoEnv.step` |
 //! | `POST /close {"episode_id"}` | closes an episode |
@@ -132,6 +132,8 @@ pub(crate) struct State {
     pub(crate) metrics: metrics::Metrics,
     /// Renders chat observations as text (ChatML, the Python binding's default).
     pub(crate) chatml: ChatTemplate,
+    /// The sha256 of each served spec's files, by spec name (for `GET /specs`).
+    pub(crate) digests: BTreeMap<String, episodes::SpecDigests>,
 }
 
 impl State {
@@ -160,6 +162,7 @@ pub fn router(config: &Config, host: Arc<Host>, tasks: Vec<Arc<Task>>) -> Result
         }
     }
     let chatml = ChatTemplate::new(CHATML, "", "").map_err(|e| ServeError::Config(format!("ChatML: {e}")))?;
+    let digests = by_name.iter().map(|(name, t)| (name.clone(), episodes::SpecDigests::of(t.spec()))).collect();
     let state = Arc::new(State {
         config: config.clone(),
         tasks: by_name,
@@ -168,6 +171,7 @@ pub fn router(config: &Config, host: Arc<Host>, tasks: Vec<Arc<Task>>) -> Result
         jobs: Arc::new(tokio::sync::Semaphore::new(config.max_queue)),
         metrics: metrics::Metrics::default(),
         chatml,
+        digests,
     });
     episodes::spawn_sweeper(&runtime, Arc::downgrade(&state), config.idle_timeout);
     Ok(Router::new()

@@ -15,9 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use etpo::experiment::lock::RunLock;
 use etpo::experiment::provenance::{digest, folder_digests, git_commit, python_versions, utc_timestamp, FileDigest};
+use etpo::experiment::remote::{self, ExpectedSpec};
 use etpo::experiment::{
-    self, plot, read_steps, run_loop, summary, Agent, LlmPolicy, Observer, Policy, Reflection, SamplingConfig,
-    ScriptedPolicy, SpecRun, SpecStats, StepLog, StepRecord, TrainSchedule, Trained, TrainerConfig,
+    self, plot, read_steps, run_loop, summary, Agent, Environments, ExperimentError, LlmPolicy, Observer, Policy,
+    Reflection, RemoteError, RemoteSpec, SamplingConfig, ScriptedPolicy, Servers, SpecRun, SpecStats, StepLog,
+    StepRecord, TrainSchedule, Trained, TrainerConfig,
 };
 
 /// `--algo`'s parser: the names of [`Algorithm::NAMES`].
@@ -116,8 +118,8 @@ pub struct Args {
     /// The run folder to create (default: runs/<UTC timestamp>-<algo>).
     #[arg(long, conflicts_with = "resume")]
     out: Option<PathBuf>,
-    /// Continue the run in this folder with its recorded configuration (`--device` and
-    /// `--workers` may differ). Every recorded step is kept and none is repeated: a half-written
+    /// Continue the run in this folder with its recorded configuration (`--device`, `--workers`
+    /// and `--remote` may differ). Every recorded step is kept and none is repeated: a half-written
     /// last line of steps.jsonl is dropped, and an episode that was in progress continues from
     /// the reflection state rebuilt from its recorded last action and error (nothing is re-run).
     #[arg(long, value_name = "DIR", conflicts_with = "model")]
@@ -132,6 +134,12 @@ pub struct Args {
     /// Sandbox workers evaluating actions in parallel (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Run the environments on these `etpo serve` servers (comma-separated http://HOST:PORT, each
+    /// serving the run's spec files) instead of this machine's sandbox and game engine, spread
+    /// over them; the episodes of a server that fails continue on the others. `--resume` uses the
+    /// run's servers unless given again.
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    remote: Option<Vec<String>>,
     /// Sampling temperature of the model (default: the spec's `training.temperature`, else 0.5).
     #[arg(long, conflicts_with = "resume")]
     temperature: Option<f64>,
@@ -176,6 +184,9 @@ struct RunConfig {
     /// Training hyper-parameters as given on the command line.
     #[serde(default)]
     train: TrainFlags,
+    /// The `etpo serve` servers the environments run on (`--remote`); empty: this machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    remote: Vec<String>,
 }
 
 /// `config.json`.
@@ -223,7 +234,7 @@ struct ResumeEntry {
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     // `_lock` is held to the end: one process per run folder.
-    let (dir, mut manifest, previous, _lock) = match &args.resume {
+    let (dir, mut manifest, previous, _lock, checked) = match &args.resume {
         Some(dir) => open_resumed(dir, &args)?,
         None => create_run(&args)?,
     };
@@ -236,16 +247,37 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         python: manifest.python.clone(),
         limits: runtime::Limits::default(),
     });
-    let mut tasks = Vec::new();
+    let mut specs = Vec::new();
     for entry in &manifest.specs {
-        let mut spec = envspec::load(&entry.file.path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        specs.push((envspec::load(&entry.file.path).map_err(|e| anyhow::anyhow!("{e}"))?, entry));
+    }
+    // With --remote, the environments run on the servers, checked to serve the same specs
+    // (already by `create_run` for a new run).
+    let servers = match checked {
+        Some(servers) => Some(servers),
+        None if config.remote.is_empty() => None,
+        None => {
+            let refs: Vec<(&envspec::Spec, &SpecEntry)> = specs.iter().map(|(s, e)| (s, *e)).collect();
+            Some(connect(&config, &refs)?)
+        }
+    };
+    if let Some(servers) = &servers {
+        eprintln!("environments on {}", servers.urls().join(", "));
+    }
+    let mut tasks = Vec::new();
+    for (mut spec, entry) in specs {
         if config.train.one_step {
             spec.max_steps = 1;
         }
         let spec = Arc::new(spec);
-        let env = runtime::env::Task::load(spec.clone(), &host)
-            .with_context(|| format!("{}: preparing the environment", entry.file.path.display()))?;
-        tasks.push(SpecRun { spec, env, seeds: entry.seeds.clone(), steps: entry.steps });
+        let envs: Box<dyn Environments> = match &servers {
+            Some(servers) => Box::new(RemoteSpec::new(spec.clone(), servers.clone())),
+            None => Box::new(
+                runtime::env::Task::load(spec.clone(), &host)
+                    .with_context(|| format!("{}: preparing the environment", entry.file.path.display()))?,
+            ),
+        };
+        tasks.push(SpecRun { spec, envs, seeds: entry.seeds.clone(), steps: entry.steps });
     }
 
     // A model policy also measures states against `prompt.max_tokens` in its own tokens.
@@ -255,7 +287,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         let policy = LlmPolicy::load(&model, &config.device, sampling_config(&config))?;
         let counter = policy.token_counter();
         for task in tasks.iter_mut() {
-            task.env.set_token_counter(counter.clone());
+            task.envs.set_token_counter(counter.clone())?;
         }
         Ok(policy)
     };
@@ -328,7 +360,15 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     println!("\nresults: {}", dir.display());
-    let outcome = outcome?;
+    let outcome = match outcome {
+        Err(e @ ExperimentError::Remote(RemoteError::AllDown(_))) => bail!(
+            "{e}\n{} keeps every finished step: once a server is back, continue with `etpo run --resume {}` (with \
+             --remote URL,... to use other servers)",
+            dir.display(),
+            dir.display()
+        ),
+        outcome => outcome?,
+    };
     if !outcome.interrupted {
         for spec in &stats {
             for seed in spec.seeds.iter().filter(|s| s.steps < spec.k) {
@@ -346,8 +386,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// A run folder opened for writing: its path, `config.json`, the steps already logged, its lock,
+/// and the `--remote` servers if they were checked already.
+type Opened = (PathBuf, Manifest, Vec<StepRecord>, RunLock, Option<Arc<Servers>>);
+
 /// A new run: resolve the specs, create the folder, write `config.json`.
-fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>, RunLock)> {
+fn create_run(args: &Args) -> anyhow::Result<Opened> {
     let found = envspec::find_specs(&args.paths).map_err(|e| anyhow::anyhow!("{e}"))?;
     if found.is_empty() {
         bail!("no spec files (*.yaml, *.yml) found in {}", join_paths(&args.paths));
@@ -397,6 +441,7 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         sampling_seed: args.sampling_seed,
         batch_size: args.batch_size,
         train: args.train.clone(),
+        remote: args.remote.clone().unwrap_or_default(),
     };
     // Check the training configuration before anything is written.
     let trainer = if config.algo.trains() {
@@ -423,6 +468,13 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
             );
         }
         None
+    };
+    // The servers are checked before anything is written.
+    let servers = if config.remote.is_empty() {
+        None
+    } else {
+        let refs: Vec<(&envspec::Spec, &SpecEntry)> = specs.iter().map(|(s, e)| (s, e)).collect();
+        Some(connect(&config, &refs)?)
     };
     // Record the sampling parameters each spec's actions will be drawn with.
     let sampling = sampling_config(&config);
@@ -468,12 +520,12 @@ fn create_run(args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>
         trainer,
     };
     write_json(&dir.join("config.json"), &manifest)?;
-    Ok((dir, manifest, Vec::new(), lock))
+    Ok((dir, manifest, Vec::new(), lock, servers))
 }
 
 /// An existing run: its recorded configuration, checked against the spec files as they are now,
 /// and the steps it has already taken.
-fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, Vec<StepRecord>, RunLock)> {
+fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<Opened> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: not a run folder", dir.display()))?;
     let lock = RunLock::acquire(dir)?;
@@ -495,9 +547,36 @@ fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<(PathBuf, Manifest, V
     if let Some(workers) = args.workers {
         manifest.config.workers = Some(workers);
     }
+    if let Some(remote) = &args.remote {
+        manifest.config.remote = remote.clone();
+    }
     manifest.config.device = args.model.device.clone();
     let previous = read_steps(&dir.join("steps.jsonl"))?;
-    Ok((dir.to_path_buf(), manifest, previous, lock))
+    Ok((dir.to_path_buf(), manifest, previous, lock, None))
+}
+
+/// The run's `etpo serve` servers (`--remote`), once each live one is checked to serve every spec
+/// in the version this run has (name, kind, max_steps, seeds, prompt format, and the sha256 of
+/// the spec file and of its data file or game module) and the specs are checked to need nothing
+/// a server cannot give.
+fn connect(config: &RunConfig, specs: &[(&envspec::Spec, &SpecEntry)]) -> anyhow::Result<Arc<Servers>> {
+    let counts_tokens = config.policy == PolicyKind::Llm || config.algo.trains();
+    for (spec, _) in specs {
+        if let Some(why) = remote::unsupported(spec, counts_tokens, config.train.one_step) {
+            bail!("--remote: {why}");
+        }
+    }
+    let servers = Servers::new(&config.remote)?;
+    let expected: Vec<ExpectedSpec<'_>> = specs
+        .iter()
+        .map(|(spec, entry)| ExpectedSpec {
+            spec,
+            sha256: entry.file.sha256.as_deref(),
+            data_sha256: entry.data.as_ref().and_then(|d| d.sha256.as_deref()),
+        })
+        .collect();
+    servers.check_specs(&expected)?;
+    Ok(servers)
 }
 
 /// The budget when neither `--steps` nor the spec's `training.steps` sets one.
@@ -792,6 +871,7 @@ mod tests {
             sampling_seed: 7,
             batch_size: 16,
             train,
+            remote: Vec::new(),
         }
     }
 

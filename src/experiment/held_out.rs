@@ -48,7 +48,7 @@ pub fn score_best_on_test(tasks: &[SpecRun], records: &[StepRecord]) -> Result<V
             let program = task.spec.assemble_program(&best.action).map_err(|e| {
                 ExperimentError::Internal(format!("{}: assembling the best action: {e}", task.spec.name))
             })?;
-            let Some(score) = task.env.env(seed)?.score_on_test(&program)? else { continue };
+            let Some(score) = task.envs.score_on_test(seed, &program)? else { continue };
             out.push(TestScore {
                 spec: task.spec.name.clone(),
                 seed,

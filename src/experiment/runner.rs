@@ -1,8 +1,9 @@
 //! The run loop: every spec × seed is an environment slot; each round, the policy acts for every
 //! slot that still has budget (one batch, so a model batches its generation), the environments
-//! evaluate those actions in parallel threads (sharing one worker pool), the steps are logged in
-//! slot order, and the agent sees the finished transitions and may update the policy before
-//! the next round.
+//! evaluate those actions in parallel threads (sharing one worker pool, or spread over `etpo
+//! serve` servers: the loop drives them through [`Environment`] and does not know which), the
+//! steps are logged in slot order, and the agent sees the finished transitions and may update the
+//! policy before the next round.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,8 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use envspec::{Prompt, Spec};
-use runtime::env::{Env, EnvError, Observation, StepInfo, StepResult};
+use runtime::env::{Observation, StepInfo, StepResult};
 
+use super::environment::{Environment, Environments};
 use super::policy::{prompt_sha256, ActRequest, Action, Policy};
 use super::record::{StepLog, StepRecord};
 use super::summary::SpecStats;
@@ -20,7 +22,9 @@ use super::ExperimentError;
 /// One spec made ready to run, the seeds to run it on and its budget.
 pub struct SpecRun {
     pub spec: Arc<Spec>,
-    pub env: runtime::env::Task,
+    /// Where its environments run: a local `runtime::env::Task`, or `etpo serve` servers
+    /// ([`super::remote::RemoteSpec`]).
+    pub envs: Box<dyn Environments>,
     pub seeds: Vec<u64>,
     /// Environment steps per seed (the paper's k).
     pub steps: u32,
@@ -122,7 +126,7 @@ struct Slot {
     seed: u64,
     /// Steps this slot may take.
     budget: u32,
-    env: Env,
+    env: Box<dyn Environment>,
     /// Steps used (all episodes).
     used: u32,
     /// The episode number the next reset starts.
@@ -204,7 +208,7 @@ fn make_slots(tasks: &[SpecRun]) -> Result<Vec<Slot>, ExperimentError> {
                 seed_index: si,
                 seed,
                 budget: task.steps,
-                env: task.env.env(seed)?,
+                env: task.envs.env(seed)?,
                 used: 0,
                 next_episode: 0,
                 current: None,
@@ -276,7 +280,7 @@ fn ask_policy(
 }
 
 /// What one slot's step returned, or its thread's panic.
-type Evaluated<'s> = std::thread::Result<(&'s mut Slot, Action, Result<StepResult, EnvError>)>;
+type Evaluated<'s> = std::thread::Result<(&'s mut Slot, Action, Result<StepResult, ExperimentError>)>;
 
 /// Steps the environments in parallel threads: each blocks on the shared worker pool, which
 /// bounds the number of programs running at once. Results come back in `work`'s order.
@@ -315,7 +319,7 @@ fn finish_round(tasks: &[SpecRun], results: Vec<Evaluated<'_>>) -> Round {
         let (slot, action, result) = match joined {
             Ok((slot, action, Ok(result))) => (slot, action, result),
             Ok((_, _, Err(e))) => {
-                round.fault.get_or_insert(e.into());
+                round.fault.get_or_insert(e);
                 continue;
             }
             Err(_) => {
@@ -367,10 +371,13 @@ fn finish_round(tasks: &[SpecRun], results: Vec<Evaluated<'_>>) -> Round {
 }
 
 /// Rebuilds the slots from the steps already logged. Finished episodes need nothing; an episode
-/// that was in progress when the run stopped is rebuilt from its recorded last action and error
-/// (`Env::restore`), without running anything again: re-running could give a different outcome
-/// (time limits, randomised estimators), and the log must stay the truth. A game's episode is
-/// replayed instead (`Env::replay`): a game is deterministic given its seed and actions.
+/// that was in progress when the run stopped is re-entered with [`Environment::resume`] after a
+/// reset whose first state is checked against the log. Locally, a data task's episode is rebuilt
+/// from its recorded last action and error (`Env::restore`), without running anything again:
+/// re-running could give a different outcome (time limits, randomised estimators), and the log
+/// must stay the truth; a game's episode is replayed (`Env::replay`): a game is deterministic
+/// given its seed and actions. Remote environments replay the recorded generations and check
+/// each outcome against the log ([`super::remote`]).
 fn restore(
     tasks: &[SpecRun],
     slots: &mut [Slot],
@@ -422,29 +429,11 @@ fn restore(
                 )));
             }
         }
-        let obs = if tasks[slot.task].spec.kind.game().is_some() {
-            // A game's state lives in the game: play the episode's recorded actions again.
-            let actions: Vec<&str> = previous
-                .iter()
-                .filter(|r| r.spec == record.spec && r.seed == record.seed && r.episode == record.episode)
-                .map(|r| r.action.as_str())
-                .collect();
-            slot.env.replay(&actions)?
-        } else {
-            // The episode's turns, as the states showed them when it ran.
-            let turns: Vec<envspec::Turn> = previous
-                .iter()
-                .filter(|r| r.spec == record.spec && r.seed == record.seed && r.episode == record.episode)
-                .map(|r| envspec::Turn {
-                    step: r.step,
-                    action: r.action.clone(),
-                    reward: r.reward,
-                    error: r.error.clone(),
-                    observation: String::new(),
-                })
-                .collect();
-            slot.env.restore(&turns)?
-        };
+        let steps: Vec<&StepRecord> = previous
+            .iter()
+            .filter(|r| r.spec == record.spec && r.seed == record.seed && r.episode == record.episode)
+            .collect();
+        let obs = slot.env.resume(&steps)?;
         slot.current = Some((record.episode, obs));
     }
     Ok(())

@@ -23,7 +23,7 @@ fn cargo() -> Command {
 }
 
 /// Builds the games of games/ (once per test binary) and returns the folder of the .wasm files.
-fn games() -> PathBuf {
+pub(crate) fn games() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {

@@ -9,6 +9,7 @@ mod experiment;
 mod games;
 mod generate;
 mod perplexity;
+mod remote;
 mod run;
 mod sandbox;
 mod train;

@@ -26,6 +26,16 @@ fn health_and_specs() {
     let data = by_name("balance_scale");
     assert_eq!(data["kind"], "sklearn");
     assert!(specs.to_string().find("/envs/").is_none(), "no file paths in /specs: {specs}");
+    // The files' sha256, for clients to check that they run the same version of a spec.
+    let sha = |path: std::path::PathBuf| -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(std::fs::read(path).unwrap()).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    assert_eq!(guess["sha256"], sha(crate::common::root().join("envs/games/guess.yaml")));
+    let module = crate::common::root().join("games/target/wasm32-unknown-unknown/release/guess.wasm");
+    assert_eq!(guess["data_sha256"], sha(module));
+    assert_eq!(data["sha256"], sha(crate::common::root().join("envs/balance_scale.yaml")));
+    assert_eq!(data["data_sha256"], json!(null), "a built-in data set has no file");
 }
 
 /// The range "from LO to HI" the guess game states in an observation.
