@@ -4,6 +4,7 @@
 
 mod common;
 
+mod bench;
 mod cli_spec;
 mod experiment;
 mod games;

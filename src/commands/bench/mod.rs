@@ -1,12 +1,14 @@
 //! `etpo bench ...`: `sandbox` and `model` measure etpo against a baseline side by side in one
-//! run and print the ratios; `train` and `games` print absolute costs. Each prints the CPU it ran
-//! on ([`cpu_model`]).
+//! run and print the ratios; `serve` prints the ratios of `etpo serve` over HTTP to the same work
+//! in-process; `train` and `games` print absolute costs. Each prints the CPU it ran on
+//! ([`cpu_model`]).
 
 use clap::Subcommand;
 
 pub mod games;
 pub mod model;
 pub mod sandbox;
+pub mod serve;
 pub mod train;
 
 #[derive(Subcommand)]
@@ -20,6 +22,9 @@ pub enum Bench {
     /// Steps per second of the shipped text games through the host, and instantiation cost per
     /// episode.
     Games(self::games::Args),
+    /// `etpo serve` over loopback HTTP with 1, 16 and 64 concurrent clients against the same game
+    /// steps and sandboxed actions in-process: p50/p99 latency and throughput, as ratios.
+    Serve(self::serve::Args),
 }
 
 /// The CPU's model name and the vector extensions that matter for our kernels, e.g.
@@ -58,5 +63,6 @@ pub fn run(bench: Bench) -> anyhow::Result<i32> {
         Bench::Model(args) => self::model::run(args),
         Bench::Train(args) => self::train::run(args),
         Bench::Games(args) => self::games::run(args),
+        Bench::Serve(args) => self::serve::run(args),
     }
 }
