@@ -22,7 +22,8 @@ pub struct EtpoConfig {
     /// Trace of the targets inside an action ([`super::math::tree_backup_targets`]): 0 is
     /// Eq. 6 as written (a reward moves one token back per update); up to 1 carries what
     /// followed each token taken back along the action in one update, cut at each token by π's
-    /// probability of it (tree backup), so replayed actions keep unbiased targets.
+    /// probability of it (tree backup), so replayed actions keep unbiased targets. Default 1:
+    /// on Balance Scale the decisive token was credited within 2 updates (README, "ETPO").
     pub trace_lambda: f64,
     /// How Q-values are read out of the Q-network.
     pub q_readout: QReadout,
@@ -34,7 +35,9 @@ pub struct EtpoConfig {
     /// Weight α of the conservative term added to the Q loss ([`super::math::conservative_term`],
     /// CQL with ρ as the prior: `α·(β·log E_ρ[exp(Q/β)] − Q(taken))`, with the dueling read-out
     /// `−α·β·log(π_Q(w|c)/ρ(w|c))`): it keeps the tokens never taken from being valued above
-    /// the ones that were (0: off, Eq. 6's squared error alone).
+    /// the ones that were (0: off, Eq. 6's squared error alone). Default 0.3: without it the
+    /// policy's entropy rose above ρ's and Balance Scale collapsed after 100 steps; at 1 the tiny
+    /// model's two-step task was learnt on 2 of 4 seeds only (README, "ETPO").
     pub conservative: f64,
     /// Huber threshold δ for the Q loss (`None`: plain squared error, as in Algorithm 1).
     pub huber_delta: Option<f64>,
@@ -238,7 +241,12 @@ mod tests {
         assert!((c.q_optim.lr - 2e-3 / 3.0).abs() < 1e-15 && (c.value_head_optim.lr - 2e-2 / 3.0).abs() < 1e-15);
         assert_eq!(c.q_readout, QReadout::Dueling);
         assert_eq!(c.policy_max_kl, Some(0.02));
+        assert_eq!((c.trace_lambda, c.conservative), (1.0, 0.3));
         assert!(c.validate().is_ok());
+        let bad = EtpoConfig { trace_lambda: 1.5, ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("trace_lambda must be in [0, 1]"));
+        let bad = EtpoConfig { conservative: -0.1, ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("conservative must be a number >= 0"));
     }
 
     #[test]
