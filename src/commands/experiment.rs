@@ -57,6 +57,10 @@ pub struct Args {
     /// Sandbox workers per run (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Text files for the paper's Table 3: the perplexity of the base model and of each trained
+    /// run's policy adapter on them (`etpo perplexity`), in `results.md` and `perplexity.csv`.
+    #[arg(long, value_delimiter = ',', value_name = "FILE")]
+    perplexity: Vec<PathBuf>,
 }
 
 /// The grid, resolved: the command line's values over the grid file's over the defaults.
@@ -72,12 +76,14 @@ struct Grid {
     update_every: Option<usize>,
     set: Vec<String>,
     workers: Option<usize>,
+    perplexity: Vec<PathBuf>,
     /// The grid file, if any.
     grid: Option<PathBuf>,
 }
 
 /// The keys of a grid file.
-const GRID_KEYS: [&str; 9] = ["specs", "algos", "seeds", "steps", "update_every", "set", "model", "workers", "out"];
+const GRID_KEYS: [&str; 10] =
+    ["specs", "algos", "seeds", "steps", "update_every", "set", "model", "workers", "out", "perplexity"];
 
 impl Grid {
     fn resolve(args: Args) -> anyhow::Result<Grid> {
@@ -92,6 +98,7 @@ impl Grid {
             update_every: args.update_every,
             set: args.set,
             workers: args.workers,
+            perplexity: args.perplexity,
             grid: args.grid.clone(),
         };
         if let Some(file) = &args.grid {
@@ -142,6 +149,9 @@ impl Grid {
                 }
                 "model" if self.model.is_none() => {
                     self.model = Some(base.join(e.value.as_str().ok_or_else(|| bad("a path"))?))
+                }
+                "perplexity" if self.perplexity.is_empty() => {
+                    self.perplexity = paths(&e.value).ok_or_else(|| bad("a list of text files"))?
                 }
                 "out" if self.out.as_os_str().is_empty() => {
                     self.out = base.join(e.value.as_str().ok_or_else(|| bad("a path"))?)
@@ -282,6 +292,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     report(&args.out, &names, &algos, &args.seeds, &cells)?;
+    if !args.perplexity.is_empty() {
+        table_3(&args, &exe, &cells)?;
+    }
     Ok(0)
 }
 
@@ -317,6 +330,7 @@ fn write_config(args: &Grid, algos: &[Arm]) -> anyhow::Result<()> {
         "grid": args.grid,
         "update_every": args.update_every,
         "set": args.set,
+        "perplexity": args.perplexity,
     });
     write_atomic(&args.out.join("config.json"), format!("{:#}\n", config).as_bytes())?;
     Ok(())
@@ -463,6 +477,54 @@ fn report(out: &Path, names: &[(String, u32)], algos: &[Arm], seeds: &[u64], cel
     write_atomic(&out.join("results.md"), md.as_bytes())?;
     print!("{md}");
     eprintln!("wrote {}", out.join("results.md").display());
+    Ok(())
+}
+
+/// The paper's Table 3: `etpo perplexity FILES --adapter <run>/adapter` for every training run,
+/// appended to `results.md`, and `perplexity.csv`.
+fn table_3(args: &Grid, exe: &Path, cells: &[Cell]) -> anyhow::Result<()> {
+    let mut csv = String::from("spec,algo,seed,file,tokens,base_ppl,adapter_ppl,ratio\n");
+    let mut md = String::from(
+        "\n## Table 3: perplexity of the base model and of each trained policy\n\nRL training should leave the language model intact: a ratio near 1.\n\n| spec | algo | seed | file | tokens | base | trained | ratio |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for cell in cells.iter().filter(|c| c.algo.trains()) {
+        let adapter = cell.dir.join("adapter");
+        if !adapter.is_dir() {
+            eprintln!("{} {} seed {}: no adapter yet, left out of Table 3", cell.name, cell.algo.name, cell.seed);
+            continue;
+        }
+        let mut cmd = Command::new(exe);
+        cmd.arg("perplexity").args(&args.perplexity).arg("--adapter").arg(&adapter).arg("--json");
+        cmd.args(["--device", &args.device]);
+        if let Some(m) = &args.model {
+            cmd.arg("--model").arg(m);
+        }
+        let out = cmd.output().context("starting etpo perplexity")?;
+        if !out.status.success() {
+            bail!("etpo perplexity on {} failed: {}", adapter.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: serde_json::Value = serde_json::from_str(line).context("reading etpo perplexity's output")?;
+            let (base, tuned) =
+                (v["base_ppl"].as_f64().unwrap_or(f64::NAN), v["adapter_ppl"].as_f64().unwrap_or(f64::NAN));
+            let (file, tokens) = (v["file"].as_str().unwrap_or(""), v["tokens"].as_u64().unwrap_or(0));
+            let ratio = tuned / base;
+            csv.push_str(&format!(
+                "{},{},{},{file},{tokens},{base:.4},{tuned:.4},{ratio:.4}\n",
+                cell.name, cell.algo.name, cell.seed
+            ));
+            md.push_str(&format!(
+                "| {} | {} | {} | {file} | {tokens} | {base:.3} | {tuned:.3} | {ratio:.4} |\n",
+                cell.name, cell.algo.name, cell.seed
+            ));
+        }
+    }
+    write_atomic(&args.out.join("perplexity.csv"), csv.as_bytes())?;
+    let results = args.out.join("results.md");
+    let mut text = std::fs::read_to_string(&results).with_context(|| format!("reading {}", results.display()))?;
+    text.push_str(&md);
+    write_atomic(&results, text.as_bytes())?;
+    print!("{md}");
     Ok(())
 }
 

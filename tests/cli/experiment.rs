@@ -105,11 +105,13 @@ fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
         "{md}"
     );
 
-    // An ablation of Appendix G is a column of its own: `etpo run --algo etpo` with its flag.
+    // An ablation of Appendix G is a column of its own: `etpo run --algo etpo` with its flag;
+    // with --perplexity, Table 3 for the trained policy.
+    std::fs::write(tmp.path().join("text.txt"), "The quick brown fox jumps over the lazy dog. ".repeat(20)).unwrap();
     let out = etpo(
         &["experiment", "bs.yaml", "--algos", "etpo-1step", "--seeds", "0", "--steps", "2", "--update-every", "2"]
             .into_iter()
-            .chain(["--model", "tiny-model", "--workers", "1", "--out", "ablation"])
+            .chain(["--model", "tiny-model", "--workers", "1", "--out", "ablation", "--perplexity", "text.txt"])
             .collect::<Vec<_>>(),
         tmp.path(),
     );
@@ -123,6 +125,14 @@ fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
     assert!(records.iter().all(|r| r["step"] == 0), "episodes of one step");
     let md = std::fs::read_to_string(tmp.path().join("ablation/results.md")).unwrap();
     assert!(md.contains("| spec | k | etpo-1step |"), "{md}");
+    assert!(md.contains("## Table 3: perplexity of the base model and of each trained policy"), "{md}");
+    let ppl = std::fs::read_to_string(tmp.path().join("ablation/perplexity.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = ppl.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 1, "{ppl}");
+    assert_eq!(&rows[0][..4], ["balance_scale", "etpo-1step", "0", "text.txt"]);
+    let (base, trained, ratio): (f64, f64, f64) =
+        (rows[0][5].parse().unwrap(), rows[0][6].parse().unwrap(), rows[0][7].parse().unwrap());
+    assert!(base > 1.0 && trained > 1.0 && (ratio - trained / base).abs() < 1e-3, "{ppl}");
 
     // An unknown algorithm is refused before anything runs.
     let out = etpo(&["experiment", "bs.yaml", "--algos", "etpo,dpo", "--out", "bad"], tmp.path());
