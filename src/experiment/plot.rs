@@ -196,6 +196,7 @@ mod tests {
         let rec = |reward: f64| StepRecord {
             spec: String::new(),
             seed: 0,
+            member: 0,
             episode: 0,
             step: 0,
             env_step: 0,

@@ -16,11 +16,16 @@ pub struct StepRecord {
     pub spec: String,
     /// The data split seed.
     pub seed: u64,
+    /// Which of the seed's side-by-side environments took the step (GRPO's groups; see
+    /// `Agent::group_size`); 0, and left out of the log, without groups.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub member: u32,
     /// Episode number within this spec and seed, from 0.
     pub episode: u32,
     /// Step within the episode, from 0 (the first action of an episode is step 0).
     pub step: u32,
-    /// Environment steps used so far for this spec and seed, this one included (1..=k).
+    /// Environment steps used so far for this spec and seed (all its members), this one
+    /// included (1..=k).
     pub env_step: u32,
     /// sha256 of the observation the action answered (see `prompt_sha256`).
     pub prompt_sha256: String,
@@ -121,6 +126,10 @@ pub fn read_steps(path: &Path) -> Result<Vec<StepRecord>, ExperimentError> {
     Ok(records)
 }
 
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
 fn truncate(path: &Path, len: u64) -> Result<(), ExperimentError> {
     let mut file = OpenOptions::new().write(true).open(path).map_err(|e| ExperimentError::io(path, e))?;
     file.set_len(len).map_err(|e| ExperimentError::io(path, e))?;
@@ -136,6 +145,7 @@ mod tests {
         StepRecord {
             spec: "s".into(),
             seed: 1,
+            member: 0,
             episode: 0,
             step: env_step - 1,
             env_step,

@@ -1,5 +1,7 @@
-//! The run loop: every spec × seed is an environment slot; each round, the policy acts for every
-//! slot that still has budget (one batch, so a model batches its generation), the environments
+//! The run loop: every spec × seed is an environment slot (or, for an agent that compares
+//! several actions per state, [`Agent::group_size`] slots of one seed acting in lockstep); each
+//! round, the policy acts for every slot that still has budget (one batch, so a model batches
+//! its generation), the environments
 //! evaluate those actions in parallel threads (sharing one worker pool, or spread over `etpo
 //! serve` servers: the loop drives them through [`Environment`] and does not know which), the
 //! steps are logged in slot order, and the agent sees the finished transitions and may update the
@@ -37,6 +39,10 @@ pub struct FinishedStep {
     pub task: usize,
     pub seed: u64,
     pub episode: u32,
+    /// The episodes of one seed's members that started side by side (see [`Agent::group_size`])
+    /// share this number: steps with the same task, seed, `siblings` and `step` are the group
+    /// GRPO compares. Without groups it is the episode number.
+    pub siblings: u32,
     /// Step within the episode, from 0.
     pub step: u32,
     /// The state the action answered.
@@ -59,6 +65,13 @@ pub struct FinishedStep {
 pub trait Agent {
     /// Its name, as given to `--algo`.
     fn name(&self) -> &str;
+    /// How many environments of each seed act side by side (GRPO's G; 1 for every other agent).
+    /// They start from the same first state, act in lockstep, and share the seed's budget of
+    /// environment steps; member `m`'s `e`-th episode is episode `e·G + m` of the seed, so that
+    /// episode numbers stay unique and `episode / G` names the siblings.
+    fn group_size(&self) -> u32 {
+        1
+    }
     /// The policy acting now.
     fn policy(&mut self) -> &mut dyn Policy;
     /// Before the first round: the run's tasks, its folder (for checkpoints and metrics) and the
@@ -124,13 +137,18 @@ struct Slot {
     task: usize,
     seed_index: usize,
     seed: u64,
-    /// Steps this slot may take.
+    /// Which of the seed's [`Agent::group_size`] environments this is, from 0.
+    member: u32,
+    /// The seed's number of members.
+    group_size: u32,
+    /// Steps this slot may take (its share of the seed's budget).
     budget: u32,
     env: Box<dyn Environment>,
     /// Steps used (all episodes).
     used: u32,
-    /// The episode number the next reset starts.
-    next_episode: u32,
+    /// Episodes this member started; the next one is the seed's episode
+    /// `started · group_size + member`.
+    started: u32,
     /// The running episode and its current observation; `None` between episodes.
     current: Option<(u32, Observation)>,
     /// The policy has no more actions for this slot.
@@ -168,8 +186,10 @@ fn rounds(
     stop: &AtomicBool,
 ) -> Result<LoopOutcome, ExperimentError> {
     let mut stats: Vec<SpecStats> = tasks.iter().map(|t| SpecStats::new(&t.spec.name, &t.seeds, t.steps)).collect();
-    let mut slots = make_slots(tasks)?;
-    restore(tasks, &mut slots, &mut stats, previous)?;
+    let mut slots = make_slots(tasks, agent.group_size())?;
+    // Environment steps used per task and seed (over all its members), which number the log.
+    let mut seed_steps: HashMap<(usize, usize), u32> = HashMap::new();
+    restore(tasks, &mut slots, &mut stats, &mut seed_steps, previous)?;
     loop {
         if stop.load(Ordering::SeqCst) {
             return Ok(LoopOutcome { stats, interrupted: slots.iter().any(|s| !s.exhausted && s.used < s.budget) });
@@ -178,8 +198,8 @@ fn rounds(
         if active.is_empty() {
             return Ok(LoopOutcome { stats, interrupted: false });
         }
-        let work = ask_policy(tasks, &mut slots, &active, agent)?;
-        let round = finish_round(tasks, evaluate(&mut slots, work));
+        let work = ask_policy(tasks, &mut slots, &active, &seed_steps, agent)?;
+        let round = finish_round(tasks, evaluate(&mut slots, work), &mut seed_steps);
         // The agent records the round first, then the round's steps go to the log in one
         // write, so a kill never leaves logged steps that the agent did not record.
         if round.fault.is_none() {
@@ -198,22 +218,29 @@ fn rounds(
     }
 }
 
-/// One environment slot per task and seed, before any step.
-fn make_slots(tasks: &[SpecRun]) -> Result<Vec<Slot>, ExperimentError> {
+/// `group_size` environment slots per task and seed, before any step; the seed's budget is
+/// split between them as evenly as it goes (the first members take the remainder).
+fn make_slots(tasks: &[SpecRun], group_size: u32) -> Result<Vec<Slot>, ExperimentError> {
+    let group_size = group_size.max(1);
     let mut slots = Vec::new();
     for (ti, task) in tasks.iter().enumerate() {
         for (si, &seed) in task.seeds.iter().enumerate() {
-            slots.push(Slot {
-                task: ti,
-                seed_index: si,
-                seed,
-                budget: task.steps,
-                env: task.envs.env(seed)?,
-                used: 0,
-                next_episode: 0,
-                current: None,
-                exhausted: false,
-            });
+            for member in 0..group_size {
+                let budget = task.steps / group_size + u32::from(member < task.steps % group_size);
+                slots.push(Slot {
+                    task: ti,
+                    seed_index: si,
+                    seed,
+                    member,
+                    group_size,
+                    budget,
+                    env: task.envs.env(seed)?,
+                    used: 0,
+                    started: 0,
+                    current: None,
+                    exhausted: false,
+                });
+            }
         }
     }
     Ok(slots)
@@ -229,8 +256,8 @@ fn start_episodes(slots: &mut [Slot]) -> Result<Vec<usize>, ExperimentError> {
         }
         if slot.current.is_none() {
             let obs = slot.env.reset()?;
-            slot.current = Some((slot.next_episode, obs));
-            slot.next_episode += 1;
+            slot.current = Some((slot.started * slot.group_size + slot.member, obs));
+            slot.started += 1;
         }
         active.push(i);
     }
@@ -243,19 +270,26 @@ fn ask_policy(
     tasks: &[SpecRun],
     slots: &mut [Slot],
     active: &[usize],
+    seed_steps: &HashMap<(usize, usize), u32>,
     agent: &mut dyn Agent,
 ) -> Result<Vec<(usize, Action)>, ExperimentError> {
+    // The members of a seed that act this round take its next environment steps in slot order.
+    let mut taken: HashMap<(usize, usize), u32> = HashMap::new();
     let requests: Vec<ActRequest<'_>> = active
         .iter()
         .map(|&i| {
             let slot = &slots[i];
             let (episode, obs) = slot.current.as_ref().expect("active slots have an observation");
+            let key = (slot.task, slot.seed_index);
+            let before = seed_steps.get(&key).copied().unwrap_or(0);
+            let offset = taken.entry(key).or_default();
+            *offset += 1;
             ActRequest {
                 spec: &tasks[slot.task].spec,
                 seed: slot.seed,
                 episode: *episode,
                 step: obs.step,
-                env_step: slot.used + 1,
+                env_step: before + *offset,
                 prompt: &obs.prompt,
             }
         })
@@ -313,7 +347,11 @@ struct Round {
 /// Turns every step that finished into its log record and its [`FinishedStep`], in slot order,
 /// and advances the slots; an infrastructure fault in one environment is kept (the run ends
 /// after the others' steps of this round are safely logged).
-fn finish_round(tasks: &[SpecRun], results: Vec<Evaluated<'_>>) -> Round {
+fn finish_round(
+    tasks: &[SpecRun],
+    results: Vec<Evaluated<'_>>,
+    seed_steps: &mut HashMap<(usize, usize), u32>,
+) -> Round {
     let mut round = Round { batch: Vec::with_capacity(results.len()), logged: Vec::new(), fault: None };
     for joined in results {
         let (slot, action, result) = match joined {
@@ -329,12 +367,15 @@ fn finish_round(tasks: &[SpecRun], results: Vec<Evaluated<'_>>) -> Round {
         };
         let (episode, obs) = slot.current.take().expect("a slot that acted has an observation");
         slot.used += 1;
+        let env_step = seed_steps.entry((slot.task, slot.seed_index)).or_default();
+        *env_step += 1;
         let record = StepRecord {
             spec: tasks[slot.task].spec.name.clone(),
             seed: slot.seed,
+            member: slot.member,
             episode,
             step: obs.step,
-            env_step: slot.used,
+            env_step: *env_step,
             prompt_sha256: prompt_sha256(&obs.prompt),
             generation: action.generation.clone(),
             action: result.info.action.clone(),
@@ -353,6 +394,7 @@ fn finish_round(tasks: &[SpecRun], results: Vec<Evaluated<'_>>) -> Round {
         round.batch.push(FinishedStep {
             task: slot.task,
             seed: slot.seed,
+            siblings: episode / slot.group_size,
             episode,
             step: obs.step,
             prompt: obs.prompt,
@@ -382,35 +424,47 @@ fn restore(
     tasks: &[SpecRun],
     slots: &mut [Slot],
     stats: &mut [SpecStats],
+    seed_steps: &mut HashMap<(usize, usize), u32>,
     previous: &[StepRecord],
 ) -> Result<(), ExperimentError> {
     let resume_err = |message: String| ExperimentError::Resume { path: "steps.jsonl".into(), message };
-    let mut index: HashMap<(&str, u64), usize> = HashMap::new();
+    let mut index: HashMap<(&str, u64, u32), usize> = HashMap::new();
     for (i, slot) in slots.iter().enumerate() {
-        index.insert((tasks[slot.task].spec.name.as_str(), slot.seed), i);
+        index.insert((tasks[slot.task].spec.name.as_str(), slot.seed, slot.member), i);
     }
     for record in previous {
-        let &i = index.get(&(record.spec.as_str(), record.seed)).ok_or_else(|| {
-            resume_err(format!("a step of spec {:?} seed {} is not part of this run", record.spec, record.seed))
+        let &i = index.get(&(record.spec.as_str(), record.seed, record.member)).ok_or_else(|| {
+            resume_err(format!(
+                "a step of spec {:?} seed {} member {} is not part of this run (a different --algo or group_size?)",
+                record.spec, record.seed, record.member
+            ))
         })?;
         let slot = &mut slots[i];
-        if record.env_step != slot.used + 1 {
+        let used = seed_steps.entry((slot.task, slot.seed_index)).or_default();
+        if record.env_step != *used + 1 {
             return Err(resume_err(format!(
                 "spec {:?} seed {}: expected environment step {}, found {} (duplicated or missing steps)",
                 record.spec,
                 record.seed,
-                slot.used + 1,
+                *used + 1,
                 record.env_step
             )));
         }
+        if record.episode % slot.group_size != slot.member {
+            return Err(resume_err(format!(
+                "spec {:?} seed {}: episode {} is not one of member {}'s",
+                record.spec, record.seed, record.episode, record.member
+            )));
+        }
+        *used += 1;
         slot.used += 1;
         stats[slot.task].seeds[slot.seed_index].push(record);
-        slot.next_episode = record.episode + 1;
+        slot.started = record.episode / slot.group_size + 1;
     }
     // Re-enter the episodes that were in progress.
     let mut last: HashMap<usize, &StepRecord> = HashMap::new();
     for record in previous {
-        last.insert(index[&(record.spec.as_str(), record.seed)], record);
+        last.insert(index[&(record.spec.as_str(), record.seed, record.member)], record);
     }
     for (i, record) in last {
         if record.terminated || record.truncated {

@@ -358,6 +358,7 @@ mod tests {
         StepRecord {
             spec: "x".into(),
             seed: 0,
+            member: 0,
             episode: 0,
             step,
             env_step: 0,

@@ -24,6 +24,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use envspec::data::SplitMix64;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use trainer::etpo::{EtpoConfig, EtpoTrainer, TrainError, UpdateMetrics, POLICY};
@@ -125,6 +126,13 @@ impl Learner {
             Learner::Etpo(t) => t.update(model, batch),
             Learner::PpoKl(t) => t.update(model, batch),
             Learner::Grpo(t) => t.update(model, batch),
+        }
+    }
+    /// Environments per seed stepped side by side (GRPO's groups; 1 for the others).
+    fn group_size(&self) -> u32 {
+        match self {
+            Learner::Grpo(t) => t.config().group_size,
+            Learner::Etpo(_) | Learner::PpoKl(_) => 1,
         }
     }
     fn updates(&self) -> u64 {
@@ -236,11 +244,20 @@ impl Trained {
             }
             let next_state =
                 if t.terminated || t.truncated { None } else { Some(encode(&self.policy.render(&t.next)?)?) };
+            // Steps taken side by side by one seed's group, at the same step of their episodes.
+            let group = (self.learner.group_size() > 1).then(|| {
+                let mut h = SplitMix64::new(t.task as u64).next_u64();
+                for x in [t.seed, u64::from(t.siblings), u64::from(t.step)] {
+                    h = SplitMix64::new(h ^ x).next_u64();
+                }
+                h
+            });
             out.push(trainer::etpo::Transition {
                 state: encode(prompt)?,
                 action: t.action.tokens.clone(),
                 reward: t.reward,
                 next_state,
+                group,
             });
         }
         Ok(out)
@@ -305,6 +322,10 @@ impl Agent for Trained {
 
     fn policy(&mut self) -> &mut dyn Policy {
         &mut self.policy
+    }
+
+    fn group_size(&self) -> u32 {
+        self.learner.group_size()
     }
 
     /// Restores the checkpoint (if any) and replays the recorded rounds beyond it.

@@ -137,16 +137,37 @@ fn grpo_trains_through_the_cli_with_its_own_settings() {
     let tmp = tempfile::tempdir().unwrap();
     setup(tmp.path());
     let spec = balance_scale();
-    let mut args = train_args("grpo", spec.to_str().unwrap(), "run", "4");
-    args.extend(["--update-every", "2", "--beta", "0.02", "--set", "scale_rewards=false", "--set", "epochs=1"]);
+    // Groups of 3 environments share the seed's 12 steps: 4 rounds of 3 steps, an update every
+    // 2 rounds.
+    let mut args = train_args("grpo", spec.to_str().unwrap(), "run", "12");
+    args.extend(["--update-every", "6", "--beta", "0.02", "--set", "scale_rewards=false", "--set", "epochs=1"]);
+    args.extend(["--set", "group_size=3"]);
     ok(&etpo(&args, tmp.path()));
     let dir = tmp.path().join("run");
-    check_training_outputs(&dir, 2, 2);
+    check_training_outputs(&dir, 2, 6);
     let trainer = &config(&dir)["trainer"];
     assert_eq!(config(&dir)["config"]["algo"], "grpo");
     assert_eq!(trainer["hyper_parameters"]["beta"], 0.02);
     assert_eq!(trainer["hyper_parameters"]["scale_rewards"], false, "--set reaches the trainer");
     assert_eq!(trainer["hyper_parameters"]["epochs"], 1);
+    assert_eq!(trainer["hyper_parameters"]["group_size"], 3);
+    // The members step side by side: member m's e-th episode is the seed's episode 3e + m, the
+    // steps are numbered over the seed, and every round starts the members from one state.
+    let steps = jsonl(&dir.join("steps.jsonl"));
+    assert_eq!(steps.len(), 12);
+    for (i, s) in steps.iter().enumerate() {
+        let member = (i % 3) as u64;
+        assert_eq!(s["env_step"].as_u64(), Some(i as u64 + 1), "{s}");
+        assert_eq!(s.get("member").and_then(Value::as_u64).unwrap_or(0), member, "{s}");
+        assert_eq!(s["episode"].as_u64().unwrap() % 3, member, "{s}");
+        if s["step"] == 0 {
+            assert_eq!(s["prompt_sha256"], steps[i - i % 3]["prompt_sha256"], "one first state per group");
+        }
+    }
+    // Every transition was in a group of 3 (the metric is the fraction in groups of two or more).
+    for m in jsonl(&dir.join("metrics.jsonl")) {
+        assert_eq!(m["detail"]["q_taken_mean"].as_f64(), Some(1.0), "{m}");
+    }
     // An ETPO-only key is refused with the name of the key.
     let mut args = train_args("grpo", spec.to_str().unwrap(), "bad", "2");
     args.extend(["--set", "q_epochs=2"]);
@@ -229,6 +250,41 @@ fn a_run_killed_between_recording_a_round_and_logging_it_resumes_exactly() {
     );
     assert_eq!(adapter(&dir), adapter(&tmp.path().join("reference")), "the adapters of the uninterrupted run");
     let s = |d: &Path| jsonl(&d.join("steps.jsonl")).iter().map(step_essence).collect::<Vec<_>>();
+    assert_eq!(s(&dir), s(&tmp.path().join("reference")), "the same steps, each logged once");
+    let m = |d: &Path| jsonl(&d.join("metrics.jsonl")).iter().map(metrics_essence).collect::<Vec<_>>();
+    assert_eq!(m(&dir), m(&tmp.path().join("reference")), "the same updates, each logged once");
+}
+
+#[test]
+fn a_grpo_run_with_groups_killed_mid_round_resumes_exactly() {
+    // Two members per seed; the failpoint aborts after round 1 (steps 3-4) is recorded and
+    // before it is logged: on resume the members are rebuilt from the log, round 1 runs again.
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path());
+    let spec = balance_scale();
+    let args = |out: &'static str| -> Vec<String> {
+        let mut a: Vec<String> =
+            train_args("grpo", spec.to_str().unwrap(), out, "8").iter().map(|s| s.to_string()).collect();
+        a.extend(["--update-every", "2", "--lr", "0.01", "--set", "group_size=2"].iter().map(|s| s.to_string()));
+        a
+    };
+    let reference = etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp.path());
+    ok(&reference);
+    venv_python();
+    let killed = Command::new(ETPO)
+        .args(args("killed"))
+        .current_dir(tmp.path())
+        .env("ETPO_FAILPOINT", "abort-after-recording-round:1")
+        .output()
+        .unwrap();
+    assert!(!killed.status.success(), "the failpoint aborts the run");
+    let dir = tmp.path().join("killed");
+    assert_eq!(jsonl(&dir.join("steps.jsonl")).len(), 2, "only round 0's two steps logged");
+    ok(&etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path()));
+    assert_eq!(adapter(&dir), adapter(&tmp.path().join("reference")), "the adapters of the uninterrupted run");
+    let s = |d: &Path| {
+        jsonl(&d.join("steps.jsonl")).iter().map(|s| format!("{}|{}", s["member"], step_essence(s))).collect::<Vec<_>>()
+    };
     assert_eq!(s(&dir), s(&tmp.path().join("reference")), "the same steps, each logged once");
     let m = |d: &Path| jsonl(&d.join("metrics.jsonl")).iter().map(metrics_essence).collect::<Vec<_>>();
     assert_eq!(m(&dir), m(&tmp.path().join("reference")), "the same updates, each logged once");

@@ -1,9 +1,12 @@
 //! GRPO, the group-relative baseline of DeepSeekMath (Shao et al. 2024), as TRL and verl run it.
 //!
-//! - **Groups.** Transitions of a batch that answered the same state (identical token ids) form a
-//!   group: the first state of every episode of a seed recurs, and so does any state two
-//!   rollouts reach alike. A state seen once is a group of one, whose advantage is 0: it has no
-//!   comparison, and GRPO has no critic to supply one (its tokens still feel the KL term).
+//! - **Groups.** The run loop steps `group_size` (G) environments of each seed side by side
+//!   from the same first state, and the transitions they take at the same step of their
+//!   episodes form a group ([`Transition::group`]): at the first state these are G samples of
+//!   one state, as in TRL and verl; at later steps G rollouts of the same task at the same
+//!   depth, as verl-agent's trajectory-level groups. Transitions without a group key are grouped
+//!   by identical state (token ids). A group of one gets advantage 0: it has no comparison, and
+//!   GRPO has no critic to supply one (its tokens still feel the KL term).
 //! - **What is compared.** The return of the step, `G_t = r_t + γ·G_{t+1}` along the episode
 //!   inside the batch ([`returns`]), so that a reward reaches the steps before it (in one-step
 //!   episodes this is the reward, GRPO's outcome reward).
@@ -46,6 +49,9 @@ pub struct GrpoConfig {
     pub epochs: usize,
     /// Divide by the group's standard deviation (GRPO); `false` is Dr. GRPO.
     pub scale_rewards: bool,
+    /// G: environments of each seed stepped side by side, whose actions at the same step are
+    /// compared (TRL's `num_generations`, 8 there too). They share the seed's step budget.
+    pub group_size: u32,
     /// Optimiser of the policy's adapter.
     pub policy_optim: AdamWConfig,
     /// Sequences per forward pass (gradients are accumulated over micro-batches).
@@ -68,6 +74,7 @@ impl Default for GrpoConfig {
             clip: 0.2,
             epochs: 2,
             scale_rewards: true,
+            group_size: 8,
             policy_optim: AdamWConfig { lr: 1e-3, ..AdamWConfig::default() },
             micro_batch: 4,
             share_prefixes: true,
@@ -127,8 +134,8 @@ impl GrpoConfig {
         if !(self.clip > 0.0 && self.clip < 1.0) {
             return Err(format!("clip must be in (0, 1), got {}", self.clip));
         }
-        if self.epochs == 0 || self.micro_batch == 0 || self.lora_rank == 0 {
-            return Err("epochs, micro_batch and lora_rank must be at least 1".into());
+        if self.epochs == 0 || self.micro_batch == 0 || self.lora_rank == 0 || self.group_size == 0 {
+            return Err("epochs, micro_batch, lora_rank and group_size must be at least 1".into());
         }
         if self.policy_optim.lr.is_nan() || self.policy_optim.lr <= 0.0 {
             return Err(format!("policy_optim.lr must be positive, got {}", self.policy_optim.lr));
@@ -144,16 +151,30 @@ pub fn returns(batch: &[Transition], gamma: f64) -> Vec<f64> {
     crate::ppo::gae(batch, &rewards, gamma, 1.0)
 }
 
-/// Group-relative advantages of `values` (one per transition): transitions with the same state
-/// form a group; each gets `(v − mean) / (std + 1e-4)` with the group's sample standard deviation
-/// (`scale: false`: `v − mean`). A group of one gets 0.
-pub fn group_advantages(batch: &[Transition], values: &[f64], scale: bool) -> Vec<f64> {
-    let mut groups: HashMap<&[u32], Vec<usize>> = HashMap::new();
+/// What a transition is compared with: its [`Transition::group`] key, else its state.
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum GroupKey<'a> {
+    Key(u64),
+    State(&'a [u32]),
+}
+
+/// The groups of `batch`, as lists of indices (see [`GroupKey`]).
+fn groups(batch: &[Transition]) -> Vec<Vec<usize>> {
+    let mut groups: HashMap<GroupKey<'_>, Vec<usize>> = HashMap::new();
     for (i, t) in batch.iter().enumerate() {
-        groups.entry(t.state.as_slice()).or_default().push(i);
+        let key = t.group.map_or(GroupKey::State(t.state.as_slice()), GroupKey::Key);
+        groups.entry(key).or_default().push(i);
     }
+    groups.into_values().collect()
+}
+
+/// Group-relative advantages of `values` (one per transition): transitions with the same
+/// [`Transition::group`] key (without one, the same state) form a group; each gets
+/// `(v − mean) / (std + 1e-4)` with the group's sample standard deviation (`scale: false`:
+/// `v − mean`). A group of one gets 0.
+pub fn group_advantages(batch: &[Transition], values: &[f64], scale: bool) -> Vec<f64> {
     let mut adv = vec![0.0; batch.len()];
-    for members in groups.values() {
+    for members in &groups(batch) {
         let n = members.len();
         if n < 2 {
             continue;
@@ -225,13 +246,9 @@ impl GrpoTrainer {
         m.entropy = ent_sum / total_tokens as f64;
         let returns = returns(batch, cfg.gamma);
         let advantages = group_advantages(batch, &returns, cfg.scale_rewards);
-        let mut group_size: HashMap<&[u32], usize> = HashMap::new();
-        for t in batch.iter() {
-            *group_size.entry(t.state.as_slice()).or_default() += 1;
-        }
         m.q_target_mean = returns.iter().sum::<f64>() / batch.len() as f64;
         m.q_taken_mean =
-            batch.iter().filter(|t| group_size[t.state.as_slice()] > 1).count() as f64 / batch.len() as f64;
+            groups(batch).iter().filter(|g| g.len() > 1).map(Vec::len).sum::<usize>() as f64 / batch.len() as f64;
         m.times.targets_s = start.elapsed().as_secs_f64();
 
         // Policy: clipped surrogate plus β·k3, `epochs` full-batch steps.
@@ -315,7 +332,7 @@ mod tests {
     use super::*;
 
     fn t(state: u32, reward: f64, next: Option<u32>) -> Transition {
-        Transition { state: vec![state], action: vec![1], reward, next_state: next.map(|n| vec![n]) }
+        Transition { state: vec![state], action: vec![1], reward, next_state: next.map(|n| vec![n]), group: None }
     }
 
     #[test]
@@ -340,6 +357,23 @@ mod tests {
         }
         let plain = group_advantages(&batch, &r, false);
         assert_eq!(plain, vec![0.5, -0.5, 0.0, -0.5, 0.5, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn group_keys_decide_the_groups_before_states() {
+        // Key 3: states 1 and 2 with rewards 1 and 0 (different states, one group: ±0.5 without
+        // the scale); key 4: state 1 alone (0, although another transition has state 1); no key:
+        // the two of state 5 (2 and 0: ±1).
+        let keyed = |state, reward, key| Transition { group: Some(key), ..t(state, reward, None) };
+        let batch = [keyed(1, 1.0, 3), keyed(2, 0.0, 3), keyed(1, 9.0, 4), t(5, 2.0, None), t(5, 0.0, None)];
+        let r: Vec<f64> = batch.iter().map(|t| t.reward).collect();
+        assert_eq!(group_advantages(&batch, &r, false), vec![0.5, -0.5, 0.0, 1.0, -1.0]);
+        // With the scale: each pair's sample std is |a − b|/√2, so ±1/√2 (up to the 1e-4).
+        let scaled = group_advantages(&batch, &r, true);
+        let a = 0.5 / (0.5f64).sqrt();
+        for (x, e) in scaled.iter().zip([a, -a, 0.0, a, -a]) {
+            assert!((x - e).abs() < 1e-3, "{scaled:?}");
+        }
     }
 
     #[test]

@@ -459,7 +459,7 @@ mod tests {
     use super::*;
 
     fn step(state: u32, next: Option<u32>) -> Transition {
-        Transition { state: vec![state], action: vec![1], reward: 0.0, next_state: next.map(|s| vec![s]) }
+        Transition { state: vec![state], action: vec![1], reward: 0.0, next_state: next.map(|s| vec![s]), group: None }
     }
 
     #[test]

@@ -179,6 +179,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             action: c.tokens.clone(),
             reward: if i % 2 == 0 { 0.5 } else { -1.0 },
             next_state: (i % 2 == 1).then(|| states[(i / per_state + 1) % args.states].clone()),
+            group: None,
         })
         .collect();
 

@@ -37,6 +37,11 @@ pub struct Transition {
     /// The next state prompt `s_{t+1}` to bootstrap from, or `None` when the return ends here
     /// (the episode terminated; the paper also treats reaching the step limit as done).
     pub next_state: Option<Vec<u32>>,
+    /// Transitions that GRPO compares with each other share this key (the steps taken side by
+    /// side by one seed's group of environments); `None`: those with identical states are
+    /// compared. ETPO and PPO-KL do not use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
 }
 
 /// Errors of the trainers.

@@ -761,7 +761,7 @@ mod tests {
 
     #[test]
     fn invalid_batches_are_rejected_with_the_reason() {
-        let ok = Transition { state: vec![1], action: vec![2], reward: 0.0, next_state: None };
+        let ok = Transition { state: vec![1], action: vec![2], reward: 0.0, next_state: None, group: None };
         assert!(validate_batch(std::slice::from_ref(&ok)).is_ok());
         let cases = [
             (vec![], "no transitions"),

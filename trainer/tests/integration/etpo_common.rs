@@ -103,7 +103,7 @@ pub fn batch(model: &Llama, adapter: Option<&str>, n: usize, sign: f64, rng: &mu
         .map(|_| {
             let action = sample_action(model, &PROMPT, 2, adapter, rng);
             let reward = if action[1] == GOOD { sign } else { 0.0 };
-            Transition { state: PROMPT.to_vec(), action, reward, next_state: None }
+            Transition { state: PROMPT.to_vec(), action, reward, next_state: None, group: None }
         })
         .collect()
 }
@@ -153,9 +153,13 @@ impl Task {
             let a1 = sample_action(model, &PROMPT, 2, adapter, rng);
             let r = if a1[0] == GOOD { 1.0 } else { 0.0 };
             match self {
-                Task::FirstToken => {
-                    out.push(Transition { state: PROMPT.to_vec(), action: a1, reward: r, next_state: None })
-                }
+                Task::FirstToken => out.push(Transition {
+                    state: PROMPT.to_vec(),
+                    action: a1,
+                    reward: r,
+                    next_state: None,
+                    group: None,
+                }),
                 Task::TwoStep => {
                     let s1 = self.second_state(&a1);
                     let a2 = sample_action(model, &s1, 2, adapter, rng);
@@ -164,8 +168,9 @@ impl Task {
                         action: a1,
                         reward: 0.0,
                         next_state: Some(s1.clone()),
+                        group: None,
                     });
-                    out.push(Transition { state: s1, action: a2, reward: r, next_state: None });
+                    out.push(Transition { state: s1, action: a2, reward: r, next_state: None, group: None });
                 }
             }
         }

@@ -355,9 +355,9 @@ fn eq6_targets_of_a_two_step_episode_by_hand() {
     };
     let (s0, s1, s2) = (vec![1u32, 9, 3], vec![1u32, 9, 3, 4, 7, 2, 11], vec![2u32, 2, 2]);
     let batch = vec![
-        Transition { state: s0.clone(), action: vec![4, 7, 2], reward: 0.5, next_state: Some(s1.clone()) },
-        Transition { state: s1.clone(), action: vec![6], reward: 1.0, next_state: None },
-        Transition { state: s0.clone(), action: vec![5, 8], reward: -1.0, next_state: Some(s2.clone()) },
+        Transition { state: s0.clone(), action: vec![4, 7, 2], reward: 0.5, next_state: Some(s1.clone()), group: None },
+        Transition { state: s1.clone(), action: vec![6], reward: 1.0, next_state: None, group: None },
+        Transition { state: s0.clone(), action: vec![5, 8], reward: -1.0, next_state: Some(s2.clone()), group: None },
     ];
     let v = |ctx: &[u32]| value(&model, ctx);
     let cat = |a: &[u32], b: &[u32]| [a, b].concat();

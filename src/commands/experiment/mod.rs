@@ -7,7 +7,8 @@
 //!
 //! Killed at any moment and started again with the same command, it skips the runs that used
 //! their budget, resumes (`etpo run --resume`) the one that was cut, and starts the others: no
-//! run is repeated or lost.
+//! run is repeated or lost. While it runs, one bar counts the experiment's environment steps and
+//! one the run in flight ([`progress`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,6 +21,8 @@ use etpo::experiment::{plot, read_steps};
 use serde::Serialize;
 
 use crate::commands::model_args::ModelArgs;
+
+mod progress;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -61,6 +64,9 @@ pub struct Args {
     /// run's policy adapter on them (`etpo perplexity`), in `results.md` and `perplexity.csv`.
     #[arg(long, value_delimiter = ',', value_name = "FILE")]
     perplexity: Vec<PathBuf>,
+    /// No progress bars (the runs' messages are still printed).
+    #[arg(long)]
+    no_progress: bool,
 }
 
 /// The grid, resolved: the command line's values over the grid file's over the defaults.
@@ -217,6 +223,7 @@ struct Cell {
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
+    let no_progress = args.no_progress;
     let args = Grid::resolve(args)?;
     let algos = parse_algos(&args.algos)?;
     if args.seeds.is_empty() {
@@ -249,18 +256,24 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     write_config(&args, &algos)?;
 
     let exe = std::env::current_exe().context("locating the etpo binary")?;
-    for (i, cell) in cells.iter().enumerate() {
-        let logged = read_steps(&cell.dir.join("steps.jsonl"))?.len();
+    let mut logged_steps = Vec::with_capacity(cells.len());
+    for cell in &cells {
+        logged_steps.push(read_steps(&cell.dir.join("steps.jsonl"))?.len());
+    }
+    let total = cells.iter().map(|c| u64::from(c.steps)).sum();
+    let done = cells.iter().zip(&logged_steps).map(|(c, &n)| (n as u64).min(u64::from(c.steps))).sum();
+    let progress = progress::Progress::new(total, done, no_progress);
+    for (i, (cell, &logged)) in cells.iter().zip(&logged_steps).enumerate() {
         let label = format!("[{}/{}] {} {} seed {}", i + 1, cells.len(), cell.name, cell.algo.name, cell.seed);
         let mut cmd = Command::new(&exe);
         if logged >= cell.steps as usize {
-            eprintln!("{label}: done ({logged} steps)");
+            progress.say(&format!("{label}: done ({logged} steps)"));
             continue;
         } else if cell.dir.join("config.json").is_file() {
-            eprintln!("{label}: resuming after {logged} steps");
+            progress.say(&format!("{label}: resuming after {logged} steps"));
             cmd.args(["run", "--resume"]).arg(&cell.dir).args(["--device", &args.device]);
         } else {
-            eprintln!("{label}: starting");
+            progress.say(&format!("{label}: starting"));
             cmd.arg("run").arg(&cell.spec).args(["--algo", cell.algo.algo.name()]);
             cmd.args(cell.algo.flag);
             cmd.args(["--seeds", &cell.seed.to_string(), "--steps", &cell.steps.to_string()]);
@@ -283,14 +296,18 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         if let Some(parent) = cell.dir.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
-        let status = cmd.stdout(std::process::Stdio::null()).status().context("starting etpo run")?;
+        let status = progress
+            .run(&label, &mut cmd, &cell.dir.join("steps.jsonl"), u64::from(cell.steps))
+            .context("starting etpo run")?;
         if !status.success() {
+            progress.finish();
             bail!(
                 "{label} failed ({status}); its folder is {}; run the same command again to resume",
                 cell.dir.display()
             );
         }
     }
+    progress.finish();
     report(&args.out, &names, &algos, &args.seeds, &cells)?;
     if !args.perplexity.is_empty() {
         table_3(&args, &exe, &cells)?;
