@@ -38,11 +38,7 @@ impl Progress {
 
     /// Prints a line above the bars (to stderr).
     pub fn say(&self, line: &str) {
-        if self.hidden {
-            eprintln!("{line}");
-        } else {
-            self.multi.suspend(|| eprintln!("{line}"));
-        }
+        print_above(&self.multi, self.hidden, line);
     }
 
     /// Runs `cmd`, an `etpo run` that logs to `steps` and ends after `budget` steps, with a bar
@@ -61,12 +57,7 @@ impl Progress {
             let (multi, hidden, label) = (self.multi.clone(), self.hidden, label.to_string());
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let line = format!("{label}: {line}");
-                    if hidden {
-                        eprintln!("{line}");
-                    } else {
-                        multi.suspend(|| eprintln!("{line}"));
-                    }
+                    print_above(&multi, hidden, &format!("{label}: {line}"));
                 }
             })
         };
@@ -75,10 +66,9 @@ impl Progress {
                 break status;
             }
             let now = Logged::read(steps);
-            let run_start = logged.steps;
             bar.set_position(now.steps);
             bar.set_message(now.message());
-            self.overall.set_position(before + now.steps.saturating_sub(run_start));
+            self.overall.set_position(before + now.steps.saturating_sub(logged.steps));
             std::thread::sleep(Duration::from_millis(500));
         };
         let _ = printer.join();
@@ -91,6 +81,15 @@ impl Progress {
 
     pub fn finish(&self) {
         self.overall.finish_and_clear();
+    }
+}
+
+/// A line to stderr, above the bars unless they are hidden.
+fn print_above(multi: &MultiProgress, hidden: bool, line: &str) {
+    if hidden {
+        eprintln!("{line}");
+    } else {
+        multi.suspend(|| eprintln!("{line}"));
     }
 }
 
