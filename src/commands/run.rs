@@ -293,7 +293,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     };
     let mut agent: Box<dyn Agent> = if config.algo.trains() {
         let specs: Vec<&envspec::Spec> = tasks.iter().map(|t| t.spec.as_ref()).collect();
-        let (trainer_config, schedule) = train_config(&config, &specs)?;
+        let env_steps = tasks.iter().map(|t| u64::from(t.steps) * t.seeds.len() as u64).sum();
+        let (trainer_config, schedule) = train_config(&config, &specs, env_steps)?;
         Box::new(Trained::new(load_llm(&mut tasks)?, trainer_config, schedule)?)
     } else {
         let policy: Box<dyn Policy> = match config.policy {
@@ -449,7 +450,8 @@ fn create_run(args: &Args) -> anyhow::Result<Opened> {
             bail!("--algo {} trains a language model; it cannot learn with --policy scripted", config.algo.name());
         }
         let refs: Vec<&envspec::Spec> = specs.iter().map(|(s, _)| s).collect();
-        let (trainer_config, schedule) = train_config(&config, &refs)?;
+        let env_steps = specs.iter().map(|(_, e)| u64::from(e.steps) * e.seeds.len() as u64).sum();
+        let (trainer_config, schedule) = train_config(&config, &refs, env_steps)?;
         Some(describe_trainer(&trainer_config, &schedule))
     } else {
         let f = &config.train;
@@ -646,7 +648,13 @@ fn training_block(specs: &[&envspec::Spec]) -> anyhow::Result<envspec::TrainingO
 
 /// The trainer's hyper-parameters, resolved in this one place: the command line's flags over the
 /// specs' `training:` block over the trainer's defaults; then `--set KEY=VALUE` over all of them.
-fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<(TrainerConfig, TrainSchedule)> {
+/// `env_steps`, the run's whole budget (steps × seeds over the specs), sets the number of updates
+/// ETPO's trust-region schedule spans.
+fn train_config(
+    config: &RunConfig,
+    specs: &[&envspec::Spec],
+    env_steps: u64,
+) -> anyhow::Result<(TrainerConfig, TrainSchedule)> {
     let f = &config.train;
     let flags = envspec::TrainingOverrides {
         lr: f.lr,
@@ -665,6 +673,8 @@ fn train_config(config: &RunConfig, specs: &[&envspec::Spec]) -> anyhow::Result<
             c.discount_inside_actions = f.disc;
             c.single_step = f.one_step;
             c.seed = config.sampling_seed;
+            let update_every = t.batch_size.unwrap_or(DEFAULT_UPDATE_EVERY).max(1) as u64;
+            c.planned_updates = Some((env_steps / update_every).max(1));
             apply_sets(&f.set, "etpo", |k, v| c.set(k, v))?;
             c.validate().map_err(|e| anyhow::anyhow!("--algo etpo: {e}"))?;
             TrainerConfig::Etpo(c)
@@ -885,37 +895,42 @@ mod tests {
         // Sampling keys may differ between specs; the trainer's may not.
         b.training.temperature = Some(0.9);
         let flags = TrainFlags { beta: Some(0.05), disc: true, ..Default::default() };
-        let (t, schedule) = train_config(&config(Algorithm::Etpo, flags), &[&a, &b]).unwrap();
+        let (t, schedule) = train_config(&config(Algorithm::Etpo, flags), &[&a, &b], 256).unwrap();
         let TrainerConfig::Etpo(c) = t else { panic!("{t:?}") };
         assert_eq!((c.beta, c.gamma, c.polyak, c.seed), (0.05, 0.5, 0.5, 7));
+        // 256 steps in updates of 3: the trust region shrinks over 85 updates.
+        assert_eq!(c.planned_updates, Some(85));
         assert!(c.discount_inside_actions);
         assert_eq!((schedule.update_every, schedule.checkpoint_every), (3, 1));
 
-        let (_, schedule) = train_config(&config(Algorithm::PpoKl, TrainFlags::default()), &[]).unwrap();
+        let (_, schedule) = train_config(&config(Algorithm::PpoKl, TrainFlags::default()), &[], 256).unwrap();
         assert_eq!(schedule.update_every, DEFAULT_UPDATE_EVERY);
         b.training.beta = Some(0.3);
-        let e = train_config(&config(Algorithm::Etpo, TrainFlags::default()), &[&a, &b]).unwrap_err();
+        let e = train_config(&config(Algorithm::Etpo, TrainFlags::default()), &[&a, &b], 256).unwrap_err();
         assert!(e.to_string().contains("different training hyper-parameters"), "{e}");
         let flags = TrainFlags { q_readout: Some(trainer::etpo::QReadout::Logits), ..Default::default() };
-        assert!(train_config(&config(Algorithm::PpoKl, flags), &[&a]).unwrap_err().to_string().contains("--q-readout"));
+        assert!(train_config(&config(Algorithm::PpoKl, flags), &[&a], 256)
+            .unwrap_err()
+            .to_string()
+            .contains("--q-readout"));
         let flags = TrainFlags { gamma: Some(1.5), ..Default::default() };
-        assert!(train_config(&config(Algorithm::Etpo, flags), &[&a]).unwrap_err().to_string().contains("gamma"));
+        assert!(train_config(&config(Algorithm::Etpo, flags), &[&a], 256).unwrap_err().to_string().contains("gamma"));
         // --set reaches every key of the trainer's configuration, last.
         let flags = TrainFlags {
             set: vec!["q_epochs=3".into(), "q_optim.lr=0.002".into()],
             lr: Some(0.5),
             ..Default::default()
         };
-        let (t, _) = train_config(&config(Algorithm::Etpo, flags), &[&a]).unwrap();
+        let (t, _) = train_config(&config(Algorithm::Etpo, flags), &[&a], 256).unwrap();
         let TrainerConfig::Etpo(c) = t else { panic!("{t:?}") };
         assert_eq!((c.q_epochs, c.q_optim.lr, c.policy_optim.lr), (3, 0.002, 0.5), "--set wins over --lr");
         let flags = TrainFlags { set: vec!["gae_lambda=0.5".into()], ..Default::default() };
-        let (t, _) = train_config(&config(Algorithm::PpoKl, flags), &[&a]).unwrap();
+        let (t, _) = train_config(&config(Algorithm::PpoKl, flags), &[&a], 256).unwrap();
         let TrainerConfig::PpoKl(c) = t else { panic!("{t:?}") };
         assert_eq!(c.gae_lambda, 0.5);
         for bad in ["q_epoch=3", "q_epochs", "q_epochs=0"] {
             let flags = TrainFlags { set: vec![bad.into()], ..Default::default() };
-            let e = train_config(&config(Algorithm::Etpo, flags), &[&a]).unwrap_err().to_string();
+            let e = train_config(&config(Algorithm::Etpo, flags), &[&a], 256).unwrap_err().to_string();
             assert!(e.contains("--set") || e.contains("q_epochs"), "{bad}: {e}");
         }
     }

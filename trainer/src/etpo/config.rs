@@ -59,10 +59,20 @@ pub struct EtpoConfig {
     /// Trust region of the policy step, in nats per action token: when the mean
     /// KL(π_before‖π_after) over the mini-batch's action rows exceeds it, the adapter's change
     /// is scaled back along its direction (a line search, as in TRPO) until it does not.
-    /// `None`: Eq. 7's steps as taken. Why: Adam moves every weight by about its learning rate
+    /// This is the region of the first update; it shrinks to [`EtpoConfig::policy_max_kl_end`]
+    /// over a run. `None`: Eq. 7's steps as taken. Why: Adam moves every weight by about its learning rate
     /// whatever the gradient's size, so one noisy update can move π further than any loss
     /// term asks (README, "ETPO").
     pub policy_max_kl: Option<f64>,
+    /// The trust region at the last of [`EtpoConfig::planned_updates`], reached linearly from
+    /// `policy_max_kl` ([`EtpoConfig::policy_max_kl_at`]); `None`: the same at every update.
+    /// Default 0.002, a tenth: with a constant region the policy kept moving by the region's
+    /// whole step once the reward was reached, and drifted away from it (Balance Scale seed 1,
+    /// README "ETPO").
+    pub policy_max_kl_end: Option<f64>,
+    /// Updates the run will make (set by `etpo run` from its budget: steps × seeds ÷ update
+    /// size); `None` (a trainer used on its own) keeps `policy_max_kl` at every update.
+    pub planned_updates: Option<u64>,
     /// Algorithm 1 updates φ against the Q-network after its step. With `true`, the Q-values
     /// read before the Q step are reused for the policy target (one forward pass less).
     pub policy_uses_pre_step_q: bool,
@@ -87,6 +97,9 @@ pub const DEFAULT_LR: f64 = 2e-3;
 /// The policy step's default trust region ([`EtpoConfig::policy_max_kl`]).
 pub const DEFAULT_POLICY_MAX_KL: f64 = 0.02;
 
+/// The default trust region at a run's last update ([`EtpoConfig::policy_max_kl_end`]).
+pub const DEFAULT_POLICY_MAX_KL_END: f64 = 0.002;
+
 impl Default for EtpoConfig {
     fn default() -> Self {
         let mut cfg = EtpoConfig {
@@ -107,6 +120,8 @@ impl Default for EtpoConfig {
             q_epochs: 4,
             policy_epochs: 2,
             policy_max_kl: Some(DEFAULT_POLICY_MAX_KL),
+            policy_max_kl_end: Some(DEFAULT_POLICY_MAX_KL_END),
+            planned_updates: None,
             policy_uses_pre_step_q: false,
             micro_batch: 4,
             share_prefixes: true,
@@ -157,6 +172,20 @@ impl EtpoConfig {
         self.value_head_optim.lr = 10.0 * lr / 3.0;
     }
 
+    /// The trust region of the update made after `updates_done` others: `policy_max_kl` at the
+    /// first, `policy_max_kl_end` at the last of `planned_updates` and after it, linear in
+    /// between, so that the policy's steps shrink as a fixed-budget run goes on.
+    pub fn policy_max_kl_at(&self, updates_done: u64) -> Option<f64> {
+        let start = self.policy_max_kl?;
+        match (self.policy_max_kl_end, self.planned_updates) {
+            (Some(end), Some(planned)) if planned > 1 => {
+                let t = updates_done.min(planned - 1) as f64 / (planned - 1) as f64;
+                Some(start + (end - start) * t)
+            }
+            _ => Some(start),
+        }
+    }
+
     /// Sets one hyper-parameter from a CLI `KEY=VALUE` override; see [`set_key`].
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         let next = set_key(self, key, value)?;
@@ -191,6 +220,16 @@ impl EtpoConfig {
             if d.is_nan() || d <= 0.0 {
                 return Err(format!("policy_max_kl must be positive (or null for no trust region), got {d}"));
             }
+        }
+        if let Some(d) = self.policy_max_kl_end {
+            if d.is_nan() || d <= 0.0 {
+                return Err(format!(
+                    "policy_max_kl_end must be positive (or null for a constant trust region), got {d}"
+                ));
+            }
+        }
+        if self.planned_updates == Some(0) {
+            return Err("planned_updates must be at least 1 (or null)".into());
         }
         if self.micro_batch == 0 || self.q_epochs == 0 || self.policy_epochs == 0 {
             return Err("micro_batch, q_epochs and policy_epochs must be at least 1".into());
@@ -282,6 +321,28 @@ mod override_tests {
         c.set("policy_max_kl", "null").unwrap();
         assert_eq!(c.policy_max_kl, None);
         assert!(c.set("policy_max_kl", "0").unwrap_err().contains("policy_max_kl must be positive"));
+        assert!(c.set("policy_max_kl_end", "-1").unwrap_err().contains("policy_max_kl_end must be positive"));
+        assert!(c.set("planned_updates", "0").unwrap_err().contains("planned_updates must be at least 1"));
+    }
+
+    #[test]
+    fn the_trust_region_shrinks_linearly_over_the_planned_updates() {
+        // 0.02 → 0.002 over 4 updates: steps of 0.006.
+        let c = EtpoConfig { planned_updates: Some(4), ..Default::default() };
+        let at: Vec<f64> = (0..6).map(|u| c.policy_max_kl_at(u).unwrap()).collect();
+        for (got, want) in at.iter().zip([0.02, 0.014, 0.008, 0.002, 0.002, 0.002]) {
+            assert!((got - want).abs() < 1e-12, "{at:?}");
+        }
+        // Without a plan, with one update planned, or without an end: the same region throughout.
+        for c in [
+            EtpoConfig::default(),
+            EtpoConfig { planned_updates: Some(1), ..Default::default() },
+            EtpoConfig { planned_updates: Some(4), policy_max_kl_end: None, ..Default::default() },
+        ] {
+            assert_eq!(c.policy_max_kl_at(3), Some(0.02));
+        }
+        let none = EtpoConfig { policy_max_kl: None, planned_updates: Some(4), ..Default::default() };
+        assert_eq!(none.policy_max_kl_at(0), None);
     }
 
     #[test]

@@ -85,6 +85,10 @@ pub struct UpdateMetrics {
     pub policy_step_kl: Option<f64>,
     #[serde(default)]
     pub policy_step_scale: Option<f64>,
+    /// ETPO only: the trust region this update's step was held to
+    /// ([`EtpoConfig::policy_max_kl_at`]).
+    #[serde(default)]
+    pub policy_step_max_kl: Option<f64>,
     /// PPO-KL only: fraction of action tokens whose ratio left the clip range (last epoch).
     pub clip_fraction: Option<f64>,
     /// PPO-KL only: mean per-token `log π_old − log π_new` over the taken tokens (last epoch).
@@ -240,7 +244,8 @@ impl EtpoTrainer {
             });
         }
         let pi_vars = self.pi_opt.vars().to_vec();
-        let pi_before = match cfg.policy_max_kl {
+        let max_kl = cfg.policy_max_kl_at(self.updates);
+        let pi_before = match max_kl {
             Some(_) => pi_vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?,
             None => Vec::new(),
         };
@@ -258,10 +263,11 @@ impl EtpoTrainer {
                 m.policy_grad_norm = norm;
             }
         }
-        if let Some(max_kl) = cfg.policy_max_kl {
+        if let Some(max_kl) = max_kl {
             let (kl, scale) = trust_region(model, &spans, &policy_logp, &pi_vars, &pi_before, max_kl, &cfg)?;
             m.policy_step_kl = Some(kl / total_tokens as f64);
             m.policy_step_scale = Some(scale);
+            m.policy_step_max_kl = Some(max_kl);
         }
         m.times.policy_step_s = start.elapsed().as_secs_f64();
 

@@ -138,30 +138,39 @@ fn action_contexts(batch: &[trainer::etpo::Transition]) -> Vec<Vec<u32>> {
 fn the_policy_step_stays_inside_its_trust_region() {
     const MAX_KL: f64 = 0.002;
     let optim = AdamWConfig { lr: 3e-2, ..Default::default() };
-    let cfg = |max_kl| EtpoConfig {
-        policy_optim: optim,
-        policy_max_kl: max_kl,
-        replay_capacity: 0,
-        replay_sample: 0,
-        ..tiny_etpo_config()
-    };
-    let (mut scaled, mut widest_free) = (0, 0f64);
-    for (max_kl, seed) in [(Some(MAX_KL), 3), (None, 3)] {
+    // (trust region, planned updates): constant, shrinking to an eighth over the 4 updates, none.
+    let cases = [(Some(MAX_KL), None), (Some(MAX_KL), Some(4)), (None, None)];
+    let (mut scaled, mut widest_free, mut last_shrunk) = (0, 0f64, 0f64);
+    for (max_kl, planned_updates) in cases {
+        let cfg = EtpoConfig {
+            policy_optim: optim,
+            policy_max_kl: max_kl,
+            policy_max_kl_end: Some(MAX_KL / 8.0),
+            planned_updates,
+            replay_capacity: 0,
+            replay_sample: 0,
+            ..tiny_etpo_config()
+        };
         let mut model = tiny_model(7);
-        let mut trainer = EtpoTrainer::new(&mut model, cfg(max_kl)).unwrap();
-        let mut rng = Rng(seed);
-        for _ in 0..4 {
+        let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
+        let mut rng = Rng(3);
+        for update in 0..4 {
             let b = Task::FirstToken.batch(&model, Some(POLICY), 16, &mut rng);
             let before: Vec<Vec<f32>> =
                 action_contexts(&b).iter().map(|c| next_probs(&model, c, Some(POLICY))).collect();
             let m = trainer.update(&model, &b).unwrap();
             let measured = step_kl(&model, &b, &before);
             match max_kl {
-                Some(limit) => {
+                Some(_) => {
+                    let limit = trainer.config().policy_max_kl_at(update).unwrap();
+                    assert_eq!(m.policy_step_max_kl, Some(limit));
                     let (kl, scale) = (m.policy_step_kl.unwrap(), m.policy_step_scale.unwrap());
                     assert!((kl - measured).abs() <= 1e-4 + 0.02 * measured, "reported {kl}, measured {measured}");
                     assert!(measured <= limit * 1.05, "step KL {measured} > {limit} (scale {scale})");
                     scaled += usize::from(scale < 1.0);
+                    if planned_updates.is_some() && update == 3 {
+                        last_shrunk = measured;
+                    }
                 }
                 None => {
                     assert_eq!(m.policy_step_kl, None);
@@ -171,7 +180,8 @@ fn the_policy_step_stays_inside_its_trust_region() {
         }
     }
     assert!(widest_free > 3.0 * MAX_KL, "without a trust region the steps are wider ({widest_free})");
-    assert!(scaled >= 2, "the trust region cut {scaled} of 4 steps");
+    assert!(scaled >= 4, "the trust region cut {scaled} of 8 steps");
+    assert!(last_shrunk <= MAX_KL / 8.0 * 1.05, "the last planned update moved by {last_shrunk}");
 }
 
 #[test]
