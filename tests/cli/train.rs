@@ -213,29 +213,49 @@ fn compare_draws_etpo_and_ppo_kl_in_one_figure_with_a_table() {
     );
 }
 
-#[test]
-fn a_run_killed_between_recording_a_round_and_logging_it_resumes_exactly() {
-    // The failpoint aborts the process right after round 1 reaches replay.jsonl and before its
-    // steps reach steps.jsonl: resuming must drop that round and run it again.
-    let tmp = tempfile::tempdir().unwrap();
-    setup(tmp.path());
+/// The arguments of a short training run of `algo` into `out` on the default spec, then `extra`.
+fn resumable_args(algo: &str, out: &str, steps: &str, extra: &[&str]) -> Vec<String> {
     let spec = balance_scale();
-    let args = |out: &'static str| -> Vec<String> {
-        let mut a: Vec<String> =
-            train_args("etpo", spec.to_str().unwrap(), out, "6").iter().map(|s| s.to_string()).collect();
-        a.extend(["--update-every", "1", "--lr", "0.01"].iter().map(|s| s.to_string()));
-        a
-    };
-    let reference = etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp.path());
-    ok(&reference);
+    let mut a: Vec<String> =
+        train_args(algo, spec.to_str().unwrap(), out, steps).iter().map(|s| s.to_string()).collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Runs `reference` to the end, then the same run into `killed` with the failpoint that aborts
+/// the process right after round 1 reaches replay.jsonl and before its steps reach steps.jsonl
+/// (the window resuming must close: it drops that round and runs it again).
+fn reference_and_aborted_runs(tmp: &Path, algo: &str, steps: &str, extra: &[&str]) {
+    let args = |out| resumable_args(algo, out, steps, extra);
+    ok(&etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp));
     venv_python();
     let killed = Command::new(ETPO)
         .args(args("killed"))
-        .current_dir(tmp.path())
+        .current_dir(tmp)
         .env("ETPO_FAILPOINT", "abort-after-recording-round:1")
         .output()
         .unwrap();
     assert!(!killed.status.success(), "the failpoint aborts the run");
+}
+
+/// The interrupted and resumed run in `tmp/killed` ended as the uninterrupted one in
+/// `tmp/reference`: the same adapters, the same steps and updates, each logged once.
+fn assert_resumed_as_uninterrupted(tmp: &Path) {
+    let (dir, reference) = (tmp.join("killed"), tmp.join("reference"));
+    let want = adapter(&reference);
+    assert!(want.iter().any(|(_, v)| v.iter().any(|&x| x != 0.0)), "training moved the adapter");
+    assert_eq!(adapter(&dir), want, "the resumed run's adapters equal the uninterrupted run's");
+    let s = |d: &Path| jsonl(&d.join("steps.jsonl")).iter().map(step_essence).collect::<Vec<_>>();
+    assert_eq!(s(&dir), s(&reference), "the same steps (the same actions sampled), each logged once");
+    let m = |d: &Path| jsonl(&d.join("metrics.jsonl")).iter().map(metrics_essence).collect::<Vec<_>>();
+    assert_eq!(m(&dir), m(&reference), "the same updates, each logged once");
+}
+
+#[test]
+fn a_run_killed_between_recording_a_round_and_logging_it_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path());
+    reference_and_aborted_runs(tmp.path(), "etpo", "6", &["--update-every", "1", "--lr", "0.01"]);
     let dir = tmp.path().join("killed");
     let replay = std::fs::read_to_string(dir.join("replay.jsonl")).unwrap();
     assert_eq!(replay.lines().count(), 2, "rounds 0 and 1 recorded");
@@ -248,46 +268,21 @@ fn a_run_killed_between_recording_a_round_and_logging_it_resumes_exactly() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(adapter(&dir), adapter(&tmp.path().join("reference")), "the adapters of the uninterrupted run");
-    let s = |d: &Path| jsonl(&d.join("steps.jsonl")).iter().map(step_essence).collect::<Vec<_>>();
-    assert_eq!(s(&dir), s(&tmp.path().join("reference")), "the same steps, each logged once");
-    let m = |d: &Path| jsonl(&d.join("metrics.jsonl")).iter().map(metrics_essence).collect::<Vec<_>>();
-    assert_eq!(m(&dir), m(&tmp.path().join("reference")), "the same updates, each logged once");
+    assert_resumed_as_uninterrupted(tmp.path());
 }
 
 #[test]
 fn a_grpo_run_with_groups_killed_mid_round_resumes_exactly() {
-    // Two members per seed; the failpoint aborts after round 1 (steps 3-4) is recorded and
-    // before it is logged: on resume the members are rebuilt from the log, round 1 runs again.
+    // Two members per seed; round 1 is steps 3-4: on resume the members are rebuilt from the log.
     let tmp = tempfile::tempdir().unwrap();
     setup(tmp.path());
-    let spec = balance_scale();
-    let args = |out: &'static str| -> Vec<String> {
-        let mut a: Vec<String> =
-            train_args("grpo", spec.to_str().unwrap(), out, "8").iter().map(|s| s.to_string()).collect();
-        a.extend(["--update-every", "2", "--lr", "0.01", "--set", "group_size=2"].iter().map(|s| s.to_string()));
-        a
-    };
-    let reference = etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp.path());
-    ok(&reference);
-    venv_python();
-    let killed = Command::new(ETPO)
-        .args(args("killed"))
-        .current_dir(tmp.path())
-        .env("ETPO_FAILPOINT", "abort-after-recording-round:1")
-        .output()
-        .unwrap();
-    assert!(!killed.status.success(), "the failpoint aborts the run");
-    let dir = tmp.path().join("killed");
-    assert_eq!(jsonl(&dir.join("steps.jsonl")).len(), 2, "only round 0's two steps logged");
+    let extra = ["--update-every", "2", "--lr", "0.01", "--set", "group_size=2"];
+    reference_and_aborted_runs(tmp.path(), "grpo", "8", &extra);
+    assert_eq!(jsonl(&tmp.path().join("killed/steps.jsonl")).len(), 2, "only round 0's two steps logged");
     ok(&etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path()));
-    assert_eq!(adapter(&dir), adapter(&tmp.path().join("reference")), "the adapters of the uninterrupted run");
-    let s = |d: &Path| {
-        jsonl(&d.join("steps.jsonl")).iter().map(|s| format!("{}|{}", s["member"], step_essence(s))).collect::<Vec<_>>()
-    };
-    assert_eq!(s(&dir), s(&tmp.path().join("reference")), "the same steps, each logged once");
-    let m = |d: &Path| jsonl(&d.join("metrics.jsonl")).iter().map(metrics_essence).collect::<Vec<_>>();
-    assert_eq!(m(&dir), m(&tmp.path().join("reference")), "the same updates, each logged once");
+    let members = jsonl(&tmp.path().join("killed/steps.jsonl")).iter().filter(|s| s["member"] == 1).count();
+    assert_eq!(members, 4, "half of the 8 steps are the second member's");
+    assert_resumed_as_uninterrupted(tmp.path());
 }
 
 /// The trained adapter's tensors, by name.
@@ -313,24 +308,29 @@ fn metrics_essence(m: &Value) -> String {
 }
 
 fn step_essence(s: &Value) -> String {
-    ["episode", "step", "env_step", "prompt_sha256", "generation", "reward", "terminated", "truncated", "error"]
-        .iter()
-        .map(|k| s[k].to_string())
-        .collect::<Vec<_>>()
-        .join("|")
+    [
+        "episode",
+        "member",
+        "step",
+        "env_step",
+        "prompt_sha256",
+        "generation",
+        "reward",
+        "terminated",
+        "truncated",
+        "error",
+    ]
+    .iter()
+    .map(|k| s[k].to_string())
+    .collect::<Vec<_>>()
+    .join("|")
 }
 
 #[test]
 fn a_training_run_killed_and_resumed_ends_with_the_adapters_of_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     setup(tmp.path());
-    let spec = balance_scale();
-    let args = |out: &'static str| {
-        let mut a: Vec<String> =
-            train_args("etpo", spec.to_str().unwrap(), out, "8").iter().map(|s| s.to_string()).collect();
-        a.extend(["--update-every", "2", "--lr", "0.01"].iter().map(|s| s.to_string()));
-        a
-    };
+    let args = |out| resumable_args("etpo", out, "8", &["--update-every", "2", "--lr", "0.01"]);
     let reference = etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp.path());
     ok(&reference);
 
@@ -359,15 +359,6 @@ fn a_training_run_killed_and_resumed_ends_with_the_adapters_of_an_uninterrupted_
     let logged = jsonl(&dir.join("steps.jsonl")).len();
     assert!(logged < 8, "killed after {logged} of 8 steps");
 
-    let out = etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path());
-    ok(&out);
-    let want = adapter(&tmp.path().join("reference"));
-    let got = adapter(&dir);
-    assert!(!want.is_empty());
-    assert!(want.iter().any(|(_, v)| v.iter().any(|&x| x != 0.0)), "training moved the adapter");
-    assert_eq!(got, want, "the resumed run's adapters equal the uninterrupted run's");
-    let m = |d: &Path| jsonl(&d.join("metrics.jsonl")).iter().map(metrics_essence).collect::<Vec<_>>();
-    assert_eq!(m(&dir), m(&tmp.path().join("reference")), "same updates, each logged once");
-    let s = |d: &Path| jsonl(&d.join("steps.jsonl")).iter().map(step_essence).collect::<Vec<_>>();
-    assert_eq!(s(&dir), s(&tmp.path().join("reference")), "same actions sampled after the resume");
+    ok(&etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path()));
+    assert_resumed_as_uninterrupted(tmp.path());
 }
