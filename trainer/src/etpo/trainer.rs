@@ -54,6 +54,11 @@ pub struct UpdateMetrics {
     pub kl: f64,
     /// Mean per-token entropy of π at the action positions.
     pub entropy: f64,
+    /// ETPO only: mean per-token entropy of Eq. 7's target `π* ∝ ρ·exp(Q/β)` at the action
+    /// positions, from the Q-network the policy step follows. Beside `entropy`: whether π moves
+    /// because its target does.
+    #[serde(default)]
+    pub target_entropy: Option<f64>,
     /// Mean reward of the batch's transitions.
     pub batch_reward: f64,
     /// Mean soft Bellman target.
@@ -237,12 +242,17 @@ impl EtpoTrainer {
         // ---- Policy steps (Eq. 7): φ ← φ − α ∇ mean KL(π ‖ target(Q_θ)).
         let start = Instant::now();
         let mut q_after: Vec<Tensor> = Vec::new();
+        let mut target_entropy_sum = 0f64;
         for (ci, chunk) in spans.chunks(mb).enumerate() {
-            q_after.push(match pre_step_q.get(ci) {
+            let q = match pre_step_q.get(ci) {
                 Some(q) => q.clone(),
                 None => q_rows(model, chunk, self.q_net(), false, &ref_logp[ci], &cfg)?,
-            });
+            };
+            let target = math::policy_target_logp(&q, &ref_logp[ci], cfg.q_readout, cfg.beta)?;
+            target_entropy_sum += math::entropy_rows(&target)?.sum_all()?.to_scalar::<f32>()? as f64;
+            q_after.push(q);
         }
+        m.target_entropy = Some(target_entropy_sum / total_tokens as f64);
         let pi_vars = self.pi_opt.vars().to_vec();
         let max_kl = cfg.policy_max_kl_at(self.updates);
         let pi_before = match max_kl {

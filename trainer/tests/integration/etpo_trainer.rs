@@ -50,6 +50,28 @@ fn learn(readout: QReadout, beta: f64, sign: f64, updates: usize) -> (f64, f64) 
 }
 
 #[test]
+fn the_policy_target_starts_at_rho_and_sharpens_as_q_learns() {
+    // With the Q-values read before the first Q step, Eq. 7's target is ρ·exp(0) = ρ = π: the
+    // two entropies agree. After training on the last-token task the target is sharper than ρ.
+    let cfg = EtpoConfig { policy_uses_pre_step_q: true, q_epochs: 1, ..config(QReadout::Dueling, 0.1) };
+    let mut model = tiny_model(7);
+    let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
+    let mut rng = Rng(11);
+    let mut first = None;
+    let mut last = None;
+    for _ in 0..20 {
+        let b = batch(&model, Some(POLICY), 16, 1.0, &mut rng);
+        let m = trainer.update(&model, &b).unwrap();
+        first.get_or_insert((m.entropy, m.target_entropy.unwrap()));
+        last = m.target_entropy;
+    }
+    let (entropy, target) = first.unwrap();
+    assert!((entropy - target).abs() < 1e-4, "π's entropy {entropy}, the target's {target}");
+    let last = last.unwrap();
+    assert!(last < entropy - 0.05, "the target's entropy went {target} -> {last}");
+}
+
+#[test]
 fn learns_to_raise_the_reward_with_both_readouts() {
     for (readout, beta) in [(QReadout::Dueling, 0.1), (QReadout::Logits, 0.01)] {
         let (before, after) = learn(readout, beta, 1.0, 30);
