@@ -13,6 +13,11 @@ pub struct EtpoConfig {
     /// β: weight of the KL(π‖ρ) penalty (default 0.1; the paper's 0.01 makes a reward gap of 1
     /// a log-ratio of 100 nats, beyond what the adapters move in a run: README, "ETPO").
     pub beta: f64,
+    /// β at the last of [`EtpoConfig::planned_updates`], reached geometrically from `beta`
+    /// ([`EtpoConfig::beta_at`]); `None`: `beta` throughout. A smaller β late in a run makes the
+    /// soft-optimal policy `π* ∝ ρ·exp(Q/β)` keep to the actions it has found good instead of
+    /// returning to ρ's randomness wherever Q sees no difference.
+    pub beta_end: Option<f64>,
     /// γ: discount between actions (paper: 0.99).
     pub gamma: f64,
     /// λ: Polyak coefficient of the target Q-network, `θ̄ ← λθ̄ + (1−λ)θ` once per update
@@ -104,6 +109,7 @@ impl Default for EtpoConfig {
     fn default() -> Self {
         let mut cfg = EtpoConfig {
             beta: 0.1,
+            beta_end: None,
             gamma: 0.99,
             polyak: 0.5,
             trace_lambda: 1.0,
@@ -186,6 +192,26 @@ impl EtpoConfig {
         }
     }
 
+    /// β for the update made after `updates_done` others: `beta` at the first, `beta_end` at the
+    /// last of `planned_updates` and after it, geometric in between (β scales the rewards'
+    /// effect on log-probabilities, so equal ratios per update).
+    pub fn beta_at(&self, updates_done: u64) -> f64 {
+        match (self.beta_end, self.planned_updates) {
+            (Some(end), Some(planned)) if planned > 1 => {
+                let t = updates_done.min(planned - 1) as f64 / (planned - 1) as f64;
+                self.beta * (end / self.beta).powf(t)
+            }
+            _ => self.beta,
+        }
+    }
+
+    /// The configuration the update made after `updates_done` others runs with: `beta` as
+    /// [`EtpoConfig::beta_at`] sets it (the trust region is read with
+    /// [`EtpoConfig::policy_max_kl_at`]).
+    pub fn at_update(&self, updates_done: u64) -> EtpoConfig {
+        EtpoConfig { beta: self.beta_at(updates_done), ..self.clone() }
+    }
+
     /// Sets one hyper-parameter from a CLI `KEY=VALUE` override; see [`set_key`].
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         let next = set_key(self, key, value)?;
@@ -198,6 +224,11 @@ impl EtpoConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.beta > 0.0 && self.beta.is_finite()) {
             return Err(format!("beta must be a positive number, got {}", self.beta));
+        }
+        if let Some(b) = self.beta_end {
+            if !(b > 0.0 && b.is_finite()) {
+                return Err(format!("beta_end must be a positive number (or null), got {b}"));
+            }
         }
         if !(0.0..=1.0).contains(&self.gamma) {
             return Err(format!("gamma must be in [0, 1], got {}", self.gamma));
@@ -343,6 +374,19 @@ mod override_tests {
         }
         let none = EtpoConfig { policy_max_kl: None, planned_updates: Some(4), ..Default::default() };
         assert_eq!(none.policy_max_kl_at(0), None);
+    }
+
+    #[test]
+    fn beta_shrinks_geometrically_over_the_planned_updates() {
+        // 0.1 → 0.0125 over 4 updates: halved at each.
+        let c = EtpoConfig { beta_end: Some(0.0125), planned_updates: Some(4), ..Default::default() };
+        let at: Vec<f64> = (0..5).map(|u| c.beta_at(u)).collect();
+        for (got, want) in at.iter().zip([0.1, 0.05, 0.025, 0.0125, 0.0125]) {
+            assert!((got - want).abs() < 1e-12, "{at:?}");
+        }
+        assert!((c.at_update(2).beta - 0.025).abs() < 1e-12);
+        assert_eq!(EtpoConfig { planned_updates: Some(4), ..Default::default() }.beta_at(3), 0.1);
+        assert!(c.clone().set("beta_end", "0").unwrap_err().contains("beta_end must be a positive number"));
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub struct UpdateMetrics {
     /// ([`EtpoConfig::policy_max_kl_at`]).
     #[serde(default)]
     pub policy_step_max_kl: Option<f64>,
+    /// ETPO only: the β this update ran with ([`EtpoConfig::beta_at`]).
+    #[serde(default)]
+    pub beta: Option<f64>,
     /// PPO-KL only: fraction of action tokens whose ratio left the clip range (last epoch).
     pub clip_fraction: Option<f64>,
     /// PPO-KL only: mean per-token `log π_old − log π_new` over the taken tokens (last epoch).
@@ -191,7 +194,7 @@ impl EtpoTrainer {
         let (batch, spans, mut m) = prepare_update(&minibatch)?;
         let total_tokens = m.action_tokens;
         let batch = &batch;
-        let cfg = self.cfg.clone();
+        let cfg = self.cfg.at_update(self.updates);
         let mb = cfg.micro_batch;
 
         // ---- Targets (Eq. 6): soft values of every action context and of the next states.
@@ -202,6 +205,7 @@ impl EtpoTrainer {
         m.entropy = phase.entropy_sum / total_tokens as f64;
         m.q_target_mean = targets.iter().map(|&x| x as f64).sum::<f64>() / total_tokens as f64;
         m.start_value_mean = phase.start_value_mean;
+        m.beta = Some(cfg.beta);
         m.q_taken_log_ratio_mean = Some(phase.taken_log_ratio_mean);
         m.times.targets_s = start.elapsed().as_secs_f64();
 
@@ -332,7 +336,7 @@ impl EtpoTrainer {
         let spans: Vec<RowSpan> = states.iter().map(|s| RowSpan::state(s)).collect();
         let mut out = Vec::with_capacity(states.len());
         for chunk in spans.chunks(self.cfg.micro_batch) {
-            out.extend(soft_value_rows(model, chunk, &self.cfg, self.q_net(), None)?.values);
+            out.extend(soft_value_rows(model, chunk, &self.cfg.at_update(self.updates), self.q_net(), None)?.values);
         }
         Ok(out)
     }
@@ -342,7 +346,8 @@ impl EtpoTrainer {
     pub fn targets(&self, model: &Llama, batch: &[Transition]) -> Result<Vec<Vec<f64>>, TrainError> {
         validate_batch(batch)?;
         let spans: Vec<RowSpan> = batch.iter().map(|t| RowSpan::action(&t.state, &t.action)).collect();
-        let flat = compute_targets(model, batch, &spans, &self.cfg, self.q_target_net())?.targets;
+        let flat =
+            compute_targets(model, batch, &spans, &self.cfg.at_update(self.updates), self.q_target_net())?.targets;
         let mut out = Vec::with_capacity(batch.len());
         let mut offset = 0;
         for t in batch {

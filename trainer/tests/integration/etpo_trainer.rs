@@ -72,6 +72,22 @@ fn the_policy_target_starts_at_rho_and_sharpens_as_q_learns() {
 }
 
 #[test]
+fn each_update_runs_with_the_scheduled_beta() {
+    let cfg = EtpoConfig { beta_end: Some(0.025), planned_updates: Some(3), ..config(QReadout::Dueling, 0.1) };
+    let mut model = tiny_model(7);
+    let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
+    let mut rng = Rng(11);
+    let mut betas = Vec::new();
+    for _ in 0..4 {
+        let b = batch(&model, Some(POLICY), 8, 1.0, &mut rng);
+        betas.push(trainer.update(&model, &b).unwrap().beta.unwrap());
+    }
+    for (got, want) in betas.iter().zip([0.1, 0.05, 0.025, 0.025]) {
+        assert!((got - want).abs() < 1e-12, "{betas:?}");
+    }
+}
+
+#[test]
 fn learns_to_raise_the_reward_with_both_readouts() {
     for (readout, beta) in [(QReadout::Dueling, 0.1), (QReadout::Logits, 0.01)] {
         let (before, after) = learn(readout, beta, 1.0, 30);
