@@ -649,7 +649,7 @@ fn training_block(specs: &[&envspec::Spec]) -> anyhow::Result<envspec::TrainingO
 /// The trainer's hyper-parameters, resolved in this one place: the command line's flags over the
 /// specs' `training:` block over the trainer's defaults; then `--set KEY=VALUE` over all of them.
 /// `env_steps`, the run's whole budget (steps × seeds over the specs), sets the number of updates
-/// ETPO's trust-region schedule spans.
+/// ETPO's schedules (trust region, β) span.
 fn train_config(
     config: &RunConfig,
     specs: &[&envspec::Spec],
@@ -898,7 +898,7 @@ mod tests {
         let (t, schedule) = train_config(&config(Algorithm::Etpo, flags), &[&a, &b], 256).unwrap();
         let TrainerConfig::Etpo(c) = t else { panic!("{t:?}") };
         assert_eq!((c.beta, c.gamma, c.polyak, c.seed), (0.05, 0.5, 0.5, 7));
-        // 256 steps in updates of 3: the trust region shrinks over 85 updates.
+        // 256 steps in updates of 3: ETPO's schedules span 85 updates.
         assert_eq!(c.planned_updates, Some(85));
         assert!(c.discount_inside_actions);
         assert_eq!((schedule.update_every, schedule.checkpoint_every), (3, 1));

@@ -65,9 +65,9 @@ pub struct EtpoConfig {
     /// KL(π_before‖π_after) over the mini-batch's action rows exceeds it, the adapter's change
     /// is scaled back along its direction (a line search, as in TRPO) until it does not.
     /// This is the region of the first update; it shrinks to [`EtpoConfig::policy_max_kl_end`]
-    /// over a run. `None`: Eq. 7's steps as taken. Why: Adam moves every weight by about its learning rate
-    /// whatever the gradient's size, so one noisy update can move π further than any loss
-    /// term asks (README, "ETPO").
+    /// over a run. `None`: Eq. 7's steps as taken. Why: Adam moves every weight by about its
+    /// learning rate whatever the gradient's size, so one noisy update can move π further than
+    /// any loss term asks (README, "ETPO").
     pub policy_max_kl: Option<f64>,
     /// The trust region at the last of [`EtpoConfig::planned_updates`], reached linearly from
     /// `policy_max_kl` ([`EtpoConfig::policy_max_kl_at`]); `None`: the same at every update.
