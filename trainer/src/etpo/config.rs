@@ -14,9 +14,9 @@ pub struct EtpoConfig {
     /// a log-ratio of 100 nats, beyond what the adapters move in a run: README, "ETPO").
     pub beta: f64,
     /// β at the last of [`EtpoConfig::planned_updates`], reached geometrically from `beta`
-    /// ([`EtpoConfig::beta_at`]); `None`: `beta` throughout. A smaller β late in a run makes the
-    /// soft-optimal policy `π* ∝ ρ·exp(Q/β)` keep to the actions it has found good instead of
-    /// returning to ρ's randomness wherever Q sees no difference.
+    /// ([`EtpoConfig::beta_at`]); `None` (default): `beta` throughout. Meant to make the small
+    /// advantages of a converged run count for more in `π* ∝ ρ·exp(Q/β)`; on Balance Scale
+    /// 0.1 → 0.02 made the target more random instead and the reward fell (README, "ETPO").
     pub beta_end: Option<f64>,
     /// γ: discount between actions (paper: 0.99).
     pub gamma: f64,
@@ -72,8 +72,8 @@ pub struct EtpoConfig {
     /// The trust region at the last of [`EtpoConfig::planned_updates`], reached linearly from
     /// `policy_max_kl` ([`EtpoConfig::policy_max_kl_at`]); `None`: the same at every update.
     /// Default 0.002, a tenth: with a constant region the policy kept moving by the region's
-    /// whole step once the reward was reached, and drifted away from it (Balance Scale seed 1,
-    /// README "ETPO").
+    /// whole step once the reward was reached, and drifted away from it (Balance Scale seed 1:
+    /// last 64 of 256 steps +0.44 with a constant region, +0.70 shrinking; README "ETPO").
     pub policy_max_kl_end: Option<f64>,
     /// Updates the run will make (set by `etpo run` from its budget: steps × seeds ÷ update
     /// size); `None` (a trainer used on its own) keeps `policy_max_kl` at every update.
