@@ -205,11 +205,17 @@ impl EtpoConfig {
         }
     }
 
-    /// The configuration the update made after `updates_done` others runs with: `beta` as
-    /// [`EtpoConfig::beta_at`] sets it (the trust region is read with
-    /// [`EtpoConfig::policy_max_kl_at`]).
+    /// The configuration the update made after `updates_done` others runs with: its schedules
+    /// resolved, `beta` as [`EtpoConfig::beta_at`] and `policy_max_kl` as
+    /// [`EtpoConfig::policy_max_kl_at`] set them, and no schedule left to apply.
     pub fn at_update(&self, updates_done: u64) -> EtpoConfig {
-        EtpoConfig { beta: self.beta_at(updates_done), ..self.clone() }
+        EtpoConfig {
+            beta: self.beta_at(updates_done),
+            beta_end: None,
+            policy_max_kl: self.policy_max_kl_at(updates_done),
+            policy_max_kl_end: None,
+            ..self.clone()
+        }
     }
 
     /// Sets one hyper-parameter from a CLI `KEY=VALUE` override; see [`set_key`].
@@ -384,7 +390,11 @@ mod override_tests {
         for (got, want) in at.iter().zip([0.1, 0.05, 0.025, 0.0125, 0.0125]) {
             assert!((got - want).abs() < 1e-12, "{at:?}");
         }
-        assert!((c.at_update(2).beta - 0.025).abs() < 1e-12);
+        let resolved = c.at_update(2);
+        assert!((resolved.beta - 0.025).abs() < 1e-12);
+        assert!((resolved.policy_max_kl.unwrap() - 0.008).abs() < 1e-12, "{resolved:?}");
+        assert_eq!(resolved.beta_at(0), resolved.beta, "nothing left to schedule");
+        assert_eq!(resolved.policy_max_kl_at(0), resolved.policy_max_kl);
         assert_eq!(EtpoConfig { planned_updates: Some(4), ..Default::default() }.beta_at(3), 0.1);
         assert!(c.clone().set("beta_end", "0").unwrap_err().contains("beta_end must be a positive number"));
     }

@@ -245,7 +245,8 @@ impl EtpoTrainer {
 
         // ---- Policy steps (Eq. 7): φ ← φ − α ∇ mean KL(π ‖ target(Q_θ)).
         let start = Instant::now();
-        let mut q_after: Vec<Tensor> = Vec::new();
+        // Eq. 7's target, once per update: every policy epoch regresses on the same one.
+        let mut policy_targets: Vec<Tensor> = Vec::new();
         let mut target_entropy_sum = 0f64;
         for (ci, chunk) in spans.chunks(mb).enumerate() {
             let q = match pre_step_q.get(ci) {
@@ -254,11 +255,11 @@ impl EtpoTrainer {
             };
             let target = math::policy_target_logp(&q, &ref_logp[ci], cfg.q_readout, cfg.beta)?;
             target_entropy_sum += math::entropy_rows(&target)?.sum_all()?.to_scalar::<f32>()? as f64;
-            q_after.push(q);
+            policy_targets.push(target);
         }
         m.target_entropy = Some(target_entropy_sum / total_tokens as f64);
         let pi_vars = self.pi_opt.vars().to_vec();
-        let max_kl = cfg.policy_max_kl_at(self.updates);
+        let max_kl = cfg.policy_max_kl;
         let pi_before = match max_kl {
             Some(_) => pi_vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?,
             None => Vec::new(),
@@ -267,7 +268,7 @@ impl EtpoTrainer {
             let mut grads: Vec<Option<Tensor>> = vec![None; pi_vars.len()];
             let mut loss_sum = 0f64;
             for (ci, chunk) in spans.chunks(mb).enumerate() {
-                let loss = (policy_loss_chunk(model, chunk, &q_after[ci], &ref_logp[ci], &cfg)? / total_tokens as f64)?;
+                let loss = (policy_loss_chunk(model, chunk, &policy_targets[ci], &cfg)? / total_tokens as f64)?;
                 loss_sum += loss.to_scalar::<f32>()? as f64;
                 accumulate_grads(&mut grads, &pi_vars, &loss.backward()?)?;
             }
@@ -535,19 +536,18 @@ fn q_loss_chunk(
     Ok((loss, q, taken))
 }
 
-/// The summed per-token policy loss (Eq. 7) of one micro-batch against the Q-values `q`
-/// (constants); gradients reach the policy adapter only.
+/// The summed per-token policy loss (Eq. 7) of one micro-batch against `target_logp`
+/// ([`math::policy_target_logp`] of the Q-values, constants); gradients reach the policy adapter
+/// only.
 fn policy_loss_chunk(
     model: &Llama,
     spans: &[RowSpan],
-    q: &Tensor,
-    ref_logp: &Tensor,
+    target: &Tensor,
     cfg: &EtpoConfig,
 ) -> Result<Tensor, TrainError> {
     let share = cfg.share_prefixes;
-    let target = math::policy_target_logp(q, ref_logp, cfg.q_readout, cfg.beta)?;
     let pol = math::log_softmax(&logit_rows(model, spans, Some(POLICY), true, share)?)?;
-    Ok(math::policy_kl_rows(&pol, &target)?.sum_all()?)
+    Ok(math::policy_kl_rows(&pol, target)?.sum_all()?)
 }
 
 /// What the target phase of an update produces.
@@ -775,7 +775,8 @@ mod tests {
             assert_eq!(touched(&model, &q_loss), vec![Q], "{readout}");
             // A Q that differs from ρ, so that the policy loss has a gradient.
             let q = (q + targets.unsqueeze(1).unwrap().broadcast_as((5, 12)).unwrap()).unwrap();
-            let pi_loss = policy_loss_chunk(&model, &spans, &q, &ref_lp, &cfg).unwrap();
+            let target = math::policy_target_logp(&q, &ref_lp, cfg.q_readout, cfg.beta).unwrap();
+            let pi_loss = policy_loss_chunk(&model, &spans, &target, &cfg).unwrap();
             assert_eq!(touched(&model, &pi_loss), vec![POLICY], "{readout}");
         }
     }
