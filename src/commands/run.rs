@@ -665,6 +665,7 @@ fn train_config(
         ..Default::default()
     };
     let t = flags.or(&training_block(specs)?);
+    let update_every = t.batch_size.unwrap_or(DEFAULT_UPDATE_EVERY);
     let trainer_config = match config.algo {
         Algorithm::Etpo => {
             let mut c = trainer::etpo::EtpoConfig::default();
@@ -673,8 +674,7 @@ fn train_config(
             c.discount_inside_actions = f.disc;
             c.single_step = f.one_step;
             c.seed = config.sampling_seed;
-            let update_every = t.batch_size.unwrap_or(DEFAULT_UPDATE_EVERY).max(1) as u64;
-            c.planned_updates = Some((env_steps / update_every).max(1));
+            c.planned_updates = Some((env_steps / update_every.max(1) as u64).max(1));
             apply_sets(&f.set, "etpo", |k, v| c.set(k, v))?;
             c.validate().map_err(|e| anyhow::anyhow!("--algo etpo: {e}"))?;
             TrainerConfig::Etpo(c)
@@ -703,10 +703,7 @@ fn train_config(
         }
         Algorithm::Reflection => bail!("--algo reflection does not train"),
     };
-    let schedule = TrainSchedule {
-        update_every: t.batch_size.unwrap_or(DEFAULT_UPDATE_EVERY),
-        checkpoint_every: f.checkpoint_every.unwrap_or(1),
-    };
+    let schedule = TrainSchedule { update_every, checkpoint_every: f.checkpoint_every.unwrap_or(1) };
     if schedule.update_every == 0 || schedule.checkpoint_every == 0 {
         bail!("--update-every and --checkpoint-every must be at least 1");
     }
