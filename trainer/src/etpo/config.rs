@@ -32,6 +32,15 @@ pub struct EtpoConfig {
     pub trace_lambda: f64,
     /// How Q-values are read out of the Q-network.
     pub q_readout: QReadout,
+    /// τ, the weight of ρ in the prior of the policy step's target, `ρ^τ·π_k^(1−τ)·exp(A/β)`
+    /// with π_k the policy before the update ([`super::math::prior_mixed_target_logp`]): 1
+    /// (default) is Eq. 7 as written, `π* ∝ ρ·exp(Q/β)`; 0 is a mirror-descent step from π_k,
+    /// which stays put where the Q-network sees no difference between tokens. This is τ at
+    /// the first update; see [`EtpoConfig::reference_weight_end`].
+    pub reference_weight: f64,
+    /// τ at the last of [`EtpoConfig::planned_updates`], reached linearly from
+    /// `reference_weight` ([`EtpoConfig::reference_weight_at`]); `None`: the same throughout.
+    pub reference_weight_end: Option<f64>,
     /// ETPO(disc.) ablation (Appendix G): discount by γ inside actions too.
     pub discount_inside_actions: bool,
     /// ETPO(1-step) ablation (Appendix G): episodes of one step. The run loop honours this by
@@ -114,6 +123,8 @@ impl Default for EtpoConfig {
             polyak: 0.5,
             trace_lambda: 1.0,
             q_readout: QReadout::default(),
+            reference_weight: 1.0,
+            reference_weight_end: None,
             discount_inside_actions: false,
             single_step: false,
             conservative: 0.3,
@@ -184,11 +195,17 @@ impl EtpoConfig {
     pub fn policy_max_kl_at(&self, updates_done: u64) -> Option<f64> {
         let start = self.policy_max_kl?;
         match (self.policy_max_kl_end, self.planned_updates) {
-            (Some(end), Some(planned)) if planned > 1 => {
-                let t = updates_done.min(planned - 1) as f64 / (planned - 1) as f64;
-                Some(start + (end - start) * t)
-            }
+            (Some(end), Some(planned)) => Some(linear(start, end, updates_done, planned)),
             _ => Some(start),
+        }
+    }
+
+    /// τ for the update made after `updates_done` others: `reference_weight` at the first,
+    /// `reference_weight_end` at the last of `planned_updates` and after it, linear in between.
+    pub fn reference_weight_at(&self, updates_done: u64) -> f64 {
+        match (self.reference_weight_end, self.planned_updates) {
+            (Some(end), Some(planned)) => linear(self.reference_weight, end, updates_done, planned),
+            _ => self.reference_weight,
         }
     }
 
@@ -206,14 +223,17 @@ impl EtpoConfig {
     }
 
     /// The configuration the update made after `updates_done` others runs with: its schedules
-    /// resolved, `beta` as [`EtpoConfig::beta_at`] and `policy_max_kl` as
-    /// [`EtpoConfig::policy_max_kl_at`] set them, and no schedule left to apply.
+    /// resolved, `beta`, `policy_max_kl` and `reference_weight` as [`EtpoConfig::beta_at`],
+    /// [`EtpoConfig::policy_max_kl_at`] and [`EtpoConfig::reference_weight_at`] set them, and
+    /// no schedule left to apply.
     pub fn at_update(&self, updates_done: u64) -> EtpoConfig {
         EtpoConfig {
             beta: self.beta_at(updates_done),
             beta_end: None,
             policy_max_kl: self.policy_max_kl_at(updates_done),
             policy_max_kl_end: None,
+            reference_weight: self.reference_weight_at(updates_done),
+            reference_weight_end: None,
             ..self.clone()
         }
     }
@@ -244,6 +264,15 @@ impl EtpoConfig {
         }
         if !(0.0..=1.0).contains(&self.trace_lambda) {
             return Err(format!("trace_lambda must be in [0, 1], got {}", self.trace_lambda));
+        }
+        for (key, w) in
+            [("reference_weight", Some(self.reference_weight)), ("reference_weight_end", self.reference_weight_end)]
+        {
+            if let Some(w) = w {
+                if !(0.0..=1.0).contains(&w) {
+                    return Err(format!("{key} must be in [0, 1], got {w}"));
+                }
+            }
         }
         if !(self.conservative >= 0.0 && self.conservative.is_finite()) {
             return Err(format!("conservative must be a number >= 0, got {}", self.conservative));
@@ -285,6 +314,15 @@ impl EtpoConfig {
         }
         Ok(())
     }
+}
+
+/// `start` at update 0, `end` at update `planned − 1` and after it, linear in between.
+fn linear(start: f64, end: f64, updates_done: u64, planned: u64) -> f64 {
+    if planned <= 1 {
+        return start;
+    }
+    let t = updates_done.min(planned - 1) as f64 / (planned - 1) as f64;
+    start + (end - start) * t
 }
 
 /// A copy of `cfg` with the (dotted) `key` set to `value`, for `--set key=value` overrides of
@@ -397,6 +435,22 @@ mod override_tests {
         assert_eq!(resolved.policy_max_kl_at(0), resolved.policy_max_kl);
         assert_eq!(EtpoConfig { planned_updates: Some(4), ..Default::default() }.beta_at(3), 0.1);
         assert!(c.clone().set("beta_end", "0").unwrap_err().contains("beta_end must be a positive number"));
+    }
+
+    #[test]
+    fn the_reference_weight_moves_linearly_over_the_planned_updates() {
+        // τ 1 → 0 over 5 updates: steps of 0.25.
+        let c = EtpoConfig { reference_weight_end: Some(0.0), planned_updates: Some(5), ..Default::default() };
+        let at: Vec<f64> = (0..7).map(|u| c.reference_weight_at(u)).collect();
+        assert_eq!(at, [1.0, 0.75, 0.5, 0.25, 0.0, 0.0, 0.0]);
+        let resolved = c.at_update(1);
+        assert_eq!((resolved.reference_weight, resolved.reference_weight_end), (0.75, None));
+        assert_eq!(EtpoConfig { planned_updates: Some(5), ..Default::default() }.reference_weight_at(4), 1.0);
+        assert_eq!(EtpoConfig { reference_weight_end: Some(0.0), ..Default::default() }.reference_weight_at(4), 1.0);
+        for (key, value) in [("reference_weight", "1.5"), ("reference_weight_end", "-0.1")] {
+            let e = EtpoConfig::default().set(key, value).unwrap_err();
+            assert!(e.contains(&format!("{key} must be in [0, 1]")), "{e}");
+        }
     }
 
     #[test]

@@ -221,6 +221,27 @@ pub fn policy_target_logp(q: &Tensor, ref_logp: &Tensor, readout: QReadout, beta
     }
 }
 
+/// Eq. 7's target with the prior `ρ^τ·π_k^(1−τ)` in place of ρ, π_k the policy before the
+/// update and τ = `reference_weight`: `log_softmax(target + (1−τ)·(log π_k − log ρ))`, the
+/// target of [`policy_target_logp`] (`∝ ρ·exp(Q/β)`) times `(π_k/ρ)^(1−τ)`. So the target is
+/// `∝ ρ^τ·π_k^(1−τ)·exp(A/β)`, with `A = Q − β·log E_ρ[exp(Q/β)]` the advantage over the soft
+/// value (the soft value cancels in the normalisation; with [`QReadout::Dueling`]
+/// `exp(A/β) = π_Q/ρ`).
+///
+/// τ = 1 is Eq. 7 as written. τ = 0 is the step of mirror-descent policy optimisation (MPO's
+/// E-step, Abdolmaleki et al. 2018, at temperature β): where the Q-network sees no difference
+/// between tokens the target is π_k itself, so a policy that has learnt a task is not pulled
+/// back to ρ's randomness once every action it writes pays the same (README, "ETPO").
+pub fn prior_mixed_target_logp(
+    target_logp: &Tensor,
+    ref_logp: &Tensor,
+    previous_logp: &Tensor,
+    reference_weight: f64,
+) -> Result<Tensor> {
+    let toward_previous = ((previous_logp.detach() - ref_logp.detach())? * (1.0 - reference_weight))?;
+    log_softmax(&(target_logp.detach() + toward_previous)?)
+}
+
 /// The per-token policy loss of Eq. 7, per row: `KL(π(·|c) ‖ target(·|c))` over the full
 /// vocabulary, with `target_logp` from [`policy_target_logp`]. Gradients flow into π only.
 pub fn policy_kl_rows(policy_logp: &Tensor, target_logp: &Tensor) -> Result<Tensor> {
@@ -354,6 +375,41 @@ mod tests {
         assert_eq!(disc[1], step1[1]);
         // A one-token action has only the last-token case.
         assert_eq!(soft_bellman_targets(&[], -1.0, Some(2.0), 0.5, false), vec![0.0]);
+    }
+
+    #[test]
+    fn the_prior_mixes_rho_and_the_previous_policy() {
+        // ρ = (0.5, 0.25, 0.25), π_Q = (0.2, 0.6, 0.2), π_k = (0.25, 0.5, 0.25), V = 0.4, β = 0.1.
+        let beta = 0.1f64;
+        let (rho, pq, pk) = ([0.5f64, 0.25, 0.25], [0.2f64, 0.6, 0.2], [0.25f64, 0.5, 0.25]);
+        let row = |p: [f64; 3]| Tensor::from_vec(p.map(|x| x.ln() as f32).to_vec(), (1, 3), &Device::Cpu).unwrap();
+        let q: Vec<f32> = (0..3).map(|i| (0.4 + beta * (pq[i] / rho[i]).ln()) as f32).collect();
+        let q = Tensor::from_vec(q, (1, 3), &Device::Cpu).unwrap();
+        let eq7 = policy_target_logp(&q, &row(rho), QReadout::Dueling, beta).unwrap();
+        let probs = |t: Tensor| t.exp().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let s2 = 2f64.sqrt();
+        let half = [0.2 / s2, 0.6 * s2, 0.2];
+        let half_sum: f64 = half.iter().sum();
+        for (tau, want) in [
+            // τ = 1: Eq. 7, π_Q itself.
+            (1.0, pq),
+            // τ = 0: π_k·π_Q/ρ = (0.1, 1.2, 0.2) / 1.5.
+            (0.0, [0.1 / 1.5, 1.2 / 1.5, 0.2 / 1.5]),
+            // τ = 1/2: π_Q·(π_k/ρ)^(1/2) = (0.2/√2, 0.6·√2, 0.2), normalised.
+            (0.5, half.map(|x| x / half_sum)),
+        ] {
+            let got = probs(prior_mixed_target_logp(&eq7, &row(rho), &row(pk), tau).unwrap());
+            for (g, w) in got.iter().zip(want) {
+                assert!(close(*g as f64, w, 1e-5), "τ {tau}: {got:?} vs {want:?}");
+            }
+        }
+        // Where Q sees no difference between tokens (π_Q = ρ), the target at τ = 0 is π_k.
+        let flat = Tensor::new(&[[0.4f32, 0.4, 0.4]], &Device::Cpu).unwrap();
+        let eq7 = policy_target_logp(&flat, &row(rho), QReadout::Dueling, beta).unwrap();
+        let got = probs(prior_mixed_target_logp(&eq7, &row(rho), &row(pk), 0.0).unwrap());
+        for (g, w) in got.iter().zip(pk) {
+            assert!(close(*g as f64, w, 1e-5), "{got:?} vs {pk:?}");
+        }
     }
 
     #[test]

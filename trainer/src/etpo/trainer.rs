@@ -54,8 +54,9 @@ pub struct UpdateMetrics {
     pub kl: f64,
     /// Mean per-token entropy of π at the action positions.
     pub entropy: f64,
-    /// ETPO only: mean per-token entropy of Eq. 7's target `π* ∝ ρ·exp(Q/β)` at the action
-    /// positions, from the Q-network the policy step follows. Beside `entropy`: whether π moves
+    /// ETPO only: mean per-token entropy of Eq. 7's target (`π* ∝ ρ·exp(Q/β)`; with a
+    /// `reference_weight` τ below 1, `∝ ρ^τ·π_k^(1−τ)·exp(A/β)`) at the action positions, from
+    /// the Q-network the policy step follows. Beside `entropy`: whether π moves
     /// because its target does.
     #[serde(default)]
     pub target_entropy: Option<f64>,
@@ -97,6 +98,10 @@ pub struct UpdateMetrics {
     /// ETPO only: the β this update ran with ([`EtpoConfig::beta_at`]).
     #[serde(default)]
     pub beta: Option<f64>,
+    /// ETPO only: the weight τ of ρ in the policy target's prior this update ran with
+    /// ([`EtpoConfig::reference_weight_at`]).
+    #[serde(default)]
+    pub reference_weight: Option<f64>,
     /// PPO-KL only: fraction of action tokens whose ratio left the clip range (last epoch).
     pub clip_fraction: Option<f64>,
     /// PPO-KL only: mean per-token `log π_old − log π_new` over the taken tokens (last epoch).
@@ -206,6 +211,7 @@ impl EtpoTrainer {
         m.q_target_mean = targets.iter().map(|&x| x as f64).sum::<f64>() / total_tokens as f64;
         m.start_value_mean = phase.start_value_mean;
         m.beta = Some(cfg.beta);
+        m.reference_weight = Some(cfg.reference_weight);
         m.q_taken_log_ratio_mean = Some(phase.taken_log_ratio_mean);
         m.times.targets_s = start.elapsed().as_secs_f64();
 
@@ -253,7 +259,10 @@ impl EtpoTrainer {
                 Some(q) => q.clone(),
                 None => q_rows(model, chunk, self.q_net(), false, &ref_logp[ci], &cfg)?,
             };
-            let target = math::policy_target_logp(&q, &ref_logp[ci], cfg.q_readout, cfg.beta)?;
+            let mut target = math::policy_target_logp(&q, &ref_logp[ci], cfg.q_readout, cfg.beta)?;
+            if cfg.reference_weight < 1.0 {
+                target = math::prior_mixed_target_logp(&target, &ref_logp[ci], &policy_logp[ci], cfg.reference_weight)?;
+            }
             target_entropy_sum += math::entropy_rows(&target)?.sum_all()?.to_scalar::<f32>()? as f64;
             policy_targets.push(target);
         }

@@ -115,6 +115,33 @@ fn the_soft_value_of_the_start_state_matches_the_learned_policys_return() {
     );
 }
 
+/// P(first = good) after learning the first-token task for 30 updates, then 30 updates in which
+/// every action pays the same: what a policy keeps once everything it writes succeeds.
+fn kept_after_every_action_pays(reference_weight: f64) -> (f64, f64) {
+    let cfg = EtpoConfig { reference_weight, replay_capacity: 0, ..config() };
+    let (curve, mut trainer, model) = train(Task::FirstToken, cfg, 30, 11);
+    let mut rng = Rng(23);
+    for _ in 0..30 {
+        let mut b = Task::FirstToken.batch(&model, Some(POLICY), BATCH, &mut rng);
+        b.iter_mut().for_each(|t| t.reward = 1.0);
+        trainer.update(&model, &b).unwrap();
+    }
+    (curve[30], Task::FirstToken.p_good(&model, POLICY))
+}
+
+/// With Eq. 7's prior ρ the target is ρ wherever the Q-network sees no difference between
+/// tokens, so once every action pays the same the policy goes back to ρ; with the previous
+/// policy as the prior (τ = 0) it keeps what it learnt (Balance Scale's late drift, README).
+#[test]
+fn the_previous_policy_prior_keeps_a_learnt_policy_where_rewards_stop_differing() {
+    let (learnt, eq7) = kept_after_every_action_pays(1.0);
+    let (learnt_md, md) = kept_after_every_action_pays(0.0);
+    eprintln!("Eq. 7: {learnt:.3} -> {eq7:.3}; previous-policy prior: {learnt_md:.3} -> {md:.3}");
+    assert!(learnt > 0.5 && learnt_md > 0.5, "the task is learnt first: {learnt:.3}, {learnt_md:.3}");
+    assert!(eq7 < 0.5 * learnt, "Eq. 7's target returns towards rho: {learnt:.3} -> {eq7:.3}");
+    assert!(md > 0.9 * learnt_md, "the previous-policy prior keeps the policy: {learnt_md:.3} -> {md:.3}");
+}
+
 #[test]
 fn ppo_kl_learns_the_first_token_task() {
     let optim = AdamWConfig { lr: 3e-2, ..Default::default() };
