@@ -1,11 +1,11 @@
-//! The arguments every command that loads a model shares: `--model`, `--device` and, where an
-//! adapter can be applied, `--adapter`.
+//! The arguments every command that loads a model shares: `--model`, `--device`,
+//! `--generation-weights` and, where an adapter can be applied, `--adapter`.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 
-/// `--model` and `--device`.
+/// `--model`, `--device` and `--generation-weights`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// GGUF file or Hugging Face folder [default: the embedded SmolLM2-135M-Instruct GGUF]
@@ -14,6 +14,11 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Weights to sample with on the CPU: `quantized` (copies of the linear weights in blocks of
+    /// 32, exact for a Q4_1/Q8_0 GGUF such as the default model's; activations and adapters in
+    /// f32) or `f32` (the training weights) [default: quantized for an f32 model on the CPU]
+    #[arg(long, value_name = "f32|quantized")]
+    pub generation_weights: Option<String>,
 }
 
 impl ModelArgs {
@@ -22,11 +27,27 @@ impl ModelArgs {
         self.path.clone().unwrap_or_else(trainer::default_model_path)
     }
 
-    /// Loads the model on the device, with the path in any error.
+    /// Loads the model on the device, with the path in any error, sampling with
+    /// `--generation-weights` when given.
     pub fn load(&self) -> anyhow::Result<trainer::LoadedModel> {
+        let weights = self.generation_weights()?;
         let device = trainer::parse_device(&self.device)?;
         let path = self.path();
-        trainer::load_model(&path, &device).with_context(|| format!("loading the model {}", path.display()))
+        let mut loaded =
+            trainer::load_model(&path, &device).with_context(|| format!("loading the model {}", path.display()))?;
+        if let Some(w) = weights {
+            loaded.model.set_generation_weights(w);
+        }
+        Ok(loaded)
+    }
+
+    /// `--generation-weights`, parsed (`None`: the loader's choice).
+    pub fn generation_weights(&self) -> anyhow::Result<Option<trainer::GenerationWeights>> {
+        self.generation_weights
+            .as_deref()
+            .map(trainer::GenerationWeights::parse)
+            .transpose()
+            .context("--generation-weights")
     }
 }
 

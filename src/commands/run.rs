@@ -175,6 +175,10 @@ struct RunConfig {
     actions: Option<PathBuf>,
     model: Option<PathBuf>,
     device: String,
+    /// `--generation-weights` (`f32` or `quantized`); `None`: the loader's choice (quantised
+    /// for an f32 model on the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    generation_weights: Option<String>,
     workers: Option<usize>,
     temperature: Option<f64>,
     top_k: Option<usize>,
@@ -284,7 +288,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let load_llm = |tasks: &mut Vec<SpecRun>| -> anyhow::Result<LlmPolicy> {
         let model = config.model.clone().unwrap_or_else(trainer::default_model_path);
         eprintln!("loading {} on {}", model.display(), config.device);
-        let policy = LlmPolicy::load(&model, &config.device, sampling_config(&config))?;
+        let mut policy = LlmPolicy::load(&model, &config.device, sampling_config(&config))?;
+        if let Some(w) = &config.generation_weights {
+            let w = trainer::GenerationWeights::parse(w).context("generation_weights")?;
+            policy.model_mut().model.set_generation_weights(w);
+        }
+        if policy.model().model.device().is_cpu() {
+            eprintln!("sampling with {} weights", policy.model().model.generation_weights().name());
+        }
         let counter = policy.token_counter();
         for task in tasks.iter_mut() {
             task.envs.set_token_counter(counter.clone())?;
@@ -435,6 +446,7 @@ fn create_run(args: &Args) -> anyhow::Result<Opened> {
         actions: abs(&args.actions)?,
         model: abs(&args.model.path)?,
         device: args.model.device.clone(),
+        generation_weights: args.model.generation_weights()?.map(|w| w.name().to_string()),
         workers: args.workers,
         temperature: args.temperature,
         top_k: args.top_k,
@@ -553,6 +565,9 @@ fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<Opened> {
         manifest.config.remote = remote.clone();
     }
     manifest.config.device = args.model.device.clone();
+    if let Some(w) = args.model.generation_weights()? {
+        manifest.config.generation_weights = Some(w.name().to_string());
+    }
     let previous = read_steps(&dir.join("steps.jsonl"))?;
     Ok((dir.to_path_buf(), manifest, previous, lock, None))
 }
@@ -871,6 +886,7 @@ mod tests {
             actions: None,
             model: None,
             device: "cpu".into(),
+            generation_weights: None,
             workers: None,
             temperature: None,
             top_k: None,

@@ -649,6 +649,28 @@ fn a_tiny_model_runs_the_loop() {
         .any(|f| f["path"].as_str().unwrap().ends_with("model.safetensors") && f["sha256"].is_string()));
 }
 
+#[test]
+fn the_generation_weights_are_chosen_on_the_command_line_and_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny_model(&tmp.path().join("tiny-model"));
+    let spec = balance_scale();
+    let run = |weights: &str, out: &str| {
+        let args = ["run", spec.to_str().unwrap(), "--model", "tiny-model", "--steps", "1", "--seeds", "0"];
+        etpo(&[&args[..], &["--generation-weights", weights, "--out", out, "--no-progress"]].concat(), tmp.path())
+    };
+    let out = run("f32", "exact");
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sampling with f32 weights"));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("exact/config.json")).unwrap()).unwrap();
+    assert_eq!(config["config"]["generation_weights"], "f32");
+    let out = run("int3", "bad");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--generation-weights") && err.contains("expected f32 or quantized"), "{err}");
+    assert!(!tmp.path().join("bad").exists(), "nothing is written for a bad flag");
+}
+
 /// Issue 11's check: the embedded default model, on the default Balance Scale spec, takes at
 /// least one action that runs within a small budget.
 #[test]

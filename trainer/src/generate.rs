@@ -157,23 +157,41 @@ pub fn generate_with(
     }
 
     let opts = ForwardOptions { adapter, track_grad: false, dropout_seed: None };
-    // On the CPU the 14 small LoRA products per block cost 5-15% of a decoding step (measured on
-    // SmolLM2-135M, batch 8); folding the adapter into a copy of the weights removes them but
-    // costs about as much as a few dozen steps, so it pays only for long generations. On a GPU
-    // the products are cheap and memory is dear: the adapter is applied as it is.
+    // Quantised copies of the base (the model's choice, `Llama::set_generation_weights`; CPU and
+    // f32 only; exact for the default GGUF) with the adapter added in f32 for the decoding steps,
+    // which read every weight for one token per row: under a third of the bytes of f32. The
+    // prompt pass multiplies many rows by each weight, where the f32 products through BLAS are
+    // faster, so it keeps the f32 weights: prompt positions are always the training-precision
+    // model's, sampled positions the copies'.
+    let quantized = model.generation_quantized()?;
+    // With the exact weights on the CPU, the 14 small LoRA products per block cost 5-15% of a
+    // decoding step (measured on SmolLM2-135M, batch 8); folding the adapter into a copy of the
+    // weights removes them but costs about as much as a few dozen steps, so it pays only for long
+    // generations. On a GPU the products are cheap and memory is dear: the adapter is applied as
+    // it is. Quantised weights are never merged: the adapter stays exact.
     let merged = match adapter {
-        Some(name) if model.device().is_cpu() && cfg.max_new_tokens >= MERGE_MIN_NEW_TOKENS => {
+        Some(name) if quantized.is_none() && model.device().is_cpu() && cfg.max_new_tokens >= MERGE_MIN_NEW_TOKENS => {
             Some(model.merge_adapter(name)?)
         }
         _ => None,
     };
-    let forward = |ids: &Tensor, mask: Option<&Tensor>, cache: &mut KvCache| match &merged {
-        Some(m) => model.forward_step_merged(ids, mask, cache, m),
-        None => model.forward_step(ids, mask, cache, &opts),
+    // One pass and the logits of its last positions; `prompt` selects the exact weights.
+    let pass = |ids: &Tensor, mask: Option<&Tensor>, cache: &mut KvCache, prompt: bool| -> Result<Vec<Vec<f32>>> {
+        let (hidden, q) = match (quantized.filter(|_| !prompt), &merged) {
+            (Some(q), _) => (model.forward_step_quantized(ids, mask, cache, adapter, q)?, Some(q)),
+            (None, Some(m)) => (model.forward_step_merged(ids, mask, cache, m)?, None),
+            (None, None) => (model.forward_step(ids, mask, cache, &opts)?, None),
+        };
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?;
+        let logits = match q {
+            Some(q) => model.logits_quantized(&last, q)?,
+            None => model.logits(&last)?,
+        };
+        Ok(logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     };
     let mut cache = KvCache::with_capacity(model, b, max_len + cfg.max_new_tokens);
-    let hidden = forward(&ids, Some(&mask), &mut cache)?;
-    let mut logits = last_logits(model, &hidden)?;
+    let mut logits = pass(&ids, Some(&mask), &mut cache, true)?;
     // `active[i]` is the completion index of cache row i.
     let mut active: Vec<usize> = (0..b).collect();
     let mut texts: Vec<Option<String>> = vec![None; b];
@@ -211,8 +229,7 @@ pub fn generate_with(
             active = keep.iter().map(|&r| active[r]).collect();
         }
         let ids = Tensor::from_vec(next, (active.len(), 1), dev)?;
-        let hidden = forward(&ids, None, &mut cache)?;
-        logits = last_logits(model, &hidden)?;
+        logits = pass(&ids, None, &mut cache, false)?;
     }
     for (c, t) in out.iter_mut().zip(texts) {
         c.text = match t {
@@ -250,14 +267,6 @@ fn row_seed(seed: u64, row: usize) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-/// Logits of the last position of each row, in f32 on the host.
-fn last_logits(model: &Llama, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let t = hidden.dim(1)?;
-    let last = hidden.narrow(1, t - 1, 1)?;
-    let logits = model.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?;
-    Ok(logits.to_vec2::<f32>()?)
 }
 
 /// Draws one token from `logits` under `cfg`; returns it with its untempered log-probability.

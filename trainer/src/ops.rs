@@ -420,7 +420,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, t: u
     if fused {
         let mask = mask.map(|m| m.flatten_all().and_then(|m| m.to_vec1::<f32>())).transpose()?;
         let op = Attention { mask, t };
-        return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
+        // Keys and values may be a view of the first `Tk` positions of a longer buffer (the
+        // generation cache, `KvCache::with_capacity`): each (batch row, group)'s rows are then
+        // contiguous, and the op reads them in place instead of copying the whole cache.
+        let rows_in_place = |x: &Tensor| -> Result<Tensor> {
+            let st = x.stride();
+            let rows_contiguous = st[3] == 1 && (st[2] == x.dim(3)? || x.dim(2)? == 1);
+            Ok(if rows_contiguous { x.clone() } else { x.contiguous()? })
+        };
+        return Ok(q.contiguous()?.apply_op3(&rows_in_place(k)?, &rows_in_place(v)?, op)?);
     }
     let scores = q.matmul(&k.t()?)?;
     let probs = match mask {
@@ -533,19 +541,30 @@ impl CustomOp3 for Attention {
         let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (qs, ks, vs) else {
             candle_core::bail!("attention: f32 inputs expected")
         };
-        let (q, k, v) = (
-            &q[contiguous_range(ql, "attention")?.0..],
-            &k[contiguous_range(kl, "attention")?.0..],
-            &v[contiguous_range(vl, "attention")?.0..],
-        );
+        let q = &q[contiguous_range(ql, "attention")?.0..];
         let (b, g, rows, d) = ql.shape().dims4()?;
         let tk = kl.shape().dims4()?.2;
+        // Keys and values: each (batch row, group)'s `Tk` rows of `D` contiguous, the groups at
+        // any stride (a view of a longer cache buffer, see `attention`).
+        let group = |x: &'_ [f32], l: &Layout, bg: usize| -> candle_core::Result<std::ops::Range<usize>> {
+            let st = l.stride();
+            // A dimension of size 1 may have any stride.
+            if l.shape().dims4()? != (b, g, tk, d) || st[3] != 1 || (st[2] != d && tk > 1) {
+                candle_core::bail!("attention: keys/values of shape {:?}, strides {st:?}", l.shape());
+            }
+            let at = l.start_offset() + (bg / g) * st[0] + (bg % g) * st[1];
+            if at + tk * d > x.len() {
+                candle_core::bail!("attention: keys/values outside their storage");
+            }
+            Ok(at..at + tk * d)
+        };
+        let ranges =
+            (0..b * g).map(|bg| Ok((group(k, kl, bg)?, group(v, vl, bg)?))).collect::<candle_core::Result<Vec<_>>>()?;
         let blocks: Vec<Vec<QueryBlock>> = (0..b).map(|bi| self.blocks(bi, rows, tk)).collect();
         let mut out = vec![0f32; ql.shape().elem_count()];
         out.par_chunks_mut(rows * d).enumerate().for_each(|(bg, o)| {
             let bi = bg / g;
-            let (qi, ki, vi) =
-                (&q[bg * rows * d..][..rows * d], &k[bg * tk * d..][..tk * d], &v[bg * tk * d..][..tk * d]);
+            let (qi, ki, vi) = (&q[bg * rows * d..][..rows * d], &k[ranges[bg].0.clone()], &v[ranges[bg].1.clone()]);
             let mut p = Vec::new();
             for &blk in &blocks[bi] {
                 let (rs, l) = (blk.row0 * d..(blk.row0 + blk.rows) * d, blk.keys);
@@ -687,6 +706,35 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
     }
     let op = LoraLinear { w: w.contiguous()?, scale: scale as f32, x_tracked: x.track_op() };
     Ok(Some(x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?))
+}
+
+/// `y + scale · (x · aᵀ) · bᵀ` without autograd, for a `y` computed elsewhere (the quantised
+/// generation weights): `x` `[N, in]`, `y` `[N, out]`, `a` `[r, in]`, `b` `[out, r]`.
+///
+/// On the CPU in f32 with BLAS loaded the two rank-r products are the BLAS calls
+/// [`lora_linear`]'s forward makes (`u = x · aᵀ`, then `y += scale · u · bᵀ`), so the term added is
+/// the one the f32 path adds. Returns `None` elsewhere: the caller composes candle's products.
+pub fn lora_add(x: &Tensor, y: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let Some(blas) = crate::blas::blas() else { return Ok(None) };
+    if ![x, y, a, b].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2) {
+        return Ok(None);
+    }
+    let (n, i) = x.dims2()?;
+    let (r, ia) = a.dims2()?;
+    let (o, rb) = b.dims2()?;
+    if ia != i || rb != r || y.dims() != [n, o] {
+        return Err(ModelError::Invalid(format!(
+            "lora-add: x [{n}, {i}], y {:?}, a [{r}, {ia}] and b [{o}, {rb}] do not fit",
+            y.dims()
+        )));
+    }
+    let mut out = y.flatten_all()?.to_vec1::<f32>()?;
+    with_f32(&[x, a, b], |t| {
+        let mut u = vec![0f32; n * r];
+        blas.gemm(&Product::new(n, r, i).b_t(), t[0], t[1], &mut u);
+        blas.gemm(&Product::new(n, o, r).b_t().scaled(scale as f32).accumulate(), &u, t[2], &mut out);
+    })?;
+    Ok(Some(Tensor::from_vec(out, (n, o), &Device::Cpu)?))
 }
 
 /// [`lora_linear`]'s fused CPU op.

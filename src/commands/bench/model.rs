@@ -4,6 +4,12 @@
 //! Both sides get the same token ids: the prompt is tokenised here and handed to the Python side
 //! as ids, and the training batch is a fixed formula both implement. Generation is forced to the
 //! full number of new tokens on both sides (EOS ignored), so tokens/s compare like with like.
+//!
+//! etpo's generation is measured with the f32 weights and with 8-bit copies of the linear weights
+//! (what `load_model` samples with on the CPU), taking turns run by run, without and with a LoRA
+//! adapter; PyTorch's in each `--reference-dtypes`
+//! (f32 and bf16 on the CPU), and the quantised figures are judged against PyTorch's best:
+//! at least 3x at batch 1 and 2x at batch 8 (issue 21).
 
 use super::load_average;
 use crate::commands::model_args::ModelArgs;
@@ -17,7 +23,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::Optimizer;
 use serde::Serialize;
 use serde_json::Value;
-use trainer::{GenerateConfig, LoraConfig};
+use trainer::{GenerateConfig, GenerationWeights, LoraConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -42,6 +48,13 @@ pub struct Args {
     /// LoRA rank (alpha = 2 x rank, all seven projections)
     #[arg(long, default_value_t = 8)]
     rank: usize,
+    /// Skip the generation rows with a LoRA adapter (rank --rank on all seven projections)
+    #[arg(long)]
+    no_adapter: bool,
+    /// PyTorch dtypes whose generation is measured; the first one also runs the training step
+    /// [default: float32,bfloat16 on the CPU, bfloat16 on CUDA]
+    #[arg(long, value_delimiter = ',', value_name = "DTYPES")]
+    reference_dtypes: Option<Vec<String>>,
     /// Python of the reference environment [default: $ETPO_REF_PYTHON, else <repo>/.venv-ref/bin/python]
     #[arg(long, value_name = "PATH")]
     python: Option<PathBuf>,
@@ -88,9 +101,16 @@ fn train_ids(batch: usize, len: usize, vocab: usize) -> Vec<u32> {
     ids
 }
 
+/// Issue 21's targets for quantised generation: etpo's tokens/s over PyTorch's best, by batch.
+const TARGETS: [(usize, f64); 2] = [(1, 3.0), (8, 2.0)];
+
 #[derive(Debug, Serialize)]
 struct GenFigure {
     batch: usize,
+    /// etpo: `f32` or the quantised type (`q8_0`, ...); PyTorch: its dtype.
+    weights: String,
+    /// Generated with a LoRA adapter (etpo only).
+    adapter: bool,
     tokens_per_s: f64,
     seconds: Vec<f64>,
 }
@@ -102,6 +122,23 @@ struct Figures {
     train_step_s: Option<f64>,
     train_seconds: Vec<f64>,
     peak_rss_mb: Option<f64>,
+    /// etpo: peak RSS once f32 generation has run, before the quantised copies exist.
+    peak_rss_f32_generate_mb: Option<f64>,
+    /// etpo: peak RSS once quantised generation (without adapter) has run too.
+    peak_rss_quantized_generate_mb: Option<f64>,
+    /// etpo: bytes of the quantised copies, in MB.
+    quantized_copies_mb: Option<f64>,
+    /// etpo: what the quantised copies are.
+    quantized_layout: Option<String>,
+}
+
+impl Figures {
+    fn gen(&self, batch: usize, weights: &str, adapter: bool) -> Option<f64> {
+        self.generate
+            .iter()
+            .find(|g| g.batch == batch && g.weights == weights && g.adapter == adapter)
+            .map(|g| g.tokens_per_s)
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -113,6 +150,16 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         bail!("{} is not a GGUF file (the default model is fetched by `scripts/setup.sh model`)", model_path.display());
     }
     let device = trainer::parse_device(&args.model.device)?;
+    let ref_dtypes = args.reference_dtypes.clone().unwrap_or_else(|| {
+        if device.is_cuda() {
+            vec!["bfloat16".into()]
+        } else {
+            vec!["float32".into(), "bfloat16".into()]
+        }
+    });
+    if ref_dtypes.is_empty() || ref_dtypes.iter().any(|d| d != "float32" && d != "bfloat16") {
+        bail!("--reference-dtypes: expected float32 and/or bfloat16");
+    }
     let python = reference_python(&args);
     if !args.no_reference && !python.is_file() {
         bail!(
@@ -137,10 +184,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let prompt_ids = gguf_tokenizer(&model_path)?.encode(PROMPT)?;
     // PyTorch first, in its own process: etpo's allocator keeps its peak memory mapped after the
     // training step, and the two peaks together would not fit a small machine.
-    let theirs =
-        if args.no_reference { None } else { Some(measure_torch(&args, &python, &model_path, &prompt_ids, &device)?) };
+    let mut theirs = Vec::new();
+    if !args.no_reference {
+        for (i, dtype) in ref_dtypes.iter().enumerate() {
+            // The training step runs in the first dtype only.
+            let only = if i == 0 { args.only } else { Some(Part::Generate) };
+            if only == Some(Part::Train) && i > 0 {
+                continue;
+            }
+            theirs.push((dtype.clone(), measure_torch(&args, &python, &model_path, &prompt_ids, dtype, only)?));
+        }
+    }
     let ours = measure_etpo(&args, &model_path, &device, &prompt_ids)?;
-    print_table(&args, &ours, theirs.as_ref(), prompt_ids.len());
+    print_table(&args, &ours, &theirs, prompt_ids.len());
     let load_after = load_average();
     if let (Some(before), Some(after)) = (load_before, load_after) {
         println!("1-minute load average: {before:.1} at the start, {after:.1} at the end ({threads} cores)");
@@ -154,7 +210,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             "model": model_path, "device": args.model.device, "threads": threads, "repeats": args.repeats,
             "new_tokens": args.new_tokens, "temperature": TEMPERATURE, "top_k": TOP_K,
             "train_batch": args.train_batch, "train_len": args.train_len, "rank": args.rank,
-            "prompt_tokens": prompt_ids.len(), "etpo": ours, "torch": theirs,
+            "prompt_tokens": prompt_ids.len(), "etpo": ours,
+            "torch": theirs.iter().map(|(d, f)| serde_json::json!({"dtype": d, "figures": f})).collect::<Vec<_>>(),
             "load_average_start": load_before, "load_average_end": load_after,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
@@ -213,33 +270,96 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u
     let mut model = loaded.model;
     let tok = loaded.tokenizer;
     let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
+    let lora = LoraConfig { rank: args.rank, alpha: 2.0 * args.rank as f64, ..LoraConfig::default() };
+
+    // The variants taking turns: f32 and the quantised copies (CPU f32 models only), each without
+    // and with an adapter (B = 0 costs the same products as a trained one).
+    let weights: Vec<GenerationWeights> = if model.can_quantize() {
+        vec![GenerationWeights::Exact, GenerationWeights::Quantized]
+    } else {
+        eprintln!(
+            "note: quantised generation weights need an f32 model on the CPU; measuring the model's weights only"
+        );
+        vec![GenerationWeights::Exact]
+    };
+    let adapters: &[Option<&str>] = if args.no_adapter { &[None] } else { &[None, Some("gen")] };
+    if !args.no_adapter {
+        model.add_adapter("gen", &lora)?;
+    }
+    let variants: Vec<(GenerationWeights, Option<&str>)> =
+        adapters.iter().flat_map(|&a| weights.iter().map(move |&w| (w, a))).collect();
 
     let mut generate = Vec::new();
+    let (mut peak_f32, mut peak_quantized, mut copies_mb, mut layout) = (None, None, None, None);
     let batches: &[usize] = if args.only == Some(Part::Train) { &[] } else { &args.batches };
-    for &batch in batches {
+    let one_run = |model: &mut trainer::Llama,
+                   batch: usize,
+                   (w, adapter): (GenerationWeights, Option<&str>),
+                   seed: u64|
+     -> anyhow::Result<f64> {
+        model.set_generation_weights(w);
         let prompts = vec![prompt_ids.to_vec(); batch];
-        let seconds = timed(args.repeats, device, |rep| {
-            let cfg = GenerateConfig {
-                max_new_tokens: args.new_tokens,
-                temperature: TEMPERATURE,
-                top_k: Some(TOP_K),
-                top_p: None,
-                stop: Vec::new(),
-                seed: rep as u64,
-            };
-            let decode = |ids: &[u32]| tok.decode(ids).map_err(|e| trainer::ModelError::Tokenizer(e.to_string()));
-            // No EOS: every row generates exactly `new_tokens`, as on the PyTorch side.
-            let out = trainer::generate::generate_with(&model, &prompts, &cfg, None, None, pad, &decode)?;
-            let n: usize = out.iter().map(|c| c.tokens.len()).sum();
-            if n != batch * args.new_tokens {
-                bail!("generated {n} tokens, expected {}", batch * args.new_tokens);
-            }
-            Ok(())
-        })?;
-        let tokens_per_s = (batch * args.new_tokens) as f64 / median(&seconds);
-        eprintln!("etpo generate batch {batch}: {tokens_per_s:.1} tokens/s");
-        generate.push(GenFigure { batch, tokens_per_s, seconds });
+        let cfg = GenerateConfig {
+            max_new_tokens: args.new_tokens,
+            temperature: TEMPERATURE,
+            top_k: Some(TOP_K),
+            top_p: None,
+            stop: Vec::new(),
+            seed,
+        };
+        let decode = |ids: &[u32]| tok.decode(ids).map_err(|e| trainer::ModelError::Tokenizer(e.to_string()));
+        device.synchronize()?;
+        let t0 = Instant::now();
+        // No EOS: every row generates exactly `new_tokens`, as on the PyTorch side.
+        let out = trainer::generate::generate_with(model, &prompts, &cfg, adapter, None, pad, &decode)?;
+        device.synchronize()?;
+        let dt = t0.elapsed().as_secs_f64();
+        let n: usize = out.iter().map(|c| c.tokens.len()).sum();
+        if n != batch * args.new_tokens {
+            bail!("generated {n} tokens, expected {}", batch * args.new_tokens);
+        }
+        Ok(dt)
+    };
+    // Warm-ups, in an order that separates the memory each path needs: f32 first (its peak is
+    // read before any quantised copy exists), then the quantised copies are made, then the
+    // adapter variants (f32 merges the adapter into a copy of the weights it adapts).
+    for &v in &variants {
+        for &batch in batches {
+            one_run(&mut model, batch, v, 0)?;
+        }
+        if v.0 == GenerationWeights::Exact && v.1.is_none() {
+            peak_f32 = peak_rss_mb();
+        } else if v.0 != GenerationWeights::Exact && v.1.is_none() {
+            peak_quantized = peak_rss_mb();
+            let q = model.generation_quantized()?;
+            copies_mb = q.map(|q| q.size_in_bytes() as f64 / 1e6);
+            layout = q.map(|q| q.describe());
+        }
     }
+    // Timed runs: the variants take turns, run by run, so a change in the machine's load falls on
+    // all of them alike.
+    for &batch in batches {
+        let mut seconds = vec![Vec::with_capacity(args.repeats); variants.len()];
+        for rep in 1..=args.repeats {
+            for (i, &v) in variants.iter().enumerate() {
+                seconds[i].push(one_run(&mut model, batch, v, rep as u64)?);
+            }
+        }
+        for (&(w, adapter), seconds) in variants.iter().zip(seconds) {
+            let tokens_per_s = (batch * args.new_tokens) as f64 / median(&seconds);
+            let with = if adapter.is_some() { " with a LoRA adapter" } else { "" };
+            eprintln!("etpo generate batch {batch}, {} weights{with}: {tokens_per_s:.1} tokens/s", w.name());
+            generate.push(GenFigure {
+                batch,
+                weights: w.name().into(),
+                adapter: adapter.is_some(),
+                tokens_per_s,
+                seconds,
+            });
+        }
+    }
+    model.set_generation_weights(GenerationWeights::Exact);
+    model.drop_quantized();
 
     if args.only == Some(Part::Generate) {
         return Ok(Figures {
@@ -248,9 +368,12 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u
             train_step_s: None,
             train_seconds: Vec::new(),
             peak_rss_mb: peak_rss_mb(),
+            peak_rss_f32_generate_mb: peak_f32,
+            peak_rss_quantized_generate_mb: peak_quantized,
+            quantized_copies_mb: copies_mb,
+            quantized_layout: layout,
         });
     }
-    let lora = LoraConfig { rank: args.rank, alpha: 2.0 * args.rank as f64, ..LoraConfig::default() };
     model.add_adapter("bench", &lora)?;
     let mut opt = candle_nn::AdamW::new_lr(model.adapter_vars("bench"), 1e-4)?;
     let vocab = model.config().vocab_size;
@@ -270,7 +393,17 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u
     })?;
     let train_step_s = median(&train_seconds);
     eprintln!("etpo LoRA step: {train_step_s:.2} s");
-    Ok(Figures { load_s, generate, train_step_s: Some(train_step_s), train_seconds, peak_rss_mb: peak_rss_mb() })
+    Ok(Figures {
+        load_s,
+        generate,
+        train_step_s: Some(train_step_s),
+        train_seconds,
+        peak_rss_mb: peak_rss_mb(),
+        peak_rss_f32_generate_mb: peak_f32,
+        peak_rss_quantized_generate_mb: peak_quantized,
+        quantized_copies_mb: copies_mb,
+        quantized_layout: layout,
+    })
 }
 
 /// This process's peak resident memory (VmHWM), in MB.
@@ -286,7 +419,8 @@ fn measure_torch(
     python: &Path,
     model_path: &Path,
     prompt_ids: &[u32],
-    device: &Device,
+    dtype: &str,
+    only: Option<Part>,
 ) -> anyhow::Result<Figures> {
     // The script travels inside the binary, so a binary copied to another machine (a GPU one)
     // benchmarks without the source tree.
@@ -305,7 +439,7 @@ fn measure_torch(
         .arg("--prompt-ids")
         .arg(ids_file.path())
         .args(["--device", &args.model.device])
-        .args(["--dtype", if device.is_cuda() { "bfloat16" } else { "float32" }])
+        .args(["--dtype", dtype])
         .args(["--batches", &batches.join(",")])
         .args(["--new-tokens", &args.new_tokens.to_string()])
         .args(["--temperature", &TEMPERATURE.to_string()])
@@ -314,7 +448,7 @@ fn measure_torch(
         .args(["--train-len", &args.train_len.to_string()])
         .args(["--rank", &args.rank.to_string()])
         .args(["--repeats", &args.repeats.to_string()])
-        .args(match args.only {
+        .args(match only {
             Some(Part::Generate) => &["--skip-train"][..],
             Some(Part::Train) => &["--skip-generate"][..],
             None => &[][..],
@@ -340,6 +474,8 @@ fn measure_torch(
         .map(|g| {
             Ok(GenFigure {
                 batch: g["batch"].as_u64().context("reference result: batch")? as usize,
+                weights: dtype.to_string(),
+                adapter: false,
                 tokens_per_s: g["tokens_per_s"].as_f64().context("reference result: tokens_per_s")?,
                 seconds: f64s(&g["seconds"]),
             })
@@ -351,46 +487,138 @@ fn measure_torch(
         train_step_s: v["train"]["step_s"].as_f64(),
         train_seconds: f64s(&v["train"]["seconds"]),
         peak_rss_mb: v["peak_rss_mb"].as_f64(),
+        peak_rss_f32_generate_mb: None,
+        peak_rss_quantized_generate_mb: None,
+        quantized_copies_mb: None,
+        quantized_layout: None,
     })
 }
 
-fn print_table(args: &Args, ours: &Figures, theirs: Option<&Figures>, prompt_tokens: usize) {
+fn print_table(args: &Args, ours: &Figures, theirs: &[(String, Figures)], prompt_tokens: usize) {
     println!(
         "generation: {prompt_tokens}-token prompt, {} new tokens per row, temperature {TEMPERATURE}, top-k {TOP_K}; \
          training: LoRA rank {} on all 7 projections, batch {} x {} tokens, forward + backward + AdamW",
         args.new_tokens, args.rank, args.train_batch, args.train_len
     );
-    println!("{:<34} {:>10} {:>10} {:>12}", "", "etpo", "PyTorch", "etpo speed");
     let cell = |x: Option<f64>, prec: usize| x.map_or_else(|| "-".to_string(), |v| format!("{v:.prec$}"));
-    for g in &ours.generate {
-        let other = theirs.and_then(|t| t.generate.iter().find(|o| o.batch == g.batch)).map(|o| o.tokens_per_s);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    };
+    let q = GenerationWeights::Quantized.name();
+    let has_q = ours.generate.iter().any(|g| g.weights == q);
+    let batches: Vec<usize> = {
+        let mut b: Vec<usize> = ours.generate.iter().map(|g| g.batch).collect();
+        b.dedup();
+        b
+    };
+    if !batches.is_empty() {
+        // Generation: etpo's weights side by side, PyTorch's dtypes, and the ratios to PyTorch's best.
+        let mut head = format!("{:<30} {:>9}", "generation (tokens/s)", "etpo f32");
+        if has_q {
+            head += &format!(" {:>9}", format!("etpo {q}"));
+        }
+        for (d, _) in theirs {
+            head += &format!(" {:>13}", format!("PyTorch {}", short_dtype(d)));
+        }
+        if !theirs.is_empty() {
+            head += &format!(" {:>9}", "f32/best");
+            if has_q {
+                head += &format!(" {:>9} {:>16}", format!("{q}/best"), "target");
+            }
+        }
+        println!("{head}");
+        for &batch in &batches {
+            for adapter in [false, true] {
+                let f32_speed = ours.gen(batch, "f32", adapter);
+                if f32_speed.is_none() {
+                    continue;
+                }
+                let q_speed = ours.gen(batch, q, adapter);
+                let label = if adapter {
+                    format!("batch {batch}, LoRA r{} adapter", args.rank)
+                } else {
+                    format!("batch {batch}")
+                };
+                let mut line = format!("{label:<30} {:>9}", cell(f32_speed, 1));
+                if has_q {
+                    line += &format!(" {:>9}", cell(q_speed, 1));
+                }
+                let torch = |f: &Figures| f.generate.iter().find(|g| g.batch == batch).map(|g| g.tokens_per_s);
+                let best = theirs.iter().filter_map(|(_, f)| torch(f)).reduce(f64::max);
+                for (_, f) in theirs {
+                    line += &format!(" {:>13}", cell(if adapter { None } else { torch(f) }, 1));
+                }
+                if !theirs.is_empty() {
+                    line += &format!(" {:>9}", ratio(f32_speed, best));
+                    if has_q {
+                        line += &format!(" {:>9}", ratio(q_speed, best));
+                        let target = TARGETS.iter().find(|(b, _)| *b == batch).map(|&(_, t)| t);
+                        if let (Some(t), Some(qs), Some(best), false) = (target, q_speed, best, adapter) {
+                            let met = if qs / best >= t { "met" } else { "NOT met" };
+                            line += &format!(" {:>16}", format!(">= {t:.0}x: {met}"));
+                        }
+                    }
+                }
+                println!("{line}");
+            }
+        }
+        if !theirs.is_empty() {
+            println!("best = PyTorch's fastest dtype at that batch; PyTorch generates without an adapter");
+        }
+        if has_q {
+            println!(
+                "etpo {q}: copies of the linear weights in blocks ({}), activations and LoRA adapters in f32; \
+                 the prompt pass and training use the f32 weights",
+                ours.quantized_layout.as_deref().unwrap_or("-")
+            );
+        }
+    }
+
+    let train_ref = theirs.first();
+    let other_step = train_ref.and_then(|(_, t)| t.train_step_s);
+    if ours.train_step_s.is_some() || other_step.is_some() {
+        println!("{:<30} {:>9} {:>13} {:>9}", "", "etpo", "PyTorch", "etpo speed");
         println!(
-            "{:<34} {:>10} {:>10} {:>12}",
-            format!("generate batch {} (tokens/s)", g.batch),
-            cell(Some(g.tokens_per_s), 1),
-            cell(other, 1),
-            other.map_or_else(|| "-".into(), |o| format!("{:.2}x", g.tokens_per_s / o)),
+            "{:<30} {:>9} {:>13} {:>9}",
+            format!("LoRA step {}x{} (s)", args.train_batch, args.train_len),
+            cell(ours.train_step_s, 2),
+            cell(other_step, 2),
+            match (ours.train_step_s, other_step) {
+                (Some(a), Some(b)) => format!("{:.2}x", b / a),
+                _ => "-".into(),
+            },
         );
     }
-    let other_step = theirs.and_then(|t| t.train_step_s);
     println!(
-        "{:<34} {:>10} {:>10} {:>12}",
-        format!("LoRA step {}x{} (s)", args.train_batch, args.train_len),
-        cell(ours.train_step_s, 2),
-        cell(other_step, 2),
-        match (ours.train_step_s, other_step) {
-            (Some(a), Some(b)) => format!("{:.2}x", b / a),
-            _ => "-".into(),
-        },
-    );
-    println!(
-        "{:<34} {:>10} {:>10}",
+        "{:<30} {:>9} {:>13}",
         "peak RSS of the process (MB)",
         cell(ours.peak_rss_mb, 0),
-        cell(theirs.and_then(|t| t.peak_rss_mb), 0)
+        cell(theirs.iter().filter_map(|(_, t)| t.peak_rss_mb).reduce(f64::max), 0)
     );
-    println!("{:<34} {:>10} {:>10}", "model load (s)", cell(Some(ours.load_s), 1), cell(theirs.map(|t| t.load_s), 1));
+    if let (Some(a), Some(b)) = (ours.peak_rss_f32_generate_mb, ours.peak_rss_quantized_generate_mb) {
+        println!(
+            "peak RSS after f32 generation {a:.0} MB, after {q} generation too {b:.0} MB ({:+.0} MB; the {q} copies hold {} MB)",
+            b - a,
+            cell(ours.quantized_copies_mb, 0)
+        );
+    }
+    println!(
+        "{:<30} {:>9} {:>13}",
+        "model load (s)",
+        cell(Some(ours.load_s), 1),
+        cell(train_ref.map(|(_, t)| t.load_s), 1)
+    );
     println!("etpo speed = etpo throughput / PyTorch throughput (above 1: etpo is faster)");
+}
+
+/// `float32` -> `f32`, `bfloat16` -> `bf16`.
+fn short_dtype(d: &str) -> &str {
+    match d {
+        "float32" => "f32",
+        "bfloat16" => "bf16",
+        other => other,
+    }
 }
 
 #[cfg(test)]

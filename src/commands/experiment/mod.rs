@@ -79,6 +79,8 @@ struct Grid {
     out: PathBuf,
     model: Option<PathBuf>,
     device: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation_weights: Option<String>,
     update_every: Option<usize>,
     set: Vec<String>,
     workers: Option<usize>,
@@ -93,6 +95,7 @@ const GRID_KEYS: [&str; 10] =
 
 impl Grid {
     fn resolve(args: Args) -> anyhow::Result<Grid> {
+        let generation_weights = args.model.generation_weights()?.map(|w| w.name().to_string());
         let mut grid = Grid {
             paths: args.paths,
             algos: args.algos.unwrap_or_default(),
@@ -101,6 +104,7 @@ impl Grid {
             out: args.out.unwrap_or_default(),
             model: args.model.path,
             device: args.model.device,
+            generation_weights,
             update_every: args.update_every,
             set: args.set,
             workers: args.workers,
@@ -272,12 +276,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         } else if cell.dir.join("config.json").is_file() {
             progress.say(&format!("{label}: resuming after {logged} steps"));
             cmd.args(["run", "--resume"]).arg(&cell.dir).args(["--device", &args.device]);
+            cmd.args(args.generation_weights.iter().flat_map(|w| ["--generation-weights", w]));
         } else {
             progress.say(&format!("{label}: starting"));
             cmd.arg("run").arg(&cell.spec).args(["--algo", cell.algo.algo.name()]);
             cmd.args(cell.algo.flag);
             cmd.args(["--seeds", &cell.seed.to_string(), "--steps", &cell.steps.to_string()]);
             cmd.arg("--out").arg(&cell.dir).args(["--device", &args.device]);
+            cmd.args(args.generation_weights.iter().flat_map(|w| ["--generation-weights", w]));
             if let Some(m) = &args.model {
                 cmd.arg("--model").arg(m);
             }

@@ -162,6 +162,24 @@ impl LoraAdapter {
         Ok((frozen_linear(x, w)? + delta)?)
     }
 
+    /// `y + scale · x · Aᵀ · Bᵀ` for (layer, p) with the adapter detached and no dropout, `y` being
+    /// `x` times a base weight computed elsewhere (the quantised generation weights); `y` itself
+    /// where this set does not adapt (layer, p). The term added is the one [`LoraAdapter::linear`]
+    /// adds without dropout: the same f32 tensors, through the same BLAS products on the CPU.
+    pub(crate) fn add_delta(&self, layer: usize, p: Projection, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let Some(pair) = self.pair(layer, p) else {
+            return Ok(y);
+        };
+        let (a, b) = (pair.a.as_detached_tensor(), pair.b.as_detached_tensor());
+        if let Some(out) = crate::ops::lora_add(x, &y, &a, &b, self.cfg.scale())? {
+            return Ok(out);
+        }
+        let dtype = y.dtype();
+        let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
+        let delta = (x.to_dtype(dtype)?.matmul(&a.t()?)? * self.cfg.scale())?.matmul(&b.t()?)?;
+        Ok((y + delta)?)
+    }
+
     /// An independent copy (new storage).
     pub fn deep_copy(&self) -> Result<LoraAdapter> {
         let mut layers = Vec::with_capacity(self.layers.len());

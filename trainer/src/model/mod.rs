@@ -21,12 +21,14 @@ use crate::ops::{attention, rms_norm, rope, swiglu};
 mod adapters;
 mod config;
 mod kv_cache;
+mod quantized;
 #[cfg(test)]
 pub(crate) mod tests;
 
 pub use crate::error::{ModelError, Result};
 pub use config::{Llama3RopeScaling, LlamaConfig, Projection};
 pub use kv_cache::KvCache;
+pub use quantized::{GenerationWeights, QuantizedWeights};
 
 /// The frozen weights of one decoder block. Linear weights are `[out, in]` as in PyTorch, with
 /// query and key rows in the Hugging Face (rotate-half) order.
@@ -81,6 +83,20 @@ pub struct Llama {
     adapters: BTreeMap<String, LoraAdapter>,
     device: Device,
     dtype: DType,
+    /// What generation samples with, and the quantised copies once made (`quantized.rs`).
+    generation: GenerationWeights,
+    quantized: std::sync::OnceLock<QuantizedWeights>,
+}
+
+/// The weights one pass multiplies by.
+#[derive(Clone, Copy)]
+enum Base<'a> {
+    /// The frozen base, the adapter (if any) applied as it is.
+    Exact,
+    /// An adapter folded into copies of the weights it adapts.
+    Merged(&'a MergedAdapter),
+    /// Quantised copies of the base, the adapter (if any) added in f32.
+    Quantized(&'a QuantizedWeights),
 }
 
 /// Where the queries of one pass sit: rotary tables and the additive attention mask.
@@ -133,7 +149,16 @@ impl Llama {
         let device = w.embed.device().clone();
         let dtype = w.embed.dtype();
         let inv_freq = cfg.inv_freq();
-        Ok(Llama { cfg, w, inv_freq, adapters: BTreeMap::new(), device, dtype })
+        Ok(Llama {
+            cfg,
+            w,
+            inv_freq,
+            adapters: BTreeMap::new(),
+            device,
+            dtype,
+            generation: GenerationWeights::Exact,
+            quantized: std::sync::OnceLock::new(),
+        })
     }
 
     /// A randomly initialised model (normal weights with std 0.02, unit norms), for tests and
@@ -253,7 +278,7 @@ impl Llama {
         cache: &mut KvCache,
         opts: &ForwardOptions,
     ) -> Result<Tensor> {
-        self.run(input_ids, attention_mask, cache, opts, None)
+        self.run(input_ids, attention_mask, cache, opts, Base::Exact)
     }
 
     /// [`Llama::forward_step`] with an adapter folded into the weights by
@@ -268,7 +293,7 @@ impl Llama {
         if merged.layers.len() != self.cfg.num_hidden_layers {
             return Err(ModelError::Invalid("merged adapter made for another model".into()));
         }
-        self.run(input_ids, attention_mask, cache, &ForwardOptions::default(), Some(merged))
+        self.run(input_ids, attention_mask, cache, &ForwardOptions::default(), Base::Merged(merged))
     }
 
     /// Folds an adapter into copies of the weights it adapts: `W + (alpha / r) B A`, computed in
@@ -298,7 +323,7 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         cache: &mut KvCache,
         opts: &ForwardOptions,
-        merged: Option<&MergedAdapter>,
+        base: Base,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if b != cache.batch() {
@@ -332,10 +357,21 @@ impl Llama {
         let mut x = self.w.embed.embedding(&input_ids.flatten_all()?)?; // [B*T, H]
         for (li, blk) in self.w.blocks.iter().enumerate() {
             let lora = adapter.map(|a| (a, li));
-            let merged_w = merged.map(|m| &m.layers[li]);
             let lin = |x: &Tensor, p: Projection| -> Result<Tensor> {
-                if let Some(w) = merged_w.and_then(|m| m[p as usize].as_ref()) {
-                    return frozen_linear(x, w);
+                match base {
+                    Base::Exact => {}
+                    Base::Merged(m) => {
+                        if let Some(w) = m.layers[li][p as usize].as_ref() {
+                            return frozen_linear(x, w);
+                        }
+                    }
+                    Base::Quantized(q) => {
+                        let y = q.linear(li, p, x)?;
+                        return match lora {
+                            None => Ok(y),
+                            Some((a, li)) => a.add_delta(li, p, x, y),
+                        };
+                    }
                 }
                 let w = &blk.proj[p as usize];
                 match lora {
