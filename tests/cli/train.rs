@@ -222,12 +222,18 @@ fn resumable_args(algo: &str, out: &str, steps: &str, extra: &[&str]) -> Vec<Str
     a
 }
 
+/// The uninterrupted run into `tmp/reference` that [`assert_resumed_as_uninterrupted`] compares
+/// the killed one against.
+fn reference_run(tmp: &Path, algo: &str, steps: &str, extra: &[&str]) {
+    ok(&etpo(&resumable_args(algo, "reference", steps, extra).iter().map(String::as_str).collect::<Vec<_>>(), tmp));
+}
+
 /// Runs `reference` to the end, then the same run into `killed` with the failpoint that aborts
 /// the process right after round 1 reaches replay.jsonl and before its steps reach steps.jsonl
 /// (the window resuming must close: it drops that round and runs it again).
 fn reference_and_aborted_runs(tmp: &Path, algo: &str, steps: &str, extra: &[&str]) {
     let args = |out| resumable_args(algo, out, steps, extra);
-    ok(&etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp));
+    reference_run(tmp, algo, steps, extra);
     venv_python();
     let killed = Command::new(ETPO)
         .args(args("killed"))
@@ -330,9 +336,9 @@ fn step_essence(s: &Value) -> String {
 fn a_training_run_killed_and_resumed_ends_with_the_adapters_of_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     setup(tmp.path());
-    let args = |out| resumable_args("etpo", out, "8", &["--update-every", "2", "--lr", "0.01"]);
-    let reference = etpo(&args("reference").iter().map(String::as_str).collect::<Vec<_>>(), tmp.path());
-    ok(&reference);
+    let extra = ["--update-every", "2", "--lr", "0.01"];
+    reference_run(tmp.path(), "etpo", "8", &extra);
+    let args = |out| resumable_args("etpo", out, "8", &extra);
 
     // Killed (SIGKILL) once the first checkpoint is there: later rounds are replayed on resume.
     venv_python();
