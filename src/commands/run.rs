@@ -175,9 +175,11 @@ struct RunConfig {
     actions: Option<PathBuf>,
     model: Option<PathBuf>,
     device: String,
-    /// `--generation-weights` (`f32` or `quantized`); `None`: the loader's choice (quantised
-    /// for an f32 model on the CPU).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The weights actions are sampled with: `--generation-weights`, else `quantized` (which
+    /// falls back to the model's own weights where it cannot be quantised: off the CPU, or not
+    /// f32). `None`: a run made before etpo had quantised generation, which sampled with f32
+    /// weights and resumes with them.
+    #[serde(default)]
     generation_weights: Option<String>,
     workers: Option<usize>,
     temperature: Option<f64>,
@@ -289,10 +291,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         let model = config.model.clone().unwrap_or_else(trainer::default_model_path);
         eprintln!("loading {} on {}", model.display(), config.device);
         let mut policy = LlmPolicy::load(&model, &config.device, sampling_config(&config))?;
-        if let Some(w) = &config.generation_weights {
-            let w = trainer::GenerationWeights::parse(w).context("generation_weights")?;
-            policy.model_mut().model.set_generation_weights(w);
-        }
+        policy.model_mut().model.set_generation_weights(generation_weights(&config)?);
         if policy.model().model.device().is_cpu() {
             eprintln!("sampling with {} weights", policy.model().model.generation_weights().name());
         }
@@ -446,7 +445,9 @@ fn create_run(args: &Args) -> anyhow::Result<Opened> {
         actions: abs(&args.actions)?,
         model: abs(&args.model.path)?,
         device: args.model.device.clone(),
-        generation_weights: args.model.generation_weights()?.map(|w| w.name().to_string()),
+        generation_weights: Some(
+            args.model.generation_weights()?.unwrap_or(trainer::GenerationWeights::Quantized).name().to_string(),
+        ),
         workers: args.workers,
         temperature: args.temperature,
         top_k: args.top_k,
@@ -740,6 +741,14 @@ fn describe_trainer(trainer: &TrainerConfig, schedule: &TrainSchedule) -> serde_
     })
 }
 
+/// The weights a run samples with (see [`RunConfig::generation_weights`]).
+fn generation_weights(config: &RunConfig) -> anyhow::Result<trainer::GenerationWeights> {
+    match &config.generation_weights {
+        Some(w) => Ok(trainer::GenerationWeights::parse(w).context("generation_weights")?),
+        None => Ok(trainer::GenerationWeights::Exact),
+    }
+}
+
 fn sampling_config(config: &RunConfig) -> SamplingConfig {
     SamplingConfig {
         temperature: config.temperature,
@@ -886,7 +895,7 @@ mod tests {
             actions: None,
             model: None,
             device: "cpu".into(),
-            generation_weights: None,
+            generation_weights: Some("quantized".into()),
             workers: None,
             temperature: None,
             top_k: None,
@@ -896,6 +905,19 @@ mod tests {
             train,
             remote: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_run_from_before_quantised_generation_resumes_sampling_with_f32_weights() {
+        let new = config(Algorithm::Reflection, TrainFlags::default());
+        assert_eq!(generation_weights(&new).unwrap(), trainer::GenerationWeights::Quantized);
+        let mut json = serde_json::to_value(&new).unwrap();
+        json.as_object_mut().unwrap().remove("generation_weights");
+        let old: RunConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old.generation_weights, None);
+        assert_eq!(generation_weights(&old).unwrap(), trainer::GenerationWeights::Exact);
+        let bad = RunConfig { generation_weights: Some("int3".into()), ..new };
+        assert!(format!("{:#}", generation_weights(&bad).unwrap_err()).contains("expected f32 or quantized"));
     }
 
     #[test]

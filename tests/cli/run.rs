@@ -664,6 +664,27 @@ fn the_generation_weights_are_chosen_on_the_command_line_and_recorded() {
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("exact/config.json")).unwrap()).unwrap();
     assert_eq!(config["config"]["generation_weights"], "f32");
+    let out = etpo(
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--model",
+            "tiny-model",
+            "--steps",
+            "1",
+            "--seeds",
+            "0",
+            "--out",
+            "default",
+            "--no-progress",
+        ],
+        tmp.path(),
+    );
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sampling with quantized weights"));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("default/config.json")).unwrap()).unwrap();
+    assert_eq!(config["config"]["generation_weights"], "quantized", "the default is recorded too");
     let out = run("int3", "bad");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

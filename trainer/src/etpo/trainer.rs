@@ -60,6 +60,11 @@ pub struct UpdateMetrics {
     /// because its target does.
     #[serde(default)]
     pub target_entropy: Option<f64>,
+    /// ETPO only: mean per-token entropy of `∝ ρ·exp(Q/β)` (with the dueling read-out, the
+    /// Q-network's own distribution π_Q) at the action positions: `target_entropy` when
+    /// `reference_weight` is 1, and what the Q-network alone asks for otherwise.
+    #[serde(default)]
+    pub q_entropy: Option<f64>,
     /// Mean reward of the batch's transitions.
     pub batch_reward: f64,
     /// Mean soft Bellman target.
@@ -253,20 +258,27 @@ impl EtpoTrainer {
         let start = Instant::now();
         // Eq. 7's target, once per update: every policy epoch regresses on the same one.
         let mut policy_targets: Vec<Tensor> = Vec::new();
-        let mut target_entropy_sum = 0f64;
+        let (mut target_entropy_sum, mut q_entropy_sum) = (0f64, 0f64);
         for (ci, chunk) in spans.chunks(mb).enumerate() {
             let q = match pre_step_q.get(ci) {
                 Some(q) => q.clone(),
                 None => q_rows(model, chunk, self.q_net(), false, &ref_logp[ci], &cfg)?,
             };
-            let mut target = math::policy_target_logp(&q, &ref_logp[ci], cfg.q_readout, cfg.beta)?;
-            if cfg.reference_weight < 1.0 {
-                target = math::prior_mixed_target_logp(&target, &ref_logp[ci], &policy_logp[ci], cfg.reference_weight)?;
-            }
-            target_entropy_sum += math::entropy_rows(&target)?.sum_all()?.to_scalar::<f32>()? as f64;
+            let eq7 = math::policy_target_logp(&q, &ref_logp[ci], cfg.q_readout, cfg.beta)?;
+            let eq7_entropy = math::entropy_rows(&eq7)?.sum_all()?.to_scalar::<f32>()? as f64;
+            q_entropy_sum += eq7_entropy;
+            let target = if cfg.reference_weight < 1.0 {
+                let mixed = math::prior_mixed_target_logp(&eq7, &ref_logp[ci], &policy_logp[ci], cfg.reference_weight)?;
+                target_entropy_sum += math::entropy_rows(&mixed)?.sum_all()?.to_scalar::<f32>()? as f64;
+                mixed
+            } else {
+                target_entropy_sum += eq7_entropy;
+                eq7
+            };
             policy_targets.push(target);
         }
         m.target_entropy = Some(target_entropy_sum / total_tokens as f64);
+        m.q_entropy = Some(q_entropy_sum / total_tokens as f64);
         let pi_vars = self.pi_opt.vars().to_vec();
         let max_kl = cfg.policy_max_kl;
         let pi_before = match max_kl {
