@@ -53,6 +53,11 @@ pub struct EtpoConfig {
     /// policy's entropy rose above ρ's and Balance Scale collapsed after 100 steps; at 1 the tiny
     /// model's two-step task was learnt on 2 of 4 seeds only (README, "ETPO").
     pub conservative: f64,
+    /// Weight κ of `β·KL(π_Q‖ρ)` in the Q loss ([`super::math::q_reference_kl`]): a prior that
+    /// holds the advantages of tokens no data speak for at zero. Default 0 (off): not yet
+    /// measured on Balance Scale, where π_Q's entropy rising above ρ's is what ended runs late
+    /// (README, "ETPO").
+    pub q_reference_kl: f64,
     /// Huber threshold δ for the Q loss (`None`: plain squared error, as in Algorithm 1).
     pub huber_delta: Option<f64>,
     /// Optimiser of the Q-network's adapter.
@@ -128,6 +133,7 @@ impl Default for EtpoConfig {
             discount_inside_actions: false,
             single_step: false,
             conservative: 0.3,
+            q_reference_kl: 0.0,
             huber_delta: None,
             q_optim: AdamWConfig::default(),
             value_head_optim: AdamWConfig::default(),
@@ -277,6 +283,9 @@ impl EtpoConfig {
         if !(self.conservative >= 0.0 && self.conservative.is_finite()) {
             return Err(format!("conservative must be a number >= 0, got {}", self.conservative));
         }
+        if !(self.q_reference_kl >= 0.0 && self.q_reference_kl.is_finite()) {
+            return Err(format!("q_reference_kl must be a number >= 0, got {}", self.q_reference_kl));
+        }
         if let Some(d) = self.huber_delta {
             if d.is_nan() || d <= 0.0 {
                 return Err(format!("huber_delta must be positive, got {d}"));
@@ -361,6 +370,8 @@ mod tests {
         assert!(bad.validate().unwrap_err().contains("trace_lambda must be in [0, 1]"));
         let bad = EtpoConfig { conservative: -0.1, ..Default::default() };
         assert!(bad.validate().unwrap_err().contains("conservative must be a number >= 0"));
+        let bad = EtpoConfig { q_reference_kl: f64::NAN, ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("q_reference_kl must be a number >= 0"));
     }
 
     #[test]

@@ -45,8 +45,8 @@ pub struct PhaseTimes {
 /// steps.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct UpdateMetrics {
-    /// Mean squared (or Huber) error of Q on the taken tokens, plus the conservative term when
-    /// `conservative` is set.
+    /// Mean squared (or Huber) error of Q on the taken tokens, plus the conservative term and
+    /// the `q_reference_kl` term when they are set.
     pub q_loss: f64,
     /// Mean per-token KL(π ‖ target of Eq. 7).
     pub policy_loss: f64,
@@ -554,6 +554,10 @@ fn q_loss_chunk(
         let term = math::conservative_term(&q, &taken, ref_logp, cfg.beta)?.mean_all()?;
         loss = (loss + (term * cfg.conservative)?)?;
     }
+    if cfg.q_reference_kl > 0.0 {
+        let term = math::q_reference_kl(&q, ref_logp, cfg.beta)?.mean_all()?;
+        loss = (loss + (term * cfg.q_reference_kl)?)?;
+    }
     Ok((loss, q, taken))
 }
 
@@ -783,7 +787,7 @@ mod tests {
     #[test]
     fn each_loss_reaches_only_its_own_adapter() {
         let mut model = tiny();
-        let cfg = EtpoConfig { beta: 0.5, ..Default::default() };
+        let cfg = EtpoConfig { beta: 0.5, q_reference_kl: 1.0, ..Default::default() };
         let trainer = EtpoTrainer::new(&mut model, cfg.clone()).unwrap();
         let spans = vec![RowSpan::action(&[1, 2, 3], &[4, 5]), RowSpan::action(&[6], &[7, 8, 9])];
         let tokens = token_tensor(&model, vec![4, 5, 7, 8, 9]).unwrap();
