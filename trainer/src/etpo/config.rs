@@ -36,7 +36,9 @@ pub struct EtpoConfig {
     /// with π_k the policy before the update ([`super::math::prior_mixed_target_logp`]): 1
     /// (default) is Eq. 7 as written, `π* ∝ ρ·exp(Q/β)`; 0 is a mirror-descent step from π_k,
     /// which stays put where the Q-network sees no difference between tokens. This is τ at
-    /// the first update; see [`EtpoConfig::reference_weight_end`].
+    /// the first update; see [`EtpoConfig::reference_weight_end`]. Default 1: 0 throughout never
+    /// learnt the tiny model's two-step task, and 1 → 0 over a run collapsed Balance Scale after
+    /// step 144 (README, "ETPO").
     pub reference_weight: f64,
     /// τ at the last of [`EtpoConfig::planned_updates`], reached linearly from
     /// `reference_weight` ([`EtpoConfig::reference_weight_at`]); `None`: the same throughout.
