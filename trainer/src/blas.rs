@@ -272,7 +272,7 @@ impl Blas {
 
 /// The number of threads candle uses, read once: `candle_core::utils::get_num_threads` parses
 /// /proc/cpuinfo on every call, which cost 7% of a decoding step when asked per product.
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     static THREADS: OnceLock<usize> = OnceLock::new();
     *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
@@ -355,12 +355,13 @@ impl Product {
 
 /// A raw pointer shared by the column blocks of one product (each writes its own columns).
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: used only inside `Blas::gemm`, whose blocks touch disjoint parts of the output.
+pub(crate) struct Shared(pub(crate) *mut f32);
+// SAFETY: used only inside `Blas::gemm` and `quant::QMatrix::matmul_t`, whose parts touch
+// disjoint parts of the output.
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 impl Shared {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

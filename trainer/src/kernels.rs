@@ -162,7 +162,7 @@ mod scalar {
 /// The kernels eight lanes at a time; the last `len % 8` elements go through [`scalar`].
 /// Every function requires AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{scalar, EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
@@ -196,8 +196,10 @@ mod avx2 {
         _mm256_blendv_ps(y, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
     }
 
+    /// `((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7))` (also the reduction of
+    /// `crate::quant`'s kernels, which must match its scalar dot product's order).
     #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
+    pub(crate) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));

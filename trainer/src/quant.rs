@@ -22,6 +22,8 @@
 
 use rayon::prelude::*;
 
+use crate::blas::{threads, Shared};
+
 /// Values per block.
 pub const BLOCK: usize = 32;
 
@@ -416,14 +418,9 @@ mod simd {
         unsafe { (*p.cast::<Unaligned<T>>()).0 }
     }
 
-    /// `((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7))`, as [`super::scalar_dot`] reduces.
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
-    }
+    // Its order, ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)), is the one
+    // `super::scalar_dot` sums in.
+    use crate::kernels::avx2::hsum;
 
     /// Where a kernel is in each of its `C` weight rows (values, scales, minimums) and `R`
     /// activation rows, from block 0. Pointers move with `wrapping_add` (no debug checks); the
@@ -623,24 +620,6 @@ mod simd {
             }
             j += C;
         }
-    }
-}
-
-/// The number of threads candle uses, read once (see `crate::blas`).
-fn threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
-}
-
-/// The output pointer shared by the column parts of one product (each writes its own columns).
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: used only inside `QMatrix::matmul_t`, whose parts write disjoint columns.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-impl Shared {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
