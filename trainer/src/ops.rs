@@ -510,7 +510,7 @@ fn loaded_blas(op: &str) -> candle_core::Result<&'static Blas> {
 }
 
 /// Runs `f` on the contiguous f32 data of CPU tensors, without copying contiguous ones.
-fn with_f32<R>(xs: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
+pub(crate) fn with_f32<R>(xs: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> candle_core::Result<R> {
     let xs: Vec<Tensor> = xs.iter().map(|x| x.contiguous()).collect::<candle_core::Result<_>>()?;
     let guards: Vec<_> = xs.iter().map(|x| x.storage_and_layout()).collect();
     let mut slices = Vec::with_capacity(xs.len());

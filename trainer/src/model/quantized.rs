@@ -20,6 +20,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::{Llama, ModelError, Projection, Result};
+use crate::ops::with_f32;
 use crate::quant::{Format, QMatrix, BLOCK};
 
 /// The weights [`crate::generate`] multiplies by when sampling.
@@ -111,14 +112,8 @@ fn times(w: &QMatrix, x: &Tensor) -> Result<Tensor> {
             w.cols()
         )));
     }
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        return Err(ModelError::Invalid("quantised product: a contiguous f32 CPU input was expected".into()));
-    };
-    let y = w.matmul_t(&v[a..b], m);
+    let y =
+        with_f32(&[x], |v| w.matmul_t(v[0], m)).map_err(|e| ModelError::Invalid(format!("quantised product: {e}")))?;
     Ok(Tensor::from_vec(y, (m, w.rows()), &Device::Cpu)?)
 }
 
@@ -139,14 +134,8 @@ impl Llama {
         // default model.
         let quantize = |w: &Tensor| -> Result<QMatrix> {
             let (n, k) = w.dims2()?;
-            let w = w.contiguous()?;
-            let (storage, layout) = w.storage_and_layout();
-            let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
-                (&*storage, layout.contiguous_offsets())
-            else {
-                return Err(ModelError::Invalid("quantised copies: f32 CPU weights expected".into()));
-            };
-            Ok(QMatrix::new(&v[a..b], n, k))
+            with_f32(&[w], |v| QMatrix::new(v[0], n, k))
+                .map_err(|e| ModelError::Invalid(format!("quantised copies: {e}")))
         };
         let mut layers = Vec::with_capacity(self.w.blocks.len());
         for blk in &self.w.blocks {
