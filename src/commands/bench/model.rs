@@ -5,11 +5,11 @@
 //! as ids, and the training batch is a fixed formula both implement. Generation is forced to the
 //! full number of new tokens on both sides (EOS ignored), so tokens/s compare like with like.
 //!
-//! etpo's generation is measured with the f32 weights and with 8-bit copies of the linear weights
-//! (what `load_model` samples with on the CPU), taking turns run by run, without and with a LoRA
-//! adapter; PyTorch's in each `--reference-dtypes`
-//! (f32 and bf16 on the CPU), and the quantised figures are judged against PyTorch's best:
-//! at least 3x at batch 1 and 2x at batch 8 (issue 21).
+//! etpo's generation is measured with the f32 weights and with block copies of the linear weights
+//! (4-bit where the weights have that form, else 8-bit; what `load_model` samples with on the
+//! CPU), taking turns run by run, without and with a LoRA adapter; PyTorch's in each
+//! `--reference-dtypes` (f32 and bf16 on the CPU), and the quantised figures are judged against
+//! PyTorch's best: at least 3x at batch 1 and 2x at batch 8 (issue 21).
 
 use super::load_average;
 use crate::commands::model_args::ModelArgs;
