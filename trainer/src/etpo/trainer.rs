@@ -65,6 +65,11 @@ pub struct UpdateMetrics {
     /// `reference_weight` is 1, and what the Q-network alone asks for otherwise.
     #[serde(default)]
     pub q_entropy: Option<f64>,
+    /// ETPO only: mean per-token entropy of ρ at the same action positions, the yardstick of
+    /// `target_entropy` and `q_entropy`: the contexts the policy visits change over a run, and
+    /// ρ's entropy with them.
+    #[serde(default)]
+    pub reference_entropy: Option<f64>,
     /// Mean reward of the batch's transitions.
     pub batch_reward: f64,
     /// Mean soft Bellman target.
@@ -258,8 +263,9 @@ impl EtpoTrainer {
         let start = Instant::now();
         // Eq. 7's target, once per update: every policy epoch regresses on the same one.
         let mut policy_targets: Vec<Tensor> = Vec::new();
-        let (mut target_entropy_sum, mut q_entropy_sum) = (0f64, 0f64);
+        let (mut target_entropy_sum, mut q_entropy_sum, mut reference_entropy_sum) = (0f64, 0f64, 0f64);
         for (ci, chunk) in spans.chunks(mb).enumerate() {
+            reference_entropy_sum += math::entropy_rows(&ref_logp[ci])?.sum_all()?.to_scalar::<f32>()? as f64;
             let q = match pre_step_q.get(ci) {
                 Some(q) => q.clone(),
                 None => q_rows(model, chunk, self.q_net(), false, &ref_logp[ci], &cfg)?,
@@ -279,6 +285,7 @@ impl EtpoTrainer {
         }
         m.target_entropy = Some(target_entropy_sum / total_tokens as f64);
         m.q_entropy = Some(q_entropy_sum / total_tokens as f64);
+        m.reference_entropy = Some(reference_entropy_sum / total_tokens as f64);
         let pi_vars = self.pi_opt.vars().to_vec();
         let max_kl = cfg.policy_max_kl;
         let pi_before = match max_kl {

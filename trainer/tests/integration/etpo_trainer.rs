@@ -52,7 +52,8 @@ fn learn(readout: QReadout, beta: f64, sign: f64, updates: usize) -> (f64, f64) 
 #[test]
 fn the_policy_target_starts_at_rho_and_sharpens_as_q_learns() {
     // With the Q-values read before the first Q step, Eq. 7's target is ρ·exp(0) = ρ = π: the
-    // two entropies agree. After training on the last-token task the target is sharper than ρ.
+    // two entropies agree, and ρ's at the same positions with them (π starts as ρ). Under Eq. 7
+    // the target is π_Q's. After training on the last-token task the target is sharper than ρ.
     let cfg = EtpoConfig { policy_uses_pre_step_q: true, q_epochs: 1, ..config(QReadout::Dueling, 0.1) };
     let mut model = tiny_model(7);
     let mut trainer = EtpoTrainer::new(&mut model, cfg).unwrap();
@@ -62,11 +63,13 @@ fn the_policy_target_starts_at_rho_and_sharpens_as_q_learns() {
     for _ in 0..20 {
         let b = batch(&model, Some(POLICY), 16, 1.0, &mut rng);
         let m = trainer.update(&model, &b).unwrap();
-        first.get_or_insert((m.entropy, m.target_entropy.unwrap()));
+        first.get_or_insert((m.entropy, m.target_entropy.unwrap(), m.reference_entropy.unwrap()));
+        assert_eq!(m.q_entropy, m.target_entropy);
         last = m.target_entropy;
     }
-    let (entropy, target) = first.unwrap();
+    let (entropy, target, reference) = first.unwrap();
     assert!((entropy - target).abs() < 1e-4, "π's entropy {entropy}, the target's {target}");
+    assert!((entropy - reference).abs() < 1e-4, "π's entropy {entropy}, ρ's {reference}");
     let last = last.unwrap();
     assert!(last < entropy - 0.05, "the target's entropy went {target} -> {last}");
 }
