@@ -56,9 +56,9 @@ pub struct EtpoConfig {
     /// model's two-step task was learnt on 2 of 4 seeds only (README, "ETPO").
     pub conservative: f64,
     /// Weight κ of `β·KL(π_Q‖ρ)` in the Q loss ([`super::math::q_reference_kl`]): a prior that
-    /// holds the advantages of tokens no data speak for at zero. Default 0 (off): not yet
-    /// measured on Balance Scale, where π_Q's entropy rising above ρ's is what ended runs late
-    /// (README, "ETPO").
+    /// holds the advantages of tokens no data speak for at zero, so that a target built on the
+    /// previous policy (`reference_weight` < 1) is not multiplied by the Q-network's noise there.
+    /// Default 0 (off) (README, "ETPO").
     pub q_reference_kl: f64,
     /// Huber threshold δ for the Q loss (`None`: plain squared error, as in Algorithm 1).
     pub huber_delta: Option<f64>,

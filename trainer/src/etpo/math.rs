@@ -192,8 +192,10 @@ pub fn conservative_term(q: &Tensor, q_taken: &Tensor, ref_logp: &Tensor, beta: 
 /// [`QReadout::Dueling`] its own next-token distribution); gradients reach Q. As a term of the Q
 /// loss it is a prior on the advantages: where no data speak for a token, its Q-value is held at
 /// the context's soft value instead of drifting with what the squared error takes from the tokens
-/// that were tried. On Balance Scale π_Q's entropy rose to 1.40 nats per token against ρ's 0.87
-/// late in a run, and the policy followed it (README, "ETPO").
+/// that were tried. Why it matters: with the previous policy as the policy target's prior
+/// (`reference_weight` < 1) every update multiplies π_k by π_Q/ρ, so ratios that are noise where
+/// no data speak compound; on Balance Scale they did, and the policy became as random as ρ
+/// (README, "ETPO").
 pub fn q_reference_kl(q: &Tensor, ref_logp: &Tensor, beta: f64) -> Result<Tensor> {
     let q_logp = log_softmax(&((q / beta)? + ref_logp.detach())?)?;
     kl_rows(&q_logp, &ref_logp.detach())? * beta

@@ -131,8 +131,8 @@ fn kept_after_every_action_pays(reference_weight: f64) -> (f64, f64) {
 
 /// With Eq. 7's prior ρ the target is ρ wherever the Q-network sees no difference between
 /// tokens, so once every action pays the same the policy goes back to ρ; with the previous
-/// policy as the prior (τ = 0) it keeps what it learnt. (On Balance Scale the late drift came
-/// from the Q-network instead, and this prior did not help there: README, "ETPO".)
+/// policy as the prior (τ = 0) it keeps what it learnt. (On Balance Scale this prior alone did not
+/// help: it multiplies the policy by the Q-network's noise, README, "ETPO".)
 #[test]
 fn the_previous_policy_prior_keeps_a_learnt_policy_where_rewards_stop_differing() {
     let (learnt, eq7) = kept_after_every_action_pays(1.0);
