@@ -204,3 +204,39 @@ fn sweep() {
         }
     }
 }
+
+/// What a learnt policy and the Q-network keep when only successes are seen (not a check): 30
+/// updates of the first-token task, then `ETPO_SWEEP_UPDATES` (30) updates whose batches keep
+/// only the actions that chose the good token, as when every action a good policy writes runs.
+/// Nothing in the data then says the other tokens are worse; prints P(good) under π and under
+/// the Q-network's own distribution π_Q, for the configurations in `ETPO_SWEEP_SET`.
+#[test]
+#[ignore]
+fn sweep_only_successes() {
+    let sets = std::env::var("ETPO_SWEEP_SET").unwrap_or_default();
+    let updates: usize = std::env::var("ETPO_SWEEP_UPDATES").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    for set in sets.split('|') {
+        let mut cfg = config();
+        for kv in set.split(';').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').expect("key=value");
+            cfg.set(k, v).unwrap();
+        }
+        for seed in [11u64, 13] {
+            let (curve, mut trainer, model) = train(Task::FirstToken, cfg.clone(), 30, seed);
+            let mut rng = Rng(seed + 100);
+            let mut trace = vec![(curve[30], Task::FirstToken.p_good(&model, trainer::etpo::Q))];
+            for i in 0..updates {
+                let mut b = Task::FirstToken.batch(&model, Some(POLICY), BATCH, &mut rng);
+                b.retain(|t| t.action[0] == GOOD);
+                if !b.is_empty() {
+                    trainer.update(&model, &b).unwrap();
+                }
+                if (i + 1) % 10 == 0 {
+                    trace.push((Task::FirstToken.p_good(&model, POLICY), Task::FirstToken.p_good(&model, trainer::etpo::Q)));
+                }
+            }
+            let pts: Vec<String> = trace.iter().map(|(p, q)| format!("{p:.2}/{q:.2}")).collect();
+            eprintln!("[{set}] seed {seed}: P(good) π/π_Q every 10 updates: {}", pts.join(" "));
+        }
+    }
+}
