@@ -232,7 +232,10 @@ fn sweep_only_successes() {
                     trainer.update(&model, &b).unwrap();
                 }
                 if (i + 1) % 10 == 0 {
-                    trace.push((Task::FirstToken.p_good(&model, POLICY), Task::FirstToken.p_good(&model, trainer::etpo::Q)));
+                    trace.push((
+                        Task::FirstToken.p_good(&model, POLICY),
+                        Task::FirstToken.p_good(&model, trainer::etpo::Q),
+                    ));
                 }
             }
             let pts: Vec<String> = trace.iter().map(|(p, q)| format!("{p:.2}/{q:.2}")).collect();
