@@ -6,7 +6,8 @@
 //! `cargo test -p etpo-trainer --test etpo_credit sweep -- --ignored --nocapture` prints
 //! learning curves for the configurations in `ETPO_SWEEP_SET` (`key=value;...`, several joined
 //! by `|`), with `ETPO_SWEEP_SEEDS` (`11,13`), `ETPO_SWEEP_TASK` (`first` or `two`),
-//! `ETPO_SWEEP_UPDATES` (60) and `ETPO_SWEEP_DIAG` (the learned soft values of a few contexts).
+//! `ETPO_SWEEP_UPDATES` (60) and `ETPO_SWEEP_DIAG` (the learned soft values of a few contexts);
+//! `sweep_only_successes` (also ignored) what π and π_Q keep when only successful actions follow.
 
 use crate::etpo_common::*;
 use trainer::etpo::{AdamWConfig, EtpoConfig, EtpoTrainer, POLICY};
