@@ -160,18 +160,33 @@ fn ppo_kl_learns_the_first_token_task() {
     assert!(reached(&curve, 0.5).is_some(), "PPO-KL: P(first = good) {:.3} -> {:.3}", curve[0], curve[60]);
 }
 
+/// The configurations of `ETPO_SWEEP_SET` (`key=value;...`, several joined by `|`), each with
+/// its text, applied to the tests' configuration.
+fn sweep_configs() -> Vec<(String, EtpoConfig)> {
+    let sets = std::env::var("ETPO_SWEEP_SET").unwrap_or_default();
+    sets.split('|')
+        .map(|set| {
+            let mut cfg = config();
+            for kv in set.split(';').filter(|s| !s.is_empty()) {
+                let (k, v) = kv.split_once('=').expect("key=value");
+                cfg.set(k, v).unwrap();
+            }
+            (set.to_string(), cfg)
+        })
+        .collect()
+}
+
+/// `ETPO_SWEEP_UPDATES`, or `default`.
+fn sweep_updates(default: usize) -> usize {
+    std::env::var("ETPO_SWEEP_UPDATES").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
 /// Learning curves for a hyper-parameter sweep (not a check).
 #[test]
 #[ignore]
 fn sweep() {
-    let sets = std::env::var("ETPO_SWEEP_SET").unwrap_or_default();
-    let updates: usize = std::env::var("ETPO_SWEEP_UPDATES").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    for set in sets.split('|') {
-        let mut cfg = config();
-        for kv in set.split(';').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').expect("key=value");
-            cfg.set(k, v).unwrap();
-        }
+    let updates = sweep_updates(60);
+    for (set, cfg) in sweep_configs() {
         let tasks = match std::env::var("ETPO_SWEEP_TASK").as_deref() {
             Ok("first") => vec![Task::FirstToken],
             Ok("two") => vec![Task::TwoStep],
@@ -214,14 +229,8 @@ fn sweep() {
 #[test]
 #[ignore]
 fn sweep_only_successes() {
-    let sets = std::env::var("ETPO_SWEEP_SET").unwrap_or_default();
-    let updates: usize = std::env::var("ETPO_SWEEP_UPDATES").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
-    for set in sets.split('|') {
-        let mut cfg = config();
-        for kv in set.split(';').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').expect("key=value");
-            cfg.set(k, v).unwrap();
-        }
+    let updates = sweep_updates(30);
+    for (set, cfg) in sweep_configs() {
         for seed in [11u64, 13] {
             let (curve, mut trainer, model) = train(Task::FirstToken, cfg.clone(), 30, seed);
             let mut rng = Rng(seed + 100);
