@@ -1,7 +1,8 @@
 //! `etpo bench train`: the cost of one ETPO update, split into its phases (generation of the
 //! batch, soft Bellman targets, the Q-network's and the policy's forward + backward passes),
 //! with and without running shared state prompts once, side by side in one run, plus peak
-//! memory.
+//! memory; and the update's matrix-product work against the rate this machine reaches on one
+//! of the model's own products, which bounds how fast an update can be.
 
 use crate::commands::model_args::ModelArgs;
 use std::time::Instant;
@@ -90,6 +91,40 @@ fn pseudo_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
             3 + ((z ^ (z >> 31)) % (vocab as u64 - 3)) as u32
         })
         .collect()
+}
+
+/// The model's own matrix product at its feed-forward shape, `[1024, hidden] · [hidden,
+/// intermediate]` through the frozen linear layer every projection uses: the best rate of 5, in
+/// operations per second. This is the ceiling an update's products run against.
+fn matmul_rate(model: &Llama) -> anyhow::Result<f64> {
+    let c = model.config();
+    let (rows, h, i) = (1024, c.hidden_size, c.intermediate_size);
+    let x = candle_core::Tensor::randn(0f32, 1.0, (rows, h), model.device())?.to_dtype(model.dtype())?;
+    let w = candle_core::Tensor::randn(0f32, 0.02, (i, h), model.device())?.to_dtype(model.dtype())?;
+    let work = 2.0 * (rows * h * i) as f64;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let y = trainer::model::frozen_linear(&x, &w)?;
+        y.device().synchronize()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(work / best)
+}
+
+/// The update's products against the machine's rate: how long they would take at that rate,
+/// and the fraction of it the update reached.
+fn print_work(work: trainer::model::Flops, seconds: f64, rate: f64) {
+    println!(
+        "matrix-product work of the update: {:.1} GFLOP (forward {:.1}, backward {:.1}); at {:.1} GFLOP/s \
+         (this machine, the model's own product) that is {:.1} s: the update ran at {:.0}% of it",
+        work.total() / 1e9,
+        work.forward / 1e9,
+        work.backward / 1e9,
+        rate / 1e9,
+        work.total() / rate,
+        100.0 * work.total() / rate / seconds
+    );
 }
 
 fn print_row(label: &str, m: &UpdateMetrics, total: f64, peak: Option<f64>) {
@@ -189,9 +224,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         "ETPO update (s)", "targets", "Q f+b", "pi f+b", "polyak", "total", "peak MiB"
     );
     reset_peak_rss();
+    let flops_before = model.flops();
     let t0 = Instant::now();
     let shared = trainer.update(&model, &batch)?;
     let shared_total = t0.elapsed().as_secs_f64();
+    let shared_work = model.flops() - flops_before;
     print_row("shared state prefixes", &shared, shared_total, peak_rss_mib());
     if args.updates > 1 {
         println!();
@@ -225,5 +262,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         println!("speed-up of prefix sharing: {:.2}x per update", whole_total / shared_total);
         println!("update / generation time: {:.2}", shared_total / gen_s);
     }
+    println!();
+    print_work(shared_work, shared_total, matmul_rate(&model)?);
     Ok(0)
 }

@@ -20,6 +20,7 @@ use crate::ops::{attention, rms_norm, rope, swiglu};
 
 mod adapters;
 mod config;
+mod flops;
 mod kv_cache;
 mod quantized;
 #[cfg(test)]
@@ -27,6 +28,7 @@ pub(crate) mod tests;
 
 pub use crate::error::{ModelError, Result};
 pub use config::{Llama3RopeScaling, LlamaConfig, Projection};
+pub use flops::{Flops, PassFlops};
 pub use kv_cache::KvCache;
 pub use quantized::{GenerationWeights, QuantizedWeights};
 
@@ -86,6 +88,8 @@ pub struct Llama {
     /// What generation samples with, and the quantised copies once made (`quantized.rs`).
     generation: GenerationWeights,
     quantized: std::sync::OnceLock<QuantizedWeights>,
+    /// The matrix-product work of every pass so far ([`Llama::flops`]).
+    flops: flops::FlopCounter,
 }
 
 /// The weights one pass multiplies by.
@@ -158,6 +162,7 @@ impl Llama {
             dtype,
             generation: GenerationWeights::Exact,
             quantized: std::sync::OnceLock::new(),
+            flops: flops::FlopCounter::default(),
         })
     }
 
@@ -222,6 +227,13 @@ impl Llama {
         &self.w
     }
 
+    /// The matrix-product operations of the passes this model has run so far (forward, and
+    /// backward for passes that tracked an adapter's gradients; see [`Flops`] for what is
+    /// counted). Take the difference of two readings to count one piece of work.
+    pub fn flops(&self) -> Flops {
+        self.flops.get()
+    }
+
     /// Full-sequence forward for training and scoring: logits `[B, T, V]` in f32, tracking
     /// gradients of the adapter (if any).
     ///
@@ -258,6 +270,9 @@ impl Llama {
         let h = *dims.last().ok_or_else(|| ModelError::Invalid("logits: scalar input".into()))?;
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x = hidden.reshape((n, h))?;
+        let work = self.cfg.head_flops(n);
+        // Frozen head: its backward pass is the input's gradient alone, one product.
+        self.flops.add(work, hidden.track_op().then_some(work));
         let y = frozen_linear(&x, head)?.to_dtype(DType::F32)?;
         let mut out = dims[..dims.len() - 1].to_vec();
         out.push(self.cfg.vocab_size);
@@ -353,6 +368,9 @@ impl Llama {
             Some(name) => Some(self.adapters.get(name).ok_or_else(|| ModelError::UnknownAdapter(name.to_string()))?),
         };
         let geo = self.geometry(cache, &new_mask)?;
+        let work = self.cfg.pass_flops(b, t, cache.len);
+        let tracked = opts.track_grad && adapter.is_some();
+        self.flops.add(work.forward(), tracked.then(|| work.backward()));
 
         let mut x = self.w.embed.embedding(&input_ids.flatten_all()?)?; // [B*T, H]
         for (li, blk) in self.w.blocks.iter().enumerate() {
