@@ -31,6 +31,7 @@ use crate::etpo::batch::{accumulate_grads, hidden_rows, token_tensor};
 use crate::etpo::{checkpoint, math, AdamW, AdamWConfig, TrainError, Transition, UpdateMetrics, POLICY};
 use crate::lora::LoraConfig;
 use crate::model::Llama;
+use crate::ppo::{validate_clipped, ClippedPolicyKeys};
 
 const FORMAT: &str = "etpo-grpo-checkpoint/1";
 
@@ -89,30 +90,16 @@ impl GrpoConfig {
     /// Applies a spec's `training` block (`lr` and `grad_clip` set the policy's optimiser,
     /// `clip_eps` the ratio clip).
     pub fn apply_spec(&mut self, t: &envspec::TrainingOverrides) {
-        if let Some(lr) = t.lr {
-            self.policy_optim.lr = lr;
+        ClippedPolicyKeys {
+            policy_optim: &mut self.policy_optim,
+            beta: &mut self.beta,
+            gamma: &mut self.gamma,
+            epochs: &mut self.epochs,
+            clip: &mut self.clip,
+            lora_rank: &mut self.lora_rank,
+            lora_alpha: &mut self.lora_alpha,
         }
-        if let Some(clip) = t.grad_clip {
-            self.policy_optim.max_grad_norm = Some(clip);
-        }
-        if let Some(v) = t.beta {
-            self.beta = v;
-        }
-        if let Some(v) = t.gamma {
-            self.gamma = v;
-        }
-        if let Some(v) = t.epochs {
-            self.epochs = v;
-        }
-        if let Some(v) = t.clip_eps {
-            self.clip = v;
-        }
-        if let Some(v) = t.lora_rank {
-            self.lora_rank = v;
-        }
-        if let Some(v) = t.lora_alpha {
-            self.lora_alpha = v;
-        }
+        .apply(t);
     }
 
     /// Sets one hyper-parameter from a CLI `KEY=VALUE` override.
@@ -125,15 +112,7 @@ impl GrpoConfig {
 
     /// Check ranges; the message names the offending key.
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.beta >= 0.0 && self.beta.is_finite()) {
-            return Err(format!("beta must be a non-negative number, got {}", self.beta));
-        }
-        if !(0.0..=1.0).contains(&self.gamma) {
-            return Err(format!("gamma must be in [0, 1], got {}", self.gamma));
-        }
-        if !(self.clip > 0.0 && self.clip < 1.0) {
-            return Err(format!("clip must be in (0, 1), got {}", self.clip));
-        }
+        validate_clipped(self.beta, self.gamma, self.clip)?;
         if self.epochs == 0 || self.micro_batch == 0 || self.lora_rank == 0 || self.group_size == 0 {
             return Err("epochs, micro_batch, lora_rank and group_size must be at least 1".into());
         }

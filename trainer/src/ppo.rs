@@ -87,30 +87,16 @@ impl PpoConfig {
     /// Applies a spec's `training` block (`lr` and `grad_clip` set the policy's optimiser,
     /// `clip_eps` the ratio clip).
     pub fn apply_spec(&mut self, t: &envspec::TrainingOverrides) {
-        if let Some(lr) = t.lr {
-            self.policy_optim.lr = lr;
+        ClippedPolicyKeys {
+            policy_optim: &mut self.policy_optim,
+            beta: &mut self.beta,
+            gamma: &mut self.gamma,
+            epochs: &mut self.epochs,
+            clip: &mut self.clip,
+            lora_rank: &mut self.lora_rank,
+            lora_alpha: &mut self.lora_alpha,
         }
-        if let Some(clip) = t.grad_clip {
-            self.policy_optim.max_grad_norm = Some(clip);
-        }
-        if let Some(v) = t.beta {
-            self.beta = v;
-        }
-        if let Some(v) = t.gamma {
-            self.gamma = v;
-        }
-        if let Some(v) = t.epochs {
-            self.epochs = v;
-        }
-        if let Some(v) = t.clip_eps {
-            self.clip = v;
-        }
-        if let Some(v) = t.lora_rank {
-            self.lora_rank = v;
-        }
-        if let Some(v) = t.lora_alpha {
-            self.lora_alpha = v;
-        }
+        .apply(t);
     }
 
     /// Sets one hyper-parameter from a CLI `KEY=VALUE` override (see
@@ -124,23 +110,66 @@ impl PpoConfig {
 
     /// Check ranges; the message names the offending key.
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.beta >= 0.0 && self.beta.is_finite()) {
-            return Err(format!("beta must be a non-negative number, got {}", self.beta));
-        }
-        if !(0.0..=1.0).contains(&self.gamma) {
-            return Err(format!("gamma must be in [0, 1], got {}", self.gamma));
-        }
+        validate_clipped(self.beta, self.gamma, self.clip)?;
         if !(0.0..=1.0).contains(&self.gae_lambda) {
             return Err(format!("gae_lambda must be in [0, 1], got {}", self.gae_lambda));
-        }
-        if !(self.clip > 0.0 && self.clip < 1.0) {
-            return Err(format!("clip must be in (0, 1), got {}", self.clip));
         }
         if self.epochs == 0 || self.micro_batch == 0 || self.lora_rank == 0 {
             return Err("epochs, micro_batch and lora_rank must be at least 1".into());
         }
         Ok(())
     }
+}
+
+/// The `training` keys that PPO-KL and GRPO share, pointing at either's fields.
+pub(crate) struct ClippedPolicyKeys<'a> {
+    pub policy_optim: &'a mut AdamWConfig,
+    pub beta: &'a mut f64,
+    pub gamma: &'a mut f64,
+    pub epochs: &'a mut usize,
+    pub clip: &'a mut f64,
+    pub lora_rank: &'a mut usize,
+    pub lora_alpha: &'a mut f64,
+}
+
+impl ClippedPolicyKeys<'_> {
+    /// Applies a spec's `training` block: `lr` and `grad_clip` set the policy's optimiser,
+    /// `clip_eps` the ratio clip, the others their namesakes.
+    pub(crate) fn apply(self, t: &envspec::TrainingOverrides) {
+        let set = |slot: &mut f64, v: Option<f64>| {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        };
+        set(&mut self.policy_optim.lr, t.lr);
+        if let Some(clip) = t.grad_clip {
+            self.policy_optim.max_grad_norm = Some(clip);
+        }
+        set(self.beta, t.beta);
+        set(self.gamma, t.gamma);
+        set(self.clip, t.clip_eps);
+        set(self.lora_alpha, t.lora_alpha);
+        if let Some(v) = t.epochs {
+            *self.epochs = v;
+        }
+        if let Some(v) = t.lora_rank {
+            *self.lora_rank = v;
+        }
+    }
+}
+
+/// The ranges PPO-KL and GRPO share; the message names the offending key.
+pub(crate) fn validate_clipped(beta: f64, gamma: f64, clip: f64) -> Result<(), String> {
+    if !(beta >= 0.0 && beta.is_finite()) {
+        return Err(format!("beta must be a non-negative number, got {beta}"));
+    }
+    if !(0.0..=1.0).contains(&gamma) {
+        return Err(format!("gamma must be in [0, 1], got {gamma}"));
+    }
+    if !(clip > 0.0 && clip < 1.0) {
+        return Err(format!("clip must be in (0, 1), got {clip}"));
+    }
+    Ok(())
 }
 
 /// Generalised advantage estimates `A_t = δ_t + γλ·A_{t+1}` of the transitions of `batch`, from
@@ -457,6 +486,41 @@ impl PpoTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spec_training_block_reaches_ppo_and_grpo_alike() {
+        let t = envspec::TrainingOverrides {
+            lr: Some(5e-4),
+            grad_clip: Some(0.5),
+            beta: Some(0.2),
+            gamma: Some(0.9),
+            epochs: Some(3),
+            clip_eps: Some(0.1),
+            lora_rank: Some(4),
+            lora_alpha: Some(8.0),
+            polyak: Some(0.7), // ETPO's: ignored here
+            ..Default::default()
+        };
+        let mut ppo = PpoConfig::default();
+        ppo.apply_spec(&t);
+        let mut grpo = crate::grpo::GrpoConfig::default();
+        grpo.apply_spec(&t);
+        let read = |o: &AdamWConfig, beta, gamma, epochs, clip, rank, alpha| {
+            (o.lr, o.max_grad_norm, beta, gamma, epochs, clip, rank, alpha)
+        };
+        let want = (5e-4, Some(0.5), 0.2, 0.9, 3, 0.1, 4, 8.0);
+        let p = &ppo;
+        assert_eq!(read(&p.policy_optim, p.beta, p.gamma, p.epochs, p.clip, p.lora_rank, p.lora_alpha), want);
+        let g = &grpo;
+        assert_eq!(read(&g.policy_optim, g.beta, g.gamma, g.epochs, g.clip, g.lora_rank, g.lora_alpha), want);
+        // The value head's optimiser is PPO's own: the block's `lr` is the policy's.
+        assert_eq!(ppo.value_optim, PpoConfig::default().value_optim);
+        assert_eq!(ppo.validate(), Ok(()));
+        ppo.clip = 1.0;
+        assert_eq!(ppo.validate(), Err("clip must be in (0, 1), got 1".into()));
+        grpo.gamma = 1.5;
+        assert_eq!(grpo.validate(), Err("gamma must be in [0, 1], got 1.5".into()));
+    }
 
     fn step(state: u32, next: Option<u32>) -> Transition {
         Transition { state: vec![state], action: vec![1], reward: 0.0, next_state: next.map(|s| vec![s]), group: None }
