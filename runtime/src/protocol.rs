@@ -94,22 +94,7 @@ pub(crate) fn write_request(to: &impl AsRawFd, req: &Request, deadline: Instant)
     let fd = to.as_raw_fd();
     let mut done = 0;
     while done < req.bytes.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ReadError::Deadline);
-        }
-        let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
-        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(ReadError::Io(e));
-        }
-        if r == 0 {
+        if !ready(fd, libc::POLLOUT, deadline)? {
             continue;
         }
         let rest = &req.bytes[done..];
@@ -169,25 +154,29 @@ pub(crate) fn read_frame(fd: &impl AsRawFd, deadline: Instant) -> Result<(serde_
     Ok((header, payload))
 }
 
+/// Waits until `fd` is ready for `events` (`POLLIN` or `POLLOUT`) or `deadline` passes:
+/// `Ok(true)` when ready, `Ok(false)` when the wait was cut short (a signal) and should be
+/// tried again, `Err(Deadline)` once the deadline has passed.
+fn ready(fd: RawFd, events: libc::c_short, deadline: Instant) -> Result<bool, ReadError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(ReadError::Deadline);
+    }
+    let mut pfd = libc::pollfd { fd, events, revents: 0 };
+    let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(ReadError::Io(e)) };
+    }
+    Ok(r > 0)
+}
+
 fn read_exact(fd: RawFd, buf: &mut [u8], deadline: Instant) -> Result<(), ReadError> {
     let mut got = 0;
     while got < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ReadError::Deadline);
-        }
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(ReadError::Io(e));
-        }
-        if r == 0 {
+        if !ready(fd, libc::POLLIN, deadline)? {
             continue;
         }
         // SAFETY: writes at most buf.len() - got bytes into the unfilled tail of buf.
