@@ -189,12 +189,13 @@ impl EtpoConfig {
     }
 
     /// One learning rate for all three optimisers, keeping the defaults' ratios: the policy's
-    /// is `lr`, the Q adapter's `lr/3`, the value head's `10·lr/3` (the head must outpace the
-    /// adapters: README, "ETPO").
+    /// is `lr`, the Q adapter's `lr/3`, the value head's `lr` (3× the Q adapter's: the head
+    /// must outpace the adapter, and at 10× it overshot its targets on Balance Scale; README,
+    /// "ETPO").
     pub fn set_lr(&mut self, lr: f64) {
         self.policy_optim.lr = lr;
         self.q_optim.lr = lr / 3.0;
-        self.value_head_optim.lr = 10.0 * lr / 3.0;
+        self.value_head_optim.lr = lr;
     }
 
     /// The trust region of the update made after `updates_done` others: `policy_max_kl` at the
@@ -363,7 +364,7 @@ mod tests {
         assert_eq!((c.beta, c.gamma, c.polyak), (0.1, 0.99, 0.5));
         assert_eq!((c.q_epochs, c.policy_epochs, c.replay_capacity, c.replay_sample), (4, 2, 256, 32));
         assert_eq!(c.policy_optim.lr, 2e-3);
-        assert!((c.q_optim.lr - 2e-3 / 3.0).abs() < 1e-15 && (c.value_head_optim.lr - 2e-2 / 3.0).abs() < 1e-15);
+        assert!((c.q_optim.lr - 2e-3 / 3.0).abs() < 1e-15 && (c.value_head_optim.lr - 2e-3).abs() < 1e-15);
         assert_eq!(c.q_readout, QReadout::Dueling);
         assert_eq!(c.policy_max_kl, Some(0.02));
         assert_eq!((c.trace_lambda, c.conservative), (1.0, 0.3));
@@ -472,6 +473,6 @@ mod override_tests {
         let mut c = EtpoConfig::default();
         c.apply_spec(&t);
         assert_eq!((c.policy_optim.lr, c.beta, c.polyak, c.gamma), (1e-3, 0.1, 0.9, 0.99));
-        assert!((c.q_optim.lr - 1e-3 / 3.0).abs() < 1e-15 && (c.value_head_optim.lr - 1e-2 / 3.0).abs() < 1e-15);
+        assert!((c.q_optim.lr - 1e-3 / 3.0).abs() < 1e-15 && (c.value_head_optim.lr - 1e-3).abs() < 1e-15);
     }
 }

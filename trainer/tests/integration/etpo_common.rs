@@ -37,7 +37,7 @@ pub fn tiny_etpo_config() -> EtpoConfig {
     let lr = |lr: f64| AdamWConfig { lr, ..Default::default() };
     EtpoConfig {
         q_optim: lr(3e-3),
-        value_head_optim: lr(3e-2),
+        value_head_optim: lr(1e-2),
         policy_optim: lr(1e-2),
         lora_rank: 4,
         lora_alpha: 8.0,
