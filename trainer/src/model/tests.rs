@@ -402,3 +402,35 @@ fn inconsistent_weights_are_rejected() {
     cfg.num_key_value_heads = 3;
     assert!(cfg.validate().is_err());
 }
+
+#[test]
+fn the_model_counts_the_work_of_each_pass_and_of_the_backward_passes_it_tracks() {
+    let mut m = tiny(3);
+    let c = m.config().clone();
+    let (b, t) = (2, 5);
+    let ids = Tensor::from_vec([seq(t, 1), seq(t, 9)].concat(), (b, t), &Device::Cpu).unwrap();
+    let pass = c.pass_flops(b, t, 0);
+    let head = c.head_flops(b * t);
+
+    // The frozen base: nothing to differentiate, no backward work.
+    let before = m.flops();
+    m.forward(&ids, None, None).unwrap();
+    assert_eq!(m.flops() - before, Flops { forward: pass.forward() + head, backward: 0.0 });
+
+    // An adapter tracked for training: its backward pass is counted too, the head's included.
+    m.add_adapter_seeded("pi", &LoraConfig::default(), 1).unwrap();
+    let before = m.flops();
+    m.forward(&ids, None, Some("pi")).unwrap();
+    let want = Flops { forward: pass.forward() + head, backward: pass.backward() + head };
+    assert_eq!(m.flops() - before, want);
+
+    // A cached step: three new tokens after the five, one row.
+    let mut cache = KvCache::new(&m, 1);
+    let opts = ForwardOptions::default();
+    let first = Tensor::from_vec(seq(t, 1), (1, t), &Device::Cpu).unwrap();
+    m.forward_step(&first, None, &mut cache, &opts).unwrap();
+    let before = m.flops();
+    let next = Tensor::from_vec(seq(3, 20), (1, 3), &Device::Cpu).unwrap();
+    m.forward_step(&next, None, &mut cache, &opts).unwrap();
+    assert_eq!(m.flops() - before, Flops { forward: c.pass_flops(1, 3, t).forward(), backward: 0.0 });
+}
