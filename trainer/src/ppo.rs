@@ -136,25 +136,19 @@ impl ClippedPolicyKeys<'_> {
     /// Applies a spec's `training` block: `lr` and `grad_clip` set the policy's optimiser,
     /// `clip_eps` the ratio clip, the others their namesakes.
     pub(crate) fn apply(self, t: &envspec::TrainingOverrides) {
-        let set = |slot: &mut f64, v: Option<f64>| {
+        fn set<T>(slot: &mut T, v: Option<T>) {
             if let Some(v) = v {
                 *slot = v;
             }
-        };
-        set(&mut self.policy_optim.lr, t.lr);
-        if let Some(clip) = t.grad_clip {
-            self.policy_optim.max_grad_norm = Some(clip);
         }
+        set(&mut self.policy_optim.lr, t.lr);
+        set(&mut self.policy_optim.max_grad_norm, t.grad_clip.map(Some));
         set(self.beta, t.beta);
         set(self.gamma, t.gamma);
         set(self.clip, t.clip_eps);
         set(self.lora_alpha, t.lora_alpha);
-        if let Some(v) = t.epochs {
-            *self.epochs = v;
-        }
-        if let Some(v) = t.lora_rank {
-            *self.lora_rank = v;
-        }
+        set(self.epochs, t.epochs);
+        set(self.lora_rank, t.lora_rank);
     }
 }
 
