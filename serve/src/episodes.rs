@@ -1,6 +1,7 @@
-//! The environment endpoints: `GET /specs`, `POST /reset`, `POST /step`, `POST /close`, and the
-//! idle sweep. An episode is one [`Env`] of a served [`runtime::env::Task`] behind a random id;
-//! its answers carry the same keys as the Python binding's `EtpoEnv.reset` / `EtpoEnv.step`.
+//! The environment endpoints: `GET /specs`, `POST /reset`, `POST /step`, `POST /close`,
+//! `POST /score_test`, and the idle sweep. An episode is one [`Env`] of a served
+//! [`runtime::env::Task`] behind a random id; its answers carry the same keys as the Python
+//! binding's `EtpoEnv.reset` / `EtpoEnv.step`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -255,6 +256,63 @@ pub(crate) async fn close(
         Some(_) => Ok(Json(json!({ "episode_id": req.episode_id, "closed": true }))),
         None => Err(ApiError::UnknownEpisode(req.episode_id)),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ScoreTestRequest {
+    spec: String,
+    #[serde(default)]
+    seed: Option<u64>,
+    action: String,
+}
+
+/// `POST /score_test {"spec", "seed"?, "action"}` → `{"spec", "split_seed", "test_score",
+/// "error", "ran", "wall_s", "cpu_s", "peak_rss_mb"}`: the held-out score of an action
+/// (`dataset.test_fraction`). The action is one a step's `info.action` gave (already cut by the
+/// spec's extraction); it is assembled with the spec's program and scored on the test part of
+/// the seed's split, as a local run scores the action of its best validation reward. The test
+/// labels stay here: the sandbox gets the test features, the answer only the score
+/// (`test_score` null and `error` set when the program failed). 400 for a game or a spec without
+/// a test part.
+pub(crate) async fn score_test(
+    AxumState(state): AxumState<Arc<State>>,
+    JsonBody(req): JsonBody<ScoreTestRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let task = state.task(&req.spec)?.clone();
+    let spec = task.spec();
+    if spec.kind.game().is_some() || spec.dataset.test_fraction <= 0.0 {
+        return Err(ApiError::BadRequest(format!(
+            "spec {:?} holds out no test part (it is a game, or its dataset.test_fraction is 0)",
+            spec.name
+        )));
+    }
+    let program = spec.assemble_program(&req.action).map_err(|e| {
+        ApiError::BadRequest(format!("the action cannot be assembled into spec {:?}'s program: {e}", spec.name))
+    })?;
+    let seed = req.seed.or_else(|| spec.dataset.seeds.first().copied()).unwrap_or(0);
+    let score = state
+        .blocking(move || {
+            let env = task.env(seed).map_err(env_error)?;
+            env.score_on_test(&program)
+                .map_err(env_error)?
+                .ok_or_else(|| ApiError::Internal(format!("split seed {seed} has no test rows")))
+        })
+        .await?;
+    let (test_score, error) = match &score.result {
+        Ok(auc) => (Some(*auc), String::new()),
+        Err(e) => (None, e.clone()),
+    };
+    Ok(Json(json!({
+        "spec": req.spec,
+        "split_seed": seed,
+        "test_score": test_score,
+        "error": error,
+        "ran": test_score.is_some(),
+        "wall_s": score.wall_s,
+        "cpu_s": score.cpu_s,
+        "peak_rss_mb": score.peak_rss_mb,
+    })))
 }
 
 /// An environment failure is the server's (500): actions never fail this way.

@@ -10,6 +10,7 @@
 //! | `POST /reset {"spec", "seed"?}` | opens an episode: `{"episode_id", "observation", "messages"?, "info"}` |
 //! | `POST /step {"episode_id", "action"}` | `{"observation", "messages"?, "reward", "terminated", "truncated", "info"}`, `info` as the Python binding's `EtpoEnv.step` |
 //! | `POST /close {"episode_id"}` | closes an episode |
+//! | `POST /score_test {"spec", "seed"?, "action"}` | the held-out test score of an action (`dataset.test_fraction`): `{"test_score", "error", "ran", ...}`; the test labels never leave the server |
 //! | `POST /run_code` | runs Python in the sandbox, SandboxFusion's request and response (see `run_code.rs`) |
 //! | `GET /metrics` | Prometheus text: requests by endpoint and status, latency histograms, open episodes, queue |
 //!
@@ -180,6 +181,7 @@ pub fn router(config: &Config, host: Arc<Host>, tasks: Vec<Arc<Task>>) -> Result
         .route("/reset", post(episodes::reset))
         .route("/step", post(episodes::step))
         .route("/close", post(episodes::close))
+        .route("/score_test", post(episodes::score_test))
         .route("/run_code", post(run_code::run_code))
         .route("/metrics", get(metrics::metrics))
         .fallback(api::no_route)

@@ -341,7 +341,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     // Summaries come from the log itself, so they are right also after an error or Ctrl-C.
     let records = read_steps(&steps_path)?;
     let stats = summary::stats_from_records(&names, &records);
-    let tests = experiment::held_out::score_best_on_test(&tasks, &records)?;
+    // The held-out score needs the sandbox (or a live server); when it fails the summaries are
+    // written without it, and the run's own error, if any, comes first.
+    let (tests, test_error) = match experiment::held_out::score_best_on_test(&tasks, &records) {
+        Ok(tests) => (tests, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
     write_summaries(&dir, &stats, &tests, config.algo.name())?;
     if args.resume.is_some() {
         manifest.resumed.push(ResumeEntry {
@@ -389,6 +394,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 );
             }
         }
+    }
+    if let Some(e) = test_error {
+        bail!(
+            "scoring the best actions on the held-out test part failed: {e}\n{} keeps every step; `etpo run --resume {}` \
+             scores them again",
+            dir.display(),
+            dir.display()
+        );
     }
     if outcome.interrupted {
         eprintln!("interrupted; continue with: etpo run --resume {}", dir.display());

@@ -93,8 +93,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         return Ok(0);
     }
 
+    let test_rows = match split.y_test.len() {
+        0 => String::new(),
+        n => format!(" ({n} more held out for the test score)"),
+    };
     println!(
-        "spec {} ({}): seed {seed}, {} training and {} validation rows, x_train shape {}, {} classes",
+        "spec {} ({}): seed {seed}, {} training and {} validation rows{test_rows}, x_train shape {}, {} classes",
         spec.name,
         args.spec.display(),
         ctx.n_train,

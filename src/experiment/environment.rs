@@ -30,9 +30,10 @@ pub trait Environments: Send + Sync {
     /// `runtime::env::TokenCounter`) in the environments made from now on; an error when these
     /// environments cannot.
     fn set_token_counter(&mut self, counter: TokenCounter) -> Result<(), ExperimentError>;
-    /// Scores an assembled program on the held-out test part of `seed`'s split
-    /// (`dataset.test_fraction`); `None` when the spec holds out no test part (or is a game).
-    fn score_on_test(&self, seed: u64, program: &str) -> Result<Option<Score>, ExperimentError>;
+    /// Scores an action (as a step's `info.action` gave it: already extracted) on the held-out
+    /// test part of `seed`'s split (`dataset.test_fraction`), assembled into the spec's program
+    /// as a step assembles it; `None` when the spec holds out no test part (or is a game).
+    fn score_on_test(&self, seed: u64, action: &str) -> Result<Option<Score>, ExperimentError>;
 }
 
 impl Environment for Env {
@@ -77,7 +78,11 @@ impl Environments for Task {
         Ok(())
     }
 
-    fn score_on_test(&self, seed: u64, program: &str) -> Result<Option<Score>, ExperimentError> {
-        Ok(Task::env(self, seed)?.score_on_test(program)?)
+    fn score_on_test(&self, seed: u64, action: &str) -> Result<Option<Score>, ExperimentError> {
+        let program = self
+            .spec()
+            .assemble_program(action)
+            .map_err(|e| ExperimentError::Internal(format!("{}: assembling the best action: {e}", self.spec().name)))?;
+        Ok(Task::env(self, seed)?.score_on_test(&program)?)
     }
 }

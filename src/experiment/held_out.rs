@@ -45,10 +45,7 @@ pub fn score_best_on_test(tasks: &[SpecRun], records: &[StepRecord]) -> Result<V
                 }
             }
             let Some(best) = best else { continue };
-            let program = task.spec.assemble_program(&best.action).map_err(|e| {
-                ExperimentError::Internal(format!("{}: assembling the best action: {e}", task.spec.name))
-            })?;
-            let Some(score) = task.envs.score_on_test(seed, &program)? else { continue };
+            let Some(score) = task.envs.score_on_test(seed, &best.action)? else { continue };
             out.push(TestScore {
                 spec: task.spec.name.clone(),
                 seed,

@@ -22,10 +22,11 @@
 //! its model's chat template, as for a local environment); a reward is parsed from its JSON text
 //! exactly (`RawValue`, then Rust's correctly rounded `f64` parser), so it is the server's `f64`.
 //!
-//! What the protocol cannot give is refused before a run starts ([`unsupported`]): the held-out
-//! test score (`dataset.test_fraction`), `prompt.max_tokens` counted in a model's tokens (a
-//! server measures states in bytes), and `--one-step` (it changes `max_steps`, which the servers'
-//! specs fix).
+//! The held-out test score (`dataset.test_fraction`) of a seed's best action is asked of a live
+//! server (`POST /score_test`), so that the test labels never leave it. What the protocol cannot
+//! give is refused before a run starts ([`unsupported`]): `prompt.max_tokens` counted in a
+//! model's tokens (a server measures states in bytes), and `--one-step` (it changes
+//! `max_steps`, which the servers' specs fix).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,12 +80,6 @@ pub enum RemoteError {
 /// `--one-step` changes the spec's `max_steps`.
 pub fn unsupported(spec: &Spec, counts_tokens: bool, one_step: bool) -> Option<String> {
     let name = &spec.name;
-    if spec.kind.game().is_none() && spec.dataset.test_fraction > 0.0 {
-        return Some(format!(
-            "{name}: the held-out test score (dataset.test_fraction) needs the local sandbox and the test labels, which \
-             etpo serve does not expose; run this spec without --remote, or set dataset.test_fraction to 0"
-        ));
-    }
     if counts_tokens {
         if let Some(max) = spec.prompt_max_tokens {
             return Some(format!(
@@ -320,6 +315,68 @@ impl Servers {
             let _ = self.request(i, "/close", Some(&json!({ "episode_id": id })));
         }
     }
+
+    /// The held-out test score of `action` (as a step's `info.action` gave it) on `seed`'s split
+    /// of `spec`, from the next live server. A server that fails is marked dead (or, while it
+    /// still answers `GET /health`, given a strike, dead after [`STRIKES`]) and the next is asked.
+    fn score_test(&self, spec: &str, seed: u64, action: &str) -> Result<Score, RemoteError> {
+        let body = json!({ "spec": spec, "seed": seed, "action": action });
+        let mut strikes = 0;
+        loop {
+            let i = self.live_from(self.assign())?;
+            let text = match self.request(i, "/score_test", Some(&body)) {
+                Ok(text) => text,
+                Err(CallError::Transport(why)) if self.answers(i) && strikes + 1 < STRIKES => {
+                    strikes += 1;
+                    eprintln!("warning: etpo server {}: /score_test failed ({why}); asking again", self.urls[i]);
+                    continue;
+                }
+                Err(CallError::Transport(why) | CallError::Failed(why)) => {
+                    self.mark_dead(i, &why);
+                    continue;
+                }
+                Err(CallError::Gone(message) | CallError::Refused(message)) => {
+                    let hint = if message.contains("no such endpoint") {
+                        " (this server predates /score_test: run the same etpo version as this client)"
+                    } else {
+                        ""
+                    };
+                    return Err(RemoteError::Refused {
+                        url: self.urls[i].clone(),
+                        message: format!("{message}{hint}"),
+                    });
+                }
+            };
+            let refused = |message: String| RemoteError::Refused { url: self.urls[i].clone(), message };
+            let reply: ScoreTestReply = serde_json::from_str(&text)
+                .map_err(|e| refused(format!("/score_test answered something unexpected ({e})")))?;
+            let result = match reply.test_score {
+                Some(raw) => Ok(raw.get().trim().parse::<f64>().map_err(|_| {
+                    refused(format!("/score_test answered the score {}, which is not a number", raw.get()))
+                })?),
+                None => Err(reply.error),
+            };
+            return Ok(Score {
+                result,
+                error_kind: None,
+                wall_s: reply.wall_s,
+                cpu_s: reply.cpu_s,
+                peak_rss_mb: reply.peak_rss_mb,
+                output: String::new(),
+            });
+        }
+    }
+}
+
+/// The answer of `POST /score_test`.
+#[derive(Deserialize)]
+struct ScoreTestReply {
+    /// Kept as its JSON text, parsed exactly; null when the program failed.
+    test_score: Option<Box<RawValue>>,
+    error: String,
+    wall_s: f64,
+    cpu_s: f64,
+    peak_rss_mb: f64,
 }
 
 /// The `error` of an error answer, else its text.
@@ -415,11 +472,13 @@ impl Environments for RemoteSpec {
         }
     }
 
-    fn score_on_test(&self, _seed: u64, _program: &str) -> Result<Option<Score>, ExperimentError> {
-        match unsupported(&self.spec, false, false) {
-            Some(why) => Err(RemoteError::Unsupported(why).into()),
-            None => Ok(None),
+    /// Asked of the next live server (`POST /score_test`), which holds the test labels; one
+    /// that fails is handled as during a step (dead, or a strike), and the next one is asked.
+    fn score_on_test(&self, seed: u64, action: &str) -> Result<Option<Score>, ExperimentError> {
+        if self.spec.kind.game().is_some() || self.spec.dataset.test_fraction <= 0.0 {
+            return Ok(None);
         }
+        Ok(Some(self.servers.score_test(&self.spec.name, seed, action)?))
     }
 }
 

@@ -132,7 +132,10 @@ fn show_uses_the_seed_and_a_given_action_and_error() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.contains(": seed 3, 62 training and 63 validation rows"), "{text}");
+    assert!(
+        text.contains(": seed 3, 62 training and 38 validation rows (25 more held out for the test score)"),
+        "{text}"
+    );
     assert!(text.contains("as extracted with `first_line` =====\n KNeighborsClassifier(n_neighbors=7)\n===== (no newline at the end) ====="), "{text}");
     assert!(
         text.contains("\n    model = KNeighborsClassifier(n_neighbors=7)\n    model.fit(x_train, y_train)\n"),
@@ -189,7 +192,7 @@ fn a_copied_and_modified_spec_works_without_rust_changes() {
     let out = etpo(dir.path(), &["show", "specs/people.yaml"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.starts_with("spec people (specs/people.yaml): seed 0, 20 training and 20 validation rows, x_train shape (20, 3), 2 classes\n"), "{text}");
+    assert!(text.starts_with("spec people (specs/people.yaml): seed 0, 20 training and 12 validation rows (8 more held out for the test score), x_train shape (20, 3), 2 classes\n"), "{text}");
     assert!(text.contains("# Classification with a People Dataset\n# x_train has shape (20, 3); features: height, weight, colour; 2 classes: "), "{text}");
 
     // A typo in the copy is caught with its position.

@@ -230,6 +230,14 @@ fn a_remote_run_logs_the_steps_of_the_local_run_and_refuses_another_spec_version
     assert_eq!(config["config"]["remote"], serde_json::json!([a.url, b.url]));
     let local: Value = serde_json::from_str(&std::fs::read_to_string(t.join("local/config.json")).unwrap()).unwrap();
     assert!(local["config"].get("remote").is_none(), "a local run records no servers");
+    // The shipped Balance Scale holds out a test part: the servers score each seed's best action
+    // on it (`POST /score_test`), exactly as the local sandbox does.
+    let test_csv = |run: &str| std::fs::read_to_string(t.join(run).join("test.csv")).unwrap();
+    assert_eq!(test_csv("remote"), test_csv("local"));
+    assert_eq!(test_csv("local").lines().count(), 3, "a header and one row per seed:\n{}", test_csv("local"));
+    let asked: u64 =
+        [&a, &b].iter().map(|s| s.metric("etpo_serve_requests_total{endpoint=\"/score_test\",status=\"200\"}")).sum();
+    assert_eq!(asked, 2, "one test score per seed");
 
     // A server with another version of a spec (one comment changed) is refused before anything
     // is written; so is one that does not serve a spec of the run.

@@ -76,6 +76,11 @@ fn shared() -> &'static (Arc<Host>, Vec<Arc<Task>>) {
     })
 }
 
+/// The shared loaded task of spec `name` (the one the test servers serve).
+pub fn task(name: &str) -> Arc<Task> {
+    shared().1.iter().find(|t| t.spec().name == name).cloned().unwrap_or_else(|| panic!("no test task {name}"))
+}
+
 /// A server running on its own thread and runtime; stopped when dropped.
 pub struct TestServer {
     pub addr: SocketAddr,

@@ -1,12 +1,12 @@
 //! Episodes over HTTP: the specs, a guess game played to its end with the game's rewards, a data
-//! spec's step in the sandbox, a chat spec's messages, and the episode's life cycle (over, closed,
-//! expired).
+//! spec's step in the sandbox and its held-out score, a chat spec's messages, and the episode's
+//! life cycle (over, closed, expired).
 
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::{config, TestServer};
+use crate::common::{self, config, TestServer};
 
 #[test]
 fn health_and_specs() {
@@ -192,6 +192,33 @@ fn a_data_spec_steps_in_the_sandbox() {
     assert_eq!(info["action"], " LogisticRegression(max_iter=500)");
     assert_eq!((info["ran"].as_bool(), info["step"].as_u64()), (Some(true), Some(2)));
     assert!(info["wall_s"].as_f64().unwrap() > 0.0 && info["cpu_s"].as_f64().unwrap() > 0.0, "{info}");
+}
+
+/// `/score_test` scores an action on the held-out rows of the shipped Balance Scale
+/// (`test_fraction: 0.2`) exactly as the local environment does; a failing action answers its
+/// error; a spec without a test part and a wrong body are refused.
+#[test]
+fn the_held_out_score_is_the_local_one() {
+    let s = TestServer::default_on_loopback();
+    let action = " LogisticRegression(C=0.5, max_iter=500)";
+    let r = s.post("/score_test", &json!({"spec": "balance_scale", "seed": 1, "action": action}));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = r.json();
+    let task = common::task("balance_scale");
+    let program = task.spec().assemble_program(action).unwrap();
+    let local = task.env(1).unwrap().score_on_test(&program).unwrap().expect("a test part");
+    assert_eq!(r["test_score"].as_f64(), Some(*local.result.as_ref().unwrap()), "{r}");
+    assert_eq!((r["ran"].as_bool(), r["split_seed"].as_u64(), r["error"].as_str()), (Some(true), Some(1), Some("")));
+
+    let bad = s.post("/score_test", &json!({"spec": "balance_scale", "seed": 1, "action": "NoSuchModel()"})).json();
+    assert_eq!((bad["test_score"].is_null(), bad["ran"].as_bool()), (true, Some(false)), "{bad}");
+    assert!(bad["error"].as_str().unwrap().contains("NoSuchModel"), "{bad}");
+
+    let game = s.post("/score_test", &json!({"spec": "guess", "action": "50"}));
+    assert_eq!(game.status, 400, "{}", game.text);
+    assert!(game.json()["error"].as_str().unwrap().contains("holds out no test part"), "{}", game.text);
+    assert_eq!(s.post("/score_test", &json!({"spec": "nope", "action": "x"})).status, 404);
+    assert_eq!(s.post("/score_test", &json!({"spec": "balance_scale", "program": "x"})).status, 400);
 }
 
 #[test]
