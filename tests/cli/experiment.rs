@@ -32,9 +32,9 @@ const ARGS: [&str; 15] = [
 #[test]
 fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
     let tmp = tempfile::tempdir().unwrap();
-    // With a held-out test part, so that the honest score is in the results too.
-    let text =
-        std::fs::read_to_string(balance_scale()).unwrap().replacen("dataset:\n", "dataset:\n  test_fraction: 0.2\n", 1);
+    // The shipped spec holds out a test part, so the honest score is in the results too.
+    let text = std::fs::read_to_string(balance_scale()).unwrap();
+    assert!(text.contains("\n  test_fraction: 0.2\n"), "{text}");
     std::fs::write(tmp.path().join("bs.yaml"), text).unwrap();
     crate::common::write_tiny_model(&tmp.path().join("tiny-model"));
     let mut args = ARGS.to_vec();
@@ -141,4 +141,65 @@ fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
         "unknown algorithm \"dpo\"; expected some of: etpo, ppo-kl, grpo, reflection, etpo-disc, etpo-1step"
     ));
     assert!(!tmp.path().join("bad").exists());
+}
+
+/// `etpo experiment` killed with SIGKILL while a run is in flight takes that run with it (no
+/// orphan keeps stepping or holds the run folder's lock), and the same command again resumes the
+/// run where its log ends: every step once.
+#[test]
+fn a_killed_experiment_leaves_no_run_behind_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(balance_scale(), tmp.path().join("bs.yaml")).unwrap();
+    crate::common::write_tiny_model(&tmp.path().join("tiny-model"));
+    let args = ["experiment", "bs.yaml", "--algos", "reflection", "--seeds", "0", "--steps", "200"]
+        .into_iter()
+        .chain(["--model", "tiny-model", "--workers", "1", "--out", "exp", "--no-progress"]);
+    let args: Vec<&str> = args.collect();
+    venv_python();
+    let mut child = Command::new(ETPO)
+        .args(&args)
+        .current_dir(tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = tmp.path().join("exp/runs/balance_scale/reflection/seed0");
+    let start = std::time::Instant::now();
+    let logged = |run: &Path| std::fs::read_to_string(run.join("steps.jsonl")).map_or(0, |t| t.lines().count());
+    while logged(&run) < 3 {
+        assert!(child.try_wait().unwrap().is_none(), "the experiment ended before its run logged 3 steps");
+        assert!(start.elapsed() < std::time::Duration::from_secs(120), "no steps logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let run_pid: i32 = std::fs::read_to_string(run.join(".lock")).unwrap().trim().parse().unwrap();
+    assert_ne!(run_pid as u32, child.id(), "the run is a process of its own");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The kernel ends the run as its parent dies; it was not done.
+    let dead = std::time::Instant::now();
+    while std::path::Path::new(&format!("/proc/{run_pid}")).exists() {
+        // A zombie waiting for init to reap it has stopped stepping too.
+        let stat = std::fs::read_to_string(format!("/proc/{run_pid}/stat")).unwrap_or_default();
+        if stat.split_whitespace().nth(2) == Some("Z") {
+            break;
+        }
+        assert!(dead.elapsed() < std::time::Duration::from_secs(10), "the run outlived its experiment");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let at_kill = logged(&run);
+    assert!(at_kill < 200, "the run was cut ({at_kill} steps)");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(logged(&run), at_kill, "nothing steps after the kill");
+
+    let out = etpo(&args, tmp.path());
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(": resuming after "),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = steps(&run);
+    let mut env_steps: Vec<u64> = records.iter().map(|r| r["env_step"].as_u64().unwrap()).collect();
+    env_steps.sort();
+    assert_eq!(env_steps, (1..=200).collect::<Vec<_>>(), "every step once");
 }

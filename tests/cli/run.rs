@@ -514,8 +514,8 @@ fn the_budget_and_sampling_come_from_the_spec_unless_given() {
 fn the_best_action_is_scored_once_on_the_held_out_test_part() {
     let tmp = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(balance_scale()).unwrap();
-    let with_test = text.replacen("dataset:\n", "dataset:\n  test_fraction: 0.25\n", 1);
-    assert_ne!(with_test, text, "the spec has a dataset section");
+    let with_test = text.replacen("  test_fraction: 0.2\n", "  test_fraction: 0.25\n", 1);
+    assert_ne!(with_test, text, "the shipped spec holds out a test part");
     let spec_path = tmp.path().join("bs.yaml");
     std::fs::write(&spec_path, with_test).unwrap();
     write_actions(&tmp.path().join("actions"), &["GaussianNB()", "LogisticRegression(max_iter=1000)", "Broken("]);

@@ -270,6 +270,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     for (i, (cell, &logged)) in cells.iter().zip(&logged_steps).enumerate() {
         let label = format!("[{}/{}] {} {} seed {}", i + 1, cells.len(), cell.name, cell.algo.name, cell.seed);
         let mut cmd = Command::new(&exe);
+        end_with_this_process(&mut cmd);
         if logged >= cell.steps as usize {
             progress.say(&format!("{label}: done ({logged} steps)"));
             continue;
@@ -503,6 +504,30 @@ fn report(out: &Path, names: &[(String, u32)], algos: &[Arm], seeds: &[u64], cel
     Ok(())
 }
 
+/// Makes the kernel kill a child started with `cmd` when this process dies, however it dies
+/// (`PR_SET_PDEATHSIG`): a killed experiment leaves no `etpo run` behind holding its folder's
+/// lock, and the same command resumes at once. SIGKILL is safe because a run folder survives a
+/// kill at any moment. (The signal follows the spawning thread: runs are spawned from the main
+/// thread, which lives as long as the experiment.)
+fn end_with_this_process(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: between fork and exec the closure only calls prctl and getppid, which are
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The experiment died before the signal was armed: do not start an orphan.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The paper's Table 3: `etpo perplexity FILES --adapter <run>/adapter` for every training run,
 /// appended to `results.md`, and `perplexity.csv`.
 fn table_3(args: &Grid, exe: &Path, cells: &[Cell]) -> anyhow::Result<()> {
@@ -517,6 +542,7 @@ fn table_3(args: &Grid, exe: &Path, cells: &[Cell]) -> anyhow::Result<()> {
             continue;
         }
         let mut cmd = Command::new(exe);
+        end_with_this_process(&mut cmd);
         cmd.arg("perplexity").args(&args.perplexity).arg("--adapter").arg(&adapter).arg("--json");
         cmd.args(["--device", &args.device]);
         if let Some(m) = &args.model {
