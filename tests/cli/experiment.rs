@@ -64,8 +64,12 @@ fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
         // The test score of the best action, as the run wrote it: the tiny model's noise never
         // runs, so there is no best action and no score (`run::` tests the score itself).
         match std::fs::read_to_string(dir.join("test.csv")) {
-            Ok(t) => assert_eq!(row[9], t.lines().nth(1).unwrap().split(',').nth(4).unwrap(), "{row:?}"),
-            Err(_) => assert_eq!(row[9], "", "no score without an action that ran: {row:?}"),
+            Ok(t) => {
+                let cols: Vec<&str> = t.lines().nth(1).unwrap().split(',').collect();
+                assert_eq!(row[9], cols[4], "{row:?}");
+                assert_eq!(row[10], cols[5], "the gap, best validation − test: {row:?}");
+            }
+            Err(_) => assert_eq!((row[9], row[10]), ("", ""), "no score without an action that ran: {row:?}"),
         }
         if algo == "grpo" {
             assert!(dir.join("metrics.jsonl").is_file(), "the GRPO run trained");
@@ -85,6 +89,7 @@ fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
     for fig in ["balance_scale_best_reward.png", "balance_scale_batch_reward.png"] {
         assert_eq!(&std::fs::read(exp.join(fig)).unwrap()[1..4], b"PNG", "{fig}");
     }
+    assert!(!exp.join("mean_best_reward.png").exists(), "one spec: nothing to average");
 
     // Again: finished runs are not touched; a missing one is run.
     let kept = exp.join("runs/balance_scale/reflection/seed0/steps.jsonl");
@@ -107,10 +112,15 @@ fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
 
     // An ablation of Appendix G is a column of its own: `etpo run --algo etpo` with its flag;
     // with --perplexity, Table 3 for the trained policy.
+    // Two specs: the figures averaged over them too.
     std::fs::write(tmp.path().join("text.txt"), "The quick brown fox jumps over the lazy dog. ".repeat(20)).unwrap();
+    let bs = std::fs::read_to_string(tmp.path().join("bs.yaml")).unwrap();
+    std::fs::write(tmp.path().join("bs2.yaml"), bs.replacen("name: balance_scale\n", "name: balance_scale_2\n", 1))
+        .unwrap();
     let out = etpo(
-        &["experiment", "bs.yaml", "--algos", "etpo-1step", "--seeds", "0", "--steps", "2", "--update-every", "2"]
+        &["experiment", "bs.yaml", "bs2.yaml", "--algos", "etpo-1step", "--seeds", "0", "--steps", "2"]
             .into_iter()
+            .chain(["--update-every", "2"])
             .chain(["--model", "tiny-model", "--workers", "1", "--out", "ablation", "--perplexity", "text.txt"])
             .collect::<Vec<_>>(),
         tmp.path(),
@@ -128,8 +138,13 @@ fn a_grid_of_runs_gives_table_2_and_figures_and_skips_finished_runs() {
     assert!(md.contains("## Table 3: perplexity of the base model and of each trained policy"), "{md}");
     let ppl = std::fs::read_to_string(tmp.path().join("ablation/perplexity.csv")).unwrap();
     let rows: Vec<Vec<&str>> = ppl.lines().skip(1).map(|l| l.split(',').collect()).collect();
-    assert_eq!(rows.len(), 1, "{ppl}");
+    assert_eq!(rows.len(), 2, "{ppl}");
     assert_eq!(&rows[0][..4], ["balance_scale", "etpo-1step", "0", "text.txt"]);
+    assert_eq!(&rows[1][..4], ["balance_scale_2", "etpo-1step", "0", "text.txt"]);
+    for fig in ["mean_best_reward.png", "mean_batch_reward.png"] {
+        assert_eq!(&std::fs::read(tmp.path().join("ablation").join(fig)).unwrap()[1..4], b"PNG", "{fig}");
+    }
+    assert!(md.contains("both averaged over the specs: `mean_best_reward.png`, `mean_batch_reward.png`"), "{md}");
     let (base, trained, ratio): (f64, f64, f64) =
         (rows[0][5].parse().unwrap(), rows[0][6].parse().unwrap(), rows[0][7].parse().unwrap());
     assert!(base > 1.0 && trained > 1.0 && (ratio - trained / base).abs() < 1e-3, "{ppl}");

@@ -33,7 +33,7 @@ struct Loaded {
 fn load(spec_path: &Path, seed: u64) -> Loaded {
     let spec = envspec::load(spec_path).unwrap_or_else(|e| panic!("{e}"));
     let dataset = envspec::data::load_for(&spec.dataset, spec.path.parent().unwrap()).unwrap();
-    let split = dataset.split(seed, spec.dataset.max_samples, spec.dataset.train_fraction);
+    let split = dataset.split_for(&spec.dataset, seed);
     Loaded { spec, split }
 }
 
@@ -765,7 +765,7 @@ fn mean_of_splits_averages_the_auc_over_the_documented_splits() {
     let aucs: Vec<f64> = seeds
         .iter()
         .map(|&s| {
-            let split = dataset.split(s, l.spec.dataset.max_samples, l.spec.dataset.train_fraction);
+            let split = dataset.split_for(&l.spec.dataset, s);
             sklearn_auc(&split, imports, "LogisticRegression(max_iter=1000)", "ovo")
         })
         .collect();

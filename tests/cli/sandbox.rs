@@ -115,7 +115,7 @@ def build_model(x_train, y_train):
 fn sklearn_reward() -> f64 {
     let spec = envspec::load(spec()).unwrap();
     let data = envspec::data::load_for(&spec.dataset, spec.path.parent().unwrap()).unwrap();
-    let split = data.split(0, spec.dataset.max_samples, spec.dataset.train_fraction);
+    let split = data.split_for(&spec.dataset, 0);
     let input = serde_json::json!({"x_train": split.x_train, "y_train": split.y_train, "x_val": split.x_val, "y_val": split.y_val});
     let script = "import json, sys\nimport numpy as np\nfrom sklearn.ensemble import RandomForestClassifier\n\
                   from sklearn.metrics import roc_auc_score\nd = json.load(sys.stdin)\n\
@@ -198,7 +198,8 @@ fn processes_left_behind_are_killed() {
     assert_eq!(report["ran"], true, "{report}");
     assert!(report["wall_s"].as_f64().unwrap() < 2.5, "{report}");
     let escape = "import os\nfrom sklearn.ensemble import RandomForestClassifier\ndef build_model(x_train, y_train):\n    if os.fork() == 0:\n        os.setsid()\n        if os.fork() == 0:\n            while True:\n                pass\n        os._exit(0)\n    return RandomForestClassifier(n_estimators=30, random_state=0).fit(x_train, y_train)\n";
-    assert_eq!(exec(escape)["ran"], true);
+    let report = exec(escape);
+    assert_eq!(report["ran"], true, "{report}");
     let kill_parent = "import os, signal\ndef build_model(x_train, y_train):\n    for pid in (os.getppid(), 1, -1):\n        try:\n            os.kill(pid, signal.SIGKILL)\n        except OSError:\n            pass\n    raise RuntimeError('still here')\n";
     assert!(failed(&exec(kill_parent)).1.ends_with("RuntimeError: still here"));
 }

@@ -380,7 +380,7 @@ fn cell_text(v: Option<(f64, Option<f64>)>) -> String {
 /// `results.csv`, `results.md` and the figures.
 fn report(out: &Path, names: &[(String, u32)], algos: &[Arm], seeds: &[u64], cells: &[Cell]) -> anyhow::Result<()> {
     let mut csv = String::from(
-        "spec,algo,seed,steps,best_reward,runnable_rate,mean_reward,first_quarter_reward,last_quarter_reward,test_of_best,run\n",
+        "spec,algo,seed,steps,best_reward,runnable_rate,mean_reward,first_quarter_reward,last_quarter_reward,test_of_best,test_gap,run\n",
     );
     let mut md = format!(
         "# etpo experiment\n\n`{}`\n\n## Table 2: best reward within k (mean ± std over seeds {})\n\nThe best reward is selected on the split that scores it, as in the paper: an optimistic score.\n\n| spec | k |",
@@ -398,11 +398,14 @@ fn report(out: &Path, names: &[(String, u32)], algos: &[Arm], seeds: &[u64], cel
         "---|".repeat(algos.len())
     );
     let mut held_out = format!(
-        "\n\n## Held-out test score of the best action (mean ± std over seeds)\n\nThe action of each run's best validation reward, scored once on the spec's test part (`dataset.test_fraction`).\n\n| spec |{}\n|---|{}",
+        "\n\n## Held-out test score of the best action (mean ± std over seeds)\n\nThe action of each run's best validation reward, scored once on the spec's test part (`dataset.test_fraction`), which no reward used; in brackets the mean gap, best validation reward − test score: how optimistic Table 2 is.\n\n| spec |{}\n|---|{}",
         algos.iter().map(|a| format!(" {} |", a.name)).collect::<String>(),
         "---|".repeat(algos.len())
     );
     let mut any_test = false;
+    // Per spec, for the averaged figures: each algorithm's Figure 3 curve and its runs' metrics.
+    let mut all_curves: Vec<Vec<(String, Vec<(u32, f64)>)>> = Vec::new();
+    let mut all_training: Vec<(String, Vec<MetricsRecord>)> = Vec::new();
     for (name, steps) in names {
         let mut best_row = Vec::new();
         let mut late_row = Vec::new();
@@ -414,10 +417,11 @@ fn report(out: &Path, names: &[(String, u32)], algos: &[Arm], seeds: &[u64], cel
             let stats = stats_of(&mine, name, seeds, *steps)?;
             let window = stats.window_len();
             let mut lates = Vec::new();
-            let mut tests = Vec::new();
+            let (mut tests, mut gaps) = (Vec::new(), Vec::new());
             for (cell, seed) in mine.iter().zip(&stats.seeds) {
-                let test = test_of_best(&cell.dir, seed.seed);
+                let (test, gap) = test_of_best(&cell.dir, seed.seed).unzip();
                 tests.extend(test);
+                gaps.extend(gap);
                 let first = seed_window(&stats, seed.seed, window, false);
                 let last = seed_window(&stats, seed.seed, window, true);
                 if let Some(l) = last {
@@ -425,7 +429,7 @@ fn report(out: &Path, names: &[(String, u32)], algos: &[Arm], seeds: &[u64], cel
                 }
                 let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
                 csv.push_str(&format!(
-                    "{name},{},{},{},{},{},{},{},{},{},{}\n",
+                    "{name},{},{},{},{},{},{},{},{},{},{},{}\n",
                     algo.name,
                     seed.seed,
                     seed.steps,
@@ -435,19 +439,22 @@ fn report(out: &Path, names: &[(String, u32)], algos: &[Arm], seeds: &[u64], cel
                     f(first),
                     f(last),
                     f(test),
+                    f(gap),
                     cell.dir.display()
                 ));
                 if algo.trains() {
                     let metrics = cell.dir.join(METRICS);
                     if metrics.is_file() {
-                        training.push((format!("{} seed {}", algo.name, seed.seed), read_metrics(&metrics)?));
+                        let records = read_metrics(&metrics)?;
+                        all_training.push((algo.name.to_string(), records.clone()));
+                        training.push((format!("{} seed {}", algo.name, seed.seed), records));
                     }
                 }
             }
             best_row.push(stats.best_mean_std());
             late_row.push(mean_std(&lates));
             any_test |= !tests.is_empty();
-            test_row.push(mean_std(&tests));
+            test_row.push(mean_std(&tests).map(|t| (t, mean_std(&gaps).map_or(f64::NAN, |g| g.0))));
             curves.push((
                 algo.name.to_string(),
                 (1..=*steps as usize).filter_map(|t| stats.mean_best_at(t).map(|v| (t as u32, v))).collect(),
@@ -468,15 +475,34 @@ fn report(out: &Path, names: &[(String, u32)], algos: &[Arm], seeds: &[u64], cel
         }
         held_out.push_str(&format!("\n| {name} |"));
         for v in &test_row {
-            held_out.push_str(&format!(" {} |", cell_text(*v)));
+            let text = match v {
+                Some((test, gap)) => format!("{} ({gap:+.4})", cell_text(Some(*test))),
+                None => cell_text(None),
+            };
+            held_out.push_str(&format!(" {text} |"));
         }
         let fig3 = out.join(format!("{name}_best_reward.png"));
         if let Err(e) = plot::curves_png(&fig3, &format!("{name}: best reward within k (mean over seeds)"), &curves) {
             eprintln!("warning: {e}");
         }
+        all_curves.push(curves);
         training.retain(|(_, m)| !m.is_empty());
         if !training.is_empty() {
             if let Err(e) = batch_reward_png(&out.join(format!("{name}_batch_reward.png")), &training) {
+                eprintln!("warning: {e}");
+            }
+        }
+    }
+    let averaged = names.len() > 1;
+    if averaged {
+        let fig3 = out.join("mean_best_reward.png");
+        let title = "best reward within k, mean over specs and seeds";
+        if let Err(e) = plot::curves_png(&fig3, title, &mean_curves(&all_curves)) {
+            eprintln!("warning: {e}");
+        }
+        let per_update = mean_batch_reward(&all_training);
+        if !per_update.is_empty() {
+            if let Err(e) = batch_reward_png(&out.join("mean_batch_reward.png"), &per_update) {
                 eprintln!("warning: {e}");
             }
         }
@@ -496,7 +522,11 @@ fn report(out: &Path, names: &[(String, u32)], algos: &[Arm], seeds: &[u64], cel
         );
         md.push_str(&table);
     }
-    md.push_str("\n\nFigures: `<spec>_best_reward.png` (Figure 3), `<spec>_batch_reward.png` (Figure 4); every run's folder is under `runs/`.\n");
+    md.push_str("\n\nFigures: `<spec>_best_reward.png` (Figure 3), `<spec>_batch_reward.png` (Figure 4)");
+    if averaged {
+        md.push_str(", and both averaged over the specs: `mean_best_reward.png`, `mean_batch_reward.png`");
+    }
+    md.push_str("; every run's folder is under `runs/`.\n");
     write_atomic(&out.join("results.csv"), csv.as_bytes())?;
     write_atomic(&out.join("results.md"), md.as_bytes())?;
     print!("{md}");
@@ -578,12 +608,61 @@ fn table_3(args: &Grid, exe: &Path, cells: &[Cell]) -> anyhow::Result<()> {
 }
 
 /// A run's `test.csv` score for `seed` (written when its spec holds out a test part).
-fn test_of_best(run: &Path, seed: u64) -> Option<f64> {
+fn test_of_best(run: &Path, seed: u64) -> Option<(f64, f64)> {
     let text = std::fs::read_to_string(run.join("test.csv")).ok()?;
     let seed = seed.to_string();
     let row =
         text.lines().skip(1).map(|l| l.split(',').collect::<Vec<_>>()).find(|c| c.get(1) == Some(&seed.as_str()))?;
-    row.get(4)?.parse().ok()
+    let (best_val, test): (f64, f64) = (row.get(3)?.parse().ok()?, row.get(4)?.parse().ok()?);
+    Some((test, best_val - test))
+}
+
+/// Figure 3 averaged over specs: per algorithm, the mean over specs of each spec's curve (itself
+/// a mean over seeds), at the steps every spec reached.
+fn mean_curves(per_spec: &[Vec<(String, Vec<(u32, f64)>)>]) -> Vec<(String, Vec<(u32, f64)>)> {
+    let Some(first) = per_spec.first() else { return Vec::new() };
+    first
+        .iter()
+        .map(|(algo, _)| {
+            let curves: Vec<&Vec<(u32, f64)>> =
+                per_spec.iter().filter_map(|spec| spec.iter().find(|(a, _)| a == algo).map(|(_, c)| c)).collect();
+            let points = curves[0]
+                .iter()
+                .filter_map(|&(t, _)| {
+                    let at: Vec<f64> = curves.iter().filter_map(|c| c.iter().find(|p| p.0 == t).map(|p| p.1)).collect();
+                    (at.len() == curves.len()).then(|| (t, at.iter().sum::<f64>() / at.len() as f64))
+                })
+                .collect();
+            (algo.clone(), points)
+        })
+        .collect()
+}
+
+/// Figure 4 averaged over specs and seeds: per training algorithm, the batch reward of update
+/// `i` averaged over the runs that made `i` updates (at the first such run's step count).
+fn mean_batch_reward(runs: &[(String, Vec<MetricsRecord>)]) -> Vec<(String, Vec<MetricsRecord>)> {
+    let mut algos: Vec<&str> = Vec::new();
+    for (algo, _) in runs {
+        if !algos.contains(&algo.as_str()) {
+            algos.push(algo);
+        }
+    }
+    algos
+        .into_iter()
+        .map(|algo| {
+            let mine: Vec<&Vec<MetricsRecord>> = runs.iter().filter(|(a, _)| a == algo).map(|(_, r)| r).collect();
+            let updates = mine.iter().map(|r| r.len()).max().unwrap_or(0);
+            let mean = (0..updates)
+                .map(|i| {
+                    let at: Vec<&MetricsRecord> = mine.iter().filter_map(|r| r.get(i)).collect();
+                    let mut m = at[0].clone();
+                    m.batch_reward = at.iter().map(|r| r.batch_reward).sum::<f64>() / at.len() as f64;
+                    m
+                })
+                .collect();
+            (algo.to_string(), mean)
+        })
+        .collect()
 }
 
 /// The mean reward of one seed's first or last `len` steps.
@@ -605,6 +684,34 @@ mod tests {
         <Cli as clap::Parser>::try_parse_from(std::iter::once("experiment").chain(cli.iter().copied()))
             .unwrap_or_else(|e| panic!("{e}"))
             .args
+    }
+
+    #[test]
+    fn figure_3_averaged_over_specs_keeps_the_steps_every_spec_reached() {
+        let c = |algo: &str, pts: &[(u32, f64)]| (algo.to_string(), pts.to_vec());
+        let per_spec = vec![
+            vec![c("etpo", &[(1, 0.5), (2, 0.7), (3, 0.9)]), c("grpo", &[(1, 0.1), (2, 0.3), (3, 0.3)])],
+            vec![c("etpo", &[(1, 0.7), (2, 0.9)]), c("grpo", &[(1, 0.3), (2, 0.5)])],
+        ];
+        assert_eq!(mean_curves(&per_spec), vec![c("etpo", &[(1, 0.6), (2, 0.8)]), c("grpo", &[(1, 0.2), (2, 0.4)])]);
+    }
+
+    #[test]
+    fn figure_4_averaged_over_runs_is_the_mean_batch_reward_of_each_update() {
+        let m = |update: u64, r: f64| -> MetricsRecord {
+            serde_json::from_value(serde_json::json!({"update": update, "env_steps": 8 * update, "q_loss": 0.0,
+                "policy_loss": 0.0, "kl": 0.0, "entropy": 0.0, "batch_reward": r, "time_s": 1.0}))
+            .unwrap()
+        };
+        let runs = vec![
+            ("etpo".to_string(), vec![m(1, -1.0), m(2, 0.5)]),
+            ("grpo".to_string(), vec![m(1, 0.25)]),
+            ("etpo".to_string(), vec![m(1, 0.0), m(2, 0.75), m(3, 1.0)]),
+        ];
+        let got = mean_batch_reward(&runs);
+        let rewards: Vec<(&str, Vec<(u64, f64)>)> =
+            got.iter().map(|(a, r)| (a.as_str(), r.iter().map(|m| (m.env_steps, m.batch_reward)).collect())).collect();
+        assert_eq!(rewards, vec![("etpo", vec![(8, -0.5), (16, 0.625), (24, 1.0)]), ("grpo", vec![(8, 0.25)])]);
     }
 
     #[test]
