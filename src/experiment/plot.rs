@@ -95,18 +95,17 @@ fn draw(path: &Path, stats: &[SpecStats]) -> Result<(), Box<dyn std::error::Erro
     Ok(())
 }
 
+/// One labelled line of [`curves_png`]: its `(environment step, value)` points.
+pub type Curve = (String, Vec<(u32, f64)>);
+
 /// One line per labelled curve of `(step, value)` points (the best reward against steps of
 /// several algorithms: `etpo experiment`'s Figure 3).
-pub fn curves_png(path: &Path, title: &str, curves: &[(String, Vec<(u32, f64)>)]) -> Result<(), ExperimentError> {
+pub fn curves_png(path: &Path, title: &str, curves: &[Curve]) -> Result<(), ExperimentError> {
     draw_curves(path, title, curves)
         .map_err(|e| ExperimentError::Plot { path: path.to_path_buf(), message: e.to_string() })
 }
 
-fn draw_curves(
-    path: &Path,
-    title: &str,
-    curves: &[(String, Vec<(u32, f64)>)],
-) -> Result<(), Box<dyn std::error::Error>> {
+fn draw_curves(path: &Path, title: &str, curves: &[Curve]) -> Result<(), Box<dyn std::error::Error>> {
     let root = BitMapBackend::new(path, (PANEL_W * 3 / 2, PANEL_H * 3 / 2)).into_drawing_area();
     root.fill(&WHITE)?;
     let k = curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.0)).max().unwrap_or(1).max(2);

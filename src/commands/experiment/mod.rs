@@ -404,13 +404,13 @@ fn report(out: &Path, names: &[(String, u32)], algos: &[Arm], seeds: &[u64], cel
     );
     let mut any_test = false;
     // Per spec, for the averaged figures: each algorithm's Figure 3 curve and its runs' metrics.
-    let mut all_curves: Vec<Vec<(String, Vec<(u32, f64)>)>> = Vec::new();
+    let mut all_curves: Vec<Vec<plot::Curve>> = Vec::new();
     let mut all_training: Vec<(String, Vec<MetricsRecord>)> = Vec::new();
     for (name, steps) in names {
         let mut best_row = Vec::new();
         let mut late_row = Vec::new();
         let mut test_row = Vec::new();
-        let mut curves: Vec<(String, Vec<(u32, f64)>)> = Vec::new();
+        let mut curves: Vec<plot::Curve> = Vec::new();
         let mut training: Vec<(String, Vec<MetricsRecord>)> = Vec::new();
         for &algo in algos {
             let mine: Vec<&Cell> = cells.iter().filter(|c| c.name == *name && c.algo == algo).collect();
@@ -619,7 +619,7 @@ fn test_of_best(run: &Path, seed: u64) -> Option<(f64, f64)> {
 
 /// Figure 3 averaged over specs: per algorithm, the mean over specs of each spec's curve (itself
 /// a mean over seeds), at the steps every spec reached.
-fn mean_curves(per_spec: &[Vec<(String, Vec<(u32, f64)>)>]) -> Vec<(String, Vec<(u32, f64)>)> {
+fn mean_curves(per_spec: &[Vec<plot::Curve>]) -> Vec<plot::Curve> {
     let Some(first) = per_spec.first() else { return Vec::new() };
     first
         .iter()
