@@ -343,10 +343,10 @@ fn cannot_read_host_secrets_home_repository_or_spec() {
     });
 }
 
-/// Looks for the validation labels (TARGET_LIST) everywhere a program could: the garbage
+/// Looks for the labels TARGET_LIST (validation or test) everywhere a program could: the garbage
 /// collector's objects, the frames up the stack, other processes' environment and command line,
 /// and the worker's memory.
-const LABEL_HUNT: &str = r#"
+pub(crate) const LABEL_HUNT: &str = r#"
 import gc, inspect, os, sys
 import numpy as np
 TARGET = [int(c) for c in "TARGET_LIST"]  # built at run time: no constant tuple to find
