@@ -57,8 +57,17 @@ class Task:
         self, seed: int, chat_template: str | None = None, bos_token: str = "", eos_token: str = ""
     ) -> Env: ...
 
+class TestScoreDict(TypedDict):
+    test_score: float | None
+    error: str
+    ran: bool
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+
 class Env:
     @property
     def seed(self) -> int: ...
     def reset(self) -> ObservationDict: ...
     def step(self, generation: str) -> StepDict: ...
+    def score_test(self, action: str) -> TestScoreDict: ...

@@ -171,6 +171,14 @@ class EtpoEnv(gymnasium.Env[str, str]):
             info[key] = out[key]
         return out["observation"], out["reward"], out["terminated"], out["truncated"], info
 
+    def score_test(self, action: str) -> dict[str, Any]:
+        """The held-out score of `action` (an `info["action"]` a step gave: already extracted) on
+        the test part of the current split (`dataset.test_fraction`), which no reward uses; score
+        the action of your best validation reward once, for an honest figure. Returns a dict:
+        test_score (None when the program failed), error, ran, wall_s, cpu_s, peak_rss_mb.
+        ValueError for a game or a spec without a test part."""
+        return dict(self._live().score_test(action))
+
     def render(self) -> None:
         """Nothing to render: the observation is the text."""
         return None

@@ -116,6 +116,13 @@ class RemoteEnv(gymnasium.Env[str, str]):
         self._done = terminated or truncated
         return answer["observation"], float(answer["reward"]), terminated, truncated, answer.get("info", {})
 
+    def score_test(self, action: str) -> dict[str, Any]:
+        """The held-out score of `action` (an `info["action"]` a step gave) on the test part of
+        the current split, computed by the server (`POST /score_test`), which keeps the test
+        labels; the same dict as `etpo.make(...).score_test`."""
+        answer = self._post("/score_test", {"spec": self.spec_name, "seed": self.task_seed, "action": action})
+        return {k: answer[k] for k in ("test_score", "error", "ran", "wall_s", "cpu_s", "peak_rss_mb")}
+
     def _close_episode(self) -> None:
         if self._episode is not None:
             episode, self._episode = self._episode, None

@@ -275,6 +275,42 @@ impl Env {
         out.set_item("peak_rss_mb", info.peak_rss_mb)?;
         Ok(out.unbind())
     }
+
+    /// The held-out score of an action (as a step's `action` gave it: already extracted) on the
+    /// test part of this seed's split (`dataset.test_fraction`), which no reward uses: the
+    /// program is assembled as a step assembles it and scored once, the sandbox getting the test
+    /// features and never a label. Returns a dict: test_score (None when the program failed),
+    /// error, ran, wall_s, cpu_s, peak_rss_mb. A ValueError for a game or a spec without a test
+    /// part.
+    fn score_test(&self, py: Python<'_>, action: &str) -> PyResult<Py<PyDict>> {
+        let score = py.detach(|| {
+            let env = self.lock();
+            let spec = env.spec().clone();
+            let program = spec
+                .assemble_program(action)
+                .map_err(|e| PyValueError::new_err(format!("the action cannot be assembled into the program: {e}")))?;
+            match env.score_on_test(&program) {
+                Ok(Some(score)) => Ok(score),
+                Ok(None) => Err(PyValueError::new_err(format!(
+                    "spec {:?} holds out no test part (it is a game, or its dataset.test_fraction is 0)",
+                    spec.name
+                ))),
+                Err(e) => Err(EnvError::new_err(e.to_string())),
+            }
+        })?;
+        let out = PyDict::new(py);
+        let (test_score, error) = match &score.result {
+            Ok(auc) => (Some(*auc), String::new()),
+            Err(e) => (None, e.clone()),
+        };
+        out.set_item("test_score", test_score)?;
+        out.set_item("error", error)?;
+        out.set_item("ran", test_score.is_some())?;
+        out.set_item("wall_s", score.wall_s)?;
+        out.set_item("cpu_s", score.cpu_s)?;
+        out.set_item("peak_rss_mb", score.peak_rss_mb)?;
+        Ok(out.unbind())
+    }
 }
 
 fn messages_list<'py>(py: Python<'py>, messages: &[ChatMessage]) -> PyResult<Bound<'py, PyList>> {

@@ -67,6 +67,25 @@ def test_a_data_task_steps_in_the_servers_sandbox(server):
     env.close()
 
 
+def test_the_held_out_score_is_the_local_one(server):
+    remote = etpo.remote.make(server, "balance_scale", seed=1)
+    local = etpo.make(str(ENVS / "balance_scale.yaml"), seed=1)
+    scores = {}
+    for action in [" LogisticRegression(max_iter=500)", " NotAClassifier()"]:
+        r, l = remote.score_test(action), local.score_test(action)
+        assert (r["test_score"], r["error"], r["ran"]) == (l["test_score"], l["error"], l["ran"]), (r, l)
+        scores[action] = r
+    good, bad = scores[" LogisticRegression(max_iter=500)"], scores[" NotAClassifier()"]
+    assert good["ran"] and 0.5 < good["test_score"] <= 1.0, good
+    assert not bad["ran"] and bad["test_score"] is None and "NameError" in bad["error"], bad
+    with pytest.raises(etpo.remote.RemoteError, match="holds out no test part"):
+        etpo.remote.make(server, "guess").score_test("50")
+    with pytest.raises(ValueError, match="holds out no test part"):
+        etpo.make(str(ENVS / "games" / "guess.yaml")).score_test("50")
+    remote.close()
+    local.close()
+
+
 def test_errors_name_the_server_and_what_it_serves(server):
     with pytest.raises(etpo.remote.RemoteError, match="does not serve 'nope'; it serves: balance_scale, guess"):
         etpo.remote.make(server, "nope")
