@@ -285,15 +285,11 @@ impl Env {
     fn score_test(&self, py: Python<'_>, action: &str) -> PyResult<Py<PyDict>> {
         let score = py.detach(|| {
             let env = self.lock();
-            let spec = env.spec().clone();
-            let program = spec
-                .assemble_program(action)
-                .map_err(|e| PyValueError::new_err(format!("the action cannot be assembled into the program: {e}")))?;
-            match env.score_on_test(&program) {
+            match env.score_action_on_test(action) {
                 Ok(Some(score)) => Ok(score),
                 Ok(None) => Err(PyValueError::new_err(format!(
                     "spec {:?} holds out no test part (it is a game, or its dataset.test_fraction is 0)",
-                    spec.name
+                    env.spec().name
                 ))),
                 Err(e) => Err(EnvError::new_err(e.to_string())),
             }

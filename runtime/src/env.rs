@@ -542,6 +542,14 @@ impl Env {
             _ => Ok(None),
         }
     }
+
+    /// [`Env::score_on_test`] of an action as a step's `info.action` gives it (already cut out by
+    /// the spec's extraction), assembled into the program as a step assembles it: how a seed's
+    /// best action gets its honest score.
+    pub fn score_action_on_test(&self, action: &str) -> Result<Option<Score>, EnvError> {
+        let program = self.spec.assemble_program(action).map_err(|e| spec_err(&self.spec, e))?;
+        self.score_on_test(&program)
+    }
 }
 
 /// Which held-out rows a program is scored on.

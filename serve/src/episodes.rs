@@ -287,14 +287,12 @@ pub(crate) async fn score_test(
             spec.name
         )));
     }
-    let program = spec.assemble_program(&req.action).map_err(|e| {
-        ApiError::BadRequest(format!("the action cannot be assembled into spec {:?}'s program: {e}", spec.name))
-    })?;
     let seed = req.seed.or_else(|| spec.dataset.seeds.first().copied()).unwrap_or(0);
+    let action = req.action;
     let score = state
         .blocking(move || {
             let env = task.env(seed).map_err(env_error)?;
-            env.score_on_test(&program)
+            env.score_action_on_test(&action)
                 .map_err(env_error)?
                 .ok_or_else(|| ApiError::Internal(format!("split seed {seed} has no test rows")))
         })

@@ -79,10 +79,6 @@ impl Environments for Task {
     }
 
     fn score_on_test(&self, seed: u64, action: &str) -> Result<Option<Score>, ExperimentError> {
-        let program = self
-            .spec()
-            .assemble_program(action)
-            .map_err(|e| ExperimentError::Internal(format!("{}: assembling the best action: {e}", self.spec().name)))?;
-        Ok(Task::env(self, seed)?.score_on_test(&program)?)
+        Ok(Task::env(self, seed)?.score_action_on_test(action)?)
     }
 }
