@@ -269,12 +269,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let progress = progress::Progress::new(total, done, no_progress);
     for (i, (cell, &logged)) in cells.iter().zip(&logged_steps).enumerate() {
         let label = format!("[{}/{}] {} {} seed {}", i + 1, cells.len(), cell.name, cell.algo.name, cell.seed);
-        let mut cmd = Command::new(&exe);
-        end_with_this_process(&mut cmd);
         if logged >= cell.steps as usize {
             progress.say(&format!("{label}: done ({logged} steps)"));
             continue;
-        } else if cell.dir.join("config.json").is_file() {
+        }
+        let mut cmd = Command::new(&exe);
+        end_with_this_process(&mut cmd);
+        if cell.dir.join("config.json").is_file() {
             progress.say(&format!("{label}: resuming after {logged} steps"));
             cmd.args(["run", "--resume"]).arg(&cell.dir).args(["--device", &args.device]);
             cmd.args(args.generation_weights.iter().flat_map(|w| ["--generation-weights", w]));
@@ -607,14 +608,14 @@ fn table_3(args: &Grid, exe: &Path, cells: &[Cell]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A run's `test.csv` score for `seed` (written when its spec holds out a test part).
+/// A run's `test.csv` test score of `seed`'s best action and its gap (best validation reward −
+/// test score), written when its spec holds out a test part.
 fn test_of_best(run: &Path, seed: u64) -> Option<(f64, f64)> {
     let text = std::fs::read_to_string(run.join("test.csv")).ok()?;
     let seed = seed.to_string();
     let row =
         text.lines().skip(1).map(|l| l.split(',').collect::<Vec<_>>()).find(|c| c.get(1) == Some(&seed.as_str()))?;
-    let (best_val, test): (f64, f64) = (row.get(3)?.parse().ok()?, row.get(4)?.parse().ok()?);
-    Some((test, best_val - test))
+    Some((row.get(4)?.parse().ok()?, row.get(5)?.parse().ok()?))
 }
 
 /// Figure 3 averaged over specs: per algorithm, the mean over specs of each spec's curve (itself
