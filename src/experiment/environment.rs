@@ -33,7 +33,7 @@ pub trait Environments: Send + Sync {
     /// Scores an action (as a step's `info.action` gave it: already extracted) on the held-out
     /// test part of `seed`'s split (`dataset.test_fraction`), assembled into the spec's program
     /// as a step assembles it; `None` when the spec holds out no test part (or is a game).
-    fn score_on_test(&self, seed: u64, action: &str) -> Result<Option<Score>, ExperimentError>;
+    fn score_action_on_test(&self, seed: u64, action: &str) -> Result<Option<Score>, ExperimentError>;
 }
 
 impl Environment for Env {
@@ -78,7 +78,7 @@ impl Environments for Task {
         Ok(())
     }
 
-    fn score_on_test(&self, seed: u64, action: &str) -> Result<Option<Score>, ExperimentError> {
+    fn score_action_on_test(&self, seed: u64, action: &str) -> Result<Option<Score>, ExperimentError> {
         Ok(Task::env(self, seed)?.score_action_on_test(action)?)
     }
 }

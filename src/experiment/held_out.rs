@@ -45,7 +45,7 @@ pub fn score_best_on_test(tasks: &[SpecRun], records: &[StepRecord]) -> Result<V
                 }
             }
             let Some(best) = best else { continue };
-            let Some(score) = task.envs.score_on_test(seed, &best.action)? else { continue };
+            let Some(score) = task.envs.score_action_on_test(seed, &best.action)? else { continue };
             out.push(TestScore {
                 spec: task.spec.name.clone(),
                 seed,
