@@ -503,6 +503,12 @@ impl Spec {
         action::extract(generation, self.action.extract, &self.action.stop)
     }
 
+    /// Whether the spec holds out a test part (`dataset.test_fraction` above 0) on which a
+    /// run's best action gets its honest score; a game has none.
+    pub fn holds_out_a_test_part(&self) -> bool {
+        self.kind.game().is_none() && self.dataset.test_fraction > 0.0
+    }
+
     /// The program to execute for `action`: the assembly template with `{{ action }}` dedented and
     /// its continuation lines indented like the placeholder's line (so a function body lands in
     /// the function), and `{{ raw_action }}` exactly as given.
@@ -580,6 +586,17 @@ mod tests {
     fn shipped(name: &str) -> Spec {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../envs").join(name);
         crate::load(&path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_shipped_data_specs_hold_out_a_test_part_and_the_papers_and_games_do_not() {
+        for name in ["balance_scale.yaml", "breast_w.yaml", "diabetes.yaml", "tic_tac_toe.yaml"] {
+            assert!(shipped(name).holds_out_a_test_part(), "{name}");
+        }
+        assert!(!shipped("paper/balance_scale.yaml").holds_out_a_test_part());
+        let mut game = shipped("games/guess.yaml");
+        game.dataset.test_fraction = 0.2;
+        assert!(!game.holds_out_a_test_part(), "a game has no rows to hold out");
     }
 
     fn first_split(spec: &Spec) -> data::Split {

@@ -281,7 +281,7 @@ pub(crate) async fn score_test(
 ) -> Result<Json<Value>, ApiError> {
     let task = state.task(&req.spec)?.clone();
     let spec = task.spec();
-    if spec.kind.game().is_some() || spec.dataset.test_fraction <= 0.0 {
+    if !spec.holds_out_a_test_part() {
         return Err(ApiError::BadRequest(format!(
             "spec {:?} holds out no test part (it is a game, or its dataset.test_fraction is 0)",
             spec.name

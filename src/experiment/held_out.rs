@@ -34,7 +34,7 @@ impl TestScore {
 pub fn score_best_on_test(tasks: &[SpecRun], records: &[StepRecord]) -> Result<Vec<TestScore>, ExperimentError> {
     let mut out = Vec::new();
     for task in tasks {
-        if task.spec.kind.game().is_some() || task.spec.dataset.test_fraction <= 0.0 {
+        if !task.spec.holds_out_a_test_part() {
             continue;
         }
         for &seed in &task.seeds {

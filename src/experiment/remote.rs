@@ -475,7 +475,7 @@ impl Environments for RemoteSpec {
     /// Asked of the next live server (`POST /score_test`), which holds the test labels; one
     /// that fails is handled as during a step (dead, or a strike), and the next one is asked.
     fn score_action_on_test(&self, seed: u64, action: &str) -> Result<Option<Score>, ExperimentError> {
-        if self.spec.kind.game().is_some() || self.spec.dataset.test_fraction <= 0.0 {
+        if !self.spec.holds_out_a_test_part() {
             return Ok(None);
         }
         Ok(Some(self.servers.score_test(&self.spec.name, seed, action)?))
