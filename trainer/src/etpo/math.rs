@@ -234,6 +234,38 @@ pub fn policy_target_logp(q: &Tensor, ref_logp: &Tensor, readout: QReadout, beta
     }
 }
 
+/// Eq. 7's target read straight from the Q-network's logits (a constant), equal to
+/// [`policy_target_logp`] of the Q-values they give: `softmax(logits/β)` for [`QReadout::Logits`],
+/// and π_Q's own distribution, `softmax(logits)`, for [`QReadout::Dueling`] (there
+/// `Q/β + log ρ = log π_Q + V_ψ/β`, and the value head's constant cancels in the normalisation).
+/// The update uses this form so that it needs neither ρ's distribution nor the value head here.
+pub fn policy_target_from_q_logits(q_logits: &Tensor, readout: QReadout, beta: f64) -> Result<Tensor> {
+    let logits = q_logits.detach().to_dtype(DType::F32)?;
+    match readout {
+        QReadout::Logits => log_softmax(&(logits / beta)?),
+        QReadout::Dueling => log_softmax(&logits),
+    }
+}
+
+/// Under [`QReadout::Dueling`], `Q(c, w)` of the taken tokens only,
+/// `V_ψ(c) + β·(log π_Q(w|c) − log ρ(w|c))`, from the two log-probabilities of each taken token
+/// (`[N]` each) and the value head's `[N]` values: [`taken_values`] of [`q_values`] without ρ's
+/// full distribution, which the update keeps only at the taken tokens.
+pub fn dueling_taken_values(
+    q_logp_taken: &Tensor,
+    ref_logp_taken: &Tensor,
+    value: &Tensor,
+    beta: f64,
+) -> Result<Tensor> {
+    ((q_logp_taken - ref_logp_taken.detach())? * beta)? + value.to_dtype(DType::F32)?
+}
+
+/// Under [`QReadout::Dueling`], the [`conservative_term`] is `V_ψ(c) − Q(c, w_taken)`: the soft
+/// value of a context under ρ is the head's value exactly.
+pub fn dueling_conservative_term(value: &Tensor, q_taken: &Tensor) -> Result<Tensor> {
+    value.to_dtype(DType::F32)? - q_taken
+}
+
 /// Eq. 7's target with the prior `ρ^τ·π_k^(1−τ)` in place of ρ, π_k the policy before the
 /// update and τ = `reference_weight`: `log_softmax(target + (1−τ)·(log π_k − log ρ))`, the
 /// target of [`policy_target_logp`] (`∝ ρ·exp(Q/β)`) times `(π_k/ρ)^(1−τ)`. So the target is
@@ -458,6 +490,45 @@ mod tests {
         let c = conservative_term(&q, &taken, &ref_logp, beta).unwrap().to_vec1::<f32>().unwrap();
         let want = -beta * (0.6f64 / 0.25).ln();
         assert!(close(c[0] as f64, want, 1e-5), "{c:?} vs {want}");
+    }
+
+    #[test]
+    fn the_dueling_shortcuts_equal_the_full_distribution_forms() {
+        // Q-network logits, ρ, V and the taken tokens of two rows; β = 0.3. Each shortcut the
+        // update takes must equal the definition over the full vocabulary.
+        let ql = t(&[&[1.0, -0.5, 2.0, 0.1], &[0.0, 3.0, -1.0, 0.5]]);
+        let rl = log_softmax(&t(&[&[0.2, 0.0, -0.3, 1.0], &[-2.0, 0.4, 0.0, 0.3]])).unwrap();
+        let value = Tensor::new(&[0.7f32, -1.2], &Device::Cpu).unwrap();
+        let tokens = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
+        let beta = 0.3;
+        let q = q_values(&ql, Some(&value), &rl, QReadout::Dueling, beta).unwrap();
+        let taken = taken_values(&q, &tokens).unwrap();
+        let short = dueling_taken_values(
+            &taken_values(&log_softmax(&ql).unwrap(), &tokens).unwrap(),
+            &taken_values(&rl, &tokens).unwrap(),
+            &value,
+            beta,
+        )
+        .unwrap();
+        for (a, b) in v1(&taken).iter().zip(v1(&short)) {
+            assert!(close(*a as f64, b as f64, 1e-6), "taken {a} vs {b}");
+        }
+        let full = v1(&conservative_term(&q, &taken, &rl, beta).unwrap());
+        for (a, b) in full.iter().zip(v1(&dueling_conservative_term(&value, &taken).unwrap())) {
+            assert!(close(*a as f64, b as f64, 1e-5), "conservative {a} vs {b}");
+        }
+        for readout in [QReadout::Dueling, QReadout::Logits] {
+            let q = q_values(&ql, Some(&value), &rl, readout, beta).unwrap();
+            let want = policy_target_logp(&q, &rl, readout, beta).unwrap().to_vec2::<f32>().unwrap();
+            let got = policy_target_from_q_logits(&ql, readout, beta).unwrap().to_vec2::<f32>().unwrap();
+            for (a, b) in want.iter().flatten().zip(got.iter().flatten()) {
+                assert!(close(*a as f64, *b as f64, 1e-5), "{readout:?} target {a} vs {b}");
+            }
+        }
+        // By hand, the first row's taken token: 0.7 + 0.3·(log π_Q(2) − log ρ(2)).
+        let lse = |x: &[f64]| x.iter().map(|v| v.exp()).sum::<f64>().ln();
+        let want = 0.7 + beta * ((2.0 - lse(&[1.0, -0.5, 2.0, 0.1])) - (-0.3 - lse(&[0.2, 0.0, -0.3, 1.0])));
+        assert!(close(v1(&short)[0] as f64, want, 1e-6), "{} vs {want}", v1(&short)[0]);
     }
 
     #[test]

@@ -201,6 +201,15 @@ impl EtpoTrainer {
     ///
     /// `batch_reward`, `transitions` and `action_tokens` of the metrics describe `batch`; the
     /// losses are over the whole mini-batch.
+    ///
+    /// Memory: no `[action tokens × vocabulary]` tensor outlives its micro-batch, so the peak
+    /// grows with the mini-batch's tokens times the model's width, not times its vocabulary
+    /// (`trainer/tests/update_memory.rs`). Of ρ only the log-probabilities of the tokens taken
+    /// are kept between phases; Eq. 7's target is read from the Q-network again in each policy
+    /// epoch, and π's distributions before the step (the trust region's anchor, the prior of a
+    /// mixed target) from a copy of its adapter weights. That costs forward passes a kept
+    /// distribution would not: with the defaults, one of Q per policy epoch after the first and
+    /// one of π per trust-region check. `policy_uses_pre_step_q` keeps the targets instead.
     pub fn update(&mut self, model: &Llama, batch: &[Transition]) -> Result<UpdateMetrics, TrainError> {
         validate_batch(batch)?;
         let fresh = batch;
@@ -215,9 +224,10 @@ impl EtpoTrainer {
         // ---- Targets (Eq. 6): soft values of every action context and of the next states.
         let start = Instant::now();
         let phase = compute_targets(model, batch, &spans, &cfg, self.q_target_net())?;
-        let (targets, ref_logp, policy_logp) = (phase.targets, phase.ref_logp, phase.policy_logp);
+        let (targets, ref_logp_taken) = (phase.targets, phase.ref_logp_taken);
         m.kl = phase.kl_sum / total_tokens as f64;
         m.entropy = phase.entropy_sum / total_tokens as f64;
+        m.reference_entropy = Some(phase.reference_entropy_sum / total_tokens as f64);
         m.q_target_mean = targets.iter().map(|&x| x as f64).sum::<f64>() / total_tokens as f64;
         m.start_value_mean = phase.start_value_mean;
         m.beta = Some(cfg.beta);
@@ -229,22 +239,24 @@ impl EtpoTrainer {
         let start = Instant::now();
         let q_vars: Vec<_> = self.q_opt.vars().iter().chain(self.head_opt.vars()).cloned().collect();
         let n_adapter = self.q_opt.vars().len();
-        let mut pre_step_q: Vec<Tensor> = Vec::new();
+        // Eq. 7's targets read before the last Q step (`policy_uses_pre_step_q`): the one case
+        // where [rows × vocabulary] tensors outlive their micro-batch.
+        let mut pre_step_targets: Vec<Tensor> = Vec::new();
         for epoch in 0..cfg.q_epochs {
             let mut grads: Vec<Option<Tensor>> = vec![None; q_vars.len()];
             let (mut row0, mut q_taken_sum, mut loss_sum) = (0usize, 0f64, 0f64);
+            let keep_target = cfg.policy_uses_pre_step_q && epoch + 1 == cfg.q_epochs;
             for (ci, chunk) in spans.chunks(mb).enumerate() {
                 let rows: usize = chunk.iter().map(|s| s.len).sum();
                 let tokens = token_tensor(model, chunk_actions(&batch[ci * mb..ci * mb + chunk.len()]))?;
                 let tg = Tensor::from_slice(&targets[row0..row0 + rows], rows, model.device())?;
-                let (loss, q, taken) = q_loss_chunk(model, chunk, &tokens, &tg, &ref_logp[ci], &cfg, self.q_net())?;
-                let loss = (loss * (rows as f64 / total_tokens as f64))?;
+                let q_step =
+                    q_loss_chunk(model, chunk, &tokens, &tg, &ref_logp_taken[ci], &cfg, self.q_net(), keep_target)?;
+                let loss = (q_step.loss * (rows as f64 / total_tokens as f64))?;
                 loss_sum += loss.to_scalar::<f32>()? as f64;
-                q_taken_sum += taken.sum_all()?.to_scalar::<f32>()? as f64;
+                q_taken_sum += q_step.taken.sum_all()?.to_scalar::<f32>()? as f64;
                 accumulate_grads(&mut grads, &q_vars, &loss.backward()?)?;
-                if cfg.policy_uses_pre_step_q && epoch + 1 == cfg.q_epochs {
-                    pre_step_q.push(q.detach());
-                }
+                pre_step_targets.extend(q_step.policy_target);
                 row0 += rows;
             }
             let norm = self.q_opt.step(&grads[..n_adapter])?;
@@ -261,42 +273,37 @@ impl EtpoTrainer {
 
         // ---- Policy steps (Eq. 7): φ ← φ − α ∇ mean KL(π ‖ target(Q_θ)).
         let start = Instant::now();
-        // Eq. 7's target, once per update: every policy epoch regresses on the same one.
-        let mut policy_targets: Vec<Tensor> = Vec::new();
-        let (mut target_entropy_sum, mut q_entropy_sum, mut reference_entropy_sum) = (0f64, 0f64, 0f64);
-        for (ci, chunk) in spans.chunks(mb).enumerate() {
-            reference_entropy_sum += math::entropy_rows(&ref_logp[ci])?.sum_all()?.to_scalar::<f32>()? as f64;
-            let q = match pre_step_q.get(ci) {
-                Some(q) => q.clone(),
-                None => q_rows(model, chunk, self.q_net(), false, &ref_logp[ci], &cfg)?,
-            };
-            let eq7 = math::policy_target_logp(&q, &ref_logp[ci], cfg.q_readout, cfg.beta)?;
-            let eq7_entropy = math::entropy_rows(&eq7)?.sum_all()?.to_scalar::<f32>()? as f64;
-            q_entropy_sum += eq7_entropy;
-            let target = if cfg.reference_weight < 1.0 {
-                let mixed = math::prior_mixed_target_logp(&eq7, &ref_logp[ci], &policy_logp[ci], cfg.reference_weight)?;
-                target_entropy_sum += math::entropy_rows(&mixed)?.sum_all()?.to_scalar::<f32>()? as f64;
-                mixed
-            } else {
-                target_entropy_sum += eq7_entropy;
-                eq7
-            };
-            policy_targets.push(target);
-        }
-        m.target_entropy = Some(target_entropy_sum / total_tokens as f64);
-        m.q_entropy = Some(q_entropy_sum / total_tokens as f64);
-        m.reference_entropy = Some(reference_entropy_sum / total_tokens as f64);
         let pi_vars = self.pi_opt.vars().to_vec();
         let max_kl = cfg.policy_max_kl;
-        let pi_before = match max_kl {
-            Some(_) => pi_vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?,
-            None => Vec::new(),
+        // π_k, the policy before the step: the prior of a mixed target and the trust region's
+        // anchor. Its log-probabilities are recomputed from these weights where needed.
+        let pi_before = match max_kl.is_some() || cfg.reference_weight < 1.0 {
+            true => pi_vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?,
+            false => Vec::new(),
         };
         for epoch in 0..cfg.policy_epochs {
             let mut grads: Vec<Option<Tensor>> = vec![None; pi_vars.len()];
             let mut loss_sum = 0f64;
+            let (mut target_entropy_sum, mut q_entropy_sum) = (0f64, 0f64);
             for (ci, chunk) in spans.chunks(mb).enumerate() {
-                let loss = (policy_loss_chunk(model, chunk, &policy_targets[ci], &cfg)? / total_tokens as f64)?;
+                // The Q-network does not move during the policy steps: every epoch regresses on
+                // the same target, recomputed rather than kept.
+                let eq7 = match pre_step_targets.get(ci) {
+                    Some(t) => t.clone(),
+                    None => q_policy_target(model, chunk, &cfg)?,
+                };
+                let target = if cfg.reference_weight < 1.0 {
+                    let ref_logp = reference_logp(model, chunk, &cfg)?;
+                    let previous = with_weights(&pi_vars, &pi_before, || policy_logp(model, chunk, &cfg))?;
+                    math::prior_mixed_target_logp(&eq7, &ref_logp, &previous, cfg.reference_weight)?
+                } else {
+                    eq7.clone()
+                };
+                if epoch == 0 {
+                    q_entropy_sum += math::entropy_rows(&eq7)?.sum_all()?.to_scalar::<f32>()? as f64;
+                    target_entropy_sum += math::entropy_rows(&target)?.sum_all()?.to_scalar::<f32>()? as f64;
+                }
+                let loss = (policy_loss_chunk(model, chunk, &target, &cfg)? / total_tokens as f64)?;
                 loss_sum += loss.to_scalar::<f32>()? as f64;
                 accumulate_grads(&mut grads, &pi_vars, &loss.backward()?)?;
             }
@@ -304,10 +311,12 @@ impl EtpoTrainer {
             if epoch == 0 {
                 m.policy_loss = loss_sum;
                 m.policy_grad_norm = norm;
+                m.target_entropy = Some(target_entropy_sum / total_tokens as f64);
+                m.q_entropy = Some(q_entropy_sum / total_tokens as f64);
             }
         }
         if let Some(max_kl) = max_kl {
-            let (kl, scale) = trust_region(model, &spans, &policy_logp, &pi_vars, &pi_before, max_kl, &cfg)?;
+            let (kl, scale) = trust_region(model, &spans, &pi_vars, &pi_before, max_kl, &cfg)?;
             m.policy_step_kl = Some(kl / total_tokens as f64);
             m.policy_step_scale = Some(scale);
             m.policy_step_max_kl = Some(max_kl);
@@ -524,48 +533,123 @@ pub(crate) fn validate_batch(batch: &[Transition]) -> Result<(), TrainError> {
 }
 
 /// Q-values `[rows, V]` at the rows of `spans` from one Q-network, per the configured read-out
-/// (detached unless `track_grad`).
+/// (detached).
 fn q_rows(
     model: &Llama,
     spans: &[RowSpan],
     net: QNet<'_>,
-    track_grad: bool,
     ref_logp: &Tensor,
     cfg: &EtpoConfig,
 ) -> Result<Tensor, TrainError> {
-    let hidden = hidden_rows(model, spans, Some(net.adapter), track_grad, cfg.share_prefixes)?;
+    let hidden = hidden_rows(model, spans, Some(net.adapter), false, cfg.share_prefixes)?;
     let logits = model.logits(&hidden)?;
     let value = match cfg.q_readout {
         math::QReadout::Dueling => Some(net.head.values(&hidden)?),
         math::QReadout::Logits => None,
     };
-    let q = math::q_values(&logits, value.as_ref(), ref_logp, cfg.q_readout, cfg.beta)?;
-    Ok(if track_grad { q } else { q.detach() })
+    Ok(math::q_values(&logits, value.as_ref(), ref_logp, cfg.q_readout, cfg.beta)?.detach())
 }
 
-/// The Q loss of one micro-batch (mean over its rows; gradients reach the Q-network only),
-/// with the Q-values at the rows and those of the taken tokens.
+/// What one micro-batch's pass of the Q-network gives the Q step.
+struct QStep {
+    /// The Q loss, mean over the rows (gradients reach the Q-network only).
+    loss: Tensor,
+    /// `Q(c, w)` of the tokens taken, `[rows]`.
+    taken: Tensor,
+    /// Eq. 7's target read from the same pass, when asked for (`policy_uses_pre_step_q`).
+    policy_target: Option<Tensor>,
+}
+
+/// The Q loss of one micro-batch, with the Q-values of the taken tokens and, when
+/// `keep_target`, Eq. 7's policy target from the same pass.
+///
+/// Under the dueling read-out the loss needs ρ only at the taken tokens (`ref_logp_taken`,
+/// kept from the target phase). The logits read-out and the `q_reference_kl` term need ρ's
+/// full distribution: it is recomputed here (one forward pass of the base model) rather than
+/// kept through the update.
+#[allow(clippy::too_many_arguments)]
 fn q_loss_chunk(
     model: &Llama,
     spans: &[RowSpan],
     tokens: &Tensor,
     targets: &Tensor,
-    ref_logp: &Tensor,
+    ref_logp_taken: &Tensor,
     cfg: &EtpoConfig,
     net: QNet<'_>,
-) -> Result<(Tensor, Tensor, Tensor), TrainError> {
-    let q = q_rows(model, spans, net, true, ref_logp, cfg)?;
-    let taken = math::taken_values(&q, tokens)?;
+    keep_target: bool,
+) -> Result<QStep, TrainError> {
+    let hidden = hidden_rows(model, spans, Some(net.adapter), true, cfg.share_prefixes)?;
+    let logits = model.logits(&hidden)?;
+    let needs_full_reference = cfg.q_readout == math::QReadout::Logits || cfg.q_reference_kl > 0.0;
+    let (taken, conservative, reference_kl) = if needs_full_reference {
+        let ref_logp = reference_logp(model, spans, cfg)?;
+        let value = match cfg.q_readout {
+            math::QReadout::Dueling => Some(net.head.values(&hidden)?),
+            math::QReadout::Logits => None,
+        };
+        let q = math::q_values(&logits, value.as_ref(), &ref_logp, cfg.q_readout, cfg.beta)?;
+        let taken = math::taken_values(&q, tokens)?;
+        let conservative = math::conservative_term(&q, &taken, &ref_logp, cfg.beta)?;
+        let reference_kl = match cfg.q_reference_kl > 0.0 {
+            true => Some(math::q_reference_kl(&q, &ref_logp, cfg.beta)?),
+            false => None,
+        };
+        (taken, conservative, reference_kl)
+    } else {
+        let value = net.head.values(&hidden)?;
+        let q_logp_taken = math::taken_values(&math::log_softmax(&logits)?, tokens)?;
+        let taken = math::dueling_taken_values(&q_logp_taken, ref_logp_taken, &value, cfg.beta)?;
+        (taken.clone(), math::dueling_conservative_term(&value, &taken)?, None)
+    };
     let mut loss = math::q_loss(&taken, targets, cfg.huber_delta)?;
     if cfg.conservative > 0.0 {
-        let term = math::conservative_term(&q, &taken, ref_logp, cfg.beta)?.mean_all()?;
-        loss = (loss + (term * cfg.conservative)?)?;
+        loss = (loss + (conservative.mean_all()? * cfg.conservative)?)?;
     }
-    if cfg.q_reference_kl > 0.0 {
-        let term = math::q_reference_kl(&q, ref_logp, cfg.beta)?.mean_all()?;
-        loss = (loss + (term * cfg.q_reference_kl)?)?;
+    if let Some(term) = reference_kl {
+        loss = (loss + (term.mean_all()? * cfg.q_reference_kl)?)?;
     }
-    Ok((loss, q, taken))
+    let policy_target = match keep_target {
+        true => Some(math::policy_target_from_q_logits(&logits, cfg.q_readout, cfg.beta)?),
+        false => None,
+    };
+    Ok(QStep { loss, taken, policy_target })
+}
+
+/// Eq. 7's policy target at the rows of one micro-batch, from the Q-network as it is now (a
+/// constant; see [`math::policy_target_from_q_logits`]).
+fn q_policy_target(model: &Llama, spans: &[RowSpan], cfg: &EtpoConfig) -> Result<Tensor, TrainError> {
+    let logits = logit_rows(model, spans, Some(Q), false, cfg.share_prefixes)?;
+    Ok(math::policy_target_from_q_logits(&logits, cfg.q_readout, cfg.beta)?)
+}
+
+/// ρ's log-probabilities at the rows of one micro-batch (the base model, no adapter; detached).
+fn reference_logp(model: &Llama, spans: &[RowSpan], cfg: &EtpoConfig) -> Result<Tensor, TrainError> {
+    Ok(math::log_softmax(&logit_rows(model, spans, None, false, cfg.share_prefixes)?)?)
+}
+
+/// π's log-probabilities at the rows of one micro-batch, with the policy adapter as it is
+/// (detached).
+fn policy_logp(model: &Llama, spans: &[RowSpan], cfg: &EtpoConfig) -> Result<Tensor, TrainError> {
+    Ok(math::log_softmax(&logit_rows(model, spans, Some(POLICY), false, cfg.share_prefixes)?)?)
+}
+
+/// Runs `f` with the adapter variables `vars` set to `weights`, then gives them back the values
+/// they had. How π before the policy step is read again without keeping its distributions:
+/// adapter weights are small, [rows × vocabulary] tensors are not.
+fn with_weights<T>(
+    vars: &[candle_core::Var],
+    weights: &[Tensor],
+    f: impl FnOnce() -> Result<T, TrainError>,
+) -> Result<T, TrainError> {
+    let current: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+    for (v, w) in vars.iter().zip(weights) {
+        v.set(w)?;
+    }
+    let out = f();
+    for (v, w) in vars.iter().zip(&current) {
+        v.set(w)?;
+    }
+    out
 }
 
 /// The summed per-token policy loss (Eq. 7) of one micro-batch against `target_logp`
@@ -586,13 +670,13 @@ fn policy_loss_chunk(
 struct TargetPhase {
     /// Per-token targets of every action, in batch order.
     targets: Vec<f32>,
-    /// ρ's log-probabilities at the action rows, per micro-batch (detached).
-    ref_logp: Vec<Tensor>,
-    /// π's, before the update, likewise.
-    policy_logp: Vec<Tensor>,
-    /// Sums over action rows of KL(π‖ρ) and of π's entropy.
+    /// ρ's log-probability of each token taken, `[rows]` per micro-batch (detached): all the
+    /// Q loss needs of ρ under the dueling read-out.
+    ref_logp_taken: Vec<Tensor>,
+    /// Sums over action rows of KL(π‖ρ), of π's entropy and of ρ's.
     kl_sum: f64,
     entropy_sum: f64,
+    reference_entropy_sum: f64,
     /// Mean soft value `V(s)` (Eq. 6 bracket, target network) of the batch's states.
     start_value_mean: f64,
     /// Mean over action rows of `Q̄(c, w) − β·log E_ρ[exp(Q̄(c,·)/β)]` for the token taken
@@ -611,9 +695,9 @@ fn compute_targets(
 ) -> Result<TargetPhase, TrainError> {
     let mb = cfg.micro_batch;
     let total_tokens: usize = batch.iter().map(|t| t.action.len()).sum();
-    let (mut ref_logp, mut policy_logp): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
+    let mut ref_logp_taken: Vec<Tensor> = Vec::new();
     let mut row_values: Vec<f64> = Vec::with_capacity(total_tokens);
-    let (mut kl_sum, mut entropy_sum) = (0f64, 0f64);
+    let (mut kl_sum, mut entropy_sum, mut reference_entropy_sum) = (0f64, 0f64, 0f64);
     let (mut taken_q, mut taken_prob): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
     let mut log_ratio_sum = 0f64;
     for (ci, chunk) in spans.chunks(mb).enumerate() {
@@ -624,10 +708,10 @@ fn compute_targets(
         taken_q.extend(taken.q);
         taken_prob.extend(taken.prob);
         log_ratio_sum += taken.log_ratio_sum;
+        ref_logp_taken.push(taken.ref_logp);
         kl_sum += rows.kl_sum;
         entropy_sum += rows.entropy_sum;
-        ref_logp.push(rows.ref_logp);
-        policy_logp.push(rows.policy_logp);
+        reference_entropy_sum += rows.reference_entropy_sum;
     }
     // V(s) of each batch state is the value of its first action row; next states that are not
     // batch states get their own forward passes.
@@ -668,19 +752,25 @@ fn compute_targets(
         offset += n;
     }
     let taken_log_ratio_mean = log_ratio_sum / total_tokens as f64;
-    Ok(TargetPhase { targets, ref_logp, policy_logp, kl_sum, entropy_sum, start_value_mean, taken_log_ratio_mean })
+    Ok(TargetPhase {
+        targets,
+        ref_logp_taken,
+        kl_sum,
+        entropy_sum,
+        reference_entropy_sum,
+        start_value_mean,
+        taken_log_ratio_mean,
+    })
 }
 
 /// What [`soft_value_rows`] reads at the rows of one micro-batch.
 struct SoftValueRows {
     /// The soft value (Eq. 6 bracket) of every row.
     values: Vec<f64>,
-    /// ρ's and π's log-probabilities at the rows (detached).
-    ref_logp: Tensor,
-    policy_logp: Tensor,
-    /// Sums over the rows of KL(π‖ρ) and of π's entropy.
+    /// Sums over the rows of KL(π‖ρ), of π's entropy and of ρ's.
     kl_sum: f64,
     entropy_sum: f64,
+    reference_entropy_sum: f64,
     /// At action rows, what the token taken there reads.
     taken: Option<TakenRows>,
 }
@@ -691,6 +781,8 @@ struct TakenRows {
     q: Vec<f64>,
     prob: Vec<f64>,
     log_ratio_sum: f64,
+    /// ρ's log-probability of the token, `[rows]` (detached).
+    ref_logp: Tensor,
 }
 
 /// For one micro-batch of spans: `V(c) = Σ_w π(w|c)·Q(c, w) − β·KL(π‖ρ)(c)` at every row with
@@ -705,10 +797,11 @@ fn soft_value_rows(
     let share = cfg.share_prefixes;
     let ref_logp = math::log_softmax(&logit_rows(model, spans, None, false, share)?)?;
     let pol_lp = math::log_softmax(&logit_rows(model, spans, Some(POLICY), false, share)?)?;
-    let q = q_rows(model, spans, net, false, &ref_logp, cfg)?;
+    let q = q_rows(model, spans, net, &ref_logp, cfg)?;
     let values = math::soft_values(&pol_lp, &q, &ref_logp, cfg.beta)?;
     let kl_sum = math::kl_rows(&pol_lp, &ref_logp)?.sum_all()?.to_scalar::<f32>()? as f64;
     let entropy_sum = math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let reference_entropy_sum = math::entropy_rows(&ref_logp)?.sum_all()?.to_scalar::<f32>()? as f64;
     let values = values.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
     let taken = match tokens {
         None => None,
@@ -720,20 +813,23 @@ fn soft_value_rows(
                 Ok(t.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
             };
             let log_ratio_sum = advantage.sum_all()?.to_scalar::<f32>()? as f64;
-            Some(TakenRows { q: to_f64(&q_taken)?, prob: to_f64(&prob)?, log_ratio_sum })
+            let ref_logp = math::taken_values(&ref_logp, tokens)?;
+            Some(TakenRows { q: to_f64(&q_taken)?, prob: to_f64(&prob)?, log_ratio_sum, ref_logp })
         }
     };
-    Ok(SoftValueRows { values, ref_logp, policy_logp: pol_lp, kl_sum, entropy_sum, taken })
+    Ok(SoftValueRows { values, kl_sum, entropy_sum, reference_entropy_sum, taken })
 }
 
 /// The policy step's trust region ([`EtpoConfig::policy_max_kl`]): while the summed per-token
 /// KL(π_before‖π_now) over the action rows exceeds `max_kl` per token, the adapter is moved
 /// back to `before + s·(after − before)`, `s` shrunk by the square root of the excess (KL
 /// grows about as s² for small steps). Returns the final KL sum and `s`.
+///
+/// π_before's distributions are recomputed from its weights at each check (one more forward
+/// pass per micro-batch) instead of being kept from the target phase.
 fn trust_region(
     model: &Llama,
     spans: &[RowSpan],
-    before_logp: &[Tensor],
     vars: &[candle_core::Var],
     before: &[Tensor],
     max_kl: f64,
@@ -743,9 +839,10 @@ fn trust_region(
     let after: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
     let step_kl = || -> Result<f64, TrainError> {
         let mut sum = 0f64;
-        for (ci, chunk) in spans.chunks(cfg.micro_batch).enumerate() {
-            let now = math::log_softmax(&logit_rows(model, chunk, Some(POLICY), false, cfg.share_prefixes)?)?;
-            sum += math::kl_rows(&before_logp[ci], &now)?.sum_all()?.to_scalar::<f32>()? as f64;
+        for chunk in spans.chunks(cfg.micro_batch) {
+            let was = with_weights(vars, before, || policy_logp(model, chunk, cfg))?;
+            let now = policy_logp(model, chunk, cfg)?;
+            sum += math::kl_rows(&was, &now)?.sum_all()?.to_scalar::<f32>()? as f64;
         }
         Ok(sum)
     };
@@ -800,14 +897,20 @@ mod tests {
         let tokens = token_tensor(&model, vec![4, 5, 7, 8, 9]).unwrap();
         let targets = Tensor::new(&[1.0f32, -1.0, 0.5, 2.0, 0.0], &Device::Cpu).unwrap();
         let ref_lp = math::log_softmax(&logit_rows(&model, &spans, None, false, true).unwrap()).unwrap();
-        for readout in [math::QReadout::Logits, math::QReadout::Dueling] {
-            let cfg = EtpoConfig { q_readout: readout, ..cfg.clone() };
-            let (q_loss, q, _) =
-                q_loss_chunk(&model, &spans, &tokens, &targets, &ref_lp, &cfg, trainer.q_net()).unwrap();
-            assert_eq!(touched(&model, &q_loss), vec![Q], "{readout}");
-            // A Q that differs from ρ, so that the policy loss has a gradient.
-            let q = (q + targets.unsqueeze(1).unwrap().broadcast_as((5, 12)).unwrap()).unwrap();
-            let target = math::policy_target_logp(&q, &ref_lp, cfg.q_readout, cfg.beta).unwrap();
+        let ref_taken = math::taken_values(&ref_lp, &tokens).unwrap();
+        // Both read-outs, and the dueling one's two ways to its loss: ρ at the taken tokens only
+        // (no `q_reference_kl`), or ρ's full distribution.
+        for (readout, q_reference_kl) in
+            [(math::QReadout::Logits, 1.0), (math::QReadout::Dueling, 1.0), (math::QReadout::Dueling, 0.0)]
+        {
+            let cfg = EtpoConfig { q_readout: readout, q_reference_kl, ..cfg.clone() };
+            let step =
+                q_loss_chunk(&model, &spans, &tokens, &targets, &ref_taken, &cfg, trainer.q_net(), true).unwrap();
+            assert_eq!(touched(&model, &step.loss), vec![Q], "{readout} κ={q_reference_kl}");
+            // A target that differs from π, so that the policy loss has a gradient.
+            let kept = step.policy_target.expect("asked for");
+            let shifted = (kept + targets.unsqueeze(1).unwrap().broadcast_as((5, 12)).unwrap()).unwrap();
+            let target = math::log_softmax(&shifted).unwrap();
             let pi_loss = policy_loss_chunk(&model, &spans, &target, &cfg).unwrap();
             assert_eq!(touched(&model, &pi_loss), vec![POLICY], "{readout}");
         }
