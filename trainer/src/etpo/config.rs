@@ -94,10 +94,9 @@ pub struct EtpoConfig {
     /// Updates the run will make (set by `etpo run` from its budget: steps × seeds ÷ update
     /// size); `None` (a trainer used on its own) keeps `policy_max_kl` at every update.
     pub planned_updates: Option<u64>,
-    /// Algorithm 1 updates φ against the Q-network after its step. With `true`, Eq. 7's
-    /// targets read in the last Q epoch's pass (before its step) are kept for the policy epochs:
-    /// no forward pass of Q in the policy phase, at the cost of one `[vocabulary]` f32 row per
-    /// action token held through the policy phase.
+    /// Algorithm 1 updates φ against the Q-network after its step. With `true`, the policy
+    /// target is read from the Q-network as it was in the last Q epoch's pass, before that
+    /// epoch's step (one forward pass less).
     pub policy_uses_pre_step_q: bool,
     /// Sequences per forward pass (gradients are accumulated over micro-batches).
     pub micro_batch: usize,

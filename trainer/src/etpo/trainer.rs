@@ -204,12 +204,11 @@ impl EtpoTrainer {
     ///
     /// Memory: no `[action tokens × vocabulary]` tensor outlives its micro-batch, so the peak
     /// grows with the mini-batch's tokens times the model's width, not times its vocabulary
-    /// (`trainer/tests/update_memory.rs`). Of ρ only the log-probabilities of the tokens taken
-    /// are kept between phases; Eq. 7's target is read from the Q-network again in each policy
-    /// epoch, and π's distributions before the step (the trust region's anchor, the prior of a
-    /// mixed target) from a copy of its adapter weights. That costs forward passes a kept
-    /// distribution would not: with the defaults, one of Q per policy epoch after the first and
-    /// one of π per trust-region check. `policy_uses_pre_step_q` keeps the targets instead.
+    /// (`trainer/tests/update_memory.rs`). Between phases the update keeps ρ's log-probability
+    /// of each token taken (all the dueling Q loss needs of ρ) and the final hidden states of
+    /// ρ, of π before the step and of the Q-network after its steps; the output layer is
+    /// frozen, so one product turns them back into the distributions Eq. 7's target, the
+    /// mixed prior and the trust region read.
     pub fn update(&mut self, model: &Llama, batch: &[Transition]) -> Result<UpdateMetrics, TrainError> {
         validate_batch(batch)?;
         let fresh = batch;
@@ -225,6 +224,7 @@ impl EtpoTrainer {
         let start = Instant::now();
         let phase = compute_targets(model, batch, &spans, &cfg, self.q_target_net())?;
         let (targets, ref_logp_taken) = (phase.targets, phase.ref_logp_taken);
+        let (ref_hidden, policy_hidden) = (phase.ref_hidden, phase.policy_hidden);
         m.kl = phase.kl_sum / total_tokens as f64;
         m.entropy = phase.entropy_sum / total_tokens as f64;
         m.reference_entropy = Some(phase.reference_entropy_sum / total_tokens as f64);
@@ -239,9 +239,9 @@ impl EtpoTrainer {
         let start = Instant::now();
         let q_vars: Vec<_> = self.q_opt.vars().iter().chain(self.head_opt.vars()).cloned().collect();
         let n_adapter = self.q_opt.vars().len();
-        // Eq. 7's targets read before the last Q step (`policy_uses_pre_step_q`): the one case
-        // where [rows × vocabulary] tensors outlive their micro-batch.
-        let mut pre_step_targets: Vec<Tensor> = Vec::new();
+        // The Q-network's final hidden states at every row, from the last Q epoch's pass when
+        // `policy_uses_pre_step_q`, else read after the Q steps: Eq. 7's target comes from them.
+        let mut q_hidden: Vec<Tensor> = Vec::new();
         for epoch in 0..cfg.q_epochs {
             let mut grads: Vec<Option<Tensor>> = vec![None; q_vars.len()];
             let (mut row0, mut q_taken_sum, mut loss_sum) = (0usize, 0f64, 0f64);
@@ -250,13 +250,13 @@ impl EtpoTrainer {
                 let rows: usize = chunk.iter().map(|s| s.len).sum();
                 let tokens = token_tensor(model, chunk_actions(&batch[ci * mb..ci * mb + chunk.len()]))?;
                 let tg = Tensor::from_slice(&targets[row0..row0 + rows], rows, model.device())?;
-                let q_step =
-                    q_loss_chunk(model, chunk, &tokens, &tg, &ref_logp_taken[ci], &cfg, self.q_net(), keep_target)?;
+                let reference = Reference { logp_taken: &ref_logp_taken[ci], hidden: &ref_hidden[ci] };
+                let q_step = q_loss_chunk(model, chunk, &tokens, &tg, reference, &cfg, self.q_net(), keep_target)?;
                 let loss = (q_step.loss * (rows as f64 / total_tokens as f64))?;
                 loss_sum += loss.to_scalar::<f32>()? as f64;
                 q_taken_sum += q_step.taken.sum_all()?.to_scalar::<f32>()? as f64;
                 accumulate_grads(&mut grads, &q_vars, &loss.backward()?)?;
-                pre_step_targets.extend(q_step.policy_target);
+                q_hidden.extend(q_step.hidden);
                 row0 += rows;
             }
             let norm = self.q_opt.step(&grads[..n_adapter])?;
@@ -275,26 +275,27 @@ impl EtpoTrainer {
         let start = Instant::now();
         let pi_vars = self.pi_opt.vars().to_vec();
         let max_kl = cfg.policy_max_kl;
-        // π_k, the policy before the step: the prior of a mixed target and the trust region's
-        // anchor. Its log-probabilities are recomputed from these weights where needed.
-        let pi_before = match max_kl.is_some() || cfg.reference_weight < 1.0 {
-            true => pi_vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?,
-            false => Vec::new(),
+        // The trust region moves the adapter back towards these weights.
+        let pi_before = match max_kl {
+            Some(_) => pi_vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?,
+            None => Vec::new(),
         };
+        if q_hidden.is_empty() {
+            for chunk in spans.chunks(mb) {
+                q_hidden.push(hidden_rows(model, chunk, Some(Q), false, cfg.share_prefixes)?);
+            }
+        }
         for epoch in 0..cfg.policy_epochs {
             let mut grads: Vec<Option<Tensor>> = vec![None; pi_vars.len()];
             let mut loss_sum = 0f64;
             let (mut target_entropy_sum, mut q_entropy_sum) = (0f64, 0f64);
             for (ci, chunk) in spans.chunks(mb).enumerate() {
                 // The Q-network does not move during the policy steps: every epoch regresses on
-                // the same target, recomputed rather than kept.
-                let eq7 = match pre_step_targets.get(ci) {
-                    Some(t) => t.clone(),
-                    None => q_policy_target(model, chunk, &cfg)?,
-                };
+                // the same target, read again from the kept hidden states.
+                let eq7 = math::policy_target_from_q_logits(&model.logits(&q_hidden[ci])?, cfg.q_readout, cfg.beta)?;
                 let target = if cfg.reference_weight < 1.0 {
-                    let ref_logp = reference_logp(model, chunk, &cfg)?;
-                    let previous = with_weights(&pi_vars, &pi_before, || policy_logp(model, chunk, &cfg))?;
+                    let ref_logp = logp_from_hidden(model, &ref_hidden[ci])?;
+                    let previous = logp_from_hidden(model, &policy_hidden[ci])?;
                     math::prior_mixed_target_logp(&eq7, &ref_logp, &previous, cfg.reference_weight)?
                 } else {
                     eq7.clone()
@@ -316,7 +317,7 @@ impl EtpoTrainer {
             }
         }
         if let Some(max_kl) = max_kl {
-            let (kl, scale) = trust_region(model, &spans, &pi_vars, &pi_before, max_kl, &cfg)?;
+            let (kl, scale) = trust_region(model, &spans, &policy_hidden, &pi_vars, &pi_before, max_kl, &cfg)?;
             m.policy_step_kl = Some(kl / total_tokens as f64);
             m.policy_step_scale = Some(scale);
             m.policy_step_max_kl = Some(max_kl);
@@ -550,39 +551,47 @@ fn q_rows(
     Ok(math::q_values(&logits, value.as_ref(), ref_logp, cfg.q_readout, cfg.beta)?.detach())
 }
 
+/// What the Q loss reads of ρ at the rows of one micro-batch, both kept from the target phase.
+#[derive(Clone, Copy)]
+struct Reference<'a> {
+    /// ρ's log-probability of each token taken, `[rows]`: all the dueling read-out needs.
+    logp_taken: &'a Tensor,
+    /// ρ's final hidden states, `[rows, hidden]`: its full distribution, one product away.
+    hidden: &'a Tensor,
+}
+
 /// What one micro-batch's pass of the Q-network gives the Q step.
 struct QStep {
     /// The Q loss, mean over the rows (gradients reach the Q-network only).
     loss: Tensor,
     /// `Q(c, w)` of the tokens taken, `[rows]`.
     taken: Tensor,
-    /// Eq. 7's target read from the same pass, when asked for (`policy_uses_pre_step_q`).
-    policy_target: Option<Tensor>,
+    /// The pass's final hidden states (detached), when asked for (`policy_uses_pre_step_q`).
+    hidden: Option<Tensor>,
 }
 
 /// The Q loss of one micro-batch, with the Q-values of the taken tokens and, when
-/// `keep_target`, Eq. 7's policy target from the same pass.
+/// `keep_hidden`, the pass's final hidden states.
 ///
-/// Under the dueling read-out the loss needs ρ only at the taken tokens (`ref_logp_taken`,
-/// kept from the target phase). The logits read-out and the `q_reference_kl` term need ρ's
-/// full distribution: it is recomputed here (one forward pass of the base model) rather than
-/// kept through the update.
+/// Under the dueling read-out the loss needs ρ only at the taken tokens. The logits read-out
+/// and the `q_reference_kl` term need ρ's full distribution: it is read from ρ's kept hidden
+/// states through the output layer.
 #[allow(clippy::too_many_arguments)]
 fn q_loss_chunk(
     model: &Llama,
     spans: &[RowSpan],
     tokens: &Tensor,
     targets: &Tensor,
-    ref_logp_taken: &Tensor,
+    reference: Reference<'_>,
     cfg: &EtpoConfig,
     net: QNet<'_>,
-    keep_target: bool,
+    keep_hidden: bool,
 ) -> Result<QStep, TrainError> {
     let hidden = hidden_rows(model, spans, Some(net.adapter), true, cfg.share_prefixes)?;
     let logits = model.logits(&hidden)?;
     let needs_full_reference = cfg.q_readout == math::QReadout::Logits || cfg.q_reference_kl > 0.0;
     let (taken, conservative, reference_kl) = if needs_full_reference {
-        let ref_logp = reference_logp(model, spans, cfg)?;
+        let ref_logp = logp_from_hidden(model, reference.hidden)?;
         let value = match cfg.q_readout {
             math::QReadout::Dueling => Some(net.head.values(&hidden)?),
             math::QReadout::Logits => None,
@@ -598,7 +607,7 @@ fn q_loss_chunk(
     } else {
         let value = net.head.values(&hidden)?;
         let q_logp_taken = math::taken_values(&math::log_softmax(&logits)?, tokens)?;
-        let taken = math::dueling_taken_values(&q_logp_taken, ref_logp_taken, &value, cfg.beta)?;
+        let taken = math::dueling_taken_values(&q_logp_taken, reference.logp_taken, &value, cfg.beta)?;
         (taken.clone(), math::dueling_conservative_term(&value, &taken)?, None)
     };
     let mut loss = math::q_loss(&taken, targets, cfg.huber_delta)?;
@@ -608,48 +617,15 @@ fn q_loss_chunk(
     if let Some(term) = reference_kl {
         loss = (loss + (term.mean_all()? * cfg.q_reference_kl)?)?;
     }
-    let policy_target = match keep_target {
-        true => Some(math::policy_target_from_q_logits(&logits, cfg.q_readout, cfg.beta)?),
-        false => None,
-    };
-    Ok(QStep { loss, taken, policy_target })
+    let hidden = keep_hidden.then(|| hidden.detach());
+    Ok(QStep { loss, taken, hidden })
 }
 
-/// Eq. 7's policy target at the rows of one micro-batch, from the Q-network as it is now (a
-/// constant; see [`math::policy_target_from_q_logits`]).
-fn q_policy_target(model: &Llama, spans: &[RowSpan], cfg: &EtpoConfig) -> Result<Tensor, TrainError> {
-    let logits = logit_rows(model, spans, Some(Q), false, cfg.share_prefixes)?;
-    Ok(math::policy_target_from_q_logits(&logits, cfg.q_readout, cfg.beta)?)
-}
-
-/// ρ's log-probabilities at the rows of one micro-batch (the base model, no adapter; detached).
-fn reference_logp(model: &Llama, spans: &[RowSpan], cfg: &EtpoConfig) -> Result<Tensor, TrainError> {
-    Ok(math::log_softmax(&logit_rows(model, spans, None, false, cfg.share_prefixes)?)?)
-}
-
-/// π's log-probabilities at the rows of one micro-batch, with the policy adapter as it is
-/// (detached).
-fn policy_logp(model: &Llama, spans: &[RowSpan], cfg: &EtpoConfig) -> Result<Tensor, TrainError> {
-    Ok(math::log_softmax(&logit_rows(model, spans, Some(POLICY), false, cfg.share_prefixes)?)?)
-}
-
-/// Runs `f` with the adapter variables `vars` set to `weights`, then gives them back the values
-/// they had. How π before the policy step is read again without keeping its distributions:
-/// adapter weights are small, [rows × vocabulary] tensors are not.
-fn with_weights<T>(
-    vars: &[candle_core::Var],
-    weights: &[Tensor],
-    f: impl FnOnce() -> Result<T, TrainError>,
-) -> Result<T, TrainError> {
-    let current: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
-    for (v, w) in vars.iter().zip(weights) {
-        v.set(w)?;
-    }
-    let out = f();
-    for (v, w) in vars.iter().zip(&current) {
-        v.set(w)?;
-    }
-    out
+/// Log-probabilities (detached) from final hidden states `[rows, hidden]`: the output layer and
+/// a log-softmax. Kept hidden states are how the update reads a distribution again without
+/// keeping `[rows × vocabulary]` tensors (the output layer is frozen, so they determine it).
+fn logp_from_hidden(model: &Llama, hidden: &Tensor) -> Result<Tensor, TrainError> {
+    Ok(math::log_softmax(&model.logits(&hidden.detach())?)?)
 }
 
 /// The summed per-token policy loss (Eq. 7) of one micro-batch against `target_logp`
@@ -673,6 +649,10 @@ struct TargetPhase {
     /// ρ's log-probability of each token taken, `[rows]` per micro-batch (detached): all the
     /// Q loss needs of ρ under the dueling read-out.
     ref_logp_taken: Vec<Tensor>,
+    /// ρ's and π's final hidden states at the action rows, `[rows, hidden]` per micro-batch
+    /// (detached): their distributions, one product with the frozen output layer away.
+    ref_hidden: Vec<Tensor>,
+    policy_hidden: Vec<Tensor>,
     /// Sums over action rows of KL(π‖ρ), of π's entropy and of ρ's.
     kl_sum: f64,
     entropy_sum: f64,
@@ -696,6 +676,7 @@ fn compute_targets(
     let mb = cfg.micro_batch;
     let total_tokens: usize = batch.iter().map(|t| t.action.len()).sum();
     let mut ref_logp_taken: Vec<Tensor> = Vec::new();
+    let (mut ref_hidden, mut policy_hidden): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
     let mut row_values: Vec<f64> = Vec::with_capacity(total_tokens);
     let (mut kl_sum, mut entropy_sum, mut reference_entropy_sum) = (0f64, 0f64, 0f64);
     let (mut taken_q, mut taken_prob): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
@@ -709,6 +690,8 @@ fn compute_targets(
         taken_prob.extend(taken.prob);
         log_ratio_sum += taken.log_ratio_sum;
         ref_logp_taken.push(taken.ref_logp);
+        ref_hidden.push(rows.ref_hidden);
+        policy_hidden.push(rows.policy_hidden);
         kl_sum += rows.kl_sum;
         entropy_sum += rows.entropy_sum;
         reference_entropy_sum += rows.reference_entropy_sum;
@@ -755,6 +738,8 @@ fn compute_targets(
     Ok(TargetPhase {
         targets,
         ref_logp_taken,
+        ref_hidden,
+        policy_hidden,
         kl_sum,
         entropy_sum,
         reference_entropy_sum,
@@ -767,6 +752,9 @@ fn compute_targets(
 struct SoftValueRows {
     /// The soft value (Eq. 6 bracket) of every row.
     values: Vec<f64>,
+    /// ρ's and π's final hidden states at the rows (detached).
+    ref_hidden: Tensor,
+    policy_hidden: Tensor,
     /// Sums over the rows of KL(π‖ρ), of π's entropy and of ρ's.
     kl_sum: f64,
     entropy_sum: f64,
@@ -795,8 +783,10 @@ fn soft_value_rows(
     tokens: Option<&Tensor>,
 ) -> Result<SoftValueRows, TrainError> {
     let share = cfg.share_prefixes;
-    let ref_logp = math::log_softmax(&logit_rows(model, spans, None, false, share)?)?;
-    let pol_lp = math::log_softmax(&logit_rows(model, spans, Some(POLICY), false, share)?)?;
+    let ref_hidden = hidden_rows(model, spans, None, false, share)?;
+    let policy_hidden = hidden_rows(model, spans, Some(POLICY), false, share)?;
+    let ref_logp = logp_from_hidden(model, &ref_hidden)?;
+    let pol_lp = logp_from_hidden(model, &policy_hidden)?;
     let q = q_rows(model, spans, net, &ref_logp, cfg)?;
     let values = math::soft_values(&pol_lp, &q, &ref_logp, cfg.beta)?;
     let kl_sum = math::kl_rows(&pol_lp, &ref_logp)?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -817,7 +807,7 @@ fn soft_value_rows(
             Some(TakenRows { q: to_f64(&q_taken)?, prob: to_f64(&prob)?, log_ratio_sum, ref_logp })
         }
     };
-    Ok(SoftValueRows { values, kl_sum, entropy_sum, reference_entropy_sum, taken })
+    Ok(SoftValueRows { values, ref_hidden, policy_hidden, kl_sum, entropy_sum, reference_entropy_sum, taken })
 }
 
 /// The policy step's trust region ([`EtpoConfig::policy_max_kl`]): while the summed per-token
@@ -825,11 +815,12 @@ fn soft_value_rows(
 /// back to `before + s·(after − before)`, `s` shrunk by the square root of the excess (KL
 /// grows about as s² for small steps). Returns the final KL sum and `s`.
 ///
-/// π_before's distributions are recomputed from its weights at each check (one more forward
-/// pass per micro-batch) instead of being kept from the target phase.
+/// π_before's distributions are read from its final hidden states of the target phase
+/// (`before_hidden`, per micro-batch) through the output layer.
 fn trust_region(
     model: &Llama,
     spans: &[RowSpan],
+    before_hidden: &[Tensor],
     vars: &[candle_core::Var],
     before: &[Tensor],
     max_kl: f64,
@@ -839,9 +830,9 @@ fn trust_region(
     let after: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
     let step_kl = || -> Result<f64, TrainError> {
         let mut sum = 0f64;
-        for chunk in spans.chunks(cfg.micro_batch) {
-            let was = with_weights(vars, before, || policy_logp(model, chunk, cfg))?;
-            let now = policy_logp(model, chunk, cfg)?;
+        for (ci, chunk) in spans.chunks(cfg.micro_batch).enumerate() {
+            let was = logp_from_hidden(model, &before_hidden[ci])?;
+            let now = logp_from_hidden(model, &hidden_rows(model, chunk, Some(POLICY), false, cfg.share_prefixes)?)?;
             sum += math::kl_rows(&was, &now)?.sum_all()?.to_scalar::<f32>()? as f64;
         }
         Ok(sum)
@@ -896,19 +887,20 @@ mod tests {
         let spans = vec![RowSpan::action(&[1, 2, 3], &[4, 5]), RowSpan::action(&[6], &[7, 8, 9])];
         let tokens = token_tensor(&model, vec![4, 5, 7, 8, 9]).unwrap();
         let targets = Tensor::new(&[1.0f32, -1.0, 0.5, 2.0, 0.0], &Device::Cpu).unwrap();
-        let ref_lp = math::log_softmax(&logit_rows(&model, &spans, None, false, true).unwrap()).unwrap();
-        let ref_taken = math::taken_values(&ref_lp, &tokens).unwrap();
+        let ref_hidden = hidden_rows(&model, &spans, None, false, true).unwrap();
+        let ref_taken = math::taken_values(&logp_from_hidden(&model, &ref_hidden).unwrap(), &tokens).unwrap();
+        let reference = Reference { logp_taken: &ref_taken, hidden: &ref_hidden };
         // Both read-outs, and the dueling one's two ways to its loss: ρ at the taken tokens only
         // (no `q_reference_kl`), or ρ's full distribution.
         for (readout, q_reference_kl) in
             [(math::QReadout::Logits, 1.0), (math::QReadout::Dueling, 1.0), (math::QReadout::Dueling, 0.0)]
         {
             let cfg = EtpoConfig { q_readout: readout, q_reference_kl, ..cfg.clone() };
-            let step =
-                q_loss_chunk(&model, &spans, &tokens, &targets, &ref_taken, &cfg, trainer.q_net(), true).unwrap();
+            let step = q_loss_chunk(&model, &spans, &tokens, &targets, reference, &cfg, trainer.q_net(), true).unwrap();
             assert_eq!(touched(&model, &step.loss), vec![Q], "{readout} κ={q_reference_kl}");
             // A target that differs from π, so that the policy loss has a gradient.
-            let kept = step.policy_target.expect("asked for");
+            let kept = step.hidden.expect("asked for");
+            let kept = math::policy_target_from_q_logits(&model.logits(&kept).unwrap(), readout, cfg.beta).unwrap();
             let shifted = (kept + targets.unsqueeze(1).unwrap().broadcast_as((5, 12)).unwrap()).unwrap();
             let target = math::log_softmax(&shifted).unwrap();
             let pi_loss = policy_loss_chunk(&model, &spans, &target, &cfg).unwrap();
