@@ -235,6 +235,134 @@ impl CustomOp1 for CrossEntropy {
     }
 }
 
+/// `log softmax(logits)[i, tokens[i]]` for each row `i` of `logits` `[N, V]`: `[N]`, the
+/// log-probability of one token per row. Fused on the CPU in f32 like [`cross_entropy`]: the
+/// forward pass keeps no `[N, V]` tensor and the backward pass writes `g_i·(one-hot − softmax)` in
+/// one go (the composition keeps the log-softmax and builds a scattered gradient besides).
+/// Elsewhere, log-softmax and a gather.
+pub fn taken_log_softmax(logits: &Tensor, tokens: &[u32]) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if tokens.len() != n {
+        return Err(ModelError::Invalid(format!("taken_log_softmax: {n} rows of logits, {} tokens", tokens.len())));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
+        return Err(ModelError::Invalid(format!("taken_log_softmax: token {bad} outside a vocabulary of {v}")));
+    }
+    if RowOp::applicable(logits).is_some() {
+        return Ok(logits.contiguous()?.apply_op1(TakenLogSoftmax { tokens: tokens.to_vec() })?);
+    }
+    let idx = Tensor::from_slice(tokens, (n, 1), logits.device())?;
+    Ok(log_softmax(logits)?.gather(&idx, 1)?.squeeze(1)?)
+}
+
+/// [`taken_log_softmax`]'s fused CPU op.
+struct TakenLogSoftmax {
+    tokens: Vec<u32>,
+}
+
+impl CustomOp1 for TakenLogSoftmax {
+    fn name(&self) -> &'static str {
+        "taken-log-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = contiguous_range(layout, self.name())?;
+        let CpuStorage::F32(x) = storage else { candle_core::bail!("taken-log-softmax: f32 logits expected") };
+        let (n, v) = layout.shape().dims2()?;
+        let y: Vec<f32> = x[start..end]
+            .par_chunks(v)
+            .zip(self.tokens.par_iter())
+            .map(|(row, &t)| row[t as usize] - kernels::log_sum_exp(row))
+            .collect();
+        Ok((CpuStorage::F32(y), Shape::from(n)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = arg.dims2()?;
+        let grad = grad.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let mut g = vec![0f32; n * v];
+        with_f32(&[arg], |x| {
+            let rows = g.par_chunks_mut(v).zip(x[0].par_chunks(v)).zip(self.tokens.par_iter().zip(grad.par_iter()));
+            rows.for_each(|((g, row), (&t, &gi))| {
+                kernels::exp_shift(row, kernels::log_sum_exp(row), -gi, g);
+                g[t as usize] += gi;
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(g, (n, v), arg.device())?))
+    }
+}
+
+/// `KL(softmax(logits_i) ‖ exp(target_logp_i))` for each row `i`: `[N]` from logits and a
+/// constant target's log-probabilities, both `[N, V]`. Fused on the CPU in f32: the forward pass
+/// keeps no `[N, V]` tensor (the composition keeps the log-softmax, its exponential, the
+/// difference and the product) and the backward pass writes `g_i·p ⊙ (log p − target − KL_i)` in
+/// one go. Elsewhere, the composition. The target gets no gradient.
+pub fn kl_from_logits(logits: &Tensor, target_logp: &Tensor) -> Result<Tensor> {
+    if logits.dims() != target_logp.dims() || logits.rank() != 2 {
+        return Err(ModelError::Invalid(format!(
+            "kl_from_logits: logits {:?} and target {:?}, expected two equal [N, V] shapes",
+            logits.dims(),
+            target_logp.dims()
+        )));
+    }
+    let target = target_logp.detach();
+    if RowOp::applicable(logits).is_some() && target.dtype() == DType::F32 && target.device().is_cpu() {
+        return Ok(logits.contiguous()?.apply_op1(KlFromLogits { target: target.contiguous()? })?);
+    }
+    let logp = log_softmax(logits)?;
+    Ok((logp.exp()? * (logp - target)?)?.sum(D::Minus1)?)
+}
+
+/// [`kl_from_logits`]'s fused CPU op.
+struct KlFromLogits {
+    target: Tensor,
+}
+
+impl CustomOp1 for KlFromLogits {
+    fn name(&self) -> &'static str {
+        "kl-from-logits"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = contiguous_range(layout, self.name())?;
+        let CpuStorage::F32(x) = storage else { candle_core::bail!("kl-from-logits: f32 logits expected") };
+        let (n, v) = layout.shape().dims2()?;
+        let kl = with_f32(&[&self.target], |t| {
+            x[start..end]
+                .par_chunks(v)
+                .zip(t[0].par_chunks(v))
+                .map_init(
+                    || vec![0f32; v],
+                    |p, (row, target)| {
+                        let log_z = kernels::log_sum_exp(row);
+                        kernels::exp_shift(row, log_z, 1.0, p);
+                        p.iter().zip(row).zip(target).map(|((p, x), t)| p * (x - log_z - t)).sum::<f32>()
+                    },
+                )
+                .collect::<Vec<f32>>()
+        })?;
+        Ok((CpuStorage::F32(kl), Shape::from(n)))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = arg.dims2()?;
+        let grad = grad.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let kl = res.to_vec1::<f32>()?;
+        let mut g = vec![0f32; n * v];
+        with_f32(&[arg, &self.target], |t| {
+            let rows = g.par_chunks_mut(v).zip(t[0].par_chunks(v).zip(t[1].par_chunks(v)));
+            rows.zip(grad.par_iter().zip(kl.par_iter())).for_each(|((g, (row, target)), (&gi, &kl))| {
+                let log_z = kernels::log_sum_exp(row);
+                kernels::exp_shift(row, log_z, gi, g);
+                for ((g, x), t) in g.iter_mut().zip(row).zip(target) {
+                    *g *= x - log_z - t - kl;
+                }
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(g, (n, v), arg.device())?))
+    }
+}
+
 /// Rotary embedding in the rotate-half layout on `[B, T, H, D]` with `cos`/`sin` `[B, T, D/2]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && x.track_op() {
@@ -881,6 +1009,53 @@ mod tests {
         assert!(sums < 1e-5);
         assert!(cross_entropy(x.as_tensor(), &[1, 2]).unwrap_err().to_string().contains("5 rows of logits, 2 targets"));
         assert!(cross_entropy(x.as_tensor(), &[1, 2, 3, 4, 11]).unwrap_err().to_string().contains("target 11"));
+    }
+
+    #[test]
+    fn taken_log_softmax_matches_log_softmax_and_gather_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        // 70 columns: the vectorised exponentials' full blocks and a remainder.
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 4.0, (5, 70), &dev).unwrap())).unwrap();
+        let tokens = [3u32, 0, 69, 3, 17];
+        let fused = taken_log_softmax(x.as_tensor(), &tokens).unwrap();
+        let idx = Tensor::new(&tokens, &dev).unwrap().unsqueeze(1).unwrap();
+        let plain =
+            candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1).unwrap().gather(&idx, 1).unwrap().squeeze(1).unwrap();
+        assert_eq!(fused.dims(), [5]);
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        // Each row weighted differently, so that the incoming gradient differs per row.
+        let w = Tensor::new(&[1.0f32, -2.0, 0.5, 3.0, 0.0], &dev).unwrap();
+        let gf = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (&plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, e) = (gf.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap());
+        assert!(max_diff(a, e) < 1e-5, "{}", max_diff(a, e));
+        assert!(taken_log_softmax(x.as_tensor(), &[1, 2])
+            .unwrap_err()
+            .to_string()
+            .contains("5 rows of logits, 2 tokens"));
+        assert!(taken_log_softmax(x.as_tensor(), &[1, 2, 3, 4, 70]).unwrap_err().to_string().contains("token 70"));
+    }
+
+    #[test]
+    fn kl_from_logits_matches_the_composition_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (4, 70), &dev).unwrap())).unwrap();
+        let target = candle_nn::ops::log_softmax(&Tensor::randn(0f32, 2.0, (4, 70), &dev).unwrap(), D::Minus1).unwrap();
+        let fused = kl_from_logits(x.as_tensor(), &target).unwrap();
+        let logp = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1).unwrap();
+        let plain = (logp.exp().unwrap() * (&logp - &target).unwrap()).unwrap().sum(1).unwrap();
+        assert_eq!(fused.dims(), [4]);
+        assert!(max_diff(&fused, &plain) < 1e-4, "{}", max_diff(&fused, &plain));
+        assert!(fused.min(0).unwrap().to_scalar::<f32>().unwrap() > 0.0, "a KL is positive");
+        let w = Tensor::new(&[1.0f32, -2.0, 0.5, 3.0], &dev).unwrap();
+        let gf = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (&plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, e) = (gf.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap());
+        assert!(max_diff(a, e) < 1e-5, "{}", max_diff(a, e));
+        // The KL of a distribution to itself, and its gradient, are zero.
+        let same = kl_from_logits(x.as_tensor(), &logp.detach()).unwrap();
+        assert!(same.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(kl_from_logits(x.as_tensor(), &target.narrow(1, 0, 69).unwrap()).is_err());
     }
 
     /// The fused attention against the plain composition, in value and in the gradients of q, k

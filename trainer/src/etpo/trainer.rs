@@ -606,7 +606,8 @@ fn q_loss_chunk(
         (taken, conservative, reference_kl)
     } else {
         let value = net.head.values(&hidden)?;
-        let q_logp_taken = math::taken_values(&math::log_softmax(&logits)?, tokens)?;
+        // log π_Q of the taken tokens, fused: no [rows × vocabulary] log-softmax is kept.
+        let q_logp_taken = crate::ops::taken_log_softmax(&logits, &tokens.to_vec1::<u32>()?)?;
         let taken = math::dueling_taken_values(&q_logp_taken, reference.logp_taken, &value, cfg.beta)?;
         (taken.clone(), math::dueling_conservative_term(&value, &taken)?, None)
     };
@@ -637,9 +638,10 @@ fn policy_loss_chunk(
     target: &Tensor,
     cfg: &EtpoConfig,
 ) -> Result<Tensor, TrainError> {
-    let share = cfg.share_prefixes;
-    let pol = math::log_softmax(&logit_rows(model, spans, Some(POLICY), true, share)?)?;
-    Ok(math::policy_kl_rows(&pol, target)?.sum_all()?)
+    let logits = logit_rows(model, spans, Some(POLICY), true, cfg.share_prefixes)?;
+    // [`math::policy_kl_rows`] of π's log-softmax, fused: no [rows × vocabulary] tensor but
+    // the logits and the gradient is kept.
+    Ok(crate::ops::kl_from_logits(&logits, target)?.sum_all()?)
 }
 
 /// What the target phase of an update produces.
