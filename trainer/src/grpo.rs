@@ -248,7 +248,8 @@ impl GrpoTrainer {
                     .collect();
                 let adv = Tensor::from_vec(adv, rows, model.device())?;
                 let logits = model.logits(&hidden_rows(model, chunk, Some(POLICY), true, cfg.share_prefixes)?)?;
-                let logp = math::taken_values(&math::log_softmax(&logits)?, &tokens)?;
+                // Fused: no [rows × vocabulary] log-softmax is kept for the backward pass.
+                let logp = crate::ops::taken_log_softmax(&logits, &tokens.to_vec1::<u32>()?)?;
                 let log_ratio = (&logp - &old_logp[ci])?;
                 let ratio = log_ratio.exp()?;
                 let surrogate = (&ratio * &adv)?.minimum(&(ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip)? * &adv)?)?;
