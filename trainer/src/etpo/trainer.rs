@@ -245,13 +245,13 @@ impl EtpoTrainer {
         for epoch in 0..cfg.q_epochs {
             let mut grads: Vec<Option<Tensor>> = vec![None; q_vars.len()];
             let (mut row0, mut q_taken_sum, mut loss_sum) = (0usize, 0f64, 0f64);
-            let keep_target = cfg.policy_uses_pre_step_q && epoch + 1 == cfg.q_epochs;
+            let keep_hidden = cfg.policy_uses_pre_step_q && epoch + 1 == cfg.q_epochs;
             for (ci, chunk) in spans.chunks(mb).enumerate() {
                 let rows: usize = chunk.iter().map(|s| s.len).sum();
                 let tokens = token_tensor(model, chunk_actions(&batch[ci * mb..ci * mb + chunk.len()]))?;
                 let tg = Tensor::from_slice(&targets[row0..row0 + rows], rows, model.device())?;
                 let reference = Reference { logp_taken: &ref_logp_taken[ci], hidden: &ref_hidden[ci] };
-                let q_step = q_loss_chunk(model, chunk, &tokens, &tg, reference, &cfg, self.q_net(), keep_target)?;
+                let q_step = q_loss_chunk(model, chunk, &tokens, &tg, reference, &cfg, self.q_net(), keep_hidden)?;
                 let loss = (q_step.loss * (rows as f64 / total_tokens as f64))?;
                 loss_sum += loss.to_scalar::<f32>()? as f64;
                 q_taken_sum += q_step.taken.sum_all()?.to_scalar::<f32>()? as f64;
