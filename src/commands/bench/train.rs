@@ -230,6 +230,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let shared_total = t0.elapsed().as_secs_f64();
     let shared_work = model.flops() - flops_before;
     print_row("shared state prefixes", &shared, shared_total, peak_rss_mib());
+    if let (Some(checks), Some(scale)) = (shared.policy_step_checks, shared.policy_step_scale) {
+        // Each check is a forward pass of π over the batch, inside "pi f+b".
+        println!("trust region: {checks} KL check(s), {:.3} of the policy step kept", scale);
+    }
     if args.updates > 1 {
         println!();
         println!(

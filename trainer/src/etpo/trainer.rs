@@ -101,6 +101,10 @@ pub struct UpdateMetrics {
     pub policy_step_kl: Option<f64>,
     #[serde(default)]
     pub policy_step_scale: Option<f64>,
+    /// ETPO only: the trust region's KL checks, each a forward pass of π over the mini-batch
+    /// (1: the whole step was inside the region).
+    #[serde(default)]
+    pub policy_step_checks: Option<usize>,
     /// ETPO only: the trust region this update's step was held to
     /// ([`EtpoConfig::policy_max_kl_at`]).
     #[serde(default)]
@@ -317,9 +321,10 @@ impl EtpoTrainer {
             }
         }
         if let Some(max_kl) = max_kl {
-            let (kl, scale) = trust_region(model, &spans, &policy_hidden, &pi_vars, &pi_before, max_kl, &cfg)?;
-            m.policy_step_kl = Some(kl / total_tokens as f64);
-            m.policy_step_scale = Some(scale);
+            let step = trust_region(model, &spans, &policy_hidden, &pi_vars, &pi_before, max_kl, &cfg)?;
+            m.policy_step_kl = Some(step.kl / total_tokens as f64);
+            m.policy_step_scale = Some(step.scale);
+            m.policy_step_checks = Some(step.checks);
             m.policy_step_max_kl = Some(max_kl);
         }
         m.times.policy_step_s = start.elapsed().as_secs_f64();
@@ -814,8 +819,9 @@ fn soft_value_rows(
 
 /// The policy step's trust region ([`EtpoConfig::policy_max_kl`]): while the summed per-token
 /// KL(π_before‖π_now) over the action rows exceeds `max_kl` per token, the adapter is moved
-/// back to `before + s·(after − before)`, `s` shrunk by the square root of the excess (KL
-/// grows about as s² for small steps). Returns the final KL sum and `s`.
+/// back to `before + s·(after − before)`, with `s` shrunk by the excess to the power `1/p`
+/// (KL ≈ c·s^p: p = 2 for small steps, then the power the last two checks measured). Returns
+/// where the step was left.
 ///
 /// π_before's distributions are read from its final hidden states of the target phase
 /// (`before_hidden`, per micro-batch) through the output layer.
@@ -827,10 +833,16 @@ fn trust_region(
     before: &[Tensor],
     max_kl: f64,
     cfg: &EtpoConfig,
-) -> Result<(f64, f64), TrainError> {
+) -> Result<TrustRegionStep, TrainError> {
     let tokens: usize = spans.iter().map(|s| s.len).sum();
     let after: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
-    let step_kl = || -> Result<f64, TrainError> {
+    // The KL sum with the adapter at `before + s·(after − before)`.
+    let kl_at = |scale: f64| -> Result<f64, TrainError> {
+        if scale != 1.0 {
+            for ((v, b), a) in vars.iter().zip(before).zip(&after) {
+                v.set(&(b + ((a - b)? * scale)?)?)?;
+            }
+        }
         let mut sum = 0f64;
         for (ci, chunk) in spans.chunks(cfg.micro_batch).enumerate() {
             let was = logp_from_hidden(model, &before_hidden[ci])?;
@@ -839,20 +851,47 @@ fn trust_region(
         }
         Ok(sum)
     };
-    let mut kl = step_kl()?;
-    let mut scale = 1.0f64;
-    // The quadratic guess undershoots where KL grows faster than s²; a few rounds suffice.
+    shrink_step(kl_at, max_kl * tokens as f64)
+}
+
+/// The line search of [`trust_region`]: `kl_at(s)` is the KL sum with the fraction `s` of the
+/// step (called with 1 first, then with smaller fractions), `target` the largest allowed. At
+/// most seven checks.
+fn shrink_step(
+    mut kl_at: impl FnMut(f64) -> Result<f64, TrainError>,
+    target: f64,
+) -> Result<TrustRegionStep, TrainError> {
+    let (mut kl, mut scale, mut checks) = (kl_at(1.0)?, 1.0f64, 1usize);
+    let mut previous: Option<(f64, f64)> = None;
     for _ in 0..6 {
-        if kl <= max_kl * tokens as f64 {
+        if kl <= target {
             break;
         }
-        scale *= 0.95 * (max_kl * tokens as f64 / kl).sqrt();
-        for ((v, b), a) in vars.iter().zip(before).zip(&after) {
-            v.set(&(b + ((a - b)? * scale)?)?)?;
-        }
-        kl = step_kl()?;
+        // KL ≈ c·s^p: p = 2 for small steps; from the last two checks once there are two. Large
+        // first steps are far from small: there KL grows more slowly than s², and the square
+        // root alone took up to seven checks (each a forward pass of π over the mini-batch).
+        let p = match previous {
+            Some((s0, kl0)) if s0 > scale && kl0 > kl && kl > 0.0 => {
+                ((kl0 / kl).ln() / (s0 / scale).ln()).clamp(0.5, 4.0)
+            }
+            _ => 2.0,
+        };
+        previous = Some((scale, kl));
+        scale *= 0.95 * (target / kl).powf(1.0 / p);
+        kl = kl_at(scale)?;
+        checks += 1;
     }
-    Ok((kl, scale))
+    Ok(TrustRegionStep { kl, scale, checks })
+}
+
+/// Where [`trust_region`] left the policy step.
+struct TrustRegionStep {
+    /// Summed per-token KL(π_before‖π_now) over the action rows.
+    kl: f64,
+    /// The fraction of the step kept.
+    scale: f64,
+    /// KL checks made (each a forward pass of π over the mini-batch); 1: the step was inside.
+    checks: usize,
 }
 
 #[cfg(test)]
@@ -908,6 +947,44 @@ mod tests {
             let pi_loss = policy_loss_chunk(&model, &spans, &target, &cfg).unwrap();
             assert_eq!(touched(&model, &pi_loss), vec![POLICY], "{readout}");
         }
+    }
+
+    /// The checks [`shrink_step`] makes on `KL(s) = c·s^p`, the KL sum it ends at, and the
+    /// checks the square-root rule alone (p = 2 always) made.
+    fn line_search(c: f64, p: f64, target: f64) -> (usize, f64, usize) {
+        let step = shrink_step(|s| Ok(c * s.powf(p)), target).unwrap();
+        assert!((step.kl - c * step.scale.powf(p)).abs() < 1e-9);
+        let (mut kl, mut s, mut sqrt_checks) = (c, 1.0f64, 1);
+        for _ in 0..6 {
+            if kl <= target {
+                break;
+            }
+            s *= 0.95 * (target / kl).sqrt();
+            kl = c * s.powf(p);
+            sqrt_checks += 1;
+        }
+        (step.checks, step.kl, sqrt_checks)
+    }
+
+    #[test]
+    fn the_trust_regions_line_search_measures_how_kl_grows() {
+        // Inside already: one check.
+        assert_eq!(line_search(0.5, 2.0, 1.0).0, 1);
+        // Quadratic, 100× over: s = 0.095 at the second check, KL = 0.9025 × target.
+        let (checks, kl, _) = line_search(100.0, 2.0, 1.0);
+        assert_eq!(checks, 2);
+        assert!((kl - 0.9025).abs() < 1e-9, "{kl}");
+        // Linear (a large first step, where KL grows more slowly than s²), 100× over: the square
+        // root makes s = 0.095, KL 9.5; the measured p = 1 then gives s = 0.95/9.5 · 0.095 and
+        // KL = 0.95 at the third check, where the square root alone needs all seven (9.5, 2.93,
+        // 1.63, 1.21, 1.05, then 0.97).
+        let (checks, kl, sqrt_checks) = line_search(100.0, 1.0, 1.0);
+        assert_eq!((checks, sqrt_checks), (3, 7));
+        assert!((kl - 0.95).abs() < 1e-9, "{kl}");
+        // Growing faster than s² only overshoots towards a smaller step: still inside at once.
+        let (checks, kl, _) = line_search(100.0, 3.0, 1.0);
+        assert_eq!(checks, 2);
+        assert!(kl < 1.0);
     }
 
     #[test]
