@@ -181,9 +181,9 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Mean negative log-likelihood of `targets` (one per row) under the logits `[N, V]`, a scalar:
-/// what PyTorch's `cross_entropy` computes. Fused on the CPU in f32: the forward pass keeps no
-/// `[N, V]` tensor (only a log-normaliser per row) and the backward pass writes the gradient,
-/// `(softmax − one-hot) / N`, in one go. Elsewhere, log-softmax and a gather.
+/// what PyTorch's `cross_entropy` computes. The mean of [`taken_log_softmax`], negated: fused on
+/// the CPU in f32, so no `[N, V]` tensor is kept and the gradient, `(softmax − one-hot) / N`, is
+/// written in one go.
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     if targets.len() != n || n == 0 {
@@ -192,54 +192,14 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
         return Err(ModelError::Invalid(format!("cross_entropy: target {bad} outside a vocabulary of {v}")));
     }
-    if RowOp::applicable(logits).is_some() {
-        return Ok(logits.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec() })?);
-    }
-    let idx = Tensor::from_slice(targets, (n, 1), logits.device())?;
-    Ok(log_softmax(logits)?.gather(&idx, 1)?.mean_all()?.neg()?)
-}
-
-/// [`cross_entropy`]'s fused CPU op.
-struct CrossEntropy {
-    targets: Vec<u32>,
-}
-
-impl CustomOp1 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "cross-entropy"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = contiguous_range(layout, self.name())?;
-        let CpuStorage::F32(x) = storage else { candle_core::bail!("cross-entropy: f32 logits expected") };
-        let v = layout.shape().dims2()?.1;
-        let nll: f64 = x[start..end]
-            .par_chunks(v)
-            .zip(self.targets.par_iter())
-            .map(|(row, &t)| f64::from(kernels::log_sum_exp(row) - row[t as usize]))
-            .sum();
-        Ok((CpuStorage::F32(vec![(nll / self.targets.len() as f64) as f32]), Shape::from(())))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let scale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? / self.targets.len() as f32;
-        let (n, v) = arg.dims2()?;
-        let mut g = vec![0f32; n * v];
-        with_f32(&[arg], |x| {
-            g.par_chunks_mut(v).zip(x[0].par_chunks(v)).zip(self.targets.par_iter()).for_each(|((g, row), &t)| {
-                kernels::exp_shift(row, kernels::log_sum_exp(row), scale, g);
-                g[t as usize] -= scale;
-            })
-        })?;
-        Ok(Some(Tensor::from_vec(g, (n, v), arg.device())?))
-    }
+    Ok(taken_log_softmax(logits, targets)?.mean_all()?.neg()?)
 }
 
 /// `log softmax(logits)[i, tokens[i]]` for each row `i` of `logits` `[N, V]`: `[N]`, the
-/// log-probability of one token per row. Fused on the CPU in f32 like [`cross_entropy`]: the
-/// forward pass keeps no `[N, V]` tensor and the backward pass writes `g_i·(one-hot − softmax)` in
-/// one go (the composition keeps the log-softmax and builds a scattered gradient besides).
-/// Elsewhere, log-softmax and a gather.
+/// log-probability of one token per row. Fused on the CPU in f32: the forward pass keeps no
+/// `[N, V]` tensor and the backward pass writes `g_i·(one-hot − softmax)` in one go (the
+/// composition keeps the log-softmax and builds a scattered gradient besides). Elsewhere,
+/// log-softmax and a gather.
 pub fn taken_log_softmax(logits: &Tensor, tokens: &[u32]) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     if tokens.len() != n {
