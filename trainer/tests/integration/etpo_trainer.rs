@@ -208,6 +208,12 @@ fn the_policy_step_stays_inside_its_trust_region() {
                     let (kl, scale) = (m.policy_step_kl.unwrap(), m.policy_step_scale.unwrap());
                     assert!((kl - measured).abs() <= 1e-4 + 0.02 * measured, "reported {kl}, measured {measured}");
                     assert!(measured <= limit * 1.05, "step KL {measured} > {limit} (scale {scale})");
+                    // One KL check when the whole step fits, more (at most 7) when it was shrunk.
+                    let checks = m.policy_step_checks.unwrap();
+                    assert!(
+                        (1..=7).contains(&checks) && (checks == 1) == (scale == 1.0),
+                        "{checks} checks, scale {scale}"
+                    );
                     scaled += usize::from(scale < 1.0);
                     if planned_updates.is_some() && update == 3 {
                         last_shrunk = measured;
@@ -215,6 +221,7 @@ fn the_policy_step_stays_inside_its_trust_region() {
                 }
                 None => {
                     assert_eq!(m.policy_step_kl, None);
+                    assert_eq!(m.policy_step_checks, None);
                     widest_free = widest_free.max(measured);
                 }
             }
