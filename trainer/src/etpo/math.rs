@@ -291,9 +291,11 @@ pub fn prior_mixed_target_logp(
 }
 
 /// The per-token policy loss of Eq. 7, per row: `KL(π(·|c) ‖ target(·|c))` over the full
-/// vocabulary, with `target_logp` from [`policy_target_logp`]. Gradients flow into π only.
-pub fn policy_kl_rows(policy_logp: &Tensor, target_logp: &Tensor) -> Result<Tensor> {
-    kl_rows(policy_logp, &target_logp.detach())
+/// vocabulary, from π's logits and `target_logp` (from [`policy_target_logp`]). Gradients flow
+/// into π only. Fused on the CPU ([`crate::ops::kl_from_logits`]): no `[rows × vocabulary]`
+/// tensor but the logits and the gradient is kept.
+pub fn policy_kl_rows(policy_logits: &Tensor, target_logp: &Tensor) -> Result<Tensor> {
+    crate::ops::kl_from_logits(policy_logits, target_logp).map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 #[cfg(test)]
@@ -582,8 +584,7 @@ mod tests {
         assert!(close(got[0][0] as f64, p_t, 1e-6));
 
         let var = candle_core::Var::from_tensor(&t(&[&[0.0, 0.0]])).unwrap();
-        let pol = log_softmax(var.as_tensor()).unwrap();
-        let kl = policy_kl_rows(&pol, &target).unwrap().sum_all().unwrap();
+        let kl = policy_kl_rows(var.as_tensor(), &target).unwrap().sum_all().unwrap();
         let want = 0.5 * (0.5 / p_t).ln() + 0.5 * (0.5 / (1.0 - p_t)).ln();
         assert!(close(kl.to_scalar::<f32>().unwrap() as f64, want, 1e-5));
         let grads = kl.backward().unwrap();

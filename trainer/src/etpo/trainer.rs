@@ -634,9 +634,9 @@ fn logp_from_hidden(model: &Llama, hidden: &Tensor) -> Result<Tensor, TrainError
     Ok(math::log_softmax(&model.logits(&hidden.detach())?)?)
 }
 
-/// The summed per-token policy loss (Eq. 7) of one micro-batch against `target_logp`
-/// ([`math::policy_target_logp`] of the Q-values, constants); gradients reach the policy adapter
-/// only.
+/// The summed per-token policy loss (Eq. 7, [`math::policy_kl_rows`]) of one micro-batch
+/// against `target` (constants: [`math::policy_target_from_q_logits`], or the mixed prior's);
+/// gradients reach the policy adapter only.
 fn policy_loss_chunk(
     model: &Llama,
     spans: &[RowSpan],
@@ -644,9 +644,7 @@ fn policy_loss_chunk(
     cfg: &EtpoConfig,
 ) -> Result<Tensor, TrainError> {
     let logits = logit_rows(model, spans, Some(POLICY), true, cfg.share_prefixes)?;
-    // [`math::policy_kl_rows`] of π's log-softmax, fused: no [rows × vocabulary] tensor but
-    // the logits and the gradient is kept.
-    Ok(crate::ops::kl_from_logits(&logits, target)?.sum_all()?)
+    Ok(math::policy_kl_rows(&logits, target)?.sum_all()?)
 }
 
 /// What the target phase of an update produces.
