@@ -27,7 +27,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::etpo::batch::{accumulate_grads, hidden_rows, token_tensor};
+use crate::etpo::batch::{accumulate_grads, hidden_rows, logp_from_hidden, token_tensor};
 use crate::etpo::{checkpoint, math, AdamW, AdamWConfig, TrainError, Transition, UpdateMetrics, POLICY};
 use crate::lora::LoraConfig;
 use crate::model::Llama;
@@ -213,9 +213,8 @@ impl GrpoTrainer {
             let ts = &batch[ci * mb..ci * mb + chunk.len()];
             let tokens = token_tensor(model, crate::etpo::trainer::chunk_actions(ts))?;
             let share = cfg.share_prefixes;
-            let ref_lp = math::log_softmax(&model.logits(&hidden_rows(model, chunk, None, false, share)?)?.detach())?;
-            let pol_lp =
-                math::log_softmax(&model.logits(&hidden_rows(model, chunk, Some(POLICY), false, share)?)?.detach())?;
+            let ref_lp = logp_from_hidden(model, &hidden_rows(model, chunk, None, false, share)?)?;
+            let pol_lp = logp_from_hidden(model, &hidden_rows(model, chunk, Some(POLICY), false, share)?)?;
             kl_sum += math::kl_rows(&pol_lp, &ref_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
             ent_sum += math::entropy_rows(&pol_lp)?.sum_all()?.to_scalar::<f32>()? as f64;
             old_logp.push(math::taken_values(&pol_lp, &tokens)?.detach());

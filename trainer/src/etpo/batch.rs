@@ -148,6 +148,13 @@ pub(crate) fn logit_rows(
     Ok(if track_grad { logits } else { logits.detach() })
 }
 
+/// Log-probabilities (detached) from final hidden states `[rows, hidden]`: the output layer and
+/// a log-softmax. Kept hidden states are how the ETPO update reads a distribution again without
+/// keeping `[rows × vocabulary]` tensors (the output layer is frozen, so they determine it).
+pub(crate) fn logp_from_hidden(model: &Llama, hidden: &Tensor) -> Result<Tensor, TrainError> {
+    Ok(super::math::log_softmax(&model.logits(&hidden.detach())?)?)
+}
+
 /// Token ids as a `[N]` u32 tensor on the model's device.
 pub(crate) fn token_tensor(model: &Llama, tokens: Vec<u32>) -> Result<Tensor, TrainError> {
     let n = tokens.len();

@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::batch::{accumulate_grads, hidden_rows, logit_rows, token_tensor, RowSpan};
+use super::batch::{accumulate_grads, hidden_rows, logit_rows, logp_from_hidden, token_tensor, RowSpan};
 use super::checkpoint;
 use super::math;
 use super::{AdamW, EtpoConfig, TrainError, Transition};
@@ -625,13 +625,6 @@ fn q_loss_chunk(
     }
     let hidden = keep_hidden.then(|| hidden.detach());
     Ok(QStep { loss, taken, hidden })
-}
-
-/// Log-probabilities (detached) from final hidden states `[rows, hidden]`: the output layer and
-/// a log-softmax. Kept hidden states are how the update reads a distribution again without
-/// keeping `[rows × vocabulary]` tensors (the output layer is frozen, so they determine it).
-fn logp_from_hidden(model: &Llama, hidden: &Tensor) -> Result<Tensor, TrainError> {
-    Ok(math::log_softmax(&model.logits(&hidden.detach())?)?)
 }
 
 /// The summed per-token policy loss (Eq. 7, [`math::policy_kl_rows`]) of one micro-batch
