@@ -331,7 +331,7 @@ impl PpoTrainer {
                 accumulate_grads(&mut grads, &pi_vars, &loss.backward()?)?;
                 row0 += rows;
             }
-            debug_assert_eq!(row0, total_tokens);
+            assert_eq!(row0, total_tokens);
             let norm = self.pi_opt.step(&grads)?;
             if epoch == 0 {
                 m.policy_loss = loss_sum;

@@ -239,11 +239,23 @@ impl QMatrix {
     /// Columns `j0..j1` of `x · Wᵀ` into `y` (`[m, n]`), in chunks of columns whose weights stay
     /// in the core's caches while every group of rows goes through them (the weights are read
     /// from memory once per product). A group takes up to eight rows (AVX-512; two with AVX2) and
-    /// for one or two rows, four or two columns at a time (independent sums to overlap).
+    /// for one or two rows, four or two columns at a time (independent sums to overlap). With
+    /// AVX2 and at least [`AVX2_UNPACK_ROWS`] rows, [`simd::avx2_unpacked`] does the work instead.
     ///
     /// # Safety
     /// `y` must point to `m · n` writable f32s that nothing else writes in columns `j0..j1`.
     unsafe fn columns(&self, x: &[f32], m: usize, j0: usize, j1: usize, y: Shared) {
+        #[cfg(target_arch = "x86_64")]
+        if isa() == Isa::Avx2 && m >= AVX2_UNPACK_ROWS {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time); the caller's contract.
+            unsafe {
+                match self.format {
+                    Format::Q4 => simd::avx2_unpacked::<true>(self, x, m, j0, j1, y),
+                    Format::Q8 => simd::avx2_unpacked::<false>(self, x, m, j0, j1, y),
+                }
+            }
+            return;
+        }
         let chunk = (COLUMN_CHUNK_BYTES / self.stride).max(4) / 4 * 4;
         let most = if isa() == Isa::Avx512 { 8 } else { 2 };
         for c0 in (j0..j1).step_by(chunk) {
@@ -304,6 +316,11 @@ const PF_GROUPS: usize = 2;
 
 /// Bytes of weights per chunk of columns in [`QMatrix::columns`] (well within a core's L2).
 const COLUMN_CHUNK_BYTES: usize = 64 * 1024;
+
+/// From how many activation rows the AVX2 path turns each weight row into f32 once and
+/// multiplies every row by it ([`simd::avx2_unpacked`]) instead of turning each block back into
+/// f32 for every group of rows.
+const AVX2_UNPACK_ROWS: usize = 3;
 
 /// What a kernel call works on: the weights, the activations, and where the results go.
 struct Job<'a> {
@@ -578,6 +595,110 @@ mod simd {
                 [f(0), f(8), f(16), f(24)]
             }
         }
+    }
+
+    /// Writes `v` at `p`, at any alignment.
+    ///
+    /// # Safety
+    /// `p` must point to a writable `T`.
+    #[inline(always)]
+    unsafe fn write<T: Copy, U>(p: *mut U, v: T) {
+        // SAFETY: the caller's contract; the wrapper's alignment is 1.
+        unsafe { *p.cast::<Unaligned<T>>() = Unaligned(v) };
+    }
+
+    /// Columns `j0..j1` of `x · Wᵀ` for all `m` rows of `x` with AVX2, for batches of several
+    /// rows: each weight row is turned into f32 once, into a buffer that stays in the L1 cache,
+    /// and the activation rows are multiplied by it three at a time. Each dot product needs four
+    /// accumulators (lanes 0-7, ..., 24-31 of [`super::scalar_dot`]), so three rows take twelve
+    /// of AVX2's sixteen registers; [`avx2`] instead turns every block back into f32 again for
+    /// each pair of rows, which costs more than the products. The sums are [`avx2`]'s, in its
+    /// order: the same bits.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `x` must hold `m` rows of `w.k`, and `y` must point to
+    /// `[m, w.n]` writable f32s that nothing else writes in columns `j0..j1 <= w.n`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn avx2_unpacked<const Q4: bool>(
+        w: &super::QMatrix,
+        x: &[f32],
+        m: usize,
+        j0: usize,
+        j1: usize,
+        y: super::Shared,
+    ) {
+        let (k, nb) = (w.k, w.k / BLOCK);
+        assert!(j1 <= w.n && w.rows.len() == w.n * w.stride && x.len() >= m * k, "quant: out of range");
+        let step = if Q4 { BLOCK / 2 } else { BLOCK };
+        let values = if Q4 { k / 2 } else { k };
+        let mut unpacked = vec![0f32; k];
+        let u = unpacked.as_mut_ptr();
+        for j in j0..j1 {
+            let row = w.rows.as_ptr().wrapping_add(j * w.stride);
+            let (wd, wm) = (row.wrapping_add(values).cast::<f32>(), row.wrapping_add(values + 4 * nb).cast::<f32>());
+            for b in 0..nb {
+                // SAFETY: block b of row j (within the matrix, asserted) is read; u holds k f32s.
+                unsafe {
+                    let v = weights8::<Q4>(row.wrapping_add(b * step), wd.wrapping_add(b), wm.wrapping_add(b));
+                    for (h, &vh) in v.iter().enumerate() {
+                        write(u.wrapping_add(b * BLOCK + 8 * h), vh);
+                    }
+                }
+            }
+            let mut r0 = 0;
+            while r0 < m {
+                // SAFETY: rows r0.. of x and column j of y (the caller's contract); u holds row j.
+                r0 += unsafe {
+                    match m - r0 {
+                        1 => dot_rows::<1>(u, x, k, r0, j, w.n, y),
+                        2 => dot_rows::<2>(u, x, k, r0, j, w.n, y),
+                        _ => dot_rows::<3>(u, x, k, r0, j, w.n, y),
+                    }
+                };
+            }
+        }
+    }
+
+    /// `y[r0 + r][j] = u · x[r0 + r]` for `R` rows, in [`super::scalar_dot`]'s order; returns `R`.
+    ///
+    /// # Safety
+    /// As [`avx2_unpacked`]; `u` must hold `k` f32s and rows `r0..r0 + R` must be within `x`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn dot_rows<const R: usize>(
+        u: *const f32,
+        x: &[f32],
+        k: usize,
+        r0: usize,
+        j: usize,
+        n: usize,
+        y: super::Shared,
+    ) -> usize {
+        let mut xs: [*const f32; R] = std::array::from_fn(|r| x.as_ptr().wrapping_add((r0 + r) * k));
+        let mut up = u;
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        for _ in 0..k / BLOCK {
+            for h in 0..4 {
+                // SAFETY: block b's lanes 8h.. are within u and within each row (the caller's
+                // contract; the pointers move by one block per iteration).
+                unsafe {
+                    let wv: __m256 = read(up.wrapping_add(8 * h));
+                    for r in 0..R {
+                        acc[r][h] = _mm256_fmadd_ps(wv, read(xs[r].wrapping_add(8 * h)), acc[r][h]);
+                    }
+                }
+            }
+            up = up.wrapping_add(BLOCK);
+            for p in xs.iter_mut() {
+                *p = p.wrapping_add(BLOCK);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let v = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
+            // SAFETY: (r0 + r, j) is within y and the caller's to write.
+            unsafe { *y.get().wrapping_add((r0 + r) * n + j) = hsum(v) };
+        }
+        R
     }
 
     /// [`super::kernel`] with AVX2: as [`avx512`] with four 8-lane accumulators per (row,

@@ -164,7 +164,7 @@ pub fn soft_bellman_targets(
 /// `λ = 0` is Eq. 6 as written.
 pub fn tree_backup_targets(one_step: &mut [f64], taken_q: &[f64], taken_prob: &[f64], lambda: f64, f: f64) {
     let n = one_step.len();
-    debug_assert!(taken_q.len() == n && taken_prob.len() == n);
+    assert!(taken_q.len() == n && taken_prob.len() == n);
     if lambda == 0.0 {
         return;
     }
