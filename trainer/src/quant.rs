@@ -679,8 +679,8 @@ mod simd {
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
         for _ in 0..k / BLOCK {
             for h in 0..4 {
-                // SAFETY: block b's lanes 8h.. are within u and within each row (the caller's
-                // contract; the pointers move by one block per iteration).
+                // SAFETY: lanes 8h.. of the current block are within u and within each row
+                // (the caller's contract; the pointers move on by one block per iteration).
                 unsafe {
                     let wv: __m256 = read(up.wrapping_add(8 * h));
                     for r in 0..R {
