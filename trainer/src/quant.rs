@@ -597,6 +597,14 @@ mod simd {
         }
     }
 
+    /// One dot product from its four 8-lane accumulators (lanes 0-7, ..., 24-31 of
+    /// [`super::scalar_dot`]), in that function's order: both AVX2 kernels end with it.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn sum_lanes(a: &[__m256; 4]) -> f32 {
+        hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3])))
+    }
+
     /// Writes `v` at `p`, at any alignment.
     ///
     /// # Safety
@@ -627,23 +635,22 @@ mod simd {
         j1: usize,
         y: super::Shared,
     ) {
-        let (k, nb) = (w.k, w.k / BLOCK);
+        let k = w.k;
         assert!(j1 <= w.n && w.rows.len() == w.n * w.stride && x.len() >= m * k, "quant: out of range");
-        let step = if Q4 { BLOCK / 2 } else { BLOCK };
-        let values = if Q4 { k / 2 } else { k };
         let mut unpacked = vec![0f32; k];
         let u = unpacked.as_mut_ptr();
+        let job = Job { w, x, r0: 0, y };
         for j in j0..j1 {
-            let row = w.rows.as_ptr().wrapping_add(j * w.stride);
-            let (wd, wm) = (row.wrapping_add(values).cast::<f32>(), row.wrapping_add(values + 4 * nb).cast::<f32>());
-            for b in 0..nb {
+            let mut p = Walk::<1, 0>::new(&job, j, Q4);
+            for b in 0..k / BLOCK {
                 // SAFETY: block b of row j (within the matrix, asserted) is read; u holds k f32s.
                 unsafe {
-                    let v = weights8::<Q4>(row.wrapping_add(b * step), wd.wrapping_add(b), wm.wrapping_add(b));
+                    let v = weights8::<Q4>(p.wq[0], p.wd[0], p.wm[0]);
                     for (h, &vh) in v.iter().enumerate() {
                         write(u.wrapping_add(b * BLOCK + 8 * h), vh);
                     }
                 }
+                p.advance(Q4);
             }
             let mut r0 = 0;
             while r0 < m {
@@ -694,9 +701,8 @@ mod simd {
             }
         }
         for (r, a) in acc.iter().enumerate() {
-            let v = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
             // SAFETY: (r0 + r, j) is within y and the caller's to write.
-            unsafe { *y.get().wrapping_add((r0 + r) * n + j) = hsum(v) };
+            unsafe { *y.get().wrapping_add((r0 + r) * n + j) = sum_lanes(a) };
         }
         R
     }
@@ -733,10 +739,8 @@ mod simd {
             }
             for c in 0..C {
                 for r in 0..R {
-                    let a = &acc[c][r];
-                    let v = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
                     // SAFETY: (r0 + r, j + c) is within y and this call's to write.
-                    unsafe { put(job, r, j + c, hsum(v)) };
+                    unsafe { put(job, r, j + c, sum_lanes(&acc[c][r])) };
                 }
             }
             j += C;
