@@ -1,11 +1,12 @@
 //! The arguments every command that loads a model shares: `--model`, `--device`,
-//! `--generation-weights` and, where an adapter can be applied, `--adapter`.
+//! `--generation-weights`, `--activation-checkpointing` and, where an adapter can be applied,
+//! `--adapter`.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 
-/// `--model`, `--device` and `--generation-weights`.
+/// `--model`, `--device`, `--generation-weights` and `--activation-checkpointing`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// GGUF file or Hugging Face folder [default: the embedded SmolLM2-135M-Instruct GGUF]
@@ -19,6 +20,11 @@ pub struct ModelArgs {
     /// f32) or `f32` (the training weights) [default: quantized for an f32 model on the CPU]
     #[arg(long, value_name = "f32|quantized")]
     pub generation_weights: Option<String>,
+    /// Training passes keep each decoder block's input and output only and compute the block
+    /// again in the backward pass: an update's memory no longer grows with everything every
+    /// block computes, for one more forward pass of work. The same gradients
+    #[arg(long)]
+    pub activation_checkpointing: bool,
 }
 
 impl ModelArgs {
@@ -38,6 +44,7 @@ impl ModelArgs {
         if let Some(w) = weights {
             loaded.model.set_generation_weights(w);
         }
+        loaded.model.set_activation_checkpointing(self.activation_checkpointing);
         Ok(loaded)
     }
 

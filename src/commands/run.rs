@@ -181,6 +181,10 @@ struct RunConfig {
     /// weights and resumes with them.
     #[serde(default)]
     generation_weights: Option<String>,
+    /// `--activation-checkpointing`: the trainer's passes recompute each block in the backward
+    /// pass (memory, not results; a resume may turn it on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    activation_checkpointing: bool,
     workers: Option<usize>,
     temperature: Option<f64>,
     top_k: Option<usize>,
@@ -292,6 +296,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         eprintln!("loading {} on {}", model.display(), config.device);
         let mut policy = LlmPolicy::load(&model, &config.device, sampling_config(&config))?;
         policy.model_mut().model.set_generation_weights(generation_weights(&config)?);
+        policy.model_mut().model.set_activation_checkpointing(config.activation_checkpointing);
         if policy.model().model.device().is_cpu() {
             eprintln!("sampling with {} weights", policy.model().model.generation_weights().name());
         }
@@ -461,6 +466,7 @@ fn create_run(args: &Args) -> anyhow::Result<Opened> {
         generation_weights: Some(
             args.model.generation_weights()?.unwrap_or(trainer::GenerationWeights::Quantized).name().to_string(),
         ),
+        activation_checkpointing: args.model.activation_checkpointing,
         workers: args.workers,
         temperature: args.temperature,
         top_k: args.top_k,
@@ -582,6 +588,7 @@ fn open_resumed(dir: &Path, args: &Args) -> anyhow::Result<Opened> {
     if let Some(w) = args.model.generation_weights()? {
         manifest.config.generation_weights = Some(w.name().to_string());
     }
+    manifest.config.activation_checkpointing |= args.model.activation_checkpointing;
     let previous = read_steps(&dir.join("steps.jsonl"))?;
     Ok((dir.to_path_buf(), manifest, previous, lock, None))
 }
@@ -909,6 +916,7 @@ mod tests {
             model: None,
             device: "cpu".into(),
             generation_weights: Some("quantized".into()),
+            activation_checkpointing: false,
             workers: None,
             temperature: None,
             top_k: None,

@@ -368,3 +368,33 @@ fn a_training_run_killed_and_resumed_ends_with_the_adapters_of_an_uninterrupted_
     ok(&etpo(&["run", "--resume", "killed", "--no-progress"], tmp.path()));
     assert_resumed_as_uninterrupted(tmp.path());
 }
+
+#[test]
+fn activation_checkpointing_is_a_flag_that_trains_the_same_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path());
+    let spec = balance_scale();
+    // One update on the same two actions (sampled before any update), with and without.
+    for (out, extra) in [("plain", &[][..]), ("checkpointed", &["--activation-checkpointing"][..])] {
+        let mut args = train_args("etpo", spec.to_str().unwrap(), out, "2");
+        args.extend(["--update-every", "2", "--lr", "0.01"]);
+        args.extend(extra);
+        ok(&etpo(&args, tmp.path()));
+    }
+    let (plain, checkpointed) = (tmp.path().join("plain"), tmp.path().join("checkpointed"));
+    check_training_outputs(&checkpointed, 1, 2);
+    assert_eq!(config(&checkpointed)["config"]["activation_checkpointing"], true, "recorded");
+    assert!(config(&plain)["config"].get("activation_checkpointing").is_none(), "off is the default");
+    let (a, b) = (adapter(&plain), adapter(&checkpointed));
+    assert_eq!(a.len(), b.len());
+    let mut moved = 0f32;
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        for (u, v) in x.iter().zip(y) {
+            assert!((u - v).abs() <= 1e-5 * u.abs().max(1.0), "{name}: {u} against {v}");
+        }
+        if name.contains("lora_B") {
+            moved = moved.max(x.iter().map(|u| u.abs()).fold(0.0, f32::max));
+        }
+    }
+    assert!(moved > 0.0, "the update moved B from zero");
+}

@@ -263,7 +263,7 @@ impl GrpoTrainer {
                     clipped += r.iter().filter(|&&x| (x as f64 - 1.0).abs() > cfg.clip).count() as f64;
                     approx_kl += log_ratio.neg()?.sum_all()?.to_scalar::<f32>()? as f64;
                 }
-                accumulate_grads(&mut grads, &pi_vars, &per_token.backward()?)?;
+                accumulate_grads(&mut grads, &pi_vars, &model.backward(&per_token)?)?;
             }
             let norm = self.pi_opt.step(&grads)?;
             if epoch == 0 {

@@ -921,7 +921,7 @@ fn cpu_tensor(storage: &CpuStorage, start: usize, end: usize, shape: &Shape) -> 
 }
 
 /// The storage of a contiguous CPU tensor, for returning from a custom op.
-fn into_cpu_storage(t: Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+pub(crate) fn into_cpu_storage(t: Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
     let t = t.contiguous()?;
     let (st, l) = t.storage_and_layout();
     match &*st {

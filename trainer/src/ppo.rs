@@ -283,7 +283,7 @@ impl PpoTrainer {
                 let tg = Tensor::from_slice(&rollout.value_targets[lo..lo + n], n, model.device())?;
                 let loss = ((self.values(feats)? - tg)?.sqr()?.sum_all()? / batch.len() as f64)?;
                 loss_sum += loss.to_scalar::<f32>()? as f64;
-                accumulate_grads(&mut grads, &value_vars, &loss.backward()?)?;
+                accumulate_grads(&mut grads, &value_vars, &model.backward(&loss)?)?;
             }
             if epoch == 0 {
                 m.q_loss = loss_sum;
@@ -328,7 +328,7 @@ impl PpoTrainer {
                     clipped += r.iter().filter(|&&x| (x as f64 - 1.0).abs() > cfg.clip).count() as f64;
                     approx_kl += log_ratio.neg()?.sum_all()?.to_scalar::<f32>()? as f64;
                 }
-                accumulate_grads(&mut grads, &pi_vars, &loss.backward()?)?;
+                accumulate_grads(&mut grads, &pi_vars, &model.backward(&loss)?)?;
                 row0 += rows;
             }
             assert_eq!(row0, total_tokens);

@@ -158,12 +158,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             (loaded.model, path.display().to_string())
         }
     };
+    model.set_activation_checkpointing(args.model.activation_checkpointing);
     let vocab = model.config().vocab_size;
     println!(
-        "model: {label}, loaded in {:.1} s; device {}; CPU {}",
+        "model: {label}, loaded in {:.1} s; device {}; CPU {}; activation checkpointing {}",
         started.elapsed().as_secs_f64(),
         args.model.device,
-        super::cpu_model()
+        super::cpu_model(),
+        if args.model.activation_checkpointing { "on" } else { "off" }
     );
     println!(
         "batch: {} actions of {} tokens from {} states of {} tokens, micro-batch {}",

@@ -81,6 +81,8 @@ struct Grid {
     device: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     generation_weights: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    activation_checkpointing: bool,
     update_every: Option<usize>,
     set: Vec<String>,
     workers: Option<usize>,
@@ -105,6 +107,7 @@ impl Grid {
             model: args.model.path,
             device: args.model.device,
             generation_weights,
+            activation_checkpointing: args.model.activation_checkpointing,
             update_every: args.update_every,
             set: args.set,
             workers: args.workers,
@@ -279,6 +282,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             progress.say(&format!("{label}: resuming after {logged} steps"));
             cmd.args(["run", "--resume"]).arg(&cell.dir).args(["--device", &args.device]);
             cmd.args(args.generation_weights.iter().flat_map(|w| ["--generation-weights", w]));
+            cmd.args(args.activation_checkpointing.then_some("--activation-checkpointing"));
         } else {
             progress.say(&format!("{label}: starting"));
             cmd.arg("run").arg(&cell.spec).args(["--algo", cell.algo.algo.name()]);
@@ -286,6 +290,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             cmd.args(["--seeds", &cell.seed.to_string(), "--steps", &cell.steps.to_string()]);
             cmd.arg("--out").arg(&cell.dir).args(["--device", &args.device]);
             cmd.args(args.generation_weights.iter().flat_map(|w| ["--generation-weights", w]));
+            cmd.args(args.activation_checkpointing.then_some("--activation-checkpointing"));
             if let Some(m) = &args.model {
                 cmd.arg("--model").arg(m);
             }

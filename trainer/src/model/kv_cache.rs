@@ -52,6 +52,16 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Whether appending concatenates (differentiable) rather than writing into a buffer.
+    pub(super) fn grows(&self) -> bool {
+        self.capacity.is_none()
+    }
+
+    /// One layer's keys and values so far, `[B, kvH, len, D]` each (`None` before the first pass).
+    pub(super) fn layer(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers[layer].as_ref()
+    }
+
     /// Number of rows.
     pub fn batch(&self) -> usize {
         self.mask.len()

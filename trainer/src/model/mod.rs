@@ -16,9 +16,10 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::lora::LoraAdapter;
 pub use crate::ops::frozen_linear;
-use crate::ops::{attention, rms_norm, rope, swiglu};
+use crate::ops::{attention as attention_op, rms_norm, rope, swiglu};
 
 mod adapters;
+mod checkpoint;
 mod config;
 mod flops;
 mod kv_cache;
@@ -90,6 +91,11 @@ pub struct Llama {
     quantized: std::sync::OnceLock<QuantizedWeights>,
     /// The matrix-product work of every pass so far ([`Llama::flops`]).
     flops: flops::FlopCounter,
+    /// Whether training passes recompute their blocks in the backward pass
+    /// ([`Llama::set_activation_checkpointing`]), and the adapter gradients those recomputations
+    /// leave for [`Llama::backward`].
+    recompute_blocks: bool,
+    recomputed: std::sync::Arc<checkpoint::Gradients>,
 }
 
 /// The weights one pass multiplies by.
@@ -104,6 +110,7 @@ enum Base<'a> {
 }
 
 /// Where the queries of one pass sit: rotary tables and the additive attention mask.
+#[derive(Clone)]
 struct PassGeometry {
     /// `[B, T, D/2]` cos and sin of the new positions (model dtype).
     cos: Tensor,
@@ -163,6 +170,8 @@ impl Llama {
             generation: GenerationWeights::Exact,
             quantized: std::sync::OnceLock::new(),
             flops: flops::FlopCounter::default(),
+            recompute_blocks: false,
+            recomputed: Default::default(),
         })
     }
 
@@ -232,6 +241,39 @@ impl Llama {
     /// counted). Take the difference of two readings to count one piece of work.
     pub fn flops(&self) -> Flops {
         self.flops.get()
+    }
+
+    /// Activation checkpointing for training passes (off by default): a pass that tracks an
+    /// adapter's gradients keeps each decoder block's input and output only, and runs the block
+    /// again during the backward pass to get what it needs. The peak memory of a training step
+    /// then grows with the layers by one `[tokens, hidden + 2·kv]` tensor per block instead of
+    /// every intermediate, for one more forward pass of work. Gradients are the same; take them
+    /// with [`Llama::backward`].
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.recompute_blocks = on;
+    }
+
+    /// Whether [`Llama::set_activation_checkpointing`] is on.
+    pub fn activation_checkpointing(&self) -> bool {
+        self.recompute_blocks
+    }
+
+    /// The gradients of `loss`: `loss.backward()`, plus the adapter gradients of the blocks that
+    /// activation checkpointing ran again (they are outside candle's graph, which sees each such
+    /// block as one op of its input). Use this instead of `Tensor::backward` for any loss of a
+    /// training pass.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        // Whatever an earlier plain `Tensor::backward` left does not belong to this loss.
+        self.recomputed.take();
+        let mut grads = loss.backward()?;
+        for (var, g) in self.recomputed.take() {
+            let sum = match grads.remove(&var) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            grads.insert(&var, sum);
+        }
+        Ok(grads)
     }
 
     /// Full-sequence forward for training and scoring: logits `[B, T, V]` in f32, tracking
@@ -372,8 +414,24 @@ impl Llama {
         let tracked = opts.track_grad && adapter.is_some();
         self.flops.add(work.forward(), tracked.then(|| work.backward()));
 
+        // Activation checkpointing (see `checkpoint.rs`) applies to training passes through the
+        // exact weights with a growing cache; `recompute` holds what its blocks share.
+        let recompute = match (adapter, base) {
+            (Some(a), Base::Exact) if tracked && self.recompute_blocks && cache.grows() => {
+                Some(checkpoint::Pass::new(self, a, &geo, (b, t), opts.dropout_seed))
+            }
+            _ => None,
+        };
+        let mut recomputed = 0;
         let mut x = self.w.embed.embedding(&input_ids.flatten_all()?)?; // [B*T, H]
         for (li, blk) in self.w.blocks.iter().enumerate() {
+            if let Some(pass) = &recompute {
+                if let Some(y) = pass.block(li, &x, cache)? {
+                    x = y;
+                    recomputed += 1;
+                    continue;
+                }
+            }
             let lora = adapter.map(|a| (a, li));
             let lin = |x: &Tensor, p: Projection| -> Result<Tensor> {
                 match base {
@@ -397,16 +455,12 @@ impl Llama {
                     Some((a, li)) => a.linear(li, p, x, w, opts, self.dtype),
                 }
             };
-            let residual = x.clone();
-            let h = rms_norm(&x, &blk.attn_norm, self.cfg.rms_norm_eps)?;
-            let h = self.attention(&h, b, t, li, &geo, cache, &lin)?;
-            x = (residual + h)?;
-            let residual = x.clone();
-            let h = rms_norm(&x, &blk.mlp_norm, self.cfg.rms_norm_eps)?;
-            let gate = lin(&h, Projection::Gate)?;
-            let up = lin(&h, Projection::Up)?;
-            let h = lin(&swiglu(&gate, &up)?, Projection::Down)?;
-            x = (residual + h)?;
+            x = block(&self.cfg, blk, &geo, (b, t), &x, &lin, &mut |k, v| cache.append(li, k, v))?;
+        }
+        // The backward pass runs the checkpointed blocks forward again.
+        if recomputed > 0 {
+            let per_block = work.forward() / self.cfg.num_hidden_layers as f64;
+            self.flops.add(0.0, Some(per_block * recomputed as f64));
         }
         let x = rms_norm(&x, &self.w.norm, self.cfg.rms_norm_eps)?;
         // Positions and mask advance once every layer has its keys/values (after an error the
@@ -472,37 +526,63 @@ impl Llama {
         };
         Ok(PassGeometry { cos, sin, mask })
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        layer: usize,
-        geo: &PassGeometry,
-        cache: &mut KvCache,
-        lin: &dyn Fn(&Tensor, Projection) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let n_rep = nh / nkv;
-        let q = lin(x, Projection::Q)?.reshape((b, t, nh, hd))?;
-        let k = lin(x, Projection::K)?.reshape((b, t, nkv, hd))?;
-        let v = lin(x, Projection::V)?.reshape((b, t, nkv, hd))?;
-        let q = rope(&q, &geo.cos, &geo.sin)?.transpose(1, 2)?.contiguous()?;
-        let k = rope(&k, &geo.cos, &geo.sin)?.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        let (k, v) = cache.append(layer, &k, &v)?;
-        let tk = k.dim(2)?;
-        // Grouped-query attention without repeating K/V: the n_rep query heads that share a
-        // key/value head become extra rows of one matmul.
-        // The 1/sqrt(d) scale goes on q, the smaller operand, not on the scores.
-        let scale = 1.0 / (hd as f64).sqrt();
-        let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
-        let mask = geo.mask.as_ref().map(|m| m.reshape((b, t, tk))).transpose()?;
-        let out = attention(&q, &k, &v, mask.as_ref(), t)?; // [B, nkv, n_rep*T, D]
-        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        lin(&out, Projection::O)
-    }
+/// Multiplies by one projection of a block (adapted or not, exact or quantised weights).
+type Linear<'a> = dyn Fn(&Tensor, Projection) -> Result<Tensor> + 'a;
+
+/// Takes a block's new keys and values and returns all those its queries attend to.
+type KvAppend<'a> = dyn FnMut(&Tensor, &Tensor) -> Result<(Tensor, Tensor)> + 'a;
+
+/// One decoder block over `x` `[B*T, H]` (`bt` = (B, T)): attention and the feed-forward layer,
+/// each after its RMSNorm and added to its input. `lin` multiplies by a projection (adapted or
+/// not); `kv` receives the block's new keys and values `[B, kvH, T, D]` and returns all the keys
+/// and values the queries attend to (the cache's, or a checkpoint's past followed by the new).
+fn block(
+    cfg: &LlamaConfig,
+    w: &BlockWeights,
+    geo: &PassGeometry,
+    bt: (usize, usize),
+    x: &Tensor,
+    lin: &Linear<'_>,
+    kv: &mut KvAppend<'_>,
+) -> Result<Tensor> {
+    let h = rms_norm(x, &w.attn_norm, cfg.rms_norm_eps)?;
+    let h = attention(cfg, &h, bt, geo, lin, kv)?;
+    let x = (x + h)?;
+    let h = rms_norm(&x, &w.mlp_norm, cfg.rms_norm_eps)?;
+    let gate = lin(&h, Projection::Gate)?;
+    let up = lin(&h, Projection::Up)?;
+    let h = lin(&swiglu(&gate, &up)?, Projection::Down)?;
+    Ok((x + h)?)
+}
+
+/// Grouped-query attention of one block (see [`block`] for `lin` and `kv`).
+fn attention(
+    cfg: &LlamaConfig,
+    x: &Tensor,
+    (b, t): (usize, usize),
+    geo: &PassGeometry,
+    lin: &Linear<'_>,
+    kv: &mut KvAppend<'_>,
+) -> Result<Tensor> {
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let n_rep = nh / nkv;
+    let q = lin(x, Projection::Q)?.reshape((b, t, nh, hd))?;
+    let k = lin(x, Projection::K)?.reshape((b, t, nkv, hd))?;
+    let v = lin(x, Projection::V)?.reshape((b, t, nkv, hd))?;
+    let q = rope(&q, &geo.cos, &geo.sin)?.transpose(1, 2)?.contiguous()?;
+    let k = rope(&k, &geo.cos, &geo.sin)?.transpose(1, 2)?.contiguous()?;
+    let v = v.transpose(1, 2)?.contiguous()?;
+    let (k, v) = kv(&k, &v)?;
+    let tk = k.dim(2)?;
+    // Grouped-query attention without repeating K/V: the n_rep query heads that share a
+    // key/value head become extra rows of one matmul.
+    // The 1/sqrt(d) scale goes on q, the smaller operand, not on the scores.
+    let scale = 1.0 / (hd as f64).sqrt();
+    let q = (q * scale)?.reshape((b, nkv, n_rep * t, hd))?;
+    let mask = geo.mask.as_ref().map(|m| m.reshape((b, t, tk))).transpose()?;
+    let out = attention_op(&q, &k, &v, mask.as_ref(), t)?; // [B, nkv, n_rep*T, D]
+    let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+    lin(&out, Projection::O)
 }
