@@ -130,15 +130,27 @@ pub fn generate_with(
     let b = prompts.len();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let dev = model.device();
-    let mut ids = Vec::with_capacity(b * max_len);
-    let mut mask = Vec::with_capacity(b * max_len);
-    for p in prompts {
+    // Rows with the same prompt (a training batch samples several actions per state) share one
+    // prompt pass: its keys and values are copied to each of them before the first step.
+    let mut distinct: Vec<&[u32]> = Vec::new();
+    let prompt_of: Vec<usize> = prompts
+        .iter()
+        .map(|p| {
+            distinct.iter().position(|d| *d == p.as_slice()).unwrap_or_else(|| {
+                distinct.push(p);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    let mut ids = Vec::with_capacity(distinct.len() * max_len);
+    let mut mask = Vec::with_capacity(distinct.len() * max_len);
+    for p in &distinct {
         let padn = max_len - p.len();
         ids.extend(std::iter::repeat_n(pad_id, padn).chain(p.iter().copied()));
         mask.extend(std::iter::repeat_n(0u32, padn).chain(std::iter::repeat_n(1u32, p.len())));
     }
-    let ids = Tensor::from_vec(ids, (b, max_len), dev)?;
-    let mask = Tensor::from_vec(mask, (b, max_len), dev)?;
+    let ids = Tensor::from_vec(ids, (distinct.len(), max_len), dev)?;
+    let mask = Tensor::from_vec(mask, (distinct.len(), max_len), dev)?;
 
     let mut rngs: Vec<rand::rngs::StdRng> =
         (0..b).map(|row| rand::rngs::StdRng::seed_from_u64(row_seed(cfg.seed, row))).collect();
@@ -190,8 +202,12 @@ pub fn generate_with(
         };
         Ok(logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     };
-    let mut cache = KvCache::with_capacity(model, b, max_len + cfg.max_new_tokens);
+    let mut cache = KvCache::with_capacity(model, distinct.len(), max_len + cfg.max_new_tokens);
     let mut logits = pass(&ids, Some(&mask), &mut cache, true)?;
+    if distinct.len() < b {
+        cache.select_rows(&prompt_of)?;
+        logits = prompt_of.iter().map(|&i| logits[i].clone()).collect();
+    }
     // `active[i]` is the completion index of cache row i.
     let mut active: Vec<usize> = (0..b).collect();
     let mut texts: Vec<Option<String>> = vec![None; b];
@@ -360,6 +376,33 @@ mod tests {
                 assert!((x - y).abs() < 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn rows_with_one_prompt_share_its_pass_and_sample_as_if_alone() {
+        let m = tiny(24);
+        let p = prompts();
+        // Repeated prompts, not next to each other, among distinct ones; sampled, so each row
+        // must keep its own random stream.
+        let batch = vec![p[0].clone(), p[1].clone(), p[0].clone(), p[2].clone(), p[0].clone(), p[1].clone()];
+        let cfg =
+            GenerateConfig { max_new_tokens: 10, temperature: 1.2, top_k: None, seed: 5, ..GenerateConfig::default() };
+        let shared = run(&m, &batch, &cfg, None);
+        // Each row as the padded batch of all-distinct prompts would run it: a batch in which
+        // the row's prompt is the only copy (the others get one token more, so none repeats).
+        for (row, c) in shared.iter().enumerate() {
+            let others: Vec<Vec<u32>> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, q)| if i == row { q.clone() } else { [q.as_slice(), &[i as u32 + 200]].concat() })
+                .collect();
+            let distinct = run(&m, &others, &cfg, None);
+            assert_eq!(c.tokens, distinct[row].tokens, "row {row}");
+            for (x, y) in c.logprobs.iter().zip(&distinct[row].logprobs) {
+                assert!((x - y).abs() < 1e-5, "row {row}");
+            }
+        }
+        assert_ne!(shared[0].tokens, shared[2].tokens, "the copies of a prompt sample on their own streams");
     }
 
     #[test]

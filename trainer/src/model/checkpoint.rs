@@ -13,7 +13,8 @@
 //!
 //! The recomputed block reads the same weights, adapter, rotary tables, mask and dropout masks
 //! (seeded) as the first computation, so the gradients are those of the pass without
-//! checkpointing, summed in the same order.
+//! checkpointing, to float rounding (the first computation runs the kernels that have no
+//! backward pass, which may sum in another order).
 
 use std::sync::{Arc, Mutex};
 
