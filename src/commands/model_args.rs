@@ -22,7 +22,7 @@ pub struct ModelArgs {
     pub generation_weights: Option<String>,
     /// Training passes keep each decoder block's input and output only and compute the block
     /// again in the backward pass: an update's memory no longer grows with everything every
-    /// block computes, for one more forward pass of work. The same gradients
+    /// block computes, for one more forward pass of work; the gradients are the same
     #[arg(long)]
     pub activation_checkpointing: bool,
 }

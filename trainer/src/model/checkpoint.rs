@@ -71,7 +71,7 @@ impl Pass {
             bt,
             dropout_seed,
             dtype: model.dtype,
-            grads: model.recomputed.clone(),
+            grads: model.checkpoint_grads.clone(),
         }))
     }
 

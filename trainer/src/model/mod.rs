@@ -95,7 +95,7 @@ pub struct Llama {
     /// ([`Llama::set_activation_checkpointing`]), and the adapter gradients those recomputations
     /// leave for [`Llama::backward`].
     recompute_blocks: bool,
-    recomputed: std::sync::Arc<checkpoint::Gradients>,
+    checkpoint_grads: std::sync::Arc<checkpoint::Gradients>,
 }
 
 /// The weights one pass multiplies by.
@@ -171,7 +171,7 @@ impl Llama {
             quantized: std::sync::OnceLock::new(),
             flops: flops::FlopCounter::default(),
             recompute_blocks: false,
-            recomputed: Default::default(),
+            checkpoint_grads: Default::default(),
         })
     }
 
@@ -247,8 +247,8 @@ impl Llama {
     /// adapter's gradients keeps each decoder block's input and output only, and runs the block
     /// again during the backward pass to get what it needs. The peak memory of a training step
     /// then grows with the layers by one `[tokens, hidden + 2·kv]` tensor per block instead of
-    /// every intermediate, for one more forward pass of work. Gradients are the same; take them
-    /// with [`Llama::backward`].
+    /// every intermediate, for one more forward pass of work. Gradients are the same (to float
+    /// rounding); take them with [`Llama::backward`].
     pub fn set_activation_checkpointing(&mut self, on: bool) {
         self.recompute_blocks = on;
     }
@@ -264,9 +264,9 @@ impl Llama {
     /// training pass.
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
         // Whatever an earlier plain `Tensor::backward` left does not belong to this loss.
-        self.recomputed.take();
+        self.checkpoint_grads.take();
         let mut grads = loss.backward()?;
-        for (var, g) in self.recomputed.take() {
+        for (var, g) in self.checkpoint_grads.take() {
             let sum = match grads.remove(&var) {
                 Some(prev) => (prev + g)?,
                 None => g,
@@ -422,13 +422,13 @@ impl Llama {
             }
             _ => None,
         };
-        let mut recomputed = 0;
+        let mut checkpointed = 0;
         let mut x = self.w.embed.embedding(&input_ids.flatten_all()?)?; // [B*T, H]
         for (li, blk) in self.w.blocks.iter().enumerate() {
             if let Some(pass) = &recompute {
                 if let Some(y) = pass.block(li, &x, cache)? {
                     x = y;
-                    recomputed += 1;
+                    checkpointed += 1;
                     continue;
                 }
             }
@@ -458,9 +458,9 @@ impl Llama {
             x = block(&self.cfg, blk, &geo, (b, t), &x, &lin, &mut |k, v| cache.append(li, k, v))?;
         }
         // The backward pass runs the checkpointed blocks forward again.
-        if recomputed > 0 {
+        if checkpointed > 0 {
             let per_block = work.forward() / self.cfg.num_hidden_layers as f64;
-            self.flops.add(0.0, Some(per_block * recomputed as f64));
+            self.flops.add(0.0, Some(per_block * checkpointed as f64));
         }
         let x = rms_norm(&x, &self.w.norm, self.cfg.rms_norm_eps)?;
         // Positions and mask advance once every layer has its keys/values (after an error the
