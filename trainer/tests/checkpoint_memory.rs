@@ -3,65 +3,15 @@
 //! ETPO update's peak grows by a fraction of what it grows by without it (issue 21: the 7B model
 //! on a 24 GB GPU).
 //!
-//! Measured with a counting global allocator, like `update_memory.rs`, in a test binary of its own
-//! with a single test.
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+//! Measured with the counting global allocator of `support/counting_alloc.rs`, in a test binary
+//! of its own with a single test.
 
 use candle_core::{DType, Device};
 use trainer::etpo::{EtpoConfig, EtpoTrainer, Transition};
 use trainer::model::{Llama, LlamaConfig};
 
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(bytes: usize) {
-    let now = CURRENT.fetch_add(bytes, Relaxed) + bytes;
-    PEAK.fetch_max(now, Relaxed);
-}
-
-// SAFETY: every call is passed on to the system allocator unchanged; the counters only watch.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract for `alloc` is the system allocator's.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` with `layout` (every allocation goes there).
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: as for `dealloc`; the caller guarantees `new_size` is valid for `layout`.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            CURRENT.fetch_sub(layout.size(), Relaxed);
-            grew(new_size);
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
 const VOCAB: usize = 512;
 
@@ -96,10 +46,9 @@ fn update_peak(layers: usize, checkpointing: bool) -> usize {
     let mut trainer =
         EtpoTrainer::new(&mut model, EtpoConfig { micro_batch: 4, ..Default::default() }).expect("trainer");
     let b = batch();
-    let base = CURRENT.load(Relaxed);
-    PEAK.store(base, Relaxed);
-    trainer.update(&model, &b).expect("update");
-    PEAK.load(Relaxed) - base
+    counting_alloc::peak_of(|| {
+        trainer.update(&model, &b).expect("update");
+    })
 }
 
 #[test]
