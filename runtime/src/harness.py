@@ -1,5 +1,5 @@
 # etpo sandbox worker ("zygote"). Embedded in the runtime crate with include_str! and started as
-# `python -I -c <this file>` inside the sandbox; see runtime/src/pool.rs for the host side.
+# `python -s -c <this file>` inside the sandbox; see runtime/src/pool.rs for the host side.
 #
 # The worker imports numpy and scikit-learn once (and runs the usual estimators once, to fill
 # lazy caches), then serves jobs forever. Before each job it forks a spare child that waits for
@@ -21,6 +21,13 @@
 
 import os
 import sys
+
+# Started with `-s -c`, not `-I` (which would ignore the environment the host sets): drop the
+# working directory that `-c` puts first on the import path, so that a file a job leaves in it can
+# never shadow a module.
+if sys.path and sys.path[0] in ("", "."):
+    del sys.path[0]
+
 import json
 import time
 import signal

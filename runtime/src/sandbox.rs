@@ -172,7 +172,11 @@ impl Launcher {
         let procs: Vec<CString> = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
         let plan = self.plan.clone();
         let mut cmd = Command::new(&self.python);
-        cmd.arg("-I").arg("-c").arg(HARNESS).env_clear().envs(ENV.iter().copied());
+        // Not `-I`: it implies `-E`, which would ignore the environment set here (the hash seed,
+        // unbuffered output). The environment is cleared first, so nothing from
+        // the host reaches Python; `-s` skips the user's site directory, and the harness drops
+        // the working directory from `sys.path` itself (what `-I`'s `-P` did).
+        cmd.arg("-s").arg("-c").arg(HARNESS).env_clear().envs(ENV.iter().copied());
         cmd.env("ETPO_REHEARSE", if self.rehearse { "1" } else { "0" });
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // SAFETY: the hook runs between fork and exec and only makes system calls on data

@@ -684,3 +684,31 @@ fn an_action_trace_is_in_the_order_of_its_steps() {
         assert!(t.get(count).is_some(), "no {count} in {t:?}");
     }
 }
+
+/// The worker runs with the environment the host gives it (`-I` would ignore it): prints before a
+/// time-out reach the result (unbuffered), string hashing is the same in every worker
+/// (PYTHONHASHSEED=0), and the working directory, which programs write to, is not on the import
+/// path.
+#[test]
+fn the_worker_honours_its_environment() {
+    let limits = Limits { wall_s: 2.0, ..LIMITS };
+    let out = run_with(
+        "import time\nprint('fitting started')\ndef build_model(x_train, y_train):\n    time.sleep(60)\n",
+        limits,
+    );
+    assert_eq!(*err(&out).0, Kind::Timeout);
+    assert!(out.output.contains("fitting started"), "output lost at the time-out: {:?}", out.output);
+    let out = run(
+        "import sys\ndef build_model(x_train, y_train):\n    raise RuntimeError(repr((sys.flags.hash_randomization, hash('etpo'), [p for p in sys.path if p in ('', '.') or not p.startswith('/')])))\n",
+    );
+    // hash('etpo') with PYTHONHASHSEED=0 (computed by a host python run with that seed).
+    let seeded = Command::new(python())
+        .args(["-c", "print(hash('etpo'))"])
+        .env_clear()
+        .env("PYTHONHASHSEED", "0")
+        .output()
+        .expect("host python runs");
+    let seeded = String::from_utf8_lossy(&seeded.stdout).trim().to_string();
+    assert!(err(&out).1.ends_with(&format!("RuntimeError: (0, {seeded}, [])")), "{}", err(&out).1);
+    assert_normal();
+}
