@@ -11,8 +11,9 @@
 # is complete (or the child dies, or the wall-clock deadline passes), then kills every process left
 # and empties the scratch directories. The worker itself never runs user code. Inside the sandbox
 # it is PID 1 of its own PID namespace, so the user code cannot signal it, and kill(-1, SIGKILL)
-# removes every process a job left behind (double forks and setsid included). The next spare is
-# forked only after that: no process of a job ever coexists with the child of the next.
+# ends every process a job left behind (double forks and setsid included). The next spare is
+# forked only after that kill: it may exist while the job's processes finish exiting, but never
+# beside a process of the job that can still run (see `next_spare`).
 #
 # Wire format, both directions: u32 little-endian header length, a JSON header, then the binary
 # payload whose byte length is header["payload"]. Requests carry x_train (f64), y_train (i64) and
@@ -38,6 +39,7 @@ import traceback
 import re
 import builtins
 import ctypes
+import errno
 
 try:
     import numpy as np
@@ -66,6 +68,9 @@ from sklearn.utils.validation import check_is_fitted
 import gc
 
 IS_INIT = os.getpid() == 1
+# Whether the next job's child is forked while the last job's processes exit (`next_spare`): only
+# as PID 1 of the sandbox's namespace, which sees every process of a job in its own /proc.
+OVERLAP = IS_INIT and os.path.isdir("/proc/1")
 # Private scratch directories emptied after every job. Only ever inside the sandbox (PID 1 of its
 # own namespaces, with tmpfs mounts the launcher made): never touch anything on a host.
 SCRATCH = [p for p in os.environ.get("ETPO_SCRATCH", "").split(":") if p] if IS_INIT else []
@@ -93,6 +98,10 @@ MAX_RESULT = 64 << 20
 # Whether each child forked ahead rehearses a trivial action while it waits (see `rehearse`);
 # set by the host (runtime/src/sandbox.rs, `Tuning` in pool.rs).
 REHEARSE = os.environ.get("ETPO_REHEARSE", "1") != "0"
+# How long a spare waits for its job before rehearsing. The spare is forked right after the last
+# reply, while the worker still reaps and wipes; a host sending actions back-to-back has its
+# next request there within this (the rehearsal would only delay it), an idle one does not.
+REHEARSAL_GRACE_S = 0.005
 
 # Timestamps of one action for `etpo bench sandbox`'s breakdown (runtime/src/pool.rs,
 # `Pool::evaluate_traced`): CLOCK_MONOTONIC in nanoseconds, the clock the host reads too (the
@@ -170,14 +179,15 @@ def kind_of(exc):
 def prepare_child(job_r, rehearse_first):
     """Job-independent setup of a spare child, done while it waits for its job. Returns the
     private writable memory it holds, the base of the memory limit, and whether it rehearsed (only
-    if `rehearse_first` and its job has not come yet: a job that waits would wait longer)."""
+    if `rehearse_first` and its job has not come within `REHEARSAL_GRACE_S`: a job that waits would
+    wait longer)."""
     _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:  # the child dies first on memory pressure
             f.write("1000")
     except OSError:
         pass
-    rehearsed = rehearse_first and not select.select([job_r], [], [], 0)[0]
+    rehearsed = rehearse_first and not select.select([job_r], [], [], REHEARSAL_GRACE_S)[0]
     if rehearsed:
         rehearse()
     try:
@@ -369,8 +379,44 @@ def _lower(which, soft, hard=None):
         pass
 
 
+def kill_job(pid):
+    """Sends SIGKILL to every process the job started, escapees (setsid, double fork) included.
+    Inside the sandbox one kill(-1) reaches every process of the namespace but the worker, and
+    none escapes it by forking: the kernel walks the process list under the lock a fork needs to
+    join it, and fails a fork whose parent has SIGKILL pending. No process of the job runs another
+    instruction after this returns; they may still be exiting (unmapping their memory)."""
+    targets = (-1,) if IS_INIT else (-pid, pid)
+    for target in targets:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def reap_job(pid, keep):
+    """Waits, after `kill_job`, until every process but the worker and `keep` (the child already
+    forked for the next job) is gone. Inside the sandbox every process descends from the worker
+    and orphans are re-parented to it (PID 1), so each ends as a child of the worker; /proc (the
+    sandbox's own) lists whoever is left."""
+    try:
+        os.waitpid(pid, 0)  # the job's child: almost always the only one
+    except ChildProcessError:
+        pass  # reaped already (it exited early or timed out)
+    while True:
+        left = [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if p not in (1, keep)]
+        if not left:
+            return
+        for p in left:
+            try:
+                os.waitpid(p, os.WNOHANG)
+            except ChildProcessError:
+                pass  # not the worker's child yet: its parent is still exiting
+        time.sleep(0.0002)
+
+
 def kill_all(pid):
-    """Every process the job started, including escapees (setsid, double fork), is gone after this."""
+    """Every process the job started, including escapees (setsid, double fork), is gone after this
+    (the order without a spare waiting: see `next_spare`)."""
     if IS_INIT:
         while True:
             try:
@@ -422,6 +468,7 @@ class Spare:
         job_r, self.job_w = os.pipe()
         self.res_r, res_w = os.pipe()
         self.out_r, out_w = os.pipe()
+        self.forked_at = now()
         self.pid = os.fork()
         if self.pid == 0:
             try:
@@ -445,6 +492,7 @@ class Spare:
                 child(job, payload, res_w, base_data, trace)
             finally:
                 os._exit(70)
+        self.fork_ns = now() - self.forked_at
         for fd in (job_r, res_w, out_w):
             os.close(fd)
         self.pidfd = os.pidfd_open(self.pid)
@@ -620,22 +668,44 @@ def serve_one(sp, raw, job, trace):
         header["signal"] = os.WTERMSIG(status)
     header["trace"] = dict(header.pop("trace", {}), **trace, **after_reply, w_reply=now())
     send(CTRL_OUT, header, body)
-    # Clean up after replying: the host is not kept waiting for the teardown.
+
+
+def next_spare(sp):
+    """Ends every process of the job that `sp` ran (after its reply), empties the scratch
+    directories and returns the child forked for the next job. The host is not kept waiting for
+    any of it, unless its next request is already there.
+
+    Each exit of a child unmaps all it shares with the worker, milliseconds of CPU in the exiting
+    process; forking the next child is milliseconds in the worker. Inside the sandbox the two
+    overlap: the fork follows the kill of every process of the job (`kill_job`), so the new child
+    only ever coexists with processes that cannot run, and the scratch directories are emptied
+    once they are all gone, before the new child can get a job. The job's pipes are closed before
+    the fork, so the new child holds nothing of the old job's."""
     t0 = now()
-    if complete:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.wait4(pid, 0)
-    t1 = now()
-    kill_all(pid)
-    for fd in (res_r, out_r, sp.pidfd):
+    kill_job(sp.pid)
+    for fd in (sp.res_r, sp.out_r, sp.pidfd):
         os.close(fd)
+    t1 = now()
+    spare = None
+    if OVERLAP:
+        try:
+            spare = Spare()
+        except OSError:
+            pass  # e.g. the sandbox's process limit, full until the job's processes are reaped
     t2 = now()
+    if spare is not None:
+        reap_job(sp.pid, spare.pid)
+    else:
+        kill_all(sp.pid)
+    t3 = now()
     for scratch in SCRATCH:
         wipe(scratch)
-    after_reply.update(a_reap=t1 - t0, a_kill_all=t2 - t1, a_wipe=now() - t2)
+    t4 = now()
+    if spare is None:
+        spare = Spare()
+    after_reply.update(a_kill=t1 - t0, a_reap=t3 - t2, a_wipe=t4 - t3, a_fork=spare.fork_ns,
+                       w_fork=spare.forked_at)
+    return spare
 
 
 def warm_up():
@@ -663,6 +733,32 @@ def warm_up():
 
 REHEARSAL = rehearsal_frame()
 
+MADV_COLLAPSE = 25  # Linux 6.1
+HUGE = 2 << 20
+
+
+def huge_pages():
+    """Backs the worker's memory with 2 MiB pages where the kernel can. Every fork copies, and
+    every child's exit drops, one page-table entry per page the worker holds, page by page unless
+    the pages come in large folios. The worker's writes after a fork split the mappings again,
+    but the folios stay large. Only whole 2 MiB chunks of anonymous memory qualify: glibc's heap
+    and runs of pymalloc's 1 MiB arenas. Best effort: on an older kernel, or with THP turned
+    off, nothing changes."""
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return
+    for line in maps:
+        parts = line.split()
+        if len(parts) < 5 or parts[1] != "rw-p" or parts[5:] not in ([], ["[heap]"]):
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        for at in range((lo + HUGE - 1) & ~(HUGE - 1), hi & ~(HUGE - 1), HUGE):
+            if _libc.madvise(at, HUGE, MADV_COLLAPSE) != 0 and ctypes.get_errno() != errno.EINVAL:
+                return  # no huge page to be had (EINVAL: not this chunk, or no MADV_COLLAPSE)
+
 
 def main():
     try:
@@ -673,12 +769,12 @@ def main():
     # copying) those pages in every child.
     gc.collect()
     gc.freeze()
+    huge_pages()
     send(CTRL_OUT, {"ready": True, "pid": os.getpid(), "python": sys.version.split()[0]})
+    spare = Spare()
+    after_reply.update(a_fork=spare.fork_ns, w_fork=spare.forked_at)
     while True:
-        t0 = now()
-        spare = Spare()
         idle = now()
-        after_reply["a_fork"] = idle - t0
         try:
             (n,) = struct.unpack("<I", bytes(read_exact(CTRL_IN, 4)))
             head = read_exact(CTRL_IN, n)
@@ -689,6 +785,7 @@ def main():
         raw = bytes(struct.pack("<I", n) + head + payload)
         del head, payload
         serve_one(spare, raw, job, {"w_idle": idle, "w_req": now()})
+        spare = next_spare(spare)
 
 
 main()

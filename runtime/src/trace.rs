@@ -35,10 +35,12 @@ pub fn monotonic_ns() -> u64 {
 /// - counts: `c_prep_faults` (minor page faults of the child before its job), `c_faults` (minor
 ///   page faults while running it: copy-on-write after the fork shows here), `c_rehearsed` (1 if
 ///   the child rehearsed a trivial action before its job, see `Tuning::rehearse`);
-/// - durations (ns) of the worker's work after its previous reply, which delays a request sent
-///   right after that reply: `a_reap` (killing and reaping the previous child), `a_kill_all`
-///   (everything else the previous job left), `a_wipe` (emptying the scratch directories),
-///   `a_fork` (forking this action's child).
+/// - the worker's work after its previous reply, which delays a request sent right after that
+///   reply, in order: `a_kill` (SIGKILL to every process of the previous job, their pipes
+///   closed), `a_fork` (forking this action's child, while those processes exit; stamped
+///   `w_fork` when it began), `a_reap` (waiting, after the fork, for the previous job's processes
+///   to be gone), `a_wipe` (emptying the scratch directories); durations in ns. Without a sandbox
+///   PID namespace, or when the fork first fails, the fork comes after the wipe.
 ///
 /// A stamp is missing when that point was never reached (a failed or killed program).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

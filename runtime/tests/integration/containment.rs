@@ -253,6 +253,18 @@ fn child_left_running_is_killed() {
     }
 }
 
+/// A process a job leaves behind that kills every new process it sees: the child forked for the
+/// next job must never exist beside it while it can still run (the worker forks that child only
+/// after SIGKILL has reached every process of the job), so the next actions are normal.
+#[test]
+fn leftovers_cannot_touch_the_next_jobs_child() {
+    let program = "import os, signal\nfrom sklearn.linear_model import LogisticRegression\ndef build_model(x_train, y_train):\n    parent = os.getpid()\n    if os.fork() == 0:\n        os.setsid()\n        while True:\n            for p in os.listdir('/proc'):\n                if p.isdigit() and int(p) not in (1, os.getpid(), parent):\n                    try:\n                        os.kill(int(p), signal.SIGKILL)\n                    except OSError:\n                        pass\n    return LogisticRegression(max_iter=500).fit(x_train, y_train)\n";
+    for _ in 0..4 {
+        assert_reference(&run(program));
+        assert_reference(&run(CENSUS));
+    }
+}
+
 #[test]
 fn setsid_and_double_fork_cannot_escape() {
     let out = run(
@@ -680,7 +692,7 @@ fn an_action_trace_is_in_the_order_of_its_steps() {
     }
     assert!(at("ready") <= at("sent") && at("sent") <= at("received"), "{t:?}");
     assert!(at("w_idle") <= at("w_req") && at("c_prepared") <= at("c_job"), "{t:?}");
-    for count in ["c_faults", "c_prep_faults", "a_fork"] {
+    for count in ["c_faults", "c_prep_faults", "a_fork", "a_kill", "a_reap", "w_fork"] {
         assert!(t.get(count).is_some(), "no {count} in {t:?}");
     }
 }

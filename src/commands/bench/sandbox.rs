@@ -147,14 +147,11 @@ const PHASES: &[Phase] = &[
 /// The worker's work after its reply (off the path of an isolated action, on the path of the next
 /// one when actions are sent back-to-back), and the child's preparation while it waits.
 const AFTER: &[Phase] = &[
-    ("kill and reap the child", |t| t.get("a_reap")),
-    ("kill whatever else the job left", |t| t.get("a_kill_all")),
-    ("wipe /tmp and the work directory", |t| t.get("a_wipe")),
+    ("kill every process of the job", |t| t.get("a_kill")),
     ("fork the next child (worker side)", |t| t.get("a_fork")),
-    ("next child's preparation before its job", |t| {
-        let forked = t.get("w_idle")?.checked_sub(t.get("a_fork")?)?;
-        t.get("c_prepared")?.checked_sub(forked)
-    }),
+    ("then wait for the job's processes to exit", |t| t.get("a_reap")),
+    ("wipe /tmp and the work directory", |t| t.get("a_wipe")),
+    ("next child's preparation before its job", |t| t.span("w_fork", "c_prepared")),
 ];
 
 /// `n` traced warm actions on each pool, taking turns so that both see the same load: `block`
