@@ -173,7 +173,7 @@ impl Launcher {
         let plan = self.plan.clone();
         let mut cmd = Command::new(&self.python);
         // Not `-I`: it implies `-E`, which would ignore the environment set here (the hash seed,
-        // unbuffered output, the allocator). The environment is cleared first, so nothing from
+        // unbuffered output, no bytecode writes). The environment is cleared first, so nothing from
         // the host reaches Python; `-s` skips the user's site directory, and the harness drops
         // the working directory from `sys.path` itself (what `-I`'s `-P` did).
         cmd.arg("-s").arg("-c").arg(HARNESS).env_clear().envs(ENV.iter().copied());
