@@ -245,7 +245,7 @@ pub fn generate_with(
             active = keep.iter().map(|&r| active[r]).collect();
         }
         let ids = Tensor::from_vec(next, (active.len(), 1), dev)?;
-        logits = pass(&ids, None, &mut cache, false)?;
+        logits = on_pool(|| pass(&ids, None, &mut cache, false))?;
     }
     for (c, t) in out.iter_mut().zip(texts) {
         c.text = match t {
@@ -257,6 +257,14 @@ pub fn generate_with(
         };
     }
     Ok(out)
+}
+
+/// Runs `f` on a thread of rayon's pool and waits for it. A decoding step's products split over
+/// the pool (`quant.rs`, `blas.rs`): asked from a thread outside it, every split is handed over
+/// through the kernel (a futex wake-up and a wait, about 200 times per step); from a worker, the
+/// splits go through rayon's own queues and the calling thread takes one part itself.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 fn validate(cfg: &GenerateConfig) -> Result<()> {

@@ -239,7 +239,7 @@ impl QMatrix {
     /// Columns `j0..j1` of `x · Wᵀ` into `y` (`[m, n]`), in chunks of columns whose weights stay
     /// in the core's caches while every group of rows goes through them (the weights are read
     /// from memory once per product). A group takes up to eight rows (AVX-512; two with AVX2) and
-    /// for one or two rows, four or two columns at a time (independent sums to overlap). With
+    /// for one or two rows, several columns at a time (independent sums to overlap). With
     /// AVX2 and at least [`AVX2_UNPACK_ROWS`] rows, [`simd::avx2_unpacked`] does the work instead.
     ///
     /// # Safety
@@ -267,9 +267,13 @@ impl QMatrix {
                     4..=7 => 4,
                     r => r,
                 };
+                // Columns at a time for one or two rows. One row takes four with AVX-512 (two
+                // accumulators each) but two with AVX2: four columns of four accumulators would
+                // fill all sixteen registers with sums alone, and the spills made the products
+                // of a decoding step 1.2-1.5x slower (`probe`).
                 let step = match rows {
-                    1 => 4,
-                    2 => 2,
+                    1 if most == 8 => 4,
+                    1 | 2 => 2,
                     _ => 1,
                 };
                 let mid = c0 + (c1 - c0) / step * step;
@@ -278,8 +282,12 @@ impl QMatrix {
                 // caller's contract covers y).
                 unsafe {
                     match rows {
-                        1 => {
+                        1 if step == 4 => {
                             kernel::<4, 1>(&job, c0, mid);
+                            kernel::<1, 1>(&job, mid, c1);
+                        }
+                        1 => {
+                            kernel::<2, 1>(&job, c0, mid);
                             kernel::<1, 1>(&job, mid, c1);
                         }
                         2 => {
