@@ -416,28 +416,16 @@ def reap_job(pid, keep):
 
 def kill_all(pid):
     """Every process the job started, including escapees (setsid, double fork), is gone after this
-    (the order without a spare waiting: see `next_spare`)."""
-    if IS_INIT:
-        while True:
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                os.waitpid(-1, 0)
-            except ChildProcessError:
-                return
-    else:
-        for target in (-pid, pid):
-            try:
-                os.kill(target, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        while True:
-            try:
-                os.waitpid(-1, 0)
-            except ChildProcessError:
-                return
+    (the order without a spare waiting: see `next_spare`). Inside the sandbox it kills again after
+    each process reaped, as it always has; `kill_job` says why once would do."""
+    kill_job(pid)
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        if IS_INIT:
+            kill_job(pid)
 
 
 def wipe(path):
