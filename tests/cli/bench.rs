@@ -56,3 +56,93 @@ fn bench_serve_prints_http_and_in_process_figures_and_their_ratios() {
         }
     }
 }
+
+/// A stand-in for the reference environment's Python that speaks `torch_reference.py`'s protocol
+/// without PyTorch: every generation takes `seconds` (as it reports), the training step 2 s; with
+/// `die_after` requests it exits instead of answering the next one.
+fn fake_reference(dir: &std::path::Path, seconds: f64, die_after: Option<usize>) -> std::path::PathBuf {
+    let path = dir.join("python");
+    let die = die_after.map_or(String::new(), |n| format!("[ $n -ge {n} ] && exit 3\n    "));
+    let script = format!(
+        r#"#!/bin/sh
+case " $* " in
+  *" --serve "*) ;;
+  *) echo '{{"load_s": 0.5, "train": {{"seconds": [2.0, 2.0], "step_s": 2.0}}, "peak_rss_mb": 10}}'; exit 0 ;;
+esac
+echo 'a line a library printed'
+echo '{{"ready": true, "load_s": 0.25}}'
+n=0
+while read -r request; do
+    {die}echo '{{"seconds": {seconds}}}'
+    n=$((n + 1))
+done
+echo '{{"peak_rss_mb": 123}}'
+"#
+    );
+    std::fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn bench_model(python: &std::path::Path) -> std::process::Output {
+    let model = trainer::default_model_path();
+    assert!(model.is_file(), "{} is missing: run `scripts/setup.sh model`", model.display());
+    Command::new(ETPO)
+        .args(["bench", "model", "--only", "generate", "--batches", "1", "--new-tokens", "4", "--repeats", "3"])
+        .args(["--no-adapter", "--python"])
+        .arg(python)
+        .output()
+        .expect("the etpo binary runs")
+}
+
+/// PyTorch's generation runs take turns with etpo's, in processes that answer requests: its
+/// figures are the medians of what it reported, and each round's ratio is printed.
+#[test]
+fn bench_model_takes_turns_with_the_reference_and_prints_round_by_round_ratios() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bench_model(&fake_reference(dir.path(), 0.5, None));
+    let stdout = ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Three timed runs per dtype (after a warm-up), each between etpo's runs of its round.
+    for dtype in ["float32", "bfloat16"] {
+        for run in 1..=3 {
+            let line = format!("PyTorch {dtype} batch 1, run {run}: 8.0 tokens/s");
+            assert!(stderr.contains(&line), "no {line:?}:\n{stderr}");
+        }
+    }
+    let row = stdout.lines().find(|l| l.starts_with("batch 1 ")).unwrap_or_else(|| panic!("no batch row:\n{stdout}"));
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    // batch 1 | etpo f32 | etpo quantized | PyTorch f32 | PyTorch bf16 | f32/best | quantized/best | target
+    assert_eq!(&fields[4..6], ["8.0", "8.0"], "{row}");
+    let quantized: f64 = fields[3].parse().unwrap();
+    let ratio: f64 = fields[7].trim_end_matches('x').parse().unwrap();
+    assert!((ratio - quantized / 8.0).abs() < 0.01, "{row}");
+    let rounds = stdout
+        .lines()
+        .find(|l| l.starts_with("batch 1, quantized/best round by round (3 rounds"))
+        .unwrap_or_else(|| panic!("no round-by-round line:\n{stdout}"));
+    assert!(rounds.contains("median") && rounds.contains("range"), "{rounds}");
+    // The reference's peak memory, reported as it ended, and its load time.
+    let peak = stdout.lines().find(|l| l.starts_with("peak RSS of the process")).unwrap();
+    assert!(peak.trim_end().ends_with(" 123"), "{peak}");
+}
+
+/// A reference that dies mid-way: a clear error naming it, and no process left behind.
+#[test]
+fn bench_model_reports_a_reference_that_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bench_model(&fake_reference(dir.path(), 0.5, Some(2)));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the PyTorch reference (float32) ended without answering"), "{stderr}");
+    // The other dtype's process was killed with the benchmark.
+    let dir_name = dir.path().to_string_lossy().into_owned();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&dir_name))
+        .collect();
+    assert!(left.is_empty(), "reference processes left: {left:?}");
+}

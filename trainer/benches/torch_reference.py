@@ -9,6 +9,11 @@ from etpo):
     forward, mean next-token cross-entropy, backward, AdamW step, on --train-batch x --train-len
     token ids given by the same formula etpo uses.
 Prints one JSON object on the last line of standard output. Needs `scripts/setup.sh ref`.
+
+With --serve, generation runs on request instead, so that etpo can take turns with it run by run
+(a change in the machine's speed then falls on both sides alike): after loading, one JSON line
+{"ready": true, ...}; then for each line {"batch": B, "seed": S} read from standard input, one
+timed generation and one line {"seconds": ...}; at the end of input, {"peak_rss_mb": ...}.
 """
 
 import argparse
@@ -61,6 +66,7 @@ def main() -> None:
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--serve", action="store_true", help="generate on request (see the module documentation)")
     args = p.parse_args()
 
     import torch
@@ -94,32 +100,46 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    # etpo's tokenizer made these ids: both sides run on exactly the same tokens.
+    ids = torch.tensor([json.loads(args.prompt_ids.read_text())], device=device)
+
+    def generate_once(batch: int, seed: int) -> float:
+        """Seconds of one generation of --new-tokens tokens for `batch` copies of the prompt."""
+        x = ids.repeat(batch, 1)
+        torch.manual_seed(seed)
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                do_sample=True,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=1.0,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                pad_token_id=tok.pad_token_id,
+            )
+        sync()
+        dt = time.perf_counter() - t0
+        assert out.shape[1] - x.shape[1] == args.new_tokens, out.shape
+        return dt
+
+    if args.serve:
+        print(json.dumps({"ready": True, **result}), flush=True)
+        for line in sys.stdin:
+            if line.strip():
+                request = json.loads(line)
+                print(json.dumps({"seconds": generate_once(int(request["batch"]), int(request["seed"]))}), flush=True)
+        print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+        return
+
     if not args.skip_generate:
-        # etpo's tokenizer made these ids: both sides run on exactly the same tokens.
-        ids = torch.tensor([json.loads(args.prompt_ids.read_text())], device=device)
         for batch in [int(b) for b in args.batches.split(",")]:
-            x = ids.repeat(batch, 1)
-            mask = torch.ones_like(x)
             times = []
             for rep in range(args.repeats + 1):  # the first run warms up
-                torch.manual_seed(rep)
-                sync()
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    out = model.generate(
-                        input_ids=x,
-                        attention_mask=mask,
-                        do_sample=True,
-                        temperature=args.temperature,
-                        top_k=args.top_k,
-                        top_p=1.0,
-                        max_new_tokens=args.new_tokens,
-                        min_new_tokens=args.new_tokens,
-                        pad_token_id=tok.pad_token_id,
-                    )
-                sync()
-                dt = time.perf_counter() - t0
-                assert out.shape[1] - x.shape[1] == args.new_tokens, out.shape
+                dt = generate_once(batch, rep)
                 if rep > 0:
                     times.append(dt)
             median = statistics.median(times)

@@ -7,6 +7,7 @@ use clap::Subcommand;
 
 pub mod games;
 pub mod model;
+mod reference;
 pub mod sandbox;
 pub mod serve;
 pub mod train;

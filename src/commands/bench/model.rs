@@ -7,47 +7,45 @@
 //!
 //! etpo's generation is measured with the f32 weights and with block copies of the linear weights
 //! (4-bit where the weights have that form, else 8-bit; what `load_model` samples with on the
-//! CPU), taking turns run by run, without and with a LoRA adapter; PyTorch's in each
-//! `--reference-dtypes` (f32 and bf16 on the CPU), and the quantised figures are judged against
-//! PyTorch's best: at least 3x at batch 1 and 2x at batch 8 (issue 21).
+//! CPU), without and with a LoRA adapter; PyTorch's in each `--reference-dtypes` (f32 and bf16 on
+//! the CPU). All of them take turns run by run, PyTorch's in processes that generate on request
+//! (`reference.rs`), and the quantised figures are judged against PyTorch's best: at least 3x at
+//! batch 1 and 2x at batch 8 (issue 21), also round by round.
 
-use super::load_average;
+use super::{load_average, reference};
 use crate::commands::model_args::ModelArgs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use candle_nn::Optimizer;
 use serde::Serialize;
-use serde_json::Value;
 use trainer::{GenerateConfig, GenerationWeights, LoraConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The model (a GGUF file) and device (f32 on CPU, bf16 on CUDA, on both sides).
     #[command(flatten)]
-    model: ModelArgs,
+    pub(super) model: ModelArgs,
     /// Timed runs per figure (after one warm-up run); the median is reported
     #[arg(long, default_value_t = 3)]
-    repeats: usize,
+    pub(super) repeats: usize,
     /// Generation batch sizes
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]
-    batches: Vec<usize>,
+    pub(super) batches: Vec<usize>,
     /// New tokens per generated row
     #[arg(long, default_value_t = 128)]
-    new_tokens: usize,
+    pub(super) new_tokens: usize,
     /// Rows of the training batch
     #[arg(long, default_value_t = 4)]
-    train_batch: usize,
+    pub(super) train_batch: usize,
     /// Tokens per training row
     #[arg(long, default_value_t = 320)]
-    train_len: usize,
+    pub(super) train_len: usize,
     /// LoRA rank (alpha = 2 x rank, all seven projections)
     #[arg(long, default_value_t = 8)]
-    rank: usize,
+    pub(super) rank: usize,
     /// Skip the generation rows with a LoRA adapter (rank --rank on all seven projections)
     #[arg(long)]
     no_adapter: bool,
@@ -57,7 +55,7 @@ pub struct Args {
     reference_dtypes: Option<Vec<String>>,
     /// Python of the reference environment [default: $ETPO_REF_PYTHON, else <repo>/.venv-ref/bin/python]
     #[arg(long, value_name = "PATH")]
-    python: Option<PathBuf>,
+    pub(super) python: Option<PathBuf>,
     /// Measure etpo only (no PyTorch reference, no ratios)
     #[arg(long)]
     no_reference: bool,
@@ -71,17 +69,14 @@ pub struct Args {
 
 /// One half of the benchmark.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Part {
+pub(super) enum Part {
     Generate,
     Train,
 }
 
-/// The PyTorch side of the benchmark.
-const TORCH_REFERENCE: &str = include_str!("../../../trainer/benches/torch_reference.py");
-
 /// The sampling every figure uses: the paper's temperature 0.5 and top-k 50.
-const TEMPERATURE: f64 = 0.5;
-const TOP_K: usize = 50;
+pub(super) const TEMPERATURE: f64 = 0.5;
+pub(super) const TOP_K: usize = 50;
 
 /// A prompt shaped like a spec's first state (about 150 tokens).
 const PROMPT: &str = "You are an expert data scientist. Write the body of `build_model` so that it returns a \
@@ -105,31 +100,32 @@ fn train_ids(batch: usize, len: usize, vocab: usize) -> Vec<u32> {
 const TARGETS: [(usize, f64); 2] = [(1, 3.0), (8, 2.0)];
 
 #[derive(Debug, Serialize)]
-struct GenFigure {
-    batch: usize,
-    /// etpo: `f32` or the quantised type (`q8_0`, ...); PyTorch: its dtype.
-    weights: String,
+pub(super) struct GenFigure {
+    pub(super) batch: usize,
+    /// etpo: `f32` or `quantized`; PyTorch: its dtype.
+    pub(super) weights: String,
     /// Generated with a LoRA adapter (etpo only).
-    adapter: bool,
-    tokens_per_s: f64,
-    seconds: Vec<f64>,
+    pub(super) adapter: bool,
+    pub(super) tokens_per_s: f64,
+    /// The timed runs, in the order of the rounds (both sides' runs take turns round by round).
+    pub(super) seconds: Vec<f64>,
 }
 
-#[derive(Debug, Serialize)]
-struct Figures {
-    load_s: f64,
-    generate: Vec<GenFigure>,
-    train_step_s: Option<f64>,
-    train_seconds: Vec<f64>,
-    peak_rss_mb: Option<f64>,
+#[derive(Debug, Default, Serialize)]
+pub(super) struct Figures {
+    pub(super) load_s: f64,
+    pub(super) generate: Vec<GenFigure>,
+    pub(super) train_step_s: Option<f64>,
+    pub(super) train_seconds: Vec<f64>,
+    pub(super) peak_rss_mb: Option<f64>,
     /// etpo: peak RSS once f32 generation has run, before the quantised copies exist.
-    peak_rss_f32_generate_mb: Option<f64>,
+    pub(super) peak_rss_f32_generate_mb: Option<f64>,
     /// etpo: peak RSS once quantised generation (without adapter) has run too.
-    peak_rss_quantized_generate_mb: Option<f64>,
+    pub(super) peak_rss_quantized_generate_mb: Option<f64>,
     /// etpo: bytes of the quantised copies, in MB.
-    quantized_copies_mb: Option<f64>,
+    pub(super) quantized_copies_mb: Option<f64>,
     /// etpo: what the quantised copies are.
-    quantized_layout: Option<String>,
+    pub(super) quantized_layout: Option<String>,
 }
 
 impl Figures {
@@ -160,7 +156,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if ref_dtypes.is_empty() || ref_dtypes.iter().any(|d| d != "float32" && d != "bfloat16") {
         bail!("--reference-dtypes: expected float32 and/or bfloat16");
     }
-    let python = reference_python(&args);
+    let python = reference::python(&args);
     if !args.no_reference && !python.is_file() {
         bail!(
             "the PyTorch reference environment is missing ({} not found): create it with \
@@ -182,20 +178,23 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let load_before = load_average();
     // The prompt's ids come from etpo's tokenizer, and both sides run on them.
     let prompt_ids = gguf_tokenizer(&model_path)?.encode(PROMPT)?;
-    // PyTorch first, in its own process: etpo's allocator keeps its peak memory mapped after the
-    // training step, and the two peaks together would not fit a small machine.
-    let mut theirs = Vec::new();
+    // PyTorch's training step first, in a process of its own (see `reference.rs`); its
+    // generation in one process per dtype that takes turns with etpo's runs.
+    let (mut train_ref, mut servers) = (None, Vec::new());
     if !args.no_reference {
-        for (i, dtype) in ref_dtypes.iter().enumerate() {
-            // The training step runs in the first dtype only.
-            let only = if i == 0 { args.only } else { Some(Part::Generate) };
-            if only == Some(Part::Train) && i > 0 {
-                continue;
+        if args.only != Some(Part::Generate) {
+            let dtype = &ref_dtypes[0];
+            let step = reference::measure_train_step(&args, &python, &model_path, &prompt_ids, dtype)?;
+            train_ref = Some((dtype.clone(), step));
+        }
+        if args.only != Some(Part::Train) {
+            for dtype in &ref_dtypes {
+                servers.push(reference::Server::start(&args, &python, &model_path, &prompt_ids, dtype)?);
             }
-            theirs.push((dtype.clone(), measure_torch(&args, &python, &model_path, &prompt_ids, dtype, only)?));
         }
     }
-    let ours = measure_etpo(&args, &model_path, &device, &prompt_ids)?;
+    let ours = measure_etpo(&args, &model_path, &device, &prompt_ids, &mut servers)?;
+    let theirs = reference::combine(&servers, train_ref, args.new_tokens);
     print_table(&args, &ours, &theirs, prompt_ids.len());
     let load_after = load_average();
     if let (Some(before), Some(after)) = (load_before, load_after) {
@@ -220,17 +219,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn reference_python(args: &Args) -> PathBuf {
-    if let Some(p) = &args.python {
-        return p.clone();
-    }
-    if let Some(p) = std::env::var_os("ETPO_REF_PYTHON").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-ref/bin/python")
-}
-
-fn median(xs: &[f64]) -> f64 {
+pub(super) fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -262,7 +251,15 @@ fn gguf_tokenizer(path: &Path) -> anyhow::Result<trainer::Tokenizer> {
     Ok(trainer::Tokenizer::from_gguf(&content)?)
 }
 
-fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u32]) -> anyhow::Result<Figures> {
+/// etpo's figures. Its generation runs take turns with `servers`' (PyTorch's), which are
+/// finished once generation is measured, before the training step.
+fn measure_etpo(
+    args: &Args,
+    model_path: &Path,
+    device: &Device,
+    prompt_ids: &[u32],
+    servers: &mut [reference::Server],
+) -> anyhow::Result<Figures> {
     let t0 = Instant::now();
     let loaded =
         trainer::load_model(model_path, device).with_context(|| format!("loading {}", model_path.display()))?;
@@ -338,13 +335,30 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u
             layout = q.map(|q| q.describe());
         }
     }
-    // Timed runs: the variants take turns, run by run, so a change in the machine's load falls on
-    // all of them alike.
+    for server in servers.iter_mut() {
+        for &batch in batches {
+            server.generate(batch, 0, false)?;
+        }
+    }
+    // Timed runs: the variants, then PyTorch's dtypes, take turns run by run, so a change in the
+    // machine's speed falls on all of them alike.
     for &batch in batches {
         let mut seconds = vec![Vec::with_capacity(args.repeats); variants.len()];
         for rep in 1..=args.repeats {
+            if !servers.is_empty() {
+                std::thread::sleep(reference::SETTLE);
+            }
             for (i, &v) in variants.iter().enumerate() {
                 seconds[i].push(one_run(&mut model, batch, v, rep as u64)?);
+            }
+            for server in servers.iter_mut() {
+                std::thread::sleep(reference::SETTLE);
+                let s = server.generate(batch, rep as u64, true)?;
+                eprintln!(
+                    "PyTorch {} batch {batch}, run {rep}: {:.1} tokens/s",
+                    server.dtype(),
+                    (batch * args.new_tokens) as f64 / s
+                );
             }
         }
         for (&(w, adapter), seconds) in variants.iter().zip(seconds) {
@@ -359,6 +373,9 @@ fn measure_etpo(args: &Args, model_path: &Path, device: &Device, prompt_ids: &[u
                 seconds,
             });
         }
+    }
+    for server in servers.iter_mut() {
+        server.finish()?;
     }
     model.set_generation_weights(GenerationWeights::Exact);
     model.drop_quantized();
@@ -415,86 +432,6 @@ fn peak_rss_mb() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
-}
-
-fn measure_torch(
-    args: &Args,
-    python: &Path,
-    model_path: &Path,
-    prompt_ids: &[u32],
-    dtype: &str,
-    only: Option<Part>,
-) -> anyhow::Result<Figures> {
-    // The script travels inside the binary, so a binary copied to another machine (a GPU one)
-    // benchmarks without the source tree.
-    let mut script = tempfile::Builder::new().suffix(".py").tempfile().context("creating a temporary file")?;
-    script.write_all(TORCH_REFERENCE.as_bytes())?;
-    script.flush()?;
-    let script = script.into_temp_path();
-    let mut ids_file = tempfile::NamedTempFile::new().context("creating a temporary file")?;
-    serde_json::to_writer(&mut ids_file, prompt_ids)?;
-    ids_file.flush()?;
-    let batches: Vec<String> = args.batches.iter().map(usize::to_string).collect();
-    let output = Command::new(python)
-        .arg(&script)
-        .arg("--gguf")
-        .arg(model_path)
-        .arg("--prompt-ids")
-        .arg(ids_file.path())
-        .args(["--device", &args.model.device])
-        .args(["--dtype", dtype])
-        .args(["--batches", &batches.join(",")])
-        .args(["--new-tokens", &args.new_tokens.to_string()])
-        .args(["--temperature", &TEMPERATURE.to_string()])
-        .args(["--top-k", &TOP_K.to_string()])
-        .args(["--train-batch", &args.train_batch.to_string()])
-        .args(["--train-len", &args.train_len.to_string()])
-        .args(["--rank", &args.rank.to_string()])
-        .args(["--repeats", &args.repeats.to_string()])
-        .args(match only {
-            Some(Part::Generate) => &["--skip-train"][..],
-            Some(Part::Train) => &["--skip-generate"][..],
-            None => &[][..],
-        })
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
-    if !output.status.success() {
-        bail!("the PyTorch reference ({}) failed with {}", script.display(), output.status);
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-    let v: Value = serde_json::from_str(last)
-        .with_context(|| format!("the PyTorch reference printed no JSON result; its output was:\n{stdout}"))?;
-    let f64s = |v: &Value| -> Vec<f64> {
-        v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default()
-    };
-    let generate = v["generate"]
-        .as_array()
-        .context("reference result: `generate`")?
-        .iter()
-        .map(|g| {
-            Ok(GenFigure {
-                batch: g["batch"].as_u64().context("reference result: batch")? as usize,
-                weights: dtype.to_string(),
-                adapter: false,
-                tokens_per_s: g["tokens_per_s"].as_f64().context("reference result: tokens_per_s")?,
-                seconds: f64s(&g["seconds"]),
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Figures {
-        load_s: v["load_s"].as_f64().unwrap_or(f64::NAN),
-        generate,
-        train_step_s: v["train"]["step_s"].as_f64(),
-        train_seconds: f64s(&v["train"]["seconds"]),
-        peak_rss_mb: v["peak_rss_mb"].as_f64(),
-        peak_rss_f32_generate_mb: None,
-        peak_rss_quantized_generate_mb: None,
-        quantized_copies_mb: None,
-        quantized_layout: None,
-    })
 }
 
 fn print_table(args: &Args, ours: &Figures, theirs: &[(String, Figures)], prompt_tokens: usize) {
@@ -568,6 +505,17 @@ fn print_table(args: &Args, ours: &Figures, theirs: &[(String, Figures)], prompt
         }
         if !theirs.is_empty() {
             println!("best = PyTorch's fastest dtype at that batch; PyTorch generates without an adapter");
+            for &batch in &batches {
+                let per_round = round_ratios(ours, theirs, batch, q);
+                if let (Some(lo), Some(hi)) = (per_round.first(), per_round.last()) {
+                    println!(
+                        "batch {batch}, {q}/best round by round ({} rounds, each side's runs back to back): \
+                         median {:.2}x, range {lo:.2}x to {hi:.2}x",
+                        per_round.len(),
+                        median(&per_round)
+                    );
+                }
+            }
         }
         if has_q {
             println!(
@@ -613,6 +561,32 @@ fn print_table(args: &Args, ours: &Figures, theirs: &[(String, Figures)], prompt
         cell(train_ref.map(|(_, t)| t.load_s), 1)
     );
     println!("etpo speed = etpo throughput / PyTorch throughput (above 1: etpo is faster)");
+}
+
+/// etpo's tokens/s with `weights` (no adapter) over PyTorch's fastest dtype, round by round
+/// (run `r` of each side ran in the same round), sorted; empty when a side has no runs.
+fn round_ratios(ours: &Figures, theirs: &[(String, Figures)], batch: usize, weights: &str) -> Vec<f64> {
+    let runs = |f: &Figures, w: Option<&str>| -> Vec<f64> {
+        f.generate
+            .iter()
+            .find(|g| g.batch == batch && !g.adapter && w.is_none_or(|w| g.weights == w))
+            .map(|g| g.seconds.clone())
+            .unwrap_or_default()
+    };
+    let ours = runs(ours, Some(weights));
+    let theirs: Vec<Vec<f64>> = theirs.iter().map(|(_, f)| runs(f, None)).filter(|s| s.len() == ours.len()).collect();
+    if ours.is_empty() || theirs.is_empty() {
+        return Vec::new();
+    }
+    let mut ratios: Vec<f64> = (0..ours.len())
+        .map(|r| {
+            // Same tokens on both sides: the ratio of speeds is the inverse ratio of times.
+            let best = theirs.iter().map(|s| s[r]).fold(f64::INFINITY, f64::min);
+            best / ours[r]
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios
 }
 
 /// `float32` -> `f32`, `bfloat16` -> `bf16`.
