@@ -509,7 +509,7 @@ fn print_table(args: &Args, ours: &Figures, theirs: &[(String, Figures)], prompt
                 let per_round = round_ratios(ours, theirs, batch, q);
                 if let (Some(lo), Some(hi)) = (per_round.first(), per_round.last()) {
                     println!(
-                        "batch {batch}, {q}/best round by round ({} rounds, each side's runs back to back): \
+                        "batch {batch}, {q}/best round by round ({} rounds; in each, etpo's runs, then PyTorch's): \
                          median {:.2}x, range {lo:.2}x to {hi:.2}x",
                         per_round.len(),
                         median(&per_round)
@@ -606,6 +606,34 @@ mod tests {
     fn median_of_odd_and_even_counts() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    fn gen(batch: usize, weights: &str, seconds: &[f64]) -> GenFigure {
+        GenFigure { batch, weights: weights.into(), adapter: false, tokens_per_s: 0.0, seconds: seconds.to_vec() }
+    }
+
+    #[test]
+    fn round_ratios_compare_each_round_with_its_fastest_reference() {
+        let ours = Figures {
+            generate: vec![gen(1, "f32", &[9.0, 9.0, 9.0]), gen(1, "quantized", &[1.0, 2.0, 0.5])],
+            ..Figures::default()
+        };
+        let theirs = vec![
+            (
+                "float32".to_string(),
+                Figures { generate: vec![gen(1, "float32", &[3.0, 4.0, 2.0])], ..Figures::default() },
+            ),
+            (
+                "bfloat16".to_string(),
+                Figures { generate: vec![gen(1, "bfloat16", &[4.0, 3.0, 1.0])], ..Figures::default() },
+            ),
+            // A training-step-only figure has no runs and takes no part.
+            ("float32".to_string(), Figures::default()),
+        ];
+        // Round by round, the faster reference over ours: 3/1, 3/2, 1/0.5; sorted.
+        assert_eq!(round_ratios(&ours, &theirs, 1, "quantized"), vec![1.5, 2.0, 3.0]);
+        assert!(round_ratios(&ours, &theirs, 8, "quantized").is_empty());
+        assert!(round_ratios(&ours, &theirs[2..], 1, "quantized").is_empty());
     }
 
     #[test]
