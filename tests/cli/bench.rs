@@ -58,8 +58,8 @@ fn bench_serve_prints_http_and_in_process_figures_and_their_ratios() {
 }
 
 /// A stand-in for the reference environment's Python that speaks `torch_reference.py`'s protocol
-/// without PyTorch: every generation takes `seconds` (as it reports), the training step 2 s; with
-/// `die_after` requests it exits instead of answering the next one.
+/// without PyTorch: it answers every generation request at once with `seconds` (and reports a
+/// training step of 2 s); with `die_after`, it exits instead of answering request `die_after + 1`.
 fn fake_reference(dir: &std::path::Path, seconds: f64, die_after: Option<usize>) -> std::path::PathBuf {
     let path = dir.join("python");
     let die = die_after.map_or(String::new(), |n| format!("[ $n -ge {n} ] && exit 3\n    "));
@@ -123,7 +123,7 @@ fn bench_model_takes_turns_with_the_reference_and_prints_round_by_round_ratios()
         .find(|l| l.starts_with("batch 1, quantized/best round by round (3 rounds"))
         .unwrap_or_else(|| panic!("no round-by-round line:\n{stdout}"));
     assert!(rounds.contains("median") && rounds.contains("range"), "{rounds}");
-    // The reference's peak memory, reported as it ended, and its load time.
+    // The reference's peak memory, as it reported it when it ended.
     let peak = stdout.lines().find(|l| l.starts_with("peak RSS of the process")).unwrap();
     assert!(peak.trim_end().ends_with(" 123"), "{peak}");
 }
