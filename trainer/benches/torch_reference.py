@@ -2,18 +2,18 @@
 """The PyTorch + transformers + peft side of `etpo bench model`.
 
 Measures, on the same GGUF and with the same inputs as etpo's side (the prompt's token ids come
-from etpo):
-  - generation tokens/s at the given batch sizes: exactly --new-tokens tokens per row (EOS
-    suppressed with min_new_tokens), temperature/top-k sampling, KV cache, prompt included;
-  - one LoRA training step (peft, rank --rank, all 7 projections, alpha 2*rank, no dropout):
-    forward, mean next-token cross-entropy, backward, AdamW step, on --train-batch x --train-len
-    token ids given by the same formula etpo uses.
-Prints one JSON object on the last line of standard output. Needs `scripts/setup.sh ref`.
-
-With --serve, generation runs on request instead, so that etpo can take turns with it run by run
-(a change in the machine's speed then falls on both sides alike): after loading, one JSON line
-{"ready": true, ...}; then for each line {"batch": B, "seed": S} read from standard input, one
-timed generation and one line {"seconds": ...}; at the end of input, {"peak_rss_mb": ...}.
+from etpo), in one of two modes:
+  - by default, one LoRA training step (peft, rank --rank, all 7 projections, alpha 2*rank, no
+    dropout): forward, mean next-token cross-entropy, backward, AdamW step, on --train-batch x
+    --train-len token ids given by the same formula etpo uses; --repeats timed steps after a
+    warm-up. Prints one JSON object on the last line of standard output;
+  - with --serve, generation on request, so that etpo can take turns with it run by run (a change
+    in the machine's speed then falls on both sides alike): exactly --new-tokens tokens per row
+    (EOS suppressed with min_new_tokens), temperature/top-k sampling, KV cache, prompt included.
+    After loading, one JSON line {"ready": true, ...}; then for each line {"batch": B, "seed": S}
+    read from standard input, one timed generation and one line {"seconds": ...}; at the end of
+    input, {"peak_rss_mb": ...}.
+Needs `scripts/setup.sh ref`.
 """
 
 import argparse
@@ -55,7 +55,6 @@ def main() -> None:
     p.add_argument("--prompt-ids", type=Path, required=True, help="JSON list of the prompt's token ids")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batches", default="1,8")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--top-k", type=int, default=50)
@@ -63,8 +62,6 @@ def main() -> None:
     p.add_argument("--train-len", type=int, default=320)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip-generate", action="store_true")
-    p.add_argument("--skip-train", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--serve", action="store_true", help="generate on request (see the module documentation)")
     args = p.parse_args()
@@ -93,7 +90,6 @@ def main() -> None:
         "device": str(device),
         "dtype": args.dtype,
         "load_s": load_s,
-        "generate": [],
     }
 
     def sync():
@@ -135,59 +131,39 @@ def main() -> None:
         print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
         return
 
-    if not args.skip_generate:
-        for batch in [int(b) for b in args.batches.split(",")]:
-            times = []
-            for rep in range(args.repeats + 1):  # the first run warms up
-                dt = generate_once(batch, rep)
-                if rep > 0:
-                    times.append(dt)
-            median = statistics.median(times)
-            result["generate"].append(
-                {
-                    "batch": batch,
-                    "prompt_tokens": int(ids.shape[1]),
-                    "new_tokens": args.new_tokens,
-                    "seconds": times,
-                    "tokens_per_s": batch * args.new_tokens / median,
-                }
-            )
-            print(f"torch generate batch {batch}: {batch * args.new_tokens / median:.1f} tokens/s", file=sys.stderr)
-
-    if not args.skip_train:
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        peft_model = get_peft_model(
-            model,
-            LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets),
-        )
-        peft_model.train()
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        vocab = model.config.vocab_size
-        x = torch.tensor(train_ids(args.train_batch, args.train_len, vocab), device=device)
-        times = []
-        for rep in range(args.repeats + 1):
-            sync()
-            t0 = time.perf_counter()
-            logits = peft_model(input_ids=x).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), x[:, 1:].reshape(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync()
-            dt = time.perf_counter() - t0
-            if rep > 0:
-                times.append(dt)
-            del logits, loss
-        result["train"] = {
-            "batch": args.train_batch,
-            "tokens": args.train_len,
-            "rank": args.rank,
-            "trainable_parameters": sum(p.numel() for p in params),
-            "seconds": times,
-            "step_s": statistics.median(times),
-        }
-        print(f"torch LoRA step: {statistics.median(times):.2f} s", file=sys.stderr)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets),
+    )
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    vocab = model.config.vocab_size
+    x = torch.tensor(train_ids(args.train_batch, args.train_len, vocab), device=device)
+    times = []
+    for rep in range(args.repeats + 1):
+        sync()
+        t0 = time.perf_counter()
+        logits = peft_model(input_ids=x).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        dt = time.perf_counter() - t0
+        if rep > 0:
+            times.append(dt)
+        del logits, loss
+    result["train"] = {
+        "batch": args.train_batch,
+        "tokens": args.train_len,
+        "rank": args.rank,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "seconds": times,
+        "step_s": statistics.median(times),
+    }
+    print(f"torch LoRA step: {statistics.median(times):.2f} s", file=sys.stderr)
 
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))

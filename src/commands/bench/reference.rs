@@ -55,7 +55,6 @@ impl Invocation {
         let mut ids = tempfile::NamedTempFile::new().context("creating a temporary file")?;
         serde_json::to_writer(&mut ids, prompt_ids)?;
         ids.flush()?;
-        let batches: Vec<String> = args.batches.iter().map(usize::to_string).collect();
         let mut command = Command::new(python);
         command
             .arg(&script)
@@ -65,7 +64,6 @@ impl Invocation {
             .arg(ids.path())
             .args(["--device", &args.model.device])
             .args(["--dtype", dtype])
-            .args(["--batches", &batches.join(",")])
             .args(["--new-tokens", &args.new_tokens.to_string()])
             .args(["--temperature", &TEMPERATURE.to_string()])
             .args(["--top-k", &TOP_K.to_string()])
@@ -90,7 +88,6 @@ pub fn measure_train_step(
     let mut run = Invocation::new(args, python, model_path, prompt_ids, dtype)?;
     let output = run
         .command
-        .arg("--skip-generate")
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running the PyTorch reference with {}", python.display()))?;
