@@ -16,7 +16,7 @@ ETPO_ARGS ?= --algo etpo --steps $(ETPO_STEPS) --seeds 0 --update-every 16 --set
 .PHONY: run test setup build pytest lint
 
 setup:
-	scripts/setup.sh python model games
+	scripts/setup.sh python bf16-if-fast model games
 
 build: setup
 	$(CARGO) build --bin etpo
@@ -29,6 +29,7 @@ run: build
 # Every suite runs even if one fails (the games' rules are their own cargo workspace, games/);
 # the target fails if any does. The lint comes first: it is quick and shares the build.
 test: setup
+	scripts/setup.sh bf16
 	status=0; \
 	$(MAKE) --no-print-directory lint || status=1; \
 	$(CARGO) test --workspace --no-fail-fast || status=1; \

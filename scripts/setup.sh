@@ -18,10 +18,13 @@
 #     beside the sources in python/etpo/ (import with PYTHONPATH=python). Both rebuild every time:
 #     cargo makes that quick when nothing changed;
 #   - `lint` (run by `make test`): rustfmt and clippy, added with rustup if missing;
+#   - `bf16`: oneMKL in .venv, for bf16 products on CPUs with AVX512-BF16/AMX (`bf16-if-fast`: only
+#     on such a CPU; see setup_bf16);
 #   - optionally (`ref`, not part of the default), a reference environment (.venv-ref) with PyTorch,
 #     transformers, gguf and peft, used only to regenerate the trainer's test fixtures
 #     (trainer/tests/fixtures/make_fixtures.py) and by `etpo bench model`; never by the tests.
-# Usage: scripts/setup.sh [python] [model] [games] [lint] [pybind] [pybind-dev] [ref]   (no argument: python, model and games)
+# Usage: scripts/setup.sh [python] [bf16] [bf16-if-fast] [model] [games] [lint] [pybind] [pybind-dev] [ref]
+#        (no argument: python, model and games)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 what="${*:-python model games}"
@@ -41,6 +44,20 @@ setup_python() {
     # (trainer/src/blas.rs); without it etpo falls back to candle's slower kernels.
     "$VENV/bin/pip" install --quiet --disable-pip-version-check \
         "numpy>=2,<3" "scipy>=1.13" "scikit-learn>=1.5" "scipy-openblas32>=0.3.28"
+}
+
+# oneMKL (the PyPI wheel `mkl`, about 230 MB to download, 690 MB installed) for the trainer's
+# bf16 products (trainer/src/bf16.rs): its `cblas_gemm_bf16bf16f32` multiplies bf16 with
+# AVX512-BF16 or AMX where the CPU has them. Installed without its OpenMP and TBB dependencies:
+# etpo runs it on one thread per call. `make run` installs it where the CPU multiplies bf16,
+# `make test` everywhere (the tests check the bf16 path against f32 on every machine).
+setup_bf16() {
+    if compgen -G "$VENV/lib/libmkl_rt.so*" > /dev/null; then
+        return
+    fi
+    setup_python
+    echo "setup: installing oneMKL (mkl, about 230 MB) into $VENV for bf16 products" >&2
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "mkl>=2024,<2027"
 }
 
 setup_model() {
@@ -153,12 +170,14 @@ PY
 for w in $what; do
     case "$w" in
         python) setup_python ;;
+        bf16) setup_bf16 ;;
+        bf16-if-fast) if grep -qw avx512_bf16 /proc/cpuinfo; then setup_bf16; fi ;;
         model) setup_model ;;
         pybind) setup_pybind ;;
         pybind-dev) setup_pybind_dev ;;
         games) setup_games ;;
         lint) setup_lint ;;
         ref) setup_ref ;;
-        *) echo "setup: unknown part '$w' (python, model, games, lint, pybind, pybind-dev, ref)" >&2; exit 2 ;;
+        *) echo "setup: unknown part '$w' (python, bf16, bf16-if-fast, model, games, lint, pybind, pybind-dev, ref)" >&2; exit 2 ;;
     esac
 done

@@ -1,6 +1,7 @@
 //! `etpo bench serve` end to end, on a tiny budget: the shape of its output (the CPU line, both
 //! scenarios, per client count a row each for HTTP and in-process and one of their ratios),
-//! never its timings.
+//! never its timings. `etpo bench model` against a stand-in for the PyTorch reference: its
+//! protocol, its rows and verdicts, the precisions of etpo's training step.
 //!
 //! It needs the games (built here, as `tests/cli/games.rs` does) and the project's Python
 //! environment (`scripts/setup.sh python`).
@@ -145,4 +146,61 @@ fn bench_model_reports_a_reference_that_dies() {
         .filter(|c| c.contains(&dir_name))
         .collect();
     assert!(left.is_empty(), "reference processes left: {left:?}");
+}
+
+fn bench_train_step(python: &std::path::Path, matmul: Option<&str>, bf16_blas: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(ETPO);
+    cmd.args(["bench", "model", "--only", "train", "--train-batch", "2", "--train-len", "24", "--repeats", "1"])
+        .arg("--python")
+        .arg(python)
+        .env_remove("ETPO_MATMUL")
+        .env_remove("ETPO_BF16_BLAS");
+    if let Some(m) = matmul {
+        cmd.env("ETPO_MATMUL", m);
+    }
+    if let Some(b) = bf16_blas {
+        cmd.env("ETPO_BF16_BLAS", b);
+    }
+    cmd.output().expect("the etpo binary runs")
+}
+
+/// The training step: PyTorch in both dtypes (the stand-in reports 2 s for each), etpo in the
+/// precision it picks and, with bf16 products installed (`make test` installs them), in the other
+/// one too, with the gradients' difference and the verdict against the fastest reference.
+/// `ETPO_MATMUL` picks the precision; a bad value or bf16 without a bf16 BLAS is a clear error.
+#[test]
+fn bench_model_times_the_training_step_in_both_precisions_against_both_dtypes() {
+    let dir = tempfile::tempdir().unwrap();
+    let python = fake_reference(dir.path(), 0.5, None);
+    let out = bench_train_step(&python, Some("bf16"), None);
+    let stdout = ok(&out);
+    let head = stdout.lines().find(|l| l.contains("etpo/best")).unwrap_or_else(|| panic!("no header:\n{stdout}"));
+    let cols: Vec<&str> = head.split_whitespace().collect();
+    assert_eq!(cols, ["etpo", "bf16", "etpo", "f32", "PyTorch", "f32", "PyTorch", "bf16", "etpo/best", "target"]);
+    let row = stdout.lines().find(|l| l.starts_with("LoRA step 2x24 (s)")).unwrap();
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    let v = numbers(&fields[4..9]);
+    assert_eq!(&v[2..4], [2.0, 2.0], "{row}");
+    assert!((v[4] - 2.0 / v[0]).abs() < 0.02 * v[4], "{row}");
+    let verdict = if 2.0 / v[0] >= 1.3 { "met" } else { "NOT met" };
+    assert!(row.trim_end().ends_with(&format!(">= 1.3x: {verdict}")), "{row}");
+    let diff = stdout.lines().find(|l| l.starts_with("etpo bf16 against f32 products")).unwrap();
+    let e: f64 = diff.split("relative difference ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(e > 0.0 && e < 0.1, "{diff}");
+
+    let out = bench_train_step(&python, Some("f32"), None);
+    let stdout = ok(&out);
+    assert!(stdout.lines().any(|l| l.split_whitespace().take(4).eq(["etpo", "f32", "etpo", "bf16"])), "{stdout}");
+
+    let out = bench_train_step(&python, Some("bf16"), Some("off"));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ETPO_MATMUL=bf16: no BLAS with bf16 products") && stderr.contains("setup.sh bf16"),
+        "{stderr}"
+    );
+    let out = bench_train_step(&python, Some("fp8"), None);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ETPO_MATMUL=\"fp8\": expected f32, bf16 or auto"), "{stderr}");
 }

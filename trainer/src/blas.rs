@@ -128,10 +128,7 @@ impl Blas {
     }
 
     /// `c = alpha · op(a) · op(b) + beta · c` (see [`Product`]), split over candle's thread pool
-    /// when it is large enough to gain from it: by rows of `c` when it has more rows than columns,
-    /// by columns otherwise. Each part packs the operand it shares with the others again, so the
-    /// split leaves the smaller one shared (the weight, not the activations, in a layer's
-    /// products).
+    /// when it is large enough to gain from it (see `Product::run_parts`).
     ///
     /// # Panics
     /// When a slice's length does not match the dimensions, or a dimension exceeds `i32::MAX`.
@@ -171,41 +168,12 @@ impl Blas {
     /// `a` and `b` must fit `p` (checked by the callers) and `c` must point to `m·n` writable
     /// elements, initialised unless `beta` is 0.
     unsafe fn gemm_into(&self, p: &Product, a: &[f32], b: &[f32], c: *mut f32) {
-        let (m, n, k) = (p.m, p.n, p.k);
-        if m == 0 || n == 0 {
-            return;
-        }
-        // Below about a quarter of a million multiply-adds a split costs more than it saves.
-        let by_rows = m > n;
-        let (dim, align) = if by_rows { (m, 8) } else { (n, 16) };
-        let parts = if m * n * k < (1 << 18) { 1 } else { threads().min(dim.div_ceil(align)) };
-        if parts == 1 {
-            // SAFETY: the caller's contract covers the whole product.
-            unsafe { self.raw(p, m, n, a.as_ptr(), b.as_ptr(), c, n) };
-            return;
-        }
-        let chunk = dim.div_ceil(parts).next_multiple_of(align).min(dim);
         let (a, b, c) = (Shared(a.as_ptr().cast_mut()), Shared(b.as_ptr().cast_mut()), Shared(c));
-        let block = |i0: usize| {
-            let len = chunk.min(dim - i0);
-            // SAFETY: a and b fit the product and c holds m·n elements (the caller's contract);
-            // each part reads within a and b and writes only its own rows (or columns) of c,
-            // disjoint between parts, and everything outlives the calls (scoped below). The
-            // leading dimensions stay those of the whole matrices.
-            unsafe {
-                if by_rows {
-                    // Rows i0.. of op(a): rows of a, or columns of a stored transposed.
-                    let a_part = if p.a_transposed { i0 } else { i0 * k };
-                    self.raw(p, len, n, a.get().add(a_part), b.get(), c.get().add(i0 * n), n)
-                } else {
-                    // Columns i0.. of op(b): rows of b stored transposed, or columns of b.
-                    let b_part = if p.b_transposed { i0 * k } else { i0 };
-                    self.raw(p, m, len, a.get(), b.get().add(b_part), c.get().add(i0), n)
-                }
-            }
-        };
-        use rayon::prelude::*;
-        (0..dim).step_by(chunk).collect::<Vec<_>>().into_par_iter().for_each(block);
+        // SAFETY: each part reads within a and b and writes only its own rows (or columns) of c
+        // (see `Product::parts`), and the caller's contract covers the whole product.
+        let part =
+            |pt: Part| unsafe { self.raw(p, pt.m, pt.n, a.get().add(pt.a), b.get().add(pt.b), c.get().add(pt.c), p.n) };
+        p.run_parts(part);
     }
 
     /// [`Blas::gemm`] on the calling thread, for callers that run many small products in
@@ -267,6 +235,167 @@ impl Blas {
                 )
             }
         }
+    }
+}
+
+/// `cblas_gemm_bf16bf16f32` (oneMKL) and `cblas_sbgemm` (OpenBLAS): [`Sgemm`] with bf16 operands
+/// (`u16` bit patterns) and an f32 output, accumulated in f32.
+type Bf16Gemm = unsafe extern "C" fn(
+    order: i32,
+    trans_a: i32,
+    trans_b: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: f32,
+    a: *const u16,
+    lda: i32,
+    b: *const u16,
+    ldb: i32,
+    beta: f32,
+    c: *mut f32,
+    ldc: i32,
+);
+/// oneMKL's `MKL_Set_Threading_Layer` and `MKL_CBWR_Set`.
+type MklSetInt = unsafe extern "C" fn(i32) -> i32;
+
+/// A loaded BLAS with a bf16 product (see [`crate::bf16`]).
+pub struct Bf16Blas {
+    gemm: Bf16Gemm,
+    /// The library's file or name, for reports.
+    name: String,
+    _lib: libloading::Library,
+}
+
+/// The process's bf16 BLAS, loaded on first use; `None` when none was found (or
+/// `ETPO_BF16_BLAS=off`). Looked for, in order: `$ETPO_BF16_BLAS` (a path); the f32 BLAS
+/// ([`blas`]) when it is an OpenBLAS built with bf16 products; oneMKL's `libmkl_rt` in the
+/// project's `.venv` (the `mkl` wheel, `scripts/setup.sh bf16`).
+pub fn bf16_blas() -> Option<&'static Bf16Blas> {
+    static BF16: OnceLock<Option<Bf16Blas>> = OnceLock::new();
+    BF16.get_or_init(|| {
+        let explicit = std::env::var_os("ETPO_BF16_BLAS").filter(|v| !v.is_empty());
+        let candidates: Vec<PathBuf> = match explicit {
+            Some(v) if v == "off" || v == "none" => return None,
+            Some(v) => vec![PathBuf::from(v)],
+            None => {
+                let f32_blas = std::env::var_os("ETPO_BLAS").filter(|v| !v.is_empty() && v != "off" && v != "none");
+                let f32_blas = f32_blas.map(PathBuf::from).or_else(venv_openblas);
+                f32_blas.into_iter().chain(venv_mkl()).collect()
+            }
+        };
+        candidates.iter().find_map(|p| Bf16Blas::open(p))
+    })
+    .as_ref()
+}
+
+/// `libmkl_rt.so*` of the `mkl` wheel, which pip puts into the project's `.venv/lib`.
+fn venv_mkl() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(root.join(".venv").join("lib"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libmkl_rt.so")))
+        .collect();
+    libs.sort();
+    libs.pop()
+}
+
+impl Bf16Blas {
+    /// Loads the library at `path` if it exports a bf16 product. oneMKL is set to run each call
+    /// on the calling thread (etpo splits products over candle's pool, as with OpenBLAS) and to
+    /// give the same result whatever the operands' alignment.
+    fn open(path: &Path) -> Option<Bf16Blas> {
+        // SAFETY: as in `Blas::open`: a BLAS library chosen by the user or the project's set-up.
+        let lib = unsafe { libloading::Library::new(path) }.ok()?;
+        let names: [&[u8]; 3] = [b"cblas_gemm_bf16bf16f32\0", b"cblas_sbgemm\0", b"scipy_cblas_sbgemm\0"];
+        // SAFETY: each symbol has the signature of `Bf16Gemm`.
+        let gemm = names.iter().find_map(|n| unsafe { lib.get::<Bf16Gemm>(n) }.ok().map(|f| *f))?;
+        // SAFETY: oneMKL's `int MKL_Set_Threading_Layer(int)` and `int MKL_CBWR_Set(int)`, called
+        // before any product. 1 is MKL_THREADING_SEQUENTIAL; 2 | 0x10000 is MKL_CBWR_AUTO with
+        // MKL_CBWR_STRICT (results independent of alignment).
+        unsafe {
+            if let Ok(set) = lib.get::<MklSetInt>(b"MKL_Set_Threading_Layer\0") {
+                set(1);
+            }
+            if let Ok(set) = lib.get::<MklSetInt>(b"MKL_CBWR_Set\0") {
+                set(2 | 0x10000);
+            }
+        }
+        // Sets OpenBLAS to one thread per call, as `Blas::open` does (the same library may be
+        // both).
+        for name in [&b"openblas_set_num_threads\0"[..], b"scipy_openblas_set_num_threads\0"] {
+            // SAFETY: OpenBLAS's `openblas_set_num_threads(int)`.
+            if let Ok(set) = unsafe { lib.get::<SetThreads>(name) } {
+                unsafe { set(1) };
+            }
+        }
+        request_amx();
+        Some(Bf16Blas { gemm, name: path.display().to_string(), _lib: lib })
+    }
+
+    /// The library's path (or name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `c = alpha · op(a) · op(b) + beta · c` with bf16 `a` and `b` and an f32 `c` (see
+    /// [`Product`]), split over candle's thread pool like [`Blas::gemm`].
+    ///
+    /// # Panics
+    /// When a slice's length does not match the dimensions, or a dimension exceeds `i32::MAX`.
+    pub fn gemm(&self, p: &Product, a: &[u16], b: &[u16], c: &mut [f32]) {
+        p.check(a, b, c.len());
+        if p.k == 0 {
+            c.iter_mut().for_each(|c| *c *= p.beta);
+            return;
+        }
+        let op = |t: bool| if t { TRANS } else { NO_TRANS };
+        let (a, b, c) = (Shared(a.as_ptr().cast_mut()), Shared(b.as_ptr().cast_mut()), Shared(c.as_mut_ptr()));
+        p.run_parts(|pt| {
+            // SAFETY: the slices fit the product (checked above); each part reads within a and b
+            // and writes only its own block of c (`Product::run_parts`).
+            unsafe {
+                (self.gemm)(
+                    ROW_MAJOR,
+                    op(p.a_transposed),
+                    op(p.b_transposed),
+                    pt.m as i32,
+                    pt.n as i32,
+                    p.k as i32,
+                    p.alpha,
+                    a.get().add(pt.a),
+                    p.lda() as i32,
+                    b.get().add(pt.b),
+                    p.ldb() as i32,
+                    p.beta,
+                    c.get().add(pt.c),
+                    p.n as i32,
+                )
+            }
+        });
+    }
+
+    /// [`Bf16Blas::gemm`] into a new `[m, n]` matrix (`beta` is ignored).
+    pub fn gemm_new(&self, p: &Product, a: &[u16], b: &[u16]) -> Vec<f32> {
+        let mut c = vec![0f32; p.m * p.n];
+        self.gemm(&Product { beta: 0.0, ..*p }, a, b, &mut c);
+        c
+    }
+}
+
+/// Asks Linux for the AMX tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), which
+/// a process must do before its first AMX instruction; without it the library's AMX kernels
+/// would fault. Harmless where the CPU has no AMX (the call fails and nothing changes).
+fn request_amx() {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    {
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        // SAFETY: arch_prctl with these arguments only changes which register state the kernel
+        // lets this process use.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
     }
 }
 
@@ -344,7 +473,40 @@ impl Product {
         }
     }
 
-    fn check(&self, a: &[f32], b: &[f32], c_len: usize) {
+    /// The product split over candle's thread pool where it is large enough to gain from it: by
+    /// rows of `c` when it has more rows than columns, by columns otherwise. Each part packs the
+    /// operand it shares with the others again, so the split leaves the smaller one shared (the
+    /// weight, not the activations, in a layer's products). Runs `part` on each, in parallel.
+    fn run_parts(&self, part: impl Fn(Part) + Sync) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        if m == 0 || n == 0 {
+            return;
+        }
+        // Below about a quarter of a million multiply-adds a split costs more than it saves.
+        let by_rows = m > n;
+        let (dim, align) = if by_rows { (m, 8) } else { (n, 16) };
+        let count = if m * n * k < (1 << 18) { 1 } else { threads().min(dim.div_ceil(align)) };
+        if count == 1 {
+            part(Part { m, n, a: 0, b: 0, c: 0 });
+            return;
+        }
+        let chunk = dim.div_ceil(count).next_multiple_of(align).min(dim);
+        let at = |i0: usize| {
+            let len = chunk.min(dim - i0);
+            // The leading dimensions stay those of the whole matrices: rows i0.. of op(a) are
+            // rows of a, or columns of a stored transposed; columns i0.. of op(b) are rows of b
+            // stored transposed, or columns of b.
+            if by_rows {
+                Part { m: len, n, a: if self.a_transposed { i0 } else { i0 * k }, b: 0, c: i0 * n }
+            } else {
+                Part { m, n: len, a: 0, b: if self.b_transposed { i0 * k } else { i0 }, c: i0 }
+            }
+        };
+        use rayon::prelude::*;
+        (0..dim).step_by(chunk).collect::<Vec<_>>().into_par_iter().for_each(|i0| part(at(i0)));
+    }
+
+    fn check<A, B>(&self, a: &[A], b: &[B], c_len: usize) {
         let (m, n, k) = (self.m, self.n, self.k);
         assert_eq!(a.len(), m * k, "gemm: a is not [m, k] / [k, m]");
         assert_eq!(b.len(), n * k, "gemm: b is not [k, n] / [n, k]");
@@ -353,15 +515,31 @@ impl Product {
     }
 }
 
-/// A raw pointer shared by the column blocks of one product (each writes its own columns).
-#[derive(Clone, Copy)]
-pub(crate) struct Shared(pub(crate) *mut f32);
-// SAFETY: used only inside `Blas::gemm` and `quant::QMatrix::matmul_t`, whose parts touch
-// disjoint parts of the output.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-impl Shared {
-    pub(crate) fn get(self) -> *mut f32 {
+/// One part of a product split over threads ([`Product::run_parts`]): an `m × n` block of `c`,
+/// with the offsets (in elements) of its first operand elements and of its first output element.
+#[derive(Debug, Clone, Copy)]
+struct Part {
+    m: usize,
+    n: usize,
+    a: usize,
+    b: usize,
+    c: usize,
+}
+
+/// A raw pointer shared by the parts of one product (each writes its own rows or columns).
+pub(crate) struct Shared<T = f32>(pub(crate) *mut T);
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Shared<T> {}
+// SAFETY: used only inside the BLAS products here and `quant::QMatrix::matmul_t`, whose parts
+// read shared operands and write disjoint parts of the output.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+impl<T> Shared<T> {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }
@@ -428,6 +606,41 @@ mod tests {
             let fresh = blas.gemm_new(&p, &a_stored, &b);
             for ((x, y), c) in fresh.iter().zip(&want).zip(&c0) {
                 assert!((x - (y - c)).abs() < 1e-4, "{m}x{n}x{k} new: {x} vs {}", y - c);
+            }
+        }
+    }
+
+    /// The bf16 product against the exact product of the bf16-rounded operands (computed in f64):
+    /// both operand layouts, a scale and accumulation, a matrix-vector shape, and shapes large
+    /// enough to be split over threads by columns and by rows. bf16 products of bf16 numbers
+    /// are exact in f32, so the only differences left are the f32 sums' rounding.
+    #[test]
+    fn bf16_gemm_matches_the_product_of_the_rounded_operands() {
+        use crate::bf16::{from_bf16, to_bf16};
+        let blas = bf16_blas().expect(crate::bf16::NO_BF16_BLAS);
+        for &(m, n, k) in &[(1, 7, 5), (5, 3, 4), (70, 200, 40), (200, 70, 40)] {
+            let a: Vec<u16> = (0..m * k).map(|i| to_bf16((i as f32 * 0.29).sin())).collect();
+            let b: Vec<u16> = (0..n * k).map(|i| to_bf16((i as f32 * 0.07).cos() * 3.0)).collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.01).collect();
+            for (a_t, b_t) in [(false, true), (false, false), (true, true)] {
+                // Element (i, l) of op(a) and (l, j) of op(b) from their stored layouts.
+                let av = |i: usize, l: usize| from_bf16(if a_t { a[l * m + i] } else { a[i * k + l] }) as f64;
+                let bv = |l: usize, j: usize| from_bf16(if b_t { b[j * k + l] } else { b[l * n + j] }) as f64;
+                let mut p = Product::new(m, n, k).scaled(0.5).accumulate();
+                p.a_transposed = a_t;
+                p.b_transposed = b_t;
+                let mut c = c0.clone();
+                blas.gemm(&p, &a, &b, &mut c);
+                let fresh = blas.gemm_new(&p, &a, &b);
+                for i in 0..m {
+                    for j in 0..n {
+                        let exact: f64 = (0..k).map(|l| av(i, l) * bv(l, j)).sum::<f64>() * 0.5;
+                        let got = c[i * n + j] as f64;
+                        let want = exact + c0[i * n + j] as f64;
+                        assert!((got - want).abs() < 1e-5, "{m}x{n}x{k} a_t={a_t} b_t={b_t}: {got} vs {want}");
+                        assert!((fresh[i * n + j] as f64 - exact).abs() < 1e-5, "{m}x{n}x{k} new");
+                    }
+                }
             }
         }
     }

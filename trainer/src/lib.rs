@@ -1,6 +1,7 @@
 //! etpo trainer: the language-model core (a Llama-family model in candle with named LoRA
 //! adapter sets, loading, tokenizer, batched generation) and the ETPO / PPO-KL / GRPO trainers.
 
+pub mod bf16;
 mod blas;
 mod error;
 pub mod etpo;

@@ -13,6 +13,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
+use crate::bf16::MatmulPrecision;
 use crate::error::bad;
 use crate::model::{
     BlockWeights, GenerationWeights, Llama, Llama3RopeScaling, LlamaConfig, LlamaWeights, ModelError, Projection,
@@ -134,11 +135,19 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
 /// ([`GenerationWeights::CPU_DEFAULT`], when its widths are multiples of 32; exact copies for a
 /// Q4_1/Q8_0 GGUF, see `trainer::model` `quantized.rs`), activations and adapters in f32;
 /// [`Llama::set_generation_weights`] changes that. Everything else (training, log-probabilities,
-/// perplexity) uses the loaded weights.
+/// perplexity) uses the loaded weights, multiplying by them in the precision
+/// [`MatmulPrecision::for_this_machine`] picks for an f32 model on the CPU (bf16 where the CPU
+/// multiplies bf16 and a bf16 BLAS is found, see [`crate::bf16`]).
+///
+/// # Errors
+/// Besides loading errors, `ETPO_MATMUL` asks for a precision this machine cannot give.
 pub fn load_model_as(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let mut loaded = load_weights(path, device, dtype)?;
     if loaded.model.can_quantize() {
         loaded.model.set_generation_weights(GenerationWeights::CPU_DEFAULT);
+    }
+    if device.is_cpu() && dtype == DType::F32 {
+        loaded.model.set_matmul_precision(MatmulPrecision::for_this_machine()?)?;
     }
     Ok(loaded)
 }

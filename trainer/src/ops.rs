@@ -13,41 +13,68 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
+use crate::bf16::{Bf16Matrix, FrozenWeight};
 use crate::blas::{Blas, Product};
 use crate::kernels;
 use crate::model::{ModelError, Result};
 
-/// `x @ w.t()` for a frozen weight `w` (`x`: `[N, in]`, `w`: `[out, in]`).
+/// `x @ w.t()` for a frozen weight `w` (`x`: `[N, in]`, `w`: `[out, in]`), in bf16 where `w` has
+/// a bf16 copy and `x` is f32 on the CPU (see [`crate::bf16`]).
 ///
 /// candle's matmul backward always computes both operands' gradients, and keeps them until the
 /// backward pass ends; for a frozen weight that is a wasted product as costly as the forward one
 /// and a weight-sized buffer per projection (on a 7B model, a second copy of the model). When `x`
 /// is tracked (on the CPU or a CUDA device) this runs as a custom op whose backward computes only
 /// `grad @ w`.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub fn frozen_linear(x: &Tensor, w: FrozenWeight<'_>) -> Result<Tensor> {
     if x.track_op() && (x.device().is_cpu() || x.device().is_cuda()) {
-        let op = FrozenLinear { w: w.clone() };
+        let op = FrozenLinear { w: w.tensor.clone(), w16: w.bf16.cloned() };
         Ok(x.contiguous()?.apply_op1(op)?)
     } else {
-        matmul_cpu_blas(x, w, true)
+        matmul_cpu_blas(x, w.tensor, w.bf16.map(|w| &**w), true)
     }
 }
 
 /// `x · wᵀ` (`w_transposed`) or `x · w` for 2-D `x`, through BLAS when one is loaded and both are
-/// f32 on the CPU (see [`crate::blas`]); candle's matmul otherwise. Not differentiable.
-fn matmul_cpu_blas(x: &Tensor, w: &Tensor, w_transposed: bool) -> Result<Tensor> {
+/// f32 on the CPU (see [`crate::blas`]), by `w16` in bf16 when given; candle's matmul otherwise.
+/// Not differentiable.
+fn matmul_cpu_blas(x: &Tensor, w: &Tensor, w16: Option<&Bf16Matrix>, w_transposed: bool) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2 {
         let x = x.contiguous()?;
         let (m, k) = x.dims2()?;
         let (xs, xl) = x.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::F32(xv)), Some((x0, x1))) = (&*xs, xl.contiguous_offsets()) {
-            if let Some(c) = blas_times(&xv[x0..x1], m, k, w, w_transposed)? {
+            let c = match w16 {
+                Some(w16) => Some(bf16_times(&xv[x0..x1], m, k, w16, w_transposed)?),
+                None => blas_times(&xv[x0..x1], m, k, w, w_transposed)?,
+            };
+            if let Some(c) = c {
                 let n = c.len() / m.max(1);
                 return Ok(Tensor::from_vec(c, (m, n), &Device::Cpu)?);
             }
         }
     }
     Ok(if w_transposed { x.matmul(&w.t()?)? } else { x.matmul(w)? })
+}
+
+/// The row-major `[m, k]` matrix `x` rounded to bf16, times `w16ᵀ` (or `w16`), accumulated in
+/// f32 by the bf16 BLAS.
+///
+/// # Errors
+/// No bf16 BLAS is loaded (a model gets bf16 copies only when one is), or the shapes do not fit.
+fn bf16_times(x: &[f32], m: usize, k: usize, w16: &Bf16Matrix, w_transposed: bool) -> Result<Vec<f32>> {
+    let blas = crate::blas::bf16_blas()
+        .ok_or_else(|| ModelError::Invalid(format!("bf16 product: {}", crate::bf16::NO_BF16_BLAS)))?;
+    let (rows, cols) = w16.dims();
+    let (n, kw) = if w_transposed { (rows, cols) } else { (cols, rows) };
+    if k != kw {
+        return Err(ModelError::Invalid(format!("bf16 product: x [{m}, {k}] against a weight [{rows}, {cols}]")));
+    }
+    let p = Product::new(m, n, k);
+    let p = if w_transposed { p.b_t() } else { p };
+    Ok(blas.gemm_new(&p, &crate::bf16::round_all(x), w16.bits()))
 }
 
 /// The row-major `[m, k]` matrix `x` times `wᵀ` (or `w`) through BLAS; `None` when no BLAS is
@@ -79,6 +106,8 @@ fn blas_times(x: &[f32], m: usize, k: usize, w: &Tensor, w_transposed: bool) -> 
 
 struct FrozenLinear {
     w: Tensor,
+    /// `w`'s bf16 copy, when products by it run in bf16.
+    w16: Option<Arc<Bf16Matrix>>,
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -90,7 +119,12 @@ impl CustomOp1 for FrozenLinear {
         let (start, end) = contiguous_range(layout, self.name())?;
         let shape = layout.shape();
         if let (CpuStorage::F32(v), [m, k]) = (storage, shape.dims()) {
-            if let Some(y) = blas_times(&v[start..end], *m, *k, &self.w, true).map_err(candle_err)? {
+            let x = &v[start..end];
+            let y = match &self.w16 {
+                Some(w16) => Some(bf16_times(x, *m, *k, w16, true).map_err(candle_err)?),
+                None => blas_times(x, *m, *k, &self.w, true).map_err(candle_err)?,
+            };
+            if let Some(y) = y {
                 let n = y.len() / (*m).max(1);
                 return Ok((CpuStorage::F32(y), (*m, n).into()));
             }
@@ -124,7 +158,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(matmul_cpu_blas(grad_res, &self.w, false).map_err(candle_err)?))
+        Ok(Some(matmul_cpu_blas(grad_res, &self.w, self.w16.as_deref(), false).map_err(candle_err)?))
     }
 }
 
@@ -782,17 +816,19 @@ impl candle_core::CustomOp2 for SwiGlu {
 /// A LoRA-adapted frozen linear layer in one op: `x · wᵀ + scale · (x · aᵀ) · bᵀ`, with `x`
 /// `[N, in]`, the frozen `w` `[out, in]`, `a` `[r, in]` and `b` `[out, r]`.
 ///
-/// On the CPU in f32 with BLAS loaded, every product goes through BLAS and the backward pass
-/// computes `x`'s gradient only when `x` is tracked, and `w`'s never; the graph gets one node
-/// where the composition makes five. Returns `None` elsewhere: the caller composes
-/// [`frozen_linear`] and candle's matmuls.
-pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+/// On the CPU in f32 with BLAS loaded, every product goes through BLAS (the products by `w` in
+/// bf16 where it has a bf16 copy, see [`crate::bf16`]) and the backward pass computes `x`'s
+/// gradient only when `x` is tracked, and `w`'s never; the graph gets one node where the
+/// composition makes five. Returns `None` elsewhere: the caller composes [`frozen_linear`] and
+/// candle's matmuls.
+pub fn lora_linear(x: &Tensor, w: FrozenWeight<'_>, a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
     let fused = crate::blas::blas().is_some()
-        && [x, w, a, b].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2);
+        && [x, w.tensor, a, b].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2);
     if !fused {
         return Ok(None);
     }
-    let op = LoraLinear { w: w.contiguous()?, scale: scale as f32, x_tracked: x.track_op() };
+    let op =
+        LoraLinear { w: w.tensor.contiguous()?, w16: w.bf16.cloned(), scale: scale as f32, x_tracked: x.track_op() };
     Ok(Some(x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?))
 }
 
@@ -828,6 +864,8 @@ pub fn lora_add(x: &Tensor, y: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> R
 /// [`lora_linear`]'s fused CPU op.
 struct LoraLinear {
     w: Tensor,
+    /// `w`'s bf16 copy, when products by it run in bf16.
+    w16: Option<Arc<Bf16Matrix>>,
     scale: f32,
     /// Whether `x` needs a gradient (not in the first block, whose input is the frozen embedding).
     x_tracked: bool,
@@ -862,7 +900,10 @@ impl CustomOp3 for LoraLinear {
         if ia != i || iw != i || rb != r || ow != o {
             candle_core::bail!("lora-linear: x [{n}, {i}], a [{r}, {ia}], b [{o}, {rb}] and w [{ow}, {iw}] do not fit");
         }
-        let mut y = with_f32(&[&self.w], |w| blas.gemm_new(&Product::new(n, o, i).b_t(), x, w[0]))?;
+        let mut y = match &self.w16 {
+            Some(w16) => bf16_times(x, n, i, w16, true).map_err(candle_err)?,
+            None => with_f32(&[&self.w], |w| blas.gemm_new(&Product::new(n, o, i).b_t(), x, w[0]))?,
+        };
         let mut u = vec![0f32; n * r];
         blas.gemm(&Product::new(n, r, i).b_t(), x, a, &mut u);
         blas.gemm(&Product::new(n, o, r).b_t().scaled(self.scale).accumulate(), &u, b, &mut y);
@@ -891,12 +932,18 @@ impl CustomOp3 for LoraLinear {
             blas.gemm(&Product::new(o, r, n).a_t().scaled(s), g, &u, &mut db);
             blas.gemm(&Product::new(n, r, o).scaled(s), g, b, &mut gu);
             blas.gemm(&Product::new(r, i, n).a_t(), &gu, x, &mut da);
-            self.x_tracked.then(|| {
-                let mut dx = blas.gemm_new(&Product::new(n, i, o), g, w);
-                blas.gemm(&Product::new(n, i, r).accumulate(), &gu, a, &mut dx);
-                dx
-            })
-        })?;
+            self.x_tracked
+                .then(|| {
+                    let mut dx = match &self.w16 {
+                        Some(w16) => bf16_times(g, n, o, w16, false)?,
+                        None => blas.gemm_new(&Product::new(n, i, o), g, w),
+                    };
+                    blas.gemm(&Product::new(n, i, r).accumulate(), &gu, a, &mut dx);
+                    Ok::<_, ModelError>(dx)
+                })
+                .transpose()
+        })?
+        .map_err(candle_err)?;
         let dev = Device::Cpu;
         let dx = dx.map(|dx| Tensor::from_vec(dx, (n, i), &dev)).transpose()?;
         Ok((dx, Some(Tensor::from_vec(da, (r, i), &dev)?), Some(Tensor::from_vec(db, (o, r), &dev)?)))
@@ -1119,9 +1166,10 @@ mod tests {
             let (x2, a2, b2) = (vars(&x), vars(&a), vars(&b));
             let (xi1, xi2) =
                 if x_tracked { (x1.as_tensor().clone(), x2.as_tensor().clone()) } else { (x.clone(), x.clone()) };
-            let fused =
-                lora_linear(&xi1, &w, a1.as_tensor(), b1.as_tensor(), scale).unwrap().expect("fused on the CPU");
-            let base = frozen_linear(&xi2, &w).unwrap();
+            let fused = lora_linear(&xi1, FrozenWeight::exact(&w), a1.as_tensor(), b1.as_tensor(), scale)
+                .unwrap()
+                .expect("fused on the CPU");
+            let base = frozen_linear(&xi2, FrozenWeight::exact(&w)).unwrap();
             let delta = (xi2.matmul(&a2.as_tensor().t().unwrap()).unwrap() * scale)
                 .unwrap()
                 .matmul(&b2.as_tensor().t().unwrap())
@@ -1238,12 +1286,65 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (5, 7), &Device::Cpu).unwrap();
         let w = Tensor::randn(0f32, 1.0, (4, 7), &Device::Cpu).unwrap();
         let v = Var::from_tensor(&x).unwrap();
-        let y = frozen_linear(v.as_tensor(), &w).unwrap();
+        let y = frozen_linear(v.as_tensor(), FrozenWeight::exact(&w)).unwrap();
         assert!(max_diff(&y, &x.matmul(&w.t().unwrap()).unwrap()) < 1e-5);
         let g = y.sum_all().unwrap().backward().unwrap();
         // d/dx Σ x·Wᵀ = 1 · W, the same for every row.
         let expect = Tensor::ones((5, 4), DType::F32, &Device::Cpu).unwrap().matmul(&w).unwrap();
         assert!(max_diff(g.get(v.as_tensor()).unwrap(), &expect) < 1e-5);
         assert!(g.get(&w).is_none());
+    }
+
+    /// `t` with every element rounded to bf16 (still f32).
+    fn rounded(t: &Tensor) -> Tensor {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let r: Vec<f32> = v.iter().map(|&x| crate::bf16::from_bf16(crate::bf16::to_bf16(x))).collect();
+        Tensor::from_vec(r, t.shape(), t.device()).unwrap()
+    }
+
+    /// With a bf16 copy of the weight, the frozen products (forward, the input's gradient, and
+    /// the untracked product) are those of the bf16-rounded operands accumulated in f32, the
+    /// adapter's own products stay f32, and the results differ from the f32 path's.
+    #[test]
+    fn products_by_a_bf16_copy_round_both_operands_and_leave_the_adapter_in_f32() {
+        crate::blas::bf16_blas().expect(crate::bf16::NO_BF16_BLAS);
+        let dev = Device::Cpu;
+        let (n, i, o, r, scale) = (6, 40, 24, 3, 0.7);
+        let x = Tensor::randn(0f32, 1.0, (n, i), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (o, i), &dev).unwrap();
+        let a = Tensor::randn(0f32, 1.0, (r, i), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (o, r), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (n, o), &dev).unwrap();
+        let w16 = Arc::new(Bf16Matrix::from_tensor(&w).unwrap());
+        let frozen = FrozenWeight { tensor: &w, bf16: Some(&w16) };
+        let (xr, wr) = (rounded(&x), rounded(&w));
+        let base = xr.matmul(&wr.t().unwrap()).unwrap();
+
+        // The untracked product, and the tracked one with its gradient.
+        assert!(max_diff(&frozen_linear(&x, frozen).unwrap(), &base) < 1e-5);
+        let v = Var::from_tensor(&x).unwrap();
+        let y = frozen_linear(v.as_tensor(), frozen).unwrap();
+        assert!(max_diff(&y, &base) < 1e-5);
+        assert!(max_diff(&y, &x.matmul(&w.t().unwrap()).unwrap()) > 1e-3, "the f32 product was used");
+        let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = rounded(&up).matmul(&wr).unwrap();
+        assert!(max_diff(g.get(v.as_tensor()).unwrap(), &dx) < 1e-5);
+
+        // The fused LoRA op: the base product in bf16, u = x·aᵀ and the rest in f32.
+        let (xv, av, bv) =
+            (Var::from_tensor(&x).unwrap(), Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
+        let y = lora_linear(xv.as_tensor(), frozen, av.as_tensor(), bv.as_tensor(), scale).unwrap().unwrap();
+        let u = x.matmul(&a.t().unwrap()).unwrap();
+        let want = (&base + (u.matmul(&b.t().unwrap()).unwrap() * scale).unwrap()).unwrap();
+        assert!(max_diff(&y, &want) < 1e-4);
+        let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        // dx = g·w (bf16) + s·(g·b)·a (f32); db = s·gᵀ·u and da = s·(g·b)ᵀ·x, both f32.
+        let gu = (up.matmul(&b).unwrap() * scale).unwrap();
+        let want_dx = (&dx + gu.matmul(&a).unwrap()).unwrap();
+        assert!(max_diff(g.get(xv.as_tensor()).unwrap(), &want_dx) < 1e-4);
+        let want_db = (up.t().unwrap().matmul(&u).unwrap() * scale).unwrap();
+        assert!(max_diff(g.get(bv.as_tensor()).unwrap(), &want_db) < 1e-4);
+        let want_da = gu.t().unwrap().matmul(&x).unwrap();
+        assert!(max_diff(g.get(av.as_tensor()).unwrap(), &want_da) < 1e-4);
     }
 }

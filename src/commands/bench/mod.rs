@@ -28,6 +28,16 @@ pub enum Bench {
     Serve(self::serve::Args),
 }
 
+/// How a model multiplies by its frozen weights, for the benchmarks' headers: e.g. "frozen-weight
+/// products in bf16 (/…/.venv/lib/libmkl_rt.so.3)" or "frozen-weight products in f32".
+pub(crate) fn matmul_line(model: &trainer::Llama) -> String {
+    let precision = model.matmul_precision();
+    match (precision, trainer::bf16::library()) {
+        (trainer::bf16::MatmulPrecision::Bf16, Some(lib)) => format!("frozen-weight products in bf16 ({lib})"),
+        _ => format!("frozen-weight products in {}", precision.name()),
+    }
+}
+
 /// The CPU's model name and the vector extensions that matter for our kernels, e.g.
 /// "Intel(R) Xeon(R) Processor (avx2 avx512f amx)", from /proc/cpuinfo.
 pub(crate) fn cpu_model() -> String {
@@ -41,7 +51,7 @@ pub(crate) fn cpu_model() -> String {
     let name = field("model name").unwrap_or_else(|| "unknown CPU".into());
     let flags = field("flags").unwrap_or_default();
     let has = |f: &str| flags.split_whitespace().any(|x| x == f);
-    let ext: Vec<&str> = [("avx2", "avx2"), ("avx512f", "avx512f"), ("amx_tile", "amx")]
+    let ext: Vec<&str> = [("avx2", "avx2"), ("avx512f", "avx512f"), ("avx512_bf16", "avx512bf16"), ("amx_tile", "amx")]
         .into_iter()
         .filter(|(flag, _)| has(flag))
         .map(|(_, label)| label)

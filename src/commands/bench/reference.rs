@@ -253,11 +253,11 @@ impl Drop for Server {
     }
 }
 
-/// Takes the generation figures of the servers and the training step's figures (of the first
-/// dtype, if measured) together, by dtype, in the servers' order.
-pub fn combine(servers: &[Server], train: Option<(String, Figures)>, new_tokens: usize) -> Vec<(String, Figures)> {
+/// Takes the generation figures of the servers and the training steps' figures (one per dtype
+/// measured) together, by dtype: the servers' order, then dtypes measured for training only.
+pub fn combine(servers: &[Server], train: Vec<(String, Figures)>, new_tokens: usize) -> Vec<(String, Figures)> {
     let mut out: Vec<(String, Figures)> = servers.iter().map(|s| (s.dtype.clone(), s.figures(new_tokens))).collect();
-    if let Some((dtype, t)) = train {
+    for (dtype, t) in train {
         match out.iter_mut().find(|(d, _)| *d == dtype) {
             Some((_, f)) => {
                 f.train_step_s = t.train_step_s;
@@ -267,7 +267,7 @@ pub fn combine(servers: &[Server], train: Option<(String, Figures)>, new_tokens:
                     (a, b) => a.or(b),
                 };
             }
-            None => out.insert(0, (dtype, t)),
+            None => out.push((dtype, t)),
         }
     }
     out

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
+use trainer::bf16::{Bf16Matrix, FrozenWeight, MatmulPrecision};
 use trainer::etpo::{EtpoConfig, EtpoTrainer, Transition, UpdateMetrics, POLICY, Q, Q_TARGET};
 use trainer::model::{Llama, LlamaConfig};
 use trainer::GenerateConfig;
@@ -101,11 +102,17 @@ fn matmul_rate(model: &Llama) -> anyhow::Result<f64> {
     let (rows, h, i) = (1024, c.hidden_size, c.intermediate_size);
     let x = candle_core::Tensor::randn(0f32, 1.0, (rows, h), model.device())?.to_dtype(model.dtype())?;
     let w = candle_core::Tensor::randn(0f32, 0.02, (i, h), model.device())?.to_dtype(model.dtype())?;
+    // In the precision the model's own products use.
+    let w16 = match model.matmul_precision() {
+        MatmulPrecision::Bf16 => Some(std::sync::Arc::new(Bf16Matrix::from_tensor(&w)?)),
+        MatmulPrecision::F32 => None,
+    };
+    let frozen = FrozenWeight { tensor: &w, bf16: w16.as_ref() };
     let work = 2.0 * (rows * h * i) as f64;
     let mut best = f64::INFINITY;
     for _ in 0..5 {
         let t0 = Instant::now();
-        let y = trainer::model::frozen_linear(&x, &w)?;
+        let y = trainer::model::frozen_linear(&x, frozen)?;
         y.device().synchronize()?;
         best = best.min(t0.elapsed().as_secs_f64());
     }
@@ -159,13 +166,18 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
     };
     model.set_activation_checkpointing(args.model.activation_checkpointing);
+    if args.random.is_some() && device.is_cpu() {
+        // A loaded model has its precision from the loader already.
+        model.set_matmul_precision(MatmulPrecision::for_this_machine()?)?;
+    }
     let vocab = model.config().vocab_size;
     println!(
-        "model: {label}, loaded in {:.1} s; device {}; CPU {}; activation checkpointing {}",
+        "model: {label}, loaded in {:.1} s; device {}; CPU {}; activation checkpointing {}; {}",
         started.elapsed().as_secs_f64(),
         args.model.device,
         super::cpu_model(),
-        if args.model.activation_checkpointing { "on" } else { "off" }
+        if args.model.activation_checkpointing { "on" } else { "off" },
+        super::matmul_line(&model)
     );
     println!(
         "batch: {} actions of {} tokens from {} states of {} tokens, micro-batch {}",

@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::bf16::FrozenWeight;
 use crate::model::{frozen_linear, ForwardOptions, LlamaConfig, ModelError, Projection, Result};
 
 /// Shape and hyper-parameters of an adapter set.
@@ -124,15 +125,16 @@ impl LoraAdapter {
     }
 
     /// The adapted projection `x · wᵀ + scale · dropout(x) · Aᵀ · Bᵀ` for (layer, p), `w` being
-    /// the frozen weight `[out, in]` and `x` `[N, in]`; the frozen projection alone where this set
-    /// does not adapt (layer, p). One fused op where [`crate::ops::lora_linear`] has one and no
-    /// dropout applies; frozen_linear plus candle's products otherwise.
+    /// the frozen weight `[out, in]` (with its bf16 copy where products by it run in bf16) and `x`
+    /// `[N, in]`; the frozen projection alone where this set does not adapt (layer, p). One fused
+    /// op where [`crate::ops::lora_linear`] has one and no dropout applies; frozen_linear plus
+    /// candle's products otherwise.
     pub(crate) fn linear(
         &self,
         layer: usize,
         p: Projection,
         x: &Tensor,
-        w: &Tensor,
+        w: FrozenWeight<'_>,
         opts: &ForwardOptions,
         dtype: DType,
     ) -> Result<Tensor> {

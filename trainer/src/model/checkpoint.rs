@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, Var};
 
 use super::{block, BlockWeights, ForwardOptions, KvCache, Llama, LlamaConfig, PassGeometry, Projection};
+use crate::bf16::FrozenWeight;
 use crate::error::{ModelError, Result};
 use crate::lora::LoraAdapter;
 
@@ -44,6 +45,9 @@ impl Gradients {
 struct Shared {
     cfg: LlamaConfig,
     blocks: Vec<BlockWeights>,
+    /// The blocks' bf16 copies, where the model multiplies in bf16: a recomputation must use the
+    /// products the first forward pass used.
+    bf16: Option<Arc<super::Bf16Weights>>,
     adapter: LoraAdapter,
     geo: PassGeometry,
     bt: (usize, usize),
@@ -66,6 +70,7 @@ impl Pass {
         Pass(Arc::new(Shared {
             cfg: model.cfg.clone(),
             blocks: model.w.blocks.clone(),
+            bf16: model.bf16.clone(),
             adapter: adapter.clone(),
             geo: geo.clone(),
             bt,
@@ -119,8 +124,13 @@ impl BlockOp {
         let p = &self.pass;
         let opts = ForwardOptions { adapter: None, track_grad: track, dropout_seed: p.dropout_seed };
         let w = &p.blocks[self.layer];
-        let lin =
-            |x: &Tensor, pr: Projection| p.adapter.linear(self.layer, pr, x, &w.proj[pr as usize], &opts, p.dtype);
+        let lin = |x: &Tensor, pr: Projection| {
+            let frozen = FrozenWeight {
+                tensor: &w.proj[pr as usize],
+                bf16: p.bf16.as_ref().map(|b| &b.proj[self.layer][pr as usize]),
+            };
+            p.adapter.linear(self.layer, pr, x, frozen, &opts, p.dtype)
+        };
         let mut new_kv = None;
         let y = block(&p.cfg, w, &p.geo, p.bt, x, &lin, &mut |k, v| {
             new_kv = Some((k.clone(), v.clone()));

@@ -27,6 +27,7 @@ mod quantized;
 #[cfg(test)]
 pub(crate) mod tests;
 
+use crate::bf16::{Bf16Matrix, FrozenWeight, MatmulPrecision};
 pub use crate::error::{ModelError, Result};
 pub use config::{Llama3RopeScaling, LlamaConfig, Projection};
 pub use flops::{Flops, PassFlops};
@@ -96,6 +97,19 @@ pub struct Llama {
     /// leave for [`Llama::backward`].
     recompute_blocks: bool,
     checkpoint_grads: std::sync::Arc<checkpoint::Gradients>,
+    /// The precision of the products by the frozen weights in exact passes, and the bf16 copies
+    /// of the weights when it is bf16 ([`Llama::set_matmul_precision`]).
+    matmul: MatmulPrecision,
+    bf16: Option<std::sync::Arc<Bf16Weights>>,
+}
+
+/// bf16 copies of a model's frozen linear weights, for products in bf16 ([`crate::bf16`]).
+#[derive(Debug)]
+struct Bf16Weights {
+    /// `proj[layer][p as usize]`.
+    proj: Vec<[std::sync::Arc<Bf16Matrix>; 7]>,
+    /// The output projection (the embedding's copy when the two are tied).
+    head: std::sync::Arc<Bf16Matrix>,
 }
 
 /// The weights one pass multiplies by.
@@ -172,6 +186,8 @@ impl Llama {
             flops: flops::FlopCounter::default(),
             recompute_blocks: false,
             checkpoint_grads: Default::default(),
+            matmul: MatmulPrecision::F32,
+            bf16: None,
         })
     }
 
@@ -243,6 +259,50 @@ impl Llama {
         self.flops.get()
     }
 
+    /// The precision of the products by the frozen linear weights in the passes that use them
+    /// as they are (training, log-probabilities, perplexity; generation from quantised copies is
+    /// not affected): f32 (the default of [`Llama::new`]) or, on the CPU, bf16 operands with f32
+    /// accumulation (see [`crate::bf16`]; the loader picks with
+    /// [`MatmulPrecision::for_this_machine`]). bf16 keeps a bf16 copy of every linear weight and
+    /// of the output projection, half the size of the f32 base; f32 drops it.
+    ///
+    /// # Errors
+    /// bf16 for a model that is not f32 on the CPU, or where no bf16 BLAS is loaded.
+    pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
+        if precision == self.matmul {
+            return Ok(());
+        }
+        self.bf16 = match precision {
+            MatmulPrecision::F32 => None,
+            MatmulPrecision::Bf16 => {
+                if !self.device.is_cpu() || self.dtype != DType::F32 {
+                    return Err(ModelError::Invalid(format!(
+                        "bf16 products are for f32 models on the CPU, not {:?} on {:?}",
+                        self.dtype, self.device
+                    )));
+                }
+                if crate::blas::bf16_blas().is_none() {
+                    return Err(ModelError::Invalid(crate::bf16::NO_BF16_BLAS.into()));
+                }
+                let copy = |t: &Tensor| Bf16Matrix::from_tensor(t).map(std::sync::Arc::new);
+                let mut proj = Vec::with_capacity(self.w.blocks.len());
+                for b in &self.w.blocks {
+                    let ws: Vec<_> = b.proj.iter().map(copy).collect::<Result<_>>()?;
+                    proj.push(ws.try_into().map_err(|_| ModelError::Invalid("seven projections expected".into()))?);
+                }
+                let head = copy(self.w.lm_head.as_ref().unwrap_or(&self.w.embed))?;
+                Some(std::sync::Arc::new(Bf16Weights { proj, head }))
+            }
+        };
+        self.matmul = precision;
+        Ok(())
+    }
+
+    /// The precision of the products by the frozen weights ([`Llama::set_matmul_precision`]).
+    pub fn matmul_precision(&self) -> MatmulPrecision {
+        self.matmul
+    }
+
     /// Activation checkpointing for training passes (off by default): a pass that tracks an
     /// adapter's gradients keeps each decoder block's input and output only, and runs the block
     /// again during the backward pass to get what it needs. The peak memory of a training step
@@ -307,7 +367,10 @@ impl Llama {
 
     /// Output projection of (final-normed) hidden states of any leading shape: logits in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
+        let head = FrozenWeight {
+            tensor: self.w.lm_head.as_ref().unwrap_or(&self.w.embed),
+            bf16: self.bf16.as_ref().map(|w| &w.head),
+        };
         let dims = hidden.dims().to_vec();
         let h = *dims.last().ok_or_else(|| ModelError::Invalid("logits: scalar input".into()))?;
         let n: usize = dims[..dims.len() - 1].iter().product();
@@ -438,7 +501,7 @@ impl Llama {
                     Base::Exact => {}
                     Base::Merged(m) => {
                         if let Some(w) = m.layers[li][p as usize].as_ref() {
-                            return frozen_linear(x, w);
+                            return frozen_linear(x, FrozenWeight::exact(w));
                         }
                     }
                     Base::Quantized(q) => {
@@ -449,7 +512,10 @@ impl Llama {
                         };
                     }
                 }
-                let w = &blk.proj[p as usize];
+                let w = FrozenWeight {
+                    tensor: &blk.proj[p as usize],
+                    bf16: self.bf16.as_ref().map(|w| &w.proj[li][p as usize]),
+                };
                 match lora {
                     None => frozen_linear(x, w),
                     Some((a, li)) => a.linear(li, p, x, w, opts, self.dtype),

@@ -304,6 +304,7 @@ mod tests {
                 x.clone()
             };
             let w = &m.w.blocks[li].proj[p as usize];
+            let w = crate::bf16::FrozenWeight::exact(w);
             let exact = (a.linear(li, p, &x, w, &opts, DType::F32).unwrap()
                 - crate::ops::frozen_linear(&x, w).unwrap())
             .unwrap();
