@@ -298,7 +298,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         policy.model_mut().model.set_generation_weights(generation_weights(&config)?);
         policy.model_mut().model.set_activation_checkpointing(config.activation_checkpointing);
         if policy.model().model.device().is_cpu() {
-            eprintln!("sampling with {} weights", policy.model().model.generation_weights().name());
+            let m = &policy.model().model;
+            eprintln!(
+                "sampling with {} weights; scoring and training multiply by the frozen weights in {}",
+                m.generation_weights().name(),
+                m.matmul_precision().name()
+            );
         }
         let counter = policy.token_counter();
         for task in tasks.iter_mut() {

@@ -151,6 +151,7 @@ fn bench_model_reports_a_reference_that_dies() {
 fn bench_train_step(python: &std::path::Path, matmul: Option<&str>, bf16_blas: Option<&str>) -> std::process::Output {
     let mut cmd = Command::new(ETPO);
     cmd.args(["bench", "model", "--only", "train", "--train-batch", "2", "--train-len", "24", "--repeats", "1"])
+        .args(["--reference-dtypes", "float32,bfloat16"])
         .arg("--python")
         .arg(python)
         .env_remove("ETPO_MATMUL")

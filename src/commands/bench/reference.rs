@@ -72,6 +72,15 @@ impl Invocation {
             .args(["--rank", &args.rank.to_string()])
             .args(["--repeats", &args.repeats.to_string()])
             .stderr(Stdio::inherit());
+        // If etpo is killed (a signal Drop never sees), the reference goes with it.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         Ok(Invocation { command, _script: script, _ids: ids })
     }
 }
