@@ -3,7 +3,15 @@
 //! to f32), see shared facts and `trainer/tests/fixtures`.
 
 use candle_core::{Device, Tensor};
-use trainer::{default_model_path, load_model};
+use trainer::{default_model_path, LoadedModel};
+
+/// The default model with its products in f32, whatever this machine would pick (these tests
+/// compare with f32 references; bf16 products are checked in `logits_parity.rs`).
+fn load_model(path: &std::path::Path, device: &Device) -> trainer::model::Result<LoadedModel> {
+    let mut m = trainer::load_model(path, device)?;
+    m.model.set_matmul_precision(trainer::bf16::MatmulPrecision::F32)?;
+    Ok(m)
+}
 
 /// `"def build_model(x_train, y_train):\n"` tokenised by transformers from the same GGUF.
 const PROMPT: [u32; 14] = [1604, 1235, 79, 3980, 24, 104, 79, 4428, 28, 329, 79, 4428, 727, 198];

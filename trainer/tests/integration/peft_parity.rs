@@ -29,6 +29,8 @@ fn peft_adapter_gives_the_logits_of_transformers_and_peft() {
     let model_path = trainer::default_model_path();
     assert!(model_path.is_file(), "the default model {} is needed: run scripts/setup.sh model", model_path.display());
     let mut loaded = trainer::load_model(&model_path, &Device::Cpu).expect("load the default model");
+    // An f32 reference: f32 products, whatever this machine would pick.
+    loaded.model.set_matmul_precision(trainer::bf16::MatmulPrecision::F32).unwrap();
     loaded.model.load_adapter("peft", &fixtures().join("peft_adapter")).expect("load the PEFT adapter");
     let cfg = loaded.model.adapter("peft").unwrap().config().clone();
     assert_eq!((cfg.rank, cfg.alpha, cfg.layers.clone()), (2, 8.0, Some(vec![0, 29])));
