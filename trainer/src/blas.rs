@@ -170,7 +170,7 @@ impl Blas {
     unsafe fn gemm_into(&self, p: &Product, a: &[f32], b: &[f32], c: *mut f32) {
         let (a, b, c) = (Shared(a.as_ptr().cast_mut()), Shared(b.as_ptr().cast_mut()), Shared(c));
         // SAFETY: each part reads within a and b and writes only its own rows (or columns) of c
-        // (see `Product::parts`), and the caller's contract covers the whole product.
+        // (see `Product::run_parts`), and the caller's contract covers the whole product.
         let part =
             |pt: Part| unsafe { self.raw(p, pt.m, pt.n, a.get().add(pt.a), b.get().add(pt.b), c.get().add(pt.c), p.n) };
         p.run_parts(part);

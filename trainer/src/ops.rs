@@ -8,7 +8,8 @@
 //! gradient is needed and to the composition when one is.
 //!
 //! Frozen linear layers (`x · Wᵀ` with a weight that is never trained) go through BLAS when one
-//! is loaded ([`crate::blas`]), and their backward computes only the input's gradient.
+//! is loaded ([`crate::blas`]), in bf16 where the weight comes with a bf16 copy
+//! ([`crate::bf16`]), and their backward computes only the input's gradient.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
