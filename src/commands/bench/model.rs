@@ -631,7 +631,7 @@ fn print_table(args: &Args, ours: &Figures, theirs: &[(String, Figures)], prompt
         }
         println!("{line}");
         if !theirs.is_empty() {
-            println!("best = PyTorch's fastest dtype for the step; etpo/best = its time over etpo's");
+            println!("best = PyTorch's fastest dtype for the step; etpo/best = its time over etpo's (above 1: etpo is faster)");
         }
         if let (Some(e), Some((p, _))) = (ours.train_grad_rel_err, &ours.train_other) {
             println!(
