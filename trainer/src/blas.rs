@@ -57,6 +57,8 @@ const TRANS: i32 = 112;
 pub struct Blas {
     sgemm: Sgemm,
     sgemv: Sgemv,
+    /// Where it was loaded from (a file, or a name the dynamic loader resolved).
+    path: PathBuf,
     // Keeps the function pointers valid for the life of the process.
     _lib: libloading::Library,
 }
@@ -65,39 +67,45 @@ pub struct Blas {
 pub fn blas() -> Option<&'static Blas> {
     static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
     BLAS.get_or_init(|| {
-        let explicit = std::env::var_os("ETPO_BLAS").filter(|v| !v.is_empty());
-        let candidates: Vec<PathBuf> = match explicit {
-            Some(v) if v == "off" || v == "none" => return None,
-            Some(v) => vec![PathBuf::from(v)],
-            None => venv_openblas().into_iter().chain([PathBuf::from("libopenblas.so.0")]).collect(),
-        };
-        candidates.iter().find_map(|p| Blas::open(p))
+        let defaults = || venv_openblas().into_iter().chain([PathBuf::from("libopenblas.so.0")]).collect();
+        library_candidates("ETPO_BLAS", defaults).iter().find_map(|p| Blas::open(p))
     })
     .as_ref()
 }
 
+/// The libraries to try for the BLAS the environment variable `var` chooses: none when it is
+/// `off` (or `none`), the path it names, else `defaults`.
+fn library_candidates(var: &str, defaults: impl FnOnce() -> Vec<PathBuf>) -> Vec<PathBuf> {
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
+        Some(v) if v == "off" || v == "none" => Vec::new(),
+        Some(v) => vec![PathBuf::from(v)],
+        None => defaults(),
+    }
+}
+
+/// The project's `.venv/lib`, where pip puts the Python packages (and the `mkl` wheel's libraries).
+fn venv_lib() -> Option<PathBuf> {
+    Some(Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.join(".venv").join("lib"))
+}
+
+/// The shared libraries in `dir` whose file names start with `prefix`, sorted by name.
+fn shared_libraries(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut libs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix) && n.contains(".so")))
+        .collect();
+    libs.sort();
+    libs
+}
+
 /// `libscipy_openblas*.so` of the `scipy-openblas32` wheel in the project's `.venv`.
 fn venv_openblas() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-    let lib = root.join(".venv").join("lib");
-    for py in std::fs::read_dir(lib).ok()?.flatten() {
+    std::fs::read_dir(venv_lib()?).ok()?.flatten().find_map(|py| {
         let dir = py.path().join("site-packages").join("scipy_openblas32").join("lib");
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        let mut libs: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("libscipy_openblas") && n.contains(".so"))
-            })
-            .collect();
-        libs.sort();
-        if let Some(p) = libs.into_iter().next() {
-            return Some(p);
-        }
-    }
-    None
+        shared_libraries(&dir, "libscipy_openblas").into_iter().next()
+    })
 }
 
 impl Blas {
@@ -124,7 +132,7 @@ impl Blas {
         if let Ok(set) = unsafe { lib.get::<SetThreads>(set_threads.as_bytes()) } {
             unsafe { set(1) };
         }
-        Some(Blas { sgemm, sgemv, _lib: lib })
+        Some(Blas { sgemm, sgemv, path: path.to_path_buf(), _lib: lib })
     }
 
     /// `c = alpha · op(a) · op(b) + beta · c` (see [`Product`]), split over candle's thread pool
@@ -270,36 +278,17 @@ pub struct Bf16Blas {
 /// The process's bf16 BLAS, loaded on first use; `None` when none was found (or
 /// `ETPO_BF16_BLAS=off`). Looked for, in order: `$ETPO_BF16_BLAS` (a path); the f32 BLAS
 /// ([`blas`]) when it is an OpenBLAS built with bf16 products; oneMKL's `libmkl_rt` in the
-/// project's `.venv` (the `mkl` wheel, `scripts/setup.sh bf16`).
+/// project's `.venv` (the `mkl` wheel, `scripts/setup.sh bf16`; the newest if several).
 pub fn bf16_blas() -> Option<&'static Bf16Blas> {
     static BF16: OnceLock<Option<Bf16Blas>> = OnceLock::new();
     BF16.get_or_init(|| {
-        let explicit = std::env::var_os("ETPO_BF16_BLAS").filter(|v| !v.is_empty());
-        let candidates: Vec<PathBuf> = match explicit {
-            Some(v) if v == "off" || v == "none" => return None,
-            Some(v) => vec![PathBuf::from(v)],
-            None => {
-                let f32_blas = std::env::var_os("ETPO_BLAS").filter(|v| !v.is_empty() && v != "off" && v != "none");
-                let f32_blas = f32_blas.map(PathBuf::from).or_else(venv_openblas);
-                f32_blas.into_iter().chain(venv_mkl()).collect()
-            }
+        let defaults = || {
+            let mkl = venv_lib().and_then(|dir| shared_libraries(&dir, "libmkl_rt").pop());
+            blas().map(|b| b.path.clone()).into_iter().chain(mkl).collect()
         };
-        candidates.iter().find_map(|p| Bf16Blas::open(p))
+        library_candidates("ETPO_BF16_BLAS", defaults).iter().find_map(|p| Bf16Blas::open(p))
     })
     .as_ref()
-}
-
-/// `libmkl_rt.so*` of the `mkl` wheel, which pip puts into the project's `.venv/lib`.
-fn venv_mkl() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-    let mut libs: Vec<PathBuf> = std::fs::read_dir(root.join(".venv").join("lib"))
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libmkl_rt.so")))
-        .collect();
-    libs.sort();
-    libs.pop()
 }
 
 impl Bf16Blas {

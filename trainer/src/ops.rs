@@ -1149,18 +1149,30 @@ mod tests {
         }
     }
 
+    /// Random operands of a LoRA-adapted layer: `x` `[n, i]`, the frozen `w` `[o, i]`, `a`
+    /// `[r, i]`, `b` `[o, r]`, and `up`, the output's gradient `[n, o]`.
+    struct LoraOperands {
+        x: Tensor,
+        w: Tensor,
+        a: Tensor,
+        b: Tensor,
+        up: Tensor,
+    }
+
+    impl LoraOperands {
+        fn random(n: usize, i: usize, o: usize, r: usize) -> LoraOperands {
+            let randn = |shape: (usize, usize)| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+            LoraOperands { x: randn((n, i)), w: randn((o, i)), a: randn((r, i)), b: randn((o, r)), up: randn((n, o)) }
+        }
+    }
+
     /// The fused op against frozen_linear plus candle's products, with the input tracked (a
     /// later block) and untracked (the first block, whose input comes from the frozen embedding).
     #[test]
     fn lora_linear_matches_the_composition_in_value_and_gradient() {
         assert!(crate::blas::blas().is_some(), "this test needs BLAS: run scripts/setup.sh python");
-        let dev = Device::Cpu;
-        let (n, i, o, r, scale) = (9, 12, 10, 3, 2.5);
-        let x = Tensor::randn(0f32, 1.0, (n, i), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (o, i), &dev).unwrap();
-        let a = Tensor::randn(0f32, 1.0, (r, i), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (o, r), &dev).unwrap();
-        let up = Tensor::randn(0f32, 1.0, (n, o), &dev).unwrap();
+        let scale = 2.5;
+        let LoraOperands { x, w, a, b, up } = LoraOperands::random(9, 12, 10, 3);
         for x_tracked in [true, false] {
             let vars = |t: &Tensor| Var::from_tensor(t).unwrap();
             let (x1, a1, b1) = (vars(&x), vars(&a), vars(&b));
@@ -1309,13 +1321,9 @@ mod tests {
     #[test]
     fn products_by_a_bf16_copy_round_both_operands_and_leave_the_adapter_in_f32() {
         crate::blas::bf16_blas().expect(crate::bf16::NO_BF16_BLAS);
-        let dev = Device::Cpu;
-        let (n, i, o, r, scale) = (6, 40, 24, 3, 0.7);
-        let x = Tensor::randn(0f32, 1.0, (n, i), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (o, i), &dev).unwrap();
-        let a = Tensor::randn(0f32, 1.0, (r, i), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (o, r), &dev).unwrap();
-        let up = Tensor::randn(0f32, 1.0, (n, o), &dev).unwrap();
+        assert!(crate::blas::blas().is_some(), "the fused LoRA op needs BLAS: run scripts/setup.sh python");
+        let scale = 0.7;
+        let LoraOperands { x, w, a, b, up } = LoraOperands::random(6, 40, 24, 3);
         let w16 = Arc::new(Bf16Matrix::from_tensor(&w).unwrap());
         let frozen = FrozenWeight { tensor: &w, bf16: Some(&w16) };
         let (xr, wr) = (rounded(&x), rounded(&w));
